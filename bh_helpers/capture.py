@@ -1,0 +1,338 @@
+"""Log router logits of every MoE layer with forward hooks.
+
+Each MoE block gets a forward pre-hook that recomputes the router logits from the block input,
+``F.linear(h.float(), gate.weight.float())`` (float32, and independent of the router's return
+value, whose contract changed across transformers v5 releases). Note that ``output_hidden_states``
+is NOT the block input: the block sees the post-attention-layernorm output of its layer.
+
+Rows are tokens: padding (``attention_mask == 0``) is dropped, and the same rows are kept in
+every layer, so ``captured[l][i]`` and ``captured.token_ids[i]`` describe one token. With a cap on
+tokens, a uniform random subset is kept (a reservoir by random priority keys: every token draws one
+key, shared by all layers, and the ``cap`` smallest keys survive), bounded in memory at about two
+caps per layer.
+
+Hooks are GLOBAL state on the model: they are installed and removed inside one ``try/finally``,
+so an exception in the forward pass never leaves them behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bh_helpers.moe_adapters import LayerSpec, find_moe_blocks, router_logits, select_layers
+
+__all__ = ["CapturedLogits", "capture_router_logits"]
+
+
+# ----------------------------------------------------------------------------------------------
+# What went into the model: shared with bh_helpers.patching
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ForwardInputs:
+    """Token-level view of one model forward call, flattened to the ``B * S`` rows MoE blocks see.
+
+    Attributes
+    ----------
+    call : int
+        Running number of the forward call.
+    valid : torch.BoolTensor, shape ``[B * S]``
+        False at padding rows.
+    token_ids : torch.LongTensor, shape ``[B * S]``
+        Input ids (``-1`` when the call passed ``inputs_embeds``).
+    positions : torch.LongTensor, shape ``[B * S]``
+        Position of each token in its sequence, padding excluded (left padding gives 0 to the
+        first real token).
+    sequence : torch.LongTensor, shape ``[B * S]``
+        Row of each token in the call's batch.
+    """
+
+    call: int
+    valid: torch.Tensor
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    sequence: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return self.valid.numel()
+
+
+def _arg(args: tuple, kwargs: dict, name: str, position: int) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+def forward_inputs(call: int, args: tuple, kwargs: dict) -> ForwardInputs | None:
+    """Read ``input_ids``/``attention_mask`` of a causal-LM forward call (as in a pre-hook).
+
+    Returns None when the call passes neither ``input_ids`` nor ``inputs_embeds``.
+    """
+    input_ids = _arg(args, kwargs, "input_ids", 0)
+    mask = _arg(args, kwargs, "attention_mask", 1)
+    embeds = kwargs.get("inputs_embeds")
+    if input_ids is not None:
+        batch, seq = input_ids.shape
+        device = input_ids.device
+    elif embeds is not None:
+        batch, seq = embeds.shape[:2]
+        device = embeds.device
+    else:
+        return None
+    # During cached decoding the mask covers past + new tokens: the new ones are the last S columns.
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
+        keep = mask.to(device=device).bool()  # (B, L)
+        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]  # (B, S)
+        valid = keep[:, -seq:]  # (B, S)
+    else:
+        cache_position = kwargs.get("cache_position")
+        start = int(cache_position[0]) if isinstance(cache_position, torch.Tensor) and cache_position.numel() else 0
+        positions = (torch.arange(seq, device=device) + start).expand(batch, seq)  # (B, S)
+        valid = torch.ones(batch, seq, dtype=torch.bool, device=device)  # (B, S)
+    ids = input_ids if input_ids is not None else torch.full((batch, seq), -1, dtype=torch.long, device=device)
+    sequence = torch.arange(batch, device=device).unsqueeze(1).expand(batch, seq)  # (B, S)
+    return ForwardInputs(
+        call=call,
+        valid=valid.reshape(-1),  # (B*S,)
+        token_ids=ids.reshape(-1).long(),  # (B*S,)
+        positions=positions.reshape(-1),  # (B*S,)
+        sequence=sequence.reshape(-1),  # (B*S,)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Result
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class CapturedLogits(Mapping):
+    """Router logits per layer, row-aligned with the tokens that produced them.
+
+    Behaves like ``{layer: Tensor[N, E]}`` (a read-only mapping, so it can be passed wherever a
+    dict of logits is expected, e.g. ``fit_null_bank``); ``token_ids[i]``, ``positions[i]`` and
+    ``sequence_index[i]`` describe row ``i`` of every layer.
+
+    Attributes
+    ----------
+    logits : dict of int to torch.Tensor
+        float32 CPU tensors ``[N, E]``, one per captured layer.
+    token_ids : torch.LongTensor, shape ``[N]``
+        Input id of each row.
+    positions : torch.LongTensor, shape ``[N]``
+        Position of the token in its sequence (padding excluded).
+    sequence_index : torch.LongTensor, shape ``[N]``
+        Index of the sequence over all batches (batch rows counted in order).
+    total_tokens : int
+        Non-padding tokens seen before subsampling.
+    """
+
+    logits: dict[int, torch.Tensor]
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    sequence_index: torch.Tensor
+    total_tokens: int = 0
+    layers: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layers = sorted(self.logits)
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.logits[layer]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of rows ``N`` (after subsampling)."""
+        return int(self.token_ids.numel())
+
+    def __repr__(self) -> str:
+        num_experts = next(iter(self.logits.values())).shape[-1] if self.logits else 0
+        return (
+            f"CapturedLogits(layers={self.layers}, tokens={self.num_tokens} of {self.total_tokens}, "
+            f"experts={num_experts})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Capture
+# ----------------------------------------------------------------------------------------------
+
+
+class _Reservoir:
+    """Row store shared by all layers; keeps the ``cap`` rows with the smallest random keys."""
+
+    def __init__(self, layers: list[int], cap: int | None, seed: int) -> None:
+        self.cap = cap
+        self.generator = torch.Generator().manual_seed(seed)
+        self.meta: dict[str, list[torch.Tensor]] = {k: [] for k in ("key", "order", "token", "pos", "seq")}
+        self.rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        self.size = 0
+        self.seen = 0
+        self.sequences = 0
+        self.current: ForwardInputs | None = None
+        self.keep: torch.Tensor | None = None  # rows of the current call that are stored
+
+    def start_call(self, inputs: ForwardInputs) -> None:
+        valid = inputs.valid.cpu()  # (B*S,)
+        keep = valid.nonzero().squeeze(-1)  # (n,)
+        n = keep.numel()
+        self.current, self.keep = inputs, keep
+        self.meta["key"].append(torch.rand(n, generator=self.generator, dtype=torch.float64))
+        self.meta["order"].append(torch.arange(self.seen, self.seen + n))
+        self.meta["token"].append(inputs.token_ids.cpu().index_select(0, keep))
+        self.meta["pos"].append(inputs.positions.cpu().index_select(0, keep))
+        self.meta["seq"].append(inputs.sequence.cpu().index_select(0, keep) + self.sequences)
+        self.seen += n
+        self.size += n
+        self.sequences += int(inputs.sequence.max()) + 1 if inputs.num_rows else 0
+
+    def add(self, layer: int, logits: torch.Tensor) -> None:
+        assert self.current is not None and self.keep is not None, "MoE block ran outside a model forward"
+        if logits.shape[0] != self.current.num_rows:
+            raise RuntimeError(
+                f"layer {layer} saw {logits.shape[0]} token rows but the forward call has "
+                f"{self.current.num_rows}; capture needs one MoE call per layer per forward."
+            )
+        self.rows[layer].append(logits.cpu().index_select(0, self.keep))  # (n, E)
+
+    def end_call(self) -> None:
+        self.current, self.keep = None, None
+        # Amortised pruning: only when the buffer holds more than two caps.
+        if self.cap is not None and self.size > 2 * self.cap:
+            self.prune()
+
+    def prune(self) -> None:
+        meta = {k: torch.cat(v) for k, v in self.meta.items()}
+        rows = {layer: torch.cat(v) if v else None for layer, v in self.rows.items()}
+        if self.cap is not None and meta["key"].numel() > self.cap:
+            # Same keys for every layer, so every layer keeps the same tokens.
+            chosen = torch.topk(meta["key"], self.cap, largest=False).indices  # (cap,)
+            chosen = chosen.index_select(0, meta["order"].index_select(0, chosen).argsort())  # stream order
+            meta = {k: v.index_select(0, chosen) for k, v in meta.items()}
+            rows = {layer: r.index_select(0, chosen) if r is not None else None for layer, r in rows.items()}
+        self.meta = {k: [v] for k, v in meta.items()}
+        self.rows = {layer: [r] if r is not None else [] for layer, r in rows.items()}
+        self.size = meta["key"].numel()
+
+    def result(self) -> CapturedLogits:
+        self.prune()
+        meta = {k: v[0] if v else torch.empty(0, dtype=torch.long) for k, v in self.meta.items()}
+        logits = {layer: v[0] for layer, v in self.rows.items() if v}
+        return CapturedLogits(
+            logits=logits,
+            token_ids=meta["token"].long(),
+            positions=meta["pos"].long(),
+            sequence_index=meta["seq"].long(),
+            total_tokens=self.seen,
+        )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device) and device.type != "meta":
+        return device
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def capture_router_logits(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    layers: LayerSpec = None,
+    max_tokens_per_layer: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> CapturedLogits:
+    """Run ``model`` over ``batches`` and log float32 router logits of every MoE layer.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A causal LM of a supported family (see :mod:`bh_helpers.moe_adapters`).
+    batches : iterable of mappings
+        Tokenizer outputs (or dicts) with ``input_ids`` ``[B, S]`` and optionally
+        ``attention_mask`` ``[B, S]``; other keys are ignored. Moved to the model's device.
+    layers : None, int, list of int, or callable, optional
+        MoE layers to capture (default: all).
+    max_tokens_per_layer : int, optional
+        Keep at most this many tokens (the same uniformly drawn subset in every layer).
+        None keeps all non-padding tokens.
+    seed : int, default 0
+        Seed of the subsampling.
+    progress : bool, default True
+        Show a tqdm progress bar over batches.
+
+    Returns
+    -------
+    CapturedLogits
+        ``{layer: Tensor[N, E]}`` with aligned ``token_ids``, ``positions`` and
+        ``sequence_index``; rows in stream order.
+
+    Raises
+    ------
+    ValueError
+        For an unsupported model, a bad ``layers`` or ``max_tokens_per_layer``, or a batch
+        without ``input_ids``.
+
+    Examples
+    --------
+    >>> captured = capture_router_logits(model, [tok(["some text"], return_tensors="pt")])  # doctest: +SKIP
+    >>> captured[0].shape  # doctest: +SKIP
+    torch.Size([3, 64])
+    """
+    # Input validation
+    if max_tokens_per_layer is not None and (
+        isinstance(max_tokens_per_layer, bool) or not isinstance(max_tokens_per_layer, int) or max_tokens_per_layer < 1
+    ):
+        raise ValueError(f"`max_tokens_per_layer` must be a positive int or None; got {max_tokens_per_layer!r}.")
+    blocks = select_layers(find_moe_blocks(model), layers)
+    from tqdm.auto import tqdm  # only where used
+
+    reservoir = _Reservoir([b.layer for b in blocks], max_tokens_per_layer, seed)
+    device = _model_device(model)
+
+    def on_model_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = forward_inputs(reservoir.seen, args, kwargs)
+        if inputs is None:
+            raise ValueError("capture_router_logits needs `input_ids` or `inputs_embeds` in the forward call.")
+        reservoir.start_call(inputs)
+
+    def block_hook(layer: int):
+        def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, S, H)
+            reservoir.add(layer, router_logits(block, hidden))  # (B*S, E)
+
+        return hook
+
+    handles = []
+    try:
+        handles.append(model.register_forward_pre_hook(on_model_forward, with_kwargs=True))
+        for b in blocks:
+            handles.append(b.module.register_forward_pre_hook(block_hook(b.layer), with_kwargs=True))
+        total = len(batches) if hasattr(batches, "__len__") else None
+        with torch.no_grad():
+            for batch in tqdm(batches, total=total, desc="capture router logits", disable=not progress):
+                if "input_ids" not in batch:
+                    raise ValueError("every batch needs `input_ids` (a tokenizer output or a dict).")
+                input_ids = batch["input_ids"].to(device)  # (B, S)
+                mask = batch.get("attention_mask")
+                mask = mask.to(device) if mask is not None else None  # (B, S)
+                model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                reservoir.end_call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return reservoir.result()

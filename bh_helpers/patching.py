@@ -1,0 +1,590 @@
+"""Change which experts a model uses, reversibly: the ``route`` context manager.
+
+``route(model, selector)`` replaces, on each chosen MoE block INSTANCE, the bound ``forward``
+with one that
+
+1. computes the router logits itself (float32, ``F.linear(h, gate.weight)``),
+2. asks the selector which experts each token gets (a :class:`~bh_helpers.selection.Selection`
+   of variable width, ``-1`` at unused slots),
+3. runs only the selected (token, expert) pairs on the model's own expert weights through
+   :func:`bh_helpers.dispatch.dispatch_experts` and adds the shared expert where the family has one.
+
+transformers' expert dispatch is never called with a selection, so the result does not depend on
+``config._experts_implementation`` and no sentinel index ever reaches transformers code. In
+``mode="analyze"`` the block calls its previous forward for the output (bit-identical to the
+native model) and only records what the selector would choose.
+
+Routing is GLOBAL state on the model while the context is open. It is installed and removed in
+ONE ``try/finally``; classes and transformers source are never touched. On exit each patched
+attribute is restored exactly: deleted when the instance had none, or set back to the very object
+it held before (accelerate hooks put their own ``forward`` on the instance; when such a hook wraps
+the block, the patch goes to accelerate's ``_old_forward`` so the hook keeps running). Routing the
+same block twice at once (nested ``route`` on overlapping layers) raises ``RuntimeError``; nested
+contexts on disjoint layers are fine.
+
+Examples
+--------
+>>> from bh_helpers.patching import route, TopKSelector
+>>> with route(model, TopKSelector(4)) as rec:  # doctest: +SKIP
+...     out = model(**batch)
+>>> rec.summary()["mean_k"]  # doctest: +SKIP
+4.0
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from bh_helpers.capture import ForwardInputs, forward_inputs
+from bh_helpers.dispatch import dispatch_experts
+from bh_helpers.moe_adapters import LayerSpec, MoEBlock, find_moe_blocks, materialized, router_logits, select_layers
+from bh_helpers.selection import FDR_METHODS, WEIGHT_MODES, Selection, select_experts
+
+__all__ = [
+    "MODES",
+    "BHSelector",
+    "NativeSelector",
+    "RoutingRecorder",
+    "Selector",
+    "TokenCounts",
+    "TopKSelector",
+    "TopPSelector",
+    "route",
+]
+
+#: What ``route`` does with the selection: run it, or only record it.
+MODES = ("patch", "analyze")
+#: Default cap on per-token counts kept per layer (exact aggregates are always kept).
+DEFAULT_MAX_TOKENS = 1_000_000
+
+# Blocks currently patched by an open ``route`` (weak: a dropped model is not kept alive).
+_ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+class Selector(Protocol):
+    """A routing rule: ``(logits[T, E] float32, layer) -> Selection`` (``indices`` ``[T, K]``)."""
+
+    def __call__(self, logits: torch.Tensor, layer: int) -> Selection: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# Ready-made selectors
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_weights(weights: str) -> None:
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"`weights` must be one of {WEIGHT_MODES}; got {weights!r}.")
+
+
+def _check_k(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an int >= {low}; got {value!r}.")
+
+
+@dataclass(frozen=True)
+class BHSelector:
+    """Multiple-testing routing: p-values from a null bank, then BH (or BY, Bonferroni, Holm).
+
+    Parameters
+    ----------
+    null_bank : NullBank
+        Anything with ``.pvalues(logits[T, E], layer) -> [T, E]``.
+    method : {"bh", "by", "bonferroni", "holm"}, default "bh"
+    alpha : float, default 0.05
+        Level of the procedure, in (0, 1].
+    min_k, max_k : int, default 1 and 8
+        Floor and ceiling on experts per token; ``max_k`` may exceed the model's native k.
+    weights : {"renorm", "softmax", "uniform"}, default "renorm"
+    """
+
+    null_bank: Any = field(repr=False)
+    method: str = "bh"
+    alpha: float = 0.05
+    min_k: int = 1
+    max_k: int = 8
+    weights: str = "renorm"
+
+    def __post_init__(self) -> None:
+        if self.method not in FDR_METHODS:
+            raise ValueError(f"`method` must be one of {FDR_METHODS}; got {self.method!r}.")
+        if not 0.0 < float(self.alpha) <= 1.0:
+            raise ValueError(f"`alpha` must be in (0, 1]; got {self.alpha!r}.")
+        _check_k("max_k", self.max_k, 1)
+        _check_k("min_k", self.min_k, 0)
+        if self.min_k > self.max_k:
+            raise ValueError(f"`min_k`={self.min_k} exceeds `max_k`={self.max_k}; pass min_k <= max_k.")
+        _check_weights(self.weights)
+        if not callable(getattr(self.null_bank, "pvalues", None)):
+            raise ValueError("`null_bank` needs a `.pvalues(logits, layer)` method (bh_helpers.nulls.NullBank).")
+
+    def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
+        pvalues = self.null_bank.pvalues(logits, layer)  # (T, E)
+        return select_experts(
+            logits,
+            pvalues.to(device=logits.device),
+            method=self.method,
+            alpha=self.alpha,
+            min_k=self.min_k,
+            max_k=self.max_k,
+            weights=self.weights,
+        )
+
+
+@dataclass(frozen=True)
+class TopKSelector:
+    """Static top-k routing with a chosen weight convention (``min_k = max_k = k``)."""
+
+    k: int
+    weights: str = "renorm"
+
+    def __post_init__(self) -> None:
+        _check_k("k", self.k, 1)
+        _check_weights(self.weights)
+
+    @property
+    def min_k(self) -> int:
+        return self.k
+
+    @property
+    def max_k(self) -> int:
+        return self.k
+
+    def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
+        return select_experts(logits, method="topk", k=self.k, max_k=self.k, weights=self.weights)
+
+
+@dataclass(frozen=True)
+class NativeSelector(TopKSelector):
+    """The model's own routing (its k and weight convention); build it with :meth:`for_model`."""
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> NativeSelector:
+        """Read k and the weight convention from the model's MoE blocks.
+
+        Raises
+        ------
+        ValueError
+            For an unsupported model, or when layers disagree on k or convention.
+        """
+        blocks = find_moe_blocks(model)
+        settings = {(b.native_k, b.native_weights) for b in blocks}
+        if len(settings) != 1:
+            raise ValueError(f"MoE layers disagree on (k, weights): {sorted(settings)}; use TopKSelector per layer.")
+        (k, weights), = settings
+        return cls(k=k, weights=weights)
+
+
+@dataclass(frozen=True)
+class TopPSelector:
+    """Top-p routing: the fewest most-probable experts whose softmax mass reaches ``p``."""
+
+    p: float
+    min_k: int = 1
+    max_k: int = 8
+    weights: str = "renorm"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.p) <= 1.0:
+            raise ValueError(f"`p` must be in (0, 1]; got {self.p!r}.")
+        _check_k("max_k", self.max_k, 1)
+        _check_k("min_k", self.min_k, 0)
+        if self.min_k > self.max_k:
+            raise ValueError(f"`min_k`={self.min_k} exceeds `max_k`={self.max_k}; pass min_k <= max_k.")
+        _check_weights(self.weights)
+
+    def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
+        return select_experts(
+            logits, method="top_p", top_p=self.p, min_k=self.min_k, max_k=self.max_k, weights=self.weights
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Recorder
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenCounts:
+    """Experts per token, aligned with the forwarded tokens (padding excluded).
+
+    Attributes
+    ----------
+    token_ids : torch.LongTensor, shape ``[N]``
+        Input id of each recorded token (``-1`` when unknown, e.g. ``inputs_embeds``).
+    call_index : torch.LongTensor, shape ``[N]``
+        Forward call that processed the token (one per ``generate`` step).
+    sequence_index : torch.LongTensor, shape ``[N]``
+        Row of the token in its call's batch.
+    positions : torch.LongTensor, shape ``[N]``
+        Position of the token in its sequence (padding excluded).
+    counts : dict of int to torch.LongTensor
+        ``{layer: [N]}`` experts chosen for each token (``-1`` where the layer did not run).
+    truncated : bool
+        True when the per-token cap was hit (later tokens are missing here, not in ``summary``).
+    """
+
+    token_ids: torch.Tensor
+    call_index: torch.Tensor
+    sequence_index: torch.Tensor
+    positions: torch.Tensor
+    counts: dict[int, torch.Tensor]
+    truncated: bool
+
+    def matrix(self) -> torch.Tensor:
+        """Counts as one ``[N, L]`` tensor, columns in increasing layer order."""
+        return torch.stack([self.counts[layer] for layer in sorted(self.counts)], dim=1)  # (N, L)
+
+
+def _grow_add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """``total + part`` for 1-D histograms that may differ in length."""
+    if total is None:
+        return part.clone()
+    n = max(total.numel(), part.numel())
+    out = torch.zeros(n, dtype=torch.long, device=total.device)  # (n,)
+    out[: total.numel()] += total
+    out[: part.numel()] += part.to(total.device)
+    return out
+
+
+def _hist_stats(hist: torch.Tensor, floor: int | None, ceiling: int | None) -> dict[str, float]:
+    """Mean, population std, min, max and floor/ceiling rates of a count histogram."""
+    hist = hist.double().cpu()  # (K+1,)
+    n = float(hist.sum())
+    if n == 0:
+        nan = float("nan")
+        return {"tokens": 0, "mean_k": nan, "std_k": nan, "min_k": nan, "max_k": nan,
+                "floor_rate": nan, "ceiling_rate": nan, "activations": 0}
+    k = torch.arange(hist.numel(), dtype=torch.float64)  # (K+1,)
+    mean = float((k * hist).sum() / n)
+    std = float((((k - mean) ** 2) * hist).sum() / n) ** 0.5
+    seen = hist.nonzero().squeeze(-1)  # (m,)
+
+    def rate(level: int | None) -> float:
+        if level is None:
+            return float("nan")
+        return float(hist[level] / n) if level < hist.numel() else 0.0
+
+    return {
+        "tokens": int(n),
+        "mean_k": mean,
+        "std_k": std,
+        "min_k": int(seen[0]),
+        "max_k": int(seen[-1]),
+        "floor_rate": rate(floor),
+        "ceiling_rate": rate(ceiling),
+        "activations": int((k * hist).sum()),
+    }
+
+
+class RoutingRecorder:
+    """What a routed model chose: exact aggregates always, per-token counts up to a cap.
+
+    Yielded by :func:`route`; read it with :meth:`summary` and :meth:`per_token_counts`.
+
+    Parameters
+    ----------
+    blocks : list of MoEBlock
+        The routed blocks.
+    selector : Selector
+        Its ``min_k`` attribute (when present) defines the floor of the floor-hit rate.
+    mode : {"patch", "analyze"}
+    max_tokens_per_layer : int
+        Cap on the per-token counts kept per layer.
+    """
+
+    def __init__(self, blocks: list[MoEBlock], selector: Selector, mode: str, max_tokens_per_layer: int) -> None:
+        self.mode = mode
+        self.selector = selector
+        self.layers = [b.layer for b in blocks]
+        self.native_k = {b.layer: b.native_k for b in blocks}
+        self.num_experts = {b.layer: b.num_experts for b in blocks}
+        self.floor = getattr(selector, "min_k", None)
+        self.max_tokens_per_layer = max_tokens_per_layer
+        self.truncated = False
+        self.forward_calls = 0
+        self._hist: dict[int, torch.Tensor | None] = {layer: None for layer in self.layers}  # (K+1,)
+        self._experts: dict[int, torch.Tensor | None] = {layer: None for layer in self.layers}  # (E,)
+        self._ceiling: dict[int, int] = {}
+        # Per-token store: per call its kept tokens, per layer per call their counts.
+        self._calls: dict[int, ForwardInputs] = {}
+        self._keep: dict[int, int] = {}
+        self._token_counts: dict[int, dict[int, torch.Tensor]] = {layer: {} for layer in self.layers}
+        self._kept = 0
+        self._current: ForwardInputs | None = None
+        self._anonymous = 0
+
+    # -- called by hooks and patched blocks --------------------------------------------------
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._current = forward_inputs(self.forward_calls, args, kwargs)
+        self.forward_calls += 1
+
+    def _on_forward_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self._current = None
+
+    def _record(self, layer: int, selection: Selection) -> None:
+        counts = selection.counts.reshape(-1)  # (T,)
+        indices = selection.indices.reshape(counts.numel(), -1)  # (T, K)
+        inputs = self._current
+        if inputs is None or inputs.num_rows != counts.numel():
+            # A block called outside a model forward (or with other rows): every row counts,
+            # token ids unknown.
+            self._anonymous -= 1
+            rows = counts.numel()
+            inputs = ForwardInputs(
+                call=self._anonymous,
+                valid=torch.ones(rows, dtype=torch.bool, device=counts.device),
+                token_ids=torch.full((rows,), -1, dtype=torch.long, device=counts.device),
+                positions=torch.arange(rows, device=counts.device),
+                sequence=torch.zeros(rows, dtype=torch.long, device=counts.device),
+            )
+        valid = inputs.valid.to(counts.device)  # (T,)
+        kept_counts = counts[valid]  # (n,)
+        self._ceiling[layer] = max(self._ceiling.get(layer, 0), indices.shape[-1])
+        # Exact aggregates (on the counts' device; moved to CPU only in summary()).
+        self._hist[layer] = _grow_add(self._hist[layer], torch.bincount(kept_counts))
+        chosen = indices[valid]  # (n, K)
+        chosen = chosen[chosen >= 0]  # (S,)
+        self._experts[layer] = _grow_add(
+            self._experts[layer], torch.bincount(chosen, minlength=self.num_experts[layer])
+        )
+        # Per-token counts: the first call to reach a layer decides how many of its tokens fit.
+        if inputs.call not in self._keep:
+            n_valid = int(kept_counts.numel())
+            room = max(self.max_tokens_per_layer - self._kept, 0)
+            keep = min(n_valid, room)
+            self.truncated = self.truncated or keep < n_valid
+            self._keep[inputs.call] = keep
+            self._kept += keep
+            if keep:
+                self._calls[inputs.call] = inputs
+        keep = self._keep[inputs.call]
+        if keep:
+            self._token_counts[layer][inputs.call] = kept_counts[:keep].to("cpu", torch.int16)
+
+    # -- public -------------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """Aggregate statistics over every token routed so far (padding excluded).
+
+        Returns
+        -------
+        dict
+            ``mode``, ``selector`` (repr), ``forward_calls``, ``tokens`` (per layer),
+            ``mean_k``/``std_k`` (population std)/``min_k``/``max_k`` of experts per token over
+            all layers and tokens, ``floor_rate``/``ceiling_rate`` (share of token-layers at the
+            selector's ``min_k`` / at the selection width ``max_k``), ``expert_activations``
+            (sum of counts), ``native_activations`` (native k x tokens, summed over layers),
+            ``activation_ratio``, ``truncated``, and ``per_layer``: ``{layer: {...}}`` with the
+            same statistics plus ``expert_counts`` (activations per expert), ``utilisation_cv``
+            (coefficient of variation of ``expert_counts``) and ``unused_share`` (share of experts
+            never chosen).
+        """
+        per_layer: dict[int, dict[str, Any]] = {}
+        pooled: torch.Tensor | None = None
+        native = 0
+        for layer in self.layers:
+            hist = self._hist[layer]
+            if hist is None:
+                continue
+            ceiling = self._ceiling.get(layer)
+            stats = _hist_stats(hist, self.floor, ceiling)
+            experts = self._experts[layer].double().cpu()  # (E,)
+            mean_use = float(experts.mean())
+            stats["expert_counts"] = [int(x) for x in experts.tolist()]
+            stats["utilisation_cv"] = float(experts.std(correction=0)) / mean_use if mean_use > 0 else float("nan")
+            stats["unused_share"] = float((experts == 0).double().mean())
+            stats["native_activations"] = self.native_k[layer] * stats["tokens"]
+            native += stats["native_activations"]
+            per_layer[layer] = stats
+            pooled = _grow_add(pooled, hist.cpu())
+        ceilings = set(self._ceiling.values())
+        overall = _hist_stats(
+            pooled if pooled is not None else torch.zeros(1, dtype=torch.long),
+            self.floor,
+            ceilings.pop() if len(ceilings) == 1 else None,
+        )
+        tokens = max((s["tokens"] for s in per_layer.values()), default=0)
+        activations = overall.pop("activations")
+        overall.pop("tokens")
+        return {
+            "mode": self.mode,
+            "selector": repr(self.selector),
+            "forward_calls": self.forward_calls,
+            "tokens": tokens,
+            **overall,
+            "expert_activations": activations,
+            "native_activations": native,
+            "activation_ratio": activations / native if native else float("nan"),
+            "truncated": self.truncated,
+            "per_layer": per_layer,
+        }
+
+    def per_token_counts(self) -> TokenCounts:
+        """Per-token counts aligned with the forwarded tokens, in call order.
+
+        Only the first ``max_tokens_per_layer`` tokens are kept (``truncated`` says whether
+        later ones were dropped); padding rows are excluded when the forward call had an
+        ``attention_mask``.
+        """
+        calls = sorted(self._calls, key=lambda c: (c < 0, abs(c)))
+        parts: dict[str, list[torch.Tensor]] = {"tok": [], "call": [], "seq": [], "pos": []}
+        counts: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        for call in calls:
+            inputs, keep = self._calls[call], self._keep[call]
+            valid = inputs.valid.cpu()  # (T,)
+            parts["tok"].append(inputs.token_ids.cpu()[valid][:keep])
+            parts["seq"].append(inputs.sequence.cpu()[valid][:keep])
+            parts["pos"].append(inputs.positions.cpu()[valid][:keep])
+            parts["call"].append(torch.full((keep,), call, dtype=torch.long))
+            for layer in self.layers:
+                c = self._token_counts[layer].get(call)
+                counts[layer].append(c.long() if c is not None else torch.full((keep,), -1, dtype=torch.long))
+        cat = lambda xs: torch.cat(xs).long() if xs else torch.empty(0, dtype=torch.long)  # noqa: E731
+        return TokenCounts(
+            token_ids=cat(parts["tok"]),
+            call_index=cat(parts["call"]),
+            sequence_index=cat(parts["seq"]),
+            positions=cat(parts["pos"]),
+            counts={layer: cat(v) for layer, v in counts.items()},
+            truncated=self.truncated,
+        )
+
+    def __repr__(self) -> str:
+        return f"RoutingRecorder(mode={self.mode!r}, layers={self.layers}, forward_calls={self.forward_calls})"
+
+
+# ----------------------------------------------------------------------------------------------
+# The patched forward
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_selection(selection: Any, rows: int, num_experts: int, layer: int) -> None:
+    if not isinstance(selection, Selection):
+        raise TypeError(f"the selector returned {type(selection).__name__} for layer {layer}; it must return a Selection.")
+    if selection.indices.dim() != 2 or selection.indices.shape[0] != rows or selection.weights.shape != selection.indices.shape:
+        raise ValueError(
+            f"the selector returned indices {tuple(selection.indices.shape)} / weights "
+            f"{tuple(selection.weights.shape)} for {rows} tokens at layer {layer}; both must be [T, K]."
+        )
+
+
+def _make_forward(
+    block: MoEBlock, original: Callable[..., torch.Tensor], selector: Selector, recorder: RoutingRecorder, mode: str
+) -> Callable[..., torch.Tensor]:
+    """Build (without installing) the replacement forward of one block."""
+    layer, adapter, num_experts = block.layer, block.adapter, block.num_experts
+
+    def forward(module: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        shape = hidden_states.shape  # (B, S, H)
+        hidden = hidden_states.reshape(-1, shape[-1])  # (T, H)
+        logits = router_logits(module, hidden)  # (T, E) float32
+        selection = selector(logits, layer)
+        _check_selection(selection, hidden.shape[0], num_experts, layer)
+        recorder._record(layer, selection)
+        if mode == "analyze":
+            return original(hidden_states, *args, **kwargs)
+        with materialized(module.experts):
+            out = dispatch_experts(module.experts, hidden, selection.indices, selection.weights)  # (T, H)
+        shared = adapter.shared_output(module, hidden)  # (T, H) or None
+        if shared is not None:
+            out = out + shared.to(out.dtype)  # (T, H)
+        return out.reshape(shape)  # (B, S, H)
+
+    return forward
+
+
+def _patch_target(module: nn.Module) -> str:
+    """The instance attribute to replace: accelerate's ``_old_forward`` when a hook wraps it."""
+    own = vars(module)
+    return "_old_forward" if "_hf_hook" in own and "_old_forward" in own else "forward"
+
+
+@contextmanager
+def route(
+    model: nn.Module,
+    selector: Selector,
+    *,
+    mode: str = "patch",
+    layers: LayerSpec = None,
+    max_tokens_per_layer: int = DEFAULT_MAX_TOKENS,
+) -> Iterator[RoutingRecorder]:
+    """Route the model's MoE blocks with ``selector`` inside a ``with`` block.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A causal LM of a supported family (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE).
+    selector : Selector
+        ``(logits[T, E] float32, layer) -> Selection``, e.g. :class:`BHSelector`,
+        :class:`TopKSelector`, :class:`TopPSelector`, ``NativeSelector.for_model(model)``.
+    mode : {"patch", "analyze"}, default "patch"
+        "patch": the model computes with the selected experts only. "analyze": the model runs
+        natively (outputs bit-identical) and the selection is only recorded.
+    layers : None, int, list of int, or callable, optional
+        MoE layers to route (default all); the others run natively and are not recorded.
+    max_tokens_per_layer : int, default 1_000_000
+        Cap on per-token counts kept by the recorder (aggregates are exact regardless).
+
+    Yields
+    ------
+    RoutingRecorder
+        Statistics of what was chosen; stays readable after the context exits.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``mode``, bad ``layers``, or an unsupported model.
+    RuntimeError
+        When a chosen block is already routed by an enclosing ``route``.
+    """
+    # Input validation (before anything is installed)
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}; got {mode!r}.")
+    if not callable(selector):
+        raise ValueError(f"`selector` must be callable as selector(logits, layer); got {selector!r}.")
+    _check_k("max_tokens_per_layer", max_tokens_per_layer, 0)
+    blocks = select_layers(find_moe_blocks(model), layers)
+    busy = [b.layer for b in blocks if b.module in _ACTIVE]
+    if busy:
+        raise RuntimeError(
+            f"MoE layers {busy} are already routed by an enclosing `route`; exit it first or pass "
+            "disjoint `layers` to the inner one."
+        )
+    recorder = RoutingRecorder(blocks, selector, mode, max_tokens_per_layer)
+
+    # Install -> yield -> restore, in ONE try/finally.
+    installed: list[tuple[nn.Module, str, bool, Any]] = []
+    handles = []
+    try:
+        handles.append(model.register_forward_pre_hook(recorder._on_forward, with_kwargs=True))
+        handles.append(model.register_forward_hook(recorder._on_forward_end, with_kwargs=True, always_call=True))
+        for block in blocks:
+            module = block.module
+            attr = _patch_target(module)
+            had_own = attr in vars(module)
+            previous = vars(module).get(attr)
+            original = getattr(module, attr)  # the callable to use in "analyze" mode
+            replacement = types.MethodType(_make_forward(block, original, selector, recorder, mode), module)
+            installed.append((module, attr, had_own, previous))
+            setattr(module, attr, replacement)
+            _ACTIVE.add(module)
+        yield recorder
+    finally:
+        for module, attr, had_own, previous in reversed(installed):
+            if had_own:
+                setattr(module, attr, previous)
+            else:
+                vars(module).pop(attr, None)
+            _ACTIVE.discard(module)
+        for handle in handles:
+            handle.remove()
