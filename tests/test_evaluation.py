@@ -1,0 +1,324 @@
+"""Tests for bh_helpers.evaluation against slow, independent reference computations.
+
+The model is a tiny random ``OlmoeForCausalLM`` with a byte-level BPE tokenizer built here;
+the embedded trained model (``bh_helpers.models.load_model("tiny")``) is used in addition when
+its weights are in the package.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bh_helpers import evaluation as ev
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "bh_helpers" / "data" / "tiny_olmoe" / "model.safetensors"
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A mixture of experts routes every token to a few experts.",
+    "Benjamini and Hochberg control the false discovery rate.",
+    "def add(x, y):\n    return x + y\n",
+    "She opened the door and saw the garden full of roses.",
+    "Numbers like 12, 345 and 6789 appear in text too.",
+]
+
+TEXTS = [
+    "The lazy dog sleeps while the quick fox runs around the garden. " * 3,
+    "Experts and tokens: every token picks a few experts, the router decides.",
+    "def mul(a, b):\n    return a * b\n" * 2,
+    "Short one.",
+]
+
+
+def _random_model_and_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(SENTENCES * 3, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = OlmoeConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=128, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    model = OlmoeForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger logits than the default init, so predictions are not near-ties
+        model.lm_head.weight.mul_(20.0)
+    return model, tok
+
+
+def _embedded_model_and_tokenizer():
+    models = pytest.importorskip("bh_helpers.models")
+    return models.load_model("tiny", device="cpu")
+
+
+MODEL_KINDS = ["random"] + (["embedded"] if EMBEDDED.exists() else [])
+
+
+@pytest.fixture(scope="module", params=MODEL_KINDS)
+def model_tok(request):
+    if request.param == "random":
+        return _random_model_and_tokenizer()
+    return _embedded_model_and_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def random_model_tok():
+    return _random_model_and_tokenizer()
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow references
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_perplexity(model, tok, texts, window, stride):
+    """Hugging Face's documented loop, one window at a time, NLL in float64."""
+    ids = []
+    for t in texts:
+        enc = tok(t, add_special_tokens=False).input_ids
+        if enc:
+            ids += ([tok.eos_token_id] if ids else []) + enc
+    seq = torch.tensor([ids])
+    nll_sum, n_tok, correct = 0.0, 0, 0
+    prev_end = 0
+    with torch.no_grad():
+        for begin in range(0, seq.size(1), stride):
+            end = min(begin + window, seq.size(1))
+            trg_len = end - prev_end
+            inp = seq[:, begin:end]
+            labels = inp.clone()
+            labels[:, :-trg_len] = -100
+            logits = model(inp).logits.double()
+            shift_logits, shift_labels = logits[0, :-1], labels[0, 1:]
+            nll_sum += float(F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum"))
+            keep = shift_labels != -100
+            n_tok += int(keep.sum())
+            correct += int((shift_logits.argmax(-1)[keep] == shift_labels[keep]).sum())
+            prev_end = end
+            if end == seq.size(1):
+                break
+    return nll_sum / n_tok, n_tok, correct
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity and next-token accuracy
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window,stride", [(32, 32), (32, 8), (32, 31), (16, 5), (64, 64)])
+def test_perplexity_matches_bruteforce(model_tok, window, stride):
+    model, tok = model_tok
+    nll, n, correct = _reference_perplexity(model, tok, TEXTS, window, stride)
+    res = ev.perplexity(model, tok, TEXTS, window=window, stride=stride, batch_size=3, progress=False)
+    assert res.n_tokens == n
+    assert res.nll == pytest.approx(nll, rel=1e-6)
+    assert res.perplexity == pytest.approx(math.exp(nll), rel=1e-6)
+    assert res.protocol["window"] == window and res.protocol["stride"] == stride
+    assert res.protocol["weighting"] == "token"
+    assert f"window={window}" in res.protocol_str()
+    acc = ev.next_token_accuracy(model, tok, TEXTS, window=window, stride=stride, batch_size=3, progress=False)
+    assert (acc.n_tokens, acc.n_correct) == (n, correct)
+
+
+def test_perplexity_scores_each_token_once(random_model_tok):
+    model, tok = random_model_tok
+    n_stream = sum(len(tok(t, add_special_tokens=False).input_ids) for t in TEXTS) + len(TEXTS) - 1
+    overlapping = ev.perplexity(model, tok, TEXTS, window=32, stride=8, progress=False)
+    assert overlapping.n_tokens == n_stream - 1  # every token but the first
+    disjoint = ev.perplexity(model, tok, TEXTS, window=32, stride=32, progress=False)
+    assert disjoint.n_tokens == n_stream - disjoint.protocol["n_windows"]  # window starts unscored
+
+
+def test_padding_excluded(random_model_tok):
+    """A batch mixing a full and a short (padded) last window equals batch_size=1."""
+    model, tok = random_model_tok
+    one = ev.perplexity(model, tok, TEXTS, window=40, stride=40, batch_size=1, progress=False)
+    many = ev.perplexity(model, tok, TEXTS, window=40, stride=40, batch_size=64, progress=False)
+    assert one.protocol["n_windows"] > 1
+    assert many.n_tokens == one.n_tokens
+    assert many.nll == pytest.approx(one.nll, rel=1e-6)
+
+
+def test_single_string_and_defaults(random_model_tok):
+    model, tok = random_model_tok
+    res = ev.perplexity(model, tok, TEXTS[0], progress=False)
+    assert res.protocol["window"] == model.config.max_position_embeddings
+    assert res.protocol["stride"] == res.protocol["window"] // 2
+    assert math.isfinite(res.perplexity) and res.perplexity > 1
+
+
+@pytest.mark.parametrize("texts", [[], [""], "", ["", ""]])
+def test_empty_text_raises(random_model_tok, texts):
+    model, tok = random_model_tok
+    with pytest.raises(ValueError, match="empty"):
+        ev.perplexity(model, tok, texts, progress=False)
+
+
+def test_window_larger_than_context_raises(random_model_tok):
+    model, tok = random_model_tok
+    with pytest.raises(ValueError, match=r"`window`=256.*max_position_embeddings=128"):
+        ev.perplexity(model, tok, TEXTS, window=256, progress=False)
+
+
+@pytest.mark.parametrize("stride", [0, -3, 33])
+def test_invalid_stride_raises(random_model_tok, stride):
+    model, tok = random_model_tok
+    with pytest.raises(ValueError, match="`stride`"):
+        ev.perplexity(model, tok, TEXTS, window=32, stride=stride, progress=False)
+    with pytest.raises(ValueError, match="`stride`"):
+        ev.next_token_accuracy(model, tok, TEXTS, window=32, stride=stride, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Last-word accuracy
+# ---------------------------------------------------------------------------------------------
+
+LAMBADA = [
+    "The quick brown fox jumps over the lazy dog",
+    "every token picks a few experts",
+    "She opened the door and saw the garden",
+    "Benjamini and Hochberg control the false discovery rate",
+    "Numbers like 12, 345 and 6789",
+]
+
+
+def test_split_last_word():
+    assert ev.split_last_word("a b  c ") == ("a b", "  c")
+    assert ev.split_last_word("one\ntwo") == ("one", "\ntwo")
+    with pytest.raises(ValueError, match="two words"):
+        ev.split_last_word("single")
+
+
+def _greedy(model, ctx_ids, n):
+    out = model.generate(
+        torch.tensor([ctx_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, len(ctx_ids):].tolist()
+
+
+def test_last_word_equals_greedy_generate(model_tok):
+    model, tok = model_tok
+    examples = [{"text": t} for t in LAMBADA]
+    # Positive examples by construction: the target is the model's own greedy continuation.
+    for text in LAMBADA:
+        ctx = text.rsplit(" ", 1)[0]
+        ctx_ids = tok(ctx, add_special_tokens=False).input_ids
+        gen = _greedy(model, ctx_ids, 1)
+        target = tok.decode(gen)
+        if tok(target, add_special_tokens=False).input_ids == gen:
+            examples.append({"context": ctx, "target": target})
+    assert len(examples) > len(LAMBADA), "no positive example could be constructed"
+    res = ev.last_word_accuracy(model, tok, examples, batch_size=3, progress=False)
+    assert res.n_examples == len(examples)
+    for ex, correct, pred in zip(examples, res.correct, res.predictions):
+        ctx, target = ev._last_word_pair(ex)
+        ctx_ids = tok(ctx, add_special_tokens=False).input_ids
+        tgt_ids = tok(target, add_special_tokens=False).input_ids
+        gen = _greedy(model, ctx_ids, len(tgt_ids))
+        assert correct == (gen == tgt_ids)
+        # Up to and including the first wrong token, predictions are greedy decoding's tokens.
+        first_wrong = next((j for j, (a, b) in enumerate(zip(pred, tgt_ids)) if a != b), len(tgt_ids) - 1)
+        assert pred[: first_wrong + 1] == gen[: first_wrong + 1]
+    assert all(res.correct[len(LAMBADA):])
+    assert res.accuracy == pytest.approx(sum(res.correct) / len(examples))
+
+
+def test_last_word_nll_matches_bruteforce(random_model_tok):
+    model, tok = random_model_tok
+    res = ev.last_word_accuracy(model, tok, LAMBADA, batch_size=4, progress=False)
+    for text, nll in zip(LAMBADA, res.target_nll):
+        ctx, target = ev.split_last_word(text)
+        c = tok(ctx, add_special_tokens=False).input_ids
+        t = tok(target, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([c + t])).logits[0].double()
+        ref = F.cross_entropy(logits[len(c) - 1 : -1], torch.tensor(t), reduction="sum")
+        assert nll == pytest.approx(float(ref), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice
+# ---------------------------------------------------------------------------------------------
+
+MC = [
+    {"context": "The fox", "endings": ["jumps over the dog.", "is a number.", "returns x + y", "sleeps"], "label": 0},
+    {"context": "def add(x, y):", "endings": ["return x + y", "the garden", "roses.", "Hochberg"], "label": 0},
+    {"context": "She opened the door and", "endings": ["saw the garden.", "12", "def", "control the rate"], "label": 0},
+    {"context": "", "endings": ["A mixture of experts", "of"], "label": 1},
+]
+
+
+def test_multiple_choice_matches_bruteforce(model_tok):
+    model, tok = model_tok
+    res = ev.multiple_choice_accuracy(model, tok, MC, batch_size=5, progress=False)
+    hits = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
+    for ex, ll_row in zip(MC, res.loglik):
+        ref_ll, ref_tok = [], []
+        for ending in ex["endings"]:
+            c = tok(ex["context"], add_special_tokens=False).input_ids or [tok.eos_token_id]
+            t = tok(" " + ending, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logits = model(torch.tensor([c + t])).logits[0].double()
+            lp = torch.log_softmax(logits[len(c) - 1 : -1], -1).gather(-1, torch.tensor(t)[:, None]).sum()
+            ref_ll.append(float(lp))
+            ref_tok.append(len(t))
+        assert ll_row == pytest.approx(ref_ll, rel=1e-6)
+        norm = [a / len(e) for a, e in zip(ref_ll, ex["endings"])]
+        per_tok = [a / n for a, n in zip(ref_ll, ref_tok)]
+        hits["acc"] += int(max(range(len(ref_ll)), key=ref_ll.__getitem__) == ex["label"])
+        hits["acc_norm"] += int(max(range(len(norm)), key=norm.__getitem__) == ex["label"])
+        hits["acc_per_token"] += int(max(range(len(per_tok)), key=per_tok.__getitem__) == ex["label"])
+    assert res.acc == hits["acc"] / len(MC)
+    assert res.acc_norm == hits["acc_norm"] / len(MC)
+    assert res.acc_per_token == hits["acc_per_token"] / len(MC)
+
+
+def test_multiple_choice_bad_examples(random_model_tok):
+    model, tok = random_model_tok
+    with pytest.raises(ValueError, match="endings"):
+        ev.multiple_choice_accuracy(model, tok, [{"context": "x", "endings": ["a"], "label": 0}], progress=False)
+    with pytest.raises(ValueError, match="label"):
+        ev.multiple_choice_accuracy(model, tok, [{"context": "x", "endings": ["a", "b"]}], progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        ev.multiple_choice_accuracy(model, tok, [], progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed and compute
+# ---------------------------------------------------------------------------------------------
+
+
+def test_measure_speed(random_model_tok):
+    model, tok = random_model_tok
+    res = ev.measure_speed(model, tok, TEXTS, max_new_tokens=4, prompt_tokens=16, batch_size=2, progress=False)
+    assert res.n_new_tokens == len(TEXTS) * 4
+    assert 0 < res.n_prompt_tokens <= len(TEXTS) * 16
+    assert res.prefill_tokens_per_s > 0 and res.decode_tokens_per_s > 0
+    assert res.device == "cpu"
+    with pytest.raises(ValueError, match="context length"):
+        ev.measure_speed(model, tok, TEXTS, max_new_tokens=100, prompt_tokens=100, progress=False)
+
+
+def test_compute_summary():
+    out = ev.compute_summary({"mean_experts_per_token": 3.0, "total_expert_activations": 300}, native_k=8)
+    assert out == {
+        "mean_experts_per_token": 3.0, "relative_compute": 0.375, "native_k": 8,
+        "total_expert_activations": 300,
+    }
+    with pytest.raises(ValueError, match="mean experts per token"):
+        ev.compute_summary({"something": 1}, native_k=8)
+    with pytest.raises(ValueError, match="native_k"):
+        ev.compute_summary({"mean_k": 1}, native_k=0)
