@@ -1,0 +1,525 @@
+"""Resumable sweeps over routing configurations, one JSON line per finished result.
+
+A sweep is a list of :class:`SweepConfig` (built by hand or by :func:`expand_grid`) times a list
+of data set names. :func:`run_sweep` calls ``evaluate_fn(config, dataset_name) -> dict`` for every
+pair not yet in the results file and appends one line per finished pair the moment it finishes
+(write, flush, ``os.fsync``), so a sweep killed at any moment (Colab disconnects, SIGKILL, a
+power cut) resumes where it stopped and loses no finished result.
+
+Results file format (JSON Lines, UTF-8)::
+
+    {"type": "header", "format": 1, "grid_hash": "...", "grid_id": ..., "datasets": [...],
+     "configs": [...], "created": "..."}
+    {"type": "row", "key": "<config key>", "dataset": "...", "config": {...},
+     "metrics": {...}, "elapsed_s": 1.23, "finished": "..."}
+    ...
+
+On resume the header must describe the same grid (same configurations in the same order, same
+data sets, same ``grid_id``); otherwise :func:`run_sweep` raises ``ValueError`` and leaves the
+file untouched (or, with ``overwrite=True``, moves it aside to ``<name>.bak-<timestamp>``).
+A last line without its newline (the process was killed mid-write) is truncated away; complete
+lines are never dropped. One process at a time may write a results file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+__all__ = [
+    "METHODS",
+    "FDR_METHODS",
+    "SweepConfig",
+    "expand_grid",
+    "grid_hash",
+    "run_sweep",
+    "load_results",
+]
+
+FDR_METHODS = ("bh", "by", "bonferroni", "holm")  # p-value based: need alpha and a null kernel
+METHODS = FDR_METHODS + ("topk", "top_p", "native")
+FORMAT_VERSION = 1
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _short_hash(text: str, n: int = 12) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One routing configuration of a sweep.
+
+    Fields that do not apply to ``method`` must be ``None`` (``__post_init__`` checks), so equal
+    configurations have equal :meth:`key` values.
+
+    Attributes
+    ----------
+    method : str
+        One of :data:`METHODS`: ``"bh"``, ``"by"``, ``"bonferroni"``, ``"holm"`` (p-values from
+        a null model, ``alpha``, ``min_k``, ``max_k``, ``kernel``), ``"topk"`` (``k``),
+        ``"top_p"`` (``top_p``, ``min_k``, ``max_k``) or ``"native"`` (the model untouched).
+    alpha : float, optional
+        Error rate of the multiple-testing procedure, in ``(0, 1]``.
+    max_k, min_k : int, optional
+        Ceiling and floor on the number of experts per token.
+    kernel : str, optional
+        Null model kernel (see :mod:`bh_helpers.nulls`).
+    k : int, optional
+        Static top-k.
+    top_p : float, optional
+        Cumulative router probability of top-p routing, in ``(0, 1]``.
+    """
+
+    method: str
+    alpha: float | None = None
+    max_k: int | None = None
+    min_k: int | None = None
+    kernel: str | None = None
+    k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r}.")
+        uses = {
+            "alpha": self.method in FDR_METHODS,
+            "kernel": self.method in FDR_METHODS,
+            "max_k": self.method in FDR_METHODS + ("top_p",),
+            "min_k": self.method in FDR_METHODS + ("top_p",),
+            "k": self.method == "topk",
+            "top_p": self.method == "top_p",
+        }
+        for name, used in uses.items():
+            value = getattr(self, name)
+            if used and value is None:
+                raise ValueError(f"method {self.method!r} needs `{name}`.")
+            if not used and value is not None:
+                raise ValueError(f"method {self.method!r} does not use `{name}`; leave it None.")
+        # Normalise numeric types so that 0.05 and numpy.float64(0.05) give the same key.
+        for name in ("alpha", "top_p"):
+            value = getattr(self, name)
+            if value is not None:
+                value = float(value)
+                if not 0.0 < value <= 1.0:
+                    raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
+                object.__setattr__(self, name, value)
+        for name in ("max_k", "min_k", "k"):
+            value = getattr(self, name)
+            if value is not None:
+                if int(value) != value or int(value) < (0 if name == "min_k" else 1):
+                    raise ValueError(f"`{name}` must be a {'non-negative' if name == 'min_k' else 'positive'} integer, got {value!r}.")
+                object.__setattr__(self, name, int(value))
+        if self.min_k is not None and self.max_k is not None and self.min_k > self.max_k:
+            raise ValueError(f"`min_k` ({self.min_k}) must not exceed `max_k` ({self.max_k}).")
+
+    def to_dict(self) -> dict:
+        """All fields, ``None`` included."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SweepConfig:
+        """Inverse of :meth:`to_dict` (unknown keys raise ``ValueError``)."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown SweepConfig fields {sorted(unknown)}; known: {sorted(names)}.")
+        return cls(**data)
+
+    def key(self) -> str:
+        """Stable short identifier: hash of the canonical JSON of the set fields."""
+        return _short_hash(_canonical_json({k: v for k, v in self.to_dict().items() if v is not None}))
+
+    def label(self) -> str:
+        """Short human-readable name, e.g. ``"bh a=0.05 k=1..8 gaussian"``."""
+        if self.method in FDR_METHODS:
+            return f"{self.method} a={self.alpha:g} k={self.min_k}..{self.max_k} {self.kernel}"
+        if self.method == "topk":
+            return f"top-{self.k}"
+        if self.method == "top_p":
+            return f"top-p {self.top_p:g} k={self.min_k}..{self.max_k}"
+        return "native"
+
+    def selector_kwargs(self) -> dict:
+        """Keyword arguments for :func:`bh_helpers.selection.select_experts` (``{}`` for native)."""
+        if self.method == "native":
+            return {}
+        out = {"method": self.method}
+        for name in ("alpha", "min_k", "max_k", "k", "top_p"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+
+def _as_tuple(values) -> tuple:
+    if values is None:
+        return ()
+    if isinstance(values, (str, int, float)):
+        return (values,)
+    return tuple(values)
+
+
+def expand_grid(
+    *,
+    methods: Iterable[str] = ("bh",),
+    alphas: Iterable[float] = (0.01, 0.05, 0.1, 0.2),
+    max_ks: Iterable[int] = (8,),
+    min_ks: Iterable[int] = (1,),
+    kernels: Iterable[str] = ("gaussian",),
+    topk: Iterable[int] | bool = True,
+    top_ps: Iterable[float] = (),
+    native: bool = True,
+) -> list[SweepConfig]:
+    """The configurations of a grid, in a fixed order.
+
+    Parameters
+    ----------
+    methods : iterable of str
+        Multiple-testing methods (subset of :data:`FDR_METHODS`), crossed with
+        ``alphas x max_ks x min_ks x kernels``.
+    alphas, max_ks, min_ks, kernels : iterables
+        Grid axes of the multiple-testing methods (pairs with ``min_k > max_k`` are skipped).
+    topk : iterable of int or bool
+        Static top-k baselines: ``True`` for ``k = 1 .. max(max_ks)``, ``False`` for none, or
+        the ``k`` values.
+    top_ps : iterable of float
+        Top-p baselines, each with ``min_k = min(min_ks)`` and ``max_k = max(max_ks)``.
+    native : bool
+        Include the unmodified model.
+
+    Returns
+    -------
+    list of SweepConfig
+        Native first, then the static top-k, top-p, and the multiple-testing configurations
+        (method, alpha, max_k, min_k, kernel varying slowest to fastest).
+
+    Examples
+    --------
+    >>> len(expand_grid(methods=["bh", "by"], alphas=[0.05, 0.1], max_ks=[8], topk=True))
+    13
+    """
+    methods, alphas = _as_tuple(methods), _as_tuple(alphas)
+    max_ks, min_ks = _as_tuple(max_ks), _as_tuple(min_ks)
+    kernels, top_ps = _as_tuple(kernels), _as_tuple(top_ps)
+    bad = [m for m in methods if m not in FDR_METHODS]
+    if bad:
+        raise ValueError(f"`methods` must be among {list(FDR_METHODS)} (baselines have their own options), got {bad}.")
+    if methods and not (alphas and max_ks and min_ks and kernels):
+        raise ValueError("`alphas`, `max_ks`, `min_ks` and `kernels` must be non-empty when `methods` is.")
+    if topk is True:
+        if not max_ks:
+            raise ValueError("`topk=True` needs `max_ks` to know the largest k; pass the k values instead.")
+        ks: tuple = tuple(range(1, max(max_ks) + 1))
+    elif topk is False:
+        ks = ()
+    else:
+        ks = _as_tuple(topk)
+    configs: list[SweepConfig] = []
+    if native:
+        configs.append(SweepConfig("native"))
+    configs += [SweepConfig("topk", k=k) for k in ks]
+    if top_ps:
+        if not (max_ks and min_ks):
+            raise ValueError("`top_ps` needs non-empty `max_ks` and `min_ks`.")
+        configs += [SweepConfig("top_p", top_p=p, min_k=min(min_ks), max_k=max(max_ks)) for p in top_ps]
+    for method in methods:
+        for alpha in alphas:
+            for max_k in max_ks:
+                for min_k in min_ks:
+                    if min_k > max_k:
+                        continue
+                    for kernel in kernels:
+                        configs.append(
+                            SweepConfig(method, alpha=alpha, max_k=max_k, min_k=min_k, kernel=kernel)
+                        )
+    return configs
+
+
+def grid_hash(configs: Sequence[SweepConfig], datasets: Sequence[str], grid_id: str | None = None) -> str:
+    """Identity of a sweep: hash of the ordered config keys, data set names and ``grid_id``."""
+    return _short_hash(
+        _canonical_json({"configs": [c.key() for c in configs], "datasets": list(datasets), "grid_id": grid_id}),
+        n=16,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Results file
+# ----------------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _to_jsonable(obj: Any) -> Any:
+    """Metrics to plain JSON types (dataclass results, numpy/torch scalars, tuples)."""
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        obj = obj.to_dict()
+    if isinstance(obj, Mapping):
+        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, (str, bool, int)) or obj is None:
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)  # "nan", "inf": strict JSON has neither
+    if hasattr(obj, "item"):
+        return _to_jsonable(obj.item())
+    raise ValueError(f"metric value {obj!r} of type {type(obj).__name__} is not JSON-serialisable.")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - not supported on every platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_existing(path: Path) -> tuple[dict | None, list[dict], int]:
+    """Parse a results file without changing it.
+
+    Returns ``(header, rows, complete_bytes)``; ``complete_bytes`` is the length of the prefix
+    made of complete lines. ``header`` is ``None`` when not even the header line is complete.
+    """
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1  # 0 when there is no newline at all
+    lines = data[:complete].split(b"\n")[:-1]
+    if not lines:
+        return None, [], 0
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("type") != "header":
+        raise ValueError(
+            f"{str(path)!r} is not a sweep results file (its first line is not a header); pass "
+            "another `results_path`, or `overwrite=True` to move it aside."
+        )
+    rows = []
+    for lineno, line in enumerate(lines[1:], 2):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{str(path)}:{lineno} is a complete but corrupt line ({err.msg}); fix or remove it "
+                "by hand (only a last line without newline is dropped automatically)."
+            ) from None
+        rows.append(row)
+    return header, rows, complete
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.bak-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.bak-{stamp}-{n}")
+        n += 1
+    os.replace(path, target)
+    return target
+
+
+def _append_line(fh, record: Mapping[str, Any]) -> None:
+    fh.write((_canonical_json(record) + "\n").encode("utf-8"))
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def run_sweep(
+    configs: Sequence[SweepConfig],
+    datasets: Sequence[str] | Mapping[str, Any],
+    evaluate_fn: Callable[[SweepConfig, str], Mapping[str, Any]],
+    results_path: str | os.PathLike,
+    *,
+    grid_id: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+):
+    """Evaluate every (configuration, data set) pair, resuming from ``results_path``.
+
+    Parameters
+    ----------
+    configs : sequence of SweepConfig
+        The grid (distinct keys), in the order to run it.
+    datasets : sequence of str or mapping
+        Data set names (a mapping's keys are used), passed to ``evaluate_fn``.
+    evaluate_fn : callable
+        ``evaluate_fn(config, dataset_name) -> dict`` of metrics (JSON-serialisable values,
+        nested dicts, numpy/torch scalars, or result objects with ``to_dict``). An exception
+        stops the sweep; finished rows stay in the file and the pair is retried on resume.
+    results_path : path-like
+        JSON Lines results file; created (with its header) when missing.
+    grid_id : str, optional
+        A label that becomes part of the grid's identity.
+    overwrite : bool
+        When the file belongs to a different grid (or is not a results file): ``False`` raises
+        ``ValueError`` and leaves it untouched; ``True`` renames it to
+        ``<name>.bak-<timestamp>`` and starts afresh. A file of this same grid is always resumed.
+    progress : bool
+        Show a tqdm bar.
+
+    Returns
+    -------
+    pandas.DataFrame
+        All rows of the file (see :func:`load_results`).
+
+    Raises
+    ------
+    ValueError
+        Duplicate configurations, no data sets, or a results file of another grid (without
+        ``overwrite``).
+    """
+    configs = list(configs)
+    if isinstance(datasets, str):
+        names = [datasets]
+    else:
+        names = list(datasets.keys()) if isinstance(datasets, Mapping) else list(datasets)
+    if not configs:
+        raise ValueError("`configs` is empty.")
+    if not names:
+        raise ValueError("`datasets` is empty.")
+    if not all(isinstance(c, SweepConfig) for c in configs):
+        raise ValueError("`configs` must hold SweepConfig objects (see expand_grid).")
+    keys = [c.key() for c in configs]
+    if len(set(keys)) != len(keys):
+        dup = sorted({c.label() for c, k in zip(configs, keys) if keys.count(k) > 1})
+        raise ValueError(f"`configs` has duplicates: {dup}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"`datasets` has duplicate names: {names}.")
+    identity = grid_hash(configs, names, grid_id)
+    path = Path(results_path)
+
+    done: set[tuple[str, str]] = set()
+    if path.exists():
+        try:
+            header, rows, complete = _read_existing(path)
+            if header is not None and header.get("grid_hash") != identity:
+                raise ValueError(
+                    f"{str(path)!r} holds results of a different grid (grid_hash "
+                    f"{header.get('grid_hash')!r}, datasets {header.get('datasets')}; this grid is "
+                    f"{identity!r}, datasets {names}); pass another `results_path`, or "
+                    "`overwrite=True` to move the old file aside."
+                )
+        except ValueError:
+            if not overwrite:
+                raise
+            _move_aside(path)
+        else:
+            if complete < path.stat().st_size:
+                with path.open("r+b") as fh:  # drop a last line cut short by a kill mid-write
+                    fh.truncate(complete)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            if header is None:  # not even the header was complete: start afresh
+                path.unlink()
+            else:
+                known = set(keys)
+                done = {
+                    (row.get("key"), row.get("dataset"))
+                    for row in rows
+                    if row.get("key") in known and row.get("dataset") in names
+                }
+
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("xb") as fh:
+            _append_line(
+                fh,
+                {
+                    "type": "header",
+                    "format": FORMAT_VERSION,
+                    "grid_hash": identity,
+                    "grid_id": grid_id,
+                    "datasets": names,
+                    "configs": [c.to_dict() for c in configs],
+                    "created": _now(),
+                },
+            )
+        _fsync_dir(path.parent)
+
+    todo = [(c, k, d) for c, k in zip(configs, keys) for d in names if (k, d) not in done]
+    total = len(configs) * len(names)
+    with path.open("ab") as fh, tqdm(total=total, initial=total - len(todo), desc="sweep", disable=not progress) as bar:
+        for config, key, name in todo:
+            bar.set_postfix_str(f"{config.label()} | {name}", refresh=False)
+            t0 = time.perf_counter()
+            metrics = evaluate_fn(config, name)
+            elapsed = time.perf_counter() - t0
+            _append_line(
+                fh,
+                {
+                    "type": "row",
+                    "key": key,
+                    "dataset": name,
+                    "config": config.to_dict(),
+                    "metrics": _to_jsonable(metrics),
+                    "elapsed_s": round(elapsed, 6),
+                    "finished": _now(),
+                },
+            )
+            bar.update(1)
+    return load_results(path)
+
+
+def _flatten(prefix: str, obj: Mapping[str, Any], out: dict) -> None:
+    for k, v in obj.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            _flatten(name + ".", v, out)
+        else:
+            out[name] = v
+
+
+def load_results(path: str | os.PathLike):
+    """Rows of a sweep results file as a :class:`pandas.DataFrame`, in file order.
+
+    Columns: ``key``, ``dataset``, ``label``, the :class:`SweepConfig` fields, the metrics
+    (nested dicts flattened with dots, e.g. ``protocol.window``), ``elapsed_s`` and
+    ``finished``. A last line without newline is ignored (the file is not modified). The
+    header is available as ``df.attrs["header"]``.
+    """
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"`path` {str(p)!r} does not exist; run a sweep first.")
+    header, rows, _ = _read_existing(p)
+    records = []
+    for row in rows:
+        if row.get("type") != "row":
+            continue
+        rec = {"key": row["key"], "dataset": row["dataset"]}
+        config = row.get("config", {})
+        try:
+            rec["label"] = SweepConfig.from_dict(config).label()
+        except (ValueError, TypeError):
+            rec["label"] = None
+        rec.update(config)
+        _flatten("", row.get("metrics", {}), rec)
+        rec["elapsed_s"] = row.get("elapsed_s")
+        rec["finished"] = row.get("finished")
+        records.append(rec)
+    columns = ["key", "dataset", "label"] + [f.name for f in fields(SweepConfig)]
+    df = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=columns)
+    df.attrs["header"] = header or {}
+    return df
