@@ -889,7 +889,9 @@ def compute_summary(recorder_summary: Mapping[str, Any], native_k: int) -> dict:
     -------
     dict
         ``{"mean_experts_per_token", "relative_compute", "native_k"}`` plus
-        ``"total_expert_activations"`` when available; ``relative_compute = mean_k / native_k``.
+        ``"total_expert_activations"`` and the recorder's own ``"activation_ratio"`` (activations
+        over native activations, which equals ``relative_compute`` when every routed layer's
+        native k is ``native_k``) when available; ``relative_compute = mean_k / native_k``.
 
     Examples
     --------
@@ -913,4 +915,6 @@ def compute_summary(recorder_summary: Mapping[str, Any], native_k: int) -> dict:
     total = next((recorder_summary[k] for k in _TOTAL_KEYS if k in recorder_summary), None)
     if total is not None:
         out["total_expert_activations"] = int(total)
+    if "activation_ratio" in recorder_summary:
+        out["activation_ratio"] = float(recorder_summary["activation_ratio"])
     return out

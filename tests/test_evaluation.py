@@ -19,7 +19,8 @@ from bh_helpers import evaluation as ev
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-EMBEDDED = Path(__file__).resolve().parents[1] / "bh_helpers" / "data" / "tiny_olmoe" / "model.safetensors"
+TINY_DIR = Path(__file__).resolve().parents[1] / "bh_helpers" / "data" / "tiny_olmoe"
+EMBEDDED = TINY_DIR / "model.safetensors"
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -38,18 +39,28 @@ TEXTS = [
 ]
 
 
-def _random_model_and_tokenizer():
+def _tokenizer():
+    """The embedded model's tokenizer when present, else a byte-level BPE trained here."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (TINY_DIR / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(TINY_DIR)
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(SENTENCES * 3, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+
+
+def _random_model_and_tokenizer():
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    tok = _tokenizer()
     torch.manual_seed(0)
     cfg = OlmoeConfig(
-        vocab_size=320, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+        vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=128, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        max_position_embeddings=128, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         bos_token_id=None,
     )
     model = OlmoeForCausalLM(cfg).eval()
@@ -61,6 +72,16 @@ def _random_model_and_tokenizer():
 def _embedded_model_and_tokenizer():
     models = pytest.importorskip("bh_helpers.models")
     return models.load_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine the
+    threads' barriers turn 10 ms forward passes into 1 s ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 MODEL_KINDS = ["random"] + (["embedded"] if EMBEDDED.exists() else [])
@@ -322,3 +343,22 @@ def test_compute_summary():
         ev.compute_summary({"something": 1}, native_k=8)
     with pytest.raises(ValueError, match="native_k"):
         ev.compute_summary({"mean_k": 1}, native_k=0)
+
+
+def test_under_route_native_and_topk(random_model_tok):
+    """Evaluation composes with the patcher: native routing changes nothing, top-1 halves compute."""
+    patching = pytest.importorskip("bh_helpers.patching")
+    model, tok = random_model_tok
+    plain = ev.perplexity(model, tok, TEXTS, window=40, stride=20, batch_size=4, progress=False)
+    with patching.route(model, patching.NativeSelector.for_model(model)) as rec:
+        native = ev.perplexity(model, tok, TEXTS, window=40, stride=20, batch_size=4, progress=False)
+    assert native.nll == pytest.approx(plain.nll, rel=1e-6)
+    assert ev.compute_summary(rec.summary(), native_k=2)["relative_compute"] == pytest.approx(1.0)
+    with patching.route(model, patching.TopKSelector(k=1)) as rec:
+        top1 = ev.perplexity(model, tok, TEXTS, window=40, stride=20, batch_size=4, progress=False)
+    summary = ev.compute_summary(rec.summary(), native_k=2)
+    assert summary["relative_compute"] == pytest.approx(0.5)
+    assert summary["mean_experts_per_token"] == pytest.approx(1.0)
+    assert top1.nll != pytest.approx(plain.nll, rel=1e-6)
+    n_forwarded = sum(e - b for b, e, _ in ev._windows(top1.n_tokens + 1, 40, 20))
+    assert rec.summary()["tokens"] == n_forwarded  # padding of the last window is not routed
