@@ -178,9 +178,11 @@ def load_lambada(split: str = "test", *, path: str | Path | None = None) -> list
 def hellaswag_preprocess(text: str) -> str:
     """lm-eval's HellaSwag text clean-up (WikiHow ``[title]`` and bracket artefacts).
 
+    Reproduced as is, including its single pass of double-space removal.
+
     Examples
     --------
-    >>> hellaswag_preprocess("How to cook [title] Boil water.  [step] Wait")
+    >>> hellaswag_preprocess("How to cook [title] Boil water. [step] Wait")
     'How to cook. Boil water. Wait'
     """
     text = text.strip()

@@ -362,3 +362,30 @@ def test_under_route_native_and_topk(random_model_tok):
     assert top1.nll != pytest.approx(plain.nll, rel=1e-6)
     n_forwarded = sum(e - b for b, e, _ in ev._windows(top1.n_tokens + 1, 40, 20))
     assert rec.summary()["tokens"] == n_forwarded  # padding of the last window is not routed
+
+
+def test_batching_does_not_change_continuation_scores(random_model_tok):
+    model, tok = random_model_tok
+    one = ev.multiple_choice_accuracy(model, tok, MC, batch_size=1, progress=False)
+    many = ev.multiple_choice_accuracy(model, tok, MC, batch_size=16, progress=False)
+    for a, b in zip(one.loglik, many.loglik):
+        assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_on_embedded_fixtures(model_tok):
+    """The fixtures' normalised formats feed the evaluation functions directly."""
+    datasets = pytest.importorskip("bh_helpers.datasets")
+    try:
+        wiki = datasets.embedded_fixture("wikitext2")[:2]
+        lambada = datasets.embedded_fixture("lambada")[:6]
+        hellaswag = datasets.embedded_fixture("hellaswag")[:3]
+    except FileNotFoundError:
+        pytest.skip("fixtures not built")
+    model, tok = model_tok
+    window = min(128, model.config.max_position_embeddings)
+    ppl = ev.perplexity(model, tok, wiki, window=window, stride=window // 2, progress=False)
+    assert ppl.n_tokens > window and math.isfinite(ppl.perplexity)
+    lw = ev.last_word_accuracy(model, tok, lambada, progress=False)
+    assert lw.n_examples == 6 and 0.0 <= lw.accuracy <= 1.0
+    mc = ev.multiple_choice_accuracy(model, tok, hellaswag, progress=False)
+    assert mc.n_examples == 3 and len(mc.loglik[0]) == 4
