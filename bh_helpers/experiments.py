@@ -153,6 +153,46 @@ class SweepConfig:
             return f"top-p {self.top_p:g} k={self.min_k}..{self.max_k}"
         return "native"
 
+    def to_selector(self, model=None, *, null_bank=None, weights: str = "renorm"):
+        """The :mod:`bh_helpers.patching` selector for this configuration.
+
+        Parameters
+        ----------
+        model : nn.Module, optional
+            Needed for ``"native"`` (its own k and weight convention).
+        null_bank : NullBank or mapping of str to NullBank, optional
+            Needed for the multiple-testing methods; a mapping is indexed by ``kernel``.
+        weights : {"renorm", "softmax", "uniform"}
+            Weight convention of the selected experts (not used by ``"native"``).
+
+        Returns
+        -------
+        Selector
+            ``NativeSelector``, ``TopKSelector``, ``TopPSelector`` or ``BHSelector``.
+        """
+        from bh_helpers import patching
+
+        if self.method == "native":
+            if model is None:
+                raise ValueError("method 'native' needs `model` to read its k and weight convention.")
+            return patching.NativeSelector.for_model(model)
+        if self.method == "topk":
+            return patching.TopKSelector(k=self.k, weights=weights)
+        if self.method == "top_p":
+            return patching.TopPSelector(p=self.top_p, min_k=self.min_k, max_k=self.max_k, weights=weights)
+        bank = null_bank
+        if isinstance(null_bank, Mapping):
+            if self.kernel not in null_bank:
+                raise ValueError(
+                    f"`null_bank` has no entry for kernel {self.kernel!r}; it has {sorted(null_bank)}."
+                )
+            bank = null_bank[self.kernel]
+        if bank is None:
+            raise ValueError(f"method {self.method!r} needs `null_bank` (a NullBank, or one per kernel).")
+        return patching.BHSelector(
+            bank, method=self.method, alpha=self.alpha, min_k=self.min_k, max_k=self.max_k, weights=weights
+        )
+
     def selector_kwargs(self) -> dict:
         """Keyword arguments for :func:`bh_helpers.selection.select_experts` (``{}`` for native)."""
         if self.method == "native":
@@ -388,6 +428,22 @@ def run_sweep(
     ValueError
         Duplicate configurations, no data sets, or a results file of another grid (without
         ``overwrite``).
+
+    Examples
+    --------
+    A perplexity-and-compute sweep (``banks`` maps kernel names to fitted null banks)::
+
+        from bh_helpers.evaluation import compute_summary, perplexity
+        from bh_helpers.patching import route
+
+        data = {"wikitext2": embedded_fixture("wikitext2")}
+
+        def evaluate(config, name):
+            with route(model, config.to_selector(model, null_bank=banks)) as rec:
+                ppl = perplexity(model, tokenizer, data[name], window=512, stride=256, progress=False)
+            return {**ppl.to_dict(), **compute_summary(rec.summary(), native_k=8)}
+
+        df = run_sweep(expand_grid(alphas=[0.01, 0.05]), data, evaluate, "outputs/sweep.jsonl")
     """
     configs = list(configs)
     if isinstance(datasets, str):

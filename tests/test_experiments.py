@@ -316,3 +316,27 @@ def test_embedded_fixtures_are_normalised():
         assert all(isinstance(e, str) and e for e in ex["endings"])
     total = sum((bds.FIXTURE_DIR / f).stat().st_size for f in bds.FIXTURES.values())
     assert total < 200_000
+
+
+def test_to_selector_builds_patching_selectors():
+    patching = pytest.importorskip("bh_helpers.patching")
+    nulls = pytest.importorskip("bh_helpers.nulls")
+    import torch
+
+    assert SweepConfig("topk", k=3).to_selector() == patching.TopKSelector(k=3)
+    top_p = SweepConfig("top_p", top_p=0.9, min_k=1, max_k=4).to_selector()
+    assert isinstance(top_p, patching.TopPSelector) and (top_p.p, top_p.max_k) == (0.9, 4)
+    torch.manual_seed(0)
+    bank = nulls.fit_null_bank({0: torch.randn(2000, 8), 1: torch.randn(2000, 8)})
+    config = SweepConfig("by", alpha=0.1, max_k=4, min_k=1, kernel="gaussian")
+    selector = config.to_selector(null_bank={"gaussian": bank})
+    assert isinstance(selector, patching.BHSelector)
+    assert (selector.method, selector.alpha, selector.min_k, selector.max_k) == ("by", 0.1, 1, 4)
+    counts = selector(torch.randn(5, 8) * 3, 0).counts
+    assert counts.shape == (5,) and bool(((counts >= 1) & (counts <= 4)).all())
+    with pytest.raises(ValueError, match="kernel 'gaussian'"):
+        config.to_selector(null_bank={"tophat": bank})
+    with pytest.raises(ValueError, match="needs `null_bank`"):
+        config.to_selector()
+    with pytest.raises(ValueError, match="needs `model`"):
+        SweepConfig("native").to_selector()
