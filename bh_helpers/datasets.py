@@ -3,7 +3,8 @@
 =============  ===================================  ==========================================
 name           normalised format                    hub source (``datasets.load_dataset``)
 =============  ===================================  ==========================================
-``wikitext2``  ``list[str]`` (one per article)      ``"wikitext", "wikitext-2-raw-v1"``
+``wikitext2``  ``list[str]`` (one per article)      ``"Salesforce/wikitext"`` (``"wikitext"``),
+                                                    config ``"wikitext-2-raw-v1"``
 ``lambada``    ``list[{"text"}]``                   ``"EleutherAI/lambada_openai"`` (``"lambada"``
                                                     as a fallback)
 ``hellaswag``  ``list[{"context","endings","label"}]``  ``"Rowan/hellaswag"``
@@ -89,7 +90,10 @@ def _hub_rows(candidates: Iterable[tuple[str, str | None]], split: str) -> list[
             errors.append(f"{name}: {type(err).__name__}: {err}")
             continue
         return [dict(row) for row in ds]
-    raise RuntimeError("could not load any of the sources:\n  " + "\n  ".join(errors))
+    raise RuntimeError(
+        "could not load any of the hub sources (offline? pass `path=` to a local file, or use "
+        "bh_helpers.datasets.embedded_fixture):\n  " + "\n  ".join(errors)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +137,8 @@ def load_wikitext2(split: str = "test", *, path: str | Path | None = None) -> li
         else:
             lines = [str(r["text"]) for r in _read_jsonl(p)]
     else:
-        lines = [str(r["text"]) for r in _hub_rows([("wikitext", "wikitext-2-raw-v1")], split)]
+        sources = [("Salesforce/wikitext", "wikitext-2-raw-v1"), ("wikitext", "wikitext-2-raw-v1")]
+        lines = [str(r["text"]) for r in _hub_rows(sources, split)]
     return _wikitext_articles(lines)
 
 
