@@ -122,18 +122,24 @@ def olmoe_bank(olmoe):
     return null_bank(captured)
 
 
-def snapshot(model: nn.Module) -> list[tuple[nn.Module, object, set[str]]]:
-    """Each MoE block's instance ``forward`` (or None) and its ``vars`` keys."""
-    return [(b.module, vars(b.module).get("forward"), set(vars(b.module))) for b in find_moe_blocks(model)]
+def snapshot(model: nn.Module) -> tuple[list, dict]:
+    """Each MoE block's instance ``forward`` (or None) and ``vars`` keys, and every module's hook ids.
+
+    Hooks are compared with a snapshot, not with "none": transformers 5.23 installs its own
+    output-capturing forward hooks the first time a model records outputs.
+    """
+    blocks = [(b.module, vars(b.module).get("forward"), set(vars(b.module))) for b in find_moe_blocks(model)]
+    hooks = {n: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for n, m in model.named_modules()}
+    return blocks, hooks
 
 
 def assert_restored(model: nn.Module, before) -> None:
-    for (module, forward, keys), (module_now, forward_now, keys_now) in zip(before, snapshot(model)):
+    blocks, hooks = snapshot(model)
+    for (module, forward, keys), (module_now, forward_now, keys_now) in zip(before[0], blocks):
         assert module is module_now
         assert forward_now is forward
         assert keys_now == keys
-        assert not module._forward_pre_hooks and not module._forward_hooks
-    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert hooks == before[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +165,7 @@ def test_unsupported_model_raises_listing_families():
     with pytest.raises(ValueError, match="Supported families: " + ", ".join(SUPPORTED_FAMILIES)):
         with route(llama, TopKSelector(1)):
             pass
-    assert not llama._forward_pre_hooks
+    assert not llama._forward_pre_hooks and not llama._forward_hooks
 
 
 def slow_dispatch(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
