@@ -117,11 +117,11 @@ class SweepConfig:
                 if not 0.0 < value <= 1.0:
                     raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
                 object.__setattr__(self, name, value)
-        for name in ("max_k", "min_k", "k"):
+        for name, low in (("max_k", 1), ("min_k", 0), ("k", 1)):
             value = getattr(self, name)
             if value is not None:
-                if int(value) != value or int(value) < (0 if name == "min_k" else 1):
-                    raise ValueError(f"`{name}` must be a {'non-negative' if name == 'min_k' else 'positive'} integer, got {value!r}.")
+                if isinstance(value, (bool, str)) or int(value) != value or int(value) < low:
+                    raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
                 object.__setattr__(self, name, int(value))
         if self.min_k is not None and self.max_k is not None and self.min_k > self.max_k:
             raise ValueError(f"`min_k` ({self.min_k}) must not exceed `max_k` ({self.max_k}).")
