@@ -93,6 +93,9 @@ _TAIL_K_MAX = 5000
 # A tail scale below this fraction of the standard deviation only happens with heavily tied
 # top logits (e.g. bf16); the floor keeps the tail from collapsing onto a step.
 _TAIL_SCALE_FLOOR = 1e-3
+# Samples are processed in chunks of this many values: full-size float64 temporaries of
+# millions of logits cost more in page faults than the arithmetic itself.
+_CHUNK = 1 << 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +235,13 @@ class _Column(NamedTuple):
 def _check_spread(a: np.ndarray, what: str) -> float:
     if a.size < 2:
         raise ValueError(f"`logits` needs at least 2 values {what}, got {a.size}")
-    sigma = float(np.std(a, ddof=1))
+    mean = float(np.mean(a))
+    sum_sq = 0.0
+    for start in range(0, a.size, _CHUNK):
+        dev = a[start : start + _CHUNK] - mean
+        dev *= dev
+        sum_sq += float(dev.sum())
+    sigma = math.sqrt(sum_sq / (a.size - 1))
     if not sigma > 0.0:
         raise ValueError(
             f"`logits` has zero variance {what} (all values equal {a.flat[0]!r}); a null cannot be "
@@ -264,40 +273,47 @@ def _grid_size(x_range: float, bandwidth: float, grid_size: int | None, *, minim
     return int(min(max(wanted, minimum), _GRID_MAX))
 
 
-def _tail_scales(a: np.ndarray, sigma: float) -> tuple[float, float]:
-    """Exponential tail scales: mean excess of the top (bottom) k order statistics.
+def _tail_k(n: int) -> int:
+    """Number of order statistics a tail is fitted on: sqrt(n), clipped to [10, 5000] and n - 1."""
+    return int(min(max(math.isqrt(n), _TAIL_K_MIN), _TAIL_K_MAX, n - 1))
 
-    The maximum-likelihood estimate of an exponential fitted to the exceedances over the
-    (k+1)-th largest value (peaks over threshold), with k = sqrt(n) clipped to [10, 5000].
+
+def _tail_scale(extremes: np.ndarray, k: int, *, upper: bool, sigma: float) -> float:
+    """Exponential tail scale: the mean excess of the k most extreme order statistics.
+
+    This is the maximum-likelihood exponential fitted to the exceedances over the (k+1)-th most
+    extreme value (peaks over threshold). ``extremes`` holds at least the k+1 most extreme
+    values, in any order.
     """
-    n = a.size
-    k = int(min(max(math.isqrt(n), _TAIL_K_MIN), _TAIL_K_MAX, n - 1))
-    part = np.partition(a, [k, n - k - 1])
-    beta_upper = float(np.mean(part[n - k :]) - part[n - k - 1])
-    beta_lower = float(part[k] - np.mean(part[:k]))
-    floor = _TAIL_SCALE_FLOOR * sigma
-    return max(beta_upper, floor), max(beta_lower, floor)
+    m = extremes.size
+    if upper:
+        part = np.partition(extremes, m - k - 1)
+        beta = float(np.mean(part[m - k :]) - part[m - k - 1])
+    else:
+        part = np.partition(extremes, k)
+        beta = float(part[k] - np.mean(part[:k]))
+    return max(beta, _TAIL_SCALE_FLOOR * sigma)
 
 
-def _fit_kde_column(a: np.ndarray, *, kernel: str, bandwidth: float, n_grid: int) -> tuple:
-    """Exact KDE sf/cdf/pdf on a uniform grid from the smallest to the largest sample."""
+def _fit_kde_column(a: np.ndarray, *, kernel: str, bandwidth: float, n_grid: int, sigma: float) -> tuple:
+    """Exact KDE sf/cdf/pdf on a uniform grid from the smallest to the largest sample, and tails."""
     n = a.size
     x_min, x_max = float(a.min()), float(a.max())
     delta = (x_max - x_min) / (n_grid - 1)
     grid = x_min + delta * np.arange(n_grid, dtype=np.float64)
     grid[-1] = x_max  # exact endpoint: the upper tail starts at the largest sample
 
-    # Linear binning: each sample splits its weight 1/n between its two neighbouring grid points,
+    # Linear binning: each sample splits its weight between its two neighbouring grid points,
     # which keeps the binned KDE second-order accurate in delta / bandwidth.
-    pos = (a - x_min) * (1.0 / delta)
-    idx = pos.astype(np.intp)  # floor, as pos >= 0
-    np.clip(idx, 0, n_grid - 2, out=idx)
-    frac = pos - idx
-    del pos
-    weights = np.bincount(idx, weights=1.0 - frac, minlength=n_grid)
-    weights += np.bincount(idx + 1, weights=frac, minlength=n_grid)
-    weights /= n
-    del idx, frac
+    weights = np.zeros(n_grid + 1)
+    for start in range(0, n, _CHUNK):
+        pos = (a[start : start + _CHUNK] - x_min) * (1.0 / delta)
+        idx = pos.astype(np.intp)  # floor, as pos >= 0
+        np.clip(idx, 0, n_grid - 2, out=idx)
+        frac_sum = np.bincount(idx, weights=pos - idx, minlength=n_grid)
+        weights[:n_grid] += np.bincount(idx, minlength=n_grid) - frac_sum
+        weights[1 : n_grid + 1] += frac_sum
+    weights = weights[:n_grid] / n
 
     half = int(min(math.ceil(_KERNEL_SUPPORT[kernel] * bandwidth / delta), n_grid - 1))
     u = np.arange(-half, half + 1, dtype=np.float64) * (delta / bandwidth)
@@ -313,10 +329,23 @@ def _fit_kde_column(a: np.ndarray, *, kernel: str, bandwidth: float, n_grid: int
     # Rounding (and FFT noise) can leave wiggles of ~1e-17; the true functions are monotone.
     cdf = np.maximum.accumulate(np.clip(cdf, 0.0, 1.0))
     sf = np.minimum.accumulate(np.clip(sf, 0.0, 1.0))
-    return grid, sf, cdf, np.maximum(pdf, 0.0)
+
+    # Tails: only the k+1 most extreme samples matter. Weight at grid index > j comes from samples
+    # above grid[j], so n * above[j] >= k + 1 guarantees enough candidates >= grid[j] (and
+    # likewise below), without sorting or partitioning all n samples.
+    k = _tail_k(n)
+    enough_above = np.flatnonzero(above * n >= k + 1.5)
+    enough_below = np.flatnonzero(below * n >= k + 1.5)
+    hi = a[a >= grid[enough_above[-1]]] if enough_above.size else a
+    lo = a[a <= grid[enough_below[0]]] if enough_below.size else a
+    hi = hi if hi.size > k else a
+    lo = lo if lo.size > k else a
+    beta_upper = _tail_scale(hi, k, upper=True, sigma=sigma)
+    beta_lower = _tail_scale(lo, k, upper=False, sigma=sigma)
+    return grid, sf, cdf, np.maximum(pdf, 0.0), beta_upper, beta_lower
 
 
-def _fit_empirical_column(a: np.ndarray, *, max_grid: int) -> tuple:
+def _fit_empirical_column(a: np.ndarray, *, max_grid: int, sigma: float) -> tuple:
     """Mid-p empirical distribution at the distinct values, linearly interpolated between them.
 
     ``sf(v) = (#{X > v} + #{X = v} / 2) / n`` at each distinct value ``v``: the limit of the KDE
@@ -324,25 +353,33 @@ def _fit_empirical_column(a: np.ndarray, *, max_grid: int) -> tuple:
     can be attached at both ends.
     """
     n = a.size
-    values, counts = np.unique(a, return_counts=True)
-    cum = np.cumsum(counts)
-    cdf = (cum - 0.5 * counts) / n
-    sf = (n - cum + 0.5 * counts) / n
-    if values.size > max_grid:
-        # Keep evenly spaced distinct values plus every one of the 512 most extreme on each side,
-        # where the data is sparse and p-values matter most.
+    ordered = np.sort(a)
+    # First position of each distinct value; #{X < v} = starts, #{X <= v} = next start.
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    if starts.size > max_grid:
+        # Keep evenly spaced distinct values plus the 512 most extreme on each side, where the
+        # data is sparse and p-values matter most.
         keep = np.unique(
             np.concatenate(
                 [
-                    np.linspace(0, values.size - 1, max_grid - 1024).round().astype(np.intp),
+                    np.linspace(0, starts.size - 1, max_grid - 1024).round().astype(np.intp),
                     np.arange(512),
-                    np.arange(values.size - 512, values.size),
+                    np.arange(starts.size - 512, starts.size),
                 ]
             )
         )
-        values, cdf, sf = values[keep], cdf[keep], sf[keep]
-    pdf = np.gradient(cdf, values) if values.size > 2 else np.full(values.size, (cdf[-1] - cdf[0]) / (values[-1] - values[0]))
-    return values, sf, cdf, np.maximum(pdf, 0.0)
+        ends = np.where(keep + 1 < starts.size, starts[np.minimum(keep + 1, starts.size - 1)], n)
+        starts = starts[keep]
+    else:
+        ends = np.concatenate((starts[1:], [n]))
+    values = ordered[starts]
+    cdf = (starts + ends) / (2.0 * n)  # #{X < v} + #{X = v} / 2
+    sf = (2.0 * n - starts - ends) / (2.0 * n)  # #{X > v} + #{X = v} / 2
+    pdf = np.gradient(cdf, values) if values.size > 2 else np.full(2, (cdf[1] - cdf[0]) / (values[1] - values[0]))
+    k = _tail_k(n)
+    beta_upper = _tail_scale(ordered[n - k - 1 :], k, upper=True, sigma=sigma)
+    beta_lower = _tail_scale(ordered[: k + 1], k, upper=False, sigma=sigma)
+    return values, sf, cdf, np.maximum(pdf, 0.0), beta_upper, beta_lower
 
 
 # ---------------------------------------------------------------------------------------------
@@ -784,15 +821,14 @@ def fit_null(
 def _fit_column(
     a: np.ndarray, *, sigma: float, kernel: str, bandwidth: str | float, grid_size: int | None
 ) -> _Column:
-    beta_upper, beta_lower = _tail_scales(a, sigma)
     if kernel == "empirical":
-        grid, sf, cdf, pdf = _fit_empirical_column(a, max_grid=grid_size or _GRID_MAX)
+        fitted = _fit_empirical_column(a, max_grid=grid_size or _GRID_MAX, sigma=sigma)
         h = 0.0
     else:
         h = _bandwidth_value(bandwidth, kernel=kernel, sigma=sigma, n=a.size)
         n_grid = _grid_size(float(a.max() - a.min()), h, grid_size)
-        grid, sf, cdf, pdf = _fit_kde_column(a, kernel=kernel, bandwidth=h, n_grid=n_grid)
-    return _Column(grid, sf, cdf, pdf, beta_upper, beta_lower, h)
+        fitted = _fit_kde_column(a, kernel=kernel, bandwidth=h, n_grid=n_grid, sigma=sigma)
+    return _Column(*fitted, bandwidth=h)
 
 
 # ---------------------------------------------------------------------------------------------
