@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bh_helpers
-from bh_helpers.capture import CapturedLogits, capture_router_logits
+from bh_helpers.capture import CapturedLogits, _Reservoir, capture_router_logits, forward_inputs
 from bh_helpers.moe_adapters import find_moe_blocks
 
 EMBEDDED = Path(bh_helpers.__file__).parent / "data" / "tiny_olmoe" / "model.safetensors"
@@ -130,20 +130,29 @@ def test_subsample_is_capped_uniform_and_aligned_across_layers(model):
     assert torch.equal(sub.sequence_index, full.sequence_index[rows])
 
 
-def test_small_cap_over_many_batches_prunes_and_stays_uniform(model):
-    # Many pruning rounds: every token must be kept with about the same probability.
-    batches = make_batches(model, n=12, rows=2, length=6)
-    n_total = sum(int(b["attention_mask"].sum()) for b in batches)
+def test_reservoir_keeps_a_uniform_aligned_subset_over_many_pruning_rounds():
+    # The reservoir alone (no model): 40 calls of 6 tokens, cap 5, so it prunes about every other call.
+    n_calls, rows, cap, trials = 40, 6, 5, 400
+    n_total = n_calls * rows
     hits = torch.zeros(n_total)
-    full = capture_router_logits(model, batches, progress=False)
-    for seed in range(20):
-        sub = capture_router_logits(model, batches, layers=[0], max_tokens_per_layer=5, seed=seed, progress=False)
-        rows = (sub[0][:, None, :] == full[0][None, :, :]).all(-1).float().argmax(1)
-        hits[rows] += 1
-    # The early and the late halves of the stream are both sampled (no reservoir bias to the start).
-    half = n_total // 2
-    assert hits[:half].sum() > 0 and hits[half:].sum() > 0
-    assert hits.sum() == 20 * 5
+    for seed in range(trials):
+        reservoir = _Reservoir([0, 1], cap, seed)
+        for call in range(n_calls):
+            ids = torch.arange(call * rows, (call + 1) * rows)  # token id = stream position
+            reservoir.start_call(forward_inputs(call, (ids[None, :],), {}))
+            reservoir.add(0, ids[:, None].float())  # layer 0 row = its token id
+            reservoir.add(1, -ids[:, None].float())  # layer 1 row = minus its token id
+            reservoir.end_call()
+        out = reservoir.result()
+        assert torch.equal(out[0][:, 0].long(), out.token_ids) and torch.equal(out[1][:, 0].long(), -out.token_ids)
+        assert bool((out.token_ids.diff() > 0).all())  # stream order
+        hits[out.token_ids] += 1
+    # Each token is kept with probability cap / n_total; the first and last quarters alike.
+    expected = trials * cap / n_total
+    quarter = n_total // 4
+    assert hits.sum() == trials * cap
+    for part in (hits[:quarter], hits[-quarter:]):
+        assert abs(float(part.mean()) - expected) < 0.25 * expected
 
 
 def test_layers_argument_and_validation(model):
