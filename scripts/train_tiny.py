@@ -85,8 +85,12 @@ def parse_args(argv=None):
                    help="validation windows per domain during training (default 64 CUDA, 8 CPU)")
     p.add_argument("--final-eval-windows", type=int, default=None, help="0 = whole valid split (default on CUDA)")
     p.add_argument("--log-every", type=int, default=None)
-    p.add_argument("--experts-impl", default=None, choices=EXPERTS_FALLBACK,
-                   help="transformers experts implementation (default: grouped_mm on CUDA, eager on CPU)")
+    p.add_argument("--experts-impl", default=None, choices=("auto", *EXPERTS_FALLBACK),
+                   help="transformers experts implementation; auto = fastest that passes the preflight "
+                        "(default: auto on CUDA, eager on CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default 1 on CPU: on a shared 2-core box OpenMP spinning "
+                        "made index_add_ ~1000x slower with 2 threads than with 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", type=Path, default=REPO / "corpus_build")
     p.add_argument("--tokenizer", type=Path, default=TOKENIZER_DIR)
@@ -112,7 +116,7 @@ def parse_args(argv=None):
     if args.final_eval_windows is None:
         args.final_eval_windows = 0 if cuda else 16
     if args.experts_impl is None:
-        args.experts_impl = "grouped_mm" if cuda else "eager"
+        args.experts_impl = "auto" if cuda else "eager"
     return args
 
 
@@ -204,38 +208,70 @@ def train_loss(model, x: torch.Tensor, device):
     return out.loss.float() + Z_LOSS_COEF * z, {"ce": ce, "aux": aux, "z": z}
 
 
-def preflight(model, x: torch.Tensor, device, impl: str) -> str:
-    """Check the experts implementation in forward AND backward on a small batch, against eager.
+def _time_steps(model, x, device, n: int = 3) -> float:
+    """Seconds per forward+backward at the real batch size (no optimizer step)."""
+    loss, _ = train_loss(model, x, device)
+    loss.backward()  # warm-up (kernel selection, allocator)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        loss, _ = train_loss(model, x, device)
+        loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    model.zero_grad(set_to_none=True)
+    return (time.perf_counter() - t) / n
 
-    On an H100 with torch 2.11 the fused paths have returned NaN or hit device asserts in some
-    configurations; fail loudly and fall back instead of training on garbage.
+
+def preflight(model, small_x: torch.Tensor, full_x: torch.Tensor, device, requested: str) -> str:
+    """Check the experts implementation in forward AND backward against eager, and pick one.
+
+    On an H100 with torch 2.11 the fused experts paths have returned NaN or hit device asserts in
+    some configurations: check before training instead of training on garbage. ``requested="auto"``
+    tries every implementation, times the ones that pass at the real batch size and keeps the
+    fastest; an explicit choice that fails raises with the original error.
     """
-    candidates = list(EXPERTS_FALLBACK[EXPERTS_FALLBACK.index(impl):])
+    # batched_mm is left out of "auto": it gathers one weight matrix per (token, expert) pair,
+    # tens of GB at a training batch, and it is the path that hit device asserts on an H100.
+    candidates = ["grouped_mm", "eager"] if requested == "auto" else [requested]
     model.set_experts_implementation("eager")
     with torch.no_grad():
-        ref, _ = train_loss(model, x, device)
+        ref, _ = train_loss(model, small_x, device)
+    timings, errors = {}, {}
     for cand in candidates:
         try:
             model.set_experts_implementation(cand)
-            loss, _ = train_loss(model, x, device)
+            loss, _ = train_loss(model, small_x, device)
             loss.backward()
-            grads_ok = all(torch.isfinite(p.grad).all().item() for p in model.parameters() if p.grad is not None)
+            bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
             model.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss).item() or not grads_ok:
-                raise RuntimeError(f"non-finite loss or gradient (loss={loss.item()})")
+            if not torch.isfinite(loss).item() or bad:
+                raise RuntimeError(f"non-finite loss ({loss.item()}) or gradients in {bad[:3]}")
             if abs(loss.item() - ref.item()) > 2e-2 * abs(ref.item()) + 1e-2:
-                raise RuntimeError(f"loss {loss.item():.4f} disagrees with eager {ref.item():.4f}")
-            if cand != impl:
-                print(f"WARNING: experts implementation {impl!r} failed the preflight; training with {cand!r}.",
-                      flush=True)
-            print(f"preflight: experts implementation {cand!r} OK (loss {loss.item():.4f}, eager {ref.item():.4f})",
-                  flush=True)
-            return cand
-        except Exception as exc:  # report every failure verbatim: this is the GPU-debugging signal
+                raise RuntimeError(f"loss {loss.item():.4f} disagrees with the eager reference {ref.item():.4f}")
+            timings[cand] = _time_steps(model, full_x, device) if len(candidates) > 1 else float("nan")
+            timing = f"; {timings[cand]:.3f} s per fwd+bwd at batch {full_x.shape[0]}" if len(candidates) > 1 else ""
+            print(f"preflight: experts implementation {cand!r} OK in forward+backward (loss {loss.item():.4f}, "
+                  f"eager {ref.item():.4f}){timing}", flush=True)
+        except Exception as exc:  # reported verbatim: this is the GPU-debugging signal
             model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            errors[cand] = exc
             print(f"PREFLIGHT FAILURE: experts implementation {cand!r} failed in forward/backward: "
                   f"{type(exc).__name__}: {exc}", flush=True)
-    raise RuntimeError("every experts implementation failed the forward/backward preflight (see messages above)")
+            if len(candidates) == 1:
+                raise RuntimeError(
+                    f"experts implementation {cand!r} failed the forward/backward preflight; "
+                    "retry with `--experts-impl auto` (or `eager`)"
+                ) from exc
+    if not timings:
+        raise RuntimeError(f"every experts implementation failed the forward/backward preflight: {errors}")
+    chosen = min(timings, key=lambda k: timings[k]) if len(timings) > 1 else next(iter(timings))
+    model.set_experts_implementation(chosen)
+    print(f"preflight: training with experts implementation {chosen!r}", flush=True)
+    return chosen
 
 
 def lr_at(progress: float, step: int, args) -> float:
@@ -251,6 +287,8 @@ def main(argv=None) -> None:
     from transformers import OlmoeForCausalLM
 
     device = torch.device(args.device)
+    if args.threads is not None or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if device.type == "cuda":
@@ -276,7 +314,8 @@ def main(argv=None) -> None:
 
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
-    impl = preflight(model, sample_batch(train, min(args.batch_size, 8), gen), device, args.experts_impl)
+    impl = preflight(model, sample_batch(train, min(args.batch_size, 8), gen),
+                     sample_batch(train, args.batch_size, gen), device, args.experts_impl)
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
