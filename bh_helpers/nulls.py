@@ -32,8 +32,6 @@ import json
 import math
 import pickle
 import re
-import zipfile
-import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -592,11 +590,13 @@ class NullModel:
                 )
             xq = xq.reshape(-1, self.num_experts).transpose(0, 1).contiguous()  # (E, T)
         else:
-            xq = xq.reshape(1, -1)  # (1, T)
+            xq = xq.reshape(1, -1).contiguous()  # (1, T)
 
         n_grid = g.x.shape[-1]
         idx = torch.searchsorted(g.x, xq, right=True)  # (E', T) in [0, G]; NaN -> G
-        upper = idx == n_grid  # x >= largest calibration logit
+        # x above the largest calibration logit (x equal to it stays on the grid: same sf, and
+        # the pdf there is the grid's, not the tail's)
+        upper = (idx == n_grid) & (xq > g.x_max)
         lower = idx == 0  # x < smallest calibration logit
         j = (idx - 1).clamp_(0, n_grid - 2)
         x0, x1 = g.x.gather(1, j), g.x.gather(1, j + 1)
@@ -1303,7 +1303,9 @@ class NullBank(Mapping[int, NullModel]):
         try:
             with np.load(npz_path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}  # read everything now: errors surface here
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        # Damaged archives surface as many exception types (BadZipFile, zlib.error, EOFError, and
+        # even tokenize errors from a garbled array header): any failure here means a bad file.
+        except Exception as err:  # noqa: BLE001
             raise ValueError(
                 f"`{npz_path}` is corrupt or truncated ({type(err).__name__}: {err}); save or fit the bank again"
             ) from err

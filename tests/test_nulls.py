@@ -1,0 +1,570 @@
+"""Tests for bh_helpers.nulls: exactness against brute force, calibration, tails, persistence."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import types
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from scipy import special, stats
+
+from bh_helpers import __version__
+from bh_helpers.nulls import (
+    SCHEMA_VERSION,
+    VALID_KERNELS,
+    GoodnessOfFit,
+    NullBank,
+    NullModel,
+    fit_null,
+    fit_null_bank,
+    goodness_of_fit,
+)
+
+SMOOTH_KERNELS = [k for k in VALID_KERNELS if k != "empirical"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow plain-NumPy references
+# ---------------------------------------------------------------------------------------------
+
+
+def kernel_cdf_slow(kernel: str, u: np.ndarray) -> np.ndarray:
+    """Integrated unit kernels written out piece by piece (independent of the library's code)."""
+    if kernel == "gaussian":
+        return special.ndtr(u)
+    out = np.zeros_like(u)
+    inside = np.abs(u) < 1
+    v = u[inside]
+    if kernel == "tophat":
+        out[inside] = (v + 1) / 2
+    elif kernel == "epanechnikov":
+        out[inside] = (2 + 3 * v - v**3) / 4
+    elif kernel == "linear":
+        out[inside] = np.where(v < 0, (1 + v) ** 2 / 2, 1 - (1 - v) ** 2 / 2)
+    out[u >= 1] = 1.0
+    return out
+
+
+def kde_sf_slow(data: np.ndarray, x: np.ndarray, kernel: str, h: float) -> np.ndarray:
+    """P(X >= x) of the KDE: the mean over samples of the kernel's survival function, float64."""
+    u = (x[:, None] - data[None, :]) / h  # (points, samples)
+    if kernel == "gaussian":
+        return special.ndtr(-u).mean(axis=1)  # ndtr(-u) keeps relative precision in the tail
+    return (1.0 - kernel_cdf_slow(kernel, u)).mean(axis=1)
+
+
+def midp_sf_slow(data: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """(#{X > x} + #{X = x} / 2) / n."""
+    return ((data[None, :] > x[:, None]).sum(1) + 0.5 * (data[None, :] == x[:, None]).sum(1)) / data.size
+
+
+def kernel_noise(kernel: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Draws from the unit-scale kernel."""
+    if kernel == "gaussian":
+        return rng.standard_normal(size)
+    if kernel == "tophat":
+        return rng.uniform(-1, 1, size)
+    if kernel == "linear":
+        return rng.uniform(0, 1, size) - rng.uniform(0, 1, size)
+    if kernel == "epanechnikov":
+        # Devroye's rule: of three U(-1, 1), take the second if the third is the largest in size.
+        u1, u2, u3 = rng.uniform(-1, 1, (3, size))
+        return np.where((np.abs(u3) >= np.abs(u2)) & (np.abs(u3) >= np.abs(u1)), u2, u3)
+    raise AssertionError(kernel)
+
+
+@pytest.fixture(scope="module")
+def normal_data() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(2000)
+
+
+@pytest.fixture(scope="module")
+def fitted(normal_data) -> dict[str, NullModel]:
+    return {kernel: fit_null(normal_data, kernel=kernel) for kernel in VALID_KERNELS}
+
+
+def router_like_logits(n_tokens: int, n_experts: int, seed: int, *, layer_seed: int = 0) -> torch.Tensor:
+    """Float32 logits with per-expert offsets and scales, a bit skewed, like real router logits.
+
+    ``layer_seed`` fixes the distribution (the "layer"), ``seed`` the tokens drawn from it.
+    """
+    g = torch.Generator().manual_seed(layer_seed)
+    offset = torch.randn(n_experts, generator=g) * 0.5
+    scale = 0.7 + 0.6 * torch.rand(n_experts, generator=g)
+    z = torch.randn(n_tokens, n_experts, generator=torch.Generator().manual_seed(seed))
+    return (z + 0.15 * z.clamp(min=0) ** 2) * scale + offset
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", SMOOTH_KERNELS)
+def test_sf_matches_brute_force(kernel, normal_data, fitted):
+    null = fitted[kernel]
+    data = normal_data
+    x = np.linspace(data.min(), data.max(), 3001)
+    expected = kde_sf_slow(data, x, kernel, null.bandwidth_)
+    got = null.sf(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    # Both tails, relative: the top and bottom 1% up to the largest / from the smallest sample.
+    top = np.linspace(np.quantile(data, 0.99), data.max(), 400)
+    np.testing.assert_allclose(null.sf(torch.from_numpy(top)).numpy(), kde_sf_slow(data, top, kernel, null.bandwidth_), rtol=0.01)
+    np.testing.assert_allclose(
+        null.logsf(torch.from_numpy(top)).numpy(), np.log(kde_sf_slow(data, top, kernel, null.bandwidth_)), atol=0.01
+    )
+    bottom = np.linspace(data.min(), np.quantile(data, 0.01), 400)
+    cdf_expected = 1.0 - kde_sf_slow(data, bottom, kernel, null.bandwidth_)
+    np.testing.assert_allclose(null.cdf(torch.from_numpy(bottom)).numpy(), cdf_expected, rtol=0.01)
+    np.testing.assert_allclose(null.cdf(torch.from_numpy(x)).numpy(), 1.0 - expected, atol=1e-6)
+
+
+def test_empirical_is_midp_ecdf_at_the_data(normal_data, fitted):
+    null = fitted["empirical"]
+    x = np.sort(normal_data)
+    np.testing.assert_allclose(null.sf(torch.from_numpy(x)).numpy(), midp_sf_slow(normal_data, x), rtol=1e-12, atol=0)
+    # Linear between consecutive order statistics.
+    mid = 0.5 * (x[:-1] + x[1:])
+    np.testing.assert_allclose(null.sf(torch.from_numpy(mid)).numpy(), (midp_sf_slow(normal_data, x[:-1]) + midp_sf_slow(normal_data, x[1:])) / 2, atol=1e-12)
+
+
+def test_empirical_handles_ties():
+    # bf16-like data: few distinct values, many ties.
+    data = torch.randn(5000, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    flat = data.double().numpy().ravel()
+    null = fit_null(data, kernel="empirical")
+    values = np.unique(flat)
+    np.testing.assert_array_equal(null.grid_, values)
+    np.testing.assert_allclose(null.sf(torch.from_numpy(values)).numpy(), midp_sf_slow(flat, values), rtol=1e-12)
+
+
+def test_empirical_subsampled_grid_is_exact_at_kept_values():
+    data = np.random.default_rng(2).standard_normal(20_000)
+    null = fit_null(data, kernel="empirical", grid_size=2048)
+    assert null.grid_.size <= 2048
+    # The most extreme values are all kept.
+    np.testing.assert_array_equal(null.grid_[-512:], np.sort(data)[-512:])
+    np.testing.assert_allclose(null.sf_grid_, midp_sf_slow(data, null.grid_), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", SMOOTH_KERNELS)
+def test_density_matches_sklearn(kernel, normal_data):
+    from sklearn.neighbors import KernelDensity
+
+    data = normal_data[:500]
+    for bandwidth in ("scott", 0.4):
+        null = fit_null(data, kernel=kernel, bandwidth=bandwidth)
+        kde = KernelDensity(kernel=kernel, bandwidth=null.bandwidth_).fit(data[:, None])
+        x = np.linspace(data.min(), data.max(), 701)
+        expected = np.exp(kde.score_samples(x[:, None]))
+        got = null.pdf(torch.from_numpy(x)).numpy()
+        # Tophat's density jumps at every sample +- h; interpolation smears each jump over one cell.
+        atol = 5e-3 if kernel == "tophat" else 1e-5
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=atol)
+
+
+def test_bandwidth_rules_follow_scipy(normal_data):
+    data = normal_data
+    sigma = data.std(ddof=1)
+    for rule in ("scott", "silverman"):
+        kde = stats.gaussian_kde(data, bw_method=rule)
+        gauss = fit_null(data, kernel="gaussian", bandwidth=rule).bandwidth_
+        assert gauss == pytest.approx(kde.factor * sigma, rel=1e-12)
+        # Compact kernels get the scale whose standard deviation equals the Gaussian rule.
+        for kernel, std in (("tophat", 1 / math.sqrt(3)), ("epanechnikov", 1 / math.sqrt(5)), ("linear", 1 / math.sqrt(6))):
+            assert fit_null(data, kernel=kernel, bandwidth=rule).bandwidth_ * std == pytest.approx(gauss, rel=1e-12)
+    assert fit_null(data, kernel="epanechnikov", bandwidth=0.3).bandwidth_ == 0.3
+    assert fit_null(data, kernel="empirical").bandwidth_ == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: p-values of fresh draws from the fitted distribution are uniform
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", SMOOTH_KERNELS)
+def test_pvalues_of_kde_draws_are_uniform(kernel, normal_data, fitted):
+    null = fitted[kernel]
+    rng = np.random.default_rng(123)
+    n = 20_000
+    draws = rng.choice(normal_data, size=n) + null.bandwidth_ * kernel_noise(kernel, rng, n)
+    p = null.sf(torch.from_numpy(draws)).numpy()
+    assert stats.kstest(p, "uniform").pvalue > 0.01
+
+
+def test_pvalues_of_empirical_draws_are_uniform(normal_data, fitted):
+    null = fitted["empirical"]
+    rng = np.random.default_rng(7)
+    n = 20_000
+    # Continuous check: inverse-transform draws from the fitted (interpolated, tailed) distribution.
+    q = rng.uniform(size=n)
+    grid, sf = null.grid_, null.sf_grid_
+    draws = np.interp(q, sf[::-1], grid[::-1])
+    upper, lower = q < sf[-1], q > sf[0]
+    draws[upper] = grid[-1] - null.tail_scale_upper_ * np.log(q[upper] / sf[-1])
+    draws[lower] = grid[0] + null.tail_scale_lower_ * np.log((1 - q[lower]) / null.cdf_grid_[0])
+    p = null.sf(torch.from_numpy(draws)).numpy()
+    np.testing.assert_allclose(p, q, atol=1e-9)
+    assert stats.kstest(p, "uniform").pvalue > 0.01
+    # Resampled data: mid-p values sit at (i - 1/2) / n, uniform up to a step of 1/n.
+    p_resampled = null.sf(torch.from_numpy(rng.choice(normal_data, size=n))).numpy()
+    assert stats.kstest(p_resampled, "uniform").pvalue > 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Tails, monotonicity, dtypes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", VALID_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_monotone_and_never_zero_or_one(kernel, dtype, fitted):
+    null = fitted[kernel]
+    x = torch.cat([torch.linspace(-200, 200, 20_001), torch.linspace(-5, 5, 20_001)]).sort().values.to(dtype)
+    sf, cdf, logsf, pdf = null.sf(x), null.cdf(x), null.logsf(x), null.pdf(x)
+    for out in (sf, cdf, logsf, pdf):
+        assert out.dtype == dtype and out.shape == x.shape
+        assert bool(torch.isfinite(out).all())
+    assert bool((sf[1:] <= sf[:-1]).all()) and bool((cdf[1:] >= cdf[:-1]).all())
+    assert bool((logsf[1:] <= logsf[:-1]).all())
+    assert bool((sf > 0).all()) and bool((sf < 1).all()) and bool((cdf > 0).all()) and bool((cdf < 1).all())
+    assert bool((logsf < 0).all()) and bool((pdf >= 0).all())
+
+
+@pytest.mark.parametrize("kernel", VALID_KERNELS)
+def test_upper_tail_keeps_decreasing_and_logsf_is_exact(kernel, fitted, normal_data):
+    null = fitted[kernel]
+    top = normal_data.max()
+    x = torch.from_numpy(top + np.linspace(0, 400, 4001))
+    sf, logsf = null.sf(x), null.logsf(x)
+    assert bool((sf[1:] < sf[:-1])[: 2000].all())  # strictly decreasing while representable
+    assert bool((logsf[1:] < logsf[:-1]).all())  # strictly decreasing everywhere, no -inf
+    # Exponential tail: logsf is linear with slope -1 / scale; exp(logsf) == sf where no underflow.
+    slope = np.diff(logsf.numpy()) / np.diff(x.numpy())
+    np.testing.assert_allclose(slope, -1.0 / null.tail_scale_upper_, rtol=1e-6)
+    ok = logsf.numpy() > -700
+    np.testing.assert_allclose(sf.numpy()[ok], np.exp(logsf.numpy()[ok]), rtol=1e-12)
+    # Continuous at the largest sample.
+    below = torch.tensor([top - 1e-9, top], dtype=torch.float64)
+    assert float(null.sf(below)[0]) == pytest.approx(float(null.sf(below)[1]), rel=1e-5)
+
+
+def test_output_dtypes_and_devices(fitted):
+    null = fitted["gaussian"]
+    x = torch.randn(4, 64)
+    assert null.sf(x.to(torch.bfloat16)).dtype == torch.float32
+    assert null.sf(x.to(torch.float16)).dtype == torch.float32
+    assert null.sf(x).dtype == torch.float32
+    assert null.sf(x.double()).dtype == torch.float64
+    assert null.sf(x, dtype=torch.float64).dtype == torch.float64
+    assert null.sf(np.zeros(3)).dtype == torch.float64
+    torch.testing.assert_close(null.sf(x.double()).float(), null.sf(x))
+    with pytest.raises(ValueError, match="dtype"):
+        null.sf(x, dtype=torch.bfloat16)
+    assert torch.isnan(null.sf(torch.tensor([float("nan")]))).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(fitted):
+    null = fitted["gaussian"]
+    x = torch.randn(1000, 64) * 3
+    torch.testing.assert_close(null.sf(x.cuda()).cpu(), null.sf(x), rtol=1e-6, atol=1e-12)
+
+
+def test_per_expert_uses_each_column():
+    logits = router_like_logits(3000, 6, seed=3)
+    null = fit_null(logits, per_expert=True, grid_size=4096)
+    assert null.per_expert and null.num_experts == 6 and null.grid_.shape == (6, 4096)
+    assert null.bandwidth_.shape == (6,) and null.n_samples_ == 3000
+    x = torch.randn(2, 5, 6, dtype=torch.float64) * 2
+    got = null.sf(x)
+    assert got.shape == x.shape
+    for e in range(6):
+        column = fit_null(logits[:, e], grid_size=4096)
+        assert torch.equal(got[..., e], column.sf(x[..., e]))
+    with pytest.raises(ValueError, match="experts"):
+        null.sf(torch.zeros(3, 5))
+
+
+def test_per_expert_empirical_pads_grids():
+    logits = torch.randn(500, 3, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    null = fit_null(logits, kernel="empirical", per_expert=True)
+    x = logits.double()
+    for e in range(3):
+        col = logits[:, e].double().numpy()
+        np.testing.assert_allclose(null.sf(x)[:, e].numpy(), midp_sf_slow(col, col), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", VALID_KERNELS)
+def test_top8_of_64_never_tie_in_float32(kernel):
+    calibration = router_like_logits(20_000, 64, seed=5)
+    bank = fit_null_bank({0: calibration}, kernel=kernel)
+    top = float(calibration.max())
+    sigma = float(calibration.std())
+    logits = router_like_logits(4000, 64, seed=6)
+    g = torch.Generator().manual_seed(7)
+    rows = torch.arange(4000)
+    # A few boosted experts per token: moderately, to the data maximum, and far beyond it.
+    for boost in (1.5 * sigma, 3.0 * sigma):
+        logits[rows, torch.randint(64, (4000,), generator=g)] += boost
+    far = top + sigma * torch.tensor([0.0, 0.5, 2.0, 5.0, 10.0, 20.0])
+    picks = torch.randint(64, (4000, 3), generator=g)
+    logits[rows[:, None], picks] = far[torch.randint(far.numel(), (4000, 3), generator=g)] + 0.01 * torch.rand(4000, 3, generator=g)
+    p = bank.pvalues(logits, 0)
+    assert p.dtype == torch.float32
+    values, order = logits.topk(8, dim=-1)
+    p_top = p.gather(-1, order)
+    distinct = (values[:, 1:] < values[:, :-1]).all(-1)
+    assert int(distinct.sum()) > 3900
+    assert bool((p_top[distinct][:, 1:] > p_top[distinct][:, :-1]).all()), "tied or misordered p-values among the top 8"
+    assert bool((p > 0).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# NullBank: persistence and compatibility
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_logits() -> dict[int, torch.Tensor]:
+    return {layer: router_like_logits(2000, 8, seed=10 + layer, layer_seed=layer) for layer in range(3)}
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+@pytest.mark.parametrize("kernel", ["gaussian", "empirical"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, small_logits, per_expert, kernel):
+    bank = fit_null_bank(small_logits, kernel=kernel, per_expert=per_expert, model_id="tiny", calibration="unit test")
+    bank.save(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["metadata.json", "nulls.npz"]
+    with np.load(tmp_path / "nulls.npz", allow_pickle=False) as npz:
+        assert all(npz[key].dtype != object for key in npz.files)
+    loaded = NullBank.load(tmp_path, num_layers=3, num_experts=8)
+    x = torch.randn(50, 8) * 4
+    for layer in range(3):
+        assert torch.equal(loaded.pvalues(x, layer), bank.pvalues(x, layer))
+        assert torch.equal(loaded[layer].logsf(x.double()), bank[layer].logsf(x.double()))
+        np.testing.assert_array_equal(loaded[layer].bandwidth_, bank[layer].bandwidth_)
+    assert loaded.metadata == bank.metadata
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    assert meta["schema_version"] == SCHEMA_VERSION and meta["library_version"] == __version__
+    assert meta["num_layers"] == 3 and meta["num_experts"] == 8 and meta["model_id"] == "tiny"
+    assert meta["calibration"] == "unit test" and meta["kernel"] == kernel and meta["created"]
+
+
+def test_bank_is_a_mapping_and_pvalues_is_sf_in_float32(small_logits):
+    bank = fit_null_bank(small_logits)
+    assert len(bank) == 3 and list(bank) == [0, 1, 2] and 1 in bank
+    x = torch.randn(7, 8, dtype=torch.float64)
+    assert torch.equal(bank.pvalues(x, 2), bank[2].sf(x).float())
+    with pytest.raises(KeyError, match="layer 5"):
+        bank.pvalues(x, 5)
+    with pytest.raises(ValueError, match="8 experts"):
+        bank.pvalues(torch.randn(7, 9), 0)
+
+
+def test_compatibility_checks(tmp_path, small_logits):
+    bank = fit_null_bank(small_logits)
+    bank.save(tmp_path)
+    config = types.SimpleNamespace(num_hidden_layers=3, num_experts=8)
+    assert bank.check_compatible(config) is bank
+    assert bank.check_compatible(types.SimpleNamespace(config=config)) is bank
+    with pytest.raises(ValueError, match="3 layers"):
+        bank.check_compatible(types.SimpleNamespace(num_hidden_layers=16, num_experts=8))
+    with pytest.raises(ValueError, match="8 experts"):
+        bank.check_compatible(types.SimpleNamespace(num_hidden_layers=3, num_local_experts=64))
+    with pytest.raises(ValueError, match="model_or_config"):
+        bank.check_compatible(object())
+    with pytest.raises(ValueError, match="num_layers"):
+        NullBank.load(tmp_path, num_layers=16)
+    with pytest.raises(ValueError, match="num_experts"):
+        NullBank.load(tmp_path, num_experts=64)
+
+
+def test_load_rejects_bad_files(tmp_path, small_logits):
+    bank = fit_null_bank(small_logits)
+    good = tmp_path / "good"
+    bank.save(good)
+    npz_bytes = (good / "nulls.npz").read_bytes()
+    meta = json.loads((good / "metadata.json").read_text())
+
+    def variant(name, *, npz=npz_bytes, meta_text=json.dumps(meta)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "nulls.npz").write_bytes(npz)
+        (d / "metadata.json").write_text(meta_text)
+        return d
+
+    with pytest.raises(ValueError, match="directory"):
+        NullBank.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        NullBank.load(variant("truncated_npz", npz=npz_bytes[: len(npz_bytes) // 2]))
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        NullBank.load(variant("garbage_npz", npz=b"not a zip file at all"))
+    corrupted = bytearray(npz_bytes)
+    corrupted[200:260] = bytes(60)  # damage compressed data inside the archive
+    with pytest.raises(ValueError, match="corrupt|valid null"):
+        NullBank.load(variant("damaged_npz", npz=bytes(corrupted)))
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        NullBank.load(variant("truncated_json", meta_text=json.dumps(meta)[:50]))
+    with pytest.raises(ValueError, match="schema_version.*newer"):
+        NullBank.load(variant("newer", meta_text=json.dumps({**meta, "schema_version": SCHEMA_VERSION + 1})))
+    with pytest.raises(ValueError, match="schema_version"):
+        NullBank.load(variant("noschema", meta_text=json.dumps({k: v for k, v in meta.items() if k != "schema_version"})))
+    with pytest.raises(ValueError, match="num_layers|malformed"):
+        NullBank.load(variant("missing_field", meta_text=json.dumps({k: v for k, v in meta.items() if k != "num_layers"})))
+    # An archive without one layer's arrays.
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(npz_bytes)) as src, zipfile.ZipFile(buf, "w") as dst:
+        for item in src.infolist():
+            if not item.filename.startswith("layer_1."):
+                dst.writestr(item, src.read(item.filename))
+    with pytest.raises(ValueError, match="layer 1"):
+        NullBank.load(variant("missing_layer", npz=buf.getvalue()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Legacy pickles
+# ---------------------------------------------------------------------------------------------
+
+
+def write_legacy(directory, layers=2, protocol=pickle.DEFAULT_PROTOCOL):
+    # The old research code stored a normal-looking CDF on a grid running past the data.
+    x = np.linspace(-8, 8, 3001)
+    for layer in range(layers):
+        with open(directory / f"distribution_model_layer_{layer}.pkl", "wb") as fh:
+            pickle.dump({"x": x, "cdf": stats.norm.cdf(x, scale=1 + layer)}, fh, protocol=protocol)
+    return x
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_legacy_reader_needs_trust_and_reads_old_format(tmp_path, protocol):
+    write_legacy(tmp_path, protocol=protocol)
+    with pytest.raises(ValueError, match="trust=True"):
+        NullBank.from_legacy_pickles(tmp_path)
+    bank = NullBank.from_legacy_pickles(tmp_path, trust=True, model_id="old", num_experts=64)
+    assert list(bank) == [0, 1] and bank.num_layers == 2 and bank.metadata.kernel == "legacy"
+    x = torch.linspace(-4, 4, 101, dtype=torch.float64)
+    np.testing.assert_allclose(bank[1].sf(x).numpy(), stats.norm.sf(x.numpy(), scale=2), atol=1e-6)
+    far = torch.tensor([10.0, 20.0, 40.0], dtype=torch.float64)
+    assert bool((bank[0].sf(far) > 0).all()) and bool((bank[0].logsf(far).diff() < 0).all())
+    # Saved in the new format, it loads without pickle.
+    bank.save(tmp_path / "converted")
+    logits = torch.randn(3, 64)
+    assert torch.equal(NullBank.load(tmp_path / "converted", num_experts=64).pvalues(logits, 1), bank.pvalues(logits, 1))
+
+
+class _CallsSystem:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _CallsEval:
+    def __reduce__(self):
+        return (eval, ("1 + 1",))
+
+
+@pytest.mark.parametrize("payload", ["system", "eval"])
+def test_legacy_reader_refuses_code_execution(tmp_path, payload):
+    marker = tmp_path / "pwned"
+    evil = _CallsSystem(marker) if payload == "system" else _CallsEval()
+    with open(tmp_path / "distribution_model_layer_0.pkl", "wb") as fh:
+        pickle.dump({"x": np.arange(3.0), "cdf": evil}, fh)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        NullBank.from_legacy_pickles(tmp_path, trust=True)
+    assert not marker.exists()
+
+
+def test_legacy_reader_rejects_malformed_content(tmp_path):
+    with open(tmp_path / "distribution_model_layer_0.pkl", "wb") as fh:
+        pickle.dump({"x": np.array([0.0, 2.0, 1.0]), "cdf": np.array([0.1, 0.5, 0.9])}, fh)
+    with pytest.raises(ValueError, match="'x' must increase"):
+        NullBank.from_legacy_pickles(tmp_path, trust=True)
+    with pytest.raises(ValueError, match="no distribution_model_layer"):
+        NullBank.from_legacy_pickles(tmp_path / "nope", trust=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_goodness_of_fit_reports_numbers():
+    calibration = router_like_logits(20_000, 16, seed=20)
+    held_out = router_like_logits(20_000, 16, seed=21)
+    null = fit_null(calibration)
+    fit = goodness_of_fit(null, held_out)
+    assert isinstance(fit, GoodnessOfFit)
+    assert fit.n_held_out == 320_000 and fit.n_tested == 20_000
+    assert fit.ks_distance < 0.01 and fit.pit_ks_pvalue > 0.01
+    assert fit.pvalue_histogram.shape == (10,) and fit.pvalue_histogram.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(fit.pvalue_histogram, 0.1, atol=0.01)
+    assert fit.tail_fractions[0.01] == pytest.approx(0.01, abs=0.003)
+    assert goodness_of_fit(null, held_out).pit_ks_pvalue == fit.pit_ks_pvalue  # seeded subsample
+    # The KS distance matches scipy on the whole set (continuous null CDF vs held-out ECDF).
+    small = held_out[:500]
+    u = null.cdf(small.double()).numpy().ravel()
+    assert goodness_of_fit(null, small).ks_distance == pytest.approx(stats.kstest(u, "uniform").statistic, rel=1e-12)
+    # A shifted held-out set is flagged.
+    shifted = goodness_of_fit(null, held_out + 0.3)
+    assert shifted.ks_distance > 0.05 and shifted.pit_ks_pvalue < 1e-6
+    per_expert = fit_null(calibration, per_expert=True)
+    assert goodness_of_fit(per_expert, held_out).pit_ks_pvalue > 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"logits": torch.empty(0, 64)}, "logits.*empty"),
+        ({"logits": torch.full((100, 4), 1.5)}, "logits.*zero variance"),
+        ({"logits": torch.tensor([[0.0, float("nan")], [1.0, 2.0]])}, "logits.*NaN/inf"),
+        ({"logits": torch.tensor([[0.0, float("inf")], [1.0, 2.0]])}, "logits.*NaN/inf"),
+        ({"logits": torch.randn(10, 2, 2)}, "logits.*shape"),
+        ({"logits": torch.randn(10), "per_expert": True}, "logits.*shape"),
+        ({"logits": torch.cat([torch.randn(50, 1), torch.ones(50, 1)], 1), "per_expert": True}, "zero variance in expert column 1"),
+        ({"kernel": "cosine"}, "kernel"),
+        ({"kernel": None}, "kernel"),
+        ({"bandwidth": 0.0}, "bandwidth"),
+        ({"bandwidth": -1.0}, "bandwidth"),
+        ({"bandwidth": float("nan")}, "bandwidth"),
+        ({"bandwidth": "normal_reference"}, "bandwidth"),
+        ({"kernel": "empirical", "bandwidth": 0.5}, "bandwidth"),
+        ({"grid_size": 3}, "grid_size"),
+        ({"per_expert": "yes"}, "per_expert"),
+    ],
+)
+def test_fit_null_rejects_bad_input(kwargs, match):
+    kwargs = {"logits": torch.randn(100, 4, generator=torch.Generator().manual_seed(0)), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        fit_null(**kwargs)
+
+
+def test_fit_null_bank_rejects_bad_input():
+    with pytest.raises(ValueError, match="logits_by_layer"):
+        fit_null_bank({})
+    with pytest.raises(ValueError, match="logits_by_layer.*experts"):
+        fit_null_bank({0: torch.randn(10, 4), 1: torch.randn(10, 5)})
+    with pytest.raises(ValueError, match="logits_by_layer.*shape"):
+        fit_null_bank({0: torch.randn(10)})
+    with pytest.raises(ValueError, match="layer 1.*NaN"):
+        fit_null_bank({0: torch.randn(10, 4), 1: torch.full((10, 4), float("nan"))})
+    with pytest.raises(ValueError, match="num_layers"):
+        fit_null_bank({3: torch.randn(10, 4)}, num_layers=2)
+    with pytest.raises(ValueError, match="held_out_logits"):
+        goodness_of_fit(fit_null(torch.randn(100)), torch.tensor([float("nan")]))
