@@ -37,8 +37,10 @@ def main() -> None:
         offset = torch.randn(args.experts, generator=gen)
         logits[layer] = torch.randn(args.tokens, args.experts, generator=gen) * scale + offset
     n = args.layers * args.tokens * args.experts
-    print(f"{args.layers} layers x {args.tokens} tokens x {args.experts} experts = {n:,} logits, "
-          f"threads={args.threads}, per_expert={args.per_expert}")
+    print(
+        f"{args.layers} layers x {args.tokens} tokens x {args.experts} experts = {n:,} logits, "
+        f"threads={args.threads}, per_expert={args.per_expert}"
+    )
     for kernel in args.kernels or VALID_KERNELS:
         start = time.perf_counter()
         bank = fit_null_bank(logits, kernel=kernel, per_expert=args.per_expert)

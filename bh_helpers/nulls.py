@@ -169,8 +169,7 @@ def _check_bandwidth(bandwidth: Any, kernel: str) -> str | float:
     if isinstance(bandwidth, str):
         if bandwidth not in VALID_BANDWIDTHS:
             raise ValueError(
-                f"`bandwidth` must be one of {VALID_BANDWIDTHS} or a positive number, "
-                f"got {bandwidth!r}"
+                f"`bandwidth` must be one of {VALID_BANDWIDTHS} or a positive number, got {bandwidth!r}"
             )
         return bandwidth
     if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float, np.floating, np.integer)):
@@ -199,13 +198,13 @@ def _as_float64(logits: Any, *, per_expert: bool) -> np.ndarray:
             raise ValueError(f"`logits` must be a tensor or array of numbers: {err}") from err
     if per_expert:
         if arr.ndim != 2:
-            raise ValueError(
-                f"`logits` must have shape [N, E] with per_expert=True, got shape {arr.shape}"
-            )
+            raise ValueError(f"`logits` must have shape [N, E] with per_expert=True, got shape {arr.shape}")
     elif arr.ndim not in (1, 2):
         raise ValueError(f"`logits` must have shape [N, E] or [N], got shape {arr.shape}")
     if arr.size == 0:
-        raise ValueError(f"`logits` is empty (shape {arr.shape}); log router logits on calibration text first")
+        raise ValueError(
+            f"`logits` is empty (shape {arr.shape}); log router logits on calibration text first"
+        )
     n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if n_bad:
         raise ValueError(
@@ -373,7 +372,11 @@ def _fit_empirical_column(a: np.ndarray, *, max_grid: int, sigma: float) -> tupl
     values = ordered[starts]
     cdf = (starts + ends) / (2.0 * n)  # #{X < v} + #{X = v} / 2
     sf = (2.0 * n - starts - ends) / (2.0 * n)  # #{X > v} + #{X = v} / 2
-    pdf = np.gradient(cdf, values) if values.size > 2 else np.full(2, (cdf[1] - cdf[0]) / (values[1] - values[0]))
+    pdf = (
+        np.gradient(cdf, values)
+        if values.size > 2
+        else np.full(2, (cdf[1] - cdf[0]) / (values[1] - values[0]))
+    )
     k = _tail_k(n)
     beta_upper = _tail_scale(ordered[n - k - 1 :], k, upper=True, sigma=sigma)
     beta_lower = _tail_scale(ordered[: k + 1], k, upper=False, sigma=sigma)
@@ -625,7 +628,9 @@ class NullModel:
             )
         elif what == "logsf":
             # log of the interpolated sf in the body; the tail's own log-linear form above it.
-            body = torch.where(lower, torch.log1p(-torch.minimum(log_cdf_lo.exp(), g.cdf_first)), interp(g.sf).log())
+            body = torch.where(
+                lower, torch.log1p(-torch.minimum(log_cdf_lo.exp(), g.cdf_first)), interp(g.sf).log()
+            )
             out = torch.where(upper, log_sf_up, body)
         elif what == "pdf":
             out = torch.where(
@@ -643,11 +648,8 @@ class NullModel:
             out = out.clamp(info.tiny, one_minus)
         elif what == "logsf":
             out = out.clamp(max=math.log1p(-info.eps / 2.0))
-        if self.per_expert:
-            out = out.transpose(0, 1).reshape(shape)
-        else:
-            out = out.reshape(shape)
-        return out
+        # (E', T) -> input shape; per expert the rows are experts, i.e. the last input dimension.
+        return out.transpose(0, 1).reshape(shape) if self.per_expert else out.reshape(shape)
 
     def sf(self, x: Any, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Survival function ``P(X >= x)``: the p-value of logit ``x``.
@@ -791,19 +793,21 @@ def fit_null(
                 None,
                 minimum=_GRID_MIN_PER_EXPERT,
             )
-            for c, s in zip(columns, sigmas)
+            for c, s in zip(columns, sigmas, strict=True)
         )
     # A loop over experts is fine here: fitting is offline and each step is vectorised over N.
     fitted = [
         _fit_column(c, sigma=s, kernel=kernel, bandwidth=bandwidth, grid_size=grid_size)
-        for c, s in zip(columns, sigmas)
+        for c, s in zip(columns, sigmas, strict=True)
     ]
     width = max(col.grid.size for col in fitted)
 
     def stack(name: str) -> np.ndarray:
         # Empirical grids differ in length; pad by repeating the last point (a zero-width cell
         # that evaluation never interpolates in, since x >= last point goes to the tail).
-        return np.stack([np.pad(getattr(col, name), (0, width - col.grid.size), mode="edge") for col in fitted])
+        return np.stack(
+            [np.pad(getattr(col, name), (0, width - col.grid.size), mode="edge") for col in fitted]
+        )
 
     return NullModel(
         grid=stack("grid"),
@@ -957,7 +961,20 @@ def goodness_of_fit(
 # (protocol <= 4: _reconstruct + ndarray + dtype; protocol 2 also encodes the raw bytes with
 # _codecs.encode; protocol 5: _frombuffer), plus plain built-in containers and scalars.
 _SAFE_BUILTINS = frozenset(
-    {"dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int", "float", "complex", "bool"}
+    {
+        "dict",
+        "list",
+        "tuple",
+        "set",
+        "frozenset",
+        "str",
+        "bytes",
+        "bytearray",
+        "int",
+        "float",
+        "complex",
+        "bool",
+    }
 )
 _SAFE_NUMPY = {
     ("numpy.core.multiarray", "_reconstruct"): ("multiarray", "_reconstruct"),
@@ -1012,7 +1029,9 @@ def _read_legacy_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(obj["x"], dtype=np.float64)
     cdf = np.asarray(obj["cdf"], dtype=np.float64)
     if x.ndim != 1 or x.shape != cdf.shape or x.size < 2:
-        raise ValueError(f"`{path}`: 'x' and 'cdf' must be 1-D of equal length >= 2, got {x.shape}, {cdf.shape}")
+        raise ValueError(
+            f"`{path}`: 'x' and 'cdf' must be 1-D of equal length >= 2, got {x.shape}, {cdf.shape}"
+        )
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(cdf))):
         raise ValueError(f"`{path}`: 'x' and 'cdf' must be finite")
     if np.any(np.diff(x) <= 0) or np.any(np.diff(cdf) < 0) or cdf[0] < 0 or cdf[-1] > 1:
@@ -1112,7 +1131,7 @@ def _library_version() -> str:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _config_counts(model_or_config: Any) -> tuple[int, int]:
@@ -1307,36 +1326,22 @@ class NullBank(Mapping[int, NullModel]):
         # even tokenize errors from a garbled array header): any failure here means a bad file.
         except Exception as err:  # noqa: BLE001
             raise ValueError(
-                f"`{npz_path}` is corrupt or truncated ({type(err).__name__}: {err}); save or fit the bank again"
+                f"`{npz_path}` is corrupt or truncated ({type(err).__name__}: {err}); "
+                "save or fit the bank again"
             ) from err
         nulls = {}
         for layer in metadata.layers:
-            prefix = f"layer_{layer}."
             try:
-                per_expert = bool(arrays[prefix + "per_expert"][0])
-
-                def field_(name: str) -> np.ndarray:
-                    # Pooled nulls are stored as [1, G] rows like per-expert ones.
-                    value = arrays[prefix + name]
-                    return value if per_expert else value[0]
-
-                nulls[layer] = NullModel(
-                    grid=field_("grid"),
-                    sf=field_("sf"),
-                    cdf=field_("cdf"),
-                    pdf=field_("pdf"),
-                    tail_scale_upper=arrays[prefix + "tail_scale_upper"],
-                    tail_scale_lower=arrays[prefix + "tail_scale_lower"],
-                    kernel=metadata.kernel,
-                    bandwidth=field_("bandwidth"),
-                    n_samples=int(arrays[prefix + "n_samples"][0]),
-                )
+                nulls[layer] = _null_from_arrays(arrays, layer=layer, kernel=metadata.kernel)
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(
-                    f"`{npz_path}` does not hold a valid null for layer {layer} ({err}); save or fit the bank again"
+                    f"`{npz_path}` does not hold a valid null for layer {layer} ({err}); "
+                    "save or fit the bank again"
                 ) from err
         bank = cls(nulls, metadata)
-        bank._check_counts(num_layers=num_layers, num_experts=num_experts, what="the model (`num_layers`/`num_experts`)")
+        bank._check_counts(
+            num_layers=num_layers, num_experts=num_experts, what="the model (`num_layers`/`num_experts`)"
+        )
         return bank
 
     @classmethod
@@ -1386,8 +1391,13 @@ class NullBank(Mapping[int, NullModel]):
             if match:
                 files[int(match.group(1))] = path
         if not files:
-            raise ValueError(f"`directory` {str(directory)!r} has no distribution_model_layer_{{i}}.pkl files")
-        nulls = {layer: _null_from_legacy(*_read_legacy_pickle(path), path) for layer, path in sorted(files.items())}
+            raise ValueError(
+                f"`directory` {str(directory)!r} has no distribution_model_layer_{{i}}.pkl files"
+            )
+        nulls = {
+            layer: _null_from_legacy(*_read_legacy_pickle(path), path)
+            for layer, path in sorted(files.items())
+        }
         metadata = NullBankMetadata(
             model_id=model_id,
             num_layers=num_layers if num_layers is not None else max(nulls) + 1,
@@ -1404,6 +1414,29 @@ class NullBank(Mapping[int, NullModel]):
         bank = cls(nulls, metadata)
         bank._check_counts(num_layers=num_layers, num_experts=None, what="`num_layers`")
         return bank
+
+
+def _null_from_arrays(arrays: Mapping[str, np.ndarray], *, layer: int, kernel: str) -> NullModel:
+    """Rebuild one layer's null from the arrays written by :meth:`NullBank.save`."""
+    prefix = f"layer_{layer}."
+    per_expert = bool(arrays[prefix + "per_expert"][0])
+
+    def row(name: str) -> np.ndarray:
+        # Pooled nulls are stored as [1, G] rows like per-expert ones.
+        value = arrays[prefix + name]
+        return value if per_expert else value[0]
+
+    return NullModel(
+        grid=row("grid"),
+        sf=row("sf"),
+        cdf=row("cdf"),
+        pdf=row("pdf"),
+        tail_scale_upper=arrays[prefix + "tail_scale_upper"],
+        tail_scale_lower=arrays[prefix + "tail_scale_lower"],
+        kernel=kernel,
+        bandwidth=row("bandwidth"),
+        n_samples=int(arrays[prefix + "n_samples"][0]),
+    )
 
 
 def _read_metadata(path: Path) -> NullBankMetadata:
@@ -1437,7 +1470,9 @@ def _read_metadata(path: Path) -> NullBankMetadata:
             schema_version=version,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"`{path}` is missing or has a malformed field ({err!r}); save or fit the bank again") from err
+        raise ValueError(
+            f"`{path}` is missing or has a malformed field ({err!r}); save or fit the bank again"
+        ) from err
     if not meta.layers:
         raise ValueError(f"`{path}` lists no layers")
     return meta
@@ -1491,12 +1526,18 @@ def fit_null_bank(
     if num_layers is None:
         num_layers = top + 1
     elif isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= top:
-        raise ValueError(f"`num_layers` must be an integer > the highest layer index {top}, got {num_layers!r}")
+        raise ValueError(
+            f"`num_layers` must be an integer > the highest layer index {top}, got {num_layers!r}"
+        )
     nulls = {}
     for layer in sorted(logits_by_layer):
         try:
             nulls[int(layer)] = fit_null(
-                logits_by_layer[layer], kernel=kernel, bandwidth=bandwidth, per_expert=per_expert, grid_size=grid_size
+                logits_by_layer[layer],
+                kernel=kernel,
+                bandwidth=bandwidth,
+                per_expert=per_expert,
+                grid_size=grid_size,
             )
         except ValueError as err:
             raise ValueError(f"layer {layer}: {err}") from err

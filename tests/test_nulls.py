@@ -117,9 +117,13 @@ def test_sf_matches_brute_force(kernel, normal_data, fitted):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     # Both tails, relative: the top and bottom 1% up to the largest / from the smallest sample.
     top = np.linspace(np.quantile(data, 0.99), data.max(), 400)
-    np.testing.assert_allclose(null.sf(torch.from_numpy(top)).numpy(), kde_sf_slow(data, top, kernel, null.bandwidth_), rtol=0.01)
     np.testing.assert_allclose(
-        null.logsf(torch.from_numpy(top)).numpy(), np.log(kde_sf_slow(data, top, kernel, null.bandwidth_)), atol=0.01
+        null.sf(torch.from_numpy(top)).numpy(), kde_sf_slow(data, top, kernel, null.bandwidth_), rtol=0.01
+    )
+    np.testing.assert_allclose(
+        null.logsf(torch.from_numpy(top)).numpy(),
+        np.log(kde_sf_slow(data, top, kernel, null.bandwidth_)),
+        atol=0.01,
     )
     bottom = np.linspace(data.min(), np.quantile(data, 0.01), 400)
     cdf_expected = 1.0 - kde_sf_slow(data, bottom, kernel, null.bandwidth_)
@@ -130,10 +134,16 @@ def test_sf_matches_brute_force(kernel, normal_data, fitted):
 def test_empirical_is_midp_ecdf_at_the_data(normal_data, fitted):
     null = fitted["empirical"]
     x = np.sort(normal_data)
-    np.testing.assert_allclose(null.sf(torch.from_numpy(x)).numpy(), midp_sf_slow(normal_data, x), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(
+        null.sf(torch.from_numpy(x)).numpy(), midp_sf_slow(normal_data, x), rtol=1e-12, atol=0
+    )
     # Linear between consecutive order statistics.
     mid = 0.5 * (x[:-1] + x[1:])
-    np.testing.assert_allclose(null.sf(torch.from_numpy(mid)).numpy(), (midp_sf_slow(normal_data, x[:-1]) + midp_sf_slow(normal_data, x[1:])) / 2, atol=1e-12)
+    np.testing.assert_allclose(
+        null.sf(torch.from_numpy(mid)).numpy(),
+        (midp_sf_slow(normal_data, x[:-1]) + midp_sf_slow(normal_data, x[1:])) / 2,
+        atol=1e-12,
+    )
 
 
 def test_empirical_handles_ties():
@@ -143,7 +153,9 @@ def test_empirical_handles_ties():
     null = fit_null(data, kernel="empirical")
     values = np.unique(flat)
     np.testing.assert_array_equal(null.grid_, values)
-    np.testing.assert_allclose(null.sf(torch.from_numpy(values)).numpy(), midp_sf_slow(flat, values), rtol=1e-12)
+    np.testing.assert_allclose(
+        null.sf(torch.from_numpy(values)).numpy(), midp_sf_slow(flat, values), rtol=1e-12
+    )
 
 
 def test_empirical_subsampled_grid_is_exact_at_kept_values():
@@ -179,8 +191,14 @@ def test_bandwidth_rules_follow_scipy(normal_data):
         gauss = fit_null(data, kernel="gaussian", bandwidth=rule).bandwidth_
         assert gauss == pytest.approx(kde.factor * sigma, rel=1e-12)
         # Compact kernels get the scale whose standard deviation equals the Gaussian rule.
-        for kernel, std in (("tophat", 1 / math.sqrt(3)), ("epanechnikov", 1 / math.sqrt(5)), ("linear", 1 / math.sqrt(6))):
-            assert fit_null(data, kernel=kernel, bandwidth=rule).bandwidth_ * std == pytest.approx(gauss, rel=1e-12)
+        for kernel, std in (
+            ("tophat", 1 / math.sqrt(3)),
+            ("epanechnikov", 1 / math.sqrt(5)),
+            ("linear", 1 / math.sqrt(6)),
+        ):
+            assert fit_null(data, kernel=kernel, bandwidth=rule).bandwidth_ * std == pytest.approx(
+                gauss, rel=1e-12
+            )
     assert fit_null(data, kernel="epanechnikov", bandwidth=0.3).bandwidth_ == 0.3
     assert fit_null(data, kernel="empirical").bandwidth_ == 0.0
 
@@ -245,7 +263,7 @@ def test_upper_tail_keeps_decreasing_and_logsf_is_exact(kernel, fitted, normal_d
     top = normal_data.max()
     x = torch.from_numpy(top + np.linspace(0, 400, 4001))
     sf, logsf = null.sf(x), null.logsf(x)
-    assert bool((sf[1:] < sf[:-1])[: 2000].all())  # strictly decreasing while representable
+    assert bool((sf[1:] < sf[:-1])[:2000].all())  # strictly decreasing while representable
     assert bool((logsf[1:] < logsf[:-1]).all())  # strictly decreasing everywhere, no -inf
     # Exponential tail: logsf is linear with slope -1 / scale; exp(logsf) == sf where no underflow.
     slope = np.diff(logsf.numpy()) / np.diff(x.numpy())
@@ -318,14 +336,18 @@ def test_top8_of_64_never_tie_in_float32(kernel):
         logits[rows, torch.randint(64, (4000,), generator=g)] += boost
     far = top + sigma * torch.tensor([0.0, 0.5, 2.0, 5.0, 10.0, 20.0])
     picks = torch.randint(64, (4000, 3), generator=g)
-    logits[rows[:, None], picks] = far[torch.randint(far.numel(), (4000, 3), generator=g)] + 0.01 * torch.rand(4000, 3, generator=g)
+    logits[rows[:, None], picks] = far[
+        torch.randint(far.numel(), (4000, 3), generator=g)
+    ] + 0.01 * torch.rand(4000, 3, generator=g)
     p = bank.pvalues(logits, 0)
     assert p.dtype == torch.float32
     values, order = logits.topk(8, dim=-1)
     p_top = p.gather(-1, order)
     distinct = (values[:, 1:] < values[:, :-1]).all(-1)
     assert int(distinct.sum()) > 3900
-    assert bool((p_top[distinct][:, 1:] > p_top[distinct][:, :-1]).all()), "tied or misordered p-values among the top 8"
+    assert bool((p_top[distinct][:, 1:] > p_top[distinct][:, :-1]).all()), (
+        "tied or misordered p-values among the top 8"
+    )
     assert bool((p > 0).all())
 
 
@@ -342,7 +364,9 @@ def small_logits() -> dict[int, torch.Tensor]:
 @pytest.mark.parametrize("per_expert", [False, True])
 @pytest.mark.parametrize("kernel", ["gaussian", "empirical"])
 def test_save_load_round_trip_is_bit_exact(tmp_path, small_logits, per_expert, kernel):
-    bank = fit_null_bank(small_logits, kernel=kernel, per_expert=per_expert, model_id="tiny", calibration="unit test")
+    bank = fit_null_bank(
+        small_logits, kernel=kernel, per_expert=per_expert, model_id="tiny", calibration="unit test"
+    )
     bank.save(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["metadata.json", "nulls.npz"]
     with np.load(tmp_path / "nulls.npz", allow_pickle=False) as npz:
@@ -396,7 +420,8 @@ def test_load_rejects_bad_files(tmp_path, small_logits):
     npz_bytes = (good / "nulls.npz").read_bytes()
     meta = json.loads((good / "metadata.json").read_text())
 
-    def variant(name, *, npz=npz_bytes, meta_text=json.dumps(meta)):
+    def variant(name, *, npz=npz_bytes, meta_text=None):
+        meta_text = json.dumps(meta) if meta_text is None else meta_text
         d = tmp_path / name
         d.mkdir()
         (d / "nulls.npz").write_bytes(npz)
@@ -418,9 +443,17 @@ def test_load_rejects_bad_files(tmp_path, small_logits):
     with pytest.raises(ValueError, match="schema_version.*newer"):
         NullBank.load(variant("newer", meta_text=json.dumps({**meta, "schema_version": SCHEMA_VERSION + 1})))
     with pytest.raises(ValueError, match="schema_version"):
-        NullBank.load(variant("noschema", meta_text=json.dumps({k: v for k, v in meta.items() if k != "schema_version"})))
+        NullBank.load(
+            variant(
+                "noschema", meta_text=json.dumps({k: v for k, v in meta.items() if k != "schema_version"})
+            )
+        )
     with pytest.raises(ValueError, match="num_layers|malformed"):
-        NullBank.load(variant("missing_field", meta_text=json.dumps({k: v for k, v in meta.items() if k != "num_layers"})))
+        NullBank.load(
+            variant(
+                "missing_field", meta_text=json.dumps({k: v for k, v in meta.items() if k != "num_layers"})
+            )
+        )
     # An archive without one layer's arrays.
     buf = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(npz_bytes)) as src, zipfile.ZipFile(buf, "w") as dst:
@@ -459,7 +492,9 @@ def test_legacy_reader_needs_trust_and_reads_old_format(tmp_path, protocol):
     # Saved in the new format, it loads without pickle.
     bank.save(tmp_path / "converted")
     logits = torch.randn(3, 64)
-    assert torch.equal(NullBank.load(tmp_path / "converted", num_experts=64).pvalues(logits, 1), bank.pvalues(logits, 1))
+    assert torch.equal(
+        NullBank.load(tmp_path / "converted", num_experts=64).pvalues(logits, 1), bank.pvalues(logits, 1)
+    )
 
 
 class _CallsSystem:
@@ -515,7 +550,9 @@ def test_goodness_of_fit_reports_numbers():
     # The KS distance matches scipy on the whole set (continuous null CDF vs held-out ECDF).
     small = held_out[:500]
     u = null.cdf(small.double()).numpy().ravel()
-    assert goodness_of_fit(null, small).ks_distance == pytest.approx(stats.kstest(u, "uniform").statistic, rel=1e-12)
+    assert goodness_of_fit(null, small).ks_distance == pytest.approx(
+        stats.kstest(u, "uniform").statistic, rel=1e-12
+    )
     # A shifted held-out set is flagged.
     shifted = goodness_of_fit(null, held_out + 0.3)
     assert shifted.ks_distance > 0.05 and shifted.pit_ks_pvalue < 1e-6
@@ -537,7 +574,10 @@ def test_goodness_of_fit_reports_numbers():
         ({"logits": torch.tensor([[0.0, float("inf")], [1.0, 2.0]])}, "logits.*NaN/inf"),
         ({"logits": torch.randn(10, 2, 2)}, "logits.*shape"),
         ({"logits": torch.randn(10), "per_expert": True}, "logits.*shape"),
-        ({"logits": torch.cat([torch.randn(50, 1), torch.ones(50, 1)], 1), "per_expert": True}, "zero variance in expert column 1"),
+        (
+            {"logits": torch.cat([torch.randn(50, 1), torch.ones(50, 1)], 1), "per_expert": True},
+            "zero variance in expert column 1",
+        ),
         ({"kernel": "cosine"}, "kernel"),
         ({"kernel": None}, "kernel"),
         ({"bandwidth": 0.0}, "bandwidth"),
