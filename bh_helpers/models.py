@@ -1,0 +1,305 @@
+"""Load a supported mixture-of-experts language model and its tokenizer.
+
+``load_model("tiny")`` loads the embedded tiny OLMoE shipped in the package (no network at all);
+``load_model("auto")`` picks allenai/OLMoE-1B-7B-0924 when a CUDA GPU is present and the Hugging
+Face hub is reachable, and the embedded model otherwise; any other name is a hub id or a local
+directory and goes through ``AutoModelForCausalLM.from_pretrained`` (the path Colab users hit).
+
+Also the committed corpus slices the notebooks and tests use (``load_corpus_slice``).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import logging
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EMBEDDED_CORPUS_DIR",
+    "EMBEDDED_MODEL_DIR",
+    "OLMOE_HUB_ID",
+    "SUPPORTED_MOE_BLOCKS",
+    "check_supported_moe",
+    "default_dtype",
+    "embedded_model_available",
+    "embedded_model_dir",
+    "hub_reachable",
+    "load_corpus_slice",
+    "load_model",
+]
+
+OLMOE_HUB_ID = "allenai/OLMoE-1B-7B-0924"
+# MoE block class name -> family. A block qualifies when it holds a router `gate` with a
+# weight [num_experts, hidden] and an `experts` module (the transformers v5 layout).
+SUPPORTED_MOE_BLOCKS = {
+    "OlmoeSparseMoeBlock": "OLMoE",
+    "MixtralSparseMoeBlock": "Mixtral",
+    "Qwen2MoeSparseMoeBlock": "Qwen2-MoE",
+    "Qwen3MoeSparseMoeBlock": "Qwen3-MoE",
+}
+CORPUS_SLICES = ("calibration", "evaluation")
+CORPUS_DOMAINS = ("prose", "code")
+_HUB_TIMEOUT_S = 2.0
+_WEIGHT_FILES = ("model.safetensors", "config.json")
+
+
+def embedded_model_dir() -> Path:
+    """Directory of the embedded tiny OLMoE inside the installed package.
+
+    Returns
+    -------
+    pathlib.Path
+        ``bh_helpers/data/tiny_olmoe`` (config, bf16 safetensors weights, tokenizer, model card).
+    """
+    return Path(str(importlib.resources.files("bh_helpers") / "data" / "tiny_olmoe"))
+
+
+def _embedded_corpus_dir() -> Path:
+    return Path(str(importlib.resources.files("bh_helpers") / "data" / "corpus"))
+
+
+EMBEDDED_MODEL_DIR = embedded_model_dir()
+EMBEDDED_CORPUS_DIR = _embedded_corpus_dir()
+
+
+def embedded_model_available() -> bool:
+    """Whether the embedded checkpoint (weights and config, not only the tokenizer) is present."""
+    return all((EMBEDDED_MODEL_DIR / name).is_file() for name in _WEIGHT_FILES)
+
+
+def load_corpus_slice(name: str, domain: str | None = None) -> list[dict]:
+    """Load a committed corpus slice (held-out text for calibration or evaluation).
+
+    Parameters
+    ----------
+    name : {"calibration", "evaluation"}
+        ``"calibration"`` comes from the validation split of the tiny model's corpus,
+        ``"evaluation"`` from its test split; neither overlaps the training split.
+    domain : {"prose", "code"} or None
+        Keep only one domain; None keeps both.
+
+    Returns
+    -------
+    list of dict
+        Records ``{"domain", "source", "text"}`` in file order.
+
+    Examples
+    --------
+    >>> code = load_corpus_slice("evaluation", domain="code")
+    >>> {r["domain"] for r in code}
+    {'code'}
+    """
+    if name not in CORPUS_SLICES:
+        raise ValueError(f"`name` must be one of {CORPUS_SLICES}, got {name!r}.")
+    if domain is not None and domain not in CORPUS_DOMAINS:
+        raise ValueError(f"`domain` must be one of {CORPUS_DOMAINS} or None, got {domain!r}.")
+    path = EMBEDDED_CORPUS_DIR / f"{name}.jsonl"
+    with path.open(encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if domain is None or r["domain"] == domain]
+
+
+def default_dtype(device: str | torch.device, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """Default weight dtype for a device.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        Target device.
+    capability : tuple of int, optional
+        CUDA compute capability ``(major, minor)``; queried from the device when None.
+
+    Returns
+    -------
+    torch.dtype
+        float16 on pre-Ampere GPUs (compute capability < 8, e.g. the Colab T4, which has no
+        bf16 tensor cores), bfloat16 on Ampere and newer, float32 on CPU and other devices.
+
+    Examples
+    --------
+    >>> default_dtype("cuda", capability=(7, 5))
+    torch.float16
+    >>> default_dtype("cpu")
+    torch.float32
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    return torch.float16 if capability[0] < 8 else torch.bfloat16
+
+
+def hub_reachable(timeout: float = _HUB_TIMEOUT_S) -> bool:
+    """Cheap check that the Hugging Face hub answers a TCP connection.
+
+    ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) means not reachable, without any
+    network access. The host is taken from ``HF_ENDPOINT`` when set.
+
+    Parameters
+    ----------
+    timeout : float
+        Seconds to wait for the connection.
+
+    Returns
+    -------
+    bool
+    """
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
+            return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_supported_moe(model: torch.nn.Module) -> list[str]:
+    """Check that ``model`` is a supported mixture-of-experts model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A loaded causal language model.
+
+    Returns
+    -------
+    list of str
+        Module names of the MoE blocks, in model order.
+
+    Raises
+    ------
+    ValueError
+        When no supported MoE block (router ``gate`` with a weight [num_experts, hidden] plus
+        ``experts``) is found; the message lists the supported families.
+    """
+    blocks = []
+    for name, module in model.named_modules():
+        if type(module).__name__ not in SUPPORTED_MOE_BLOCKS:
+            continue
+        gate = getattr(module, "gate", None)
+        weight = getattr(gate, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(module, "experts"):
+            blocks.append(name)
+    if not blocks:
+        families = ", ".join(sorted(set(SUPPORTED_MOE_BLOCKS.values())))
+        raise ValueError(
+            f"`name` must point to a supported mixture-of-experts model ({families}); "
+            f"{type(model).__name__} has no MoE block with a router `gate` [num_experts, hidden] and "
+            "`experts`. Load one of the supported families, e.g. 'tiny' or 'allenai/OLMoE-1B-7B-0924'."
+        )
+    return blocks
+
+
+def _resolve_name(name: str, device: torch.device) -> str:
+    """Map "auto" to the hub OLMoE or the embedded model (with a one-line notice)."""
+    if name != "auto":
+        return name
+    if device.type != "cuda":
+        reason = "no CUDA device"
+    elif not hub_reachable():
+        reason = "the Hugging Face hub is not reachable (or HF_HUB_OFFLINE=1)"
+    else:
+        return OLMOE_HUB_ID
+    warnings.warn(
+        f"load_model('auto'): {reason}; using the embedded tiny OLMoE instead of {OLMOE_HUB_ID}.",
+        stacklevel=3,
+    )
+    return "tiny"
+
+
+def load_model(
+    name: str = "auto",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    **from_pretrained_kwargs: Any,
+):
+    """Load a supported MoE causal language model and its tokenizer, in eval mode.
+
+    Parameters
+    ----------
+    name : str
+        ``"tiny"`` (the embedded tiny OLMoE, loaded offline from package data), ``"auto"``
+        (allenai/OLMoE-1B-7B-0924 when a CUDA GPU is present and the hub is reachable, else
+        ``"tiny"`` with a warning), a hub model id, or a local directory written by
+        ``save_pretrained``.
+    device : str or torch.device, optional
+        Defaults to ``"cuda"`` when available, else ``"cpu"``.
+    dtype : torch.dtype, optional
+        Defaults to :func:`default_dtype` of the device (float16 before Ampere, bfloat16 on
+        Ampere and newer, float32 on CPU).
+    trust_remote_code : bool
+        Passed to ``from_pretrained``; never enabled unless asked for.
+    **from_pretrained_kwargs
+        Extra keyword arguments for ``AutoModelForCausalLM.from_pretrained`` (e.g. ``revision``).
+
+    Returns
+    -------
+    model : transformers.PreTrainedModel
+        In eval mode, on ``device``.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        With a pad token (the eos token when the checkpoint defines none).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``name="tiny"`` but the embedded weights are missing.
+    ValueError
+        The model is not a supported MoE (see :data:`SUPPORTED_MOE_BLOCKS`).
+
+    Examples
+    --------
+    >>> model, tok = load_model("tiny", device="cpu")  # doctest: +SKIP
+    >>> type(model).__name__  # doctest: +SKIP
+    'OlmoeForCausalLM'
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(name, (str, os.PathLike)):
+        raise ValueError(f"`name` must be 'tiny', 'auto', a hub id or a local path, got {type(name).__name__}.")
+    name = os.fspath(name)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = default_dtype(device)
+    name = _resolve_name(name, device)
+
+    kwargs = dict(from_pretrained_kwargs)
+    if name == "tiny":
+        if not embedded_model_available():
+            raise FileNotFoundError(
+                f"the embedded tiny OLMoE weights are missing from {EMBEDDED_MODEL_DIR} "
+                "(model.safetensors, config.json); reinstall bh-routing or train them with scripts/train_tiny.py."
+            )
+        source = str(EMBEDDED_MODEL_DIR)
+        # Package data: never touch the network, whatever the environment says.
+        kwargs["local_files_only"] = True
+    else:
+        source = name
+    logger.info("loading %s (device=%s, dtype=%s)", source, device, dtype)
+
+    tokenizer_kwargs = {k: kwargs[k] for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs}
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **tokenizer_kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    check_supported_moe(model)
+    if "device_map" not in kwargs:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
