@@ -1,0 +1,314 @@
+"""Tests of bh_helpers.models: the embedded tiny OLMoE, load_model, corpus slices, model-card claims.
+
+No test touches the network: every test runs with socket connections made impossible.
+Tests that need the embedded weights skip (with the reason) when they are absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bh_helpers import models
+from bh_helpers.models import (
+    EMBEDDED_MODEL_DIR,
+    OLMOE_HUB_ID,
+    default_dtype,
+    embedded_model_available,
+    hub_reachable,
+    load_corpus_slice,
+    load_model,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+needs_tiny = pytest.mark.skipif(
+    not embedded_model_available(),
+    reason=f"embedded tiny OLMoE weights absent from {EMBEDDED_MODEL_DIR} "
+    "(model.safetensors + config.json; produced by scripts/train_tiny.py)",
+)
+
+
+class NetworkBlocked(RuntimeError):
+    """Raised by any attempt to open a connection (not an OSError, so nothing swallows it)."""
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Make network access impossible for every test of this module."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise NetworkBlocked(f"network access attempted: {args[1:] if len(args) > 1 else args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small CPU models run much faster single-threaded on shared CI boxes (OpenMP spinning).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    if not embedded_model_available():
+        pytest.skip("embedded tiny OLMoE weights absent")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return load_model("tiny", device="cpu")
+
+
+# --------------------------------------------------------------------------- dtype and "auto"
+
+
+@pytest.mark.parametrize(
+    ("device", "capability", "expected"),
+    [
+        ("cpu", None, torch.float32),
+        ("cuda", (7, 5), torch.float16),  # Colab T4
+        ("cuda", (6, 1), torch.float16),
+        ("cuda", (8, 0), torch.bfloat16),  # A100
+        ("cuda", (8, 9), torch.bfloat16),
+        ("cuda", (9, 0), torch.bfloat16),  # H100
+        ("cuda:1", (7, 0), torch.float16),
+    ],
+)
+def test_default_dtype(device, capability, expected):
+    assert default_dtype(device, capability=capability) is expected
+
+
+def test_hub_unreachable_when_offline_without_network_access(monkeypatch, no_network):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() is False
+    assert no_network == []
+
+
+def test_hub_check_handles_refused_connection(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError("refused")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    assert hub_reachable(timeout=0.01) is False
+
+
+def test_auto_resolution(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: True)
+    assert models._resolve_name("auto", cuda) == OLMOE_HUB_ID
+    with pytest.warns(UserWarning, match="no CUDA device"):
+        assert models._resolve_name("auto", torch.device("cpu")) == "tiny"
+    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: False)
+    with pytest.warns(UserWarning, match="not reachable"):
+        assert models._resolve_name("auto", cuda) == "tiny"
+    assert models._resolve_name("some/model", cuda) == "some/model"
+
+
+# --------------------------------------------------------------------------- from_pretrained calls
+
+
+class _Stop(Exception):
+    pass
+
+
+def _spy_from_pretrained(monkeypatch):
+    """Record the kwargs of the tokenizer and model from_pretrained calls; stop before loading."""
+    import transformers
+
+    calls = {}
+
+    class FakeTokenizer:
+        pad_token = "<pad>"
+
+    def tok(source, **kwargs):
+        calls["tokenizer"] = (source, kwargs)
+        return FakeTokenizer()
+
+    def mdl(source, **kwargs):
+        calls["model"] = (source, kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tok)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", mdl)
+    return calls
+
+
+def test_trust_remote_code_false_by_default(monkeypatch):
+    assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
+    calls = _spy_from_pretrained(monkeypatch)
+    with pytest.raises(_Stop):
+        load_model("someone/some-moe", device="cpu", revision="abc")
+    assert calls["model"][0] == "someone/some-moe"
+    assert calls["model"][1]["trust_remote_code"] is False
+    assert calls["tokenizer"][1]["trust_remote_code"] is False
+    assert calls["model"][1]["dtype"] is torch.float32
+    assert calls["model"][1]["revision"] == "abc"
+    with pytest.raises(_Stop):
+        load_model("someone/some-moe", device="cpu", trust_remote_code=True)
+    assert calls["model"][1]["trust_remote_code"] is True
+
+
+@needs_tiny
+def test_tiny_is_loaded_local_files_only(monkeypatch):
+    calls = _spy_from_pretrained(monkeypatch)
+    with pytest.raises(_Stop):
+        load_model("tiny", device="cpu")
+    assert calls["model"][0] == str(EMBEDDED_MODEL_DIR)
+    assert calls["model"][1]["local_files_only"] is True
+    assert calls["tokenizer"][1]["local_files_only"] is True
+
+
+def test_invalid_name_type():
+    with pytest.raises(ValueError, match="`name`"):
+        load_model(3, device="cpu")
+
+
+# --------------------------------------------------------------------------- the embedded model
+
+
+def _forward_and_generate(model, tok):
+    enc = tok(["def add(a, b):\n    return", "The meaning of life is"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape[:2] == enc["input_ids"].shape and logits.shape[-1] == model.config.vocab_size
+    assert torch.isfinite(logits).all()
+    one = tok("def add(a, b):\n    return", return_tensors="pt")
+    out = model.generate(**one, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = out[0, one["input_ids"].shape[1]:]
+    assert new.numel() > 0
+    assert isinstance(tok.decode(new), str)
+    return logits
+
+
+@needs_tiny
+def test_tiny_offline_env(tiny):
+    model, tok = tiny
+    assert type(model).__name__ == "OlmoeForCausalLM"
+    assert not model.training
+    assert model.dtype is torch.float32
+    assert model.config.num_experts == 64 and model.config.num_experts_per_tok == 8
+    assert model.config.norm_topk_prob is False
+    assert len(models.check_supported_moe(model)) == model.config.num_hidden_layers
+    _forward_and_generate(model, tok)
+
+
+@needs_tiny
+def test_tiny_without_offline_env_and_without_network(monkeypatch, no_network):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    model, tok = load_model("tiny", device="cpu")
+    _forward_and_generate(model, tok)
+    assert no_network == []
+
+
+@needs_tiny
+def test_auto_on_cpu_falls_back_to_tiny(monkeypatch, no_network):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.warns(UserWarning, match="embedded tiny OLMoE"):
+        model, _ = load_model("auto", device="cpu")
+    assert model.config.hidden_size == 128
+    assert no_network == []
+
+
+@needs_tiny
+def test_local_path_round_trip(tiny, tmp_path):
+    model, tok = tiny
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again, tok2 = load_model(str(tmp_path), device="cpu")
+    x = tok("import os\nprint(os.getcwd())", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, again(input_ids=x).logits)
+    assert tok2.decode(x[0]) == tok.decode(x[0])
+
+
+def test_unsupported_model_raises(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    for name in TOKENIZER_FILES:
+        shutil.copy(EMBEDDED_MODEL_DIR / name, tmp_path / name)
+    with pytest.raises(ValueError, match=r"OLMoE.*Mixtral.*Qwen2-MoE.*Qwen3-MoE|Mixtral.*OLMoE"):
+        load_model(str(tmp_path), device="cpu")
+
+
+# --------------------------------------------------------------------------- corpus slices
+
+
+def _bucket(source: str) -> int:
+    return int(hashlib.sha256(source.encode("utf-8")).hexdigest()[:8], 16) % 100
+
+
+@pytest.mark.parametrize(("name", "lo", "hi"), [("calibration", 90, 95), ("evaluation", 95, 100)])
+def test_corpus_slices_are_held_out(name, lo, hi):
+    records = load_corpus_slice(name)
+    assert {r["domain"] for r in records} == {"prose", "code"}
+    assert all(set(r) == {"domain", "source", "text"} and r["text"] for r in records)
+    # calibration = valid split, evaluation = test split, never train (same rule as build_corpus.py)
+    assert all(lo <= _bucket(r["source"]) < hi for r in records)
+    code = load_corpus_slice(name, domain="code")
+    assert code and all(r["domain"] == "code" for r in code)
+
+
+def test_corpus_slice_bad_arguments():
+    with pytest.raises(ValueError, match="`name`"):
+        load_corpus_slice("train")
+    with pytest.raises(ValueError, match="`domain`"):
+        load_corpus_slice("evaluation", domain="poetry")
+
+
+# --------------------------------------------------------------------------- model-card claims
+
+
+def _model_card_module():
+    spec = importlib.util.spec_from_file_location("model_card", REPO / "scripts" / "model_card.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _unigram_counts(vocab: int):
+    card = EMBEDDED_MODEL_DIR / "card_metrics.json"
+    if card.is_file():
+        return np.asarray(json.loads(card.read_text())["unigram"]["counts"])
+    paths = [REPO / "corpus_build" / f"tokens_train_{d}.npy" for d in ("prose", "code")]
+    if all(p.is_file() for p in paths):
+        return sum(np.bincount(np.load(p), minlength=vocab)[:vocab] for p in paths)
+    return None
+
+
+@needs_tiny
+def test_model_card_claims_on_small_slice(tiny):
+    model, tok = tiny
+    card = _model_card_module()
+    counts = _unigram_counts(model.config.vocab_size)
+    metrics = card.evaluate(model, tok, load_corpus_slice("evaluation"), counts, max_windows=4)
+    for domain, entry in metrics["domains"].items():
+        if counts is not None:
+            assert entry["unigram_over_model_ppl"] >= 3.0, (domain, entry)
+        assert entry["static_topk_ppl_decreasing"], (domain, entry["static_topk_ppl"])
+    assert min(metrics["routing"]["experts_used_per_layer"]) >= 48, metrics["routing"]
+    # the routers' top_k were restored
+    assert all(layer.mlp.gate.top_k == 8 for layer in model.model.layers)
