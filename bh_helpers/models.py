@@ -28,6 +28,7 @@ __all__ = [
     "EMBEDDED_CORPUS_DIR",
     "EMBEDDED_MODEL_DIR",
     "OLMOE_HUB_ID",
+    "SUPPORTED_MODEL_TYPES",
     "SUPPORTED_MOE_BLOCKS",
     "check_supported_moe",
     "default_dtype",
@@ -47,6 +48,8 @@ SUPPORTED_MOE_BLOCKS = {
     "Qwen2MoeSparseMoeBlock": "Qwen2-MoE",
     "Qwen3MoeSparseMoeBlock": "Qwen3-MoE",
 }
+# config.model_type of the supported families: checked before any weights are downloaded.
+SUPPORTED_MODEL_TYPES = {"olmoe": "OLMoE", "mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE"}
 CORPUS_SLICES = ("calibration", "evaluation")
 CORPUS_DOMAINS = ("prose", "code")
 _HUB_TIMEOUT_S = 2.0
@@ -196,13 +199,16 @@ def check_supported_moe(model: torch.nn.Module) -> list[str]:
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(module, "experts"):
             blocks.append(name)
     if not blocks:
-        families = ", ".join(sorted(set(SUPPORTED_MOE_BLOCKS.values())))
-        raise ValueError(
-            f"`name` must point to a supported mixture-of-experts model ({families}); "
-            f"{type(model).__name__} has no MoE block with a router `gate` [num_experts, hidden] and "
-            "`experts`. Load one of the supported families, e.g. 'tiny' or 'allenai/OLMoE-1B-7B-0924'."
-        )
+        raise _unsupported(f"{type(model).__name__} has no MoE block with a router `gate` [num_experts, hidden] and `experts`")
     return blocks
+
+
+def _unsupported(what: str) -> ValueError:
+    families = ", ".join(dict.fromkeys(SUPPORTED_MOE_BLOCKS.values()))
+    return ValueError(
+        f"`name` must point to a supported mixture-of-experts model ({families}); {what}. "
+        "Load one of the supported families, e.g. 'tiny' or 'allenai/OLMoE-1B-7B-0924'."
+    )
 
 
 def _resolve_name(name: str, device: torch.device) -> str:
@@ -269,7 +275,7 @@ def load_model(
     >>> type(model).__name__  # doctest: +SKIP
     'OlmoeForCausalLM'
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not isinstance(name, (str, os.PathLike)):
         raise ValueError(f"`name` must be 'tiny', 'auto', a hub id or a local path, got {type(name).__name__}.")
@@ -293,13 +299,23 @@ def load_model(
         source = name
     logger.info("loading %s (device=%s, dtype=%s)", source, device, dtype)
 
-    tokenizer_kwargs = {k: kwargs[k] for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs}
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **tokenizer_kwargs)
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs}
+    if not trust_remote_code:
+        # Refuse unsupported families from the config alone, before gigabytes of weights move.
+        model_type = AutoConfig.from_pretrained(source, **hub_kwargs).model_type
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise _unsupported(f"{source!r} has model_type {model_type!r}")
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    placed = "device_map" in kwargs
+    if device.type == "cuda" and not placed:
+        # Load straight onto the GPU: Colab has less host RAM than a staged copy of OLMoE needs.
+        kwargs["device_map"] = str(device)
+        placed = True
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     check_supported_moe(model)
-    if "device_map" not in kwargs:
+    if not placed:
         model.to(device)
     model.eval()
     return model, tokenizer

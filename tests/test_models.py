@@ -140,6 +140,13 @@ def _spy_from_pretrained(monkeypatch):
     class FakeTokenizer:
         pad_token = "<pad>"
 
+    class FakeConfig:
+        model_type = "olmoe"
+
+    def cfg(source, **kwargs):
+        calls["config"] = (source, kwargs)
+        return FakeConfig()
+
     def tok(source, **kwargs):
         calls["tokenizer"] = (source, kwargs)
         return FakeTokenizer()
@@ -148,6 +155,7 @@ def _spy_from_pretrained(monkeypatch):
         calls["model"] = (source, kwargs)
         raise _Stop
 
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", cfg)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tok)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", mdl)
     return calls
@@ -163,6 +171,7 @@ def test_trust_remote_code_false_by_default(monkeypatch):
     assert calls["tokenizer"][1]["trust_remote_code"] is False
     assert calls["model"][1]["dtype"] is torch.float32
     assert calls["model"][1]["revision"] == "abc"
+    assert "device_map" not in calls["model"][1]  # CPU: plain load, then .to(device)
     with pytest.raises(_Stop):
         load_model("someone/some-moe", device="cpu", trust_remote_code=True)
     assert calls["model"][1]["trust_remote_code"] is True
@@ -176,6 +185,7 @@ def test_tiny_is_loaded_local_files_only(monkeypatch):
     assert calls["model"][0] == str(EMBEDDED_MODEL_DIR)
     assert calls["model"][1]["local_files_only"] is True
     assert calls["tokenizer"][1]["local_files_only"] is True
+    assert calls["config"][1]["local_files_only"] is True
 
 
 def test_invalid_name_type():
@@ -250,8 +260,12 @@ def test_unsupported_model_raises(tmp_path):
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     for name in TOKENIZER_FILES:
         shutil.copy(EMBEDDED_MODEL_DIR / name, tmp_path / name)
-    with pytest.raises(ValueError, match=r"OLMoE.*Mixtral.*Qwen2-MoE.*Qwen3-MoE|Mixtral.*OLMoE"):
+    families = r"OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE"
+    with pytest.raises(ValueError, match=families + r".*'llama'"):
         load_model(str(tmp_path), device="cpu")
+    # the module-level check names the families too (used after loading, and for remote code)
+    with pytest.raises(ValueError, match=families + r".*LlamaForCausalLM"):
+        models.check_supported_moe(LlamaForCausalLM(config))
 
 
 # --------------------------------------------------------------------------- corpus slices
