@@ -44,6 +44,7 @@ __all__ = [
     "find_moe_blocks",
     "materialized",
     "router_logits",
+    "router_outputs_requested",
     "select_layers",
 ]
 
@@ -301,3 +302,23 @@ def router_logits(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     with materialized(block.gate):
         weight = block.gate.weight  # (E, H)
         return F.linear(h.float(), weight.to(device=h.device, dtype=torch.float32))  # (T, E)
+
+
+def router_outputs_requested() -> bool:
+    """Whether the running forward call records router outputs (``output_router_logits=True``).
+
+    transformers 5.23 collects ``router_logits`` with a forward hook on the router module, which
+    a patched block never calls; without the router call, ``output_router_logits=True`` fails
+    (``IndexError`` in the aux-loss computation). This reads transformers' collector, a private
+    context variable; if it moves in a later release the answer is a conservative True (the
+    router then runs on every patched call, a small cost).
+    """
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return True
+    try:
+        collected = _active_collector.get()
+    except Exception:  # a private API: anything unexpected means "assume yes"
+        return True
+    return collected is not None and "router_logits" in collected

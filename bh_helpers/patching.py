@@ -45,7 +45,15 @@ from torch import nn
 
 from bh_helpers.capture import ForwardInputs, forward_inputs
 from bh_helpers.dispatch import dispatch_experts
-from bh_helpers.moe_adapters import LayerSpec, MoEBlock, find_moe_blocks, materialized, router_logits, select_layers
+from bh_helpers.moe_adapters import (
+    LayerSpec,
+    MoEBlock,
+    find_moe_blocks,
+    materialized,
+    router_logits,
+    router_outputs_requested,
+    select_layers,
+)
 from bh_helpers.selection import FDR_METHODS, WEIGHT_MODES, Selection, select_experts
 
 __all__ = [
@@ -493,6 +501,10 @@ def _make_forward(
         recorder._record(layer, selection)
         if mode == "analyze":
             return original(hidden_states, *args, **kwargs)
+        if router_outputs_requested():
+            # Only so that transformers' hook on the router records router_logits (and the aux
+            # loss can be computed); its return value is not used.
+            module.gate(hidden)
         with materialized(module.experts):
             out = dispatch_experts(module.experts, hidden, selection.indices, selection.weights)  # (T, H)
         shared = adapter.shared_output(module, hidden)  # (T, H) or None

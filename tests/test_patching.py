@@ -510,3 +510,37 @@ def test_selector_returning_wrong_shape_is_rejected():
         with route(model, bad):
             model(**batch(model))
     assert_restored(model, before)
+
+
+def test_output_router_logits_in_patch_mode_and_router_called_only_then():
+    # transformers records router_logits with a hook on the router module, which the patched
+    # block calls only when those outputs are requested.
+    model = random_model("qwen2_moe")
+    inputs = batch(model)
+    gate = find_moe_blocks(model)[0].module.gate
+    calls = []
+    handle = gate.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            native = model(**inputs, output_router_logits=True)
+            with route(model, NativeSelector.for_model(model)):
+                n = len(calls)
+                model(**inputs)
+                assert len(calls) == n  # not requested: the router module is not run
+                patched = model(**inputs, output_router_logits=True)
+                assert len(calls) == n + 1
+    finally:
+        handle.remove()
+    assert len(patched.router_logits) == len(native.router_logits)
+    torch.testing.assert_close(patched.aux_loss, native.aux_loss)
+    assert (patched.logits - native.logits).abs().max() < 1e-5
+
+
+def test_bfloat16_patched_forward_keeps_dtype_and_is_finite():
+    model = random_model("olmoe").to(torch.bfloat16)
+    inputs = batch(model)
+    with torch.no_grad(), route(model, BHSelector(EmpiricalBank({0: torch.randn(64, 8), 1: torch.randn(64, 8)}),
+                                                  alpha=0.2, max_k=4)) as rec:
+        out = model(**inputs).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rec.summary()["tokens"] == int(inputs["attention_mask"].sum())
