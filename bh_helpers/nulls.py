@@ -354,14 +354,15 @@ def _fit_empirical_column(a: np.ndarray, *, max_grid: int, sigma: float) -> tupl
     # First position of each distinct value; #{X < v} = starts, #{X <= v} = next start.
     starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
     if starts.size > max_grid:
-        # Keep evenly spaced distinct values plus the 512 most extreme on each side, where the
-        # data is sparse and p-values matter most.
+        # Keep evenly spaced distinct values plus the most extreme ones on each side (512, or a
+        # quarter of the grid), where the data is sparse and p-values matter most.
+        extreme = min(512, max_grid // 4)
         keep = np.unique(
             np.concatenate(
                 [
-                    np.linspace(0, starts.size - 1, max_grid - 1024).round().astype(np.intp),
-                    np.arange(512),
-                    np.arange(starts.size - 512, starts.size),
+                    np.linspace(0, starts.size - 1, max_grid - 2 * extreme).round().astype(np.intp),
+                    np.arange(extreme),
+                    np.arange(starts.size - extreme, starts.size),
                 ]
             )
         )
@@ -727,7 +728,8 @@ def fit_null(
     grid_size : int, optional
         Number of grid points; default: spacing at most bandwidth / 32, clipped to
         [16384, 65536] ([4096, 65536] per expert, as E grids are stored), the same for every
-        expert; for ``"empirical"``: every distinct value, up to 65536.
+        expert; for ``"empirical"``: every distinct value, up to 65536 (4096 per expert), else
+        evenly spaced distinct values plus the 512 most extreme on each side.
 
     Returns
     -------
@@ -784,7 +786,9 @@ def fit_null(
     columns = np.ascontiguousarray(data.T)  # (E, N): each expert's logits contiguous
     n = columns.shape[1]
     sigmas = [_check_spread(c, f"in expert column {e}") for e, c in enumerate(columns)]
-    if grid_size is None and kernel != "empirical":
+    if grid_size is None and kernel == "empirical":
+        grid_size = _GRID_MIN_PER_EXPERT  # at most this many distinct values per expert
+    elif grid_size is None:
         # One grid size for all experts (they are stored as one [E, G] array): the finest needed.
         grid_size = max(
             _grid_size(

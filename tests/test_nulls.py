@@ -608,3 +608,14 @@ def test_fit_null_bank_rejects_bad_input():
         fit_null_bank({3: torch.randn(10, 4)}, num_layers=2)
     with pytest.raises(ValueError, match="held_out_logits"):
         goodness_of_fit(fit_null(torch.randn(100)), torch.tensor([float("nan")]))
+
+
+def test_per_expert_empirical_grid_is_bounded():
+    logits = router_like_logits(6000, 4, seed=30)
+    null = fit_null(logits, kernel="empirical", per_expert=True)
+    assert null.grid_.shape[0] == 4 and 3000 < null.grid_.shape[1] <= 4096
+    small = fit_null(logits, kernel="empirical", per_expert=True, grid_size=16)
+    assert small.grid_.shape[0] == 4 and small.grid_.shape[1] <= 16
+    column = logits[:, 2].double().numpy()
+    np.testing.assert_allclose(small.sf_grid_[2], midp_sf_slow(column, small.grid_[2]), rtol=1e-12)
+    np.testing.assert_array_equal(small.grid_[2, -4:], np.sort(column)[-4:])
