@@ -1,0 +1,548 @@
+"""Interactive alpha explorer over cached router logits (the engine of notebook 04).
+
+:class:`AlphaExplorer` captures nothing and fits nothing: it takes router logits captured once
+(``capture_router_logits``) and one fitted :class:`~bh_helpers.nulls.NullBank` per kernel,
+precomputes every p-value once, and then answers "how many experts would each token get with
+these settings?" in milliseconds. The sliders of :meth:`AlphaExplorer.widget` call
+:meth:`AlphaExplorer.update`, and so can tests and scripts (no widget needed).
+
+Why an update is cheap: the number of rejections of BH, BY, Bonferroni and Holm depends only on
+the multiset of a token's p-values, so the p-values are stored sorted per token (ascending) and an
+update is one vectorised :func:`~bh_helpers.selection.fdr_counts` over ``[N, E]`` per layer plus
+one :func:`~bh_helpers.selection.select_experts` on the displayed layer. Nothing touches the model
+until the "run on the model" button (or :meth:`AlphaExplorer.run_live`) is used.
+
+Examples
+--------
+>>> explorer = AlphaExplorer(captured, banks, captured.token_ids, tokenizer=tok)  # doctest: +SKIP
+>>> state = explorer.update(alpha=0.01, kernel="gaussian")  # doctest: +SKIP
+>>> state.mean_k_per_layer, state.elapsed_ms  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from bh_helpers.selection import FDR_METHODS, Selection, fdr_counts, select_experts
+
+__all__ = ["EXPLORER_METHODS", "AlphaExplorer", "ExplorerSettings", "ExplorerState"]
+
+#: Methods offered by the explorer: the multiple-testing rules, and static top-k (k = ``max_k``).
+EXPLORER_METHODS = FDR_METHODS + ("topk",)
+#: Default number of cached tokens kept (the first ones, so the per-token view reads as text).
+DEFAULT_MAX_TOKENS = 4096
+#: Tokens shown in the per-token view.
+DEFAULT_VIEW_TOKENS = 48
+
+
+@dataclass(frozen=True)
+class ExplorerSettings:
+    """One position of the sliders.
+
+    Attributes
+    ----------
+    alpha : float
+        Level of the multiple-testing procedure, in (0, 1] (ignored by "topk").
+    max_k, min_k : int
+        Ceiling and floor on experts per token ("topk" uses ``k = max_k``).
+    method : {"bh", "by", "bonferroni", "holm", "topk"}
+    kernel : str
+        Key of ``null_banks_by_kernel`` whose p-values are used.
+    layer : int
+        Layer shown in the histogram and the per-token view.
+    """
+
+    alpha: float = 0.05
+    max_k: int = 8
+    min_k: int = 1
+    method: str = "bh"
+    kernel: str = "gaussian"
+    layer: int = 0
+
+
+@dataclass
+class ExplorerState:
+    """What one :meth:`AlphaExplorer.update` computed.
+
+    Attributes
+    ----------
+    settings : ExplorerSettings
+    counts : torch.LongTensor, shape ``[N, L]``
+        Experts per token in every cached layer (columns in ``layers`` order).
+    layers : list of int
+    histogram : numpy.ndarray, shape ``[max_k + 1]``
+        Number of tokens of the displayed layer with 0, 1, ..., ``max_k`` experts.
+    histogram_all_layers : numpy.ndarray, shape ``[max_k + 1]``
+        The same, pooled over all layers (token-layers).
+    mean_k_per_layer : numpy.ndarray, shape ``[L]``
+    mean_k : float
+        Mean experts per token over all layers.
+    relative_compute : float
+        ``mean_k / native_k`` (expert compute relative to the native top-k).
+    selection : Selection
+        The full selection of the displayed layer (``indices`` ``[N, max_k]``).
+    elapsed_ms : float
+        Wall time of the computation (not of any drawing), in milliseconds.
+    """
+
+    settings: ExplorerSettings
+    counts: torch.Tensor
+    layers: list[int]
+    histogram: np.ndarray
+    histogram_all_layers: np.ndarray
+    mean_k_per_layer: np.ndarray
+    mean_k: float
+    relative_compute: float
+    selection: Selection
+    elapsed_ms: float
+
+
+def _decode_tokens(tokens: Any, tokenizer: Any, n: int) -> list[str]:
+    if isinstance(tokens, torch.Tensor):
+        ids = tokens.reshape(-1)[:n].tolist()
+    elif isinstance(tokens, np.ndarray):
+        ids = tokens.reshape(-1)[:n].tolist()
+    else:
+        seq = list(tokens)[:n]
+        if all(isinstance(t, str) for t in seq):
+            return seq
+        ids = [int(t) for t in seq]
+    if tokenizer is None:
+        return [str(i) for i in ids]
+    return tokenizer.batch_decode([[i] for i in ids])
+
+
+class AlphaExplorer:
+    """Explore BH routing settings on cached router logits, with or without widgets.
+
+    Parameters
+    ----------
+    cached_logits : mapping of int to Tensor ``[N, E]``
+        Router logits per layer, row-aligned across layers (a ``CapturedLogits`` works). Only the
+        first ``max_tokens`` rows are kept.
+    null_banks_by_kernel : mapping of str to NullBank
+        One fitted bank per kernel name; each must cover every cached layer.
+    tokens : sequence of str, or token ids (Tensor / sequence of int)
+        The token of each row (at least ``N`` of them); ids are decoded with ``tokenizer``.
+    model, tokenizer : optional
+        The live model for :meth:`run_live` (the button), and its tokenizer.
+    max_tokens : int, default 4096
+        Rows kept from the cache.
+    native_k : int, optional
+        The model's own top-k; read from ``model`` when given, else 8 (OLMoE).
+    weights : {"renorm", "softmax", "uniform"}, default "renorm"
+        Mixing weights used by :meth:`run_live`.
+    view_tokens : int, default 48
+        Tokens shown in the per-token view.
+
+    Raises
+    ------
+    ValueError
+        Empty inputs, layers with different row counts, banks missing a cached layer, or fewer
+        tokens than rows.
+    """
+
+    def __init__(
+        self,
+        cached_logits: Mapping[int, torch.Tensor],
+        null_banks_by_kernel: Mapping[str, Any],
+        tokens: Any,
+        model: Any = None,
+        tokenizer: Any = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        native_k: int | None = None,
+        weights: str = "renorm",
+        view_tokens: int = DEFAULT_VIEW_TOKENS,
+    ) -> None:
+        # Input validation
+        if not cached_logits:
+            raise ValueError("`cached_logits` is empty: capture router logits first.")
+        if not null_banks_by_kernel:
+            raise ValueError("`null_banks_by_kernel` is empty: fit at least one NullBank.")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"`max_tokens` must be a positive int; got {max_tokens!r}.")
+        self.layers = sorted(int(layer) for layer in cached_logits)
+        rows = {int(cached_logits[layer].shape[0]) for layer in self.layers}
+        if len(rows) != 1:
+            raise ValueError(f"`cached_logits` layers have different row counts {sorted(rows)}; they must be aligned.")
+        n = min(rows.pop(), max_tokens)
+        if n == 0:
+            raise ValueError("`cached_logits` has no rows.")
+        for kernel, bank in null_banks_by_kernel.items():
+            missing = [layer for layer in self.layers if layer not in bank]
+            if missing:
+                raise ValueError(f"null bank {kernel!r} has no null for cached layers {missing}.")
+        self.tokens = _decode_tokens(tokens, tokenizer, n)
+        if len(self.tokens) < n:
+            raise ValueError(f"`tokens` has {len(self.tokens)} entries but the cache keeps {n} rows.")
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.weights = weights
+        self.view_tokens = int(view_tokens)
+        self.kernels = list(null_banks_by_kernel)
+        self.banks = dict(null_banks_by_kernel)
+        self.logits = {layer: cached_logits[layer][:n].detach().to("cpu", torch.float32) for layer in self.layers}
+        self.num_experts = int(next(iter(self.logits.values())).shape[-1])
+        if native_k is None:
+            native_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", 8) or 8)
+        self.native_k = int(native_k)
+        self.num_tokens = n
+        # Precomputed once: p-values per kernel and layer, and the same sorted ascending per
+        # token (the rejection counts depend only on the sorted values).
+        self.pvalues: dict[str, dict[int, torch.Tensor]] = {}
+        self.sorted_pvalues: dict[str, dict[int, torch.Tensor]] = {}
+        for kernel, bank in self.banks.items():
+            self.pvalues[kernel] = {}
+            self.sorted_pvalues[kernel] = {}
+            for layer in self.layers:
+                p = bank.pvalues(self.logits[layer], layer).to(torch.float32).contiguous()  # (N, E)
+                self.pvalues[kernel][layer] = p
+                self.sorted_pvalues[kernel][layer] = p.sort(dim=-1).values.contiguous()  # (N, E)
+        self.settings = ExplorerSettings(
+            kernel=self.kernels[0], layer=self.layers[0], max_k=min(8, self.num_experts)
+        )
+        self.timings_ms: list[float] = []
+        self.state: ExplorerState | None = None
+        self._ui: dict[str, Any] | None = None
+
+    # -- computation ------------------------------------------------------------------------
+
+    def _check(self, s: ExplorerSettings) -> None:
+        if s.method not in EXPLORER_METHODS:
+            raise ValueError(f"`method` must be one of {EXPLORER_METHODS}; got {s.method!r}.")
+        if s.kernel not in self.banks:
+            raise ValueError(f"`kernel` must be one of {self.kernels}; got {s.kernel!r}.")
+        if s.layer not in self.logits:
+            raise ValueError(f"`layer` must be one of {self.layers}; got {s.layer!r}.")
+        if not 0.0 < float(s.alpha) <= 1.0:
+            raise ValueError(f"`alpha` must be in (0, 1]; got {s.alpha!r}.")
+        if not 1 <= s.max_k <= self.num_experts:
+            raise ValueError(f"`max_k` must be in [1, {self.num_experts}]; got {s.max_k!r}.")
+        if not 0 <= s.min_k <= s.max_k:
+            raise ValueError(f"`min_k` must be in [0, max_k={s.max_k}]; got {s.min_k!r}.")
+
+    def _layer_counts(self, s: ExplorerSettings, layer: int) -> torch.Tensor:
+        if s.method == "topk":
+            return torch.full((self.num_tokens,), s.max_k, dtype=torch.long)
+        p = self.sorted_pvalues[s.kernel][layer]  # (N, E)
+        return fdr_counts(p, s.alpha, s.method, validate=False).clamp(s.min_k, s.max_k)  # (N,)
+
+    def update(self, **settings: Any) -> ExplorerState:
+        """Recompute every selection for new settings (the sliders call this).
+
+        Parameters
+        ----------
+        **settings
+            Any fields of :class:`ExplorerSettings` (``alpha``, ``max_k``, ``min_k``, ``method``,
+            ``kernel``, ``layer``); the others keep their current values. A ``min_k`` above
+            ``max_k`` is lowered to ``max_k`` (the sliders move independently).
+
+        Returns
+        -------
+        ExplorerState
+            Also stored as ``self.state``; ``elapsed_ms`` is appended to ``self.timings_ms``.
+        """
+        unknown = set(settings) - set(ExplorerSettings.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}; use {list(ExplorerSettings.__dataclass_fields__)}.")
+        s = replace(self.settings, **settings)
+        s = replace(s, alpha=float(s.alpha), max_k=int(s.max_k), min_k=min(int(s.min_k), int(s.max_k)), layer=int(s.layer))
+        self._check(s)
+        start = time.perf_counter()
+        counts = torch.stack([self._layer_counts(s, layer) for layer in self.layers], dim=1)  # (N, L)
+        logits = self.logits[s.layer]  # (N, E)
+        if s.method == "topk":
+            selection = select_experts(logits, method="topk", k=s.max_k, max_k=s.max_k, weights=self.weights, validate=False)
+        else:
+            selection = select_experts(
+                logits, self.pvalues[s.kernel][s.layer], method=s.method, alpha=s.alpha,
+                min_k=s.min_k, max_k=s.max_k, weights=self.weights, validate=False,
+            )
+        column = self.layers.index(s.layer)
+        histogram = torch.bincount(counts[:, column], minlength=s.max_k + 1).numpy()  # (max_k+1,)
+        histogram_all = torch.bincount(counts.reshape(-1), minlength=s.max_k + 1).numpy()  # (max_k+1,)
+        mean_per_layer = counts.double().mean(0).numpy()  # (L,)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        mean_k = float(mean_per_layer.mean())
+        self.settings = s
+        self.state = ExplorerState(
+            settings=s,
+            counts=counts,
+            layers=list(self.layers),
+            histogram=histogram,
+            histogram_all_layers=histogram_all,
+            mean_k_per_layer=mean_per_layer,
+            mean_k=mean_k,
+            relative_compute=mean_k / self.native_k,
+            selection=selection,
+            elapsed_ms=elapsed_ms,
+        )
+        self.timings_ms.append(elapsed_ms)
+        return self.state
+
+    def median_update_ms(self) -> float:
+        """Median of the recorded update times (NaN before the first update)."""
+        return statistics.median(self.timings_ms) if self.timings_ms else float("nan")
+
+    def alpha_table(self, alphas: Sequence[float], **settings: Any):
+        """Mean experts per token for several alphas (other settings as given or current).
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per alpha: ``alpha``, ``mean_k``, ``relative_compute``, ``floor_rate``,
+            ``ceiling_rate`` (shares of token-layers at ``min_k`` / ``max_k``) and one column per
+            layer (``L<i>``: mean k of layer i).
+        """
+        import pandas as pd
+
+        previous = self.settings
+        rows = []
+        try:
+            for alpha in alphas:
+                st = self.update(alpha=alpha, **settings)
+                counts = st.counts
+                row = {
+                    "alpha": float(alpha),
+                    "mean_k": st.mean_k,
+                    "relative_compute": st.relative_compute,
+                    "floor_rate": float((counts == st.settings.min_k).double().mean()),
+                    "ceiling_rate": float((counts == st.settings.max_k).double().mean()),
+                }
+                row.update({f"L{layer}": float(m) for layer, m in zip(st.layers, st.mean_k_per_layer)})
+                rows.append(row)
+        finally:
+            self.update(**asdict(previous))
+        return pd.DataFrame(rows)
+
+    # -- drawing ----------------------------------------------------------------------------
+
+    def figure(self, state: ExplorerState | None = None):
+        """Matplotlib figure of a state: histogram, mean k per layer, per-token counts.
+
+        Built with ``matplotlib.figure.Figure`` (not pyplot), so it is never displayed twice.
+        """
+        from matplotlib.figure import Figure
+
+        st = state or self.state or self.update()
+        s = st.settings
+        # A fixed layout: constrained layout would cost more than the whole update.
+        fig = Figure(figsize=(12, 6.4))
+        grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.1], left=0.06, right=0.99, bottom=0.12,
+                                top=0.95, hspace=0.45, wspace=0.15)
+        ax_hist, ax_mean = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+        ax_tok = fig.add_subplot(grid[1, :])
+
+        k = np.arange(s.max_k + 1)
+        total = max(int(st.histogram.sum()), 1)
+        ax_hist.bar(k, st.histogram / total, color="tab:blue", label=f"layer {s.layer}")
+        ax_hist.step(k, st.histogram_all_layers / max(int(st.histogram_all_layers.sum()), 1),
+                     where="mid", color="black", lw=1.2, label="all layers")
+        ax_hist.axvline(self.native_k, color="tab:red", ls="--", lw=1, label=f"native k={self.native_k}")
+        ax_hist.set(xlabel="experts per token", ylabel="share of tokens",
+                    title=f"{s.method} alpha={s.alpha:.3g} kernel={s.kernel} k in [{s.min_k}, {s.max_k}]")
+        ax_hist.set_xticks(k)
+        ax_hist.legend(fontsize=8)
+
+        ax_mean.bar([str(layer) for layer in st.layers], st.mean_k_per_layer, color="tab:green")
+        ax_mean.axhline(self.native_k, color="tab:red", ls="--", lw=1)
+        ax_mean.set(xlabel="layer", ylabel="mean experts per token",
+                    title=f"mean k {st.mean_k:.2f} = {st.relative_compute:.0%} of native expert compute")
+        ax_mean.set_ylim(0, max(self.native_k, s.max_k) + 0.5)
+
+        t = min(self.view_tokens, self.num_tokens)
+        mat = st.counts[:t].T.numpy()  # (L, t)
+        im = ax_tok.imshow(mat, aspect="auto", cmap="viridis", vmin=0, vmax=s.max_k, interpolation="nearest")
+        ax_tok.set_yticks(range(len(st.layers)), [str(layer) for layer in st.layers])
+        ax_tok.set_xticks(range(t), [repr(tok)[1:-1][:8] for tok in self.tokens[:t]], rotation=90, fontsize=7)
+        ax_tok.set(ylabel="layer", title=f"experts per token, first {t} cached tokens")
+        fig.colorbar(im, ax=ax_tok, label="experts", pad=0.005, fraction=0.03)
+        return fig
+
+    def token_html(self, state: ExplorerState | None = None, limit: int | None = None) -> str:
+        """The first tokens coloured by their experts in the displayed layer (HTML)."""
+        st = state or self.state or self.update()
+        s = st.settings
+        t = min(limit or 4 * self.view_tokens, self.num_tokens)
+        column = st.layers.index(s.layer)
+        counts = st.counts[:t, column].tolist()
+        top = st.selection.indices[:t]
+        spans = []
+        for i, (tok, c) in enumerate(zip(self.tokens[:t], counts)):
+            share = c / max(s.max_k, 1)
+            experts = [e for e in top[i].tolist() if e >= 0]
+            spans.append(
+                f'<span title="{c} experts: {experts}" style="background: rgba(31,119,180,{0.1 + 0.8 * share:.2f});'
+                f' padding:1px; margin:0 1px; border-radius:3px">{html.escape(tok)}</span>'
+            )
+        return (
+            f"<div style='line-height:1.9; font-family:monospace; white-space:pre-wrap'><b>layer {s.layer}</b>"
+            f" (darker = more experts; hover for the expert ids): " + "".join(spans) + "</div>"
+        )
+
+    # -- the live model ---------------------------------------------------------------------
+
+    def selector(self, settings: ExplorerSettings | None = None):
+        """The routing selector of the current (or given) settings, for ``patching.route``."""
+        from bh_helpers.patching import BHSelector, TopKSelector
+
+        s = settings or self.settings
+        if s.method == "topk":
+            return TopKSelector(k=s.max_k, weights=self.weights)
+        return BHSelector(null_bank=self.banks[s.kernel], method=s.method, alpha=s.alpha,
+                          min_k=s.min_k, max_k=s.max_k, weights=self.weights)
+
+    def run_live(
+        self,
+        prompt: str = "The",
+        *,
+        eval_texts: Sequence[str] | None = None,
+        max_new_tokens: int = 24,
+        window: int = 128,
+    ) -> dict[str, Any]:
+        """Generate (greedy) and measure perplexity with the current settings on the live model.
+
+        Parameters
+        ----------
+        prompt : str
+            Prompt for greedy generation, native and routed.
+        eval_texts : sequence of str, optional
+            Texts for perplexity (window ``window``, stride ``window // 2``); skipped when None.
+        max_new_tokens : int
+        window : int
+
+        Returns
+        -------
+        dict
+            ``routed_text``, ``native_text``, ``routed_mean_k``, ``generate_s`` (routed),
+            ``native_generate_s`` and, with ``eval_texts``, ``routed_ppl`` and ``native_ppl``.
+
+        Raises
+        ------
+        ValueError
+            When the explorer was built without ``model`` and ``tokenizer``.
+        """
+        if self.model is None or self.tokenizer is None:
+            raise ValueError("run_live needs the explorer built with `model=` and `tokenizer=`.")
+        from bh_helpers.evaluation import perplexity
+        from bh_helpers.patching import route
+
+        model, tok = self.model, self.tokenizer
+        device = next(model.parameters()).device
+        batch = tok([prompt], return_tensors="pt").to(device)
+        gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        out: dict[str, Any] = {"settings": asdict(self.settings)}
+        with torch.no_grad():
+            start = time.perf_counter()
+            native = model.generate(**batch, **gen_kwargs)
+            out["native_generate_s"] = time.perf_counter() - start
+            with route(model, self.selector()) as rec:
+                start = time.perf_counter()
+                routed = model.generate(**batch, **gen_kwargs)
+                out["generate_s"] = time.perf_counter() - start
+            out["routed_mean_k"] = rec.summary()["mean_k"]
+            if eval_texts:
+                out["native_ppl"] = perplexity(model, tok, list(eval_texts), window=window, progress=False).perplexity
+                with route(model, self.selector()):
+                    out["routed_ppl"] = perplexity(model, tok, list(eval_texts), window=window, progress=False).perplexity
+        out["native_text"] = tok.decode(native[0], skip_special_tokens=True)
+        out["routed_text"] = tok.decode(routed[0], skip_special_tokens=True)
+        return out
+
+    # -- widgets ----------------------------------------------------------------------------
+
+    def widget(self, *, prompt: str = "The", eval_texts: Sequence[str] | None = None, max_new_tokens: int = 24):
+        """Build the ipywidgets UI (sliders, plots, per-token view, "run on the model" button).
+
+        Returns
+        -------
+        ipywidgets.VBox
+            Display it (last expression of a cell). Every slider move calls :meth:`update` and
+            redraws; the timing label shows the computation time of the last update.
+        """
+        import ipywidgets as w
+
+        s = self.settings
+        controls = {
+            "alpha": w.FloatLogSlider(value=s.alpha, base=10, min=-4, max=0, step=0.05, description="alpha",
+                                      readout_format=".4f", continuous_update=True),
+            "max_k": w.IntSlider(value=s.max_k, min=1, max=min(self.num_experts, 2 * self.native_k), description="max_k"),
+            "min_k": w.IntSlider(value=s.min_k, min=0, max=min(self.num_experts, 2 * self.native_k), description="min_k"),
+            "method": w.Dropdown(options=list(EXPLORER_METHODS), value=s.method, description="method"),
+            "kernel": w.Dropdown(options=self.kernels, value=s.kernel, description="kernel"),
+            "layer": w.Dropdown(options=self.layers, value=s.layer, description="layer"),
+        }
+        image = w.Image(format="png")
+        tokens_view = w.HTML()
+        timing = w.HTML()
+        button = w.Button(description="run on the model", icon="play",
+                          disabled=self.model is None or self.tokenizer is None,
+                          tooltip="greedy generation and perplexity with these settings (native alongside)")
+        live = w.Output()
+
+        def redraw(*_: Any) -> None:
+            st = self.update(**{name: c.value for name, c in controls.items()})
+            start = time.perf_counter()
+            buf = io.BytesIO()
+            self.figure(st).savefig(buf, format="png", dpi=80)
+            image.value = buf.getvalue()
+            tokens_view.value = self.token_html(st)
+            draw_ms = (time.perf_counter() - start) * 1e3
+            timing.value = (
+                f"update {st.elapsed_ms:.1f} ms (median {self.median_update_ms():.1f} ms over "
+                f"{len(self.timings_ms)}), drawing {draw_ms:.0f} ms; mean k {st.mean_k:.2f} "
+                f"({st.relative_compute:.0%} of native top-{self.native_k})"
+            )
+
+        def run_clicked(_: Any) -> None:
+            from IPython.display import display
+
+            with live:
+                live.clear_output()
+                button.disabled = True
+                try:
+                    res = self.run_live(prompt, eval_texts=eval_texts, max_new_tokens=max_new_tokens)
+                    display(_live_html(res))
+                finally:
+                    button.disabled = False
+
+        for control in controls.values():
+            control.observe(redraw, names="value")
+        button.on_click(run_clicked)
+        redraw()
+        self._ui = {"controls": controls, "image": image, "tokens": tokens_view, "timing": timing, "live": live}
+        return w.VBox([
+            w.HBox([w.VBox([controls["alpha"], controls["max_k"], controls["min_k"]]),
+                    w.VBox([controls["method"], controls["kernel"], controls["layer"]])]),
+            timing, image, tokens_view, w.HBox([button]), live,
+        ])
+
+
+def _live_html(res: Mapping[str, Any]):
+    from IPython.display import HTML
+
+    rows = [
+        ("native top-k", res["native_text"], res.get("native_ppl"), res["native_generate_s"], None),
+        ("current setting", res["routed_text"], res.get("routed_ppl"), res["generate_s"], res["routed_mean_k"]),
+    ]
+    body = "".join(
+        f"<tr><td>{name}</td><td style='text-align:left'>{html.escape(text)}</td>"
+        f"<td>{'' if ppl is None else f'{ppl:.2f}'}</td><td>{secs:.2f}</td>"
+        f"<td>{'' if k is None else f'{k:.2f}'}</td></tr>"
+        for name, text, ppl, secs, k in rows
+    )
+    return HTML(
+        "<table><tr><th>routing</th><th>greedy generation</th><th>perplexity</th>"
+        f"<th>generate s</th><th>mean k</th></tr>{body}</table>"
+    )
