@@ -26,6 +26,17 @@ FAMILIES = ("olmoe", "olmoe_norm", "mixtral", "qwen2_moe", "qwen3_moe")
 VOCAB = 128
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP threads spin
+    against other processes (a 30-token forward of the tiny model: about 40 ms with 1 thread,
+    over 1 s with 2 under load). Restored after this module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ----------------------------------------------------------------------------------------------
 # Models and data
 # ----------------------------------------------------------------------------------------------
@@ -80,6 +91,16 @@ def olmoe() -> nn.Module:
         model, _ = load_model("tiny")
         return model.float().eval()
     return random_model("olmoe", num_experts=32, top_k=8, seed=1)
+
+
+def assert_rounding_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 rounding, relative to the logit scale.
+
+    transformers' own expert implementations differ from each other by about this much (on the
+    embedded model: 1.0e-5 between "eager" and "grouped_mm" on logits of magnitude 15).
+    """
+    scale = max(1.0, expected.abs().max().item())
+    assert (actual - expected).abs().max().item() < 2e-6 * scale
 
 
 def batch(model: nn.Module, *, rows: int = 3, length: int = 12, seed: int = 0, pad: bool = True) -> dict:
@@ -219,7 +240,7 @@ def test_native_topk_patch_equals_native_logits(family, implementation, olmoe):
         native = model(**inputs).logits
         with route(model, NativeSelector.for_model(model)) as rec:
             patched = model(**inputs).logits
-    assert (patched - native).abs().max().item() < 1e-5
+    assert_rounding_close(patched, native)
     assert rec.summary()["mean_k"] == NativeSelector.for_model(model).k
 
 
@@ -236,15 +257,16 @@ def _generate_pair(model, selector, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "implementation, kwargs",
     [
-        dict(do_sample=False),
-        dict(do_sample=True, top_k=0, temperature=1.0),
-        dict(do_sample=False, num_beams=3),
+        ("grouped_mm", dict(do_sample=False)),
+        ("batched_mm", dict(do_sample=False)),
+        ("eager", dict(do_sample=True, top_k=0, temperature=1.0)),
+        ("grouped_mm", dict(do_sample=True, top_k=0, temperature=1.0)),
+        ("batched_mm", dict(do_sample=False, num_beams=3)),
     ],
-    ids=["greedy", "sampling", "beam"],
+    ids=["greedy-grouped_mm", "greedy-batched_mm", "sampling-eager", "sampling-grouped_mm", "beam-batched_mm"],
 )
-@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
 def test_generate_left_padded_identical_to_native(olmoe, implementation, kwargs):
     olmoe.config._experts_implementation = implementation
     native, patched, rec = _generate_pair(olmoe, NativeSelector.for_model(olmoe), **kwargs)
@@ -252,6 +274,15 @@ def test_generate_left_padded_identical_to_native(olmoe, implementation, kwargs)
     # One prefill plus one call per new token; padding never counted.
     s = rec.summary()
     assert s["forward_calls"] >= 2 and s["std_k"] == 0.0
+    if kwargs.get("num_beams", 1) == 1:
+        prompt = batch(olmoe, rows=2, length=6, seed=5)
+        per_token = rec.per_token_counts()
+        prefill = per_token.call_index == 0
+        assert torch.equal(per_token.token_ids[prefill], prompt["input_ids"][prompt["attention_mask"].bool()])
+        # Decode steps: call c feeds the token generated at step c (the last one is never fed back).
+        decoded = native[:, prompt["input_ids"].shape[1] : -1]  # (B, steps)
+        assert torch.equal(per_token.token_ids[~prefill], decoded.T.reshape(-1))
+        assert s["tokens"] == int(prompt["attention_mask"].sum()) + decoded.numel()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +418,7 @@ def test_accelerate_hook_on_block_keeps_working_and_is_restored():
             n = len(seen)
             patched = model(**inputs).logits
             assert len(seen) == n + 1  # ... and still runs
-    assert (patched - native).abs().max() < 1e-5
+    assert_rounding_close(patched, native)
     assert_restored(model, before)
     assert block.forward is hooked_forward and block._old_forward is old_forward
 
@@ -408,8 +439,8 @@ def test_accelerate_disk_offload_dispatch_model(tmp_path):
         native = model(**inputs).logits
         with route(model, NativeSelector.for_model(model)) as rec:
             patched = model(**inputs).logits
-    assert (native - reference).abs().max() < 1e-5
-    assert (patched - native).abs().max() < 1e-5
+    assert_rounding_close(native, reference)
+    assert_rounding_close(patched, native)
     assert rec.summary()["per_layer"][1]["tokens"] == int(inputs["attention_mask"].sum())
     assert_restored(model, before)
     assert offloaded.gate.weight.device.type == "meta"
@@ -533,7 +564,7 @@ def test_output_router_logits_in_patch_mode_and_router_called_only_then():
         handle.remove()
     assert len(patched.router_logits) == len(native.router_logits)
     torch.testing.assert_close(patched.aux_loss, native.aux_loss)
-    assert (patched.logits - native.logits).abs().max() < 1e-5
+    assert_rounding_close(patched.logits, native.logits)
 
 
 def test_bfloat16_patched_forward_keeps_dtype_and_is_finite():
