@@ -8,7 +8,7 @@ these settings?" in milliseconds. The sliders of :meth:`AlphaExplorer.widget` ca
 
 Why an update is cheap: the number of rejections of BH, BY, Bonferroni and Holm depends only on
 the multiset of a token's p-values, so the p-values are stored sorted per token (ascending) and an
-update is one vectorised :func:`~bh_helpers.selection.fdr_counts` over ``[N, E]`` per layer plus
+update is one vectorised :func:`~bh_helpers.selection.fdr_counts` over ``[L, N, E]`` plus
 one :func:`~bh_helpers.selection.select_experts` on the displayed layer. Nothing touches the model
 until the "run on the model" button (or :meth:`AlphaExplorer.run_live`) is used.
 
@@ -25,7 +25,8 @@ import html
 import io
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -89,7 +90,8 @@ class ExplorerState:
     relative_compute : float
         ``mean_k / native_k`` (expert compute relative to the native top-k).
     selection : Selection
-        The full selection of the displayed layer (``indices`` ``[N, max_k]``).
+        The selection of the displayed layer for the first ``view_rows`` tokens (the per-token
+        view; ``indices`` ``[view_rows, max_k]``).
     elapsed_ms : float
         Wall time of the computation (not of any drawing), in milliseconds.
     """
@@ -104,6 +106,20 @@ class ExplorerState:
     relative_compute: float
     selection: Selection
     elapsed_ms: float
+
+
+@contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` torch intra-op threads, restoring the previous number."""
+    previous = torch.get_num_threads()
+    if n is None or n == previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _decode_tokens(tokens: Any, tokenizer: Any, n: int) -> list[str]:
@@ -143,6 +159,10 @@ class AlphaExplorer:
         Mixing weights used by :meth:`run_live`.
     view_tokens : int, default 48
         Tokens shown in the per-token view.
+    threads : int or None, default 1
+        torch intra-op threads during an update (restored afterwards; None leaves them alone).
+        One thread is fastest for these small tensors on a busy 2-core machine (Colab), where
+        thread hand-offs cost more than the work.
 
     Raises
     ------
@@ -163,6 +183,7 @@ class AlphaExplorer:
         native_k: int | None = None,
         weights: str = "renorm",
         view_tokens: int = DEFAULT_VIEW_TOKENS,
+        threads: int | None = 1,
     ) -> None:
         # Input validation
         if not cached_logits:
@@ -190,6 +211,8 @@ class AlphaExplorer:
         self.tokenizer = tokenizer
         self.weights = weights
         self.view_tokens = int(view_tokens)
+        self.threads = threads
+        self.view_rows = min(n, 4 * self.view_tokens)  # rows of the per-token HTML view
         self.kernels = list(null_banks_by_kernel)
         self.banks = dict(null_banks_by_kernel)
         self.logits = {layer: cached_logits[layer][:n].detach().to("cpu", torch.float32) for layer in self.layers}
@@ -201,14 +224,14 @@ class AlphaExplorer:
         # Precomputed once: p-values per kernel and layer, and the same sorted ascending per
         # token (the rejection counts depend only on the sorted values).
         self.pvalues: dict[str, dict[int, torch.Tensor]] = {}
-        self.sorted_pvalues: dict[str, dict[int, torch.Tensor]] = {}
+        self.sorted_pvalues: dict[str, torch.Tensor] = {}  # kernel -> (L, N, E)
         for kernel, bank in self.banks.items():
-            self.pvalues[kernel] = {}
-            self.sorted_pvalues[kernel] = {}
-            for layer in self.layers:
-                p = bank.pvalues(self.logits[layer], layer).to(torch.float32).contiguous()  # (N, E)
-                self.pvalues[kernel][layer] = p
-                self.sorted_pvalues[kernel][layer] = p.sort(dim=-1).values.contiguous()  # (N, E)
+            self.pvalues[kernel] = {
+                layer: bank.pvalues(self.logits[layer], layer).to(torch.float32).contiguous()  # (N, E)
+                for layer in self.layers
+            }
+            stacked = torch.stack([self.pvalues[kernel][layer] for layer in self.layers])  # (L, N, E)
+            self.sorted_pvalues[kernel] = stacked.sort(dim=-1).values.contiguous()  # (L, N, E)
         self.settings = ExplorerSettings(
             kernel=self.kernels[0], layer=self.layers[0], max_k=min(8, self.num_experts)
         )
@@ -232,11 +255,12 @@ class AlphaExplorer:
         if not 0 <= s.min_k <= s.max_k:
             raise ValueError(f"`min_k` must be in [0, max_k={s.max_k}]; got {s.min_k!r}.")
 
-    def _layer_counts(self, s: ExplorerSettings, layer: int) -> torch.Tensor:
+    def _counts(self, s: ExplorerSettings) -> torch.Tensor:
+        """Experts per token in every layer, ``[N, L]``: one vectorised call over all layers."""
         if s.method == "topk":
-            return torch.full((self.num_tokens,), s.max_k, dtype=torch.long)
-        p = self.sorted_pvalues[s.kernel][layer]  # (N, E)
-        return fdr_counts(p, s.alpha, s.method, validate=False).clamp(s.min_k, s.max_k)  # (N,)
+            return torch.full((self.num_tokens, len(self.layers)), s.max_k, dtype=torch.long)
+        p = self.sorted_pvalues[s.kernel]  # (L, N, E), sorted per token
+        return fdr_counts(p, s.alpha, s.method, validate=False).clamp(s.min_k, s.max_k).T  # (N, L)
 
     def update(self, **settings: Any) -> ExplorerState:
         """Recompute every selection for new settings (the sliders call this).
@@ -259,14 +283,19 @@ class AlphaExplorer:
         s = replace(self.settings, **settings)
         s = replace(s, alpha=float(s.alpha), max_k=int(s.max_k), min_k=min(int(s.min_k), int(s.max_k)), layer=int(s.layer))
         self._check(s)
+        with _intra_op_threads(self.threads):
+            return self._update(s)
+
+    def _update(self, s: ExplorerSettings) -> ExplorerState:
         start = time.perf_counter()
-        counts = torch.stack([self._layer_counts(s, layer) for layer in self.layers], dim=1)  # (N, L)
-        logits = self.logits[s.layer]  # (N, E)
+        counts = self._counts(s)  # (N, L)
+        # Which experts: only for the rows the per-token view shows (the costly part of a selection).
+        logits = self.logits[s.layer][: self.view_rows]  # (V, E)
         if s.method == "topk":
             selection = select_experts(logits, method="topk", k=s.max_k, max_k=s.max_k, weights=self.weights, validate=False)
         else:
             selection = select_experts(
-                logits, self.pvalues[s.kernel][s.layer], method=s.method, alpha=s.alpha,
+                logits, self.pvalues[s.kernel][s.layer][: self.view_rows], method=s.method, alpha=s.alpha,
                 min_k=s.min_k, max_k=s.max_k, weights=self.weights, validate=False,
             )
         column = self.layers.index(s.layer)
@@ -374,7 +403,7 @@ class AlphaExplorer:
         """The first tokens coloured by their experts in the displayed layer (HTML)."""
         st = state or self.state or self.update()
         s = st.settings
-        t = min(limit or 4 * self.view_tokens, self.num_tokens)
+        t = min(limit or self.view_rows, self.view_rows)
         column = st.layers.index(s.layer)
         counts = st.counts[:t, column].tolist()
         top = st.selection.indices[:t]

@@ -1,0 +1,155 @@
+"""Tests of bh_helpers.widgets.AlphaExplorer, driven programmatically (no browser, no model).
+
+The cached logits are synthetic: per token a few "strong" experts are shifted up, so BH has
+something to find and the number of experts per token moves with alpha.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from bh_helpers.nulls import fit_null_bank
+from bh_helpers.selection import fdr_counts, select_experts
+from bh_helpers.widgets import EXPLORER_METHODS, AlphaExplorer
+
+LAYERS = 4
+TOKENS = 2048
+EXPERTS = 64
+
+
+def _logits(seed: int, n: int) -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in range(LAYERS):
+        x = torch.randn(n, EXPERTS, generator=g)  # (n, E)
+        strong = torch.randint(0, EXPERTS, (n, 1 + layer), generator=g)  # (n, s)
+        x.scatter_add_(1, strong, 4.0 + torch.rand(n, 1 + layer, generator=g) * 2)
+        out[layer] = x
+    return out
+
+
+@pytest.fixture(scope="module")
+def explorer() -> AlphaExplorer:
+    calibration = _logits(0, 4096)
+    banks = {k: fit_null_bank(calibration, kernel=k) for k in ("gaussian", "empirical")}
+    cached = _logits(1, TOKENS)
+    tokens = [f"tok{i}" for i in range(TOKENS)]
+    return AlphaExplorer(cached, banks, tokens, max_tokens=TOKENS)
+
+
+def test_alpha_moves_counts_monotonically(explorer):
+    alphas = [1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5]
+    means, hists = [], []
+    for alpha in alphas:
+        state = explorer.update(alpha=alpha, method="bh", min_k=0, max_k=16, kernel="gaussian", layer=2)
+        means.append(state.mean_k)
+        hists.append(state.histogram.copy())
+        assert state.histogram.sum() == TOKENS
+        assert state.histogram_all_layers.sum() == TOKENS * LAYERS
+        assert state.counts.shape == (TOKENS, LAYERS)
+    assert all(a <= b for a, b in zip(means, means[1:])), means
+    assert means[-1] > means[0] + 0.5, means
+    assert not np.array_equal(hists[0], hists[-1])
+    print("mean k by alpha:", dict(zip(alphas, np.round(means, 3))))
+
+
+def test_counts_match_library_selection(explorer):
+    state = explorer.update(alpha=0.05, method="bh", min_k=1, max_k=8, kernel="empirical", layer=1)
+    p = explorer.banks["empirical"].pvalues(explorer.logits[1], 1)
+    expected = fdr_counts(p, 0.05, "bh").clamp(1, 8)
+    assert torch.equal(state.counts[:, 1], expected)
+    v = explorer.view_rows
+    assert torch.equal(state.selection.counts, expected[:v])
+    ref = select_experts(explorer.logits[1][:v], p[:v], method="bh", alpha=0.05, min_k=1, max_k=8)
+    assert torch.equal(state.selection.indices, ref.indices)
+
+
+@pytest.mark.parametrize("method", EXPLORER_METHODS)
+def test_every_method_and_bounds(explorer, method):
+    state = explorer.update(method=method, alpha=0.1, min_k=2, max_k=6, kernel="gaussian", layer=0)
+    assert int(state.counts.min()) >= 2 and int(state.counts.max()) <= 6
+    if method == "topk":
+        assert bool((state.counts == 6).all())
+
+
+def test_max_k_and_kernel_change_outputs(explorer):
+    wide = explorer.update(method="bh", alpha=0.5, min_k=1, max_k=16, kernel="gaussian")
+    narrow = explorer.update(max_k=2)
+    assert narrow.mean_k < wide.mean_k
+    assert narrow.histogram.shape == (3,)
+    # min_k above max_k is lowered to max_k, never an error (sliders move independently).
+    assert explorer.update(min_k=5, max_k=3).settings.min_k == 3
+    other = explorer.update(kernel="empirical", max_k=16, min_k=1)
+    assert other.settings.kernel == "empirical"
+
+
+def test_bad_settings_raise(explorer):
+    with pytest.raises(ValueError, match="method"):
+        explorer.update(method="nope")
+    with pytest.raises(ValueError, match="kernel"):
+        explorer.update(kernel="cosine")
+    with pytest.raises(ValueError, match="unknown settings"):
+        explorer.update(alfa=0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        explorer.update(alpha=0.0)
+
+
+def test_update_time(explorer):
+    """Each slider move must recompute in well under 100 ms; asserted against 1 s (shared CPUs)."""
+    explorer.timings_ms.clear()
+    alphas = np.geomspace(1e-4, 0.9, 25)
+    for i, alpha in enumerate(alphas):
+        explorer.update(alpha=float(alpha), kernel=("gaussian", "empirical")[i % 2], layer=i % LAYERS, max_k=8, min_k=1)
+    median = statistics.median(explorer.timings_ms)
+    print(f"AlphaExplorer.update median {median:.2f} ms over {len(explorer.timings_ms)} updates "
+          f"({TOKENS} tokens x {LAYERS} layers x {EXPERTS} experts); max {max(explorer.timings_ms):.2f} ms")
+    assert median == explorer.median_update_ms()
+    assert median < 1000.0
+
+
+def test_alpha_table_and_restores_settings(explorer):
+    explorer.update(alpha=0.05, method="bh", min_k=1, max_k=8, kernel="gaussian", layer=0)
+    table = explorer.alpha_table([0.001, 0.1, 0.5])
+    assert list(table["alpha"]) == [0.001, 0.1, 0.5]
+    assert table["mean_k"].is_monotonic_increasing
+    assert {f"L{layer}" for layer in range(LAYERS)} <= set(table.columns)
+    assert explorer.settings.alpha == 0.05
+
+
+def test_figure_html_and_widget(explorer):
+    pytest.importorskip("ipywidgets")
+    state = explorer.update(alpha=0.05, method="bh", layer=3)
+    fig = explorer.figure(state)
+    assert len(fig.axes) >= 3
+    assert "layer 3" in explorer.token_html(state)
+    ui = explorer.widget()
+    controls = explorer._ui["controls"]
+    before = explorer.state.mean_k
+    n = len(explorer.timings_ms)
+    controls["alpha"].value = 0.5  # a slider move runs update() and redraws
+    assert len(explorer.timings_ms) == n + 1
+    assert explorer.state.settings.alpha == pytest.approx(0.5)
+    assert explorer.state.mean_k > before
+    assert explorer._ui["image"].value[:4] == b"\x89PNG"
+    assert "update" in explorer._ui["timing"].value
+    assert ui.children
+
+
+def test_run_live_needs_model(explorer):
+    with pytest.raises(ValueError, match="model"):
+        explorer.run_live("hello")
+
+
+def test_validation_of_inputs():
+    cached = _logits(2, 64)
+    bank = fit_null_bank({0: cached[0]})
+    with pytest.raises(ValueError, match="no null for cached layers"):
+        AlphaExplorer(cached, {"gaussian": bank}, [str(i) for i in range(64)])
+    with pytest.raises(ValueError, match="tokens"):
+        AlphaExplorer({0: cached[0]}, {"gaussian": bank}, ["a", "b"])
+    ex = AlphaExplorer({0: cached[0]}, {"gaussian": bank}, torch.arange(64), max_tokens=10)
+    assert ex.num_tokens == 10 and ex.tokens[:2] == ["0", "1"]
