@@ -1,0 +1,211 @@
+"""A markdown report of a routing sweep: tables, plots, protocol and provenance, in one call.
+
+:func:`write_report` writes ``report.md`` into a folder, saves every figure next to it as a PNG
+and links it from the markdown, so the folder is self-contained (view it on GitHub, in VS Code
+or with any markdown viewer). Tables are plain GitHub markdown written by
+:func:`markdown_table` (no ``tabulate`` dependency).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["markdown_table", "results_table", "write_report", "REPORT_NAME"]
+
+REPORT_NAME = "report.md"
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _cell(value: Any, floatfmt: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return format(value, floatfmt)
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return _cell(value.item(), floatfmt)
+    text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows, *, columns: Sequence[str] | None = None, floatfmt: str = ".4g") -> str:
+    """A GitHub-flavoured markdown table.
+
+    Parameters
+    ----------
+    rows : pandas.DataFrame or sequence of mapping
+        The table body; a DataFrame's columns (or the first row's keys) give the header.
+    columns : sequence of str, optional
+        Columns to show, in this order (default: all).
+    floatfmt : str, default ".4g"
+        ``format`` spec of float cells (``NaN`` is written ``n/a``; strings are kept as they are).
+
+    Returns
+    -------
+    str
+        Header line, separator line, one line per row (no trailing newline).
+
+    Examples
+    --------
+    >>> print(markdown_table([{"a": 1, "b": 0.5}, {"a": 2, "b": float("nan")}]))
+    | a | b |
+    |---|---|
+    | 1 | 0.5 |
+    | 2 | n/a |
+    """
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
+        records = rows.to_dict(orient="records")
+        names = list(columns) if columns is not None else [str(c) for c in rows.columns]
+    else:
+        records = [dict(r) for r in rows]
+        names = list(columns) if columns is not None else (list(records[0]) if records else [])
+    if not names:
+        raise ValueError("`rows` has no columns; pass a non-empty table or `columns=`.")
+    missing = [c for c in names if records and c not in records[0]]
+    if missing:
+        raise ValueError(f"`columns` names {missing}, which `rows` does not have.")
+    lines = ["| " + " | ".join(_cell(n, floatfmt) for n in names) + " |", "|" + "|".join("---" for _ in names) + "|"]
+    for rec in records:
+        lines.append("| " + " | ".join(_cell(rec.get(n), floatfmt) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def results_table(results, *, metric: str = "perplexity", cost: str = "mean_experts_per_token") -> str:
+    """Markdown table of a sweep: one row per (configuration, data set), in file order.
+
+    Columns: data set, configuration, ``metric``, mean experts per token, relative compute
+    (when present), share of token-layers at the floor/ceiling (when present), seconds.
+    """
+    wanted = [("dataset", "dataset"), ("label", "configuration"), (metric, metric), (cost, "mean k"),
+              ("relative_compute", "compute vs native"), ("floor_rate", "at floor"), ("ceiling_rate", "at ceiling"),
+              ("elapsed_s", "seconds")]
+    present = [(c, name) for c, name in wanted if c in results.columns]
+    rows = [{name: r[c] for c, name in present} for _, r in results.iterrows()]
+    return markdown_table(rows, columns=[name for _, name in present])
+
+
+def _json_block(obj: Any) -> str:
+    return "```json\n" + json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n```"
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def _table_or_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "columns"):
+        return markdown_table(value)
+    if isinstance(value, Sequence):
+        return markdown_table(value)
+    raise ValueError(f"a table must be a markdown string, a DataFrame or a list of dicts, got {type(value).__name__}.")
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    *,
+    results,
+    frontier=None,
+    figures: Mapping[str, Any] | None = None,
+    protocol: Mapping[str, Any] | str | None = None,
+    model_info: Mapping[str, Any] | None = None,
+    null_metadata: Mapping[str, Any] | Any | None = None,
+    tables: Mapping[str, Any] | None = None,
+    title: str = "BH routing report",
+    notes: str | None = None,
+    metric: str = "perplexity",
+) -> Path:
+    """Write ``report.md`` (and one PNG per figure) into ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Folder (created when missing); ``report.md`` and the PNGs in it are replaced.
+    results : pandas.DataFrame
+        Sweep results (:func:`bh_helpers.experiments.load_results`).
+    frontier : pandas.DataFrame, optional
+        :func:`bh_helpers.frontier.compute_frontier` output (its markdown table is included).
+    figures : mapping of str to Figure, optional
+        ``{name: matplotlib Figure}``; saved as ``<name>.png`` (name sanitised) and embedded
+        in insertion order, with the name as caption. Figures are not closed.
+    protocol : mapping or str, optional
+        The evaluation protocol (window, stride, token weighting, data, tokens scored).
+    model_info : mapping, optional
+        Model id, layers, experts, native k, dtype, device, ...
+    null_metadata : mapping or NullBankMetadata, optional
+        Provenance of the null bank (a dataclass is converted with ``asdict``).
+    tables : mapping of str to table, optional
+        Extra sections ``{heading: markdown string, DataFrame or list of dicts}``.
+    title : str
+    notes : str, optional
+        Free text placed after the title.
+    metric : str, default "perplexity"
+        Metric column of the results table.
+
+    Returns
+    -------
+    Path
+        The written ``report.md``.
+
+    Raises
+    ------
+    ValueError
+        ``results`` is not a DataFrame, or a figure has no ``savefig``.
+    """
+    from dataclasses import asdict, is_dataclass
+
+    from bh_helpers.frontier import frontier_markdown
+
+    if not (hasattr(results, "columns") and hasattr(results, "iterrows")):
+        raise ValueError("`results` must be a pandas DataFrame (bh_helpers.experiments.load_results).")
+    figures = dict(figures or {})
+    for name, fig in figures.items():
+        if not hasattr(fig, "savefig"):
+            raise ValueError(f"`figures[{name!r}]` must be a matplotlib Figure, got {type(fig).__name__}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    parts = [f"# {title}", "", f"Written {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}."]
+    if notes:
+        parts += ["", notes.strip()]
+    if frontier is not None and len(frontier):
+        parts += ["", "## Compute-matched frontier", "", frontier_markdown(frontier).rstrip()]
+    parts += ["", "## All results", "", results_table(results, metric=metric) if len(results) else "(no rows yet)"]
+    for heading, table in (tables or {}).items():
+        parts += ["", f"## {heading}", "", _table_or_text(table).rstrip()]
+    if figures:
+        parts += ["", "## Figures"]
+        used: set[str] = set()
+        for name, fig in figures.items():
+            stem = _SAFE_NAME.sub("_", str(name)).strip("_") or "figure"
+            while stem in used:
+                stem += "_"
+            used.add(stem)
+            _save_figure(fig, out / f"{stem}.png")
+            parts += ["", f"### {name}", "", f"![{name}]({stem}.png)"]
+    parts += ["", "## Evaluation protocol", ""]
+    if protocol is None:
+        parts.append("(not stated)")
+    elif isinstance(protocol, str):
+        parts.append(protocol.strip())
+    else:
+        parts.append(_json_block(dict(protocol)))
+    if model_info is not None:
+        parts += ["", "## Model", "", _json_block(dict(model_info))]
+    if null_metadata is not None:
+        meta = asdict(null_metadata) if is_dataclass(null_metadata) else dict(null_metadata)
+        parts += ["", "## Null bank", "", _json_block(meta)]
+    path = out / REPORT_NAME
+    tmp = path.with_name(REPORT_NAME + ".tmp")
+    tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
