@@ -22,6 +22,11 @@ the block, the patch goes to accelerate's ``_old_forward`` so the hook keeps run
 same block twice at once (nested ``route`` on overlapping layers) raises ``RuntimeError``; nested
 contexts on disjoint layers are fine.
 
+The router module itself is not called by a patched block, except when the forward call records
+router outputs (``output_router_logits=True``): transformers collects those with a hook on the
+router, so the block then calls it (its return value unused) to keep ``router_logits`` and the
+auxiliary loss available.
+
 Examples
 --------
 >>> from bh_helpers.patching import route, TopKSelector
@@ -476,10 +481,14 @@ class RoutingRecorder:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_selection(selection: Any, rows: int, num_experts: int, layer: int) -> None:
+def _check_selection(selection: Any, rows: int, layer: int) -> None:
+    """A selector's answer must be a Selection of ``[T, K]`` indices and weights."""
     if not isinstance(selection, Selection):
-        raise TypeError(f"the selector returned {type(selection).__name__} for layer {layer}; it must return a Selection.")
-    if selection.indices.dim() != 2 or selection.indices.shape[0] != rows or selection.weights.shape != selection.indices.shape:
+        raise TypeError(
+            f"the selector returned {type(selection).__name__} for layer {layer}; it must return a Selection."
+        )
+    indices, weights = selection.indices, selection.weights
+    if indices.dim() != 2 or indices.shape[0] != rows or weights.shape != indices.shape:
         raise ValueError(
             f"the selector returned indices {tuple(selection.indices.shape)} / weights "
             f"{tuple(selection.weights.shape)} for {rows} tokens at layer {layer}; both must be [T, K]."
@@ -490,14 +499,14 @@ def _make_forward(
     block: MoEBlock, original: Callable[..., torch.Tensor], selector: Selector, recorder: RoutingRecorder, mode: str
 ) -> Callable[..., torch.Tensor]:
     """Build (without installing) the replacement forward of one block."""
-    layer, adapter, num_experts = block.layer, block.adapter, block.num_experts
+    layer, adapter = block.layer, block.adapter
 
     def forward(module: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         shape = hidden_states.shape  # (B, S, H)
         hidden = hidden_states.reshape(-1, shape[-1])  # (T, H)
         logits = router_logits(module, hidden)  # (T, E) float32
         selection = selector(logits, layer)
-        _check_selection(selection, hidden.shape[0], num_experts, layer)
+        _check_selection(selection, hidden.shape[0], layer)
         recorder._record(layer, selection)
         if mode == "analyze":
             return original(hidden_states, *args, **kwargs)
