@@ -162,17 +162,21 @@ def evaluate(model, tokenizer, records: list[dict], unigram_counts: np.ndarray |
             for d in DOMAINS}
     out: dict = {"protocol": PROTOCOL, "window": WINDOW, "domains": {}}
     for d in DOMAINS:
-        nll, n = nll_sum(model, wins[d])
-        entry = {"windows": len(wins[d]), "tokens_scored": n, "model_ppl": math.exp(nll / n)}
+        topk, n = {}, 0
+        for k in TOPKS:
+            with static_top_k(model, k):
+                s, n = nll_sum(model, wins[d])
+            topk[str(k)] = math.exp(s / n)
+        if native_k in TOPKS:  # the native-k pass is the model's own perplexity
+            model_ppl = topk[str(native_k)]
+        else:
+            s, n = nll_sum(model, wins[d])
+            model_ppl = math.exp(s / n)
+        entry = {"windows": len(wins[d]), "tokens_scored": n, "model_ppl": model_ppl}
         if unigram_counts is not None:
             unll, un = unigram_nll_sum(unigram_logprobs(unigram_counts), wins[d])
             entry["unigram_ppl"] = math.exp(unll / un)
             entry["unigram_over_model_ppl"] = entry["unigram_ppl"] / entry["model_ppl"]
-        topk = {}
-        for k in TOPKS:
-            with static_top_k(model, k):
-                s, c = nll_sum(model, wins[d])
-            topk[str(k)] = math.exp(s / c)
         entry["static_topk_ppl"] = topk
         entry["static_topk_ppl_decreasing"] = all(topk[str(a)] > topk[str(b)] for a, b in zip(TOPKS, TOPKS[1:]))
         out["domains"][d] = entry

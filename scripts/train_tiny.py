@@ -156,10 +156,17 @@ def sample_batch(train: dict[str, torch.Tensor], batch_size: int, gen: torch.Gen
 
 
 def eval_windows(data: torch.Tensor, n_windows: int) -> torch.Tensor:
-    """Non-overlapping SEQ_LEN windows from the start of a split (0 = all full windows)."""
+    """Non-overlapping SEQ_LEN windows of a split (0 = all full windows).
+
+    A subset is spread evenly over the split, so the periodic validation (which picks the kept
+    weights) sees many documents, not only the first few.
+    """
     total = data.numel() // SEQ_LEN
-    n = total if n_windows <= 0 else min(n_windows, total)
-    return data[: n * SEQ_LEN].view(n, SEQ_LEN)  # (n, T)
+    all_windows = data[: total * SEQ_LEN].view(total, SEQ_LEN)  # (total, T)
+    if n_windows <= 0 or n_windows >= total:
+        return all_windows
+    idx = torch.linspace(0, total - 1, n_windows, device=data.device).round().long()
+    return all_windows[idx]  # (n, T)
 
 
 def autocast(device: torch.device):
@@ -431,8 +438,9 @@ def main(argv=None) -> None:
             "max_steps": args.steps, "max_minutes": args.max_minutes, "seed": args.seed,
         },
         "final_validation": final_info,
-        "validation_protocol": (f"non-overlapping {SEQ_LEN}-token windows from the start of each valid split, "
-                                f"each scored independently ({SEQ_LEN - 1} predicted tokens per window), token-weighted mean"),
+        "validation_protocol": (f"non-overlapping {SEQ_LEN}-token windows of each valid split (all of them, or "
+                                "a subset spread evenly over the split), each scored independently "
+                                f"({SEQ_LEN - 1} predicted tokens per window), token-weighted mean"),
     }
     (args.out / "training_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     print(f"saved {args.out} (model.safetensors {size_mb:.1f} MB); {tokens_seen / 1e6:.1f} M tokens in "

@@ -318,7 +318,7 @@ def test_model_card_claims_on_small_slice(tiny):
     model, tok = tiny
     card = _model_card_module()
     counts = _unigram_counts(model.config.vocab_size)
-    metrics = card.evaluate(model, tok, load_corpus_slice("evaluation"), counts, max_windows=4)
+    metrics = card.evaluate(model, tok, load_corpus_slice("evaluation"), counts, max_windows=8)
     for domain, entry in metrics["domains"].items():
         if counts is not None:
             assert entry["unigram_over_model_ppl"] >= 3.0, (domain, entry)
