@@ -1,0 +1,144 @@
+# %% [markdown]
+# # 01 · Log router logits
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/bh-routing/bh-routing/blob/main/notebooks/01_log_router_logits.ipynb)
+#
+# *(The badge points at the GitHub organisation `bh-routing`, a placeholder: replace it with the
+# organisation or user that hosts your copy of the repository.)*
+#
+# A mixture-of-experts (MoE) layer scores every expert with a **router logit** and, natively,
+# runs the top-k of them (OLMoE: 8 of 64). Benjamini-Hochberg (BH) routing instead asks, per
+# token, *which experts' logits are unusually large* compared to a **null distribution** of
+# router logits. This notebook collects the raw material for that null:
+#
+# 1. load the model (OLMoE-1B-7B on a GPU with internet, otherwise the tiny OLMoE embedded in the package);
+# 2. run it over calibration text with capture hooks and log the float32 router logits of every MoE layer;
+# 3. save them for notebooks 02 and 04;
+# 4. look at them: logit distributions per layer, expert usage, which tokens go where.
+# %% [markdown]
+# **Setup.** On Colab the next cell clones the repository and installs it with its notebook
+# extras and transformers v5 (Colab preinstalls an older transformers). Anywhere else (your
+# machine, CI) it does nothing: install the package yourself with `pip install -e ".[notebooks]"`.
+
+# %%
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+IN_COLAB = "google.colab" in sys.modules
+REPO_URL = "https://github.com/bh-routing/bh-routing.git"  # placeholder organisation: use your fork's
+PIP_INSTALL = ["-m", "pip", "install", "-q", "-e", ".[notebooks]", "transformers>=5.23,<6"]
+if IN_COLAB:
+    here = Path.cwd()
+    repo = here.parent if (here.parent / "pyproject.toml").is_file() else here / "bh-routing"
+    if not (repo / "pyproject.toml").is_file():
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(repo)], check=True)
+    subprocess.run([sys.executable, *PIP_INSTALL], cwd=repo, check=True)
+    sys.path.insert(0, str(repo))  # the editable install is only seen by new processes
+    os.chdir(repo / "notebooks")  # outputs/ then lands next to the notebooks, as locally
+
+# %% [markdown]
+# **Parameters.** `BH_MODEL` picks the model (`auto`, `tiny`, or a hub id) and
+# `BH_NOTEBOOK_SMALL=1` shrinks the run to CI size; without the variable the notebook runs small
+# exactly when there is no GPU.
+
+# %%
+from bh_helpers import notebook_utils as nbu
+
+MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
+SMALL = nbu.small_mode()  # BH_NOTEBOOK_SMALL=1/0; default: small without a CUDA GPU
+N_TEXTS = 24 if SMALL else None  # calibration documents (None: all of the committed slice)
+MAX_LENGTH = 128 if SMALL else 512  # tokens per document
+BATCH_SIZE = 8
+MAX_TOKENS_PER_LAYER = None if SMALL else 100_000  # uniform subsample cap (same tokens in all layers)
+OUTPUT_ROOT = "outputs"  # relative to this notebook
+print(f"model={MODEL_NAME!r} small={SMALL} texts={N_TEXTS} max_length={MAX_LENGTH}")
+
+# %% [markdown]
+# ## 1. Load the model
+# `load_model("auto")` takes OLMoE-1B-7B from the hub when a CUDA GPU and the hub are available
+# (fp16 on a T4, bf16 on Ampere and newer) and the embedded tiny OLMoE (6 MoE layers of 64
+# experts, top-8, trained for this project) otherwise. GPU memory is freed first, and a model
+# that does not fit is spread over GPU and CPU with `device_map="auto"`.
+
+# %%
+import pandas as pd
+import torch
+
+from bh_helpers.capture import capture_router_logits
+
+model, tokenizer = nbu.load_notebook_model(MODEL_NAME)
+MODEL_KEY = nbu.model_key(model)
+OUT = nbu.output_dir(MODEL_KEY, OUTPUT_ROOT)
+pd.DataFrame([nbu.describe_model(model)])
+
+# %% [markdown]
+# ## 2. Capture router logits on calibration text
+# The calibration slice ships with the package (prose and code, disjoint from the evaluation
+# slice used later). A forward pre-hook on each MoE block recomputes the router logits from the
+# block input in float32; padding tokens are dropped and every layer keeps the same tokens, so
+# row `i` of every layer is one token.
+
+# %%
+texts = nbu.calibration_texts(N_TEXTS)
+batches = nbu.token_batches(tokenizer, texts, batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
+captured = capture_router_logits(model, batches, max_tokens_per_layer=MAX_TOKENS_PER_LAYER)
+captured
+
+# %%
+LOGITS_PATH = OUT / "router_logits.pt"
+nbu.save_router_logits(
+    captured, LOGITS_PATH, model=MODEL_KEY, n_texts=N_TEXTS, max_length=MAX_LENGTH,
+    max_tokens_per_layer=MAX_TOKENS_PER_LAYER,
+)
+print(f"saved {captured.num_tokens} tokens x {len(captured)} layers to {LOGITS_PATH} "
+      f"({LOGITS_PATH.stat().st_size / 1e6:.1f} MB)")
+
+# %% [markdown]
+# ## 3. What router logits look like
+# Grey: all logits of a layer (pooled over experts), the distribution a pooled null describes.
+# Red and blue: each token's largest and 8th-largest logit, the experts native top-8 runs.
+# **What to look for:** the chosen experts sit in the right tail of the pooled distribution. The
+# further the red curve is from the grey bulk, the more confidently the router separates a few
+# experts from the rest; where the blue curve overlaps the bulk, the last native experts are not
+# distinguishable from "typical" logits, which is exactly the case BH can skip.
+
+# %%
+nbu.show(nbu.plot_logit_distributions(captured), OUT / "01_logit_distributions.png")
+
+# %%
+stats = pd.DataFrame({
+    layer: {
+        "mean": float(x.mean()), "std": float(x.std()),
+        "top-1 mean": float(x.max(-1).values.mean()),
+        "top-8 margin (1st - 8th)": float((x.topk(8, -1).values[:, 0] - x.topk(8, -1).values[:, -1]).mean()),
+    }
+    for layer, x in captured.items()
+}).T.rename_axis("layer")
+stats.round(3)
+
+# %% [markdown]
+# ## 4. Expert usage under native top-8
+# **What to look for:** a flat sorted-usage curve at 8/64 means a balanced router (what the
+# load-balancing loss trains for); a steep head means a few experts take most tokens, which a
+# per-token adaptive rule will also reflect.
+
+# %%
+nbu.show(nbu.plot_expert_usage(captured), OUT / "01_expert_usage.png")
+
+# %% [markdown]
+# ## 5. Which tokens route where
+# First, the top-3 experts of the first tokens of one calibration document in every layer;
+# then, for the most used experts of the middle layer, the tokens they receive most often.
+# Experts often specialise on token types (punctuation, whitespace, code keywords).
+
+# %%
+nbu.routing_table(captured, tokenizer, sequence=0, tokens=16)
+
+# %%
+MIDDLE = captured.layers[len(captured.layers) // 2]
+nbu.top_tokens_per_expert(captured, tokenizer, layer=MIDDLE, experts=8)
+
+# %% [markdown]
+# **Next:** notebook 02 fits null distributions to these logits and checks them on held-out text.
