@@ -429,6 +429,7 @@ def test_accelerate_disk_offload_dispatch_model(tmp_path):
     inputs = batch(model)
     with torch.no_grad():
         reference = model(**inputs).logits
+    captured_before = capture_router_logits(model, [inputs], progress=False)
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     model = accelerate.dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path))
@@ -443,6 +444,11 @@ def test_accelerate_disk_offload_dispatch_model(tmp_path):
     assert_rounding_close(patched, native)
     assert rec.summary()["per_layer"][1]["tokens"] == int(inputs["attention_mask"].sum())
     assert_restored(model, before)
+    assert offloaded.gate.weight.device.type == "meta"
+    # Capture reads the offloaded router weight through the same accelerate hook.
+    captured = capture_router_logits(model, [inputs], progress=False)
+    for layer in captured:
+        torch.testing.assert_close(captured[layer], captured_before[layer], rtol=0, atol=1e-6)
     assert offloaded.gate.weight.device.type == "meta"
 
 
