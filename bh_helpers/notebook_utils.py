@@ -35,6 +35,7 @@ from bh_helpers.models import OLMOE_HUB_ID, EMBEDDED_MODEL_DIR, hub_reachable, l
 __all__ = [
     "calibration_texts",
     "choose_kernel",
+    "committed_bank_dir",
     "describe_model",
     "evaluation_texts",
     "free_accelerator_memory",
@@ -173,6 +174,15 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
         "device": str(param.device),
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
     }
+
+
+def committed_bank_dir(key: str) -> Path:
+    """Where the repository keeps the fitted null bank of a model (``kde_models/<model>/``)."""
+    try:
+        from bh_helpers.pipeline import default_null_bank_dir
+    except ImportError:  # the pipeline module is optional here
+        return Path(__file__).resolve().parents[1] / "kde_models" / model_slug(key)
+    return Path(default_null_bank_dir(key))
 
 
 def output_dir(key: str, root: str | os.PathLike = "outputs") -> Path:

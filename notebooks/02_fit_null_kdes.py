@@ -1,0 +1,151 @@
+# %% [markdown]
+# # 02 · Fit null distributions of router logits
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/bh-routing/bh-routing/blob/main/notebooks/02_fit_null_kdes.ipynb)
+#
+# *(The badge points at the GitHub organisation `bh-routing`, a placeholder: replace it with the
+# organisation or user that hosts your copy of the repository.)*
+#
+# BH turns every router logit into a p-value `p = P(X >= x)` under a **null distribution** of
+# router logits of that layer, then picks, per token, the experts whose p-values survive the
+# BH step-up at level alpha. The null decides everything, so this notebook:
+#
+# 1. loads the logits captured in notebook 01 (or captures them if 01 has not run);
+# 2. holds out a quarter of the calibration **documents**;
+# 3. fits the four kernel density estimates (Gaussian, tophat, Epanechnikov, linear) and the
+#    empirical distribution per layer on the rest;
+# 4. checks each against the held-out logits: KS distance, uniformity of the held-out p-values
+#    (PIT), and the tail, where BH actually operates;
+# 5. refits the chosen kernel on all logits and saves the `NullBank` for notebook 03.
+# %% [markdown]
+# **Setup.** On Colab the next cell clones the repository and installs it with its notebook
+# extras and transformers v5 (Colab preinstalls an older transformers). Anywhere else (your
+# machine, CI) it does nothing: install the package yourself with `pip install -e ".[notebooks]"`.
+
+# %%
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+IN_COLAB = "google.colab" in sys.modules
+REPO_URL = "https://github.com/bh-routing/bh-routing.git"  # placeholder organisation: use your fork's
+PIP_INSTALL = ["-m", "pip", "install", "-q", "-e", ".[notebooks]", "transformers>=5.23,<6"]
+if IN_COLAB:
+    here = Path.cwd()
+    repo = here.parent if (here.parent / "pyproject.toml").is_file() else here / "bh-routing"
+    if not (repo / "pyproject.toml").is_file():
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(repo)], check=True)
+    subprocess.run([sys.executable, *PIP_INSTALL], cwd=repo, check=True)
+    sys.path.insert(0, str(repo))  # the editable install is only seen by new processes
+    os.chdir(repo / "notebooks")  # outputs/ then lands next to the notebooks, as locally
+
+# %% [markdown]
+# **Parameters** (`BH_MODEL`, `BH_NOTEBOOK_SMALL` as in notebook 01; the capture settings must
+# match 01's for its saved logits to be reused).
+
+# %%
+from bh_helpers import notebook_utils as nbu
+
+MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
+SMALL = nbu.small_mode()  # BH_NOTEBOOK_SMALL=1/0; default: small without a CUDA GPU
+N_TEXTS = 24 if SMALL else None  # as in notebook 01
+MAX_LENGTH = 128 if SMALL else 512
+MAX_TOKENS_PER_LAYER = None if SMALL else 100_000
+KERNELS = ["gaussian", "tophat", "epanechnikov", "linear", "empirical"]
+HELD_OUT_FRACTION = 0.25  # share of calibration documents held out
+OUTPUT_ROOT = "outputs"
+# Small (CI) runs write the bank under outputs/ and never touch the committed kde_models/.
+SAVE_TO_REPOSITORY = not SMALL
+print(f"model={MODEL_NAME!r} small={SMALL} save_to_repository={SAVE_TO_REPOSITORY}")
+
+# %% [markdown]
+# ## 1. Router logits from notebook 01
+
+# %%
+import time
+
+import pandas as pd
+
+from bh_helpers.nulls import NullBank, fit_null_bank
+
+MODEL_KEY = nbu.resolve_model_key(MODEL_NAME)
+OUT = nbu.output_dir(MODEL_KEY, OUTPUT_ROOT)
+captured, model, tokenizer = nbu.get_router_logits(
+    OUT / "router_logits.pt", model_name=MODEL_NAME, n_texts=N_TEXTS, max_length=MAX_LENGTH,
+    max_tokens_per_layer=MAX_TOKENS_PER_LAYER,
+)
+fit_logits, held_out = nbu.split_by_sequence(captured, held_out_fraction=HELD_OUT_FRACTION)
+first = captured.layers[0]
+print(captured)
+print(f"fit on {fit_logits[first].shape[0]} tokens, held out {held_out[first].shape[0]} tokens "
+      f"(whole documents), {fit_logits[first].shape[1]} experts per layer")
+
+# %% [markdown]
+# ## 2. Fit every kernel per layer
+# One null per layer, pooled over the experts. Bandwidths follow Scott's rule. Each null is
+# stored as an exact CDF on a fine grid with exponential tails beyond the data, so the
+# strongest experts never tie at p = 0.
+
+# %%
+banks, fit_seconds = {}, {}
+for kernel in KERNELS:
+    start = time.perf_counter()
+    banks[kernel] = fit_null_bank(fit_logits, kernel=kernel, model_id=MODEL_KEY,
+                                  calibration="committed calibration slice (fit part)")
+    fit_seconds[kernel] = time.perf_counter() - start
+pd.Series(fit_seconds, name="fit seconds (all layers)").round(2).to_frame()
+
+# %% [markdown]
+# ## 3. Goodness of fit on held-out documents
+# * **KS distance**: the largest gap between a null's CDF and the held-out empirical CDF.
+# * **PIT KS statistic / p-value**: held-out p-values should be Uniform(0, 1) if the null is right
+#   (on a subsample of at most 20 000 values; with more, any misfit is "significant").
+# * **p<=t columns**: the share of held-out p-values at or below t. BH compares the smallest
+#   p-values against `k * alpha / 64`, so what matters most is this tail: a share above t means
+#   the null's tail is too light and BH will pick too many experts; below t, too few.
+
+# %%
+table = nbu.goodness_table(banks, held_out)
+table.round(4)
+
+# %%
+summary = (
+    table.drop(columns="layer").groupby("kernel", sort=False).mean()
+    .sort_values("ks_distance")
+)
+summary.round(4)
+
+# %% [markdown]
+# ## 4. CDFs, tails and PIT histograms
+# Left: all nulls against the held-out ECDF (they should overlap). Middle: the upper tail on
+# a log scale, where the p-values that BH rejects live; the grey curve is the held-out data.
+# Right: held-out p-values should fill the histogram flat at 1. **What to look for:** the
+# tophat and empirical nulls have the sharpest (least smoothed) tails; the Gaussian kernel
+# smooths the most and decays beyond the largest calibration logit.
+
+# %%
+for layer in (captured.layers[0], captured.layers[-1]):
+    nbu.show(nbu.plot_null_fits(banks, held_out, layer=layer), OUT / f"02_null_fits_layer{layer}.png")
+
+# %% [markdown]
+# ## 5. Choose a kernel, refit on all calibration logits, save
+# The kernel with the smallest mean KS distance is refitted on all captured logits (fit and
+# held-out parts) and saved as a `NullBank`: `nulls.npz` with the float64 grids and
+# `metadata.json` with the provenance; no pickle anywhere.
+
+# %%
+KERNEL = nbu.choose_kernel(table)
+bank = fit_null_bank(
+    captured, kernel=KERNEL, model_id=MODEL_KEY,
+    calibration=f"committed calibration slice: {captured.num_tokens} tokens, max_length {MAX_LENGTH}",
+)
+BANK_DIR = nbu.committed_bank_dir(MODEL_KEY) if SAVE_TO_REPOSITORY else OUT / "null_bank"
+bank.save(BANK_DIR)
+reloaded = NullBank.load(BANK_DIR)
+print(f"chosen kernel: {KERNEL}; saved {reloaded} to {BANK_DIR}")
+table.to_csv(OUT / "02_goodness_of_fit.csv", index=False)
+
+# %% [markdown]
+# **Next:** notebook 03 routes the model with BH using this bank (for the embedded model it uses
+# the bank committed under `kde_models/`).
