@@ -1,0 +1,839 @@
+"""The end-to-end job as step functions: capture -> fit -> sweep -> report (and ``run_demo``).
+
+Each step reads and writes plain files, so the command line (:mod:`bh_helpers.cli`) can run
+them one at a time or all at once:
+
+==============  ============================================================================
+step            writes
+==============  ============================================================================
+capture         ``captured_logits.safetensors``: ``layer.<i>`` float32 ``[N, E]``, plus
+                ``token_ids``, ``positions``, ``sequence_index``; metadata in the header
+                (safetensors: no pickle)
+fit             a :class:`~bh_helpers.nulls.NullBank` folder (``nulls.npz`` + ``metadata.json``)
+sweep           ``sweep.jsonl`` (:func:`bh_helpers.experiments.run_sweep`, resumable)
+report          ``report.md`` + PNG figures (:func:`bh_helpers.report.write_report`)
+==============  ============================================================================
+
+Evaluation protocol of the sweep (stated in every report): perplexity with
+:func:`bh_helpers.evaluation.perplexity` (documents joined by EOS, windows of ``window`` tokens
+with stride ``stride``, token-weighted mean NLL); the text of each data set is cut to its first
+``max_tokens`` tokens (whole documents, the last one truncated). Mean experts per token is
+measured by the routing recorder over every routed token and layer. Selected experts get
+renormalised softmax weights (``"renorm"``) for BH/BY/top-k/top-p; ``native`` keeps the
+model's own convention.
+
+Evaluation data sets (:data:`EVAL_DATASETS`): ``prose`` and ``code`` are the two domains of
+the embedded corpus's evaluation slice (held out from training and from calibration),
+``wikitext2`` the embedded WikiText-style fixture; a path to a UTF-8 ``.txt`` file is used as
+one document.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_OUTPUT_DIR",
+    "EVAL_DATASETS",
+    "CAPTURED_NAME",
+    "NULLS_DIR",
+    "RESULTS_NAME",
+    "SETTINGS_NAME",
+    "DemoSettings",
+    "DemoResult",
+    "default_null_bank_dir",
+    "model_slug",
+    "calibration_token_ids",
+    "evaluation_texts",
+    "capture_step",
+    "save_captured",
+    "load_captured",
+    "fit_step",
+    "make_evaluate_fn",
+    "sweep_step",
+    "report_step",
+    "run_demo",
+]
+
+DEFAULT_OUTPUT_DIR = "bh_routing_output"
+EVAL_DATASETS = ("prose", "code", "wikitext2")
+CAPTURED_NAME = "captured_logits.safetensors"
+NULLS_DIR = "nulls"
+RESULTS_NAME = "sweep.jsonl"
+SETTINGS_NAME = "run.json"
+KDE_MODELS_ENV = "BH_ROUTING_KDE_MODELS"
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------
+# Where things live
+# ----------------------------------------------------------------------------------------------
+
+
+def model_slug(model_name: str) -> str:
+    """Folder name of a model's null bank: ``"tiny"`` -> ``"tiny-olmoe"``, ``"org/name"`` -> ``"org--name"``."""
+    name = os.fspath(model_name)
+    if name == "tiny":
+        return "tiny-olmoe"
+    if os.path.isdir(name):
+        name = Path(name).resolve().name
+    return name.replace("/", "--")
+
+
+def default_null_bank_dir(model_name: str = "tiny", *, must_exist: bool = True) -> Path:
+    """The committed (or user-fitted) null bank folder of a model.
+
+    Looks for ``<root>/kde_models/<model_slug(model_name)>/metadata.json`` with ``<root>`` in
+    this order: the ``BH_ROUTING_KDE_MODELS`` environment variable (a ``kde_models`` folder
+    itself), the current directory, the repository that holds this package.
+
+    Parameters
+    ----------
+    model_name : str, default "tiny"
+        ``"tiny"``, a hub id or a local model path.
+    must_exist : bool, default True
+        Raise when no bank is found; with False return the first candidate (a place to save one).
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    FileNotFoundError
+        ``must_exist`` and no candidate folder holds a bank.
+
+    Examples
+    --------
+    >>> default_null_bank_dir("tiny").name  # doctest: +SKIP
+    'tiny-olmoe'
+    """
+    slug = model_slug(model_name)
+    roots = []
+    if os.environ.get(KDE_MODELS_ENV):
+        roots.append(Path(os.environ[KDE_MODELS_ENV]))
+    roots += [Path.cwd() / "kde_models", _REPO_ROOT / "kde_models"]
+    candidates = list(dict.fromkeys(r / slug for r in roots))
+    for c in candidates:
+        if (c / "metadata.json").is_file():
+            return c
+    if must_exist:
+        raise FileNotFoundError(
+            f"no null bank for {model_name!r} in {[str(c) for c in candidates]}; fit one with "
+            f"`bh-routing capture` + `bh-routing fit --out kde_models/{slug}` (or set {KDE_MODELS_ENV})."
+        )
+    return candidates[-1] if not os.environ.get(KDE_MODELS_ENV) else candidates[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------
+
+
+def _eos(tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer defines no eos_token_id, which separates documents.")
+    return int(eos)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _check_positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _read_text_file(path: Path) -> str:
+    if not path.is_file():
+        raise ValueError(f"text file {str(path)!r} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"text file {str(path)!r} is empty; give it some text to evaluate or calibrate on.")
+    return text
+
+
+def calibration_token_ids(tokenizer, *, max_tokens: int, text_file: str | os.PathLike | None = None) -> list[int]:
+    """Calibration tokens: the embedded calibration slice (half prose, half code) or a text file.
+
+    Documents are joined with EOS; from the embedded slice the first ``max_tokens // 2`` tokens
+    of each domain are taken (prose first), from a file its first ``max_tokens`` tokens.
+
+    Raises
+    ------
+    ValueError
+        Non-positive ``max_tokens``, or a missing or empty ``text_file``.
+    """
+    from bh_helpers.models import load_corpus_slice
+
+    max_tokens = _check_positive("max_tokens", max_tokens)
+    eos = _eos(tokenizer)
+    if text_file is not None:
+        return _encode(tokenizer, _read_text_file(Path(text_file)))[:max_tokens]
+    out: list[int] = []
+    for domain, budget in (("prose", max_tokens // 2), ("code", max_tokens - max_tokens // 2)):
+        stream: list[int] = []
+        for rec in load_corpus_slice("calibration", domain=domain):
+            if len(stream) >= budget:
+                break
+            stream += _encode(tokenizer, rec["text"]) + [eos]
+        out += stream[:budget]
+    return out
+
+
+def _dataset_documents(name: str) -> tuple[list[str], str]:
+    from bh_helpers.datasets import embedded_fixture
+    from bh_helpers.models import load_corpus_slice
+
+    if name in ("prose", "code"):
+        return [r["text"] for r in load_corpus_slice("evaluation", domain=name)], f"embedded corpus, evaluation slice, {name}"
+    if name == "wikitext2":
+        return list(embedded_fixture("wikitext2")), "embedded WikiText-style fixture"
+    path = Path(name)
+    if path.suffix == ".txt" and path.exists():
+        return [_read_text_file(path)], f"file {name}"
+    raise ValueError(
+        f"unknown data set {name!r}; use one of {list(EVAL_DATASETS)} or a path to an existing .txt file."
+    )
+
+
+def evaluation_texts(name: str, tokenizer, *, max_tokens: int) -> list[str]:
+    """Documents of an evaluation data set, cut to about its first ``max_tokens`` tokens.
+
+    Whole documents are kept while they fit; the last one is cut to the remaining token budget
+    (decoded from its first tokens).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``name``, an empty ``.txt`` file, or non-positive ``max_tokens``.
+    """
+    max_tokens = _check_positive("max_tokens", max_tokens)
+    docs, _ = _dataset_documents(name)
+    out, used = [], 0
+    for doc in docs:
+        if not doc.strip():
+            continue
+        ids = _encode(tokenizer, doc)
+        room = max_tokens - used
+        if len(ids) + 1 <= room:
+            out.append(doc)
+            used += len(ids) + 1  # one EOS between documents
+        else:
+            if room > 1:
+                out.append(tokenizer.decode(ids[: room - 1]))
+            break
+    if not out:
+        raise ValueError(f"data set {name!r} holds no text.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Capture
+# ----------------------------------------------------------------------------------------------
+
+
+def save_captured(captured, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+    """Write :class:`~bh_helpers.capture.CapturedLogits` as safetensors (no pickle)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"layer.{layer}": captured[layer].to(torch.float32).contiguous() for layer in captured}
+    tensors["token_ids"] = captured.token_ids.long().contiguous()
+    tensors["positions"] = captured.positions.long().contiguous()
+    tensors["sequence_index"] = captured.sequence_index.long().contiguous()
+    meta = {"format": "bh_helpers.CapturedLogits", "total_tokens": str(int(captured.total_tokens))}
+    meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_captured(path: str | os.PathLike):
+    """Read a file written by :func:`save_captured`; returns ``(CapturedLogits, metadata dict)``."""
+    from safetensors import safe_open
+
+    from bh_helpers.capture import CapturedLogits
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"captured logits file {str(path)!r} does not exist; run `bh-routing capture` first.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err}); capture again.") from err
+    if meta.get("format") != "bh_helpers.CapturedLogits":
+        raise ValueError(f"{str(path)!r} was not written by bh_helpers (save_captured); capture again.")
+    logits = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("layer.")}
+    captured = CapturedLogits(
+        logits=logits, token_ids=tensors["token_ids"], positions=tensors["positions"],
+        sequence_index=tensors["sequence_index"], total_tokens=int(meta.get("total_tokens", 0)),
+    )
+    return captured, meta
+
+
+def capture_step(model, tokenizer, *, max_tokens: int = 4096, window: int = 256, batch_size: int = 8,
+                 text_file: str | os.PathLike | None = None, out_path: str | os.PathLike | None = None,
+                 model_id: str = "tiny", progress: bool = True):
+    """Capture router logits on calibration text (windows of ``window`` tokens, batched).
+
+    Parameters
+    ----------
+    model, tokenizer
+    max_tokens : int, default 4096
+        Calibration tokens (see :func:`calibration_token_ids`).
+    window : int, default 256
+        Tokens per sequence.
+    batch_size : int, default 8
+        Sequences per forward pass.
+    text_file : path-like, optional
+        Calibrate on this text instead of the embedded calibration slice.
+    out_path : path-like, optional
+        Save the result there with :func:`save_captured`.
+    model_id : str
+        Recorded in the file's metadata.
+    progress : bool
+
+    Returns
+    -------
+    CapturedLogits
+    """
+    import torch
+
+    from bh_helpers.capture import capture_router_logits
+
+    window, batch_size = _check_positive("window", window), _check_positive("batch_size", batch_size)
+    ids = calibration_token_ids(tokenizer, max_tokens=max_tokens, text_file=text_file)
+    if len(ids) < 2:
+        raise ValueError("the calibration text has fewer than 2 tokens; give it more text.")
+    rows = [ids[i: i + window] for i in range(0, len(ids), window)]
+    batches = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s: s + batch_size]
+        width = max(len(r) for r in chunk)
+        input_ids = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
+        for i, r in enumerate(chunk):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        batches.append({"input_ids": input_ids, "attention_mask": mask})
+    captured = capture_router_logits(model, batches, progress=progress)
+    if out_path is not None:
+        source = str(text_file) if text_file is not None else "embedded corpus, calibration slice (half prose, half code)"
+        save_captured(captured, out_path, metadata={
+            "model_id": model_id, "calibration": f"{source}, {len(ids)} tokens, windows of {window}"})
+    return captured
+
+
+# ----------------------------------------------------------------------------------------------
+# Fit
+# ----------------------------------------------------------------------------------------------
+
+
+def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192, model_id: str = "tiny",
+             calibration: str | None = None, out_dir: str | os.PathLike | None = None):
+    """Fit one null per layer (:func:`bh_helpers.nulls.fit_null_bank`) and optionally save it.
+
+    Parameters
+    ----------
+    captured : CapturedLogits or path-like
+        Logits, or a file written by :func:`save_captured`.
+    kernel : str, default "gaussian"
+    grid_size : int or None, default 8192
+        Grid points per layer (None: the library default, larger files).
+    model_id, calibration : str
+        Provenance for the bank's metadata (``calibration`` defaults to the capture file's).
+    out_dir : path-like, optional
+        Save the bank there.
+
+    Returns
+    -------
+    NullBank
+    """
+    from bh_helpers.nulls import fit_null_bank
+
+    meta: dict = {}
+    if isinstance(captured, (str, os.PathLike)):
+        captured, meta = load_captured(captured)
+    if calibration is None:
+        calibration = meta.get("calibration", f"{captured.num_tokens} captured tokens")
+    bank = fit_null_bank(captured, kernel=kernel, grid_size=grid_size, model_id=model_id,
+                         calibration=f"{calibration} ({captured.num_tokens} tokens used)")
+    if out_dir is not None:
+        bank.save(out_dir)
+    return bank
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep
+# ----------------------------------------------------------------------------------------------
+
+
+def _native_k(model) -> int:
+    from bh_helpers.patching import NativeSelector
+
+    return int(NativeSelector.for_model(model).k)
+
+
+def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank, window: int = 256,
+                     stride: int = 256, batch_size: int = 8):
+    """The ``evaluate_fn(config, dataset)`` of :func:`bh_helpers.experiments.run_sweep`.
+
+    Metrics per row: the :class:`~bh_helpers.evaluation.PerplexityResult` fields (with
+    ``protocol``), :func:`~bh_helpers.evaluation.compute_summary` (``mean_experts_per_token``,
+    ``relative_compute``, ...), ``std_k``, ``floor_rate``, ``ceiling_rate``,
+    ``per_layer_mean_k`` (``{layer: mean k}``) and ``k_hist`` (token-layer pairs with
+    0, 1, 2, ... experts).
+    """
+    from bh_helpers.evaluation import compute_summary, perplexity
+    from bh_helpers.patching import route
+
+    native_k = _native_k(model)
+    # A NullBank is itself a Mapping (layer -> null): wrap it so to_selector indexes by kernel.
+    banks = {null_bank.metadata.kernel: null_bank} if null_bank is not None else None
+
+    def evaluate(config, name: str) -> dict:
+        selector = config.to_selector(model, null_bank=banks)
+        with route(model, selector) as rec:
+            ppl = perplexity(model, tokenizer, data[name], window=window, stride=stride, batch_size=batch_size,
+                             progress=False)
+        summary = rec.summary()
+        counts = rec.per_token_counts().matrix().reshape(-1)
+        counts = counts[counts >= 0]
+        return {
+            **ppl.to_dict(),
+            **compute_summary(summary, native_k=native_k),
+            "std_k": summary["std_k"],
+            "floor_rate": summary["floor_rate"],
+            "ceiling_rate": summary["ceiling_rate"],
+            "per_layer_mean_k": {str(layer): s["mean_k"] for layer, s in summary["per_layer"].items()},
+            "k_hist": np.bincount(counts.numpy()).tolist(),
+        }
+
+    return evaluate
+
+
+def _bank_identity(bank) -> dict:
+    meta = bank.metadata
+    return {"model_id": meta.model_id, "kernel": meta.kernel, "created": meta.created,
+            "n_samples": {str(k): v for k, v in meta.n_samples.items()}}
+
+
+def sweep_grid_id(*, model_id: str, null_bank, datasets: Sequence[str], max_tokens: int, window: int,
+                  stride: int) -> str:
+    """The ``grid_id`` of a sweep: everything besides the configurations that changes its numbers."""
+    return json.dumps({"model": model_id, "nulls": _bank_identity(null_bank), "datasets": list(datasets),
+                       "max_tokens": int(max_tokens), "window": int(window), "stride": int(stride),
+                       "weights": "renorm"}, sort_keys=True, separators=(",", ":"))
+
+
+def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.PathLike,
+               datasets: Sequence[str] = ("prose", "code"), max_tokens: int = 2048, window: int = 256,
+               stride: int = 256, batch_size: int = 8, model_id: str = "tiny", progress: bool = True):
+    """Run (or resume) a perplexity sweep; returns :func:`~bh_helpers.experiments.load_results`.
+
+    Parameters
+    ----------
+    model, tokenizer
+    configs : list of SweepConfig
+        E.g. from :func:`bh_helpers.experiments.expand_grid`.
+    null_bank : NullBank
+        Nulls of ``model`` (for the multiple-testing configurations).
+    results_path : path-like
+        JSON Lines results; an existing file of another grid raises ``ValueError`` untouched.
+    datasets : sequence of str
+        Names from :data:`EVAL_DATASETS` or ``.txt`` paths.
+    max_tokens : int, default 2048
+        Tokens per data set.
+    window, stride, batch_size : int
+        Perplexity protocol (:func:`bh_helpers.evaluation.perplexity`).
+    model_id : str
+    progress : bool
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    from bh_helpers.experiments import run_sweep
+
+    datasets = list(datasets)
+    if not datasets:
+        raise ValueError("`datasets` is empty; pass e.g. ['prose', 'code'].")
+    null_bank.check_compatible(model)
+    data = {name: evaluation_texts(name, tokenizer, max_tokens=max_tokens) for name in datasets}
+    grid_id = sweep_grid_id(model_id=model_id, null_bank=null_bank, datasets=datasets, max_tokens=max_tokens,
+                            window=window, stride=stride)
+    evaluate = make_evaluate_fn(model, tokenizer, data, null_bank=null_bank, window=window, stride=stride,
+                                batch_size=batch_size)
+    return run_sweep(configs, datasets, evaluate, results_path, grid_id=grid_id, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def _protocol_from_results(results) -> dict:
+    header = results.attrs.get("header", {}) or {}
+    try:
+        grid = json.loads(header.get("grid_id") or "{}")
+    except (TypeError, json.JSONDecodeError):
+        grid = {}
+    proto: dict[str, Any] = {
+        "metric": "perplexity = exp(token-weighted mean NLL); documents joined with EOS, sliding windows",
+        "window": grid.get("window"),
+        "stride": grid.get("stride"),
+        "weighting": "token",
+        "tokens_per_dataset_cap": grid.get("max_tokens"),
+        "datasets": {name: _dataset_note(name) for name in header.get("datasets", [])},
+        "weights_of_selected_experts": "renorm (softmax over the selected experts); native: the model's own",
+        "compute": "mean experts per token over all routed tokens and layers (routing recorder)",
+    }
+    if len(results) and "n_tokens" in results.columns:
+        proto["tokens_scored"] = {d: int(g["n_tokens"].iloc[0]) for d, g in results.groupby("dataset", sort=False)}
+    if len(results) and "protocol.tokenizer" in results.columns:
+        proto["tokenizer"] = str(results["protocol.tokenizer"].iloc[0])
+    return proto
+
+
+def _dataset_note(name: str) -> str:
+    try:
+        return _dataset_documents(name)[1]
+    except ValueError:
+        return name
+
+
+def _featured(frontier):
+    """The BH-family row with the best (lowest) relative difference on the first data set."""
+    ok = frontier[frontier["status"] == "ok"]
+    if not len(ok):
+        return None
+    first = ok[ok["dataset"] == ok["dataset"].iloc[0]]
+    return first.loc[first["relative"].idxmin()]
+
+
+def _model_info(model, model_id: str) -> dict:
+    import torch
+    import transformers
+
+    cfg = model.config
+    return {
+        "model": model_id,
+        "model_type": getattr(cfg, "model_type", None),
+        "layers": getattr(cfg, "num_hidden_layers", None),
+        "experts": getattr(cfg, "num_experts", getattr(cfg, "num_local_experts", None)),
+        "native_k": _native_k(model),
+        "norm_topk_prob": getattr(cfg, "norm_topk_prob", None),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "dtype": str(next(model.parameters()).dtype),
+        "device": str(next(model.parameters()).device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=None, null_bank=None,
+                model_id: str = "tiny", categories: bool = True, prompt_sets=None, seed: int = 0,
+                extra_notes: str | None = None, progress: bool = True) -> Path:
+    """Frontier, figures, optional category analysis and token view, then ``report.md``.
+
+    Parameters
+    ----------
+    out_dir : path-like
+    results : pandas.DataFrame or path-like
+        Sweep results or the JSONL file.
+    model, tokenizer, null_bank : optional
+        Needed for the category analysis and the per-token view (skipped without them).
+    model_id : str
+    categories : bool, default True
+        Run the per-prompt-category analysis (BH-family configuration with the best relative
+        difference vs static top-k at the nearest integer k).
+    prompt_sets : None, mapping or path
+        See :func:`bh_helpers.categories.load_prompt_sets`.
+    seed : int
+        Bootstrap seed.
+    extra_notes : str, optional
+    progress : bool
+
+    Returns
+    -------
+    Path
+        ``report.md``.
+    """
+    from bh_helpers import plots
+    from bh_helpers.experiments import load_results
+    from bh_helpers.frontier import compute_frontier
+    from bh_helpers.report import write_report
+
+    if isinstance(results, (str, os.PathLike)):
+        results = load_results(results)
+    if not len(results):
+        raise ValueError("`results` has no rows; run the sweep first.")
+    frontier = compute_frontier(results)
+    figures: dict[str, Any] = {}
+    for name in dict.fromkeys(results["dataset"]):
+        figures[f"frontier {name}"] = plots.plot_frontier(results, dataset=name)
+    if any(str(c).startswith("per_layer_mean_k.") for c in results.columns):
+        figures["mean k per layer"] = plots.plot_layer_heatmap(plots.layer_matrix(results))
+    featured = _featured(frontier) if len(frontier) else None
+    config = _config_of(results, featured["key"]) if featured is not None else None
+    k_match = None
+    if featured is not None:
+        k_match = int(min(max(round(float(featured["mean_k"])), 1), int(results["k"].max())))
+    tables: dict[str, Any] = {}
+    notes = [extra_notes] if extra_notes else []
+    if "k_hist" in results.columns:
+        first = results[results["dataset"] == results["dataset"].iloc[0]]
+        wanted = ["native"] + ([f"top-{k_match}", config.label()] if config is not None else [])
+        hist = {r["label"]: {"hist": r["k_hist"]} for _, r in first.iterrows()
+                if r["label"] in wanted and isinstance(r["k_hist"], list)}
+        if hist:
+            figures["experts per token"] = plots.plot_k_histogram(hist)
+    if config is not None and model is not None and tokenizer is not None and null_bank is not None:
+        import torch
+
+        from bh_helpers.categories import analyze_categories, load_prompt_sets
+        from bh_helpers.patching import TopKSelector, route
+
+        selector = config.to_selector(model, null_bank={null_bank.metadata.kernel: null_bank})
+        if categories:
+            analysis = analyze_categories(
+                model, tokenizer, adaptive=selector, baseline=TopKSelector(k_match), prompt_sets=prompt_sets,
+                adaptive_label=config.label(), baseline_label=f"top-{k_match}", seed=seed, progress=progress)
+            tables.update(analysis.tables())
+            notes.append(
+                f"Category analysis: {config.label()} (the configuration with the best relative difference on "
+                f"{featured['dataset']}) against static top-{k_match} (its mean k rounded), per prompt.")
+        sample = list(load_prompt_sets(prompt_sets).values())[-1][0]
+        ids = _encode(tokenizer, sample)
+        with torch.no_grad(), route(model, selector) as rec:
+            model(input_ids=torch.tensor([ids]), use_cache=False)
+        k = rec.per_token_counts().matrix().double().mean(dim=1).numpy()
+        tokens = [tokenizer.decode([i]) for i in ids]
+        figures[f"per-token experts, {config.label()}"] = plots.plot_token_view(
+            tokens, k, vmin=1, vmax=config.max_k, title=f"experts per token (mean over layers), {config.label()}")
+    path = write_report(
+        out_dir, results=results, frontier=frontier, figures=figures, protocol=_protocol_from_results(results),
+        model_info=_model_info(model, model_id) if model is not None else {"model": model_id},
+        null_metadata=null_bank.metadata if null_bank is not None else None, tables=tables,
+        notes="\n\n".join(notes) if notes else None,
+    )
+    for fig in figures.values():
+        fig.clf()
+    return path
+
+
+def _none(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def _config_of(results, key: str):
+    from dataclasses import fields as dc_fields
+
+    from bh_helpers.experiments import SweepConfig
+
+    row = results[results["key"] == key].iloc[0]
+    return SweepConfig.from_dict({f.name: _none(row.get(f.name)) for f in dc_fields(SweepConfig)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything that decides the numbers of ``bh-routing demo`` (stored as ``run.json``).
+
+    A folder is resumed only with identical settings; any difference raises before anything
+    is written.
+    """
+
+    model: str = "tiny"  # "tiny", a hub id or a local path
+    calibration_tokens: int = 4096  # tokens of calibration text for the nulls
+    kernel: str = "gaussian"  # null kernel
+    grid_size: int = 8192  # null grid points per layer
+    methods: tuple[str, ...] = ("bh", "by")  # multiple-testing methods
+    alphas: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)  # their levels
+    max_ks: tuple[int, ...] = (8,)  # ceilings of the adaptive methods
+    min_k: int = 1  # floor of the adaptive methods
+    topk_max: int = 8  # static top-k baselines k = 1 .. topk_max
+    top_ps: tuple[float, ...] = (0.5, 0.8)  # top-p baselines
+    datasets: tuple[str, ...] = ("prose", "code")  # evaluation data sets
+    max_tokens: int = 2048  # evaluation tokens per data set
+    window: int = 256  # perplexity window
+    stride: int = 256  # perplexity stride
+    batch_size: int = 8  # windows per forward pass
+    categories: bool = True  # run the prompt-category analysis
+    seed: int = 0  # bootstrap seed
+
+    def __post_init__(self) -> None:
+        for name in ("methods", "alphas", "max_ks", "top_ps", "datasets"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("calibration_tokens", "grid_size", "topk_max", "max_tokens", "window", "stride", "batch_size"):
+            _check_positive(name, getattr(self, name))
+        if self.stride > self.window:
+            raise ValueError(f"`stride` ({self.stride}) must not exceed `window` ({self.window}).")
+        if not self.datasets:
+            raise ValueError("`datasets` is empty; pass e.g. ('prose', 'code').")
+        for name in self.datasets:
+            _dataset_documents(name)  # unknown names raise here, before anything runs
+
+    def configs(self):
+        """The sweep grid (:func:`bh_helpers.experiments.expand_grid`)."""
+        from bh_helpers.experiments import expand_grid
+
+        return expand_grid(methods=self.methods, alphas=self.alphas, max_ks=self.max_ks, min_ks=(self.min_k,),
+                           kernels=(self.kernel,), topk=list(range(1, self.topk_max + 1)), top_ps=self.top_ps,
+                           native=True)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` produced.
+
+    Attributes
+    ----------
+    out_dir, report_path, results_path : Path
+    frontier : pandas.DataFrame
+    timings : dict of str to float
+        Seconds per step.
+    resumed : bool
+        True when the folder held a run with the same settings.
+    """
+
+    out_dir: Path
+    report_path: Path
+    results_path: Path
+    frontier: Any
+    timings: dict[str, float] = field(default_factory=dict)
+    resumed: bool = False
+
+
+def _check_folder(out: Path, settings: DemoSettings) -> bool:
+    """Raise when ``out`` holds another run; return True when it holds this one."""
+    path = out / SETTINGS_NAME
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+        except json.JSONDecodeError:
+            raise ValueError(f"{str(path)!r} is corrupt; pass another --out folder or delete it.") from None
+        new = settings.to_dict()
+        diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
+        if diff:
+            text = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
+            raise ValueError(
+                f"output folder {str(out)!r} holds a run with different settings ({text}); nothing was changed. "
+                "Pass another --out folder, or rerun with the same options to resume."
+            )
+        return True
+    if (out / RESULTS_NAME).exists() or (out / NULLS_DIR).exists() or (out / CAPTURED_NAME).exists():
+        raise ValueError(
+            f"output folder {str(out)!r} holds results without {SETTINGS_NAME}; nothing was changed. "
+            "Pass another --out folder."
+        )
+    return False
+
+
+def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
+             device: str | None = "cpu", progress: bool = True) -> DemoResult:
+    """Capture, fit, sweep and report in one folder, resuming a previous run with the same settings.
+
+    Parameters
+    ----------
+    settings : DemoSettings, optional
+        Default: :class:`DemoSettings` ().
+    out_dir : path-like, default "bh_routing_output"
+    device : str, optional
+        Torch device (default CPU; None picks CUDA when available).
+    progress : bool
+
+    Returns
+    -------
+    DemoResult
+
+    Raises
+    ------
+    ValueError
+        Bad settings, or ``out_dir`` holding a run with other settings (nothing is changed).
+    """
+    import torch
+
+    from bh_helpers.models import load_model
+    from bh_helpers.nulls import NullBank
+
+    settings = settings or DemoSettings()
+    configs = settings.configs()
+    out = Path(out_dir)
+    resumed = _check_folder(out, settings)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(settings.model, device=device, dtype=torch.float32 if device == "cpu" else None)
+    timings["load model"] = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    if not resumed:
+        tmp = out / (SETTINGS_NAME + ".tmp")
+        tmp.write_text(json.dumps({"settings": settings.to_dict(),
+                                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+                                  indent=2) + "\n", encoding="utf-8")
+        tmp.replace(out / SETTINGS_NAME)
+
+    t0 = time.perf_counter()
+    captured_path = out / CAPTURED_NAME
+    nulls_dir = out / NULLS_DIR
+    if not (nulls_dir / "metadata.json").is_file():
+        if captured_path.is_file():
+            captured, _ = load_captured(captured_path)
+        else:
+            captured = capture_step(model, tokenizer, max_tokens=settings.calibration_tokens, window=settings.window,
+                                    batch_size=settings.batch_size, out_path=captured_path, model_id=settings.model,
+                                    progress=progress)
+        timings["capture"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fit_step(captured_path, kernel=settings.kernel, grid_size=settings.grid_size, model_id=settings.model,
+                 out_dir=nulls_dir)
+        timings["fit"] = time.perf_counter() - t0
+    bank = NullBank.load(nulls_dir)
+
+    t0 = time.perf_counter()
+    results_path = out / RESULTS_NAME
+    results = sweep_step(model, tokenizer, configs, null_bank=bank, results_path=results_path,
+                         datasets=settings.datasets, max_tokens=settings.max_tokens, window=settings.window,
+                         stride=settings.stride, batch_size=settings.batch_size, model_id=settings.model,
+                         progress=progress)
+    timings["sweep"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=bank,
+                         model_id=settings.model, categories=settings.categories, seed=settings.seed,
+                         progress=progress)
+    timings["report"] = time.perf_counter() - t0
+    from bh_helpers.frontier import compute_frontier
+
+    return DemoResult(out_dir=out, report_path=report, results_path=results_path,
+                      frontier=compute_frontier(results), timings=timings, resumed=resumed)

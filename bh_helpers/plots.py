@@ -1,0 +1,341 @@
+"""Figures of routing sweeps: every function takes data and returns a matplotlib ``Figure``.
+
+Nothing here calls ``plt.show()`` or changes global matplotlib state beyond creating figures
+(``matplotlib.figure.Figure`` objects, not pyplot-managed ones, so they never pile up in a
+long-running kernel and need no backend). Show one in a notebook by leaving it as the cell's
+value, or save it with ``fig.savefig(...)``.
+
+- :func:`plot_frontier`: metric against mean experts per token: the static top-k curve with
+  its k labels, multiple-testing configurations coloured by method and sized/labelled by alpha,
+  top-p and native points.
+- :func:`plot_layer_heatmap`: mean experts per token per configuration and layer.
+- :func:`plot_k_histogram`: distribution of experts per token (token-layer pairs).
+- :func:`token_view_html` / :func:`plot_token_view`: text coloured by experts per token.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "METHOD_COLORS",
+    "plot_frontier",
+    "layer_matrix",
+    "plot_layer_heatmap",
+    "plot_k_histogram",
+    "token_view_html",
+    "plot_token_view",
+]
+
+METHOD_COLORS = {
+    "bh": "tab:blue",
+    "by": "tab:orange",
+    "bonferroni": "tab:green",
+    "holm": "tab:purple",
+    "top_p": "tab:red",
+    "native": "black",
+    "topk": "0.35",
+}
+_MARKERS = {"bh": "o", "by": "s", "bonferroni": "^", "holm": "v", "top_p": "D", "native": "*"}
+
+
+def _new_figure(figsize=(7.0, 4.5)):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _check_columns(df, columns) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"`results` lacks columns {missing}; pass bh_helpers.experiments.load_results output.")
+
+
+def plot_frontier(results, *, dataset: str | None = None, metric: str = "perplexity",
+                  cost: str = "mean_experts_per_token", logy: bool = True, title: str | None = None):
+    """Quality against mean experts per token for one data set.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        Sweep results (columns ``dataset``, ``method``, ``cost``, ``metric``; ``k``, ``alpha``
+        and ``label`` used when present).
+    dataset : str, optional
+        Required when ``results`` holds several data sets.
+    metric, cost : str
+        Column names (y and x).
+    logy : bool, default True
+        Log-scale y axis (natural for perplexity).
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    _check_columns(results, ["dataset", "method", metric, cost])
+    names = list(dict.fromkeys(results["dataset"]))
+    if dataset is None:
+        if len(names) != 1:
+            raise ValueError(f"`results` holds data sets {names}; pass `dataset=` to pick one.")
+        dataset = names[0]
+    elif dataset not in names:
+        raise ValueError(f"`dataset` {dataset!r} is not in the results; it has {names}.")
+    df = results[results["dataset"] == dataset]
+    fig, ax = _new_figure()
+    topk = df[df["method"] == "topk"].sort_values(cost)
+    if len(topk):
+        ax.plot(topk[cost], topk[metric], "-", color=METHOD_COLORS["topk"], marker=".", label="static top-k", zorder=2)
+        for _, r in topk.iterrows():
+            k = r["k"] if "k" in r and r["k"] == r["k"] else r[cost]
+            ax.annotate(f"k={int(k)}", (r[cost], r[metric]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8, color=METHOD_COLORS["topk"])
+    for method in ("bh", "by", "bonferroni", "holm", "top_p", "native"):
+        part = df[df["method"] == method]
+        if not len(part):
+            continue
+        ax.scatter(part[cost], part[metric], color=METHOD_COLORS[method], marker=_MARKERS[method],
+                   s=70 if method == "native" else 36, label=method if method != "top_p" else "top-p", zorder=3)
+        for _, r in part.iterrows():
+            if method in ("bh", "by", "bonferroni", "holm"):
+                text = f"a={r['alpha']:g}" + (f",K={int(r['max_k'])}" if "max_k" in r and r["max_k"] != 8 else "")
+            elif method == "top_p":
+                text = f"p={r['top_p']:g}" if "top_p" in r else ""
+            else:
+                text = "native"
+            ax.annotate(text, (r[cost], r[metric]), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                        color=METHOD_COLORS[method])
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("mean experts per token (all layers)")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} vs compute, {dataset}")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def layer_matrix(results, *, dataset: str | None = None, prefix: str = "per_layer_mean_k."):
+    """Configurations x layers table of mean experts per token from flattened sweep columns.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        Sweep results with columns ``<prefix><layer>`` (e.g. ``per_layer_mean_k.0``).
+    dataset : str, optional
+        Keep one data set (default: the first).
+    prefix : str
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index: configuration labels; columns: layer indices (int), sorted.
+    """
+    cols = [c for c in results.columns if str(c).startswith(prefix)]
+    if not cols:
+        raise ValueError(f"`results` has no per-layer columns {prefix!r}<layer>; record them in the sweep metrics.")
+    names = list(dict.fromkeys(results["dataset"]))
+    dataset = dataset if dataset is not None else names[0]
+    df = results[results["dataset"] == dataset]
+    layers = sorted(cols, key=lambda c: int(str(c)[len(prefix):]))
+    out = df.set_index("label")[layers].astype(float)
+    out.columns = [int(str(c)[len(prefix):]) for c in layers]
+    return out
+
+
+def plot_layer_heatmap(matrix, *, title: str = "mean experts per token by layer", cmap: str = "viridis",
+                       annotate: bool = True):
+    """Heatmap of mean experts per token, configurations (rows) x layers (columns).
+
+    Parameters
+    ----------
+    matrix : pandas.DataFrame or array-like
+        A :func:`layer_matrix` (row labels = configurations, columns = layers) or a 2-D array.
+    title, cmap : str
+    annotate : bool, default True
+        Write the value in each cell.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    values = np.asarray(getattr(matrix, "values", matrix), dtype=float)
+    if values.ndim != 2 or values.size == 0:
+        raise ValueError(f"`matrix` must be a non-empty 2-D table (configurations x layers), got shape {values.shape}.")
+    rows = [str(r) for r in getattr(matrix, "index", range(values.shape[0]))]
+    cols = [str(c) for c in getattr(matrix, "columns", range(values.shape[1]))]
+    fig, ax = _new_figure(figsize=(1.2 + 0.7 * values.shape[1] + 2.5, 1.0 + 0.32 * values.shape[0]))
+    im = ax.imshow(values, aspect="auto", cmap=cmap)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="mean k")
+    if annotate:
+        mid = np.nanmean(values)
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                v = values[i, j]
+                if math.isfinite(v):
+                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                            color="white" if v < mid else "black")
+    return fig
+
+
+def plot_k_histogram(counts: Mapping[str, Any], *, max_k: int | None = None,
+                     title: str = "experts per token (token-layer pairs)"):
+    """Histogram of experts per token, one bar series per configuration.
+
+    Parameters
+    ----------
+    counts : mapping of str to array-like
+        ``{label: per-token counts}`` (any shape, e.g. ``TokenCounts.matrix()``; negative values,
+        i.e. layers that did not run, are ignored) or ``{label: histogram}`` given as a
+        ``dict(hist=[n_0, n_1, ...])``.
+    max_k : int, optional
+        Largest k on the x axis (default: the largest observed).
+    title : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if not isinstance(counts, Mapping) or not counts:
+        raise ValueError("`counts` must be a non-empty mapping {label: counts}.")
+    hists = {}
+    for label, c in counts.items():
+        if isinstance(c, Mapping) and "hist" in c:
+            h = np.asarray(c["hist"], dtype=float)
+        else:
+            a = np.asarray(getattr(c, "numpy", lambda: c)(), dtype=np.int64).reshape(-1)
+            a = a[a >= 0]
+            if a.size == 0:
+                raise ValueError(f"`counts[{label!r}]` holds no non-negative counts.")
+            h = np.bincount(a).astype(float)
+        if h.sum() <= 0:
+            raise ValueError(f"`counts[{label!r}]` is empty.")
+        hists[str(label)] = h / h.sum()
+    top = max_k if max_k is not None else max(len(h) - 1 for h in hists.values())
+    fig, ax = _new_figure()
+    width = 0.8 / len(hists)
+    for i, (label, h) in enumerate(hists.items()):
+        h = np.pad(h, (0, max(0, top + 1 - len(h))))[: top + 1]
+        x = np.arange(top + 1) + (i - (len(hists) - 1) / 2) * width
+        ax.bar(x, h, width=width, label=label)
+    ax.set_xticks(range(top + 1))
+    ax.set_xlabel("experts per token")
+    ax.set_ylabel("share of token-layers")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _colour(value: float, vmin: float, vmax: float, cmap: str) -> tuple[float, float, float, float]:
+    from matplotlib import colormaps
+
+    t = 0.5 if vmax <= vmin else (value - vmin) / (vmax - vmin)
+    return colormaps[cmap](float(np.clip(t, 0.0, 1.0)))
+
+
+def _check_tokens(tokens: Sequence[str], counts) -> np.ndarray:
+    values = np.asarray(counts, dtype=float).reshape(-1)
+    if len(tokens) != values.size:
+        raise ValueError(f"`tokens` ({len(tokens)}) and `counts` ({values.size}) must have the same length.")
+    if values.size == 0:
+        raise ValueError("`tokens` is empty; pass at least one token.")
+    return values
+
+
+def token_view_html(tokens: Sequence[str], counts, *, vmin: float | None = None, vmax: float | None = None,
+                    cmap: str = "YlOrRd") -> str:
+    """HTML of the text with each token's background coloured by its number of experts.
+
+    Parameters
+    ----------
+    tokens : sequence of str
+        Token strings (decoded, with their leading spaces), in order.
+    counts : array-like of float
+        Experts per token (e.g. mean over layers), same length.
+    vmin, vmax : float, optional
+        Colour range (default: the data range).
+    cmap : str
+        Matplotlib colormap name.
+
+    Returns
+    -------
+    str
+        A ``<div>`` (show it with ``IPython.display.HTML``); hovering a token shows its value.
+    """
+    values = _check_tokens(tokens, counts)
+    lo = float(values.min()) if vmin is None else float(vmin)
+    hi = float(values.max()) if vmax is None else float(vmax)
+    spans = []
+    for tok, v in zip(tokens, values):
+        r, g, b, _ = _colour(v, lo, hi, cmap)
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+        text = html.escape(tok).replace("\n", "&#x21b5;<br>")
+        spans.append(
+            f'<span title="{v:.2f} experts" style="background-color: rgb({int(255 * r)},{int(255 * g)},'
+            f'{int(255 * b)}); color: {"white" if dark else "black"}; white-space: pre-wrap;">{text}</span>'
+        )
+    legend = f'<div style="font-size: 80%; margin-top: 4px;">colour: experts per token, {lo:.2f} .. {hi:.2f} ({cmap})</div>'
+    return '<div style="font-family: monospace; line-height: 1.6;">' + "".join(spans) + "</div>" + legend
+
+
+def plot_token_view(tokens: Sequence[str], counts, *, vmin: float | None = None, vmax: float | None = None,
+                    cmap: str = "YlOrRd", chars_per_line: int = 80, title: str = "experts per token"):
+    """Matplotlib rendering of :func:`token_view_html` (for reports and PNGs).
+
+    Tokens are laid out in a monospace grid, wrapped at ``chars_per_line`` characters and at
+    newlines, each on a box coloured by its count.
+
+    Parameters
+    ----------
+    tokens, counts, vmin, vmax, cmap
+        As in :func:`token_view_html`.
+    chars_per_line : int, default 80
+    title : str
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from matplotlib import cm, colors
+    from matplotlib.patches import Rectangle
+
+    values = _check_tokens(tokens, counts)
+    if chars_per_line < 10:
+        raise ValueError(f"`chars_per_line` must be at least 10, got {chars_per_line!r}.")
+    lo = float(values.min()) if vmin is None else float(vmin)
+    hi = float(values.max()) if vmax is None else float(vmax)
+    placed = []  # (line, column, text, value)
+    line, col = 0, 0
+    for tok, v in zip(tokens, values):
+        pieces = tok.split("\n")
+        for n, piece in enumerate(pieces):
+            if n > 0:
+                line, col = line + 1, 0
+            piece = piece.replace("\t", "    ")
+            if not piece:
+                continue
+            if col + len(piece) > chars_per_line and col > 0:
+                line, col = line + 1, 0
+            placed.append((line, col, piece[:chars_per_line], v))
+            col += min(len(piece), chars_per_line)
+    n_lines = line + 1
+    fig, ax = _new_figure(figsize=(0.064 * chars_per_line + 1.6, 0.2 * n_lines + 1.0))
+    for ln, c, text, v in placed:
+        ax.add_patch(Rectangle((c, ln), len(text), 1, facecolor=_colour(v, lo, hi, cmap), edgecolor="white", lw=0.5))
+        ax.text(c, ln + 0.75, text, family="monospace", fontsize=7)
+    ax.set_xlim(0, chars_per_line)
+    ax.set_ylim(n_lines, 0)
+    ax.axis("off")
+    ax.set_title(title)
+    mappable = cm.ScalarMappable(norm=colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1), cmap=cmap)
+    fig.colorbar(mappable, ax=ax, label="experts per token", shrink=0.8)
+    return fig
