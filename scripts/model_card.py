@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import sys
@@ -113,14 +114,18 @@ def router_logit_capture(model):
             h.remove()
 
 
+def _batches(windows: list[torch.Tensor], batch: int = 16) -> list[torch.Tensor]:
+    """Full-length windows stacked by ``batch``, the shorter last window alone (no padding)."""
+    full = [w for w in windows if w.numel() == WINDOW]
+    rest = [w for w in windows if w.numel() != WINDOW]
+    return [torch.stack(full[i : i + batch]) for i in range(0, len(full), batch)] + [w[None] for w in rest]
+
+
 @torch.no_grad()
 def nll_sum(model, windows: list[torch.Tensor], batch: int = 16) -> tuple[float, int]:
     """Summed next-token NLL and number of predicted tokens over independent windows."""
     total, count = 0.0, 0
-    full = [w for w in windows if w.numel() == WINDOW]
-    rest = [w for w in windows if w.numel() != WINDOW]
-    groups = [torch.stack(full[i : i + batch]) for i in range(0, len(full), batch)] + [w[None] for w in rest]
-    for x in groups:  # (B, T)
+    for x in _batches(windows, batch):  # (B, T)
         logits = model(input_ids=x, use_cache=False).logits.float()  # (B, T, V)
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
         total += nll.item()
@@ -147,19 +152,24 @@ def expert_usage(model, windows: list[torch.Tensor], k: int) -> np.ndarray:
     n_experts = moe_routers(model)[0].weight.shape[0]
     counts = np.zeros((n_layers, n_experts), dtype=np.int64)
     with router_logit_capture(model) as store:
-        for w in windows:
-            model(input_ids=w[None], use_cache=False)
+        for x in _batches(windows):
+            model(input_ids=x, use_cache=False)
     for i in range(n_layers):
         top = torch.cat(store[i]).topk(k, dim=-1).indices.reshape(-1)
         counts[i] = torch.bincount(top, minlength=n_experts).numpy()
     return counts
 
 
+def domain_windows(tokenizer, records: list[dict], max_windows: int = 0) -> dict[str, list[torch.Tensor]]:
+    """Evaluation windows per domain (see ``PROTOCOL``)."""
+    return {d: windows_of(domain_stream(tokenizer, [r for r in records if r["domain"] == d]), max_windows)
+            for d in DOMAINS}
+
+
 def evaluate(model, tokenizer, records: list[dict], unigram_counts: np.ndarray | None, max_windows: int = 0) -> dict:
     """All card metrics on ``records`` (committed evaluation slice by default)."""
     native_k = moe_routers(model)[0].top_k
-    wins = {d: windows_of(domain_stream(tokenizer, [r for r in records if r["domain"] == d]), max_windows)
-            for d in DOMAINS}
+    wins = domain_windows(tokenizer, records, max_windows)
     out: dict = {"protocol": PROTOCOL, "window": WINDOW, "domains": {}}
     for d in DOMAINS:
         topk, n = {}, 0
@@ -350,6 +360,10 @@ def main(argv: list[str] | None = None) -> None:
     metrics["unigram"] = {"fitted_on": "corpus_build/tokens_train_{prose,code}.npy", "smoothing": "add-one",
                           "train_tokens": n_train, "counts": [int(c) for c in counts]}
     metrics["evaluation_text"] = "bh_helpers/data/corpus/evaluation.jsonl"
+    weights = model_dir / "model.safetensors"
+    if weights.is_file():
+        # Lets tests detect a card that no longer describes the committed weights.
+        metrics["model_safetensors_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     metrics["eval_seconds_cpu"] = round(time.perf_counter() - t0, 1)
 
     info_path = model_dir / "training_info.json"
