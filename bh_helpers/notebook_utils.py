@@ -515,10 +515,11 @@ def plot_null_fits(banks_by_kernel: Mapping[str, Any], held_out: Mapping[int, to
         ax_cdf.plot(grid, null.cdf(grid).numpy(), lw=1, label=kernel)
         ax_tail.plot(grid, null.sf(grid).numpy(), lw=1, label=kernel)
         p = null.sf(x).numpy()
-        ax_pit.hist(p, bins=pit_bins, density=True, histtype="step", lw=1.2, label=kernel)
+        ax_pit.hist(p, bins=pit_bins, density=True, histtype="step", lw=1.2, alpha=0.8, label=kernel)
     ax_cdf.set(xlabel="router logit", ylabel="CDF", title=f"layer {layer}: null CDFs vs held-out")
     ax_tail.set_yscale("log")
     ax_tail.set_ylim(0.1 / n, 1.0)
+    ax_tail.set_xlim(float(xs[n // 2]), hi + 0.25 * (hi - lo))  # upper half and beyond the data
     ax_tail.set(xlabel="router logit", ylabel="P(X > x)  (p-value)", title="upper tail (log scale)")
     ax_pit.axhline(1.0, color="k", ls="--", lw=1)
     ax_pit.set(xlabel="held-out p-value", ylabel="density", title="PIT histogram (flat = calibrated)")

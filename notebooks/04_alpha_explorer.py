@@ -1,0 +1,137 @@
+# %% [markdown]
+# # 04 · Alpha explorer
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/bh-routing/bh-routing/blob/main/notebooks/04_alpha_explorer.ipynb)
+#
+# *(The badge points at the GitHub organisation `bh-routing`, a placeholder: replace it with the
+# organisation or user that hosts your copy of the repository.)*
+#
+# Drag the sliders and watch how many experts each token gets. Everything the sliders touch is
+# **cached**: router logits are captured once (notebook 01's file is reused when present), one
+# null is fitted per kernel, and every p-value is computed once. A slider move only re-runs the
+# multiple-testing counts, which takes milliseconds. The **run on the model** button then tries
+# the current setting on the live model: greedy generation and perplexity, next to native top-k.
+#
+# Controls: `alpha` (level of the test), `max_k` / `min_k` (ceiling and floor on experts per
+# token), `method` (BH, Benjamini-Yekutieli, Bonferroni, Holm, or static top-k with k = max_k),
+# `kernel` (which null's p-values), `layer` (the layer in the histogram and the token view).
+# %% [markdown]
+# **Setup.** On Colab the next cell clones the repository and installs it with its notebook
+# extras and transformers v5 (Colab preinstalls an older transformers). Anywhere else (your
+# machine, CI) it does nothing: install the package yourself with `pip install -e ".[notebooks]"`.
+
+# %%
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+IN_COLAB = "google.colab" in sys.modules
+REPO_URL = "https://github.com/bh-routing/bh-routing.git"  # placeholder organisation: use your fork's
+PIP_INSTALL = ["-m", "pip", "install", "-q", "-e", ".[notebooks]", "transformers>=5.23,<6"]
+if IN_COLAB:
+    here = Path.cwd()
+    repo = here.parent if (here.parent / "pyproject.toml").is_file() else here / "bh-routing"
+    if not (repo / "pyproject.toml").is_file():
+        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(repo)], check=True)
+    subprocess.run([sys.executable, *PIP_INSTALL], cwd=repo, check=True)
+    sys.path.insert(0, str(repo))  # the editable install is only seen by new processes
+    os.chdir(repo / "notebooks")  # outputs/ then lands next to the notebooks, as locally
+
+# %% [markdown]
+# **Parameters** (`BH_MODEL`, `BH_NOTEBOOK_SMALL` as in notebook 01).
+
+# %%
+from bh_helpers import notebook_utils as nbu
+
+MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
+SMALL = nbu.small_mode()  # BH_NOTEBOOK_SMALL=1/0; default: small without a CUDA GPU
+N_TEXTS = 24 if SMALL else None  # as in notebook 01 (its saved logits are reused)
+MAX_LENGTH = 128 if SMALL else 512
+MAX_TOKENS_PER_LAYER = None if SMALL else 100_000
+KERNELS = ["gaussian", "tophat", "epanechnikov", "linear", "empirical"]
+EXPLORER_TOKENS = 2048  # cached tokens the sliders work on (the first ones, so they read as text)
+PROMPT = "The"  # for the "run on the model" button
+EVAL_TEXTS = 2 if SMALL else 8  # evaluation documents for the button's perplexity
+MAX_NEW_TOKENS = 16 if SMALL else 32
+OUTPUT_ROOT = "outputs"
+print(f"model={MODEL_NAME!r} small={SMALL}")
+
+# %% [markdown]
+# ## 1. Cache: logits, nulls per kernel, p-values
+
+# %%
+import time
+
+from bh_helpers.nulls import fit_null_bank
+from bh_helpers.widgets import AlphaExplorer
+
+model, tokenizer = nbu.load_notebook_model(MODEL_NAME)
+MODEL_KEY = nbu.model_key(model)
+OUT = nbu.output_dir(MODEL_KEY, OUTPUT_ROOT)
+captured, model, tokenizer = nbu.get_router_logits(
+    OUT / "router_logits.pt", model=model, tokenizer=tokenizer, n_texts=N_TEXTS,
+    max_length=MAX_LENGTH, max_tokens_per_layer=MAX_TOKENS_PER_LAYER,
+)
+start = time.perf_counter()
+banks = {kernel: fit_null_bank(captured, kernel=kernel, model_id=MODEL_KEY) for kernel in KERNELS}
+print(f"{captured}; {len(banks)} null banks fitted in {time.perf_counter() - start:.1f} s")
+
+start = time.perf_counter()
+explorer = AlphaExplorer(
+    captured, banks, captured.token_ids, model=model, tokenizer=tokenizer, max_tokens=EXPLORER_TOKENS,
+)
+print(f"p-values of {explorer.num_tokens} tokens x {len(explorer.layers)} layers x {len(banks)} kernels "
+      f"precomputed in {time.perf_counter() - start:.1f} s")
+
+# %% [markdown]
+# ## 2. The explorer
+# Each slider move prints its update time (computation) and drawing time. Hover over a token in
+# the coloured text to see its experts. The button runs greedy generation from `PROMPT` and
+# perplexity on a few evaluation documents, for native top-k and for the current setting.
+# (The interactive widget needs a live kernel: in a static render only its first state shows.)
+
+# %%
+explorer.widget(prompt=PROMPT, eval_texts=nbu.evaluation_texts(EVAL_TEXTS), max_new_tokens=MAX_NEW_TOKENS)
+
+# %% [markdown]
+# ## 3. The same, programmatically
+# The sliders call `explorer.update(**settings)`; so can you. The table sweeps alpha for BH
+# with the first kernel (mean experts per token per layer, and how often the floor `min_k` and
+# the ceiling `max_k` bind). **What to look for:** mean k grows with alpha; where most tokens sit
+# at the floor, BH finds no expert "significant" beyond the one it must keep, and the null or
+# alpha is the lever, not max_k.
+
+# %%
+ALPHAS = [1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.5]
+explorer.alpha_table(ALPHAS, method="bh", min_k=1, max_k=8).round(3)
+
+# %%
+state = explorer.update(alpha=0.2, method="bh", min_k=1, max_k=8, layer=explorer.layers[-1])
+nbu.show(explorer.figure(state), OUT / "04_explorer_alpha0.2.png")
+print(f"median update time {explorer.median_update_ms():.1f} ms over {len(explorer.timings_ms)} updates")
+
+# %% [markdown]
+# Kernels compared at one setting: the nulls differ most in the tail, so they disagree most at
+# small alpha.
+
+# %%
+import pandas as pd
+
+pd.DataFrame({
+    kernel: {f"alpha={a:g}": explorer.update(kernel=kernel, alpha=a).mean_k for a in (0.01, 0.1, 0.5)}
+    for kernel in KERNELS
+}).T.round(3)
+
+# %% [markdown]
+# ## 4. The button, programmatically
+# What "run on the model" does, for the current setting (BH, alpha 0.5, the last kernel).
+
+# %%
+result = explorer.run_live(PROMPT, eval_texts=nbu.evaluation_texts(EVAL_TEXTS), max_new_tokens=MAX_NEW_TOKENS)
+pd.DataFrame({
+    "native top-k": {"text": result["native_text"], "perplexity": result.get("native_ppl"),
+                     "mean k": explorer.native_k, "generate s": result["native_generate_s"]},
+    "current setting": {"text": result["routed_text"], "perplexity": result.get("routed_ppl"),
+                        "mean k": result["routed_mean_k"], "generate s": result["generate_s"]},
+}).T
