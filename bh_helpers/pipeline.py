@@ -18,9 +18,11 @@ Evaluation protocol of the sweep (stated in every report): perplexity with
 :func:`bh_helpers.evaluation.perplexity` (documents joined by EOS, windows of ``window`` tokens
 with stride ``stride``, token-weighted mean NLL); the text of each data set is cut to its first
 ``max_tokens`` tokens (whole documents, the last one truncated). Mean experts per token is
-measured by the routing recorder over every routed token and layer. Selected experts get
-renormalised softmax weights (``"renorm"``) for BH/BY/top-k/top-p; ``native`` keeps the
-model's own convention.
+measured by the routing recorder over every routed token and layer. Selected experts keep
+their softmax router probabilities (``weights="softmax"``, OLMoE's own ``norm_topk_prob=False``
+convention, so static top-8 equals the native model) for BH/BY/top-k/top-p; ``"renorm"`` is
+available but the embedded model was not trained for it (top-8 perplexity 22.3 instead of 15.0
+on 1k prose tokens).
 
 Evaluation data sets (:data:`EVAL_DATASETS`): ``prose`` and ``code`` are the two domains of
 the embedded corpus's evaluation slice (held out from training and from calibration),
@@ -54,6 +56,7 @@ __all__ = [
     "default_null_bank_dir",
     "model_slug",
     "calibration_token_ids",
+    "check_datasets",
     "evaluation_texts",
     "capture_step",
     "save_captured",
@@ -209,6 +212,14 @@ def _dataset_documents(name: str) -> tuple[list[str], str]:
     raise ValueError(
         f"unknown data set {name!r}; use one of {list(EVAL_DATASETS)} or a path to an existing .txt file."
     )
+
+
+def check_datasets(names: Sequence[str]) -> None:
+    """Raise ``ValueError`` for an unknown data set name or an empty ``.txt`` file."""
+    if isinstance(names, str) or not names:
+        raise ValueError("`datasets` must be a non-empty list of names, e.g. ['prose', 'code'].")
+    for name in names:
+        _dataset_documents(name)
 
 
 def evaluation_texts(name: str, tokenizer, *, max_tokens: int) -> list[str]:
@@ -395,7 +406,7 @@ def _native_k(model) -> int:
 
 
 def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank, window: int = 256,
-                     stride: int = 256, batch_size: int = 8):
+                     stride: int = 256, batch_size: int = 8, weights: str = "softmax"):
     """The ``evaluate_fn(config, dataset)`` of :func:`bh_helpers.experiments.run_sweep`.
 
     Metrics per row: the :class:`~bh_helpers.evaluation.PerplexityResult` fields (with
@@ -412,7 +423,7 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
     banks = {null_bank.metadata.kernel: null_bank} if null_bank is not None else None
 
     def evaluate(config, name: str) -> dict:
-        selector = config.to_selector(model, null_bank=banks)
+        selector = config.to_selector(model, null_bank=banks, weights=weights)
         with route(model, selector) as rec:
             ppl = perplexity(model, tokenizer, data[name], window=window, stride=stride, batch_size=batch_size,
                              progress=False)
@@ -439,16 +450,17 @@ def _bank_identity(bank) -> dict:
 
 
 def sweep_grid_id(*, model_id: str, null_bank, datasets: Sequence[str], max_tokens: int, window: int,
-                  stride: int) -> str:
+                  stride: int, weights: str) -> str:
     """The ``grid_id`` of a sweep: everything besides the configurations that changes its numbers."""
     return json.dumps({"model": model_id, "nulls": _bank_identity(null_bank), "datasets": list(datasets),
                        "max_tokens": int(max_tokens), "window": int(window), "stride": int(stride),
-                       "weights": "renorm"}, sort_keys=True, separators=(",", ":"))
+                       "weights": weights}, sort_keys=True, separators=(",", ":"))
 
 
 def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.PathLike,
                datasets: Sequence[str] = ("prose", "code"), max_tokens: int = 2048, window: int = 256,
-               stride: int = 256, batch_size: int = 8, model_id: str = "tiny", progress: bool = True):
+               stride: int = 256, batch_size: int = 8, weights: str = "softmax", model_id: str = "tiny",
+               progress: bool = True):
     """Run (or resume) a perplexity sweep; returns :func:`~bh_helpers.experiments.load_results`.
 
     Parameters
@@ -466,6 +478,11 @@ def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.P
         Tokens per data set.
     window, stride, batch_size : int
         Perplexity protocol (:func:`bh_helpers.evaluation.perplexity`).
+    weights : {"softmax", "renorm", "uniform"}, default "softmax"
+        Weights of the selected experts for BH-family, top-k and top-p configurations.
+        ``"softmax"`` (raw router probabilities) is OLMoE's own convention
+        (``norm_topk_prob=False``), so top-8 equals the native model; ``"renorm"`` rescales the
+        selected probabilities to sum to 1, which the tiny model was not trained for.
     model_id : str
     progress : bool
 
@@ -474,16 +491,19 @@ def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.P
     pandas.DataFrame
     """
     from bh_helpers.experiments import run_sweep
+    from bh_helpers.selection import WEIGHT_MODES
 
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"`weights` must be one of {WEIGHT_MODES}, got {weights!r}.")
     datasets = list(datasets)
     if not datasets:
         raise ValueError("`datasets` is empty; pass e.g. ['prose', 'code'].")
     null_bank.check_compatible(model)
     data = {name: evaluation_texts(name, tokenizer, max_tokens=max_tokens) for name in datasets}
     grid_id = sweep_grid_id(model_id=model_id, null_bank=null_bank, datasets=datasets, max_tokens=max_tokens,
-                            window=window, stride=stride)
+                            window=window, stride=stride, weights=weights)
     evaluate = make_evaluate_fn(model, tokenizer, data, null_bank=null_bank, window=window, stride=stride,
-                                batch_size=batch_size)
+                                batch_size=batch_size, weights=weights)
     return run_sweep(configs, datasets, evaluate, results_path, grid_id=grid_id, progress=progress)
 
 
@@ -505,14 +525,22 @@ def _protocol_from_results(results) -> dict:
         "weighting": "token",
         "tokens_per_dataset_cap": grid.get("max_tokens"),
         "datasets": {name: _dataset_note(name) for name in header.get("datasets", [])},
-        "weights_of_selected_experts": "renorm (softmax over the selected experts); native: the model's own",
+        "weights_of_selected_experts": _WEIGHT_NOTES.get(grid.get("weights"), grid.get("weights")),
         "compute": "mean experts per token over all routed tokens and layers (routing recorder)",
+        "weights": grid.get("weights"),
     }
     if len(results) and "n_tokens" in results.columns:
         proto["tokens_scored"] = {d: int(g["n_tokens"].iloc[0]) for d, g in results.groupby("dataset", sort=False)}
     if len(results) and "protocol.tokenizer" in results.columns:
         proto["tokenizer"] = str(results["protocol.tokenizer"].iloc[0])
     return proto
+
+
+_WEIGHT_NOTES = {
+    "softmax": "softmax (router probabilities over all experts, not renormalised: OLMoE's norm_topk_prob=False)",
+    "renorm": "renorm (router probabilities renormalised over the selected experts)",
+    "uniform": "uniform (1/k per selected expert)",
+}
 
 
 def _dataset_note(name: str) -> str:
@@ -553,7 +581,7 @@ def _model_info(model, model_id: str) -> dict:
 
 def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=None, null_bank=None,
                 model_id: str = "tiny", categories: bool = True, prompt_sets=None, seed: int = 0,
-                extra_notes: str | None = None, progress: bool = True) -> Path:
+                weights: str | None = None, extra_notes: str | None = None, progress: bool = True) -> Path:
     """Frontier, figures, optional category analysis and token view, then ``report.md``.
 
     Parameters
@@ -571,6 +599,8 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         See :func:`bh_helpers.categories.load_prompt_sets`.
     seed : int
         Bootstrap seed.
+    weights : str, optional
+        Weight convention of the category analysis and token view (default: the sweep's).
     extra_notes : str, optional
     progress : bool
 
@@ -589,6 +619,8 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     if not len(results):
         raise ValueError("`results` has no rows; run the sweep first.")
     frontier = compute_frontier(results)
+    if weights is None:
+        weights = _protocol_from_results(results).get("weights") or "softmax"
     figures: dict[str, Any] = {}
     for name in dict.fromkeys(results["dataset"]):
         figures[f"frontier {name}"] = plots.plot_frontier(results, dataset=name)
@@ -614,10 +646,11 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         from bh_helpers.categories import analyze_categories, load_prompt_sets
         from bh_helpers.patching import TopKSelector, route
 
-        selector = config.to_selector(model, null_bank={null_bank.metadata.kernel: null_bank})
+        selector = config.to_selector(model, null_bank={null_bank.metadata.kernel: null_bank}, weights=weights)
         if categories:
             analysis = analyze_categories(
-                model, tokenizer, adaptive=selector, baseline=TopKSelector(k_match), prompt_sets=prompt_sets,
+                model, tokenizer, adaptive=selector, baseline=TopKSelector(k_match, weights=weights),
+                prompt_sets=prompt_sets,
                 adaptive_label=config.label(), baseline_label=f"top-{k_match}", seed=seed, progress=progress)
             tables.update(analysis.tables())
             notes.append(
@@ -680,6 +713,7 @@ class DemoSettings:
     min_k: int = 1  # floor of the adaptive methods
     topk_max: int = 8  # static top-k baselines k = 1 .. topk_max
     top_ps: tuple[float, ...] = (0.5, 0.8)  # top-p baselines
+    weights: str = "softmax"  # weights of the selected experts (OLMoE's own convention)
     datasets: tuple[str, ...] = ("prose", "code")  # evaluation data sets
     max_tokens: int = 2048  # evaluation tokens per data set
     window: int = 256  # perplexity window
@@ -695,10 +729,11 @@ class DemoSettings:
             _check_positive(name, getattr(self, name))
         if self.stride > self.window:
             raise ValueError(f"`stride` ({self.stride}) must not exceed `window` ({self.window}).")
-        if not self.datasets:
-            raise ValueError("`datasets` is empty; pass e.g. ('prose', 'code').")
-        for name in self.datasets:
-            _dataset_documents(name)  # unknown names raise here, before anything runs
+        from bh_helpers.selection import WEIGHT_MODES
+
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"`weights` must be one of {WEIGHT_MODES}, got {self.weights!r}.")
+        check_datasets(self.datasets)  # unknown names raise here, before anything runs
 
     def configs(self):
         """The sweep grid (:func:`bh_helpers.experiments.expand_grid`)."""
@@ -824,14 +859,14 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
     results_path = out / RESULTS_NAME
     results = sweep_step(model, tokenizer, configs, null_bank=bank, results_path=results_path,
                          datasets=settings.datasets, max_tokens=settings.max_tokens, window=settings.window,
-                         stride=settings.stride, batch_size=settings.batch_size, model_id=settings.model,
-                         progress=progress)
+                         stride=settings.stride, batch_size=settings.batch_size, weights=settings.weights,
+                         model_id=settings.model, progress=progress)
     timings["sweep"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=bank,
                          model_id=settings.model, categories=settings.categories, seed=settings.seed,
-                         progress=progress)
+                         weights=settings.weights, progress=progress)
     timings["report"] = time.perf_counter() - t0
     from bh_helpers.frontier import compute_frontier
 

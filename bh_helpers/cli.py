@@ -1,0 +1,260 @@
+"""``bh-routing``: the command line of bh_helpers (thin: the work is in :mod:`bh_helpers.pipeline`).
+
+Subcommands::
+
+    bh-routing demo      capture + fit + sweep + report on the embedded model (the main job)
+    bh-routing capture   router logits on calibration text -> .safetensors
+    bh-routing fit       captured logits -> null bank folder (nulls.npz + metadata.json)
+    bh-routing sweep     null bank + grid -> sweep.jsonl (resumable)
+    bh-routing report    sweep.jsonl (+ null bank) -> report.md with figures
+
+Errors in the input (unknown data set, empty text, a folder or results file of another
+configuration grid) print one line ``bh-routing: error: ...`` and exit with status 2; existing
+results are never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from bh_helpers import pipeline
+
+__all__ = ["build_parser", "main"]
+
+_D = pipeline.DemoSettings()  # defaults shown in --help
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.replace(",", " ").split() if x)
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=_D.model,
+                   help="'tiny' (embedded tiny OLMoE, default), 'auto', a hub id or a local model folder")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu; 'auto' picks cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_protocol(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--datasets", type=_names, default=_D.datasets,
+                   help=f"evaluation data sets, comma-separated: {', '.join(pipeline.EVAL_DATASETS)} or .txt paths "
+                        f"(default: {','.join(_D.datasets)})")
+    p.add_argument("--max-tokens", type=int, default=_D.max_tokens,
+                   help=f"evaluation tokens per data set (default: {_D.max_tokens})")
+    p.add_argument("--window", type=int, default=_D.window, help=f"perplexity window in tokens (default: {_D.window})")
+    p.add_argument("--stride", type=int, default=_D.stride, help=f"perplexity stride in tokens (default: {_D.stride})")
+    p.add_argument("--batch-size", type=int, default=_D.batch_size,
+                   help=f"windows per forward pass (default: {_D.batch_size})")
+    p.add_argument("--weights", choices=("softmax", "renorm", "uniform"), default=_D.weights,
+                   help="weights of the selected experts (default: softmax, OLMoE's own convention)")
+
+
+def _add_grid(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", type=_names, default=_D.methods,
+                   help=f"multiple-testing methods among bh,by,bonferroni,holm (default: {','.join(_D.methods)})")
+    p.add_argument("--alphas", type=_floats, default=_D.alphas,
+                   help=f"levels of the methods (default: {','.join(map(str, _D.alphas))})")
+    p.add_argument("--max-ks", type=_ints, default=_D.max_ks,
+                   help=f"ceilings on experts per token (default: {','.join(map(str, _D.max_ks))})")
+    p.add_argument("--min-k", type=int, default=_D.min_k, help=f"floor on experts per token (default: {_D.min_k})")
+    p.add_argument("--topk-max", type=int, default=_D.topk_max,
+                   help=f"static top-k baselines k = 1..N (default: {_D.topk_max})")
+    p.add_argument("--top-ps", type=_floats, default=_D.top_ps,
+                   help=f"top-p baselines, '' for none (default: {','.join(map(str, _D.top_ps))})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``bh-routing`` (every option documented in ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="bh-routing",
+        description="Benjamini-Hochberg expert routing for mixture-of-experts language models.",
+        epilog="Start with `bh-routing demo`; each step also runs on its own.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="capture, fit, sweep and report in one folder (the main job)",
+        description="Capture router logits on calibration text, fit per-layer nulls, sweep BH/BY against "
+                    "static top-k, top-p and native routing, and write report.md. Rerunning with the same "
+                    "options resumes; other options on the same folder stop with an error and change nothing.",
+    )
+    demo.add_argument("--out", default=pipeline.DEFAULT_OUTPUT_DIR,
+                      help=f"output folder (default: ./{pipeline.DEFAULT_OUTPUT_DIR})")
+    _add_model(demo)
+    demo.add_argument("--calibration-tokens", type=int, default=_D.calibration_tokens,
+                      help=f"calibration tokens for the nulls (default: {_D.calibration_tokens})")
+    demo.add_argument("--kernel", default=_D.kernel, help=f"null kernel (default: {_D.kernel})")
+    demo.add_argument("--grid-size", type=int, default=_D.grid_size,
+                      help=f"null grid points per layer (default: {_D.grid_size})")
+    _add_grid(demo)
+    _add_protocol(demo)
+    demo.add_argument("--no-categories", action="store_true", help="skip the prompt-category analysis")
+    demo.add_argument("--seed", type=int, default=_D.seed, help=f"bootstrap seed (default: {_D.seed})")
+
+    cap = sub.add_parser("capture", help="router logits on calibration text -> .safetensors",
+                         description="Run the model over calibration text and save float32 router logits of "
+                                     "every MoE layer (safetensors, no pickle).")
+    cap.add_argument("--out", required=True, help="output file (.safetensors); an existing file is an error")
+    _add_model(cap)
+    cap.add_argument("--calibration-tokens", type=int, default=_D.calibration_tokens,
+                     help=f"calibration tokens (default: {_D.calibration_tokens})")
+    cap.add_argument("--text-file", default=None,
+                     help="calibrate on this UTF-8 text file instead of the embedded calibration slice")
+    cap.add_argument("--window", type=int, default=_D.window, help=f"tokens per sequence (default: {_D.window})")
+    cap.add_argument("--batch-size", type=int, default=_D.batch_size,
+                     help=f"sequences per forward pass (default: {_D.batch_size})")
+
+    fit = sub.add_parser("fit", help="captured logits -> null bank folder",
+                         description="Fit one null per layer and save nulls.npz + metadata.json.")
+    fit.add_argument("--captured", required=True, help="file written by `bh-routing capture`")
+    fit.add_argument("--out", required=True, help="null bank folder; one that already holds a bank is an error")
+    fit.add_argument("--kernel", default=_D.kernel,
+                     help=f"gaussian, tophat, epanechnikov, linear or empirical (default: {_D.kernel})")
+    fit.add_argument("--grid-size", type=int, default=_D.grid_size,
+                     help=f"grid points per layer (default: {_D.grid_size})")
+    fit.add_argument("--model-id", default=None, help="model id for the metadata (default: the capture's)")
+
+    sw = sub.add_parser("sweep", help="null bank + grid -> sweep.jsonl (resumable)",
+                        description="Evaluate every configuration of the grid on every data set; an existing "
+                                    "results file of the same grid is resumed, one of another grid is an error.")
+    sw.add_argument("--nulls", default=None,
+                    help="null bank folder (default: the committed one of --model, see default_null_bank_dir)")
+    sw.add_argument("--results", required=True, help="results file (.jsonl)")
+    _add_model(sw)
+    _add_grid(sw)
+    _add_protocol(sw)
+
+    rep = sub.add_parser("report", help="sweep.jsonl -> report.md with figures",
+                         description="Write report.md (frontier table, results, figures, protocol) into a folder.")
+    rep.add_argument("--results", required=True, help="results file (.jsonl) of `bh-routing sweep` or `demo`")
+    rep.add_argument("--out", required=True, help="report folder (report.md and PNGs in it are replaced)")
+    rep.add_argument("--nulls", default=None,
+                     help="null bank folder; with it the model is loaded for the category analysis and token view")
+    _add_model(rep)
+    rep.add_argument("--no-categories", action="store_true", help="skip the prompt-category analysis")
+    return parser
+
+
+def _device(text: str):
+    return None if text == "auto" else text
+
+
+def _load(args):
+    import torch
+
+    from bh_helpers.models import load_model
+
+    device = _device(args.device)
+    return load_model(args.model, device=device, dtype=torch.float32 if device == "cpu" else None)
+
+
+def _cmd_demo(args) -> int:
+    settings = pipeline.DemoSettings(
+        model=args.model, calibration_tokens=args.calibration_tokens, kernel=args.kernel, grid_size=args.grid_size,
+        methods=args.methods, alphas=args.alphas, max_ks=args.max_ks, min_k=args.min_k, topk_max=args.topk_max,
+        top_ps=args.top_ps, weights=args.weights, datasets=args.datasets, max_tokens=args.max_tokens,
+        window=args.window, stride=args.stride, batch_size=args.batch_size, categories=not args.no_categories,
+        seed=args.seed,
+    )
+    t0 = time.perf_counter()
+    result = pipeline.run_demo(settings, out_dir=args.out, device=_device(args.device), progress=not args.no_progress)
+    n_bh = int((result.frontier["status"] == "ok").sum())
+    print(f"{'resumed' if result.resumed else 'finished'} in {time.perf_counter() - t0:.0f} s: "
+          f"{len(result.frontier)} BH-family rows, {n_bh} compute-matched with static top-k")
+    print(f"report:  {result.report_path}")
+    print(f"results: {result.results_path}")
+    return 0
+
+
+def _cmd_capture(args) -> int:
+    if os.path.exists(args.out):
+        raise ValueError(f"--out {args.out!r} exists; pass a new file name (captures are never overwritten).")
+    model, tok = _load(args)
+    captured = pipeline.capture_step(model, tok, max_tokens=args.calibration_tokens, window=args.window,
+                                     batch_size=args.batch_size, text_file=args.text_file, out_path=args.out,
+                                     model_id=args.model, progress=not args.no_progress)
+    print(f"captured {captured.num_tokens} tokens x {len(captured)} layers -> {args.out}")
+    return 0
+
+
+def _cmd_fit(args) -> int:
+    from bh_helpers.nulls import METADATA_NAME
+
+    if os.path.exists(os.path.join(args.out, METADATA_NAME)):
+        raise ValueError(f"--out {args.out!r} already holds a null bank; pass another folder.")
+    captured, meta = pipeline.load_captured(args.captured)
+    bank = pipeline.fit_step(captured, kernel=args.kernel, grid_size=args.grid_size,
+                             model_id=args.model_id or meta.get("model_id", "unknown"),
+                             calibration=meta.get("calibration"), out_dir=args.out)
+    print(f"fitted {len(bank)} layers ({args.kernel}) -> {args.out}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from bh_helpers.experiments import expand_grid
+    from bh_helpers.nulls import NullBank
+
+    configs = expand_grid(methods=args.methods, alphas=args.alphas, max_ks=args.max_ks, min_ks=(args.min_k,),
+                          topk=list(range(1, args.topk_max + 1)), top_ps=args.top_ps, native=True)
+    pipeline.check_datasets(args.datasets)  # unknown names fail before the model loads
+    nulls = args.nulls or pipeline.default_null_bank_dir(args.model)
+    bank = NullBank.load(nulls)
+    model, tok = _load(args)
+    df = pipeline.sweep_step(model, tok, configs, null_bank=bank, results_path=args.results, datasets=args.datasets,
+                             max_tokens=args.max_tokens, window=args.window, stride=args.stride,
+                             batch_size=args.batch_size, weights=args.weights, model_id=args.model,
+                             progress=not args.no_progress)
+    print(f"{len(df)} rows in {args.results}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from bh_helpers.experiments import load_results
+    from bh_helpers.nulls import NullBank
+
+    results = load_results(args.results)
+    model = tok = bank = None
+    if args.nulls:
+        bank = NullBank.load(args.nulls)
+        model, tok = _load(args)
+    path = pipeline.report_step(args.out, results=results, model=model, tokenizer=tok, null_bank=bank,
+                                model_id=args.model, categories=not args.no_categories,
+                                progress=not args.no_progress)
+    print(f"report: {path}")
+    return 0
+
+
+_COMMANDS = {"demo": _cmd_demo, "capture": _cmd_capture, "fit": _cmd_fit, "sweep": _cmd_sweep, "report": _cmd_report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bh-routing`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"bh-routing: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
