@@ -50,8 +50,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--experts", type=int, default=64, help="number of experts E")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="logit dtype")
     parser.add_argument("--alpha", type=float, default=0.05, help="BH level")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

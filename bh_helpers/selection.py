@@ -223,13 +223,20 @@ def fdr_counts(pvalues: torch.Tensor, alpha: float, method: str = "bh", *, valid
     p = pvalues.to(_stat_dtype(pvalues))
     if method == "bonferroni":  # no ordering needed
         return (p.double() <= alpha / float(m)).sum(-1)
-    sorted_p = p.sort(dim=-1).values.double()  # (..., m), ascending
-    below = sorted_p <= _thresholds(method, alpha, m, p.device)  # (..., m)
+    return _counts_from_sorted(p.sort(dim=-1).values, alpha, method)
+
+
+def _counts_from_sorted(sorted_p: torch.Tensor, alpha: float, method: str) -> torch.Tensor:
+    """Rejection counts ``[...]`` from p-values already sorted ascending along the last axis."""
+    m = sorted_p.shape[-1]
+    below = sorted_p.double() <= _thresholds(method, alpha, m, sorted_p.device)  # (..., m)
     if method == "holm":
         # Step-down: count the leading run of rejections (stop at the first failure).
         return below.long().cumprod(dim=-1).sum(-1)
+    if method == "bonferroni":
+        return below.sum(-1)
     # Step-up: the largest rank k whose p-value is under its threshold, 0 if none.
-    ranks = torch.arange(1, m + 1, device=p.device)  # (m,)
+    ranks = torch.arange(1, m + 1, device=sorted_p.device)  # (m,)
     return (below * ranks).amax(dim=-1)
 
 
@@ -244,18 +251,19 @@ def _check_int(name: str, value: int) -> int:
     return int(value)
 
 
-def _ranked_experts(logits: torch.Tensor, pvalues: torch.Tensor | None) -> torch.Tensor:
-    """Expert ids ``[..., E]`` in order of preference.
+def _ranked_experts(logits: torch.Tensor, pvalues: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Expert ids ``[..., E]`` in order of preference, and the p-values in that order.
 
     Preference: smallest p-value first, ties broken by the larger logit; without p-values, by
-    decreasing logit. Two stable sorts give the lexicographic order.
+    decreasing logit. Two stable sorts give the lexicographic order; the sorted p-values are
+    returned so that the counts need no third sort.
     """
     by_logit = logits.argsort(dim=-1, descending=True, stable=True)  # (..., E)
     if pvalues is None:
-        return by_logit
+        return by_logit, None
     p_in_logit_order = pvalues.gather(-1, by_logit)  # (..., E)
-    order = p_in_logit_order.argsort(dim=-1, stable=True)  # (..., E)
-    return by_logit.gather(-1, order)
+    sorted_p, order = p_in_logit_order.sort(dim=-1, stable=True)  # (..., E), ascending
+    return by_logit.gather(-1, order), sorted_p
 
 
 def _mixing_weights(
@@ -379,8 +387,9 @@ def select_experts(
         if validate:
             _check_pvalues(pvalues)
         p = pvalues.to(device=x.device, dtype=stat_dtype)
-        counts = fdr_counts(p, alpha, method, validate=False).clamp(min_k, max_k)  # (...)
-        ranked = _ranked_experts(x, p)  # (..., E)
+        alpha = _check_alpha(alpha)
+        ranked, sorted_p = _ranked_experts(x, p)  # (..., E), (..., E)
+        counts = _counts_from_sorted(sorted_p, alpha, method).clamp(min_k, max_k)  # (...)
     elif method == "topk":
         if k is None:
             raise ValueError("method='topk' needs `k`, the number of experts per token.")
@@ -390,14 +399,14 @@ def select_experts(
         if k > max_k:
             raise ValueError(f"`k`={k} exceeds `max_k`={max_k}; pass max_k >= k.")
         counts = torch.full(leading, k, dtype=torch.long, device=x.device)
-        ranked = _ranked_experts(x, None)
+        ranked, _ = _ranked_experts(x, None)
     else:  # top_p
         if top_p is None:
             raise ValueError("method='top_p' needs `top_p`, the probability mass to cover.")
         top_p = float(top_p)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"`top_p` must be in (0, 1]; got {top_p}.")
-        ranked = _ranked_experts(x, None)
+        ranked, _ = _ranked_experts(x, None)
         sorted_probs = torch.softmax(x, dim=-1).gather(-1, ranked)  # (..., E), descending
         mass_before = sorted_probs.cumsum(-1) - sorted_probs  # (..., E)
         # An expert is needed while the mass before it is still short of top_p.
