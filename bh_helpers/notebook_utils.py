@@ -38,7 +38,9 @@ __all__ = [
     "committed_bank_dir",
     "describe_model",
     "evaluation_texts",
+    "find_null_bank",
     "free_accelerator_memory",
+    "generate_side_by_side",
     "get_router_logits",
     "goodness_table",
     "in_colab",
@@ -362,6 +364,76 @@ def choose_kernel(table) -> str:
     """The kernel with the smallest mean KS distance over layers (ties: the first listed)."""
     means = table.groupby("kernel", sort=False)["ks_distance"].mean()
     return str(means.idxmin())
+
+
+def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, tokenizer: Any = None,
+                   calibration_tokens: int = 4096):
+    """The null bank to route ``key`` with, and where it came from.
+
+    In order: the bank committed under ``kde_models/<model>/`` (or fitted there by notebook 02 in
+    full mode), the one notebook 02 wrote to ``<out>/null_bank`` in small mode, else a Gaussian
+    bank fitted now on ``calibration_tokens`` tokens (needs ``model`` and ``tokenizer``) and saved
+    to ``<out>/null_bank``.
+
+    Returns
+    -------
+    bank : NullBank
+    source : str
+    """
+    from bh_helpers.nulls import NullBank
+    from bh_helpers.pipeline import capture_step, default_null_bank_dir, fit_step
+
+    try:
+        path = default_null_bank_dir(key)
+        return NullBank.load(path), f"committed bank {path}"
+    except FileNotFoundError:
+        pass
+    path = Path(out) / "null_bank"
+    if (path / "metadata.json").is_file():
+        return NullBank.load(path), f"bank fitted by notebook 02: {path}"
+    if model is None or tokenizer is None:
+        raise FileNotFoundError(f"no null bank for {key!r}; run notebook 02 or pass model and tokenizer.")
+    captured = capture_step(model, tokenizer, max_tokens=calibration_tokens, model_id=key)
+    bank = fit_step(captured, model_id=key)
+    bank.save(path)
+    return bank, f"fitted now on {captured.num_tokens} calibration tokens, saved to {path}"
+
+
+def generate_side_by_side(model: Any, tokenizer: Any, prompts: Sequence[str], selector: Any, *,
+                          max_new_tokens: int = 32):
+    """Greedy continuations of each prompt, native and routed by ``selector``.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        ``prompt``, ``native``, ``routed`` (continuations only), ``routed mean k``.
+    token_views : list of (list of str, Tensor [T, L])
+        Per prompt, the tokens the routed model read (prompt and generated, in order) and the
+        experts each got in every layer.
+    """
+    import pandas as pd
+
+    from bh_helpers.patching import route
+
+    device = next(model.parameters()).device
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    rows, views = [], []
+    for prompt in prompts:
+        batch = tokenizer([prompt], return_tensors="pt").to(device)
+        n = batch["input_ids"].shape[1]
+        with torch.no_grad():
+            native = model.generate(**batch, **kwargs)[0, n:]
+            with route(model, selector) as rec:
+                routed = model.generate(**batch, **kwargs)[0, n:]
+        counts = rec.per_token_counts()
+        views.append((tokenizer.batch_decode([[int(i)] for i in counts.token_ids]), counts.matrix()))
+        rows.append({
+            "prompt": prompt,
+            "native": tokenizer.decode(native, skip_special_tokens=True),
+            "routed": tokenizer.decode(routed, skip_special_tokens=True),
+            "routed mean k": rec.summary()["mean_k"],
+        })
+    return pd.DataFrame(rows), views
 
 
 # ----------------------------------------------------------------------------------------------

@@ -155,8 +155,10 @@ class AlphaExplorer:
         Rows kept from the cache.
     native_k : int, optional
         The model's own top-k; read from ``model`` when given, else 8 (OLMoE).
-    weights : {"renorm", "softmax", "uniform"}, default "renorm"
-        Mixing weights used by :meth:`run_live`.
+    weights : {"softmax", "renorm", "uniform"}, default "softmax"
+        Mixing weights of the selected experts in :meth:`run_live`. "softmax" (the raw router
+        probabilities) is OLMoE's own convention (``norm_topk_prob=False``) and the sweep's
+        default in :mod:`bh_helpers.pipeline`, so top-8 equals the native model.
     view_tokens : int, default 48
         Tokens shown in the per-token view.
     threads : int or None, default 1
@@ -181,7 +183,7 @@ class AlphaExplorer:
         *,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         native_k: int | None = None,
-        weights: str = "renorm",
+        weights: str = "softmax",
         view_tokens: int = DEFAULT_VIEW_TOKENS,
         threads: int | None = 1,
     ) -> None:
