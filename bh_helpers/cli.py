@@ -51,6 +51,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="'tiny' (embedded tiny OLMoE, default), 'auto', a hub id or a local model folder")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu; 'auto' picks cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: 1; on a shared or small CPU more threads are often much "
+                        "slower, 0 keeps torch's default)")
 
 
 def _add_protocol(p: argparse.ArgumentParser) -> None:
@@ -249,6 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bh-routing`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    threads = getattr(args, "threads", 0)
+    if threads < 0:
+        parser.error(f"--threads must be >= 0, got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as err:
