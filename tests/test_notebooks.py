@@ -1,0 +1,187 @@
+"""Checks of the notebook suite that do not execute the notebooks (``pytest --nbmake`` does that).
+
+- every ``notebooks/NN_name.py`` (jupytext percent format, the source) has its ``.ipynb`` twin
+  and both hold the same cells (jupytext's own reader on both sides);
+- the ``.ipynb`` files are committed clean: no outputs, no execution counts;
+- every notebook has its Colab badge, a Colab-only install cell, a parameters cell reading the
+  environment, and no absolute paths;
+- the install cell does nothing outside Colab, does the right thing inside it (with
+  ``subprocess.run`` stubbed), and its pip command installs the package into a fresh virtual
+  environment (slow test, see its docstring).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+jupytext = pytest.importorskip("jupytext")
+nbformat = pytest.importorskip("nbformat")
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+NAMES = [p.stem for p in SOURCES]
+EXPECTED = ["01_log_router_logits", "02_fit_null_kdes", "03_online_bh_routing", "04_alpha_explorer"]
+BADGE = "https://colab.research.google.com/github/bh-routing/bh-routing/blob/main/notebooks/{name}.ipynb"
+
+
+def _cells(nb) -> list[tuple[str, str]]:
+    return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+
+def _install_cell(name: str) -> str:
+    nb = jupytext.read(NOTEBOOKS / f"{name}.py")
+    cells = [c.source for c in nb.cells if c.cell_type == "code" and "google.colab" in c.source]
+    assert len(cells) == 1, f"{name}: expected exactly one install cell guarded by google.colab"
+    return cells[0]
+
+
+def _pip_args(cell: str) -> list[str]:
+    """The literal ``PIP_INSTALL`` list of the install cell."""
+    for node in ast.walk(ast.parse(cell)):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PIP_INSTALL" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("the install cell has no literal PIP_INSTALL list")
+
+
+def test_all_four_notebooks_are_present():
+    assert NAMES == EXPECTED
+    ipynbs = sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    assert ipynbs == NAMES, "every .py needs its paired .ipynb and vice versa (jupytext --sync notebooks/*.py)"
+    config = (NOTEBOOKS / "jupytext.toml").read_text()
+    assert 'formats = "ipynb,py:percent"' in config
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_pair_in_sync(name):
+    text = jupytext.read(NOTEBOOKS / f"{name}.py")
+    notebook = jupytext.read(NOTEBOOKS / f"{name}.ipynb")
+    assert _cells(text) == _cells(notebook), (
+        f"{name}.py and {name}.ipynb differ: edit the .py, then run `jupytext --sync notebooks/{name}.py`"
+    )
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_ipynb_committed_clean(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not dirty, f"{name}.ipynb has outputs or execution counts in cells {dirty}; strip them before committing"
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_conventions(name):
+    source = (NOTEBOOKS / f"{name}.py").read_text()
+    assert BADGE.format(name=name) in source, "Colab badge with the notebook's own path"
+    assert "placeholder" in source
+    assert "nbu.small_mode()" in source and "nbu.model_choice()" in source, "parameters cell reads the environment"
+    # No absolute paths: nothing like "/home/...", "/content/...", "C:\\..." in string literals.
+    absolute = re.findall(r"""["'](/(?!/)[A-Za-z]|[A-Za-z]:\\)""", source)
+    assert not absolute, f"absolute paths in {name}.py: {absolute}"
+    # No library logic in notebooks: no function or class definitions.
+    tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert not defs, f"{name}.py defines {defs}: move them to bh_helpers.notebook_utils or bh_helpers.widgets"
+
+
+def test_install_cell_is_a_no_op_outside_colab(tmp_path, monkeypatch):
+    cell = _install_cell(EXPECTED[0])
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    path_before = list(sys.path)
+    exec(compile(cell, "install-cell", "exec"), {})
+    assert calls == []
+    assert Path.cwd() == tmp_path
+    assert sys.path == path_before
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+@pytest.mark.parametrize("cloned", [False, True])
+def test_install_cell_on_colab(name, cloned, tmp_path, monkeypatch):
+    """Fake ``google.colab`` and stub ``subprocess.run``: the cell clones (once), pip-installs in
+    the clone, puts it on ``sys.path`` and moves into its ``notebooks/`` folder."""
+    cell = _install_cell(name)
+    calls = []
+
+    def fake_run(cmd, cwd=None, check=False):
+        calls.append((list(cmd), cwd))
+        if cmd[:2] == ["git", "clone"]:
+            dest = Path(cmd[-1])
+            (dest / "notebooks").mkdir(parents=True)
+            (dest / "pyproject.toml").write_text("")
+
+    repo = tmp_path / "bh-routing"
+    if cloned:
+        (repo / "notebooks").mkdir(parents=True)
+        (repo / "pyproject.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    exec(compile(cell, "install-cell", "exec"), {})
+    commands = [c[0] for c in calls]
+    clones = [c for c in commands if c[:2] == ["git", "clone"]]
+    assert len(clones) == (0 if cloned else 1)
+    pip = [c for c in calls if c[0][1:4] == ["-m", "pip", "install"]]
+    assert len(pip) == 1 and Path(pip[0][1]) == repo
+    assert "transformers>=5.23,<6" in pip[0][0] and ".[notebooks]" in pip[0][0]
+    assert sys.path[0] == str(repo)
+    assert Path.cwd() == repo / "notebooks"
+    # Running the cell again from notebooks/ (Colab "Run all" twice) must not clone again.
+    calls.clear()
+    exec(compile(cell, "install-cell", "exec"), {})
+    assert not [c for c in calls if c[0][:2] == ["git", "clone"]]
+
+
+@pytest.mark.slow
+def test_install_command_in_a_fresh_venv(tmp_path):
+    """The install cell's pip command, run for real in a new virtual environment.
+
+    A truly clean venv would have to download torch and transformers (minutes, and CI has no
+    network), so the venv is created with ``--system-site-packages``: the dependencies come from
+    the interpreter running the tests, and pip runs with ``--no-index`` (nothing may be
+    downloaded) and ``--no-build-isolation`` (setuptools from the same place). What this checks:
+    the exact arguments of the cell (``-e ".[notebooks]"`` plus the transformers v5 pin) parse,
+    the pins and the ``notebooks`` extra resolve against the tested versions, the package builds
+    and installs editable INTO THE VENV from a copy of the checkout (so the working tree is not
+    touched), and ``import bh_helpers`` then works from the venv in an unrelated directory.
+    """
+    cell = _install_cell(EXPECTED[0])
+    args = _pip_args(cell)
+    assert args[:3] == ["-m", "pip", "install"]
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, checkout / name)
+    shutil.copytree(REPO / "bh_helpers", checkout / "bh_helpers", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+    env.pop("PYTHONPATH", None)
+    cmd = [str(python), *args[:3], "--no-index", "--no-build-isolation", *args[3:]]
+    done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    probe = (
+        "import importlib.metadata as m, pathlib, sys, bh_helpers, bh_helpers.notebook_utils, bh_helpers.widgets;"
+        "d = m.distribution('bh-routing');"
+        "print(pathlib.Path(bh_helpers.__file__).resolve().parent);"
+        "print(pathlib.Path(d.locate_file('')).resolve())"
+    )
+    out = subprocess.run([str(python), "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    package_dir, dist_location = out.stdout.split()
+    assert Path(package_dir) == (checkout / "bh_helpers").resolve(), "editable install points at the copied checkout"
+    assert Path(dist_location).is_relative_to(venv.resolve()), "installed into the venv, not the system"
