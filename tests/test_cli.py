@@ -1,0 +1,130 @@
+"""Tests for the bh-routing command line: help, a tiny demo end to end, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("pandas")
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+
+from bh_helpers import cli  # noqa: E402
+from bh_helpers.experiments import load_results  # noqa: E402
+
+# A demo small enough for a test: 2 BH configs, top-1..3, native, one top-p; 128 tokens of prose.
+TINY = ["--calibration-tokens", "512", "--grid-size", "1024", "--methods", "bh", "--alphas", "0.5,0.9",
+        "--topk-max", "3", "--top-ps", "0.8", "--datasets", "prose", "--max-tokens", "128", "--window", "128",
+        "--stride", "128", "--no-categories", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)  # main() sets 1 thread
+
+
+@pytest.mark.parametrize("command", [None, "demo", "capture", "fit", "sweep", "report"])
+def test_help_documents_every_option(command, capsys):
+    argv = ([command] if command else []) + ["--help"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: bh-routing")
+    parser = cli.build_parser()
+    if command:
+        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+        for action in sub._actions:
+            assert action.help, f"{command} {action.option_strings} has no help"
+            for opt in action.option_strings:
+                assert opt in out
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert cli.main(["demo", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_demo_end_to_end(demo_dir, capsys):
+    report = (demo_dir / "report.md").read_text()
+    assert "## Compute-matched frontier" in report and "bh a=0.5 k=1..8 gaussian" in report
+    assert "## Evaluation protocol" in report and "## Null bank" in report
+    pngs = list(demo_dir.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+    assert (demo_dir / "nulls" / "nulls.npz").is_file() and (demo_dir / "captured_logits.safetensors").is_file()
+    df = load_results(demo_dir / "sweep.jsonl")
+    assert len(df) == 1 + 3 + 1 + 2  # native, top-1..3, top-p, 2 x bh
+    assert df.loc[df["label"] == "top-2", "mean_experts_per_token"].item() == 2.0
+
+
+def test_rerun_resumes_without_duplicates(demo_dir, capsys):
+    before = (demo_dir / "sweep.jsonl").read_bytes()
+    assert cli.main(["demo", "--out", str(demo_dir), *TINY]) == 0
+    assert "resumed" in capsys.readouterr().out
+    assert (demo_dir / "sweep.jsonl").read_bytes() == before  # nothing re-run, nothing appended
+
+
+def test_other_grid_is_refused_and_changes_nothing(demo_dir, capsys):
+    files = {p: p.read_bytes() for p in demo_dir.rglob("*") if p.is_file()}
+    other = [a if a != "0.5,0.9" else "0.5" for a in TINY]
+    assert cli.main(["demo", "--out", str(demo_dir), *other]) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "alphas" in err
+    assert {p: p.read_bytes() for p in demo_dir.rglob("*") if p.is_file()} == files
+
+
+def test_sweep_into_results_of_another_grid(demo_dir, tmp_path, capsys):
+    results = demo_dir / "sweep.jsonl"
+    before = results.read_bytes()
+    rc = cli.main(["sweep", "--nulls", str(demo_dir / "nulls"), "--results", str(results), "--methods", "by",
+                   "--alphas", "0.5", "--topk-max", "2", "--top-ps", "", "--datasets", "prose", "--max-tokens", "128",
+                   "--window", "128", "--stride", "128", "--no-progress"])
+    assert rc == 2 and "different grid" in capsys.readouterr().err
+    assert results.read_bytes() == before
+
+
+def test_report_subcommand(demo_dir, tmp_path, capsys):
+    assert cli.main(["report", "--results", str(demo_dir / "sweep.jsonl"), "--out", str(tmp_path / "rep"),
+                     "--no-progress"]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Compute-matched frontier" in text and '"window": 128' in text
+
+
+def test_unknown_dataset_fails_before_writing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["demo", "--out", str(out), "--datasets", "nonsense"]) == 2
+    assert "unknown data set 'nonsense'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_empty_text_and_existing_outputs(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert cli.main(["capture", "--out", str(tmp_path / "c.safetensors"), "--text-file", str(empty),
+                     "--no-progress"]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert not (tmp_path / "c.safetensors").exists()
+    assert cli.main(["demo", "--out", str(tmp_path / "run"), "--datasets", str(empty)]) == 2
+    assert "is empty" in capsys.readouterr().err
+    existing = tmp_path / "x.safetensors"
+    existing.write_bytes(b"keep")
+    assert cli.main(["capture", "--out", str(existing)]) == 2
+    assert existing.read_bytes() == b"keep"
+
+
+def test_capture_fit_chain(tmp_path, capsys):
+    cap = tmp_path / "c.safetensors"
+    assert cli.main(["capture", "--out", str(cap), "--calibration-tokens", "256", "--window", "128",
+                     "--no-progress"]) == 0
+    assert cli.main(["fit", "--captured", str(cap), "--out", str(tmp_path / "nulls"), "--grid-size", "1024"]) == 0
+    meta = json.loads((tmp_path / "nulls" / "metadata.json").read_text())
+    assert meta["model_id"] == "tiny" and meta["kernel"] == "gaussian" and meta["n_samples"]["0"] == 256 * 64
+    assert cli.main(["fit", "--captured", str(cap), "--out", str(tmp_path / "nulls")]) == 2  # never overwrites
+    assert "already holds" in capsys.readouterr().err
