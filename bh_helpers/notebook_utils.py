@@ -36,6 +36,7 @@ __all__ = [
     "calibration_texts",
     "choose_kernel",
     "committed_bank_dir",
+    "cpu_threads",
     "describe_model",
     "evaluation_texts",
     "find_null_bank",
@@ -100,6 +101,27 @@ def model_choice(environ: Mapping[str, str] | None = None) -> str:
     """Model name from ``BH_MODEL`` (default ``"auto"``: OLMoE on a GPU with the hub, else tiny)."""
     env = os.environ if environ is None else environ
     return env.get("BH_MODEL", "").strip() or "auto"
+
+
+def cpu_threads(environ: Mapping[str, str] | None = None) -> int:
+    """Set torch's intra-op CPU threads from ``BH_THREADS`` and return the number.
+
+    Unset, one thread without a CUDA GPU (the tiny model's operations are too small to gain from
+    more, and on a shared 2-core machine two threads spin against other processes: tens of
+    times slower), else torch's default.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get("BH_THREADS", "").strip()
+    if value:
+        n = int(value)
+        if n < 1:
+            raise ValueError(f"BH_THREADS must be a positive integer; got {value!r}.")
+    elif not torch.cuda.is_available():
+        n = 1
+    else:
+        return torch.get_num_threads()
+    torch.set_num_threads(n)
+    return n
 
 
 def free_accelerator_memory() -> None:

@@ -48,6 +48,7 @@ from bh_helpers import notebook_utils as nbu
 
 MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
 SMALL = nbu.small_mode()  # BH_NOTEBOOK_SMALL=1/0; default: small without a CUDA GPU
+THREADS = nbu.cpu_threads()  # BH_THREADS; default on CPU: 1 (fastest on a busy 2-core machine)
 N_TEXTS = 24 if SMALL else None  # calibration documents (None: all of the committed slice)
 MAX_LENGTH = 128 if SMALL else 512  # tokens per document
 BATCH_SIZE = 8

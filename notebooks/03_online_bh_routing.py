@@ -50,6 +50,7 @@ from bh_helpers import notebook_utils as nbu
 
 MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
 SMALL = nbu.small_mode()  # BH_NOTEBOOK_SMALL=1/0; default: small without a CUDA GPU
+THREADS = nbu.cpu_threads()  # BH_THREADS; default on CPU: 1 (fastest on a busy 2-core machine)
 METHOD, ALPHA, MIN_K, MAX_K = "bh", 0.5, 1, 8  # the BH setting shown first
 WEIGHTS = "softmax"
 PROMPTS = ["The history of the", "def read_config(path):"]

@@ -46,6 +46,7 @@ from bh_helpers import notebook_utils as nbu
 
 MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
 SMALL = nbu.small_mode()  # BH_NOTEBOOK_SMALL=1/0; default: small without a CUDA GPU
+THREADS = nbu.cpu_threads()  # BH_THREADS; default on CPU: 1 (fastest on a busy 2-core machine)
 N_TEXTS = 24 if SMALL else None  # as in notebook 01 (its saved logits are reused)
 MAX_LENGTH = 128 if SMALL else 512
 MAX_TOKENS_PER_LAYER = None if SMALL else 100_000
