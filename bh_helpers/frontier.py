@@ -17,6 +17,11 @@ The difference is ``delta = q_config - q_topk`` and ``relative = delta / q_topk`
 perplexity (lower is better) a negative delta means the configuration beats compute-matched
 top-k.
 
+Caveat: perplexity falls convexly with k, and a chord lies above a convex curve, so the
+interpolated baseline is slightly pessimistic about top-k between integer k (it favours the
+configuration); ``"log"`` interpolation shrinks but does not remove this. Differences of the
+size of that gap (compare with the neighbouring top-k values) are not evidence either way.
+
 Examples
 --------
 >>> import pandas as pd
@@ -317,6 +322,8 @@ def frontier_markdown(frontier, *, digits: int = 3, caption: bool = True) -> str
         table += (
             f"\n\nTop-k {metric} interpolated {space}linearly in mean experts per token between neighbouring "
             f"static k (no extrapolation: points outside the top-k range are flagged); "
-            f"delta = configuration minus matched top-k ({better} {metric} is better).\n"
+            f"delta = configuration minus matched top-k ({better} {metric} is better). "
+            f"The curve is convex in k, so the interpolated top-k value is slightly pessimistic between "
+            f"integer k (it favours the configuration).\n"
         )
     return table

@@ -128,3 +128,18 @@ def test_capture_fit_chain(tmp_path, capsys):
     assert meta["model_id"] == "tiny" and meta["kernel"] == "gaussian" and meta["n_samples"]["0"] == 256 * 64
     assert cli.main(["fit", "--captured", str(cap), "--out", str(tmp_path / "nulls")]) == 2  # never overwrites
     assert "already holds" in capsys.readouterr().err
+
+
+def test_default_null_bank_dir(tmp_path, monkeypatch):
+    from bh_helpers.nulls import NullBank
+    from bh_helpers.pipeline import default_null_bank_dir, model_slug
+
+    assert model_slug("tiny") == "tiny-olmoe" and model_slug("allenai/OLMoE-1B-7B-0924") == "allenai--OLMoE-1B-7B-0924"
+    monkeypatch.chdir(tmp_path)
+    bank_dir = default_null_bank_dir("tiny")  # the committed bank, found from any working directory
+    assert bank_dir.name == "tiny-olmoe"
+    bank = NullBank.load(bank_dir, num_layers=6, num_experts=64)
+    assert bank.metadata.kernel == "gaussian" and bank.metadata.model_id == "tiny"
+    with pytest.raises(FileNotFoundError, match="bh-routing capture"):
+        default_null_bank_dir("org/none")
+    assert default_null_bank_dir("org/none", must_exist=False).name == "org--none"
