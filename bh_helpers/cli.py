@@ -264,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"bh-routing: error: {err}", file=sys.stderr)
         return 2
+    except ImportError as err:  # pandas / matplotlib are optional dependencies of the package
+        print(f"bh-routing: error: {err}; install the extras with `pip install 'bh-routing[notebooks]'`.",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
