@@ -119,28 +119,24 @@ nbu.show(plots.plot_k_histogram({f"{METHOD} alpha={ALPHA}": counts}, max_k=MAX_K
 
 # %%
 data = {name: pipeline.evaluation_texts(name, tokenizer, max_tokens=EVAL_TOKENS) for name in EVAL_DATASETS}
-rows = []
-for label, sel in [("native", None), (f"{METHOD} alpha={ALPHA}", selector)]:
+quality = []
+for label, sel in [("native", native), (f"{METHOD} alpha={ALPHA}", selector)]:
     for name, texts in data.items():
-        if sel is None:
-            ppl, mean_k = perplexity(model, tokenizer, texts, window=WINDOW, stride=WINDOW, progress=False), native.k
-        else:
-            with route(model, sel) as rec:
-                ppl = perplexity(model, tokenizer, texts, window=WINDOW, stride=WINDOW, progress=False)
-            mean_k = rec.summary()["mean_k"]
-        rows.append({"routing": label, "dataset": name, "perplexity": ppl.perplexity, "mean k": mean_k,
-                     "tokens": ppl.n_tokens})
+        # NativeSelector through route() computes what the untouched model does (its top-k, its weights).
+        with route(model, sel) as rec:
+            ppl = perplexity(model, tokenizer, texts, window=WINDOW, stride=WINDOW, progress=False)
+        quality.append({"routing": label, "dataset": name, "perplexity": ppl.perplexity,
+                        "mean k": rec.summary()["mean_k"], "tokens": ppl.n_tokens})
+pd.DataFrame(quality).set_index(["routing", "dataset"]).round(3)
+
+# %%
 speed_prompts = [t for texts in data.values() for t in texts[:2]]
-for label, sel in [("native", None), (f"{METHOD} alpha={ALPHA}", selector)]:
-    kwargs = dict(max_new_tokens=MAX_NEW_TOKENS, prompt_tokens=64, batch_size=1, progress=False)
-    if sel is None:
-        speed = measure_speed(model, tokenizer, speed_prompts, **kwargs)
-    else:
-        with route(model, sel):
-            speed = measure_speed(model, tokenizer, speed_prompts, **kwargs)
-    rows.append({"routing": label, "dataset": "speed", "prefill tok/s": speed.prefill_tokens_per_s,
-                 "decode tok/s": speed.decode_tokens_per_s})
-pd.DataFrame(rows).set_index(["routing", "dataset"]).round(2)
+speed_kwargs = dict(max_new_tokens=MAX_NEW_TOKENS, prompt_tokens=64, batch_size=1, progress=False)
+speed = {"native (untouched model)": measure_speed(model, tokenizer, speed_prompts, **speed_kwargs)}
+with route(model, selector):
+    speed[f"{METHOD} alpha={ALPHA}"] = measure_speed(model, tokenizer, speed_prompts, **speed_kwargs)
+pd.DataFrame({label: {"prefill tok/s": s.prefill_tokens_per_s, "decode tok/s": s.decode_tokens_per_s,
+                      "device": s.device, "dtype": s.dtype} for label, s in speed.items()}).T
 
 # %% [markdown]
 # ## 4. Sweep: quality against compute, and compute-matched top-k
