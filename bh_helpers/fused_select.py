@@ -1,0 +1,642 @@
+"""Fused expert selection for CUDA: p-value lookup, step-up count, clamping and weights in ONE kernel.
+
+The plain-torch path (:meth:`bh_helpers.nulls.NullModel.sf` followed by
+:func:`bh_helpers.selection.select_experts`) launches some forty small kernels per call and reads
+the logits several times. Here one Triton program handles a block of token rows, each row of
+``E`` experts held in registers:
+
+1. p-value of every logit under the null, in float64 exactly as ``NullModel.sf`` computes it
+   (searchsorted on the grid, linear interpolation clipped to the cell, exponential tails,
+   rounding to float32 and clipping to ``[tiny, 1 - eps/2]``). ``searchsorted`` is a binary
+   search restricted by a bucket table built once per null (a uniform partition of the grid's
+   range into as many buckets as grid points), so a lookup costs a few loads, not ``log2 G``;
+2. the step-up (or step-down) count from the sorted p-values (``tl.sort``), compared with the
+   float64 thresholds of :func:`bh_helpers.selection.fdr_counts` rounded DOWN to float32, which
+   for float32 p-values gives exactly the same decisions; clamped to ``[min_k, max_k]``;
+3. the chosen experts: ``max_k`` rounds of an arg-min over a 64-bit key
+   ``(p-value bits, descending-logit bits)`` with ties to the lower expert id, which is the
+   reference's lexicographic order (smallest p, then larger logit, then lower id); the chosen ones
+   are then ordered by decreasing logit (ties by rank) in registers;
+4. the mixing weights (softmax over all experts, then "renorm", "softmax" or "uniform").
+
+Selections (indices and counts) are identical to the reference; weights agree within float32
+rounding (the softmax's ``exp`` differs in the last bits). Everything else - other devices,
+float64 logits, ``top_p``, missing Triton - goes to the reference path: :func:`select` picks
+automatically.
+
+The kernel also runs under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which
+is how the CPU test-suite checks it; there the float64 special functions come from NumPy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import weakref
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from bh_helpers.selection import (
+    FDR_METHODS,
+    SELECTION_METHODS,
+    WEIGHT_MODES,
+    Selection,
+    _check_int,
+    _check_logits,
+    _check_pvalues,
+    _thresholds_np,
+    select_experts,
+)
+
+__all__ = [
+    "HAS_TRITON",
+    "FusedBHSelector",
+    "fused_available",
+    "fused_select_experts",
+    "select",
+    "select_with_null",
+]
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# p-value modes of the kernel
+_P_NONE, _P_GIVEN, _P_NULL = 0, 1, 2
+_WEIGHT_CODE = {"renorm": 0, "softmax": 1, "uniform": 2}
+# Parameters per null row, in this order (float64): see _null_tables.
+_PARAMS = ("x_min", "inv_h", "x_max", "sf_first", "sf_last", "log_sf_last", "log_cdf_first", "beta_upper", "beta_lower")
+_NP = len(_PARAMS)
+
+
+def fused_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernel can run on tensors of ``device``.
+
+    True on CUDA devices with Triton installed, and on CPU only under ``TRITON_INTERPRET=1``
+    (Triton's interpreter, used by the tests).
+    """
+    device = torch.device(device)
+    if not HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return not _INTERPRET
+    return device.type == "cpu" and _INTERPRET
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side tables
+# ----------------------------------------------------------------------------------------------
+
+
+class _NullTables(NamedTuple):
+    """One null, laid out for the kernel on one device."""
+
+    grid_sf: torch.Tensor  # (E', G, 2) float64: grid point and sf there, interleaved
+    buckets: torch.Tensor  # (E', B, 2) int32: [lo, hi] bounds on searchsorted(right) per bucket
+    params: torch.Tensor  # (E', _NP) float64
+    n_grid: int
+    n_buckets: int
+    iters: int  # binary-search steps that always suffice inside one bucket's bounds
+    per_expert: bool
+
+
+_TABLES: weakref.WeakKeyDictionary[Any, dict[str, _NullTables]] = weakref.WeakKeyDictionary()
+
+
+def _bucket_bounds(grid: np.ndarray, n_buckets: int) -> tuple[np.ndarray, float, int]:
+    """``[lo, hi]`` per bucket of a uniform partition of ``[grid[0], grid[-1]]``.
+
+    For ``x`` whose computed bucket is ``b`` (``floor((x - grid[0]) * inv_h)`` clamped, possibly
+    one off by rounding), ``lo[b] <= searchsorted(grid, x, right=True) <= hi[b]``: the bounds are
+    the counts at the edges one bucket wider on each side, 0 and G at the ends.
+    """
+    n = grid.size
+    x0, x1 = float(grid[0]), float(grid[-1])
+    h = (x1 - x0) / n_buckets
+    edges = x0 + h * np.arange(n_buckets + 1, dtype=np.float64)  # (B+1,)
+    counts = np.searchsorted(grid, edges, side="right")  # (B+1,) counts at the edges
+    b = np.arange(n_buckets)
+    lo = np.where(b >= 1, counts[np.maximum(b - 1, 0)], 0)
+    hi = np.where(b + 2 <= n_buckets - 1, counts[np.minimum(b + 2, n_buckets)], n)
+    return np.stack([lo, hi], axis=-1).astype(np.int32), 1.0 / h, int((hi - lo).max())
+
+
+def _null_tables(null: Any, device: torch.device) -> _NullTables:
+    """Kernel tables of a :class:`~bh_helpers.nulls.NullModel` on ``device`` (cached per null)."""
+    per_device = _TABLES.setdefault(null, {})
+    key = str(device)
+    if key in per_device:
+        return per_device[key]
+    g = null._grids(torch.device("cpu"))  # float64 tensors exactly as NullModel.sf uses them
+    grid = g.x.numpy()  # (E', G)
+    rows, n_grid = grid.shape
+    n_buckets = max(n_grid - 1, 1)
+    bounds, params, widest = [], [], 0
+    for r in range(rows):
+        bk, inv_h, width = _bucket_bounds(grid[r], n_buckets)
+        bounds.append(bk)
+        widest = max(widest, width)
+        params.append(
+            [
+                float(g.x_min[r, 0]),
+                inv_h,
+                float(g.x_max[r, 0]),
+                float(g.sf_first[r, 0]),
+                float(g.sf_last[r, 0]),
+                float(g.log_sf_last[r, 0]),
+                float(g.log_cdf_first[r, 0]),
+                float(g.beta_upper[r, 0]),
+                float(g.beta_lower[r, 0]),
+            ]
+        )
+    grid_sf = torch.stack([g.x, g.sf], dim=-1).contiguous()  # (E', G, 2)
+    tables = _NullTables(
+        grid_sf=grid_sf.to(device),
+        buckets=torch.from_numpy(np.stack(bounds)).contiguous().to(device),
+        params=torch.tensor(params, dtype=torch.float64).to(device),
+        n_grid=n_grid,
+        n_buckets=n_buckets,
+        iters=max(1, math.ceil(math.log2(widest + 1))),
+        per_expert=bool(null.per_expert),
+    )
+    per_device[key] = tables
+    return tables
+
+
+def _thresholds32(method: str, alpha: float, m: int, padded: int) -> np.ndarray:
+    """Float32 thresholds ``t32`` with ``p <= t32  <=>  float64(p) <= t64`` for float32 ``p``.
+
+    ``t32`` is the largest float32 not above the float64 threshold of ``fdr_counts``. Padded
+    ranks (beyond ``m``) get -1: never rejected.
+    """
+    t64 = _thresholds_np(method, alpha, m)
+    t32 = t64.astype(np.float32)
+    too_big = t32.astype(np.float64) > t64
+    t32[too_big] = np.nextafter(t32[too_big], np.float32(-np.inf))
+    out = np.full(padded, -1.0, dtype=np.float32)
+    out[:m] = t32
+    return out
+
+
+_THRESHOLDS: dict[tuple, torch.Tensor] = {}
+
+
+def _thresholds_tensor(method: str, alpha: float, m: int, padded: int, device: torch.device) -> torch.Tensor:
+    key = (method, alpha, m, padded, str(device))
+    t = _THRESHOLDS.get(key)
+    if t is None:
+        t = torch.from_numpy(_thresholds32(method, alpha, m, padded)).to(device)
+        _THRESHOLDS[key] = t
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _exp64(x, LIBDEV: tl.constexpr):
+        if LIBDEV:
+            return libdevice.exp(x)
+        else:
+            return tl.exp(x)
+
+    @triton.jit
+    def _expm1_64(x, LIBDEV: tl.constexpr):
+        if LIBDEV:
+            return libdevice.expm1(x)
+        else:
+            return tl.exp(x) - 1.0  # interpreter only (lower tail, p near 1: never selected)
+
+    @triton.jit
+    def _add(a, b, LIBDEV: tl.constexpr):
+        # Round-to-nearest add/mul/div: no fused multiply-add contraction, as in torch's kernels.
+        if LIBDEV:
+            return libdevice.add_rn(a, b)
+        else:
+            return a + b
+
+    @triton.jit
+    def _sub(a, b, LIBDEV: tl.constexpr):
+        if LIBDEV:
+            return libdevice.sub_rn(a, b)
+        else:
+            return a - b
+
+    @triton.jit
+    def _mul(a, b, LIBDEV: tl.constexpr):
+        if LIBDEV:
+            return libdevice.mul_rn(a, b)
+        else:
+            return a * b
+
+    @triton.jit
+    def _div(a, b, LIBDEV: tl.constexpr):
+        if LIBDEV:
+            return libdevice.div_rn(a, b)
+        else:
+            return a / b
+
+    @triton.jit
+    def _pvalues_from_null(x, e, emask, gs_ptr, bk_ptr, prm_ptr, G, B,
+                           PER_EXPERT: tl.constexpr, ITERS: tl.constexpr, LIBDEV: tl.constexpr):
+        """NullModel.sf(x) in float64, rounded to float32 and clipped; x: (R, EP) float32."""
+        xq = x.to(tl.float64)
+        if PER_EXPERT:
+            row = e  # (1, EP)
+        else:
+            row = e * 0
+        pbase = prm_ptr + row * 9
+        x_min = tl.load(pbase + 0, mask=emask, other=0.0)
+        inv_h = tl.load(pbase + 1, mask=emask, other=1.0)
+        x_max = tl.load(pbase + 2, mask=emask, other=1.0)
+        sf_first = tl.load(pbase + 3, mask=emask, other=1.0)
+        sf_last = tl.load(pbase + 4, mask=emask, other=1.0)
+        log_sf_last = tl.load(pbase + 5, mask=emask, other=0.0)
+        log_cdf_first = tl.load(pbase + 6, mask=emask, other=0.0)
+        beta_upper = tl.load(pbase + 7, mask=emask, other=1.0)
+        beta_lower = tl.load(pbase + 8, mask=emask, other=1.0)
+
+        # searchsorted(grid, x, right=True) = number of grid points <= x, in [lo, hi].
+        t = tl.floor(_mul(_sub(xq, x_min, LIBDEV), inv_h, LIBDEV))
+        t = tl.minimum(tl.maximum(t, 0.0), (B - 1) * 1.0)  # NaN-free logits assumed (validated)
+        b = t.to(tl.int32)
+        bptr = bk_ptr + (row * B + b) * 2
+        lo = tl.load(bptr, mask=emask, other=0)
+        hi = tl.load(bptr + 1, mask=emask, other=0)
+        gbase = gs_ptr + row.to(tl.int64) * G * 2
+        for _ in tl.static_range(ITERS):
+            active = lo < hi
+            mid = (lo + hi) >> 1
+            gm = tl.load(gbase + mid.to(tl.int64) * 2, mask=active & emask, other=0.0)
+            le = gm <= xq
+            lo = tl.where(active & le, mid + 1, lo)
+            hi = tl.where(active & (~le), mid, hi)
+        idx = lo
+        upper = (idx == G) & (xq > x_max)
+        lower = idx == 0
+        j = tl.minimum(tl.maximum(idx - 1, 0), G - 2).to(tl.int64)
+        x0 = tl.load(gbase + j * 2, mask=emask, other=0.0)
+        y0 = tl.load(gbase + j * 2 + 1, mask=emask, other=1.0)
+        x1 = tl.load(gbase + j * 2 + 2, mask=emask, other=1.0)
+        y1 = tl.load(gbase + j * 2 + 3, mask=emask, other=1.0)
+        den = tl.maximum(_sub(x1, x0, LIBDEV), 2.2250738585072014e-308)
+        w = _div(_sub(xq, x0, LIBDEV), den, LIBDEV)
+        w = tl.minimum(tl.maximum(w, 0.0), 1.0)
+        y = _add(y0, _mul(w, _sub(y1, y0, LIBDEV), LIBDEV), LIBDEV)
+        y = tl.minimum(tl.maximum(y, tl.minimum(y0, y1)), tl.maximum(y0, y1))
+        log_sf_up = tl.minimum(_sub(log_sf_last, _div(_sub(xq, x_max, LIBDEV), beta_upper, LIBDEV), LIBDEV), log_sf_last)
+        log_cdf_lo = tl.minimum(_add(log_cdf_first, _div(_sub(xq, x_min, LIBDEV), beta_lower, LIBDEV), LIBDEV), log_cdf_first)
+        up_val = tl.minimum(_exp64(log_sf_up, LIBDEV), sf_last)
+        lo_val = tl.maximum(-_expm1_64(log_cdf_lo, LIBDEV), sf_first)
+        sf = tl.where(upper, up_val, tl.where(lower, lo_val, y))
+        p = sf.to(tl.float32)
+        p = tl.minimum(tl.maximum(p, 1.1754943508222875e-38), 0.99999994)  # [tiny, 1 - eps/2]
+        return p
+
+    @triton.jit
+    def _select_kernel(
+        logits_ptr, stride_l, pv_ptr, stride_p,
+        gs_ptr, bk_ptr, prm_ptr, G, B,
+        thr_ptr, idx_ptr, w_ptr, cnt_ptr,
+        T, min_k, k_fixed, temperature,
+        E: tl.constexpr, EP: tl.constexpr, MAX_K: tl.constexpr, KP: tl.constexpr,
+        BLOCK_R: tl.constexpr, PMODE: tl.constexpr, STEP_DOWN: tl.constexpr, WMODE: tl.constexpr,
+        PER_EXPERT: tl.constexpr, ITERS: tl.constexpr, LIBDEV: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
+        rmask = rows < T
+        cols = tl.arange(0, EP)  # (EP,)
+        r2 = rows[:, None].to(tl.int64)  # (R, 1)
+        e2 = cols[None, :]  # (1, EP)
+        emask = e2 < E
+        m2 = rmask[:, None] & emask  # (R, EP)
+
+        x = tl.load(logits_ptr + r2 * stride_l + e2, mask=m2, other=float("-inf")).to(tl.float32)
+        x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0: torch orders them as equal
+
+        # 1. p-values
+        if PMODE == 2:
+            p = _pvalues_from_null(x, e2, emask, gs_ptr, bk_ptr, prm_ptr, G, B, PER_EXPERT, ITERS, LIBDEV)
+            p = tl.where(m2, p, 2.0)
+        elif PMODE == 1:
+            p = tl.load(pv_ptr + r2 * stride_p + e2, mask=m2, other=2.0).to(tl.float32)
+        else:
+            p = tl.zeros([BLOCK_R, EP], dtype=tl.float32)
+
+        # 2. count per row
+        ranks = tl.arange(0, EP)[None, :] + 1  # (1, EP)
+        if PMODE == 0:
+            cnt = tl.zeros([BLOCK_R], dtype=tl.int32) + k_fixed
+        else:
+            sorted_p = tl.sort(p, dim=1)  # (R, EP) ascending
+            thr = tl.load(thr_ptr + cols)[None, :]  # (1, EP) float32, rounded down; -1 when padded
+            below = sorted_p <= thr
+            if STEP_DOWN:
+                cnt = tl.min(tl.where(below, E, ranks - 1), axis=1)
+            else:
+                cnt = tl.max(tl.where(below, ranks, 0), axis=1)
+            cnt = tl.minimum(tl.maximum(cnt, min_k), MAX_K)
+
+        # 3. ranked experts: key = (p bits, descending logit bits), ties to the lower id
+        pbits = p.to(tl.int32, bitcast=True).to(tl.int64)  # p >= 0: bits are monotone
+        u = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        asc = tl.where(u >= 0x80000000, (~u) & 0xFFFFFFFF, u | 0x80000000)  # increasing in x
+        key = (pbits << 32) | (0xFFFFFFFF - asc)
+        key = tl.where(m2, key, 0x7FFFFFFFFFFFFFFF)
+
+        # softmax over all experts (float32)
+        xs = x / temperature
+        mx = tl.max(xs, axis=1)
+        ex = tl.exp(xs - mx[:, None])
+        ex = tl.where(m2, ex, 0.0)
+        probs = ex / tl.sum(ex, axis=1)[:, None]
+
+        kcols = tl.arange(0, KP)[None, :]  # (1, KP)
+        chosen = tl.zeros([BLOCK_R, KP], dtype=tl.int32)
+        chosen_x = tl.zeros([BLOCK_R, KP], dtype=tl.float32)
+        chosen_p = tl.zeros([BLOCK_R, KP], dtype=tl.float32)
+        for r in tl.static_range(MAX_K):
+            j = tl.argmin(key, axis=1)  # (R,) first index among equal keys
+            hit = e2 == j[:, None]  # (R, EP)
+            xj = tl.sum(tl.where(hit, x, 0.0), axis=1)
+            pj = tl.sum(tl.where(hit, probs, 0.0), axis=1)
+            key = tl.where(hit, 0x7FFFFFFFFFFFFFFF, key)
+            at = kcols == r
+            chosen = tl.where(at, j[:, None], chosen)
+            chosen_x = tl.where(at, xj[:, None], chosen_x)
+            chosen_p = tl.where(at, pj[:, None], chosen_p)
+
+        used = kcols < cnt[:, None]  # (R, KP) rounds that are selected
+        # 4. order the selected by decreasing logit, ties by rank (round)
+        xa = chosen_x[:, :, None]  # (R, KP, 1) this round
+        xb = chosen_x[:, None, :]  # (R, 1, KP) other rounds
+        ra = tl.arange(0, KP)[None, :, None]
+        rb = tl.arange(0, KP)[None, None, :]
+        before = (xb > xa) | ((xb == xa) & (rb < ra))
+        before = before & used[:, None, :]
+        slot = tl.sum(before.to(tl.int32), axis=2)  # (R, KP)
+        slot = tl.where(used, slot, kcols)
+
+        # 5. weights
+        if WMODE == 2:
+            w = tl.where(used, 1.0 / tl.maximum(cnt, 1).to(tl.float32)[:, None], 0.0)
+        else:
+            w = tl.where(used, chosen_p, 0.0)
+            if WMODE == 0:
+                total = tl.sum(w, axis=1)[:, None]
+                w = tl.where(total > 0, w / tl.maximum(total, 1.1754943508222875e-38), w)
+
+        out_mask = rmask[:, None] & (kcols < MAX_K)
+        dest = r2 * MAX_K + slot
+        tl.store(idx_ptr + dest, tl.where(used, chosen, -1).to(tl.int64), mask=out_mask)
+        tl.store(w_ptr + dest, w, mask=out_mask)
+        tl.store(cnt_ptr + rows, cnt.to(tl.int64), mask=rmask)
+
+
+def _launch(
+    logits: torch.Tensor,
+    *,
+    pvalues: torch.Tensor | None,
+    tables: _NullTables | None,
+    method: str,
+    alpha: float,
+    min_k: int,
+    max_k: int,
+    k: int,
+    weights: str,
+    temperature: float,
+) -> Selection:
+    num_experts = logits.shape[-1]
+    leading = logits.shape[:-1]
+    x = logits.reshape(-1, num_experts)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n_rows = x.shape[0]
+    device = x.device
+    ep = triton.next_power_of_2(num_experts)
+    kp = triton.next_power_of_2(max_k)
+    indices = torch.empty((n_rows, max_k), dtype=torch.long, device=device)
+    w = torch.empty((n_rows, max_k), dtype=torch.float32, device=device)
+    counts = torch.empty((n_rows,), dtype=torch.long, device=device)
+    if n_rows == 0:
+        return Selection(indices.reshape(*leading, max_k), w.reshape(*leading, max_k), counts.reshape(leading))
+    if method == "topk":
+        pmode, thr = _P_NONE, x  # thr unused
+    else:
+        pmode = _P_NULL if tables is not None else _P_GIVEN
+        thr = _thresholds_tensor("bonferroni" if method == "bonferroni" else method, alpha, num_experts, ep, device)
+    pv = x
+    stride_p = 0
+    if pmode == _P_GIVEN:
+        pv = pvalues.reshape(-1, num_experts)
+        if pv.stride(-1) != 1:
+            pv = pv.contiguous()
+        stride_p = pv.stride(0)
+    if tables is not None:
+        gs, bk, prm = tables.grid_sf, tables.buckets, tables.params
+        n_grid, n_buckets, iters, per_expert = tables.n_grid, tables.n_buckets, tables.iters, tables.per_expert
+    else:
+        gs, bk, prm, n_grid, n_buckets, iters, per_expert = x, x, x, 2, 1, 1, False
+    # Rows per program: enough work per program at large T, one program for a decode step.
+    block_r = 1 if n_rows <= 1 else (4 if n_rows <= 4096 else 16)
+    block_r = max(1, min(block_r, 4096 // ep))
+    grid = (triton.cdiv(n_rows, block_r),)
+    _select_kernel[grid](
+        x, x.stride(0), pv, stride_p,
+        gs, bk, prm, n_grid, n_buckets,
+        thr, indices, w, counts,
+        n_rows, int(min_k), int(k), float(temperature),
+        E=num_experts, EP=ep, MAX_K=max_k, KP=kp,
+        BLOCK_R=block_r, PMODE=pmode, STEP_DOWN=method == "holm", WMODE=_WEIGHT_CODE[weights],
+        PER_EXPERT=per_expert, ITERS=iters, LIBDEV=not _INTERPRET,
+        num_warps=4 if block_r * ep >= 1024 else 1,
+    )
+    return Selection(
+        indices=indices.reshape(*leading, max_k), weights=w.reshape(*leading, max_k), counts=counts.reshape(leading)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------
+
+
+def _validate_common(logits, method, min_k, max_k, weights, temperature, validate) -> tuple[int, int, float]:
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"`method` must be one of {SELECTION_METHODS}; got {method!r}.")
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"`weights` must be one of {WEIGHT_MODES}; got {weights!r}.")
+    temperature = float(temperature)
+    if not temperature > 0 or not np.isfinite(temperature):
+        raise ValueError(f"`temperature` must be a positive finite number; got {temperature}.")
+    if validate:
+        _check_logits(logits)
+    num_experts = logits.shape[-1]
+    min_k, max_k = _check_int("min_k", min_k), _check_int("max_k", max_k)
+    if not 1 <= max_k <= num_experts:
+        raise ValueError(f"`max_k` must be in [1, {num_experts}] (the number of experts); got {max_k}.")
+    if method != "topk" and not 0 <= min_k <= max_k:
+        raise ValueError(f"`min_k` must be in [0, max_k={max_k}]; got {min_k}.")
+    return min_k, max_k, temperature
+
+
+def _fusable(logits: torch.Tensor, method: str) -> bool:
+    return (
+        fused_available(logits.device)
+        and method != "top_p"
+        and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and logits.shape[-1] <= 1024
+    )
+
+
+def fused_select_experts(
+    logits: torch.Tensor,
+    pvalues: torch.Tensor | None = None,
+    *,
+    method: str = "bh",
+    alpha: float = 0.05,
+    min_k: int = 1,
+    max_k: int = 8,
+    k: int | None = None,
+    top_p: float | None = None,
+    weights: str = "renorm",
+    temperature: float = 1.0,
+    validate: bool = True,
+) -> Selection:
+    """:func:`bh_helpers.selection.select_experts` through the fused kernel where it can run.
+
+    Same arguments, result and errors as ``select_experts``; falls back to it for "top_p",
+    float64 logits, or a device without the kernel (see :func:`fused_available`).
+    """
+    if not _fusable(logits, method) or (pvalues is not None and pvalues.dtype == torch.float64):
+        return select_experts(
+            logits, pvalues, method=method, alpha=alpha, min_k=min_k, max_k=max_k, k=k, top_p=top_p,
+            weights=weights, temperature=temperature, validate=validate,
+        )
+    min_k, max_k, temperature = _validate_common(logits, method, min_k, max_k, weights, temperature, validate)
+    if method in FDR_METHODS:
+        if pvalues is None:
+            raise ValueError(f"method={method!r} needs `pvalues` (e.g. NullBank.pvalues(logits, layer)).")
+        if pvalues.shape != logits.shape:
+            raise ValueError(f"`pvalues` shape {tuple(pvalues.shape)} must equal `logits` shape {tuple(logits.shape)}.")
+        if not 0.0 < float(alpha) <= 1.0:
+            raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
+        if validate:
+            _check_pvalues(pvalues)
+        return _launch(logits, pvalues=pvalues.to(logits.device), tables=None, method=method, alpha=float(alpha),
+                       min_k=min_k, max_k=max_k, k=0, weights=weights, temperature=temperature)
+    if k is None:
+        raise ValueError("method='topk' needs `k`, the number of experts per token.")
+    k = _check_int("k", k)
+    if not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"`k` must be in [1, {logits.shape[-1]}] (the number of experts); got {k}.")
+    if k > max_k:
+        raise ValueError(f"`k`={k} exceeds `max_k`={max_k}; pass max_k >= k.")
+    return _launch(logits, pvalues=None, tables=None, method="topk", alpha=1.0, min_k=k, max_k=max_k, k=k,
+                   weights=weights, temperature=temperature)
+
+
+def select_with_null(
+    logits: torch.Tensor,
+    null: Any,
+    *,
+    method: str = "bh",
+    alpha: float = 0.05,
+    min_k: int = 1,
+    max_k: int = 8,
+    weights: str = "renorm",
+    temperature: float = 1.0,
+    validate: bool = True,
+) -> Selection:
+    """P-values from ``null`` and a testing-method selection, fused on CUDA.
+
+    Equivalent to ``select_experts(logits, null.sf(logits, dtype=torch.float32), method=method,
+    ...)``, the reference path used on other devices.
+
+    Parameters
+    ----------
+    logits : torch.Tensor, shape ``[..., E]``
+    null : bh_helpers.nulls.NullModel
+        Pooled, or per expert with ``E`` experts.
+    method : {"bh", "by", "bonferroni", "holm"}
+    alpha, min_k, max_k, weights, temperature, validate
+        As in :func:`~bh_helpers.selection.select_experts`.
+    """
+    if method not in FDR_METHODS:
+        raise ValueError(f"`method` must be one of {FDR_METHODS}; got {method!r}.")
+    if not _fusable(logits, method):
+        pvalues = null.sf(logits, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        return select_experts(logits, pvalues, method=method, alpha=alpha, min_k=min_k, max_k=max_k,
+                              weights=weights, temperature=temperature, validate=validate)
+    if null.per_expert and logits.shape[-1] != null.num_experts:
+        raise ValueError(
+            f"`logits` must have {null.num_experts} experts in its last dimension for a per-expert null, "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
+    min_k, max_k, temperature = _validate_common(logits, method, min_k, max_k, weights, temperature, validate)
+    tables = _null_tables(null, logits.device)
+    return _launch(logits, pvalues=None, tables=tables, method=method, alpha=float(alpha), min_k=min_k,
+                   max_k=max_k, k=0, weights=weights, temperature=temperature)
+
+
+def select(
+    logits: torch.Tensor,
+    pvalues: torch.Tensor | None = None,
+    *,
+    null: Any = None,
+    **kwargs: Any,
+) -> Selection:
+    """Automatic choice: the fused kernel where it runs, the plain-torch reference elsewhere.
+
+    With ``null`` the p-values are looked up inside the kernel (:func:`select_with_null`);
+    otherwise this is :func:`fused_select_experts` (same arguments as ``select_experts``).
+    """
+    if null is not None:
+        if pvalues is not None:
+            raise ValueError("pass either `pvalues` or `null`, not both.")
+        return select_with_null(logits, null, **kwargs)
+    return fused_select_experts(logits, pvalues, **kwargs)
+
+
+class FusedBHSelector:
+    """A ``route`` selector: ``BHSelector``'s rule with the fused kernel on CUDA.
+
+    Parameters
+    ----------
+    null_bank : NullBank
+        Mapping ``layer -> NullModel``.
+    method, alpha, min_k, max_k, weights
+        As in :class:`bh_helpers.patching.BHSelector`.
+    validate : bool, default False
+        NaN checks on the logits (one host synchronisation per call on GPU, so off by default).
+    """
+
+    def __init__(self, null_bank: Any, *, method: str = "bh", alpha: float = 0.05, min_k: int = 1,
+                 max_k: int = 8, weights: str = "renorm", validate: bool = False) -> None:
+        if method not in FDR_METHODS:
+            raise ValueError(f"`method` must be one of {FDR_METHODS}; got {method!r}.")
+        if not 0.0 < float(alpha) <= 1.0:
+            raise ValueError(f"`alpha` must be in (0, 1]; got {alpha!r}.")
+        if not 0 <= min_k <= max_k:
+            raise ValueError(f"need 0 <= min_k <= max_k; got {min_k}, {max_k}.")
+        self.null_bank, self.method, self.alpha = null_bank, method, float(alpha)
+        self.min_k, self.max_k, self.weights, self.validate = min_k, max_k, weights, validate
+
+    def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
+        return select_with_null(logits, self.null_bank[layer], method=self.method, alpha=self.alpha,
+                                min_k=self.min_k, max_k=self.max_k, weights=self.weights, validate=self.validate)
+
+    def __repr__(self) -> str:
+        return (f"FusedBHSelector(method={self.method!r}, alpha={self.alpha}, min_k={self.min_k}, "
+                f"max_k={self.max_k}, weights={self.weights!r})")
