@@ -60,6 +60,7 @@ __all__ = [
     "show",
     "small_mode",
     "split_by_sequence",
+    "sweep_results_path",
     "token_batches",
     "top_tokens_per_expert",
 ]
@@ -419,6 +420,22 @@ def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, token
     bank = fit_step(captured, model_id=key)
     bank.save(path)
     return bank, f"fitted now on {captured.num_tokens} calibration tokens, saved to {path}"
+
+
+def sweep_results_path(out: str | os.PathLike, bank: Any, configs: Sequence[Any], **settings: Any) -> Path:
+    """A results file named after everything that defines a sweep (null bank, configurations,
+    evaluation settings), so changing any of them starts a new file instead of colliding with
+    the old grid (``run_sweep`` refuses another grid's file); rerunning the same sweep resumes."""
+    import hashlib
+
+    meta = bank.metadata
+    ident = json.dumps(
+        [meta.model_id, meta.kernel, meta.created, sorted(meta.n_samples.items()),
+         [c.key() for c in configs], sorted(settings.items())],
+        default=str,
+    )
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:10]
+    return Path(out) / f"sweep_{meta.kernel}_{digest}.jsonl"
 
 
 def generate_side_by_side(model: Any, tokenizer: Any, prompts: Sequence[str], selector: Any, *,

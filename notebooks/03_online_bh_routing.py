@@ -150,11 +150,11 @@ from bh_helpers.frontier import compute_frontier, frontier_markdown
 
 configs = expand_grid(methods=(METHOD,), alphas=SWEEP_ALPHAS, max_ks=(MAX_K,), min_ks=(MIN_K,),
                       kernels=(bank.metadata.kernel,), topk=SWEEP_TOPK, native=True)
-results = pipeline.sweep_step(
-    model, tokenizer, configs, null_bank=bank, results_path=OUT / f"sweep_{'small' if SMALL else 'full'}.jsonl",
-    datasets=EVAL_DATASETS, max_tokens=EVAL_TOKENS, window=WINDOW, stride=WINDOW, weights=WEIGHTS,
-    model_id=MODEL_KEY,
-)
+settings = dict(datasets=EVAL_DATASETS, max_tokens=EVAL_TOKENS, window=WINDOW, stride=WINDOW, weights=WEIGHTS)
+results_path = nbu.sweep_results_path(OUT, bank, configs, **settings)
+results = pipeline.sweep_step(model, tokenizer, configs, null_bank=bank, results_path=results_path,
+                              model_id=MODEL_KEY, progress=False, **settings)
+print(f"{len(results)} results in {results_path}")
 results[["dataset", "label", "mean_experts_per_token", "perplexity"]].round(3)
 
 # %% [markdown]

@@ -185,3 +185,58 @@ def test_install_command_in_a_fresh_venv(tmp_path):
     package_dir, dist_location = out.stdout.split()
     assert Path(package_dir) == (checkout / "bh_helpers").resolve(), "editable install points at the copied checkout"
     assert Path(dist_location).is_relative_to(venv.resolve()), "installed into the venv, not the system"
+
+
+# ----------------------------------------------------------------------------------------------
+# bh_helpers.notebook_utils: the pieces the notebooks lean on
+# ----------------------------------------------------------------------------------------------
+
+
+def test_small_mode_and_model_choice_from_environment():
+    import torch
+
+    from bh_helpers import notebook_utils as nbu
+
+    assert nbu.small_mode({"BH_NOTEBOOK_SMALL": "1"}) is True
+    assert nbu.small_mode({"BH_NOTEBOOK_SMALL": "0"}) is False
+    assert nbu.small_mode({}) is (not torch.cuda.is_available())
+    with pytest.raises(ValueError, match="BH_NOTEBOOK_SMALL"):
+        nbu.small_mode({"BH_NOTEBOOK_SMALL": "maybe"})
+    assert nbu.model_choice({}) == "auto"
+    assert nbu.model_choice({"BH_MODEL": "tiny"}) == "tiny"
+    assert nbu.resolve_model_key("tiny") == "tiny"
+    assert nbu.model_slug("tiny") == "tiny-olmoe"
+    assert nbu.model_slug("allenai/OLMoE-1B-7B-0924") == "allenai--OLMoE-1B-7B-0924"
+
+
+def test_router_logits_round_trip_and_document_split(tmp_path):
+    import torch
+
+    from bh_helpers import notebook_utils as nbu
+    from bh_helpers.capture import CapturedLogits
+
+    g = torch.Generator().manual_seed(0)
+    seq = torch.arange(8).repeat_interleave(5)  # 8 documents of 5 tokens
+    captured = CapturedLogits(
+        logits={0: torch.randn(40, 4, generator=g), 2: torch.randn(40, 4, generator=g)},
+        token_ids=torch.arange(40), positions=torch.arange(5).repeat(8), sequence_index=seq, total_tokens=40,
+    )
+    path = nbu.save_router_logits(captured, tmp_path / "x" / "logits.pt", model="tiny", n_texts=8)
+    loaded, meta = nbu.load_router_logits(path)
+    assert meta == {"model": "tiny", "n_texts": 8}
+    assert loaded.layers == [0, 2] and torch.equal(loaded[2], captured[2])
+    assert torch.equal(loaded.sequence_index, seq) and loaded.total_tokens == 40
+    fit, held = nbu.split_by_sequence(loaded, held_out_fraction=0.25)
+    assert held[0].shape[0] == 10 and fit[0].shape[0] == 30  # two whole documents held out
+    rows_held = {tuple(r) for r in held[0].tolist()}
+    assert not rows_held & {tuple(r) for r in fit[0].tolist()}
+
+
+def test_notebook_texts_are_balanced():
+    from bh_helpers import notebook_utils as nbu
+    from bh_helpers.models import load_corpus_slice
+
+    texts = nbu.calibration_texts(6)
+    domain = {r["text"]: r["domain"] for r in load_corpus_slice("calibration")}
+    assert len(texts) == 6 and {domain[t] for t in texts} == {"prose", "code"}
+    assert nbu.evaluation_texts(3)
