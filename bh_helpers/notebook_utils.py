@@ -590,7 +590,8 @@ def plot_expert_usage(captured: CapturedLogits, *, k: int = 8):
     usage = []
     for layer in layers:
         chosen = captured[layer].topk(k, dim=-1).indices  # (N, k)
-        usage.append(torch.bincount(chosen.reshape(-1), minlength=captured[layer].shape[-1]).double() / captured.num_tokens)
+        hits = torch.bincount(chosen.reshape(-1), minlength=captured[layer].shape[-1])  # (E,)
+        usage.append(hits.double() / captured.num_tokens)
     mat = torch.stack(usage).numpy()  # (L, E)
     fig, axes = _figure(1, 2, size=(13, 3.6))
     ax_map, ax_curve = axes[0]

@@ -283,7 +283,8 @@ class AlphaExplorer:
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}; use {list(ExplorerSettings.__dataclass_fields__)}.")
         s = replace(self.settings, **settings)
-        s = replace(s, alpha=float(s.alpha), max_k=int(s.max_k), min_k=min(int(s.min_k), int(s.max_k)), layer=int(s.layer))
+        max_k = int(s.max_k)
+        s = replace(s, alpha=float(s.alpha), max_k=max_k, min_k=min(int(s.min_k), max_k), layer=int(s.layer))
         self._check(s)
         with _intra_op_threads(self.threads):
             return self._update(s)
@@ -294,7 +295,9 @@ class AlphaExplorer:
         # Which experts: only for the rows the per-token view shows (the costly part of a selection).
         logits = self.logits[s.layer][: self.view_rows]  # (V, E)
         if s.method == "topk":
-            selection = select_experts(logits, method="topk", k=s.max_k, max_k=s.max_k, weights=self.weights, validate=False)
+            selection = select_experts(
+                logits, method="topk", k=s.max_k, max_k=s.max_k, weights=self.weights, validate=False
+            )
         else:
             selection = select_experts(
                 logits, self.pvalues[s.kernel][s.layer][: self.view_rows], method=s.method, alpha=s.alpha,
@@ -484,9 +487,10 @@ class AlphaExplorer:
                 out["generate_s"] = time.perf_counter() - start
             out["routed_mean_k"] = rec.summary()["mean_k"]
             if eval_texts:
-                out["native_ppl"] = perplexity(model, tok, list(eval_texts), window=window, progress=False).perplexity
+                texts = list(eval_texts)
+                out["native_ppl"] = perplexity(model, tok, texts, window=window, progress=False).perplexity
                 with route(model, self.selector()):
-                    out["routed_ppl"] = perplexity(model, tok, list(eval_texts), window=window, progress=False).perplexity
+                    out["routed_ppl"] = perplexity(model, tok, texts, window=window, progress=False).perplexity
         out["native_text"] = tok.decode(native[0], skip_special_tokens=True)
         out["routed_text"] = tok.decode(routed[0], skip_special_tokens=True)
         return out
@@ -505,11 +509,12 @@ class AlphaExplorer:
         import ipywidgets as w
 
         s = self.settings
+        k_limit = min(self.num_experts, 2 * self.native_k)
         controls = {
             "alpha": w.FloatLogSlider(value=s.alpha, base=10, min=-4, max=0, step=0.05, description="alpha",
                                       readout_format=".4f", continuous_update=True),
-            "max_k": w.IntSlider(value=s.max_k, min=1, max=min(self.num_experts, 2 * self.native_k), description="max_k"),
-            "min_k": w.IntSlider(value=s.min_k, min=0, max=min(self.num_experts, 2 * self.native_k), description="min_k"),
+            "max_k": w.IntSlider(value=s.max_k, min=1, max=k_limit, description="max_k"),
+            "min_k": w.IntSlider(value=s.min_k, min=0, max=k_limit, description="min_k"),
             "method": w.Dropdown(options=list(EXPLORER_METHODS), value=s.method, description="method"),
             "kernel": w.Dropdown(options=self.kernels, value=s.kernel, description="kernel"),
             "layer": w.Dropdown(options=self.layers, value=s.layer, description="layer"),
