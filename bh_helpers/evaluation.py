@@ -282,7 +282,8 @@ def _tokenizer_name(tokenizer) -> str:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # verbose=False: long texts are windowed later, the tokenizer's length warning does not apply.
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _batched(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -153,7 +153,7 @@ class SweepConfig:
             return f"top-p {self.top_p:g} k={self.min_k}..{self.max_k}"
         return "native"
 
-    def to_selector(self, model=None, *, null_bank=None, weights: str = "renorm"):
+    def to_selector(self, model=None, *, null_bank=None, weights: str | None = None):
         """The :mod:`bh_helpers.patching` selector for this configuration.
 
         Parameters
@@ -162,8 +162,11 @@ class SweepConfig:
             Needed for ``"native"`` (its own k and weight convention).
         null_bank : NullBank or mapping of str to NullBank, optional
             Needed for the multiple-testing methods; a mapping is indexed by ``kernel``.
-        weights : {"renorm", "softmax", "uniform"}
-            Weight convention of the selected experts (not used by ``"native"``).
+        weights : {"renorm", "softmax", "uniform"}, optional
+            Weight convention of the selected experts (not used by ``"native"``). Default: the
+            model's own convention when ``model`` is given (raw softmax for OLMoE, renormalised
+            for Mixtral/Qwen), else "renorm". Changing the convention changes what the experts
+            were trained with: renormalised weights raise the embedded OLMoE's top-8 perplexity.
 
         Returns
         -------
@@ -171,17 +174,21 @@ class SweepConfig:
             ``NativeSelector``, ``TopKSelector``, ``TopPSelector`` or ``BHSelector``.
         """
         from bh_helpers import patching
+        from bh_helpers.nulls import NullBank
 
         if self.method == "native":
             if model is None:
                 raise ValueError("method 'native' needs `model` to read its k and weight convention.")
             return patching.NativeSelector.for_model(model)
+        if weights is None:
+            weights = patching.NativeSelector.for_model(model).weights if model is not None else "renorm"
         if self.method == "topk":
             return patching.TopKSelector(k=self.k, weights=weights)
         if self.method == "top_p":
             return patching.TopPSelector(p=self.top_p, min_k=self.min_k, max_k=self.max_k, weights=weights)
         bank = null_bank
-        if isinstance(null_bank, Mapping):
+        # A NullBank is itself a Mapping (layer -> null): only other mappings are per kernel.
+        if isinstance(null_bank, Mapping) and not isinstance(null_bank, NullBank):
             if self.kernel not in null_bank:
                 raise ValueError(
                     f"`null_bank` has no entry for kernel {self.kernel!r}; it has {sorted(null_bank)}."
