@@ -105,7 +105,8 @@ explorer.widget(prompt=PROMPT, eval_texts=nbu.evaluation_texts(EVAL_TEXTS), max_
 
 # %%
 ALPHAS = [1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.5]
-explorer.alpha_table(ALPHAS, method="bh", min_k=1, max_k=8).round(3)
+table = explorer.alpha_table(ALPHAS, method="bh", min_k=1, max_k=8)
+table.round({column: 3 for column in table.columns if column != "alpha"})
 
 # %%
 state = explorer.update(alpha=0.2, method="bh", min_k=1, max_k=8, layer=explorer.layers[-1])
