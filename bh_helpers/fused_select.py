@@ -57,6 +57,7 @@ __all__ = [
     "fused_available",
     "fused_select_experts",
     "select",
+    "select_from_bank",
     "select_with_null",
 ]
 
@@ -640,3 +641,23 @@ class FusedBHSelector:
     def __repr__(self) -> str:
         return (f"FusedBHSelector(method={self.method!r}, alpha={self.alpha}, min_k={self.min_k}, "
                 f"max_k={self.max_k}, weights={self.weights!r})")
+
+
+def select_from_bank(logits: torch.Tensor, null_bank: Any, layer: int, **kwargs: Any) -> Selection:
+    """``BHSelector``'s rule: p-values of ``layer`` from ``null_bank``, then a testing method.
+
+    With a :class:`~bh_helpers.nulls.NullBank` on a device where the kernel runs, the p-value
+    lookup happens inside the kernel (:func:`select_with_null`); any other bank (anything with
+    ``.pvalues(logits, layer)``) gives its p-values to :func:`fused_select_experts`.
+    """
+    from bh_helpers.nulls import NullBank
+
+    if isinstance(null_bank, NullBank) and _fusable(logits, kwargs.get("method", "bh")):
+        if null_bank.num_experts is not None and logits.shape[-1] != null_bank.num_experts:
+            raise ValueError(
+                f"`logits` must have {null_bank.num_experts} experts in the last dimension, got shape "
+                f"{tuple(logits.shape)}"
+            )
+        return select_with_null(logits, null_bank[layer], **kwargs)
+    pvalues = null_bank.pvalues(logits, layer)
+    return fused_select_experts(logits, pvalues.to(device=logits.device), **kwargs)

@@ -139,7 +139,9 @@ def _sorted_slots(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     pos = torch.empty_like(perm)
     pos[perm] = torch.arange(perm.numel(), device=perm.device)  # slot -> row of the grouped buffers
     # histc (not bincount) is CUDA-graph safe; values == E fall outside [0, E-1] and are dropped.
-    sizes = torch.histc(ids_g.int(), bins=num_experts, min=0, max=num_experts - 1)
+    # (CUDA histc takes integers, CPU histc only floats.)
+    values = ids_g.int() if ids_g.is_cuda else ids_g.float()
+    sizes = torch.histc(values, bins=num_experts, min=0, max=num_experts - 1)
     offs = torch.cumsum(sizes, dim=0, dtype=torch.int32)  # (E,)
     return ids_g, perm, pos, offs
 

@@ -7,7 +7,8 @@ with one that
 2. asks the selector which experts each token gets (a :class:`~bh_helpers.selection.Selection`
    of variable width, ``-1`` at unused slots),
 3. runs only the selected (token, expert) pairs on the model's own expert weights through
-   :func:`bh_helpers.dispatch.dispatch_experts` and adds the shared expert where the family has one.
+   :func:`bh_helpers.grouped_dispatch.fast_dispatch_experts` (grouped GEMMs on CUDA, the reference
+   :func:`bh_helpers.dispatch.dispatch_experts` elsewhere) and adds the shared expert where the family has one.
 
 transformers' expert dispatch is never called with a selection, so the result does not depend on
 ``config._experts_implementation`` and no sentinel index ever reaches transformers code. In
@@ -49,7 +50,8 @@ import torch
 from torch import nn
 
 from bh_helpers.capture import ForwardInputs, forward_inputs
-from bh_helpers.dispatch import dispatch_experts
+from bh_helpers.fused_select import fused_select_experts, select_from_bank
+from bh_helpers.grouped_dispatch import fast_dispatch_experts
 from bh_helpers.moe_adapters import (
     LayerSpec,
     MoEBlock,
@@ -140,10 +142,11 @@ class BHSelector:
             raise ValueError("`null_bank` needs a `.pvalues(logits, layer)` method (bh_helpers.nulls.NullBank).")
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
-        pvalues = self.null_bank.pvalues(logits, layer)  # (T, E)
-        return select_experts(
+        # Fused p-value lookup + step-up on CUDA; NullBank.pvalues + select_experts elsewhere.
+        return select_from_bank(
             logits,
-            pvalues.to(device=logits.device),
+            self.null_bank,
+            layer,
             method=self.method,
             alpha=self.alpha,
             min_k=self.min_k,
@@ -172,7 +175,7 @@ class TopKSelector:
         return self.k
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
-        return select_experts(logits, method="topk", k=self.k, max_k=self.k, weights=self.weights)
+        return fused_select_experts(logits, method="topk", k=self.k, max_k=self.k, weights=self.weights)
 
 
 @dataclass(frozen=True)
@@ -515,7 +518,8 @@ def _make_forward(
             # loss can be computed); its return value is not used.
             module.gate(hidden)
         with materialized(module.experts):
-            out = dispatch_experts(module.experts, hidden, selection.indices, selection.weights)  # (T, H)
+            # Grouped GEMMs on CUDA (bf16), the reference dispatch elsewhere.
+            out = fast_dispatch_experts(module.experts, hidden, selection.indices, selection.weights)  # (T, H)
         shared = adapter.shared_output(module, hidden)  # (T, H) or None
         if shared is not None:
             out = out + shared.to(out.dtype)  # (T, H)

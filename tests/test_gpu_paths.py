@@ -1,0 +1,249 @@
+"""Fast paths (fused selector, grouped dispatch) against the plain-torch references.
+
+GPU tests are skipped cleanly without CUDA. On CPU: the grouped dispatch variants (CPU
+``torch._grouped_mm`` where this torch has it), the automatic fallbacks, and the Triton selector
+kernel under Triton's interpreter (in a subprocess, since ``TRITON_INTERPRET`` is read at import).
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from bh_helpers.dispatch import dispatch_experts
+from bh_helpers.fused_select import fused_select_experts, select_with_null
+from bh_helpers.grouped_dispatch import (
+    _dispatch_compact,
+    _dispatch_sync_free,
+    fast_dispatch_experts,
+    grouped_dispatch_experts,
+)
+from bh_helpers.nulls import fit_null
+from bh_helpers.selection import FDR_METHODS, select_experts
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def make_experts(num_experts=8, hidden=64, inter=32, dtype=torch.float32, device="cpu", seed=0):
+    from transformers import OlmoeConfig
+    from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
+
+    cfg = OlmoeConfig(hidden_size=hidden, intermediate_size=inter, num_experts=num_experts, num_experts_per_tok=2)
+    experts = OlmoeExperts(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=g) * 0.1)
+        experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=g) * 0.1)
+    return experts.to(device=device, dtype=dtype)
+
+
+def random_selection(tokens, k, num_experts, *, seed, device="cpu", skew=False):
+    """Variable-k selection: distinct experts per token, -1 at unused slots, one row with none."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(tokens, num_experts, generator=g)
+    if skew:  # most tokens to few experts, some experts empty
+        scores[:, : num_experts // 2] += 2.0
+    idx = scores.topk(k, dim=-1).indices
+    counts = torch.randint(0, k + 1, (tokens,), generator=g)
+    counts[0] = 0
+    counts[-1] = k
+    used = torch.arange(k) < counts[:, None]
+    idx = torch.where(used, idx, -1)
+    w = torch.rand(tokens, k, generator=g) * used
+    return idx.to(device), w.to(device)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fast_dispatch_falls_back_to_reference_on_cpu():
+    experts = make_experts()
+    hidden = torch.randn(37, 64)
+    idx, w = random_selection(37, 4, 8, seed=1)
+    torch.testing.assert_close(fast_dispatch_experts(experts, hidden, idx, w), dispatch_experts(experts, hidden, idx, w))
+    with pytest.raises(ValueError, match="grouped GEMMs need CUDA"):
+        grouped_dispatch_experts(experts, hidden, idx, w)
+
+
+def _cpu_grouped_mm() -> bool:
+    try:
+        torch._grouped_mm(torch.randn(4, 16), torch.randn(2, 16, 16), offs=torch.tensor([2, 4], dtype=torch.int32))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not available here
+        return False
+
+
+@pytest.mark.skipif(not _cpu_grouped_mm(), reason="this torch has no CPU torch._grouped_mm")
+@pytest.mark.parametrize("variant", [_dispatch_sync_free, _dispatch_compact])
+@pytest.mark.parametrize("skew", [False, True])
+def test_grouped_variants_match_reference_on_cpu(variant, skew):
+    experts = make_experts()
+    hidden = torch.randn(53, 64)
+    idx, w = random_selection(53, 6, 8, seed=2, skew=skew)
+    out = variant(experts, hidden, idx, w)
+    ref = dispatch_experts(experts, hidden, idx, w)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # the token with no expert
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (interpreter)")
+def test_fused_kernel_under_interpreter_matches_reference():
+    code = textwrap.dedent(
+        """
+        import torch
+        from bh_helpers.nulls import fit_null
+        from bh_helpers.selection import select_experts
+        from bh_helpers.fused_select import select_with_null, fused_select_experts, fused_available
+        assert fused_available("cpu")
+        g = torch.Generator().manual_seed(0)
+        null = fit_null(torch.randn(5000, 64, generator=g) * 1.5)
+        x = torch.randn(12, 64, generator=g) * 2
+        x[0] *= 5; x[1, :10] = x[1, 10]; x[2] = 0.0; x[2, 3] = -0.0
+        p = null.sf(x, dtype=torch.float32)
+        for method in ("bh", "holm"):
+            ref = select_experts(x, p, method=method, alpha=0.1, min_k=1, max_k=8)
+            for got in (select_with_null(x, null, method=method, alpha=0.1), fused_select_experts(x, p, method=method, alpha=0.1)):
+                assert torch.equal(got.indices, ref.indices) and torch.equal(got.counts, ref.counts)
+                torch.testing.assert_close(got.weights, ref.weights)
+        ref = select_experts(x, method="topk", k=8, weights="softmax")
+        got = fused_select_experts(x, method="topk", k=8, weights="softmax")
+        assert torch.equal(got.indices, ref.indices)
+        print("OK")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_fused_entry_points_fall_back_on_cpu():
+    x = torch.randn(20, 16)
+    null = fit_null(torch.randn(3000, 16))
+    p = null.sf(x, dtype=torch.float32)
+    ref = select_experts(x, p, method="bh", alpha=0.2)
+    got = select_with_null(x, null, method="bh", alpha=0.2)
+    assert torch.equal(got.indices, ref.indices) and torch.equal(got.weights, ref.weights)
+    with pytest.raises(ValueError, match="needs `pvalues`"):
+        fused_select_experts(x, method="bh")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------
+
+
+def adversarial_logits(tokens, num_experts, *, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, num_experts, generator=g) * 2
+    x[: tokens // 8] *= 6  # far into both tails (upper tail: exponential, no ties at 0)
+    x[tokens // 8 : tokens // 4, : num_experts // 4] = 3.0  # exact ties in logits (and p-values)
+    x[tokens // 4 : tokens // 4 + 4] = 0.0
+    x[tokens // 4, 1] = -0.0
+    x[-4:] = x[-4:].round(decimals=1)  # many equal values on grid-like points
+    return x.to(device)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["gaussian", "empirical", "per_expert"])
+@pytest.mark.parametrize("method", FDR_METHODS)
+def test_fused_select_with_null_identical_on_gpu(kind, method):
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randn(50_000, 64, generator=g) * 1.3 + 0.2
+    null = fit_null(calib, kernel="gaussian", per_expert=True) if kind == "per_expert" else fit_null(calib, kernel=kind)
+    for seed, tokens in ((0, 1), (1, 63), (2, 4099)):
+        x = adversarial_logits(tokens, 64, seed=seed, device="cuda")
+        p = null.sf(x, dtype=torch.float32)
+        assert torch.equal(select_with_null(x, null, method=method, alpha=0.2, max_k=64, min_k=0).counts,
+                           select_experts(x, p, method=method, alpha=0.2, max_k=64, min_k=0).counts)
+        for weights, (min_k, max_k) in (("renorm", (1, 8)), ("softmax", (0, 8)), ("uniform", (2, 5))):
+            ref = select_experts(x, p, method=method, alpha=0.2, min_k=min_k, max_k=max_k, weights=weights)
+            got = select_with_null(x, null, method=method, alpha=0.2, min_k=min_k, max_k=max_k, weights=weights)
+            got_p = fused_select_experts(x, p, method=method, alpha=0.2, min_k=min_k, max_k=max_k, weights=weights)
+            for sel in (got, got_p):
+                assert torch.equal(sel.counts, ref.counts)
+                assert torch.equal(sel.indices, ref.indices)
+                torch.testing.assert_close(sel.weights, ref.weights, rtol=2e-6, atol=1e-7)
+
+
+@needs_cuda
+def test_fused_pvalues_on_threshold_are_rejected_like_reference():
+    from bh_helpers.selection import _thresholds_np
+
+    t = torch.from_numpy(_thresholds_np("bh", 0.05, 64)).float().cuda()  # float32 rounding of thresholds
+    p = t.repeat(256, 1)
+    p = p * (1 + (torch.rand_like(p) - 0.5) * 2e-7)  # on, just above, just below
+    p = p.clamp(1e-38, 1.0)
+    x = torch.randn(256, 64, device="cuda")
+    for method in FDR_METHODS:
+        ref = select_experts(x, p, method=method, alpha=0.05, max_k=64, min_k=0)
+        got = fused_select_experts(x, p, method=method, alpha=0.05, max_k=64, min_k=0)
+        assert torch.equal(got.counts, ref.counts) and torch.equal(got.indices, ref.indices)
+
+
+@needs_cuda
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_fused_topk_identical_on_gpu(k):
+    x = adversarial_logits(1000, 64, seed=3, device="cuda").bfloat16()
+    for weights in ("renorm", "softmax"):
+        ref = select_experts(x, method="topk", k=k, max_k=8, weights=weights)
+        got = fused_select_experts(x, method="topk", k=k, max_k=8, weights=weights)
+        assert torch.equal(got.indices, ref.indices) and torch.equal(got.counts, ref.counts)
+        torch.testing.assert_close(got.weights, ref.weights, rtol=2e-6, atol=1e-7)
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", ["sync_free", "compact", "graph"])
+@pytest.mark.parametrize("tokens", [1, 8, 700])
+def test_grouped_dispatch_matches_reference_on_gpu(variant, tokens):
+    experts = make_experts(num_experts=64, hidden=256, inter=128, dtype=torch.bfloat16, device="cuda")
+    for seed, skew in ((0, False), (1, True)):
+        hidden = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+        idx, w = random_selection(tokens, 8, 64, seed=seed, device="cuda", skew=skew)
+        with torch.no_grad():
+            ref = dispatch_experts(experts, hidden, idx, w)
+            kwargs = {"variant": "sync_free", "use_graphs": True} if variant == "graph" else {"variant": variant, "use_graphs": False}
+            out = grouped_dispatch_experts(experts, hidden, idx, w, **kwargs)
+            out2 = grouped_dispatch_experts(experts, hidden, idx, w, **kwargs)  # replay / reuse
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        assert rel_err(out, ref) < 1e-2
+        assert torch.equal(out, out2)
+        if tokens > 1:
+            assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+@needs_cuda
+def test_route_fast_paths_match_reference_on_gpu():
+    import bh_helpers.patching as patching
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    cfg = OlmoeConfig(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    model = OlmoeForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (3, 40), device="cuda")
+    with torch.no_grad():
+        with patching.route(model, patching.TopKSelector(4, weights="softmax")):
+            fast = model(ids).logits
+        original = patching.fast_dispatch_experts
+        patching.fast_dispatch_experts = dispatch_experts
+        try:
+            with patching.route(model, patching.TopKSelector(4, weights="softmax")):
+                ref = model(ids).logits
+        finally:
+            patching.fast_dispatch_experts = original
+        native = model(ids).logits
+    assert rel_err(fast, ref) < 2e-2
+    assert rel_err(fast, native) < 2e-2
