@@ -704,7 +704,7 @@ class DemoSettings:
     """
 
     model: str = "tiny"  # "tiny", a hub id or a local path
-    calibration_tokens: int = 4096  # tokens of calibration text for the nulls
+    calibration_tokens: int = 16384  # tokens of calibration text for the nulls
     kernel: str = "gaussian"  # null kernel
     grid_size: int = 8192  # null grid points per layer
     methods: tuple[str, ...] = ("bh", "by")  # multiple-testing methods
@@ -715,7 +715,7 @@ class DemoSettings:
     top_ps: tuple[float, ...] = (0.5, 0.8)  # top-p baselines
     weights: str = "softmax"  # weights of the selected experts (OLMoE's own convention)
     datasets: tuple[str, ...] = ("prose", "code")  # evaluation data sets
-    max_tokens: int = 2048  # evaluation tokens per data set
+    max_tokens: int = 8192  # evaluation tokens per data set
     window: int = 256  # perplexity window
     stride: int = 256  # perplexity stride
     batch_size: int = 8  # windows per forward pass
