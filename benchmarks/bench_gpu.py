@@ -1,0 +1,321 @@
+"""GPU speed of BH routing against native top-8, side by side in ONE run (OLMoE-1B-7B shape).
+
+Builds an ``OlmoeForCausalLM`` with OLMoE-1B-7B's shape (16 layers, hidden 2048, 64 experts x
+intermediate 1024, top-8, vocab 50304, 16 heads) and random bf16 weights directly on the GPU (no
+download), then times, in the same process:
+
+- prefill: ``model(input_ids[32, 1024], use_cache=False, logits_to_keep=1)`` (tokens/s);
+- greedy decode: ``generate`` of 64 new tokens after a 32-token prompt, batch 1 and 8 (tokens/s);
+- the selector alone for 1 .. 1M tokens x 64 experts against ``softmax + topk(8)``.
+
+Variants: native top-8 (transformers' "grouped_mm", which ``generate`` switches to "batched_mm"
+while decoding), native top-4, patched top-8 through ``route`` (equal work), BH-like (``route``
+with a forced per-token k = 1..8 from a fixed pattern, mean 4.5), static top-4 through ``route``,
+and patched top-8 through the plain-torch reference selector + dispatch (the pre-issue-8 path).
+Ratios are to native top-8 measured in the same run. CUDA events / synchronize, warm-ups, medians.
+
+    python benchmarks/bench_gpu.py --json benchmarks/results/bench_gpu_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import bh_helpers.patching as patching
+from bh_helpers.dispatch import dispatch_experts
+from bh_helpers.fused_select import fused_select_experts, select_with_null
+from bh_helpers.nulls import fit_null
+from bh_helpers.selection import Selection, select_experts
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+
+def event_median(fn, *, warmup: int = 3, reps: int = 20) -> float:
+    """Median seconds per call of ``fn`` (CUDA events around each call, after warm-ups)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def wall_median(fn, *, warmup: int = 1, reps: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selectors
+# ----------------------------------------------------------------------------------------------
+
+
+class ForcedKSelector:
+    """BH-like load: top-k logits with k = 1..8 from a fixed deterministic pattern (mean 4.5).
+
+    ``k(token, layer, call) = 1 + (token + 3 * layer + 5 * call) mod 8``, so every decode step
+    and every prefill row cycles through 1..8. Weights: renormalised softmax of the kept experts.
+    """
+
+    def __init__(self, max_k: int = 8) -> None:
+        self.max_k, self.calls = max_k, 0
+
+    def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
+        top = fused_select_experts(logits, method="topk", k=self.max_k, max_k=self.max_k, weights="softmax",
+                                   validate=False)
+        rows = logits.shape[0]
+        if layer == 0:
+            self.calls += 1
+        offset = 3 * layer + 5 * self.calls
+        counts = (torch.arange(rows, device=logits.device) + offset) % self.max_k + 1  # (T,)
+        used = torch.arange(self.max_k, device=logits.device) < counts[:, None]  # (T, K)
+        w = top.weights * used
+        w = w / w.sum(-1, keepdim=True)
+        return Selection(indices=torch.where(used, top.indices, -1), weights=w, counts=counts)
+
+
+class ReferenceTopK:
+    """Top-k through the plain-torch reference ``select_experts`` (as before issue 8)."""
+
+    def __init__(self, k: int) -> None:
+        self.k, self.min_k, self.max_k = k, k, k
+
+    def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
+        return select_experts(logits, method="topk", k=self.k, max_k=self.k, weights="softmax")
+
+
+@contextlib.contextmanager
+def reference_dispatch():
+    """Route through the reference dispatch (one host sync per layer) inside the block."""
+    original = patching.fast_dispatch_experts
+    patching.fast_dispatch_experts = dispatch_experts
+    try:
+        yield
+    finally:
+        patching.fast_dispatch_experts = original
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(layers: int):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    cfg = OlmoeConfig(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+        max_position_embeddings=4096, norm_topk_prob=False, initializer_range=0.02,
+    )
+    cfg._experts_implementation = "grouped_mm"
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = OlmoeForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():  # random weights, small std: finite activations
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def set_native_k(model, k: int) -> None:
+    for layer in model.model.layers:
+        layer.mlp.gate.top_k = k
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def ceilings() -> dict:
+    n = 1 << 28  # 512 MiB of bf16
+    a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    t = event_median(lambda: b.copy_(a), reps=10)
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    tm = event_median(lambda: x @ y, reps=10)
+    del a, b, x, y
+    return {"copy_GBps": 2 * n * 2 / t / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / tm / 1e12}
+
+
+def bench_selector(sizes: list[int], rows: list[dict]) -> None:
+    g = torch.Generator().manual_seed(0)
+    null = fit_null(torch.randn(200_000, 64, generator=g) * 1.5)
+    for n in sizes:
+        logits = (torch.randn(n, 64, generator=g) * 1.5 + 0.3).cuda()
+        reps = 50 if n <= 65536 else 20
+        native = event_median(lambda: torch.softmax(logits, -1, dtype=torch.float).topk(8, dim=-1), reps=reps)
+        fused_bh = event_median(lambda: select_with_null(logits, null, method="bh", alpha=0.05, validate=False), reps=reps)
+        ref_bh = event_median(
+            lambda: select_experts(logits, null.sf(logits, dtype=torch.float32), method="bh", alpha=0.05, validate=False),
+            reps=min(reps, 10),
+        )
+        fused_topk = event_median(
+            lambda: fused_select_experts(logits, method="topk", k=8, weights="softmax", validate=False), reps=reps
+        )
+        # identical selections here too
+        a = select_with_null(logits, null, method="bh", alpha=0.05, validate=False)
+        b = select_experts(logits, null.sf(logits, dtype=torch.float32), method="bh", alpha=0.05, validate=False)
+        same = bool(torch.equal(a.indices, b.indices) and torch.equal(a.counts, b.counts))
+        rows.append(dict(tokens=n, native_ms=native * 1e3, fused_bh_ms=fused_bh * 1e3, ref_bh_ms=ref_bh * 1e3,
+                         fused_topk8_ms=fused_topk * 1e3, fused_bh_ratio=fused_bh / native,
+                         ref_bh_ratio=ref_bh / native, fused_topk_ratio=fused_topk / native,
+                         identical=same, mean_k=float(a.counts.float().mean())))
+        print(f"selector {n:>8} tokens: softmax+topk8 {native*1e3:8.3f} ms | fused BH {fused_bh*1e3:8.3f} ms "
+              f"({fused_bh/native:5.2f}x) | reference BH {ref_bh*1e3:8.3f} ms ({ref_bh/native:5.1f}x) | "
+              f"fused topk8 {fused_topk*1e3:8.3f} ms ({fused_topk/native:5.2f}x) identical={same}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--prefill", type=int, nargs=2, default=[32, 1024], metavar=("BATCH", "SEQ"))
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--selector-sizes", type=int, nargs="+", default=[1, 64, 4096, 65536, 1048576])
+    parser.add_argument("--skip-reference", action="store_true", help="skip the slow reference-path variants")
+    parser.add_argument("--profile", default=None, help="write torch.profiler tables of one prefill per variant here")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
+                triton=triton_version, python=platform.python_version(), layers=args.layers,
+                prefill=args.prefill, new_tokens=args.new_tokens,
+                protocol="prefill: model(ids, use_cache=False, logits_to_keep=1), median of 5 after 2 warm-ups; "
+                         "decode: generate(greedy, prompt 32, max_new_tokens=min_new_tokens=N), median of 3 after 1")
+    print(meta, flush=True)
+    meta.update(ceilings())
+    print(f"ceilings: copy {meta['copy_GBps']:.0f} GB/s, bf16 matmul {meta['bf16_matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+
+    sel_rows: list[dict] = []
+    bench_selector(args.selector_sizes, sel_rows)
+
+    model = build_model(args.layers)
+    b, s = args.prefill
+    ids = torch.randint(0, 50304, (b, s), device="cuda")
+
+    variants = {
+        "native top-8": (None, 8, False),
+        "native top-4": (None, 4, False),
+        "patched top-8": (patching.TopKSelector(8, weights="softmax"), 8, False),
+        "BH-like k~U{1..8} (mean 4.5)": ("forced", 8, False),
+        "static top-4 (patched)": (patching.TopKSelector(4, weights="softmax"), 8, False),
+    }
+    if not args.skip_reference:
+        variants["patched top-8, reference paths"] = (ReferenceTopK(8), 8, True)
+
+    def context(name):
+        selector, native_k, reference = variants[name]
+        set_native_k(model, native_k)
+        if selector is None:
+            return contextlib.nullcontext()
+        if selector == "forced":
+            selector = ForcedKSelector(8)
+        stack = contextlib.ExitStack()
+        if reference:
+            stack.enter_context(reference_dispatch())
+        stack.enter_context(patching.route(model, selector))
+        return stack
+
+    results: dict[str, dict] = {}
+    profiles = []
+    with torch.inference_mode():
+        for name in variants:
+            with context(name):
+                t = wall_median(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), warmup=2, reps=5)
+                results.setdefault(name, {})["prefill_tok_s"] = b * s / t
+                print(f"prefill {name:34s} {b * s / t:10.0f} tok/s", flush=True)
+                if args.profile:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                        torch.cuda.synchronize()
+                    profiles.append(f"== {name} ==\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+        torch.cuda.empty_cache()
+        for batch in args.decode_batches:
+            prompt = torch.randint(0, 50304, (batch, 32), device="cuda")
+            for name in variants:
+                if "reference" in name and batch > 1:
+                    continue  # slow; batch 1 shows the cost
+                with context(name):
+                    n_new = args.new_tokens
+
+                    def gen():
+                        out = model.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+                        assert out.shape[1] == 32 + n_new
+
+                    t = wall_median(gen, warmup=1, reps=3)
+                results[name][f"decode_b{batch}_tok_s"] = batch * n_new / t
+                print(f"decode b={batch} {name:34s} {batch * n_new / t:8.1f} tok/s", flush=True)
+    set_native_k(model, 8)
+
+    base = results["native top-8"]
+    table = ["| variant | prefill tok/s | x native | decode b1 tok/s | x native | decode b8 tok/s | x native |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        cells = []
+        for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"):
+            v = r.get(key)
+            cells += ["-", "-"] if v is None else [f"{v:,.0f}" if v > 1000 else f"{v:.1f}", f"{v / base[key]:.2f}"]
+        table.append(f"| {name} | " + " | ".join(cells) + " |")
+    table += ["", "| tokens | softmax+topk8 ms | fused BH ms | x | reference BH ms | x | fused topk8 ms | x | identical |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for r in sel_rows:
+        table.append(f"| {r['tokens']} | {r['native_ms']:.3f} | {r['fused_bh_ms']:.3f} | {r['fused_bh_ratio']:.2f} | "
+                     f"{r['ref_bh_ms']:.3f} | {r['ref_bh_ratio']:.1f} | {r['fused_topk8_ms']:.3f} | "
+                     f"{r['fused_topk_ratio']:.2f} | {r['identical']} |")
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, transformers {meta['transformers']}, triton {meta['triton']}")
+    print("\n".join(table))
+    out = {"meta": meta, "model": results, "selector": sel_rows, "table_md": "\n".join(table)}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    if args.profile:
+        with open(args.profile, "w") as f:
+            f.write("\n\n".join(profiles))
+    return out
+
+
+if __name__ == "__main__":
+    main()
