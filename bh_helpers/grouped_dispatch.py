@@ -102,7 +102,9 @@ def _combine(y: torch.Tensor, pos: torch.Tensor, indices: torch.Tensor, weights:
     # Plain torch: gather [T, K, H] (only used off CUDA)
     valid = indices >= 0  # (T, K)
     rows = y.index_select(0, pos.clamp(0, y.shape[0] - 1).reshape(-1)).reshape(n_tokens, k, hidden).float()
-    return (rows * (weights.float() * valid)[..., None]).sum(1).to(dtype)
+    # where, not a product: rows of unused slots may be uninitialised memory (0 * NaN = NaN)
+    rows = torch.where(valid[..., None], rows, 0.0)  # (T, K, H)
+    return (rows * weights.float()[..., None]).sum(1).to(dtype)
 
 
 def _check(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:

@@ -48,6 +48,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from bh_helpers.capture import ForwardInputs, forward_inputs
 from bh_helpers.fused_select import fused_select_experts, select_from_bank
@@ -79,6 +80,8 @@ __all__ = [
 MODES = ("patch", "analyze")
 #: Default cap on per-token counts kept per layer (exact aggregates are always kept).
 DEFAULT_MAX_TOKENS = 1_000_000
+#: Per-token counts kept on the device before one copy to the CPU (elements, int16).
+_FLUSH_ELEMENTS = 1 << 23
 
 # Blocks currently patched by an open ``route`` (weak: a dropped model is not kept alive).
 _ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -127,6 +130,7 @@ class BHSelector:
     min_k: int = 1
     max_k: int = 8
     weights: str = "renorm"
+    validate: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.method not in FDR_METHODS:
@@ -152,6 +156,7 @@ class BHSelector:
             min_k=self.min_k,
             max_k=self.max_k,
             weights=self.weights,
+            validate=self.validate,
         )
 
 
@@ -161,6 +166,7 @@ class TopKSelector:
 
     k: int
     weights: str = "renorm"
+    validate: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_k("k", self.k, 1)
@@ -175,7 +181,9 @@ class TopKSelector:
         return self.k
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
-        return fused_select_experts(logits, method="topk", k=self.k, max_k=self.k, weights=self.weights)
+        return fused_select_experts(
+            logits, method="topk", k=self.k, max_k=self.k, weights=self.weights, validate=self.validate
+        )
 
 
 @dataclass(frozen=True)
@@ -207,6 +215,7 @@ class TopPSelector:
     min_k: int = 1
     max_k: int = 8
     weights: str = "renorm"
+    validate: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.p) <= 1.0:
@@ -219,7 +228,8 @@ class TopPSelector:
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
         return select_experts(
-            logits, method="top_p", top_p=self.p, min_k=self.min_k, max_k=self.max_k, weights=self.weights
+            logits, method="top_p", top_p=self.p, min_k=self.min_k, max_k=self.max_k, weights=self.weights,
+            validate=self.validate,
         )
 
 
@@ -332,9 +342,11 @@ class RoutingRecorder:
         self._ceiling: dict[int, int] = {}
         # Per-token store: per call its kept tokens, per layer per call their counts.
         self._calls: dict[int, ForwardInputs] = {}
-        self._keep: dict[int, int] = {}
+        self._keep: dict[int, int | None] = {}
         self._token_counts: dict[int, dict[int, torch.Tensor]] = {layer: {} for layer in self.layers}
-        self._kept = 0
+        self._kept_bound = 0  # tokens kept so far; an upper bound while some keeps are undecided
+        self._pending_elements = 0  # per-token counts still on a device
+        self._valid_cache: tuple | None = None
         self._current: ForwardInputs | None = None
         self._anonymous = 0
 
@@ -347,45 +359,108 @@ class RoutingRecorder:
     def _on_forward_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self._current = None
 
+    def _valid_for(self, inputs: ForwardInputs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``valid`` of a call as ``(long (T,), bool (T, 1))`` on ``device``, built once per call."""
+        cached = self._valid_cache
+        if cached is not None and cached[0] is inputs and cached[1] == device:
+            return cached[2], cached[3]
+        valid = inputs.valid.to(device)  # (T,)
+        out = (valid.long(), valid.unsqueeze(-1))
+        self._valid_cache = (inputs, device, *out)
+        return out
+
     def _record(self, layer: int, selection: Selection) -> None:
+        # No host synchronisation here (once per layer per forward on the hot path): aggregates
+        # are accumulated on the counts' device with scatter_add_ (CUDA bincount and boolean
+        # indexing both synchronise), per-token counts stay on the device until read or until
+        # ``_FLUSH_ELEMENTS`` of them are pending. Only near ``max_tokens_per_layer`` does the
+        # first layer of a call synchronise once to count its valid tokens.
         counts = selection.counts.reshape(-1)  # (T,)
-        indices = selection.indices.reshape(counts.numel(), -1)  # (T, K)
+        rows = counts.shape[0]
+        indices = selection.indices.reshape(rows, -1)  # (T, K)
+        width = indices.shape[-1]
+        device = counts.device
         inputs = self._current
-        if inputs is None or inputs.num_rows != counts.numel():
+        if inputs is None or inputs.num_rows != rows:
             # A block called outside a model forward (or with other rows): every row counts,
             # token ids unknown.
             self._anonymous -= 1
-            rows = counts.numel()
             inputs = ForwardInputs(
                 call=self._anonymous,
-                valid=torch.ones(rows, dtype=torch.bool, device=counts.device),
-                token_ids=torch.full((rows,), -1, dtype=torch.long, device=counts.device),
-                positions=torch.arange(rows, device=counts.device),
-                sequence=torch.zeros(rows, dtype=torch.long, device=counts.device),
+                valid=torch.ones(rows, dtype=torch.bool, device=device),
+                token_ids=torch.full((rows,), -1, dtype=torch.long, device=device),
+                positions=torch.arange(rows, device=device),
+                sequence=torch.zeros(rows, dtype=torch.long, device=device),
             )
-        valid = inputs.valid.to(counts.device)  # (T,)
-        kept_counts = counts[valid]  # (n,)
-        self._ceiling[layer] = max(self._ceiling.get(layer, 0), indices.shape[-1])
+        valid_long, valid_col = self._valid_for(inputs, device)  # (T,), (T, 1)
+        self._ceiling[layer] = max(self._ceiling.get(layer, 0), width)
         # Exact aggregates (on the counts' device; moved to CPU only in summary()).
-        self._hist[layer] = _grow_add(self._hist[layer], torch.bincount(kept_counts))
-        chosen = indices[valid]  # (n, K)
-        chosen = chosen[chosen >= 0]  # (S,)
-        self._experts[layer] = _grow_add(
-            self._experts[layer], torch.bincount(chosen, minlength=self.num_experts[layer])
-        )
+        hist = self._hist[layer]
+        if hist is None or hist.device != device or hist.numel() < width + 1:
+            hist = _grow_add(torch.zeros(width + 1, dtype=torch.long, device=device), hist) if hist is not None \
+                else torch.zeros(width + 1, dtype=torch.long, device=device)
+        hist.scatter_add_(0, counts.clamp(0, width), valid_long)  # (K+1,)
+        self._hist[layer] = hist
+        experts = self._experts[layer]
+        if experts is None or experts.device != device:
+            fresh = torch.zeros(self.num_experts[layer], dtype=torch.long, device=device)
+            experts = fresh if experts is None else _grow_add(fresh, experts)
+        used = ((indices >= 0) & valid_col).reshape(-1).long()  # (T*K,) 1 at valid slots of kept rows
+        experts.scatter_add_(0, indices.clamp(min=0).reshape(-1), used)  # (E,)
+        self._experts[layer] = experts
         # Per-token counts: the first call to reach a layer decides how many of its tokens fit.
-        if inputs.call not in self._keep:
-            n_valid = int(kept_counts.numel())
-            room = max(self.max_tokens_per_layer - self._kept, 0)
-            keep = min(n_valid, room)
-            self.truncated = self.truncated or keep < n_valid
-            self._keep[inputs.call] = keep
-            self._kept += keep
-            if keep:
-                self._calls[inputs.call] = inputs
-        keep = self._keep[inputs.call]
-        if keep:
-            self._token_counts[layer][inputs.call] = kept_counts[:keep].to("cpu", torch.int16)
+        call = inputs.call
+        if call not in self._keep:
+            self._decide_keep(call, inputs, rows)
+        if self._keep[call] != 0:
+            self._token_counts[layer][call] = counts.to(torch.int16)  # (T,) padding rows included
+            if device.type != "cpu":
+                self._pending_elements += rows
+                if self._pending_elements > _FLUSH_ELEMENTS:
+                    self._flush()
+
+    def _decide_keep(self, call: int, inputs: ForwardInputs, rows: int) -> None:
+        """Set ``_keep[call]``: None (all valid rows, decided from the row count alone) or an int."""
+        cap = self.max_tokens_per_layer
+        if self._kept_bound + rows <= cap:
+            # Every valid token fits even if all rows are valid: no need to count them now.
+            keep: int | None = None
+            self._kept_bound += rows
+        else:
+            self._settle()  # exact count of the tokens kept so far (one synchronisation)
+            room = max(cap - self._kept_bound, 0)
+            if room == 0 and self.truncated:
+                keep = 0
+            else:
+                n_valid = int(inputs.valid.sum())  # one synchronisation, only near the cap
+                keep = min(n_valid, room)
+                self.truncated = self.truncated or keep < n_valid
+            self._kept_bound += keep
+        self._keep[call] = keep
+        if keep != 0:
+            self._calls[call] = inputs
+
+    def _settle(self) -> None:
+        """Replace every undecided keep (None: all valid rows) by its number of valid tokens."""
+        pending = [c for c, k in self._keep.items() if k is None]
+        if not pending:
+            return
+        sums = torch.stack([self._calls[c].valid.sum().cpu() for c in pending]).tolist()
+        for c, n in zip(pending, sums):
+            self._keep[c] = int(n)
+            if n == 0:
+                del self._calls[c]
+                for store in self._token_counts.values():
+                    store.pop(c, None)
+        self._kept_bound = sum(k for k in self._keep.values() if k)
+
+    def _flush(self) -> None:
+        """Move the per-token counts still on a device to the CPU."""
+        for store in self._token_counts.values():
+            for c, t in store.items():
+                if t.device.type != "cpu":
+                    store[c] = t.to("cpu")
+        self._pending_elements = 0
 
     # -- public -------------------------------------------------------------------------------
 
@@ -452,6 +527,8 @@ class RoutingRecorder:
         later ones were dropped); padding rows are excluded when the forward call had an
         ``attention_mask``.
         """
+        self._settle()
+        self._flush()
         calls = sorted(self._calls, key=lambda c: (c < 0, abs(c)))
         parts: dict[str, list[torch.Tensor]] = {"tok": [], "call": [], "seq": [], "pos": []}
         counts: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
@@ -463,8 +540,8 @@ class RoutingRecorder:
             parts["pos"].append(inputs.positions.cpu()[valid][:keep])
             parts["call"].append(torch.full((keep,), call, dtype=torch.long))
             for layer in self.layers:
-                c = self._token_counts[layer].get(call)
-                counts[layer].append(c.long() if c is not None else torch.full((keep,), -1, dtype=torch.long))
+                c = self._token_counts[layer].get(call)  # (T,) with padding rows
+                counts[layer].append(c[valid][:keep].long() if c is not None else torch.full((keep,), -1, dtype=torch.long))
         cat = lambda xs: torch.cat(xs).long() if xs else torch.empty(0, dtype=torch.long)  # noqa: E731
         return TokenCounts(
             token_ids=cat(parts["tok"]),
@@ -498,8 +575,54 @@ def _check_selection(selection: Any, rows: int, layer: int) -> None:
         )
 
 
+class _GateWeightCache:
+    """The float32 copy of one block's router weight, kept while ``route`` is open.
+
+    Rebuilt when the weight's storage (``data_ptr``), version counter (in-place updates), dtype,
+    device or the input's device change. Not used (the copy is made per call, as in
+    :func:`~bh_helpers.moe_adapters.router_logits`) when an accelerate hook sits on the router
+    (offloaded weights live on ``meta`` between calls), for weights on ``meta``, for inference
+    tensors (no version counter), and when gradients flow to the weight.
+    """
+
+    __slots__ = ("key", "weight")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.weight: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self.key, self.weight = None, None
+
+    def logits(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Router logits ``[T, E]`` float32 of ``hidden`` ``[T, H]``."""
+        gate = block.gate
+        weight = getattr(gate, "weight", None)
+        if (
+            not isinstance(weight, torch.Tensor)
+            or "_hf_hook" in vars(gate)
+            or weight.is_meta
+            or (weight.requires_grad and torch.is_grad_enabled())
+        ):
+            return router_logits(block, hidden)
+        try:
+            version = weight._version
+        except RuntimeError:  # inference tensor: no version counter, cannot see in-place updates
+            return router_logits(block, hidden)
+        key = (weight.data_ptr(), version, weight.dtype, weight.device, tuple(weight.shape), hidden.device)
+        if key != self.key:
+            self.weight = weight.detach().to(device=hidden.device, dtype=torch.float32)  # (E, H)
+            self.key = key
+        return F.linear(hidden.float(), self.weight)  # (T, E)
+
+
 def _make_forward(
-    block: MoEBlock, original: Callable[..., torch.Tensor], selector: Selector, recorder: RoutingRecorder, mode: str
+    block: MoEBlock,
+    original: Callable[..., torch.Tensor],
+    selector: Selector,
+    recorder: RoutingRecorder,
+    mode: str,
+    gate_cache: _GateWeightCache,
 ) -> Callable[..., torch.Tensor]:
     """Build (without installing) the replacement forward of one block."""
     layer, adapter = block.layer, block.adapter
@@ -507,9 +630,9 @@ def _make_forward(
     def forward(module: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         shape = hidden_states.shape  # (B, S, H)
         hidden = hidden_states.reshape(-1, shape[-1])  # (T, H)
-        logits = router_logits(module, hidden)  # (T, E) float32
+        logits = gate_cache.logits(module, hidden)  # (T, E) float32
         selection = selector(logits, layer)
-        _check_selection(selection, hidden.shape[0], layer)
+        _check_selection(selection, hidden.shape[0], layer)  # shapes only: no host synchronisation
         recorder._record(layer, selection)
         if mode == "analyze":
             return original(hidden_states, *args, **kwargs)
@@ -590,6 +713,7 @@ def route(
     # Install -> yield -> restore, in ONE try/finally.
     installed: list[tuple[nn.Module, str, bool, Any]] = []
     handles = []
+    gate_caches: list[_GateWeightCache] = []
     try:
         handles.append(model.register_forward_pre_hook(recorder._on_forward, with_kwargs=True))
         handles.append(model.register_forward_hook(recorder._on_forward_end, with_kwargs=True, always_call=True))
@@ -599,7 +723,11 @@ def route(
             had_own = attr in vars(module)
             previous = vars(module).get(attr)
             original = getattr(module, attr)  # the callable to use in "analyze" mode
-            replacement = types.MethodType(_make_forward(block, original, selector, recorder, mode), module)
+            gate_cache = _GateWeightCache()
+            gate_caches.append(gate_cache)
+            replacement = types.MethodType(
+                _make_forward(block, original, selector, recorder, mode, gate_cache), module
+            )
             installed.append((module, attr, had_own, previous))
             setattr(module, attr, replacement)
             _ACTIVE.add(module)
@@ -613,3 +741,5 @@ def route(
             _ACTIVE.discard(module)
         for handle in handles:
             handle.remove()
+        for gate_cache in gate_caches:
+            gate_cache.clear()
