@@ -17,17 +17,6 @@ from bh_helpers.moe_adapters import find_moe_blocks
 EMBEDDED = Path(bh_helpers.__file__).parent / "data" / "tiny_olmoe" / "model.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP threads spin
-    against other processes (a 30-token forward of the tiny model: about 40 ms with 1 thread,
-    over 1 s with 2 under load). Restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
     """The embedded tiny OLMoE when present, else a random tiny OLMoE with spread-out routers."""

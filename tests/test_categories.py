@@ -132,10 +132,7 @@ def tiny():
 
     from bh_helpers.models import load_model
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a busy 2-core machine were 40x slower
-    yield load_model("tiny", device="cpu", dtype=torch.float32)
-    torch.set_num_threads(threads)
+    return load_model("tiny", device="cpu", dtype=torch.float32)
 
 
 def test_measure_prompts_counts_and_nll(tiny):

@@ -74,16 +74,6 @@ def _embedded_model_and_tokenizer():
     return models.load_model("tiny", device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine the
-    threads' barriers turn 10 ms forward passes into 1 s ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 MODEL_KINDS = ["random"] + (["embedded"] if EMBEDDED.exists() else [])
 
 

@@ -58,15 +58,6 @@ def no_network(monkeypatch):
     return attempts
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small CPU models run much faster single-threaded on shared CI boxes (OpenMP spinning).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     if not embedded_model_available():

@@ -26,17 +26,6 @@ FAMILIES = ("olmoe", "olmoe_norm", "mixtral", "qwen2_moe", "qwen3_moe")
 VOCAB = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP threads spin
-    against other processes (a 30-token forward of the tiny model: about 40 ms with 1 thread,
-    over 1 s with 2 under load). Restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ----------------------------------------------------------------------------------------------
 # Models and data
 # ----------------------------------------------------------------------------------------------
