@@ -80,18 +80,27 @@ class ForcedKSelector:
 
     ``k(token, layer, call) = 1 + (token + 3 * layer + 5 * call) mod 8``, so every decode step
     and every prefill row cycles through 1..8. Weights: renormalised softmax of the kept experts.
+    The call counter lives on the device (layer 0 adds 1), so the selector is a pure device
+    function and ``route`` may capture it in its per-block CUDA graphs (``graph_safe``); graph
+    warm-ups advance the counter too, which only shifts the pattern (every step still averages
+    4.5 over the 16 layers).
     """
 
+    graph_safe = True
+
     def __init__(self, max_k: int = 8) -> None:
-        self.max_k, self.calls = max_k, 0
+        self.max_k, self.min_k = max_k, 1
+        self._calls: torch.Tensor | None = None
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
         top = fused_select_experts(logits, method="topk", k=self.max_k, max_k=self.max_k, weights="softmax",
                                    validate=False)
         rows = logits.shape[0]
+        if self._calls is None or self._calls.device != logits.device:
+            self._calls = torch.zeros((), dtype=torch.long, device=logits.device)
         if layer == 0:
-            self.calls += 1
-        offset = 3 * layer + 5 * self.calls
+            self._calls.add_(1)
+        offset = 3 * layer + 5 * self._calls  # () device
         counts = (torch.arange(rows, device=logits.device) + offset) % self.max_k + 1  # (T,)
         used = torch.arange(self.max_k, device=logits.device) < counts[:, None]  # (T, K)
         w = top.weights * used
@@ -118,6 +127,17 @@ def reference_dispatch():
         yield
     finally:
         patching.fast_dispatch_experts = original
+
+
+@contextlib.contextmanager
+def eager_blocks():
+    """Route without the whole-block CUDA graphs (the v2 path: eager block, graphed dispatch only)."""
+    original = patching.GRAPH_MAX_TOKENS
+    patching.GRAPH_MAX_TOKENS = 0
+    try:
+        yield
+    finally:
+        patching.GRAPH_MAX_TOKENS = original
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
         "patched top-8": (patching.TopKSelector(8, weights="softmax"), 8, False),
         "BH-like k~U{1..8} (mean 4.5)": ("forced", 8, False),
         "static top-4 (patched)": (patching.TopKSelector(4, weights="softmax"), 8, False),
+        "patched top-8, eager block (v2)": (patching.TopKSelector(8, weights="softmax"), 8, "eager"),
+        "BH-like, eager block (v2)": ("forced", 8, "eager"),
     }
     if not args.skip_reference:
         variants["patched top-8, reference paths"] = (ReferenceTopK(8), 8, True)
@@ -252,7 +274,9 @@ def main(argv: list[str] | None = None) -> dict:
         if selector == "forced":
             selector = ForcedKSelector(8)
         stack = contextlib.ExitStack()
-        if reference:
+        if reference == "eager":
+            stack.enter_context(eager_blocks())
+        elif reference:
             stack.enter_context(reference_dispatch())
         stack.enter_context(patching.route(model, selector))
         return stack
@@ -276,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         for batch in args.decode_batches:
             prompt = torch.randint(0, 50304, (batch, 32), device="cuda")
             for name in variants:
-                if "reference" in name and batch > 1:
+                if "reference paths" in name and batch > 1:
                     continue  # slow; batch 1 shows the cost
                 with context(name):
                     n_new = args.new_tokens

@@ -52,7 +52,7 @@ from torch.nn import functional as F
 
 from bh_helpers.capture import ForwardInputs, forward_inputs
 from bh_helpers.fused_select import fused_select_experts, select_from_bank
-from bh_helpers.grouped_dispatch import fast_dispatch_experts
+from bh_helpers.grouped_dispatch import fast_dispatch_experts, grouped_dispatch_experts, grouped_mm_supported
 from bh_helpers.moe_adapters import (
     LayerSpec,
     MoEBlock,
@@ -311,6 +311,15 @@ def _hist_stats(hist: torch.Tensor, floor: int | None, ceiling: int | None) -> d
     }
 
 
+def _aggregate(hist: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
+               valid_long: torch.Tensor, valid_col: torch.Tensor) -> None:
+    """Exact aggregates of one layer, in place, without a host synchronisation (graph-capturable)."""
+    width = indices.shape[-1]
+    hist.scatter_add_(0, counts.clamp(0, width), valid_long)  # (K+1,)
+    used = ((indices >= 0) & valid_col).reshape(-1).long()  # (T*K,) 1 at valid slots of kept rows
+    experts.scatter_add_(0, indices.clamp(min=0).reshape(-1), used)  # (E,)
+
+
 class RoutingRecorder:
     """What a routed model chose: exact aggregates always, per-token counts up to a cap.
 
@@ -380,6 +389,16 @@ class RoutingRecorder:
         indices = selection.indices.reshape(rows, -1)  # (T, K)
         width = indices.shape[-1]
         device = counts.device
+        inputs = self._inputs_for(rows, device)
+        valid_long, valid_col = self._valid_for(inputs, device)  # (T,), (T, 1)
+        hist, experts = self._buffers(layer, width, device)
+        _aggregate(hist, experts, counts, indices, valid_long, valid_col)
+        self._store_tokens(layer, inputs, counts.to(torch.int16))
+
+    # -- the pieces of _record (the graphed block forward runs the device part in its graph) ---
+
+    def _inputs_for(self, rows: int, device: torch.device) -> ForwardInputs:
+        """The current call's inputs, or anonymous ones for a block called outside a forward."""
         inputs = self._current
         if inputs is None or inputs.num_rows != rows:
             # A block called outside a model forward (or with other rows): every row counts,
@@ -392,29 +411,33 @@ class RoutingRecorder:
                 positions=torch.arange(rows, device=device),
                 sequence=torch.zeros(rows, dtype=torch.long, device=device),
             )
-        valid_long, valid_col = self._valid_for(inputs, device)  # (T,), (T, 1)
+        return inputs
+
+    def _buffers(self, layer: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's aggregate buffers ``hist (>= K+1,)`` and ``experts (E,)`` on ``device``."""
         self._ceiling[layer] = max(self._ceiling.get(layer, 0), width)
-        # Exact aggregates (on the counts' device; moved to CPU only in summary()).
         hist = self._hist[layer]
         if hist is None or hist.device != device or hist.numel() < width + 1:
             hist = _grow_add(torch.zeros(width + 1, dtype=torch.long, device=device), hist) if hist is not None \
                 else torch.zeros(width + 1, dtype=torch.long, device=device)
-        hist.scatter_add_(0, counts.clamp(0, width), valid_long)  # (K+1,)
         self._hist[layer] = hist
         experts = self._experts[layer]
         if experts is None or experts.device != device:
             fresh = torch.zeros(self.num_experts[layer], dtype=torch.long, device=device)
             experts = fresh if experts is None else _grow_add(fresh, experts)
-        used = ((indices >= 0) & valid_col).reshape(-1).long()  # (T*K,) 1 at valid slots of kept rows
-        experts.scatter_add_(0, indices.clamp(min=0).reshape(-1), used)  # (E,)
         self._experts[layer] = experts
+        return hist, experts
+
+    def _store_tokens(self, layer: int, inputs: ForwardInputs, counts16: torch.Tensor) -> None:
+        """Keep the per-token counts ``(T,)`` int16 of ``inputs``' call (padding rows included)."""
         # Per-token counts: the first call to reach a layer decides how many of its tokens fit.
         call = inputs.call
+        rows = counts16.shape[0]
         if call not in self._keep:
             self._decide_keep(call, inputs, rows)
         if self._keep[call] != 0:
-            self._token_counts[layer][call] = counts.to(torch.int16)  # (T,) padding rows included
-            if device.type != "cpu":
+            self._token_counts[layer][call] = counts16  # (T,) padding rows included
+            if counts16.device.type != "cpu":
                 self._pending_elements += rows
                 if self._pending_elements > _FLUSH_ELEMENTS:
                     self._flush()
@@ -594,8 +617,13 @@ class _GateWeightCache:
     def clear(self) -> None:
         self.key, self.weight = None, None
 
-    def logits(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Router logits ``[T, E]`` float32 of ``hidden`` ``[T, H]``."""
+    def weight_for(self, block: nn.Module, device: torch.device) -> torch.Tensor | None:
+        """The cached float32 router weight ``(E, H)`` on ``device``, or None where no cache applies.
+
+        A rebuild after an in-place update (or a new storage) copies INTO the existing buffer
+        when shape, device and inference-mode status allow, so that CUDA graphs reading the
+        buffer stay valid.
+        """
         gate = block.gate
         weight = getattr(gate, "weight", None)
         if (
@@ -604,16 +632,126 @@ class _GateWeightCache:
             or weight.is_meta
             or (weight.requires_grad and torch.is_grad_enabled())
         ):
-            return router_logits(block, hidden)
+            return None
         try:
             version = weight._version
         except RuntimeError:  # inference tensor: no version counter, cannot see in-place updates
-            return router_logits(block, hidden)
-        key = (weight.data_ptr(), version, weight.dtype, weight.device, tuple(weight.shape), hidden.device)
+            return None
+        key = (weight.data_ptr(), version, weight.dtype, weight.device, tuple(weight.shape), device)
         if key != self.key:
-            self.weight = weight.detach().to(device=hidden.device, dtype=torch.float32)  # (E, H)
+            cached = self.weight
+            if (
+                cached is not None
+                and cached.shape == weight.shape
+                and cached.device == device
+                and (not cached.is_inference() or torch.is_inference_mode_enabled())
+            ):
+                with torch.no_grad():
+                    cached.copy_(weight.detach())  # same buffer: captured graphs still read it
+            else:
+                self.weight = weight.detach().to(device=device, dtype=torch.float32)  # (E, H)
             self.key = key
-        return F.linear(hidden.float(), self.weight)  # (T, E)
+        return self.weight
+
+    def logits(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Router logits ``[T, E]`` float32 of ``hidden`` ``[T, H]``."""
+        weight = self.weight_for(block, hidden.device)
+        if weight is None:
+            return router_logits(block, hidden)
+        return F.linear(hidden.float(), weight)  # (T, E)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole patched block in one CUDA graph (decode shapes)
+# ----------------------------------------------------------------------------------------------
+
+#: Up to this many rows (tokens) a patched block forward is captured whole in a CUDA graph.
+GRAPH_MAX_TOKENS = 64
+
+
+def _graph_safe_selector(selector: Any, device: torch.device) -> bool:
+    """Whether ``selector`` is a pure, sync-free device function of the logits (capturable).
+
+    The ready-made fused selectors are (TopKSelector/NativeSelector, BHSelector over a
+    NullBank, FusedBHSelector) when the Triton kernel runs on ``device`` and validation is off;
+    any other selector may opt in with a ``graph_safe = True`` attribute.
+    """
+    from bh_helpers.fused_select import FusedBHSelector, fused_available
+
+    if getattr(selector, "graph_safe", False) is True:
+        return True
+    if not fused_available(device) or getattr(selector, "validate", True):
+        return False
+    if type(selector) in (TopKSelector, NativeSelector, FusedBHSelector):
+        return True
+    if type(selector) is BHSelector:
+        from bh_helpers.nulls import NullBank
+
+        return isinstance(selector.null_bank, NullBank)
+    return False
+
+
+class _BlockGraph:
+    """One patched block forward for one row count ``T``, captured in a CUDA graph.
+
+    Static inputs: ``hidden (T, H)`` and ``valid (T,)`` (long); static outputs: the block output
+    ``(T, H)`` and the per-token counts ``(T,)`` int16. The graph also reads the cached float32
+    router weight, the expert weights, the selector's device tables, and adds into the recorder's
+    aggregate buffers in place; ``key`` holds the addresses it depends on.
+    """
+
+    def __init__(self, compute: Callable, hidden: torch.Tensor, valid: torch.Tensor, hist: torch.Tensor,
+                 experts: torch.Tensor, key: tuple, pool: Any) -> None:
+        device = hidden.device
+        self.key = key
+        self.hidden = hidden.detach().clone()  # (T, H)
+        self.valid = valid  # (T,) long, shared by the blocks of one route
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up into scratch aggregates: compilation, tables, handles
+                compute(self.hidden, self.valid, torch.zeros_like(hist), torch.zeros_like(experts))
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out, self.counts = compute(self.hidden, self.valid, hist, experts)
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.hidden.copy_(hidden)
+        self.graph.replay()
+        return self.out.clone(), self.counts.clone()
+
+
+class _BlockGraphs:
+    """The captured graphs of one routed block, per row count; dropped when ``route`` exits."""
+
+    __slots__ = ("disabled", "graphs", "shared")
+
+    def __init__(self, shared: dict | None = None) -> None:
+        # shared (one per route): "pool" and, per key, [static valid (T,), its current source]
+        self.shared: dict = {} if shared is None else shared
+        self.clear()
+
+    def clear(self) -> None:
+        self.graphs: dict[tuple, _BlockGraph] = {}
+        self.disabled = False
+        self.shared.clear()
+
+    def valid(self, key: tuple, source: torch.Tensor) -> torch.Tensor:
+        """The route's static ``valid`` buffer for ``key``, holding ``source`` (copied once per call)."""
+        entry = self.shared.get(key)
+        if entry is None:
+            entry = [torch.empty_like(source), None]
+            self.shared[key] = entry
+        if entry[1] is not source:
+            entry[0].copy_(source)
+            entry[1] = source
+        return entry[0]
+
+    def pool(self) -> Any:
+        if "pool" not in self.shared:
+            self.shared["pool"] = torch.cuda.graph_pool_handle()
+        return self.shared["pool"]
 
 
 def _make_forward(
@@ -623,13 +761,87 @@ def _make_forward(
     recorder: RoutingRecorder,
     mode: str,
     gate_cache: _GateWeightCache,
+    graphs: _BlockGraphs | None = None,
 ) -> Callable[..., torch.Tensor]:
     """Build (without installing) the replacement forward of one block."""
     layer, adapter = block.layer, block.adapter
 
+    def compute(module: nn.Module, weight: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor,
+                hist: torch.Tensor, experts_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device part of the patched forward (no host synchronisation): captured whole."""
+        logits = F.linear(hidden.float(), weight)  # (T, E) float32
+        selection = selector(logits, layer)
+        _check_selection(selection, hidden.shape[0], layer)
+        counts = selection.counts.reshape(-1)  # (T,)
+        indices = selection.indices.reshape(counts.shape[0], -1)  # (T, K)
+        _aggregate(hist, experts_count, counts, indices, valid, (valid != 0).unsqueeze(-1))
+        out = grouped_dispatch_experts(module.experts, hidden, selection.indices, selection.weights,
+                                       variant="sync_free", use_graphs=False)  # (T, H)
+        shared = adapter.shared_output(module, hidden)  # (T, H) or None
+        if shared is not None:
+            out = out + shared.to(out.dtype)  # (T, H)
+        return out, counts.to(torch.int16)
+
+    def graphed(module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Output and per-token counts through the block's CUDA graph, or None (use eager)."""
+        device = hidden.device
+        if (
+            graphs is None
+            or graphs.disabled
+            or mode != "patch"
+            or device.type != "cuda"
+            or hidden.shape[0] > GRAPH_MAX_TOKENS
+            or hidden.shape[0] == 0
+            or torch.is_grad_enabled()
+            or torch.cuda.is_current_stream_capturing()
+            or router_outputs_requested()
+            or "_hf_hook" in vars(module)
+            or "_hf_hook" in vars(module.experts)
+        ):
+            return None
+        experts = module.experts
+        if not (
+            grouped_mm_supported(device, experts.gate_up_proj.dtype)
+            and getattr(experts, "has_gate", True)
+            and not getattr(experts, "has_post_expert_norm", False)
+            and _graph_safe_selector(selector, device)
+        ):
+            return None
+        weight = gate_cache.weight_for(module, device)
+        if weight is None:
+            return None
+        rows = hidden.shape[0]
+        inputs = recorder._inputs_for(rows, device)
+        valid_long, _ = recorder._valid_for(inputs, device)
+        width = getattr(selector, "max_k", None)
+        if not isinstance(width, int):
+            return None
+        hist, experts_count = recorder._buffers(layer, width, device)
+        inference = torch.is_inference_mode_enabled()
+        key = (rows, hidden.dtype, device, inference)
+        deps = (weight.data_ptr(), experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr(),
+                hist.data_ptr(), hist.numel(), experts_count.data_ptr())
+        valid = graphs.valid(key, valid_long)  # (T,) static, shared by the route's blocks
+        g = graphs.graphs.get(key)
+        if g is None or g.key != deps:
+            graphs.graphs.pop(key, None)
+            try:
+                g = _BlockGraph(lambda h, v, hs, ex: compute(module, weight, h, v, hs, ex), hidden, valid, hist,
+                                experts_count, deps, graphs.pool())
+            except Exception:  # noqa: BLE001 - anything not capturable: eager from now on
+                graphs.disabled = True
+                return None
+            graphs.graphs[key] = g
+        out, counts16 = g(hidden)
+        recorder._store_tokens(layer, inputs, counts16)
+        return out, counts16
+
     def forward(module: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         shape = hidden_states.shape  # (B, S, H)
         hidden = hidden_states.reshape(-1, shape[-1])  # (T, H)
+        done = graphed(module, hidden)
+        if done is not None:
+            return done[0].reshape(shape)  # (B, S, H)
         logits = gate_cache.logits(module, hidden)  # (T, E) float32
         selection = selector(logits, layer)
         _check_selection(selection, hidden.shape[0], layer)  # shapes only: no host synchronisation
@@ -714,6 +926,8 @@ def route(
     installed: list[tuple[nn.Module, str, bool, Any]] = []
     handles = []
     gate_caches: list[_GateWeightCache] = []
+    graph_sets: list[_BlockGraphs] = []
+    graph_shared: dict = {}  # the graphs' pool and static inputs, shared by the routed blocks
     try:
         handles.append(model.register_forward_pre_hook(recorder._on_forward, with_kwargs=True))
         handles.append(model.register_forward_hook(recorder._on_forward_end, with_kwargs=True, always_call=True))
@@ -725,8 +939,10 @@ def route(
             original = getattr(module, attr)  # the callable to use in "analyze" mode
             gate_cache = _GateWeightCache()
             gate_caches.append(gate_cache)
+            block_graphs = _BlockGraphs(graph_shared)
+            graph_sets.append(block_graphs)
             replacement = types.MethodType(
-                _make_forward(block, original, selector, recorder, mode, gate_cache), module
+                _make_forward(block, original, selector, recorder, mode, gate_cache, block_graphs), module
             )
             installed.append((module, attr, had_own, previous))
             setattr(module, attr, replacement)
@@ -743,3 +959,5 @@ def route(
             handle.remove()
         for gate_cache in gate_caches:
             gate_cache.clear()
+        for block_graphs in graph_sets:
+            block_graphs.clear()  # the graphs and their pool go with the context

@@ -66,3 +66,91 @@ def test_gate_weight_cache_follows_in_place_updates_and_is_dropped(model):
         model(**inputs).logits.float().sum().backward()
     assert block.gate.weight.grad is not None and torch.isfinite(block.gate.weight.grad).all()
     block.gate.weight.grad = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole patched block in one CUDA graph (decode shapes)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_graph_safe_selectors():
+    from bh_helpers.fused_select import fused_available
+
+    cpu = torch.device("cpu")
+    assert not patching._graph_safe_selector(TopKSelector(2), cpu) or fused_available(cpu)
+    assert not patching._graph_safe_selector(TopPSelector(0.5), cpu)
+    assert not patching._graph_safe_selector(lambda logits, layer: None, cpu)
+    assert not patching._graph_safe_selector(TopKSelector(2, validate=True), cpu)
+
+    class OptIn:
+        graph_safe = True
+
+    assert patching._graph_safe_selector(OptIn(), cpu)
+
+
+def test_gate_weight_cache_updates_in_place(model):
+    block = find_moe_blocks(model)[0].module
+    cache = patching._GateWeightCache()
+    with torch.no_grad():
+        w1 = cache.weight_for(block, torch.device("cpu"))
+        original = block.gate.weight.detach().clone()
+        block.gate.weight.mul_(3.0)
+        w2 = cache.weight_for(block, torch.device("cpu"))
+        assert w2 is w1  # same buffer (captured graphs keep reading it), new values
+        torch.testing.assert_close(w2, block.gate.weight.float())
+        block.gate.weight.copy_(original)
+
+
+def test_block_graphs_not_used_on_cpu(model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(patching._BlockGraph, "__call__", lambda self, h: calls.append(1))
+    with torch.no_grad(), route(model, TopKSelector(2)):
+        model(**batch(model, rows=2, length=1, seed=1, pad=False))
+    assert not calls
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("inference", [False, True])
+def test_graphed_block_matches_eager_on_gpu(monkeypatch, inference):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    from bh_helpers.nulls import fit_null_bank
+
+    cfg = OlmoeConfig(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    gpu_model = OlmoeForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    bank = fit_null_bank({0: torch.randn(4000, 16, generator=g), 1: torch.randn(4000, 16, generator=g)})
+    selectors = [TopKSelector(4, weights="softmax"), patching.BHSelector(bank, alpha=0.2, max_k=8)]
+    replays = []
+    real_call = patching._BlockGraph.__call__
+
+    def counting(self, h):
+        replays.append(1)
+        return real_call(self, h)
+
+    monkeypatch.setattr(patching._BlockGraph, "__call__", counting)
+    prompt = torch.randint(0, 128, (3, 6), device="cuda")
+    ctx = torch.inference_mode if inference else torch.no_grad
+    for selector in selectors:
+        results = {}
+        for graphs in (False, True):
+            monkeypatch.setattr(patching, "GRAPH_MAX_TOKENS", 64 if graphs else 0)
+            replays.clear()
+            with ctx(), route(gpu_model, selector) as rec:
+                out = gpu_model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+                steps = [gpu_model(prompt[:, :1]).logits, gpu_model(prompt[:1, :1]).logits]  # T = 3, T = 1
+            assert bool(replays) == graphs
+            results[graphs] = (out, steps, rec.summary(), rec.per_token_counts())
+        (o0, s0, sum0, pt0), (o1, s1, sum1, pt1) = results[False], results[True]
+        assert torch.equal(o0, o1)  # greedy tokens
+        for a, b in zip(s0, s1):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)  # bf16 rounding
+        assert sum0 == sum1
+        assert torch.equal(pt0.token_ids, pt1.token_ids)
+        for layer in pt0.counts:
+            assert torch.equal(pt0.counts[layer], pt1.counts[layer])
