@@ -41,12 +41,10 @@ import torch
 
 from bh_helpers.selection import (
     FDR_METHODS,
-    SELECTION_METHODS,
-    WEIGHT_MODES,
     Selection,
     _check_int,
-    _check_logits,
     _check_pvalues,
+    _check_selection_args,
     _thresholds_np,
     select_experts,
 )
@@ -471,25 +469,6 @@ def _launch(
 # ----------------------------------------------------------------------------------------------
 
 
-def _validate_common(logits, method, min_k, max_k, weights, temperature, validate) -> tuple[int, int, float]:
-    if method not in SELECTION_METHODS:
-        raise ValueError(f"`method` must be one of {SELECTION_METHODS}; got {method!r}.")
-    if weights not in WEIGHT_MODES:
-        raise ValueError(f"`weights` must be one of {WEIGHT_MODES}; got {weights!r}.")
-    temperature = float(temperature)
-    if not temperature > 0 or not np.isfinite(temperature):
-        raise ValueError(f"`temperature` must be a positive finite number; got {temperature}.")
-    if validate:
-        _check_logits(logits)
-    num_experts = logits.shape[-1]
-    min_k, max_k = _check_int("min_k", min_k), _check_int("max_k", max_k)
-    if not 1 <= max_k <= num_experts:
-        raise ValueError(f"`max_k` must be in [1, {num_experts}] (the number of experts); got {max_k}.")
-    if method != "topk" and not 0 <= min_k <= max_k:
-        raise ValueError(f"`min_k` must be in [0, max_k={max_k}]; got {min_k}.")
-    return min_k, max_k, temperature
-
-
 def _fusable(logits: torch.Tensor, method: str) -> bool:
     return (
         fused_available(logits.device)
@@ -523,7 +502,7 @@ def fused_select_experts(
             logits, pvalues, method=method, alpha=alpha, min_k=min_k, max_k=max_k, k=k, top_p=top_p,
             weights=weights, temperature=temperature, validate=validate,
         )
-    min_k, max_k, temperature = _validate_common(logits, method, min_k, max_k, weights, temperature, validate)
+    min_k, max_k, temperature = _check_selection_args(logits, method, min_k, max_k, weights, temperature, validate)
     if method in FDR_METHODS:
         if pvalues is None:
             raise ValueError(f"method={method!r} needs `pvalues` (e.g. NullBank.pvalues(logits, layer)).")
@@ -585,7 +564,7 @@ def select_with_null(
         )
     if not 0.0 < float(alpha) <= 1.0:
         raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
-    min_k, max_k, temperature = _validate_common(logits, method, min_k, max_k, weights, temperature, validate)
+    min_k, max_k, temperature = _check_selection_args(logits, method, min_k, max_k, weights, temperature, validate)
     tables = _null_tables(null, logits.device)
     return _launch(logits, pvalues=None, tables=tables, method=method, alpha=float(alpha), min_k=min_k,
                    max_k=max_k, k=0, weights=weights, temperature=temperature)

@@ -251,6 +251,30 @@ def _check_int(name: str, value: int) -> int:
     return int(value)
 
 
+def _check_selection_args(
+    logits: torch.Tensor, method: str, min_k: int, max_k: int, weights: str, temperature: float, validate: bool
+) -> tuple[int, int, float]:
+    """Validate the arguments every selector shares; returns ``(min_k, max_k, temperature)``.
+
+    Shared by :func:`select_experts` and the fused CUDA selector so both raise the same errors.
+    """
+    _check_method(method, SELECTION_METHODS)
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"`weights` must be one of {WEIGHT_MODES}; got {weights!r}.")
+    temperature = float(temperature)
+    if not temperature > 0 or not np.isfinite(temperature):
+        raise ValueError(f"`temperature` must be a positive finite number; got {temperature}.")
+    if validate:
+        _check_logits(logits)
+    num_experts = logits.shape[-1]
+    min_k, max_k = _check_int("min_k", min_k), _check_int("max_k", max_k)
+    if not 1 <= max_k <= num_experts:
+        raise ValueError(f"`max_k` must be in [1, {num_experts}] (the number of experts); got {max_k}.")
+    if method != "topk" and not 0 <= min_k <= max_k:
+        raise ValueError(f"`min_k` must be in [0, max_k={max_k}]; got {min_k}.")
+    return min_k, max_k, temperature
+
+
 def _ranked_experts(logits: torch.Tensor, pvalues: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Expert ids ``[..., E]`` in order of preference, and the p-values in that order.
 
@@ -357,20 +381,8 @@ def select_experts(
     tensor([2])
     """
     # Input validation
-    method = _check_method(method, SELECTION_METHODS)
-    if weights not in WEIGHT_MODES:
-        raise ValueError(f"`weights` must be one of {WEIGHT_MODES}; got {weights!r}.")
-    temperature = float(temperature)
-    if not temperature > 0 or not np.isfinite(temperature):
-        raise ValueError(f"`temperature` must be a positive finite number; got {temperature}.")
-    if validate:
-        _check_logits(logits)
+    min_k, max_k, temperature = _check_selection_args(logits, method, min_k, max_k, weights, temperature, validate)
     num_experts = logits.shape[-1]
-    min_k, max_k = _check_int("min_k", min_k), _check_int("max_k", max_k)
-    if not 1 <= max_k <= num_experts:
-        raise ValueError(f"`max_k` must be in [1, {num_experts}] (the number of experts); got {max_k}.")
-    if method != "topk" and not 0 <= min_k <= max_k:
-        raise ValueError(f"`min_k` must be in [0, max_k={max_k}]; got {min_k}.")
 
     stat_dtype = _stat_dtype(logits)
     x = logits.to(stat_dtype)  # (..., E)
