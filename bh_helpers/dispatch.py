@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["dispatch_experts", "flatten_selection"]
+__all__ = ["check_dispatch_inputs", "dispatch_experts", "flatten_selection"]
 
 
 def flatten_selection(
@@ -56,6 +56,17 @@ def flatten_selection(
     token = torch.div(slots, indices.shape[-1], rounding_mode="floor")  # (S,)
     weight = weights.reshape(-1).index_select(0, slots)  # (S,)
     return token, expert, weight, slots
+
+
+def check_dispatch_inputs(hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
+    """Raise ValueError unless ``hidden`` is ``[T, H]`` and ``indices``/``weights`` are both ``[T, K]``."""
+    if hidden.dim() != 2:
+        raise ValueError(f"`hidden` must be [T, H]; got shape {tuple(hidden.shape)}.")
+    if indices.shape != weights.shape or indices.dim() != 2 or indices.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"`indices` {tuple(indices.shape)} and `weights` {tuple(weights.shape)} must both be "
+            f"[T, K] with T = {hidden.shape[0]} (the rows of `hidden`)."
+        )
 
 
 def _gate_activation(experts: nn.Module, proj: torch.Tensor) -> torch.Tensor:
@@ -104,13 +115,7 @@ def dispatch_experts(
         reference path does not implement (no gate, or a post-expert norm).
     """
     # Input validation
-    if hidden.dim() != 2:
-        raise ValueError(f"`hidden` must be [T, H]; got shape {tuple(hidden.shape)}.")
-    if indices.shape != weights.shape or indices.dim() != 2 or indices.shape[0] != hidden.shape[0]:
-        raise ValueError(
-            f"`indices` {tuple(indices.shape)} and `weights` {tuple(weights.shape)} must both be "
-            f"[T, K] with T = {hidden.shape[0]} (the rows of `hidden`)."
-        )
+    check_dispatch_inputs(hidden, indices, weights)
     if not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
         raise ValueError(
             f"{type(experts).__name__} has a layout (no gate or a post-expert norm) that "

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bh_helpers.dispatch import _gate_activation, dispatch_experts
+from bh_helpers.dispatch import _gate_activation, check_dispatch_inputs, dispatch_experts
 
 __all__ = [
     "COMPACT_MIN_PAIRS",
@@ -105,16 +105,6 @@ def _combine(y: torch.Tensor, pos: torch.Tensor, indices: torch.Tensor, weights:
     # where, not a product: rows of unused slots may be uninitialised memory (0 * NaN = NaN)
     rows = torch.where(valid[..., None], rows, 0.0)  # (T, K, H)
     return (rows * weights.float()[..., None]).sum(1).to(dtype)
-
-
-def _check(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
-    if hidden.dim() != 2:
-        raise ValueError(f"`hidden` must be [T, H]; got shape {tuple(hidden.shape)}.")
-    if indices.shape != weights.shape or indices.dim() != 2 or indices.shape[0] != hidden.shape[0]:
-        raise ValueError(
-            f"`indices` {tuple(indices.shape)} and `weights` {tuple(weights.shape)} must both be "
-            f"[T, K] with T = {hidden.shape[0]} (the rows of `hidden`)."
-        )
 
 
 def _project(experts: nn.Module, x_g: torch.Tensor, ids_g: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -258,7 +248,7 @@ def grouped_dispatch_experts(
         Bad shapes, an unsupported experts layout, or a device/dtype without grouped GEMMs
         (use :func:`fast_dispatch_experts` for the automatic fallback).
     """
-    _check(experts, hidden, indices, weights)
+    check_dispatch_inputs(hidden, indices, weights)
     if variant not in ("auto", "sync_free", "compact"):
         raise ValueError(f"`variant` must be 'auto', 'sync_free' or 'compact'; got {variant!r}.")
     if not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
