@@ -190,32 +190,88 @@ def ceilings() -> dict:
     return {"copy_GBps": 2 * n * 2 / t / 1e9, "bf16_matmul_TFLOPs": 2 * 8192**3 / tm / 1e12}
 
 
-def bench_selector(sizes: list[int], rows: list[dict]) -> None:
+def selector_table(rows: list[dict]) -> list[str]:
+    """Markdown table of the selector micro-benchmark."""
+    out = ["| tokens | softmax+topk8 ms | fused BH ms | x | fused BH, per-expert null ms | x | reference BH ms | x "
+           "| fused topk8 ms | x | identical |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for r in rows:
+        out.append(f"| {r['tokens']} | {r['native_ms']:.3f} | {r['fused_bh_ms']:.3f} | {r['fused_bh_ratio']:.2f} | "
+                   f"{r['fused_bh_per_expert_ms']:.3f} | {r['fused_bh_per_expert_ratio']:.2f} | "
+                   f"{r['ref_bh_ms']:.3f} | {r['ref_bh_ratio']:.1f} | {r['fused_topk8_ms']:.3f} | "
+                   f"{r['fused_topk_ratio']:.2f} | {r['identical']} |")
+    return out
+
+
+def print_selector_table(rows: list[dict], meta: dict) -> None:
+    print(f"\n{meta['gpu']}, torch {meta['torch']}, transformers {meta['transformers']}, triton {meta['triton']}")
+    print("\n".join(selector_table(rows)))
+
+
+def event_medians_interleaved(fns: dict, *, warmup: int = 3, reps: int = 20) -> dict:
+    """Median seconds per call of each fn, timed in turn within every repetition (host drift
+    between variants cancels out in the ratios)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    times: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_selector(sizes: list[int], rows: list[dict]) -> dict:
     g = torch.Generator().manual_seed(0)
-    null = fit_null(torch.randn(200_000, 64, generator=g) * 1.5)
+    calib = torch.randn(200_000, 64, generator=g) * 1.5
+    null = fit_null(calib)
+    null_pe = fit_null(calib, per_expert=True)
+    # one-time set-up of the pooled null's logit cuts (per null, method, alpha, device)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    select_with_null(torch.zeros(1, 64, device="cuda"), null, method="bh", alpha=0.05, validate=False)
+    torch.cuda.synchronize()
+    setup = {"pooled_null_cut_setup_ms": (time.perf_counter() - t0) * 1e3}
+    print(f"selector set-up (logit cuts, first call incl. compile): {setup['pooled_null_cut_setup_ms']:.1f} ms", flush=True)
     for n in sizes:
         logits = (torch.randn(n, 64, generator=g) * 1.5 + 0.3).cuda()
-        reps = 50 if n <= 65536 else 20
-        native = event_median(lambda: torch.softmax(logits, -1, dtype=torch.float).topk(8, dim=-1), reps=reps)
-        fused_bh = event_median(lambda: select_with_null(logits, null, method="bh", alpha=0.05, validate=False), reps=reps)
+        reps = 200 if n <= 4096 else (50 if n <= 65536 else 20)
+        t = event_medians_interleaved({
+            "native": lambda: torch.softmax(logits, -1, dtype=torch.float).topk(8, dim=-1),
+            "fused_bh": lambda: select_with_null(logits, null, method="bh", alpha=0.05, validate=False),
+            "fused_bh_pe": lambda: select_with_null(logits, null_pe, method="bh", alpha=0.05, validate=False),
+            "fused_topk": lambda: fused_select_experts(logits, method="topk", k=8, weights="softmax", validate=False),
+        }, reps=reps)
         ref_bh = event_median(
             lambda: select_experts(logits, null.sf(logits, dtype=torch.float32), method="bh", alpha=0.05, validate=False),
-            reps=min(reps, 10),
+            reps=10,
         )
-        fused_topk = event_median(
-            lambda: fused_select_experts(logits, method="topk", k=8, weights="softmax", validate=False), reps=reps
-        )
-        # identical selections here too
+        # identical selections here too (pooled and per-expert nulls)
+        same = True
+        for nl in (null, null_pe):
+            a = select_with_null(logits, nl, method="bh", alpha=0.05, validate=False)
+            b = select_experts(logits, nl.sf(logits, dtype=torch.float32), method="bh", alpha=0.05, validate=False)
+            same = same and bool(torch.equal(a.indices, b.indices) and torch.equal(a.counts, b.counts))
         a = select_with_null(logits, null, method="bh", alpha=0.05, validate=False)
-        b = select_experts(logits, null.sf(logits, dtype=torch.float32), method="bh", alpha=0.05, validate=False)
-        same = bool(torch.equal(a.indices, b.indices) and torch.equal(a.counts, b.counts))
-        rows.append(dict(tokens=n, native_ms=native * 1e3, fused_bh_ms=fused_bh * 1e3, ref_bh_ms=ref_bh * 1e3,
-                         fused_topk8_ms=fused_topk * 1e3, fused_bh_ratio=fused_bh / native,
-                         ref_bh_ratio=ref_bh / native, fused_topk_ratio=fused_topk / native,
+        native = t["native"]
+        rows.append(dict(tokens=n, native_ms=native * 1e3, fused_bh_ms=t["fused_bh"] * 1e3,
+                         fused_bh_per_expert_ms=t["fused_bh_pe"] * 1e3, ref_bh_ms=ref_bh * 1e3,
+                         fused_topk8_ms=t["fused_topk"] * 1e3, fused_bh_ratio=t["fused_bh"] / native,
+                         fused_bh_per_expert_ratio=t["fused_bh_pe"] / native,
+                         ref_bh_ratio=ref_bh / native, fused_topk_ratio=t["fused_topk"] / native,
                          identical=same, mean_k=float(a.counts.float().mean())))
-        print(f"selector {n:>8} tokens: softmax+topk8 {native*1e3:8.3f} ms | fused BH {fused_bh*1e3:8.3f} ms "
-              f"({fused_bh/native:5.2f}x) | reference BH {ref_bh*1e3:8.3f} ms ({ref_bh/native:5.1f}x) | "
-              f"fused topk8 {fused_topk*1e3:8.3f} ms ({fused_topk/native:5.2f}x) identical={same}", flush=True)
+        r = rows[-1]
+        print(f"selector {n:>8} tokens: softmax+topk8 {native*1e3:8.3f} ms | fused BH {r['fused_bh_ms']:8.3f} ms "
+              f"({r['fused_bh_ratio']:5.2f}x) | per-expert null {r['fused_bh_per_expert_ms']:8.3f} ms "
+              f"({r['fused_bh_per_expert_ratio']:5.2f}x) | reference BH {ref_bh*1e3:8.3f} ms ({ref_bh/native:5.1f}x) | "
+              f"fused topk8 {r['fused_topk8_ms']:8.3f} ms ({r['fused_topk_ratio']:5.2f}x) identical={same}", flush=True)
+    return setup
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -226,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--selector-sizes", type=int, nargs="+", default=[1, 64, 4096, 65536, 1048576])
     parser.add_argument("--skip-reference", action="store_true", help="skip the slow reference-path variants")
+    parser.add_argument("--selector-only", action="store_true", help="only the selector micro-benchmark")
     parser.add_argument("--profile", default=None, help="write torch.profiler tables of one prefill per variant here")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -248,7 +305,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"ceilings: copy {meta['copy_GBps']:.0f} GB/s, bf16 matmul {meta['bf16_matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
 
     sel_rows: list[dict] = []
-    bench_selector(args.selector_sizes, sel_rows)
+    meta.update(bench_selector(args.selector_sizes, sel_rows))
+    if args.selector_only:
+        print_selector_table(sel_rows, meta)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "selector": sel_rows}, f, indent=2)
+        return {"meta": meta, "selector": sel_rows}
 
     model = build_model(args.layers)
     b, s = args.prefill
@@ -323,12 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
             v = r.get(key)
             cells += ["-", "-"] if v is None else [f"{v:,.0f}" if v > 1000 else f"{v:.1f}", f"{v / base[key]:.2f}"]
         table.append(f"| {name} | " + " | ".join(cells) + " |")
-    table += ["", "| tokens | softmax+topk8 ms | fused BH ms | x | reference BH ms | x | fused topk8 ms | x | identical |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
-    for r in sel_rows:
-        table.append(f"| {r['tokens']} | {r['native_ms']:.3f} | {r['fused_bh_ms']:.3f} | {r['fused_bh_ratio']:.2f} | "
-                     f"{r['ref_bh_ms']:.3f} | {r['ref_bh_ratio']:.1f} | {r['fused_topk8_ms']:.3f} | "
-                     f"{r['fused_topk_ratio']:.2f} | {r['identical']} |")
+    table += [""] + selector_table(sel_rows)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, transformers {meta['transformers']}, triton {meta['triton']}")
     print("\n".join(table))
     out = {"meta": meta, "model": results, "selector": sel_rows, "table_md": "\n".join(table)}

@@ -1,31 +1,36 @@
-"""Fused expert selection for CUDA: p-value lookup, step-up count, clamping and weights in ONE kernel.
+"""Fused expert selection for CUDA: p-values, step-up count, clamping and weights in ONE kernel.
 
 The plain-torch path (:meth:`bh_helpers.nulls.NullModel.sf` followed by
 :func:`bh_helpers.selection.select_experts`) launches some forty small kernels per call and reads
 the logits several times. Here one Triton program handles a block of token rows, each row of
-``E`` experts held in registers:
+``E`` experts held in registers. Two kernels:
 
-1. p-value of every logit under the null, in float64 exactly as ``NullModel.sf`` computes it
-   (searchsorted on the grid, linear interpolation clipped to the cell, exponential tails,
-   rounding to float32 and clipping to ``[tiny, 1 - eps/2]``). ``searchsorted`` is a binary
-   search restricted by a bucket table built once per null (a uniform partition of the grid's
-   range into as many buckets as grid points), so a lookup costs a few loads, not ``log2 G``;
-2. the step-up (or step-down) count from the sorted p-values (``tl.sort``), compared with the
-   float64 thresholds of :func:`bh_helpers.selection.fdr_counts` rounded DOWN to float32, which
-   for float32 p-values gives exactly the same decisions; clamped to ``[min_k, max_k]``;
-3. the chosen experts: ``max_k`` rounds of an arg-min over a 64-bit key
-   ``(p-value bits, descending-logit bits)`` with ties to the lower expert id, which is the
-   reference's lexicographic order (smallest p, then larger logit, then lower id); the chosen ones
-   are then ordered by decreasing logit (ties by rank) in registers;
-4. the mixing weights (softmax over all experts, then "renorm", "softmax" or "uniform").
+* :func:`_sorted_select_kernel`, for top-k and for a POOLED null (the default): a pooled null's
+  float32 p-value is non-increasing in the logit, so the reference's preference order (smallest
+  p-value, then larger logit, then lower id) is simply "larger logit, then lower id", and each
+  rank's test ``p_(i) <= t_i`` is a test ``x_(i) >= c_i`` on the i-th largest logit, with per-rank
+  logit cuts ``c_i`` found once per (null, method, alpha) by bisection over float32 values with
+  the reference ``NullModel.sf`` itself (:func:`_logit_cuts`). The kernel sorts 64-bit keys
+  ``(ordered logit bits, inverted id)`` once per row, which yields order and ids together,
+  compares the sorted logits with the cuts, and writes the first ``count`` experts and their
+  weights. No p-value is computed per token at all.
+* :func:`_select_kernel`, for a per-expert null or given p-values: the p-value of every logit in
+  float64 exactly as ``NullModel.sf`` computes it (searchsorted on the grid through a bucket
+  table, linear interpolation clipped to the cell, exponential tails, rounding to float32 and
+  clipping to ``[tiny, 1 - eps/2]``); the step-up (or step-down) count from the sorted p-values
+  against the float64 thresholds of :func:`bh_helpers.selection.fdr_counts` rounded DOWN to
+  float32 (the same decisions for float32 p-values); ``max_k`` rounds of an arg-min over a
+  64-bit key ``(p-value bits, descending-logit bits)``, ties to the lower id; the chosen ones
+  ordered by decreasing logit.
 
-Selections (indices and counts) are identical to the reference; weights agree within float32
-rounding (the softmax's ``exp`` differs in the last bits). Everything else - other devices,
-float64 logits, ``top_p``, missing Triton - goes to the reference path: :func:`select` picks
-automatically.
+Both clamp counts to ``[min_k, max_k]`` and compute the mixing weights (softmax over all experts,
+then "renorm", "softmax" or "uniform"). Selections (indices and counts) are identical to the
+reference; weights agree within float32 rounding (the softmax's ``exp`` differs in the last
+bits). Everything else - other devices, float64 logits, ``top_p``, missing Triton - goes to the
+reference path: :func:`select` picks automatically.
 
-The kernel also runs under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which
-is how the CPU test-suite checks it; there the float64 special functions come from NumPy.
+The kernels also run under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which
+is how the CPU test-suite checks them; there the float64 special functions come from NumPy.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # p-value modes of the kernel
-_P_NONE, _P_GIVEN, _P_NULL = 0, 1, 2
+_P_GIVEN, _P_NULL = 1, 2
 _WEIGHT_CODE = {"renorm": 0, "softmax": 1, "uniform": 2}
 # Parameters per null row, in this order (float64): see _null_tables.
 _PARAMS = ("x_min", "inv_h", "x_max", "sf_first", "sf_last", "log_sf_last", "log_cdf_first", "beta_upper", "beta_lower")
@@ -191,6 +196,58 @@ def _thresholds_tensor(method: str, alpha: float, m: int, padded: int, device: t
     return t
 
 
+def _ordered_from_float(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64, strictly increasing in the value (-0.0 just below +0.0); NaN-free input."""
+    b = x.view(torch.int32).to(torch.int64)
+    return torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+
+def _float_from_ordered(s: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_ordered_from_float`."""
+    return torch.where(s >= 0, s, s ^ 0x7FFFFFFF).to(torch.int32).view(torch.float32)
+
+
+_CUTS: weakref.WeakKeyDictionary[Any, dict[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _logit_cuts(null: Any, method: str, alpha: float, m: int, padded: int, device: torch.device) -> torch.Tensor:
+    """Per-rank logit cuts ``c`` (float32, ``(padded,)``) of a POOLED null: ``sf(x) <= t_i  <=>  x >= c_i``.
+
+    A pooled null's float32 p-value is non-increasing in the logit (the interpolation is clipped
+    to each grid cell, the tails are monotone), so each rank's test "p <= t_i" is a test
+    "logit >= c_i", where ``c_i`` is the smallest float32 whose p-value passes. It is found by
+    bisection over the ordered float32 values (33 steps), evaluating the reference
+    ``null.sf(..., dtype=float32)`` on ``device`` itself, so the cut reproduces exactly the
+    p-values the reference path computes there. NaN where no logit passes (and at padded ranks):
+    every comparison with it is False. Cached per (null, method, alpha, m, device).
+    """
+    per_null = _CUTS.get(null)
+    if per_null is None:
+        per_null = _CUTS[null] = {}
+    key = (method, alpha, m, padded, device)
+    cut = per_null.get(key)
+    if cut is not None:
+        return cut
+    t32 = torch.from_numpy(_thresholds32(method, alpha, m, m)).to(device)  # (m,)
+    inf = torch.tensor(float("inf"), device=device)
+
+    def passes(s: torch.Tensor) -> torch.Tensor:
+        return null.sf(_float_from_ordered(s), dtype=torch.float32) <= t32
+
+    hi = _ordered_from_float(inf).expand(m).clone()  # +inf: passes, or nothing does
+    lo = _ordered_from_float(-inf).expand(m) - 1  # below -inf: treated as failing
+    for _ in range(33):  # the ordered range spans < 2**33 values
+        open_ = hi - lo > 1
+        mid = torch.where(open_, torch.div(lo + hi, 2, rounding_mode="floor"), hi)
+        ok = passes(mid)
+        hi = torch.where(open_ & ok, mid, hi)
+        lo = torch.where(open_ & ~ok, mid, lo)
+    cut = torch.full((padded,), float("nan"), dtype=torch.float32, device=device)
+    cut[:m] = torch.where(passes(hi), _float_from_ordered(hi), float("nan"))
+    per_null[key] = cut
+    return cut
+
+
 # ----------------------------------------------------------------------------------------------
 # The kernel
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +362,7 @@ if HAS_TRITON:
         logits_ptr, stride_l, pv_ptr, stride_p,
         gs_ptr, bk_ptr, prm_ptr, G, B,
         thr_ptr, idx_ptr, w_ptr, cnt_ptr,
-        T, min_k, k_fixed, temperature,
+        T, min_k, temperature,
         E: tl.constexpr, EP: tl.constexpr, MAX_K: tl.constexpr, KP: tl.constexpr,
         BLOCK_R: tl.constexpr, PMODE: tl.constexpr, STEP_DOWN: tl.constexpr, WMODE: tl.constexpr,
         PER_EXPERT: tl.constexpr, ITERS: tl.constexpr, LIBDEV: tl.constexpr,
@@ -326,24 +383,19 @@ if HAS_TRITON:
         if PMODE == 2:
             p = _pvalues_from_null(x, e2, emask, gs_ptr, bk_ptr, prm_ptr, G, B, PER_EXPERT, ITERS, LIBDEV)
             p = tl.where(m2, p, 2.0)
-        elif PMODE == 1:
-            p = tl.load(pv_ptr + r2 * stride_p + e2, mask=m2, other=2.0).to(tl.float32)
         else:
-            p = tl.zeros([BLOCK_R, EP], dtype=tl.float32)
+            p = tl.load(pv_ptr + r2 * stride_p + e2, mask=m2, other=2.0).to(tl.float32)
 
         # 2. count per row
         ranks = tl.arange(0, EP)[None, :] + 1  # (1, EP)
-        if PMODE == 0:
-            cnt = tl.zeros([BLOCK_R], dtype=tl.int32) + k_fixed
+        sorted_p = tl.sort(p, dim=1)  # (R, EP) ascending
+        thr = tl.load(thr_ptr + cols)[None, :]  # (1, EP) float32, rounded down; -1 when padded
+        below = sorted_p <= thr
+        if STEP_DOWN:
+            cnt = tl.min(tl.where(below, E, ranks - 1), axis=1)
         else:
-            sorted_p = tl.sort(p, dim=1)  # (R, EP) ascending
-            thr = tl.load(thr_ptr + cols)[None, :]  # (1, EP) float32, rounded down; -1 when padded
-            below = sorted_p <= thr
-            if STEP_DOWN:
-                cnt = tl.min(tl.where(below, E, ranks - 1), axis=1)
-            else:
-                cnt = tl.max(tl.where(below, ranks, 0), axis=1)
-            cnt = tl.minimum(tl.maximum(cnt, min_k), MAX_K)
+            cnt = tl.max(tl.where(below, ranks, 0), axis=1)
+        cnt = tl.minimum(tl.maximum(cnt, min_k), MAX_K)
 
         # 3. ranked experts: key = (p bits, descending logit bits), ties to the lower id
         pbits = p.to(tl.int32, bitcast=True).to(tl.int64)  # p >= 0: bits are monotone
@@ -401,7 +453,139 @@ if HAS_TRITON:
         tl.store(cnt_ptr + rows, cnt.to(tl.int64), mask=rmask)
 
 
-def _launch(
+    @triton.jit
+    def _ordered_int(x):
+        """float32 -> int32, increasing in the value (for NaN-free x)."""
+        b = x.to(tl.int32, bitcast=True)
+        return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+
+    @triton.jit
+    def _sorted_select_kernel(
+        logits_ptr, cut_ptr, idx_ptr, w_ptr, cnt_ptr, T,
+        E: tl.constexpr, EP: tl.constexpr, MAX_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        CUT: tl.constexpr, STEP_DOWN: tl.constexpr, MIN_K: tl.constexpr, WMODE: tl.constexpr,
+        TEMPERATURE: tl.constexpr,
+    ):
+        """Top-k (CUT=False, MIN_K=k) or a pooled-null test by logit cuts (CUT=True), one sort per row.
+
+        Experts are ranked by decreasing logit, ties to the lower id: for a pooled null that is
+        exactly the reference's order (smallest p-value, then larger logit, then lower id), since
+        the p-value is non-increasing in the logit. One descending sort of 64-bit keys
+        ``(ordered logit bits, EP - 1 - id)`` gives both the order and the ids.
+        """
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
+        rmask = rows < T
+        r2 = rows[:, None].to(tl.int64)  # (R, 1)
+        e2 = tl.arange(0, EP)[None, :]  # (1, EP)
+        m2 = rmask[:, None] & (e2 < E)  # (R, EP)
+        x = tl.load(logits_ptr + r2 * E + e2, mask=m2, other=float("-inf")).to(tl.float32)
+        x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0: torch orders them as equal
+
+        key = (_ordered_int(x).to(tl.int64) << 32) | (EP - 1 - e2).to(tl.int64)  # (R, EP)
+        key = tl.sort(key, dim=1, descending=True)  # padded columns (-inf, high ids) last
+        hi = (key >> 32).to(tl.int32)
+        xs = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)  # (R, EP) logits, sorted
+        ids = (EP - 1) - (key & 0xFFFFFFFF).to(tl.int32)  # (R, EP) their expert ids
+
+        if CUT:
+            ranks = e2 + 1  # (1, EP)
+            cut = tl.load(cut_ptr + e2)  # (1, EP) float32; NaN: never passes
+            ok = xs >= cut
+            if STEP_DOWN:
+                cnt = tl.min(tl.where(ok, E, ranks - 1), axis=1)
+            else:
+                cnt = tl.max(tl.where(ok, ranks, 0), axis=1)
+            cnt = tl.minimum(tl.maximum(cnt, MIN_K), MAX_K)
+        else:
+            cnt = tl.zeros([BLOCK_R], dtype=tl.int32) + MIN_K
+        used = e2 < cnt[:, None]  # (R, EP): the first cnt sorted experts
+
+        # weights: softmax over all experts (float32), taken at the sorted positions
+        mx = tl.max(x / TEMPERATURE, axis=1)[:, None]  # (R, 1)
+        den = tl.sum(tl.where(m2, tl.exp(x / TEMPERATURE - mx), 0.0), axis=1)[:, None]
+        if WMODE == 2:
+            w = tl.where(used, 1.0 / tl.maximum(cnt, 1).to(tl.float32)[:, None], 0.0)
+        else:
+            w = tl.where(used, tl.exp(xs / TEMPERATURE - mx) / den, 0.0)
+            if WMODE == 0:
+                total = tl.sum(w, axis=1)[:, None]
+                w = tl.where(total > 0, w / tl.maximum(total, 1.1754943508222875e-38), w)
+
+        out_mask = rmask[:, None] & (e2 < MAX_K)
+        dest = r2 * MAX_K + e2
+        tl.store(idx_ptr + dest, tl.where(used, ids, -1).to(tl.int64), mask=out_mask)
+        tl.store(w_ptr + dest, w, mask=out_mask)
+        tl.store(cnt_ptr + rows, cnt.to(tl.int64), mask=rmask)
+
+
+def _sorted_config(n_rows: int, ep: int) -> tuple[int, int]:
+    """(rows per program, warps) of the sorted kernel, from a sweep on an H100 at E = 64
+    (benchmarks/results/NOTES.md): one row per warp-sized program while launch-bound, then
+    16 rows over 4 warps. Wider rows keep about 1024 keys per program."""
+    if n_rows <= 64:
+        return 1, 1
+    if n_rows <= 4096:
+        return 2, 1
+    return max(1, min(16, 1024 // ep)), 4
+
+
+def _launch_sorted(
+    x: torch.Tensor,
+    cut: torch.Tensor | None,
+    *,
+    step_down: bool,
+    min_k: int,
+    max_k: int,
+    weights: str,
+    temperature: float,
+    config: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run :func:`_sorted_select_kernel` on contiguous ``x`` ``(T, E)``; returns indices, weights, counts."""
+    n_rows, num_experts = x.shape
+    indices, w, counts = _outputs(n_rows, max_k, x.device)
+    if n_rows == 0:
+        return indices, w, counts
+    ep = _pow2(num_experts)
+    block_r, warps = config or _sorted_config(n_rows, ep)
+    _sorted_select_kernel[(triton.cdiv(n_rows, block_r),)](
+        x, x if cut is None else cut, indices, w, counts, n_rows,
+        E=num_experts, EP=ep, MAX_K=max_k, BLOCK_R=block_r, CUT=cut is not None, STEP_DOWN=step_down,
+        MIN_K=min_k, WMODE=_WEIGHT_CODE[weights], TEMPERATURE=temperature, num_warps=warps,
+    )
+    return indices, w, counts
+
+
+def _pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1); ``triton.next_power_of_2`` costs ~3 us per call."""
+    return 1 << (n - 1).bit_length()
+
+
+def _outputs(n_rows: int, max_k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialised indices ``(T, max_k)`` int64, weights ``(T, max_k)`` float32, counts ``(T,)`` int64."""
+    return (
+        torch.empty((n_rows, max_k), dtype=torch.long, device=device),
+        torch.empty((n_rows, max_k), dtype=torch.float32, device=device),
+        torch.empty((n_rows,), dtype=torch.long, device=device),
+    )
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits [..., E]`` as a contiguous ``(T, E)`` tensor (no copy when it already is one)."""
+    if logits.dim() == 2 and logits.is_contiguous():
+        return logits
+    return logits.reshape(-1, logits.shape[-1]).contiguous()
+
+
+def _as_selection(logits: torch.Tensor, indices: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> Selection:
+    """Row outputs reshaped to ``logits``' leading dimensions."""
+    if logits.dim() != 2:
+        leading = logits.shape[:-1]
+        indices, w, counts = indices.reshape(*leading, -1), w.reshape(*leading, -1), counts.reshape(leading)
+    return Selection(indices, w, counts)
+
+
+def _launch_pvalues(
     logits: torch.Tensor,
     *,
     pvalues: torch.Tensor | None,
@@ -410,35 +594,23 @@ def _launch(
     alpha: float,
     min_k: int,
     max_k: int,
-    k: int,
     weights: str,
     temperature: float,
 ) -> Selection:
+    """:func:`_select_kernel`: p-values given (``pvalues``) or looked up in a per-expert null (``tables``)."""
     num_experts = logits.shape[-1]
-    leading = logits.shape[:-1]
-    x = logits.reshape(-1, num_experts)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _as_rows(logits)
     n_rows = x.shape[0]
     device = x.device
-    ep = triton.next_power_of_2(num_experts)
-    kp = triton.next_power_of_2(max_k)
-    indices = torch.empty((n_rows, max_k), dtype=torch.long, device=device)
-    w = torch.empty((n_rows, max_k), dtype=torch.float32, device=device)
-    counts = torch.empty((n_rows,), dtype=torch.long, device=device)
+    ep = _pow2(num_experts)
+    indices, w, counts = _outputs(n_rows, max_k, device)
     if n_rows == 0:
-        return Selection(indices.reshape(*leading, max_k), w.reshape(*leading, max_k), counts.reshape(leading))
-    if method == "topk":
-        pmode, thr = _P_NONE, x  # thr unused
-    else:
-        pmode = _P_NULL if tables is not None else _P_GIVEN
-        thr = _thresholds_tensor("bonferroni" if method == "bonferroni" else method, alpha, num_experts, ep, device)
-    pv = x
-    stride_p = 0
+        return _as_selection(logits, indices, w, counts)
+    pmode = _P_NULL if tables is not None else _P_GIVEN
+    thr = _thresholds_tensor(method, alpha, num_experts, ep, device)
+    pv, stride_p = x, 0
     if pmode == _P_GIVEN:
-        pv = pvalues.reshape(-1, num_experts)
-        if pv.stride(-1) != 1:
-            pv = pv.contiguous()
+        pv = _as_rows(pvalues)
         stride_p = pv.stride(0)
     if tables is not None:
         gs, bk, prm = tables.grid_sf, tables.buckets, tables.params
@@ -448,20 +620,22 @@ def _launch(
     # Rows per program: enough work per program at large T, one program for a decode step.
     block_r = 1 if n_rows <= 1 else (4 if n_rows <= 4096 else 16)
     block_r = max(1, min(block_r, 4096 // ep))
-    grid = (triton.cdiv(n_rows, block_r),)
-    _select_kernel[grid](
+    _select_kernel[(triton.cdiv(n_rows, block_r),)](
         x, x.stride(0), pv, stride_p,
         gs, bk, prm, n_grid, n_buckets,
         thr, indices, w, counts,
-        n_rows, int(min_k), int(k), float(temperature),
-        E=num_experts, EP=ep, MAX_K=max_k, KP=kp,
+        n_rows, int(min_k), float(temperature),
+        E=num_experts, EP=ep, MAX_K=max_k, KP=_pow2(max_k),
         BLOCK_R=block_r, PMODE=pmode, STEP_DOWN=method == "holm", WMODE=_WEIGHT_CODE[weights],
         PER_EXPERT=per_expert, ITERS=iters, LIBDEV=not _INTERPRET,
         num_warps=4 if block_r * ep >= 1024 else 1,
     )
-    return Selection(
-        indices=indices.reshape(*leading, max_k), weights=w.reshape(*leading, max_k), counts=counts.reshape(leading)
-    )
+    return _as_selection(logits, indices, w, counts)
+
+
+def _sorted_selection(logits: torch.Tensor, cut: torch.Tensor | None, **kwargs: Any) -> Selection:
+    """:func:`_launch_sorted` on ``logits [..., E]``, reshaped back into a :class:`Selection`."""
+    return _as_selection(logits, *_launch_sorted(_as_rows(logits), cut, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,8 +644,9 @@ def _launch(
 
 
 def _fusable(logits: torch.Tensor, method: str) -> bool:
+    # is_cuda first: this runs once per layer and decode step, where host time is the cost
     return (
-        fused_available(logits.device)
+        (HAS_TRITON and not _INTERPRET if logits.is_cuda else fused_available(logits.device))
         and method != "top_p"
         and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and logits.shape[-1] <= 1024
@@ -512,8 +687,8 @@ def fused_select_experts(
             raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
         if validate:
             _check_pvalues(pvalues)
-        return _launch(logits, pvalues=pvalues.to(logits.device), tables=None, method=method, alpha=float(alpha),
-                       min_k=min_k, max_k=max_k, k=0, weights=weights, temperature=temperature)
+        return _launch_pvalues(logits, pvalues=pvalues.to(logits.device), tables=None, method=method,
+                               alpha=float(alpha), min_k=min_k, max_k=max_k, weights=weights, temperature=temperature)
     if k is None:
         raise ValueError("method='topk' needs `k`, the number of experts per token.")
     k = _check_int("k", k)
@@ -521,8 +696,8 @@ def fused_select_experts(
         raise ValueError(f"`k` must be in [1, {logits.shape[-1]}] (the number of experts); got {k}.")
     if k > max_k:
         raise ValueError(f"`k`={k} exceeds `max_k`={max_k}; pass max_k >= k.")
-    return _launch(logits, pvalues=None, tables=None, method="topk", alpha=1.0, min_k=k, max_k=max_k, k=k,
-                   weights=weights, temperature=temperature)
+    return _sorted_selection(logits, None, step_down=False, min_k=k, max_k=max_k, weights=weights,
+                             temperature=temperature)
 
 
 def select_with_null(
@@ -565,9 +740,14 @@ def select_with_null(
     if not 0.0 < float(alpha) <= 1.0:
         raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
     min_k, max_k, temperature = _check_selection_args(logits, method, min_k, max_k, weights, temperature, validate)
+    if not null.per_expert:  # p-value monotone in the logit: one sort and per-rank logit cuts
+        num_experts = logits.shape[-1]
+        cut = _logit_cuts(null, method, float(alpha), num_experts, _pow2(num_experts), logits.device)
+        return _sorted_selection(logits, cut, step_down=method == "holm", min_k=min_k, max_k=max_k,
+                                 weights=weights, temperature=temperature)
     tables = _null_tables(null, logits.device)
-    return _launch(logits, pvalues=None, tables=tables, method=method, alpha=float(alpha), min_k=min_k,
-                   max_k=max_k, k=0, weights=weights, temperature=temperature)
+    return _launch_pvalues(logits, pvalues=None, tables=tables, method=method, alpha=float(alpha), min_k=min_k,
+                           max_k=max_k, weights=weights, temperature=temperature)
 
 
 def select(

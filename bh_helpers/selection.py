@@ -25,6 +25,8 @@ References
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -262,7 +264,7 @@ def _check_selection_args(
     if weights not in WEIGHT_MODES:
         raise ValueError(f"`weights` must be one of {WEIGHT_MODES}; got {weights!r}.")
     temperature = float(temperature)
-    if not temperature > 0 or not np.isfinite(temperature):
+    if not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"`temperature` must be a positive finite number; got {temperature}.")
     if validate:
         _check_logits(logits)

@@ -106,27 +106,75 @@ def test_fused_kernel_under_interpreter_matches_reference():
         import torch
         from bh_helpers.nulls import fit_null
         from bh_helpers.selection import select_experts
-        from bh_helpers.fused_select import select_with_null, fused_select_experts, fused_available
+        from bh_helpers.fused_select import (
+            select_with_null, fused_select_experts, fused_available, _logit_cuts, _ordered_from_float,
+            _float_from_ordered,
+        )
         assert fused_available("cpu")
         g = torch.Generator().manual_seed(0)
         null = fit_null(torch.randn(5000, 64, generator=g) * 1.5)
         x = torch.randn(12, 64, generator=g) * 2
         x[0] *= 5; x[1, :10] = x[1, 10]; x[2] = 0.0; x[2, 3] = -0.0
+        # rows on the logit cuts and one float32 below them: decisions flip exactly there
+        cut = _logit_cuts(null, "bh", 0.1, 64, 64, torch.device("cpu"))
+        x[3] = cut[torch.randperm(64, generator=g)]
+        x[4] = _float_from_ordered(_ordered_from_float(cut) - 1)[torch.randperm(64, generator=g)]
+        x[5] = -10.0; x[5, :3] = cut[:3]; x[5, 3] = _float_from_ordered(_ordered_from_float(cut[3]) - 1)
         p = null.sf(x, dtype=torch.float32)
+        assert select_experts(x, p, method="bh", alpha=0.1, min_k=0).counts[3:6].tolist() == [8, 0, 3]
         for method in ("bh", "holm"):
-            ref = select_experts(x, p, method=method, alpha=0.1, min_k=1, max_k=8)
-            for got in (select_with_null(x, null, method=method, alpha=0.1), fused_select_experts(x, p, method=method, alpha=0.1)):
+            ref = select_experts(x, p, method=method, alpha=0.1, min_k=0, max_k=8)
+            for got in (select_with_null(x, null, method=method, alpha=0.1, min_k=0),
+                        fused_select_experts(x, p, method=method, alpha=0.1, min_k=0)):
                 assert torch.equal(got.indices, ref.indices) and torch.equal(got.counts, ref.counts)
                 torch.testing.assert_close(got.weights, ref.weights)
-        ref = select_experts(x, method="topk", k=8, weights="softmax")
-        got = fused_select_experts(x, method="topk", k=8, weights="softmax")
+        # per-expert null (p-value lookup in the kernel), 48 experts (padded to 64 lanes)
+        xe = x[:, :48].contiguous()
+        null_e = fit_null(torch.randn(3000, 48, generator=g) * 1.5, per_expert=True)
+        ref = select_experts(xe, null_e.sf(xe, dtype=torch.float32), method="by", alpha=0.3, max_k=6, weights="uniform")
+        got = select_with_null(xe, null_e, method="by", alpha=0.3, max_k=6, weights="uniform")
+        assert torch.equal(got.indices, ref.indices) and torch.equal(got.counts, ref.counts)
+        torch.testing.assert_close(got.weights, ref.weights)
+        ref = select_experts(xe.bfloat16(), method="topk", k=8, weights="softmax", temperature=0.7)
+        got = fused_select_experts(xe.bfloat16(), method="topk", k=8, weights="softmax", temperature=0.7)
         assert torch.equal(got.indices, ref.indices)
+        torch.testing.assert_close(got.weights, ref.weights)
         print("OK")
         """
     )
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "empirical", "tophat"])
+@pytest.mark.parametrize("method", FDR_METHODS)
+def test_logit_cuts_reproduce_pvalue_tests_exactly(kernel, method):
+    """Pooled null: "sf(x) <= t_i" is "x >= c_i" for EVERY float32 x near each cut and across the range.
+
+    Oracle: the reference ``NullModel.sf`` in float32 compared with the float64 thresholds of
+    ``fdr_counts``, evaluated on dense runs of consecutive float32 values around each cut.
+    """
+    from bh_helpers.fused_select import _float_from_ordered, _logit_cuts, _ordered_from_float
+    from bh_helpers.selection import _thresholds_np
+
+    g = torch.Generator().manual_seed(2)
+    null = fit_null(torch.randn(4000, 16, generator=g) * 1.4 + 0.3, kernel=kernel)
+    m, alpha = 64, 0.3
+    cut = _logit_cuts(null, method, alpha, m, 128, torch.device("cpu"))
+    assert cut.shape == (128,) and cut.dtype == torch.float32
+    assert torch.isnan(cut[m:]).all() and torch.isfinite(cut[:m]).all()
+    t64 = torch.from_numpy(_thresholds_np(method, alpha, m))  # (m,)
+    s = _ordered_from_float(cut[:m])  # (m,)
+    around = s[:, None] + torch.arange(-2000, 2001)  # (m, 4001) consecutive float32 values
+    wide = torch.cat([torch.linspace(-60, 60, 20001), torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])])
+    for x in (_float_from_ordered(around), wide.expand(m, -1)):
+        passes = null.sf(x, dtype=torch.float32).double() <= t64[:, None]
+        assert torch.equal(passes, x >= cut[:m, None])
+    # the sweep crosses each cut: the cut passes, the float32 just below it does not
+    assert torch.equal(_float_from_ordered(s), cut[:m])
+    assert (null.sf(_float_from_ordered(s - 1), dtype=torch.float32).double() > t64).all()
+    assert _logit_cuts(null, method, alpha, m, 128, torch.device("cpu")) is cut  # cached
 
 
 def test_fused_entry_points_fall_back_on_cpu():
@@ -156,8 +204,22 @@ def adversarial_logits(tokens, num_experts, *, seed, device):
     return x.to(device)
 
 
+def rows_on_cuts(null, method, alpha, *, seed, device):
+    """Logit rows at a pooled null's per-rank cuts and one float32 below them (decisions flip there)."""
+    from bh_helpers.fused_select import _float_from_ordered, _logit_cuts, _ordered_from_float
+
+    cut = _logit_cuts(null, method, alpha, 64, 64, torch.device(device))
+    below = _float_from_ordered(_ordered_from_float(cut) - 1)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for r in range(16):
+        pick = torch.rand(64, generator=g) < r / 16
+        rows.append(torch.where(pick.to(device), cut, below)[torch.randperm(64, generator=g).to(device)])
+    return torch.stack(rows)  # (16, 64)
+
+
 @needs_cuda
-@pytest.mark.parametrize("kind", ["gaussian", "empirical", "per_expert"])
+@pytest.mark.parametrize("kind", ["gaussian", "empirical", "tophat", "per_expert"])
 @pytest.mark.parametrize("method", FDR_METHODS)
 def test_fused_select_with_null_identical_on_gpu(kind, method):
     g = torch.Generator().manual_seed(1)
@@ -165,6 +227,8 @@ def test_fused_select_with_null_identical_on_gpu(kind, method):
     null = fit_null(calib, kernel="gaussian", per_expert=True) if kind == "per_expert" else fit_null(calib, kernel=kind)
     for seed, tokens in ((0, 1), (1, 63), (2, 4099)):
         x = adversarial_logits(tokens, 64, seed=seed, device="cuda")
+        if kind != "per_expert" and tokens > 1:
+            x = torch.cat([x, rows_on_cuts(null, method, 0.2, seed=seed, device="cuda")])
         p = null.sf(x, dtype=torch.float32)
         # unclamped up to 16 (a max_k of 64 unrolls 64 selection rounds: slow to compile)
         assert torch.equal(select_with_null(x, null, method=method, alpha=0.2, max_k=16, min_k=0).counts,
