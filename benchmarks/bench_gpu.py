@@ -227,6 +227,66 @@ def event_medians_interleaved(fns: dict, *, warmup: int = 3, reps: int = 20) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def host_us(fn, n: int = 2000) -> float:
+    """Host microseconds per call: ``n`` calls back to back, timed without synchronising (the
+    GPU finishes each tiny kernel faster than the host issues the next)."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def host_costs(logits: torch.Tensor, null) -> dict:
+    """Where the host time of a small selector call goes (launch-bound sizes)."""
+    from bh_helpers import fused_select as fs
+
+    n, e = logits.shape
+    cut = fs._logit_cuts(null, "bh", 0.05, e, e, logits.device)
+    idx, w, cnt = fs._outputs(n, 8, logits.device)
+    block_r, warps = fs._sorted_config(n, e)
+
+    def triton_launch():  # the kernel launch alone, outputs preallocated
+        fs._sorted_select_kernel[(triton_cdiv(n, block_r),)](
+            logits, cut, idx, w, cnt, n, E=e, EP=e, MAX_K=8, BLOCK_R=block_r, CUT=True, STEP_DOWN=False,
+            MIN_K=1, WMODE=0, TEMPERATURE=1.0, num_warps=warps)
+
+    compiled = fs._sorted_select_kernel[(triton_cdiv(n, block_r),)](
+        logits, cut, idx, w, cnt, n, E=e, EP=e, MAX_K=8, BLOCK_R=block_r, CUT=True, STEP_DOWN=False,
+        MIN_K=1, WMODE=0, TEMPERATURE=1.0, num_warps=warps)
+
+    def direct_launch():  # the compiled kernel launched directly (what select_with_null does)
+        compiled[(triton_cdiv(n, block_r), 1, 1)](logits, cut, idx, w, cnt, n, e, e, 8, block_r, True, False, 1, 0, 1.0)
+
+    def fused_bh():
+        select_with_null(logits, null, method="bh", alpha=0.05, validate=False)
+
+    out = {
+        "host_us_softmax_topk8": host_us(lambda: torch.softmax(logits, -1, dtype=torch.float).topk(8, dim=-1)),
+        "host_us_softmax": host_us(lambda: torch.softmax(logits, -1, dtype=torch.float)),
+        "host_us_fused_bh": host_us(fused_bh),
+    }
+    fs._DIRECT_LAUNCH = False
+    try:
+        out["host_us_fused_bh_jit_launch"] = host_us(fused_bh)
+    finally:
+        fs._DIRECT_LAUNCH = True
+    out.update({
+        "host_us_triton_jit_launch": host_us(triton_launch),
+        "host_us_direct_launch": host_us(direct_launch),
+        "host_us_three_outputs": host_us(lambda: fs._outputs(n, 8, logits.device)),
+    })
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 def bench_selector(sizes: list[int], rows: list[dict]) -> dict:
     g = torch.Generator().manual_seed(0)
     calib = torch.randn(200_000, 64, generator=g) * 1.5
@@ -260,17 +320,21 @@ def bench_selector(sizes: list[int], rows: list[dict]) -> dict:
             same = same and bool(torch.equal(a.indices, b.indices) and torch.equal(a.counts, b.counts))
         a = select_with_null(logits, null, method="bh", alpha=0.05, validate=False)
         native = t["native"]
+        host = host_costs(logits, null) if n <= 64 else {}
         rows.append(dict(tokens=n, native_ms=native * 1e3, fused_bh_ms=t["fused_bh"] * 1e3,
                          fused_bh_per_expert_ms=t["fused_bh_pe"] * 1e3, ref_bh_ms=ref_bh * 1e3,
                          fused_topk8_ms=t["fused_topk"] * 1e3, fused_bh_ratio=t["fused_bh"] / native,
                          fused_bh_per_expert_ratio=t["fused_bh_pe"] / native,
                          ref_bh_ratio=ref_bh / native, fused_topk_ratio=t["fused_topk"] / native,
-                         identical=same, mean_k=float(a.counts.float().mean())))
+                         identical=same, mean_k=float(a.counts.float().mean()), **host))
         r = rows[-1]
         print(f"selector {n:>8} tokens: softmax+topk8 {native*1e3:8.3f} ms | fused BH {r['fused_bh_ms']:8.3f} ms "
               f"({r['fused_bh_ratio']:5.2f}x) | per-expert null {r['fused_bh_per_expert_ms']:8.3f} ms "
               f"({r['fused_bh_per_expert_ratio']:5.2f}x) | reference BH {ref_bh*1e3:8.3f} ms ({ref_bh/native:5.1f}x) | "
               f"fused topk8 {r['fused_topk8_ms']:8.3f} ms ({r['fused_topk_ratio']:5.2f}x) identical={same}", flush=True)
+        if host:
+            print("    host us per call (launch throughput, no sync): " + ", ".join(f"{k[8:]} {v:.1f}" for k, v in host.items()),
+                  flush=True)
     return setup
 
 

@@ -48,6 +48,7 @@ from bh_helpers.selection import (
     FDR_METHODS,
     Selection,
     _check_int,
+    _check_logits,
     _check_pvalues,
     _check_selection_args,
     _thresholds_np,
@@ -459,7 +460,7 @@ if HAS_TRITON:
         b = x.to(tl.int32, bitcast=True)
         return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # one compiled variant for every row count (see _launch_sorted_kernel)
     def _sorted_select_kernel(
         logits_ptr, cut_ptr, idx_ptr, w_ptr, cnt_ptr, T,
         E: tl.constexpr, EP: tl.constexpr, MAX_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -530,30 +531,89 @@ def _sorted_config(n_rows: int, ep: int) -> tuple[int, int]:
     return max(1, min(16, 1024 // ep)), 4
 
 
-def _launch_sorted(
-    x: torch.Tensor,
-    cut: torch.Tensor | None,
-    *,
-    step_down: bool,
-    min_k: int,
-    max_k: int,
-    weights: str,
-    temperature: float,
-    config: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run :func:`_sorted_select_kernel` on contiguous ``x`` ``(T, E)``; returns indices, weights, counts."""
-    n_rows, num_experts = x.shape
-    indices, w, counts = _outputs(n_rows, max_k, x.device)
-    if n_rows == 0:
-        return indices, w, counts
+class _SortedPlan(NamedTuple):
+    """What a sorted-kernel call needs beyond the logits: fixed by the arguments, so cached."""
+
+    cut: torch.Tensor | None  # (EP,) float32 per-rank logit cuts of a pooled null; None for top-k
+    max_k: int
+    ep: int  # experts padded to a power of two
+    constants: dict[str, Any]  # the kernel's constexpr arguments except BLOCK_R
+
+
+def _sorted_plan(cut: torch.Tensor | None, *, num_experts: int, step_down: bool, min_k: int, max_k: int,
+                 weights: str, temperature: float) -> _SortedPlan:
     ep = _pow2(num_experts)
-    block_r, warps = config or _sorted_config(n_rows, ep)
-    _sorted_select_kernel[(triton.cdiv(n_rows, block_r),)](
-        x, x if cut is None else cut, indices, w, counts, n_rows,
-        E=num_experts, EP=ep, MAX_K=max_k, BLOCK_R=block_r, CUT=cut is not None, STEP_DOWN=step_down,
-        MIN_K=min_k, WMODE=_WEIGHT_CODE[weights], TEMPERATURE=temperature, num_warps=warps,
-    )
-    return indices, w, counts
+    constants = dict(E=num_experts, EP=ep, MAX_K=max_k, CUT=cut is not None, STEP_DOWN=step_down, MIN_K=min_k,
+                     WMODE=_WEIGHT_CODE[weights], TEMPERATURE=temperature)
+    return _SortedPlan(cut, max_k, ep, constants)
+
+
+_PLAN_CACHE_SIZE = 256
+_TOPK_PLANS: dict[tuple, _SortedPlan] = {}
+_NULL_PLANS: weakref.WeakKeyDictionary[Any, dict[tuple, _SortedPlan]] = weakref.WeakKeyDictionary()
+
+
+def _cached_plan(cache: dict, key: tuple, build: Any) -> _SortedPlan:
+    """``cache[key]``, built (which validates the arguments) on first use.
+
+    At decode sizes the selector is bound by host time, so the argument checks and the null's cuts
+    are done once per distinct set of arguments rather than once per call. Unhashable arguments
+    are never cached; the cache is cleared when it grows past ``_PLAN_CACHE_SIZE`` keys.
+    """
+    try:
+        plan = cache.get(key)
+    except TypeError:
+        return build()
+    if plan is None:
+        plan = build()
+        if len(cache) >= _PLAN_CACHE_SIZE:
+            cache.clear()
+        cache[key] = plan
+    return plan
+
+
+def _run_sorted(logits: torch.Tensor, plan: _SortedPlan, config: tuple[int, int] | None = None) -> Selection:
+    """:func:`_sorted_select_kernel` on ``logits [..., E]``; ``config`` overrides (rows per program, warps)."""
+    x = _as_rows(logits)  # (T, E)
+    n_rows = x.shape[0]
+    indices, w, counts = _outputs(n_rows, plan.max_k, x.device)
+    if n_rows:
+        block_r, warps = config or _sorted_config(n_rows, plan.ep)
+        args = (x, x if plan.cut is None else plan.cut, indices, w, counts, n_rows)
+        _launch_sorted_kernel(((n_rows + block_r - 1) // block_r, 1, 1), args, plan, block_r, warps)
+    return _as_selection(logits, indices, w, counts)
+
+
+_DIRECT_LAUNCH = not _INTERPRET
+_COMPILED_SORTED: dict[tuple, tuple[Any, tuple]] = {}
+
+
+def _launch_sorted_kernel(grid: tuple[int, int, int], args: tuple, plan: _SortedPlan, block_r: int, warps: int) -> None:
+    """Launch :func:`_sorted_select_kernel`, through the compiled kernel once Triton has built it.
+
+    Triton's JIT launcher re-derives the specialisation of every argument on every call, about as
+    much host time as the rest of a decode-sized selection. The variant the JIT compiles for one
+    call serves every call with the same constants, dtypes and device whose pointers are 16-byte
+    aligned (the only pointer property Triton specialises on; fresh CUDA allocations, i.e. the
+    outputs and the cuts, always are, and the logits are checked) - the row count ``T`` is never
+    specialised. Launching the compiled kernel with all arguments is the pattern of Triton's
+    fused-softmax tutorial. Unaligned logits and the interpreter take the JIT every time.
+    """
+    x, cut = args[0], args[1]
+    constants = plan.constants
+    key = (tuple(constants.values()), block_r, warps, x.dtype, cut.dtype, x.device)
+    aligned = x.data_ptr() % 16 == 0
+    if _DIRECT_LAUNCH and aligned:
+        entry = _COMPILED_SORTED.get(key)
+        if entry is not None:
+            compiled, tail = entry
+            compiled[grid](*args, *tail)
+            return
+    compiled = _sorted_select_kernel[grid](*args, BLOCK_R=block_r, num_warps=warps, **constants)
+    if _DIRECT_LAUNCH and aligned and hasattr(compiled, "__getitem__"):
+        values = {**constants, "BLOCK_R": block_r}
+        tail = tuple(values[name] for name in _sorted_select_kernel.arg_names[len(args):])  # after T, in order
+        _COMPILED_SORTED[key] = (compiled, tail)
 
 
 def _pow2(n: int) -> int:
@@ -633,11 +693,6 @@ def _launch_pvalues(
     return _as_selection(logits, indices, w, counts)
 
 
-def _sorted_selection(logits: torch.Tensor, cut: torch.Tensor | None, **kwargs: Any) -> Selection:
-    """:func:`_launch_sorted` on ``logits [..., E]``, reshaped back into a :class:`Selection`."""
-    return _as_selection(logits, *_launch_sorted(_as_rows(logits), cut, **kwargs))
-
-
 # ----------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------
@@ -677,6 +732,28 @@ def fused_select_experts(
             logits, pvalues, method=method, alpha=alpha, min_k=min_k, max_k=max_k, k=k, top_p=top_p,
             weights=weights, temperature=temperature, validate=validate,
         )
+    if method == "topk":
+
+        def build() -> _SortedPlan:
+            _, checked_max_k, checked_temperature = _check_selection_args(
+                logits, method, min_k, max_k, weights, temperature, False
+            )
+            if k is None:
+                raise ValueError("method='topk' needs `k`, the number of experts per token.")
+            checked_k = _check_int("k", k)
+            if not 1 <= checked_k <= logits.shape[-1]:
+                raise ValueError(f"`k` must be in [1, {logits.shape[-1]}] (the number of experts); got {k}.")
+            if checked_k > checked_max_k:
+                raise ValueError(f"`k`={k} exceeds `max_k`={checked_max_k}; pass max_k >= k.")
+            return _sorted_plan(None, num_experts=logits.shape[-1], step_down=False, min_k=checked_k,
+                                max_k=checked_max_k, weights=weights, temperature=checked_temperature)
+
+        # types in the key: True == 1 and 8.0 == 8 hash alike but are refused by the checks
+        key = (k, type(k), max_k, type(max_k), weights, temperature, logits.shape[-1], logits.device)
+        plan = _cached_plan(_TOPK_PLANS, key, build)
+        if validate:
+            _check_logits(logits)
+        return _run_sorted(logits, plan)
     min_k, max_k, temperature = _check_selection_args(logits, method, min_k, max_k, weights, temperature, validate)
     if method in FDR_METHODS:
         if pvalues is None:
@@ -689,15 +766,7 @@ def fused_select_experts(
             _check_pvalues(pvalues)
         return _launch_pvalues(logits, pvalues=pvalues.to(logits.device), tables=None, method=method,
                                alpha=float(alpha), min_k=min_k, max_k=max_k, weights=weights, temperature=temperature)
-    if k is None:
-        raise ValueError("method='topk' needs `k`, the number of experts per token.")
-    k = _check_int("k", k)
-    if not 1 <= k <= logits.shape[-1]:
-        raise ValueError(f"`k` must be in [1, {logits.shape[-1]}] (the number of experts); got {k}.")
-    if k > max_k:
-        raise ValueError(f"`k`={k} exceeds `max_k`={max_k}; pass max_k >= k.")
-    return _sorted_selection(logits, None, step_down=False, min_k=k, max_k=max_k, weights=weights,
-                             temperature=temperature)
+    raise AssertionError(method)  # _check_selection_args admits FDR methods and "topk" only here
 
 
 def select_with_null(
@@ -732,7 +801,27 @@ def select_with_null(
         pvalues = null.sf(logits, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
         return select_experts(logits, pvalues, method=method, alpha=alpha, min_k=min_k, max_k=max_k,
                               weights=weights, temperature=temperature, validate=validate)
-    if null.per_expert and logits.shape[-1] != null.num_experts:
+    if not null.per_expert:  # p-value monotone in the logit: one sort and per-rank logit cuts
+
+        def build() -> _SortedPlan:
+            if not 0.0 < float(alpha) <= 1.0:
+                raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
+            checked = _check_selection_args(logits, method, min_k, max_k, weights, temperature, False)
+            num_experts = logits.shape[-1]
+            cut = _logit_cuts(null, method, float(alpha), num_experts, _pow2(num_experts), logits.device)
+            return _sorted_plan(cut, num_experts=num_experts, step_down=method == "holm", min_k=checked[0],
+                                max_k=checked[1], weights=weights, temperature=checked[2])
+
+        plans = _NULL_PLANS.get(null)
+        if plans is None:
+            plans = _NULL_PLANS[null] = {}
+        key = (method, alpha, min_k, type(min_k), max_k, type(max_k), weights, temperature, logits.shape[-1],
+               logits.device)
+        plan = _cached_plan(plans, key, build)
+        if validate:
+            _check_logits(logits)
+        return _run_sorted(logits, plan)
+    if logits.shape[-1] != null.num_experts:
         raise ValueError(
             f"`logits` must have {null.num_experts} experts in its last dimension for a per-expert null, "
             f"got shape {tuple(logits.shape)}"
@@ -740,11 +829,6 @@ def select_with_null(
     if not 0.0 < float(alpha) <= 1.0:
         raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
     min_k, max_k, temperature = _check_selection_args(logits, method, min_k, max_k, weights, temperature, validate)
-    if not null.per_expert:  # p-value monotone in the logit: one sort and per-rank logit cuts
-        num_experts = logits.shape[-1]
-        cut = _logit_cuts(null, method, float(alpha), num_experts, _pow2(num_experts), logits.device)
-        return _sorted_selection(logits, cut, step_down=method == "holm", min_k=min_k, max_k=max_k,
-                                 weights=weights, temperature=temperature)
     tables = _null_tables(null, logits.device)
     return _launch_pvalues(logits, pvalues=None, tables=tables, method=method, alpha=float(alpha), min_k=min_k,
                            max_k=max_k, weights=weights, temperature=temperature)

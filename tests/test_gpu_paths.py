@@ -244,6 +244,29 @@ def test_fused_select_with_null_identical_on_gpu(kind, method):
 
 
 @needs_cuda
+def test_direct_launch_serves_every_row_count_and_unaligned_logits():
+    """The compiled-kernel launch (after the first JIT call) against the reference, row counts in
+    an order that would expose a specialisation on T, and logits at a 4-byte offset (JIT path)."""
+    import bh_helpers.fused_select as fs
+
+    g = torch.Generator().manual_seed(4)
+    null = fit_null(torch.randn(20_000, 64, generator=g) * 1.3)
+    for tokens in (1, 17, 16, 2, 64, 65, 4096, 1, 3):
+        flat = torch.randn(tokens * 64 + 1, generator=g).cuda() * 2
+        for x in (flat[:-1].view(tokens, 64), flat[1:].view(tokens, 64)):  # aligned, then 4-byte offset
+            p = null.sf(x, dtype=torch.float32)
+            for got, ref in (
+                (select_with_null(x, null, method="bh", alpha=0.2, validate=False),
+                 select_experts(x, p, method="bh", alpha=0.2)),
+                (fused_select_experts(x, method="topk", k=4, max_k=8, validate=False),
+                 select_experts(x, method="topk", k=4, max_k=8)),
+            ):
+                assert torch.equal(got.counts, ref.counts) and torch.equal(got.indices, ref.indices)
+                torch.testing.assert_close(got.weights, ref.weights, rtol=2e-6, atol=1e-7)
+    assert fs._COMPILED_SORTED  # the direct launch was taken
+
+
+@needs_cuda
 def test_fused_pvalues_on_threshold_are_rejected_like_reference():
     from bh_helpers.selection import _thresholds_np
 
