@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prefill", type=int, nargs=2, default=[32, 1024], metavar=("BATCH", "SEQ"))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (prefill and decode)")
     parser.add_argument("--selector-sizes", type=int, nargs="+", default=[1, 64, 4096, 65536, 1048576])
     parser.add_argument("--skip-reference", action="store_true", help="skip the slow reference-path variants")
     parser.add_argument("--selector-only", action="store_true", help="only the selector micro-benchmark")
@@ -362,8 +363,9 @@ def main(argv: list[str] | None = None) -> dict:
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
                 triton=triton_version, python=platform.python_version(), layers=args.layers,
                 prefill=args.prefill, new_tokens=args.new_tokens,
-                protocol="prefill: model(ids, use_cache=False, logits_to_keep=1), median of 5 after 2 warm-ups; "
-                         "decode: generate(greedy, prompt 32, max_new_tokens=min_new_tokens=N), median of 3 after 1")
+                protocol=f"variants interleaved, {args.rounds} rounds: per round each variant enters route, runs "
+                         "1 warm-up + 1 timed call; tok/s = median of rounds, x native = median of per-round ratios. prefill: model(ids, use_cache=False, "
+                         "logits_to_keep=1); decode: generate(greedy, prompt 32, max_new_tokens=min_new_tokens=N)")
     print(meta, flush=True)
     meta.update(ceilings())
     print(f"ceilings: copy {meta['copy_GBps']:.0f} GB/s, bf16 matmul {meta['bf16_matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
@@ -411,44 +413,69 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict] = {}
     profiles = []
     with torch.inference_mode():
+        # Variants take turns, round by round (host speed drifts on a shared machine); medians.
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name in variants:
+                with context(name):
+                    times[name].append(
+                        wall_median(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), warmup=1, reps=1)
+                    )
         for name in variants:
-            with context(name):
-                t = wall_median(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), warmup=2, reps=5)
-                results.setdefault(name, {})["prefill_tok_s"] = b * s / t
-                print(f"prefill {name:34s} {b * s / t:10.0f} tok/s", flush=True)
-                if args.profile:
-                    from torch.profiler import ProfilerActivity, profile
+            t = statistics.median(times[name])
+            results[name] = {"prefill_tok_s": b * s / t, "prefill_rounds_tok_s": [b * s / x for x in times[name]]}
+            print(f"prefill {name:34s} {b * s / t:10.0f} tok/s (rounds: "
+                  f"{', '.join(f'{b * s / x:.0f}' for x in times[name])})", flush=True)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
 
+            for name in variants:
+                with context(name):
+                    model(input_ids=ids, use_cache=False, logits_to_keep=1)
                     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                         model(input_ids=ids, use_cache=False, logits_to_keep=1)
                         torch.cuda.synchronize()
-                    profiles.append(f"== {name} ==\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+                profiles.append(f"== {name} ==\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
         torch.cuda.empty_cache()
         for batch in args.decode_batches:
             prompt = torch.randint(0, 50304, (batch, 32), device="cuda")
-            for name in variants:
-                if "reference paths" in name and batch > 1:
-                    continue  # slow; batch 1 shows the cost
-                with context(name):
-                    n_new = args.new_tokens
+            n_new = args.new_tokens
 
-                    def gen():
-                        out = model.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
-                        assert out.shape[1] == 32 + n_new
+            def gen():
+                out = model.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+                assert out.shape[1] == 32 + n_new
 
-                    t = wall_median(gen, warmup=1, reps=3)
+            # Decode is bound by host time, which drifts on a shared machine: the variants take
+            # turns, round by round (enter route, one warm-up generate, one timed), medians.
+            names = [name for name in variants if batch == 1 or "reference paths" not in name]
+            dtimes: dict[str, list[float]] = {name: [] for name in names}
+            for _ in range(args.rounds):
+                for name in names:
+                    with context(name):
+                        dtimes[name].append(wall_median(gen, warmup=1, reps=1))
+            for name in names:
+                t = statistics.median(dtimes[name])
                 results[name][f"decode_b{batch}_tok_s"] = batch * n_new / t
-                print(f"decode b={batch} {name:34s} {batch * n_new / t:8.1f} tok/s", flush=True)
+                results[name][f"decode_b{batch}_rounds_tok_s"] = [batch * n_new / x for x in dtimes[name]]
+                spread = [f"{batch * n_new / x:.1f}" for x in dtimes[name]]
+                print(f"decode b={batch} {name:34s} {batch * n_new / t:8.1f} tok/s (rounds: {', '.join(spread)})",
+                      flush=True)
     set_native_k(model, 8)
 
+    # x native: median over rounds of (native time / variant time) in the same round (paired)
     base = results["native top-8"]
     table = ["| variant | prefill tok/s | x native | decode b1 tok/s | x native | decode b8 tok/s | x native |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         cells = []
-        for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"):
-            v = r.get(key)
-            cells += ["-", "-"] if v is None else [f"{v:,.0f}" if v > 1000 else f"{v:.1f}", f"{v / base[key]:.2f}"]
+        for key in ("prefill", "decode_b1", "decode_b8"):
+            v = r.get(f"{key}_tok_s")
+            if v is None:
+                cells += ["-", "-"]
+                continue
+            paired = statistics.median(x / y for x, y in zip(r[f"{key}_rounds_tok_s"], base[f"{key}_rounds_tok_s"]))
+            r[f"{key}_x_native_paired"] = paired
+            cells += [f"{v:,.0f}" if v > 1000 else f"{v:.1f}", f"{paired:.2f}"]
         table.append(f"| {name} | " + " | ".join(cells) + " |")
     table += [""] + selector_table(sel_rows)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, transformers {meta['transformers']}, triton {meta['triton']}")
