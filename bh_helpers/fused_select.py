@@ -74,6 +74,8 @@ _WEIGHT_CODE = {"renorm": 0, "softmax": 1, "uniform": 2}
 # Parameters per null row, in this order (float64): see _null_tables.
 _PARAMS = ("x_min", "inv_h", "x_max", "sf_first", "sf_last", "log_sf_last", "log_cdf_first", "beta_upper", "beta_lower")
 _NP = len(_PARAMS)
+# Most distinct argument sets (per null) whose logit cuts and launch plans are kept.
+_PLAN_CACHE_SIZE = 256
 
 
 def fused_available(device: torch.device | str) -> bool:
@@ -245,6 +247,8 @@ def _logit_cuts(null: Any, method: str, alpha: float, m: int, padded: int, devic
         lo = torch.where(open_ & ~ok, mid, lo)
     cut = torch.full((padded,), float("nan"), dtype=torch.float32, device=device)
     cut[:m] = torch.where(passes(hi), _float_from_ordered(hi), float("nan"))
+    if len(per_null) >= _PLAN_CACHE_SIZE:  # e.g. an alpha slider: keep memory bounded
+        per_null.clear()
     per_null[key] = cut
     return cut
 
@@ -548,7 +552,6 @@ def _sorted_plan(cut: torch.Tensor | None, *, num_experts: int, step_down: bool,
     return _SortedPlan(cut, max_k, ep, constants)
 
 
-_PLAN_CACHE_SIZE = 256
 _TOPK_PLANS: dict[tuple, _SortedPlan] = {}
 _NULL_PLANS: weakref.WeakKeyDictionary[Any, dict[tuple, _SortedPlan]] = weakref.WeakKeyDictionary()
 

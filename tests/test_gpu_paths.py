@@ -139,6 +139,22 @@ def test_fused_kernel_under_interpreter_matches_reference():
         got = fused_select_experts(xe.bfloat16(), method="topk", k=8, weights="softmax", temperature=0.7)
         assert torch.equal(got.indices, ref.indices)
         torch.testing.assert_close(got.weights, ref.weights)
+        # cached launch plans never admit what the checks refuse (True == 1 and 2.0 == 2 hash alike)
+        fused_select_experts(x, method="topk", k=1, max_k=2)
+        for bad in (dict(k=True, max_k=2), dict(k=1, max_k=2.0)):
+            try:
+                fused_select_experts(x, method="topk", **bad)
+            except TypeError as err:
+                assert "must be an integer" in str(err)
+            else:
+                raise AssertionError(bad)
+        select_with_null(x, null, method="bh", alpha=0.1, min_k=1)
+        try:
+            select_with_null(x, null, method="bh", alpha=0.1, min_k=True)
+        except TypeError as err:
+            assert "must be an integer" in str(err)
+        else:
+            raise AssertionError("min_k=True accepted")
         print("OK")
         """
     )
