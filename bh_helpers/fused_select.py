@@ -363,6 +363,19 @@ if HAS_TRITON:
         return p
 
     @triton.jit
+    def _slot_weights(used, probs, cnt, WMODE: tl.constexpr):
+        """Weights ``(R, S)`` at the used slots, 0 elsewhere: 1/count (2), the softmax probabilities
+        ``probs`` (1), or those renormalised over the used slots (0)."""
+        if WMODE == 2:
+            w = tl.where(used, 1.0 / tl.maximum(cnt, 1).to(tl.float32)[:, None], 0.0)
+        else:
+            w = tl.where(used, probs, 0.0)
+            if WMODE == 0:
+                total = tl.sum(w, axis=1)[:, None]
+                w = tl.where(total > 0, w / tl.maximum(total, 1.1754943508222875e-38), w)
+        return w
+
+    @triton.jit
     def _select_kernel(
         logits_ptr, stride_l, pv_ptr, stride_p,
         gs_ptr, bk_ptr, prm_ptr, G, B,
@@ -443,13 +456,7 @@ if HAS_TRITON:
         slot = tl.where(used, slot, kcols)
 
         # 5. weights
-        if WMODE == 2:
-            w = tl.where(used, 1.0 / tl.maximum(cnt, 1).to(tl.float32)[:, None], 0.0)
-        else:
-            w = tl.where(used, chosen_p, 0.0)
-            if WMODE == 0:
-                total = tl.sum(w, axis=1)[:, None]
-                w = tl.where(total > 0, w / tl.maximum(total, 1.1754943508222875e-38), w)
+        w = _slot_weights(used, chosen_p, cnt, WMODE)
 
         out_mask = rmask[:, None] & (kcols < MAX_K)
         dest = r2 * MAX_K + slot
@@ -509,13 +516,7 @@ if HAS_TRITON:
         # weights: softmax over all experts (float32), taken at the sorted positions
         mx = tl.max(x / TEMPERATURE, axis=1)[:, None]  # (R, 1)
         den = tl.sum(tl.where(m2, tl.exp(x / TEMPERATURE - mx), 0.0), axis=1)[:, None]
-        if WMODE == 2:
-            w = tl.where(used, 1.0 / tl.maximum(cnt, 1).to(tl.float32)[:, None], 0.0)
-        else:
-            w = tl.where(used, tl.exp(xs / TEMPERATURE - mx) / den, 0.0)
-            if WMODE == 0:
-                total = tl.sum(w, axis=1)[:, None]
-                w = tl.where(total > 0, w / tl.maximum(total, 1.1754943508222875e-38), w)
+        w = _slot_weights(used, tl.exp(xs / TEMPERATURE - mx) / den, cnt, WMODE)
 
         out_mask = rmask[:, None] & (e2 < MAX_K)
         dest = r2 * MAX_K + e2
