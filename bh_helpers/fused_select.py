@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from bh_helpers._cuda import on_device
 from bh_helpers.selection import (
     FDR_METHODS,
     Selection,
@@ -584,7 +585,8 @@ def _run_sorted(logits: torch.Tensor, plan: _SortedPlan, config: tuple[int, int]
     if n_rows:
         block_r, warps = config or _sorted_config(n_rows, plan.ep)
         args = (x, x if plan.cut is None else plan.cut, indices, w, counts, n_rows)
-        _launch_sorted_kernel(((n_rows + block_r - 1) // block_r, 1, 1), args, plan, block_r, warps)
+        with on_device(x.device):
+            _launch_sorted_kernel(((n_rows + block_r - 1) // block_r, 1, 1), args, plan, block_r, warps)
     return _as_selection(logits, indices, w, counts)
 
 
@@ -684,16 +686,17 @@ def _launch_pvalues(
     # Rows per program: enough work per program at large T, one program for a decode step.
     block_r = 1 if n_rows <= 1 else (4 if n_rows <= 4096 else 16)
     block_r = max(1, min(block_r, 4096 // ep))
-    _select_kernel[(triton.cdiv(n_rows, block_r),)](
-        x, x.stride(0), pv, stride_p,
-        gs, bk, prm, n_grid, n_buckets,
-        thr, indices, w, counts,
-        n_rows, int(min_k), float(temperature),
-        E=num_experts, EP=ep, MAX_K=max_k, KP=_pow2(max_k),
-        BLOCK_R=block_r, PMODE=pmode, STEP_DOWN=method == "holm", WMODE=_WEIGHT_CODE[weights],
-        PER_EXPERT=per_expert, ITERS=iters, LIBDEV=not _INTERPRET,
-        num_warps=4 if block_r * ep >= 1024 else 1,
-    )
+    with on_device(device):
+        _select_kernel[(triton.cdiv(n_rows, block_r),)](
+            x, x.stride(0), pv, stride_p,
+            gs, bk, prm, n_grid, n_buckets,
+            thr, indices, w, counts,
+            n_rows, int(min_k), float(temperature),
+            E=num_experts, EP=ep, MAX_K=max_k, KP=_pow2(max_k),
+            BLOCK_R=block_r, PMODE=pmode, STEP_DOWN=method == "holm", WMODE=_WEIGHT_CODE[weights],
+            PER_EXPERT=per_expert, ITERS=iters, LIBDEV=not _INTERPRET,
+            num_warps=4 if block_r * ep >= 1024 else 1,
+        )
     return _as_selection(logits, indices, w, counts)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bh_helpers._cuda import on_device
 from bh_helpers.dispatch import _gate_activation, check_dispatch_inputs, dispatch_experts
 
 __all__ = [
@@ -96,8 +97,9 @@ def _combine(y: torch.Tensor, pos: torch.Tensor, indices: torch.Tensor, weights:
         out = torch.empty((n_tokens, hidden), dtype=dtype, device=y.device)
         block_h = 1024 if hidden >= 1024 else triton.next_power_of_2(hidden)
         grid = (n_tokens, triton.cdiv(hidden, block_h))
-        _combine_kernel[grid](y, pos, indices, weights.float().contiguous(), out, hidden, K=k, BLOCK_H=block_h,
-                              num_warps=4)
+        with on_device(y.device):
+            _combine_kernel[grid](y, pos, indices, weights.float().contiguous(), out, hidden, K=k, BLOCK_H=block_h,
+                                  num_warps=4)
         return out
     # Plain torch: gather [T, K, H] (only used off CUDA)
     valid = indices >= 0  # (T, K)

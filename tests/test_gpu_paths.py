@@ -282,6 +282,32 @@ def test_direct_launch_serves_every_row_count_and_unaligned_logits():
     assert fs._COMPILED_SORTED  # the direct launch was taken
 
 
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_triton_paths_launch_on_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current (a model split across GPUs): Triton launches on
+    the current device unless told otherwise."""
+    g = torch.Generator().manual_seed(5)
+    null = fit_null(torch.randn(20_000, 64, generator=g))
+    null_e = fit_null(torch.randn(20_000, 64, generator=g), per_expert=True)
+    x = adversarial_logits(300, 64, seed=5, device="cuda:1")
+    experts = make_experts(num_experts=64, hidden=256, inter=128, dtype=torch.bfloat16, device="cuda:1")
+    hidden = torch.randn(300, 256, device="cuda:1", dtype=torch.bfloat16)
+    with torch.cuda.device(0):
+        for nl in (null, null_e):
+            got = select_with_null(x, nl, method="bh", alpha=0.2)
+            ref = select_experts(x, nl.sf(x, dtype=torch.float32), method="bh", alpha=0.2)
+            assert got.indices.device == x.device
+            assert torch.equal(got.indices, ref.indices) and torch.equal(got.counts, ref.counts)
+        got = fused_select_experts(x, method="topk", k=8, weights="softmax")
+        assert torch.equal(got.indices, select_experts(x, method="topk", k=8, weights="softmax").indices)
+        idx, w = random_selection(300, 8, 64, seed=5, device="cuda:1")
+        with torch.no_grad():
+            out = grouped_dispatch_experts(experts, hidden, idx, w, variant="compact", use_graphs=False)
+            ref = dispatch_experts(experts, hidden, idx, w)
+        assert rel_err(out, ref) < 1e-2
+        torch.cuda.synchronize(1)
+
+
 @needs_cuda
 def test_fused_pvalues_on_threshold_are_rejected_like_reference():
     from bh_helpers.selection import _thresholds_np
