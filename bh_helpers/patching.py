@@ -146,7 +146,8 @@ class BHSelector:
             raise ValueError("`null_bank` needs a `.pvalues(logits, layer)` method (bh_helpers.nulls.NullBank).")
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
-        # Fused p-value lookup + step-up on CUDA; NullBank.pvalues + select_experts elsewhere.
+        # Fused on CUDA (pooled null: logit cuts + one sort; per expert: p-values in the kernel);
+        # NullBank.pvalues + select_experts elsewhere.
         return select_from_bank(
             logits,
             self.null_bank,
