@@ -243,6 +243,8 @@ def host_us(fn, n: int = 2000) -> float:
 
 def host_costs(logits: torch.Tensor, null) -> dict:
     """Where the host time of a small selector call goes (launch-bound sizes)."""
+    import triton
+
     from bh_helpers import fused_select as fs
 
     n, e = logits.shape
@@ -251,16 +253,16 @@ def host_costs(logits: torch.Tensor, null) -> dict:
     block_r, warps = fs._sorted_config(n, e)
 
     def triton_launch():  # the kernel launch alone, outputs preallocated
-        fs._sorted_select_kernel[(triton_cdiv(n, block_r),)](
+        fs._sorted_select_kernel[(triton.cdiv(n, block_r),)](
             logits, cut, idx, w, cnt, n, E=e, EP=e, MAX_K=8, BLOCK_R=block_r, CUT=True, STEP_DOWN=False,
             MIN_K=1, WMODE=0, TEMPERATURE=1.0, num_warps=warps)
 
-    compiled = fs._sorted_select_kernel[(triton_cdiv(n, block_r),)](
+    compiled = fs._sorted_select_kernel[(triton.cdiv(n, block_r),)](
         logits, cut, idx, w, cnt, n, E=e, EP=e, MAX_K=8, BLOCK_R=block_r, CUT=True, STEP_DOWN=False,
         MIN_K=1, WMODE=0, TEMPERATURE=1.0, num_warps=warps)
 
     def direct_launch():  # the compiled kernel launched directly (what select_with_null does)
-        compiled[(triton_cdiv(n, block_r), 1, 1)](logits, cut, idx, w, cnt, n, e, e, 8, block_r, True, False, 1, 0, 1.0)
+        compiled[(triton.cdiv(n, block_r), 1, 1)](logits, cut, idx, w, cnt, n, e, e, 8, block_r, True, False, 1, 0, 1.0)
 
     def fused_bh():
         select_with_null(logits, null, method="bh", alpha=0.05, validate=False)
@@ -281,10 +283,6 @@ def host_costs(logits: torch.Tensor, null) -> dict:
         "host_us_three_outputs": host_us(lambda: fs._outputs(n, 8, logits.device)),
     })
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def bench_selector(sizes: list[int], rows: list[dict]) -> dict:

@@ -35,7 +35,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -161,13 +161,8 @@ class LastWordResult:
     predictions: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        """Scalar metrics only, for sweeps and tables."""
-        return {
-            "accuracy": self.accuracy,
-            "n_correct": self.n_correct,
-            "n_examples": self.n_examples,
-            "perplexity": self.perplexity,
-        }
+        """Scalar metrics only (no per-example lists), for sweeps and tables."""
+        return _scalar_fields(self)
 
 
 @dataclass(frozen=True)
@@ -200,13 +195,8 @@ class MultipleChoiceResult:
     n_tokens: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        """Scalar metrics only, for sweeps and tables."""
-        return {
-            "acc": self.acc,
-            "acc_norm": self.acc_norm,
-            "acc_per_token": self.acc_per_token,
-            "n_examples": self.n_examples,
-        }
+        """Scalar metrics only (no per-example lists), for sweeps and tables."""
+        return _scalar_fields(self)
 
 
 @dataclass(frozen=True)
@@ -249,6 +239,11 @@ class SpeedResult:
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def _scalar_fields(result: Any) -> dict:
+    """A result dataclass's fields in order, without the per-example lists."""
+    return {f.name: getattr(result, f.name) for f in fields(result) if not isinstance(getattr(result, f.name), list)}
 
 
 def _device(model) -> torch.device:

@@ -761,19 +761,18 @@ def fused_select_experts(
         if validate:
             _check_logits(logits)
         return _run_sorted(logits, plan)
+    # a testing method from here on: _check_selection_args refuses unknown ones, _fusable "top_p"
     min_k, max_k, temperature = _check_selection_args(logits, method, min_k, max_k, weights, temperature, validate)
-    if method in FDR_METHODS:
-        if pvalues is None:
-            raise ValueError(f"method={method!r} needs `pvalues` (e.g. NullBank.pvalues(logits, layer)).")
-        if pvalues.shape != logits.shape:
-            raise ValueError(f"`pvalues` shape {tuple(pvalues.shape)} must equal `logits` shape {tuple(logits.shape)}.")
-        if not 0.0 < float(alpha) <= 1.0:
-            raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
-        if validate:
-            _check_pvalues(pvalues)
-        return _launch_pvalues(logits, pvalues=pvalues.to(logits.device), tables=None, method=method,
-                               alpha=float(alpha), min_k=min_k, max_k=max_k, weights=weights, temperature=temperature)
-    raise AssertionError(method)  # _check_selection_args admits FDR methods and "topk" only here
+    if pvalues is None:
+        raise ValueError(f"method={method!r} needs `pvalues` (e.g. NullBank.pvalues(logits, layer)).")
+    if pvalues.shape != logits.shape:
+        raise ValueError(f"`pvalues` shape {tuple(pvalues.shape)} must equal `logits` shape {tuple(logits.shape)}.")
+    if not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
+    if validate:
+        _check_pvalues(pvalues)
+    return _launch_pvalues(logits, pvalues=pvalues.to(logits.device), tables=None, method=method,
+                           alpha=float(alpha), min_k=min_k, max_k=max_k, weights=weights, temperature=temperature)
 
 
 def select_with_null(
