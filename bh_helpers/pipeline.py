@@ -842,12 +842,10 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
     captured_path = out / CAPTURED_NAME
     nulls_dir = out / NULLS_DIR
     if not (nulls_dir / "metadata.json").is_file():
-        if captured_path.is_file():
-            captured, _ = load_captured(captured_path)
-        else:
-            captured = capture_step(model, tokenizer, max_tokens=settings.calibration_tokens, window=settings.window,
-                                    batch_size=settings.batch_size, out_path=captured_path, model_id=settings.model,
-                                    progress=progress)
+        if not captured_path.is_file():  # a resumed run reuses it; fit_step reads (and checks) it
+            capture_step(model, tokenizer, max_tokens=settings.calibration_tokens, window=settings.window,
+                         batch_size=settings.batch_size, out_path=captured_path, model_id=settings.model,
+                         progress=progress)
         timings["capture"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         fit_step(captured_path, kernel=settings.kernel, grid_size=settings.grid_size, model_id=settings.model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -69,6 +70,17 @@ def test_rerun_resumes_without_duplicates(demo_dir, capsys):
     assert cli.main(["demo", "--out", str(demo_dir), *TINY]) == 0
     assert "resumed" in capsys.readouterr().out
     assert (demo_dir / "sweep.jsonl").read_bytes() == before  # nothing re-run, nothing appended
+
+
+def test_rerun_after_capture_reuses_the_captured_logits(demo_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(demo_dir, run)
+    shutil.rmtree(run / "nulls")  # as if stopped between capture and fit: no bank, no results yet
+    (run / "sweep.jsonl").unlink()
+    captured = (run / "captured_logits.safetensors").read_bytes()
+    assert cli.main(["demo", "--out", str(run), *TINY]) == 0
+    assert (run / "captured_logits.safetensors").read_bytes() == captured  # not captured again
+    assert (run / "nulls" / "nulls.npz").read_bytes() == (demo_dir / "nulls" / "nulls.npz").read_bytes()
 
 
 def test_other_grid_is_refused_and_changes_nothing(demo_dir, capsys):
