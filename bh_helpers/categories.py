@@ -386,9 +386,9 @@ def measure_prompts(model, tokenizer, prompt_sets: Mapping[str, Sequence[str]], 
     """
     import pandas as pd
     import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    from bh_helpers.evaluation import scored_token_nll
     from bh_helpers.patching import route
 
     sets = _validate_sets(prompt_sets, "`prompt_sets`")
@@ -412,11 +412,11 @@ def measure_prompts(model, tokenizer, prompt_sets: Mapping[str, Sequence[str]], 
             for r, j in enumerate(rows):
                 ids[r, : len(encoded[j])] = torch.tensor(encoded[j])
                 mask[r, : len(encoded[j])] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            tok_nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(device),
-                                      reduction="none").cpu()  # (B, T-1)
-            m = mask[:, 1:].double()  # (B, T-1)
-            nll[rows] = ((tok_nll.double() * m).sum(1) / m.sum(1)).numpy()
+            scored = mask[:, 1:].bool()  # (B, T-1): real next tokens only
+            tok_nll, _ = scored_token_nll(model, ids.to(device), mask.to(device), scored.to(device))  # (n,)
+            row_of = torch.arange(len(rows))[:, None].expand_as(scored)[scored]  # (n,)
+            sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row_of, tok_nll.double().cpu())
+            nll[rows] = (sums / scored.sum(1).double()).numpy()
     counts = rec.per_token_counts()
     k = counts.matrix().double()  # (N, L)
     k = k.where(k >= 0, torch.nan).nanmean(dim=1).numpy()  # (N,) mean over layers

@@ -184,6 +184,8 @@ def _cmd_demo(args) -> int:
           f"{len(result.frontier)} BH-family rows, {n_bh} compute-matched with static top-k")
     print(f"report:  {result.report_path}")
     print(f"results: {result.results_path}")
+    if result.peak_gpu_gib:
+        print("peak GPU memory (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in result.peak_gpu_gib.items()))
     return 0
 
 
@@ -261,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, MemoryError) as err:
         print(f"bh-routing: error: {err}", file=sys.stderr)
         return 2
     except ImportError as err:  # pandas / matplotlib are optional dependencies of the package

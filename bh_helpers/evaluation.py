@@ -55,6 +55,7 @@ __all__ = [
     "measure_speed",
     "compute_summary",
     "split_last_word",
+    "scored_token_nll",
 ]
 
 DEFAULT_WINDOW = 2048  # capped at the model's context length
@@ -302,9 +303,81 @@ def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torc
     return ids.to(device), mask.to(device)
 
 
-def _forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return out.logits  # (B, T, V)
+#: Positions per output-head call when scoring: float32 logits of [512, V] (98 MiB at V = 50,304),
+#: never [B, T, V] for a whole batch (392 MiB at 8 x 256 beside a 12.9 GiB model on a 15 GB T4).
+SCORE_CHUNK = 512
+
+
+def _plain_linear_head(model) -> torch.nn.Module | None:
+    """The output head when logits are exactly ``head(final hidden state)``, else None."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    config = getattr(model, "config", None)
+    scaled = any(getattr(config, name, None) not in (None, 1, 1.0)
+                 for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    if not isinstance(head, torch.nn.Linear) or scaled or getattr(model, "lm_head", None) is not head:
+        return None
+    return head
+
+
+def _forward_hidden(model, ids: torch.Tensor, mask: torch.Tensor):
+    """One forward pass; returns ``(states, to_logits)``.
+
+    ``states`` are the final hidden states ``[B, T, H]`` and ``to_logits`` the model's own output
+    head, when the head is a plain linear layer (every supported MoE family): the head is swapped
+    for an identity during the call (the model's hooks and routing still run) and applied later,
+    only to the positions that are scored, :data:`SCORE_CHUNK` at a time. Otherwise ``states``
+    are the logits ``[B, T, V]`` and ``to_logits`` the identity.
+    """
+    head = _plain_linear_head(model)
+    if head is None:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits, (lambda x: x)
+    model.lm_head = torch.nn.Identity()
+    try:
+        states = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, H)
+    finally:
+        model.lm_head = head
+    return states, head
+
+
+def _chunked_scores(states: torch.Tensor, to_logits, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position NLL (float32) and argmax hits of ``states[n, H or V]`` against ``targets[n]``."""
+    nll = torch.empty(targets.shape, dtype=torch.float32, device=targets.device)  # (n,)
+    hit = torch.empty(targets.shape, dtype=torch.bool, device=targets.device)  # (n,)
+    for start in range(0, targets.shape[0], SCORE_CHUNK):
+        end = start + SCORE_CHUNK
+        logits = to_logits(states[start:end]).float()  # (chunk, V)
+        nll[start:end] = F.cross_entropy(logits, targets[start:end], reduction="none")
+        hit[start:end] = logits.argmax(-1) == targets[start:end]
+    return nll, hit
+
+
+def scored_token_nll(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL and argmax hits of the tokens ``ids[:, 1:][scored]``, predicted from the position before.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+    ids, mask : torch.LongTensor, shape ``[B, T]``
+        Token ids and attention mask, on the model's device.
+    scored : torch.BoolTensor, shape ``[B, T - 1]``
+        Which next-token predictions to score (aligned with ``ids[:, 1:]``).
+
+    Returns
+    -------
+    nll : torch.Tensor, shape ``[n]``, float32
+        Negative log-likelihood of each scored token (row-major order of ``scored``).
+    hit : torch.BoolTensor, shape ``[n]``
+        Whether the argmax prediction equals the token.
+
+    Notes
+    -----
+    Peak memory beyond the forward pass is one ``[SCORE_CHUNK, V]`` float32 block, not the
+    ``[B, T, V]`` logits of the batch.
+    """
+    states, to_logits = _forward_hidden(model, ids, mask)  # (B, T, H) or (B, T, V)
+    picked = states[:, :-1][scored]  # (n, H) or (n, V)
+    return _chunked_scores(picked, to_logits, ids[:, 1:][scored])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,18 +466,14 @@ def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, pro
         for batch in tqdm(list(_batched(spans, batch_size)), desc=desc, disable=not progress):
             rows = [stream[b:e] for b, e, _ in batch]
             ids, mask = _right_pad(rows, pad_id, device)
-            logits = _forward_logits(model, ids, mask)  # (B, T, V)
             # scored[i, j] is True when token j of window i is scored (predicted from j - 1).
             scored = torch.zeros(ids.shape, dtype=torch.bool, device=device)
             for i, (b, e, first) in enumerate(batch):
                 scored[i, first - b : e - b] = True
-            pred_mask = scored[:, 1:]  # (B, T-1) aligned with logits[:, :-1]
-            pred_logits = logits[:, :-1][pred_mask].float()  # (n, V)
-            targets = ids[:, 1:][pred_mask]  # (n,)
-            nll = F.cross_entropy(pred_logits, targets, reduction="none")
+            nll, hit = scored_token_nll(model, ids, mask, scored[:, 1:])  # (n,), (n,)
             nll_sum += float(nll.double().sum())
-            n_correct += int((pred_logits.argmax(-1) == targets).sum())
-            n_tokens += int(targets.numel())
+            n_correct += int(hit.sum())
+            n_tokens += int(nll.numel())
     protocol = {
         "window": window,
         "stride": stride,
@@ -538,10 +607,10 @@ def _score_continuations(
             batch = [requests[j] for j in batch_idx]
             rows = [ctx + cont[:-1] for ctx, cont in batch]
             ids, mask = _right_pad(rows, pad_id, device)
-            logits = _forward_logits(model, ids, mask)  # (B, T, V)
+            states, to_logits = _forward_hidden(model, ids, mask)  # (B, T, H) or (B, T, V)
             for i, (j, (ctx, cont)) in enumerate(zip(batch_idx, batch)):
                 start = len(ctx) - 1  # logits at `start` predict cont[0]
-                lp = torch.log_softmax(logits[i, start : start + len(cont)].float(), dim=-1)  # (L, V)
+                lp = torch.log_softmax(to_logits(states[i, start : start + len(cont)]).float(), dim=-1)  # (L, V)
                 target = torch.as_tensor(cont, device=device)
                 token_lp = lp.gather(-1, target[:, None]).squeeze(-1)  # (L,)
                 argmax = lp.argmax(-1)

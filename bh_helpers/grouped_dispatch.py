@@ -24,7 +24,8 @@ Two variants of step 1-2:
 - ``compact`` (prefill): one host synchronisation per call reads the number of valid pairs ``S``
   so the gather, the activation and the intermediate buffers are ``S`` rows, not ``T*K``.
 
-Without grouped GEMMs (CPU, Turing T4 sm_75, float32 weights) it falls back to the reference.
+Without grouped GEMMs (Turing T4 sm_75, float16 weights) :mod:`bh_helpers.looped_dispatch` runs instead,
+and the reference on CPU; :mod:`bh_helpers.auto_dispatch` makes that choice.
 """
 
 from __future__ import annotations
@@ -35,14 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from bh_helpers._cuda import on_device
+from bh_helpers._cuda import device_capability, on_device
 from bh_helpers.dispatch import _gate_activation, check_dispatch_inputs, dispatch_experts
 
 __all__ = [
     "COMPACT_MIN_PAIRS",
     "GRAPH_MAX_PAIRS",
     "clear_graphs",
-    "fast_dispatch_experts",
     "grouped_dispatch_experts",
     "grouped_mm_supported",
 ]
@@ -66,7 +66,7 @@ def grouped_mm_supported(device: torch.device | str, dtype: torch.dtype) -> bool
     device = torch.device(device)
     if device.type != "cuda" or not hasattr(torch, "_grouped_mm") or dtype != torch.bfloat16:
         return False
-    major, _ = torch.cuda.get_device_capability(device)
+    major, _ = device_capability(device)
     return major >= 8
 
 
@@ -276,17 +276,3 @@ def grouped_dispatch_experts(
     if use_graphs:
         return _graphed(experts, hidden, indices)(hidden, indices, weights)
     return _dispatch_sync_free(experts, hidden, indices, weights)
-
-
-def fast_dispatch_experts(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Automatic choice: grouped GEMMs where supported, the reference dispatch elsewhere.
-
-    Drop-in for :func:`bh_helpers.dispatch.dispatch_experts` (same signature and contract).
-    """
-    if (
-        grouped_mm_supported(hidden.device, experts.gate_up_proj.dtype)
-        and getattr(experts, "has_gate", True)
-        and not getattr(experts, "has_post_expert_norm", False)
-    ):
-        return grouped_dispatch_experts(experts, hidden, indices, weights)
-    return dispatch_experts(experts, hidden, indices, weights)

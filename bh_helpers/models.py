@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from bh_helpers._cuda import device_capability
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -139,7 +141,7 @@ def default_dtype(device: str | torch.device, capability: tuple[int, int] | None
     if device.type != "cuda":
         return torch.float32
     if capability is None:
-        capability = torch.cuda.get_device_capability(device)
+        capability = device_capability(device)
     return torch.float16 if capability[0] < 8 else torch.bfloat16
 
 

@@ -7,7 +7,8 @@ with one that
 2. asks the selector which experts each token gets (a :class:`~bh_helpers.selection.Selection`
    of variable width, ``-1`` at unused slots),
 3. runs only the selected (token, expert) pairs on the model's own expert weights through
-   :func:`bh_helpers.grouped_dispatch.fast_dispatch_experts` (grouped GEMMs on CUDA, the reference
+   :func:`bh_helpers.auto_dispatch.fast_dispatch_experts` (grouped GEMMs on sm80+ CUDA, per-expert
+   loops and Triton GEMVs on a T4, the reference
    :func:`bh_helpers.dispatch.dispatch_experts` elsewhere) and adds the shared expert where the family has one.
 
 transformers' expert dispatch is never called with a selection, so the result does not depend on
@@ -52,7 +53,7 @@ from torch.nn import functional as F
 
 from bh_helpers.capture import ForwardInputs, forward_inputs
 from bh_helpers.fused_select import fused_select_experts, select_from_bank
-from bh_helpers.grouped_dispatch import fast_dispatch_experts, grouped_dispatch_experts, grouped_mm_supported
+from bh_helpers.auto_dispatch import fast_dispatch_experts, sync_free_dispatch, sync_free_supported
 from bh_helpers.moe_adapters import (
     LayerSpec,
     MoEBlock,
@@ -776,8 +777,7 @@ def _make_forward(
         counts = selection.counts.reshape(-1)  # (T,)
         indices = selection.indices.reshape(counts.shape[0], -1)  # (T, K)
         _aggregate(hist, experts_count, counts, indices, valid, (valid != 0).unsqueeze(-1))
-        out = grouped_dispatch_experts(module.experts, hidden, selection.indices, selection.weights,
-                                       variant="sync_free", use_graphs=False)  # (T, H)
+        out = sync_free_dispatch(module.experts, hidden, selection.indices, selection.weights)  # (T, H)
         shared = adapter.shared_output(module, hidden)  # (T, H) or None
         if shared is not None:
             out = out + shared.to(out.dtype)  # (T, H)
@@ -801,12 +801,7 @@ def _make_forward(
         ):
             return None
         experts = module.experts
-        if not (
-            grouped_mm_supported(device, experts.gate_up_proj.dtype)
-            and getattr(experts, "has_gate", True)
-            and not getattr(experts, "has_post_expert_norm", False)
-            and _graph_safe_selector(selector, device)
-        ):
+        if not (sync_free_supported(experts, device, hidden.shape[0]) and _graph_safe_selector(selector, device)):
             return None
         weight = gate_cache.weight_for(module, device)
         if weight is None:
@@ -854,7 +849,7 @@ def _make_forward(
             # loss can be computed); its return value is not used.
             module.gate(hidden)
         with materialized(module.experts):
-            # Grouped GEMMs on CUDA (bf16), the reference dispatch elsewhere.
+            # bh_helpers.auto_dispatch picks grouped GEMMs, the T4 path or the reference.
             out = fast_dispatch_experts(module.experts, hidden, selection.indices, selection.weights)  # (T, H)
         shared = adapter.shared_output(module, hidden)  # (T, H) or None
         if shared is not None:

@@ -32,12 +32,14 @@ one document.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import functools
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ __all__ = [
     "SETTINGS_NAME",
     "DemoSettings",
     "DemoResult",
+    "GPUOutOfMemory",
     "default_null_bank_dir",
     "model_slug",
     "calibration_token_ids",
@@ -74,6 +77,7 @@ CAPTURED_NAME = "captured_logits.safetensors"
 NULLS_DIR = "nulls"
 RESULTS_NAME = "sweep.jsonl"
 SETTINGS_NAME = "run.json"
+STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last demo run
 KDE_MODELS_ENV = "BH_ROUTING_KDE_MODELS"
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -643,6 +647,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     if config is not None and model is not None and tokenizer is not None and null_bank is not None:
         import torch
 
+        from bh_helpers.capture import _model_device
         from bh_helpers.categories import analyze_categories, load_prompt_sets
         from bh_helpers.patching import TopKSelector, route
 
@@ -659,7 +664,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         sample = list(load_prompt_sets(prompt_sets).values())[-1][0]
         ids = _encode(tokenizer, sample)
         with torch.no_grad(), route(model, selector) as rec:
-            model(input_ids=torch.tensor([ids]), use_cache=False)
+            model(input_ids=torch.tensor([ids], device=_model_device(model)), use_cache=False)
         k = rec.per_token_counts().matrix().double().mean(dim=1).numpy()
         tokens = [tokenizer.decode([i]) for i in ids]
         figures[f"per-token experts, {config.label()}"] = plots.plot_token_view(
@@ -760,6 +765,8 @@ class DemoResult:
         Seconds per step.
     resumed : bool
         True when the folder held a run with the same settings.
+    peak_gpu_gib : dict of str to float
+        Peak CUDA memory allocated by torch during each step (GiB); empty on CPU.
     """
 
     out_dir: Path
@@ -768,6 +775,33 @@ class DemoResult:
     frontier: Any
     timings: dict[str, float] = field(default_factory=dict)
     resumed: bool = False
+    peak_gpu_gib: dict[str, float] = field(default_factory=dict)
+
+
+class GPUOutOfMemory(MemoryError):
+    """A demo step ran out of GPU memory; the message names the settings to lower."""
+
+
+@contextlib.contextmanager
+def _demo_step(name: str, *, timings: dict, peaks: dict, settings: "DemoSettings") -> Iterator[None]:
+    """Time one step of :func:`run_demo`, record its peak GPU memory, and explain an OOM."""
+    import torch
+
+    on_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        raise GPUOutOfMemory(
+            f"out of GPU memory in the {name} step with batch_size={settings.batch_size} windows of "
+            f"{settings.window} tokens; lower --batch-size (DemoSettings.batch_size) or --window, or free the "
+            f"GPU (torch: {str(err).splitlines()[0]})"
+        ) from None
+    timings[name] = time.perf_counter() - t0
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks[name] = torch.cuda.max_memory_allocated() / 2**30
 
 
 def _check_folder(out: Path, settings: DemoSettings) -> bool:
@@ -827,9 +861,10 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
     out = Path(out_dir)
     resumed = _check_folder(out, settings)
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(settings.model, device=device, dtype=torch.float32 if device == "cpu" else None)
-    timings["load model"] = time.perf_counter() - t0
+    peaks: dict[str, float] = {}
+    step = functools.partial(_demo_step, timings=timings, peaks=peaks, settings=settings)
+    with step("load model"):
+        model, tokenizer = load_model(settings.model, device=device, dtype=torch.float32 if device == "cpu" else None)
     out.mkdir(parents=True, exist_ok=True)
     if not resumed:
         tmp = out / (SETTINGS_NAME + ".tmp")
@@ -838,35 +873,34 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
                                   indent=2) + "\n", encoding="utf-8")
         tmp.replace(out / SETTINGS_NAME)
 
-    t0 = time.perf_counter()
     captured_path = out / CAPTURED_NAME
     nulls_dir = out / NULLS_DIR
     if not (nulls_dir / "metadata.json").is_file():
         if not captured_path.is_file():  # a resumed run reuses it; fit_step reads (and checks) it
-            capture_step(model, tokenizer, max_tokens=settings.calibration_tokens, window=settings.window,
-                         batch_size=settings.batch_size, out_path=captured_path, model_id=settings.model,
-                         progress=progress)
-        timings["capture"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fit_step(captured_path, kernel=settings.kernel, grid_size=settings.grid_size, model_id=settings.model,
-                 out_dir=nulls_dir)
-        timings["fit"] = time.perf_counter() - t0
+            with step("capture"):
+                capture_step(model, tokenizer, max_tokens=settings.calibration_tokens, window=settings.window,
+                             batch_size=settings.batch_size, out_path=captured_path, model_id=settings.model,
+                             progress=progress)
+        with step("fit"):
+            fit_step(captured_path, kernel=settings.kernel, grid_size=settings.grid_size, model_id=settings.model,
+                     out_dir=nulls_dir)
     bank = NullBank.load(nulls_dir)
 
-    t0 = time.perf_counter()
     results_path = out / RESULTS_NAME
-    results = sweep_step(model, tokenizer, configs, null_bank=bank, results_path=results_path,
-                         datasets=settings.datasets, max_tokens=settings.max_tokens, window=settings.window,
-                         stride=settings.stride, batch_size=settings.batch_size, weights=settings.weights,
-                         model_id=settings.model, progress=progress)
-    timings["sweep"] = time.perf_counter() - t0
+    with step("sweep"):
+        results = sweep_step(model, tokenizer, configs, null_bank=bank, results_path=results_path,
+                             datasets=settings.datasets, max_tokens=settings.max_tokens, window=settings.window,
+                             stride=settings.stride, batch_size=settings.batch_size, weights=settings.weights,
+                             model_id=settings.model, progress=progress)
 
-    t0 = time.perf_counter()
-    report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=bank,
-                         model_id=settings.model, categories=settings.categories, seed=settings.seed,
-                         weights=settings.weights, progress=progress)
-    timings["report"] = time.perf_counter() - t0
+    with step("report"):
+        report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=bank,
+                             model_id=settings.model, categories=settings.categories, seed=settings.seed,
+                             weights=settings.weights, progress=progress)
     from bh_helpers.frontier import compute_frontier
 
+    (out / STEPS_NAME).write_text(json.dumps({
+        "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
+        "seconds": timings, "peak_gpu_gib": peaks}, indent=2) + "\n", encoding="utf-8")
     return DemoResult(out_dir=out, report_path=report, results_path=results_path,
-                      frontier=compute_frontier(results), timings=timings, resumed=resumed)
+                      frontier=compute_frontier(results), timings=timings, resumed=resumed, peak_gpu_gib=peaks)

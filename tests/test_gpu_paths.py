@@ -14,12 +14,12 @@ import textwrap
 import pytest
 import torch
 
+from bh_helpers.auto_dispatch import fast_dispatch_experts
 from bh_helpers.dispatch import dispatch_experts
 from bh_helpers.fused_select import fused_select_experts, select_with_null
 from bh_helpers.grouped_dispatch import (
     _dispatch_compact,
     _dispatch_sync_free,
-    fast_dispatch_experts,
     grouped_dispatch_experts,
 )
 from bh_helpers.nulls import fit_null

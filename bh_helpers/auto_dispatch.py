@@ -1,0 +1,67 @@
+"""Which variable-k dispatch runs where (one place decides).
+
+======================================  =============================================================
+where                                   dispatch
+======================================  =============================================================
+CUDA, compute capability >= 8, bf16     :mod:`bh_helpers.grouped_dispatch` (``torch._grouped_mm``)
+other CUDA (T4: sm_75, float16), few    :func:`bh_helpers.looped_dispatch.gemv_dispatch_experts`
+tokens                                  (sync-free, two Triton kernels)
+other CUDA, many tokens                 :func:`bh_helpers.looped_dispatch.looped_dispatch_experts`
+                                        (per-expert ``torch.mm``, one host synchronisation)
+CPU, anything else                      :func:`bh_helpers.dispatch.dispatch_experts` (the reference)
+======================================  =============================================================
+
+The capability is read through :func:`bh_helpers._cuda.device_capability`, so
+``BH_ROUTING_CUDA_CAPABILITY=7.5`` takes the T4 rows on any GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bh_helpers.dispatch import dispatch_experts
+from bh_helpers.grouped_dispatch import grouped_dispatch_experts, grouped_mm_supported
+from bh_helpers.looped_dispatch import (
+    GEMV_MAX_TOKENS,
+    gemv_dispatch_experts,
+    gemv_supported,
+    looped_dispatch_experts,
+)
+
+__all__ = ["fast_dispatch_experts", "sync_free_dispatch", "sync_free_supported"]
+
+
+def _grouped_layout(experts: nn.Module) -> bool:
+    return getattr(experts, "has_gate", True) and not getattr(experts, "has_post_expert_norm", False)
+
+
+def sync_free_supported(experts: nn.Module, device: torch.device, n_tokens: int) -> bool:
+    """Whether a host-sync-free (CUDA-graph capturable) dispatch exists for ``n_tokens`` rows."""
+    if grouped_mm_supported(device, experts.gate_up_proj.dtype) and _grouped_layout(experts):
+        return True
+    return device.type == "cuda" and n_tokens <= GEMV_MAX_TOKENS and gemv_supported(experts, device)
+
+
+def sync_free_dispatch(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor,
+                       weights: torch.Tensor) -> torch.Tensor:
+    """The sync-free dispatch where :func:`sync_free_supported` holds (called inside CUDA graphs)."""
+    if grouped_mm_supported(hidden.device, experts.gate_up_proj.dtype) and _grouped_layout(experts):
+        return grouped_dispatch_experts(experts, hidden, indices, weights, variant="sync_free", use_graphs=False)
+    return gemv_dispatch_experts(experts, hidden, indices, weights)
+
+
+def fast_dispatch_experts(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor,
+                          weights: torch.Tensor) -> torch.Tensor:
+    """Automatic choice of dispatch (table in the module docstring).
+
+    Drop-in for :func:`bh_helpers.dispatch.dispatch_experts` (same signature and contract).
+    """
+    device = hidden.device
+    if grouped_mm_supported(device, experts.gate_up_proj.dtype) and _grouped_layout(experts):
+        return grouped_dispatch_experts(experts, hidden, indices, weights)
+    if device.type == "cuda":
+        if hidden.shape[0] <= GEMV_MAX_TOKENS and gemv_supported(experts, device):
+            return gemv_dispatch_experts(experts, hidden, indices, weights)
+        return looped_dispatch_experts(experts, hidden, indices, weights)
+    return dispatch_experts(experts, hidden, indices, weights)

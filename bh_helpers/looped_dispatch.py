@@ -1,0 +1,248 @@
+"""Variable-k expert dispatch for CUDA GPUs without grouped GEMMs (the Colab T4: sm_75, float16).
+
+Same contract as :func:`bh_helpers.dispatch.dispatch_experts` (the plain-torch reference and the
+oracle in tests): ``out[t] = sum_k weights[t, k] * expert_{indices[t, k]}(hidden[t])`` over the
+valid slots (``indices >= 0``), accumulated in float32 and cast once.
+
+On such a card transformers' own "grouped_mm" becomes ``_grouped_mm_fallback``: slots sorted by
+expert, a per-expert ``torch.mm`` loop with a host synchronisation for the group offsets (two per
+layer: one per projection). The two variants here do at most that, over the SELECTED pairs only:
+
+- :func:`looped_dispatch_experts` (prefill, many tokens): slots sorted by expert with unused slots
+  mapped to a sentinel that sorts last, ONE host synchronisation per call for the group sizes,
+  one gather of the valid rows, per-expert ``torch.mm`` on contiguous slices written in place,
+  one activation over all rows, and the weighted per-token sum in one Triton kernel
+  (``grouped_dispatch._combine``: float32 accumulation, no atomics).
+- :func:`gemv_dispatch_experts` (decode, a few tokens): no sort and no host synchronisation, so it
+  can be captured in a CUDA graph. Two Triton kernels: (1) per slot, the gate/up rows of its expert
+  times the token's hidden state, then ``silu(gate) * up`` (float32); (2) per token, the down rows
+  of each of its experts times that activation, weighted and summed in float32. The kernels use
+  only loads, multiplies and sums (no ``tl.dot``), so they run on any card Triton supports,
+  sm_75 included, and under the Triton interpreter (the CPU test oracle).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from bh_helpers._cuda import on_device
+from bh_helpers.dispatch import _gate_activation, check_dispatch_inputs, dispatch_experts
+from bh_helpers.grouped_dispatch import _combine, _sorted_slots
+
+__all__ = [
+    "GEMV_MAX_TOKENS",
+    "gemv_dispatch_experts",
+    "gemv_supported",
+    "looped_dispatch_experts",
+]
+
+#: Up to this many tokens the sync-free GEMV variant is used (it reads an expert's weights once per
+#: slot, the looped variant once per expert: the GEMV wins while slots barely outnumber experts).
+GEMV_MAX_TOKENS = 16
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gate_up_kernel(
+        x_ptr, idx_ptr, w_ptr, act_ptr,
+        stride_we, stride_wo, stride_wh,
+        H: tl.constexpr, I: tl.constexpr, K: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        """act[s, i] = silu(W[e, i, :] . x[t]) * (W[e, I + i, :] . x[t]) for slot s = t*K + k (float32)."""
+        s = tl.program_id(0).to(tl.int64)
+        e = tl.load(idx_ptr + s)
+        if e >= 0:
+            t = s // K
+            rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # (BLOCK_I,)
+            rmask = rows < I
+            w_base = w_ptr + e.to(tl.int64) * stride_we
+            acc_g = tl.zeros([BLOCK_I], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_I], dtype=tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                cols = h0 + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
+                cmask = cols < H
+                x = tl.load(x_ptr + t * H + cols, mask=cmask, other=0.0).to(tl.float32)  # (BLOCK_H,)
+                m2 = rmask[:, None] & cmask[None, :]
+                offs = rows[:, None] * stride_wo + cols[None, :] * stride_wh  # (BLOCK_I, BLOCK_H)
+                wg = tl.load(w_base + offs, mask=m2, other=0.0).to(tl.float32)
+                wu = tl.load(w_base + I * stride_wo + offs, mask=m2, other=0.0).to(tl.float32)
+                acc_g += tl.sum(wg * x[None, :], axis=1)
+                acc_u += tl.sum(wu * x[None, :], axis=1)
+            act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up
+            tl.store(act_ptr + s * I + rows, act, mask=rmask)
+
+    @triton.jit
+    def _down_combine_kernel(
+        act_ptr, idx_ptr, wt_ptr, d_ptr, out_ptr,
+        stride_de, stride_do, stride_di,
+        H: tl.constexpr, I: tl.constexpr, K: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+    ):
+        """out[t, o] = sum_k wt[t, k] * (D[e_k, o, :] . act[t*K + k]) over valid slots (float32)."""
+        t = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
+        rmask = rows < H
+        acc = tl.zeros([BLOCK_O], dtype=tl.float32)
+        for k in tl.static_range(K):
+            e = tl.load(idx_ptr + t * K + k)
+            if e >= 0:
+                wt = tl.load(wt_ptr + t * K + k).to(tl.float32)
+                d_base = d_ptr + e.to(tl.int64) * stride_de
+                inner = tl.zeros([BLOCK_O], dtype=tl.float32)
+                for i0 in range(0, I, BLOCK_I):
+                    cols = i0 + tl.arange(0, BLOCK_I)  # (BLOCK_I,)
+                    cmask = cols < I
+                    a = tl.load(act_ptr + (t * K + k) * I + cols, mask=cmask, other=0.0)  # (BLOCK_I,)
+                    d = tl.load(d_base + rows[:, None] * stride_do + cols[None, :] * stride_di,
+                                mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                    inner += tl.sum(d * a[None, :], axis=1)
+                acc += wt * inner
+        tl.store(out_ptr + t * H + rows, acc.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+def _is_default_silu_gate(experts: nn.Module) -> bool:
+    """Whether the experts compute ``silu(gate) * up`` on a concatenated ``[gate; up]`` projection."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # pragma: no cover - depends on the transformers version
+        return False
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    act = getattr(experts, "act_fn", None)
+    return (
+        apply_gate is _default_apply_gate
+        and getattr(experts, "is_concatenated", True)
+        and "silu" in type(act).__name__.lower()
+    )
+
+
+def gemv_supported(experts: nn.Module, device: torch.device) -> bool:
+    """Whether :func:`gemv_dispatch_experts` implements this experts bank on ``device``.
+
+    Needs Triton, CUDA (or the Triton interpreter on CPU), gated experts with the default
+    ``silu(gate) * up`` activation, no biases and no post-expert norm.
+    """
+    import os
+
+    on_cuda = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return (
+        HAS_TRITON
+        and on_cuda
+        and getattr(experts, "has_gate", True)
+        and not getattr(experts, "has_bias", False)
+        and not getattr(experts, "has_post_expert_norm", False)
+        and _is_default_silu_gate(experts)
+    )
+
+
+def _weight_strides(weight: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
+    """Strides (expert, output row, input column) of a ``[E, out, in]`` (or transposed) weight."""
+    if transposed:  # [E, in, out]
+        return weight.stride(0), weight.stride(2), weight.stride(1)
+    return weight.stride(0), weight.stride(1), weight.stride(2)
+
+
+def gemv_dispatch_experts(
+    experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Sync-free dispatch for a few tokens (decode): two Triton kernels, CUDA-graph capturable.
+
+    Parameters
+    ----------
+    experts, hidden, indices, weights
+        As in :func:`bh_helpers.dispatch.dispatch_experts`.
+
+    Returns
+    -------
+    torch.Tensor, shape ``[T, H]``, dtype of ``hidden``
+
+    Raises
+    ------
+    ValueError
+        Bad shapes, or an experts bank :func:`gemv_supported` rejects.
+    """
+    check_dispatch_inputs(hidden, indices, weights)
+    if not gemv_supported(experts, hidden.device):
+        raise ValueError(
+            f"{type(experts).__name__} on {hidden.device} is not supported by the GEMV dispatch "
+            "(needs Triton on CUDA and bias-free silu-gated experts); use bh_helpers.auto_dispatch.fast_dispatch_experts."
+        )
+    transposed = bool(getattr(experts, "is_transposed", False))
+    w_up, w_down = experts.gate_up_proj, experts.down_proj
+    n_tokens, k = indices.shape
+    hidden_dim = hidden.shape[1]
+    inter = w_down.shape[2] if not transposed else w_down.shape[1]
+    out = torch.empty_like(hidden)  # (T, H)
+    if n_tokens == 0:
+        return out
+    x = hidden.contiguous()
+    idx = indices.contiguous()
+    wt = weights.float().contiguous()
+    act = torch.empty((n_tokens * k, inter), dtype=torch.float32, device=hidden.device)  # (T*K, I)
+    block_i, block_h = 32, 128
+    block_o = 16 if n_tokens <= 2 else 32  # enough programs to fill the card at batch 1
+    with on_device(hidden.device):
+        _gate_up_kernel[(n_tokens * k, triton.cdiv(inter, block_i))](
+            x, idx, w_up, act, *_weight_strides(w_up, transposed), H=hidden_dim, I=inter,
+            K=k, BLOCK_I=block_i, BLOCK_H=block_h, num_warps=4)
+        _down_combine_kernel[(n_tokens, triton.cdiv(hidden_dim, block_o))](
+            act, idx, wt, w_down, out, *_weight_strides(w_down, transposed), H=hidden_dim, I=inter,
+            K=k, BLOCK_O=block_o, BLOCK_I=128, num_warps=4)
+    return out
+
+
+def looped_dispatch_experts(
+    experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Per-expert ``torch.mm`` over the selected pairs only, one host synchronisation (prefill).
+
+    Parameters
+    ----------
+    experts, hidden, indices, weights
+        As in :func:`bh_helpers.dispatch.dispatch_experts`.
+
+    Returns
+    -------
+    torch.Tensor, shape ``[T, H]``, dtype of ``hidden``
+    """
+    check_dispatch_inputs(hidden, indices, weights)
+    needs_grad = torch.is_grad_enabled() and (experts.gate_up_proj.requires_grad or hidden.requires_grad)
+    if needs_grad or not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
+        # in-place matmuls (out=) have no autograd; unsupported layouts get the reference's error
+        return dispatch_experts(experts, hidden, indices, weights)
+    num_experts = experts.gate_up_proj.shape[0]
+    transposed = bool(getattr(experts, "is_transposed", False))
+    has_bias = bool(getattr(experts, "has_bias", False))
+    k = indices.shape[1]
+    _, perm, pos, offs = _sorted_slots(indices, num_experts)  # slots by expert, unused last
+    ends = offs.tolist()  # the one host synchronisation: every group boundary
+    n_valid = ends[-1] if ends else 0
+    if n_valid == 0:
+        return torch.zeros_like(hidden)
+    dtype = experts.gate_up_proj.dtype
+    x_g = hidden.index_select(0, perm[:n_valid] // k).to(dtype)  # (S, H) grouped by expert
+    w_up = experts.gate_up_proj if transposed else experts.gate_up_proj.transpose(-2, -1)  # (E, H, 2I)
+    w_down = experts.down_proj if transposed else experts.down_proj.transpose(-2, -1)  # (E, I, H)
+    proj = torch.empty((n_valid, w_up.shape[-1]), dtype=dtype, device=hidden.device)  # (S, 2I)
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            torch.mm(x_g[start:end], w_up[e], out=proj[start:end])
+            if has_bias:
+                proj[start:end] += experts.gate_up_proj_bias[e]
+        start = end
+    act = _gate_activation(experts, proj)  # (S, I), one launch for all experts
+    y = torch.empty((n_valid, w_down.shape[-1]), dtype=dtype, device=hidden.device)  # (S, H)
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            torch.mm(act[start:end], w_down[e], out=y[start:end])
+            if has_bias:
+                y[start:end] += experts.down_proj_bias[e]
+        start = end
+    return _combine(y, pos.reshape(indices.shape), indices, weights, hidden.dtype)  # (T, H)
