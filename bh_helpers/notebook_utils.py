@@ -98,6 +98,19 @@ def small_mode(environ: Mapping[str, str] | None = None) -> bool:
     return not torch.cuda.is_available()
 
 
+def update_committed_bank(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether notebook 02 may replace the committed bank under ``kde_models/``.
+
+    Only when asked: ``BH_UPDATE_COMMITTED_BANK=1``. Otherwise (the default, also in full mode)
+    every notebook writes only under its output folder.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get("BH_UPDATE_COMMITTED_BANK", "").strip().lower()
+    if value and value not in _TRUE | _FALSE:
+        raise ValueError(f"BH_UPDATE_COMMITTED_BANK must be 1 or 0 (or unset); got {value!r}.")
+    return value in _TRUE
+
+
 def model_choice(environ: Mapping[str, str] | None = None) -> str:
     """Model name from ``BH_MODEL`` (default ``"auto"``: OLMoE on a GPU with the hub, else tiny)."""
     env = os.environ if environ is None else environ
@@ -390,13 +403,14 @@ def choose_kernel(table) -> str:
 
 
 def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, tokenizer: Any = None,
-                   calibration_tokens: int = 4096):
+                   calibration_tokens: int = 4096, prefer_own: bool = False):
     """The null bank to route ``key`` with, and where it came from.
 
-    In order: the bank committed under ``kde_models/<model>/`` (or fitted there by notebook 02 in
-    full mode), the one notebook 02 wrote to ``<out>/null_bank`` in small mode, else a Gaussian
-    bank fitted now on ``calibration_tokens`` tokens (needs ``model`` and ``tokenizer``) and saved
-    to ``<out>/null_bank``.
+    In order: the bank committed under ``kde_models/<model>/`` (or written there by notebook 02
+    with ``BH_UPDATE_COMMITTED_BANK=1``), the one notebook 02 wrote to ``<out>/null_bank``, else a
+    Gaussian bank fitted now on ``calibration_tokens`` tokens (needs ``model`` and ``tokenizer``)
+    and saved to ``<out>/null_bank``. ``prefer_own=True`` (full mode) puts ``<out>/null_bank``
+    first: the bank the user just fitted on more text.
 
     Returns
     -------
@@ -406,12 +420,15 @@ def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, token
     from bh_helpers.nulls import NullBank
     from bh_helpers.pipeline import capture_step, default_null_bank_dir, fit_step
 
+    own = Path(out) / "null_bank"
+    if prefer_own and (own / "metadata.json").is_file():
+        return NullBank.load(own), f"bank fitted by notebook 02: {own}"
     try:
         path = default_null_bank_dir(key)
         return NullBank.load(path), f"committed bank {path}"
     except FileNotFoundError:
         pass
-    path = Path(out) / "null_bank"
+    path = own
     if (path / "metadata.json").is_file():
         return NullBank.load(path), f"bank fitted by notebook 02: {path}"
     if model is None or tokenizer is None:

@@ -56,8 +56,8 @@ MAX_TOKENS_PER_LAYER = None if SMALL else 100_000
 KERNELS = ["gaussian", "tophat", "epanechnikov", "linear", "empirical"]
 HELD_OUT_FRACTION = 0.25  # share of calibration documents held out
 OUTPUT_ROOT = "outputs"
-# Small (CI) runs write the bank under outputs/ and never touch the committed kde_models/.
-SAVE_TO_REPOSITORY = not SMALL
+# The bank goes under outputs/; only BH_UPDATE_COMMITTED_BANK=1 replaces the committed kde_models/ one.
+SAVE_TO_REPOSITORY = nbu.update_committed_bank()
 print(f"model={MODEL_NAME!r} small={SMALL} save_to_repository={SAVE_TO_REPOSITORY}")
 
 # %% [markdown]

@@ -80,7 +80,7 @@ from bh_helpers.patching import BHSelector, NativeSelector, route
 model, tokenizer = nbu.load_notebook_model(MODEL_NAME)
 MODEL_KEY = nbu.model_key(model)
 OUT = nbu.output_dir(MODEL_KEY, OUTPUT_ROOT)
-bank, bank_source = nbu.find_null_bank(MODEL_KEY, OUT, model=model, tokenizer=tokenizer)
+bank, bank_source = nbu.find_null_bank(MODEL_KEY, OUT, model=model, tokenizer=tokenizer, prefer_own=not SMALL)
 bank.check_compatible(model)
 selector = BHSelector(null_bank=bank, method=METHOD, alpha=ALPHA, min_k=MIN_K, max_k=MAX_K, weights=WEIGHTS)
 native = NativeSelector.for_model(model)

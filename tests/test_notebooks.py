@@ -240,3 +240,32 @@ def test_notebook_texts_are_balanced():
     domain = {r["text"]: r["domain"] for r in load_corpus_slice("calibration")}
     assert len(texts) == 6 and {domain[t] for t in texts} == {"prose", "code"}
     assert nbu.evaluation_texts(3)
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_notebook_02_full_mode_leaves_committed_banks_byte_identical(tmp_path, monkeypatch):
+    """Full mode (``BH_NOTEBOOK_SMALL=0``) fits on the whole calibration slice and saves a bank,
+    but only under its output folder: every file under ``kde_models/`` keeps its bytes (before
+    the fix it replaced ``kde_models/tiny-olmoe/``, 1.4 MB -> 6.0 MB)."""
+    nbclient = pytest.importorskip("nbclient")
+    before = _tree_digest(REPO / "kde_models")
+    assert before, "kde_models/ should hold the committed banks"
+    work = tmp_path / "notebooks"
+    work.mkdir()
+    shutil.copy(NOTEBOOKS / "02_fit_null_kdes.ipynb", work)
+    for var, value in {"BH_NOTEBOOK_SMALL": "0", "BH_MODEL": "tiny", "BH_THREADS": "1"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("BH_UPDATE_COMMITTED_BANK", raising=False)
+    nb = nbformat.read(work / "02_fit_null_kdes.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3",
+                            resources={"metadata": {"path": str(work)}}).execute()
+    assert _tree_digest(REPO / "kde_models") == before
+    saved = work / "outputs" / "tiny-olmoe" / "null_bank" / "metadata.json"
+    assert saved.is_file(), "the full-mode bank belongs under the notebook's outputs/"

@@ -1,0 +1,365 @@
+"""Colab T4 emulation harness: OLMoE-1B-7B in float16 under a 14 GiB cap, on any CUDA GPU.
+
+Our users run the notebooks on a Colab T4 (15 GB, compute capability 7.5, float16, no grouped
+GEMM). This harness reproduces that path on a bigger GPU and checks what users hit:
+
+1. ``build``: an OLMoE-1B-7B-shaped ``OlmoeForCausalLM`` (16 layers, hidden 2048, 64 experts x
+   1024, top-8, vocab 50304) with random float16 weights made on the GPU (router rows scaled per
+   expert so routing is far from uniform), saved with the embedded tokenizer to a folder that
+   ``load_model(path)`` and the notebooks (``BH_MODEL=path``) load as they would the hub model;
+2. ``numerics``: inf/NaN and the largest magnitude in the MoE outputs and the residual stream
+   on evaluation text, 7B-shaped and tiny model in float16, native and BH-like routing;
+3. ``speed``: native vs ``route`` (patched top-8, BH-like load with mean k 4.5, and patched top-8
+   through the reference dispatch), prefill 8 x 256 and greedy decode batch 1 and 8, variants
+   interleaved round by round, ratios = medians of per-round paired ratios; plus the routed
+   logits of the fast dispatch against the reference dispatch (float16 tolerance);
+4. ``demo``: ``bh-routing demo --device cuda --model <folder>`` at default settings;
+5. ``notebooks``: all four notebooks in full mode (``BH_NOTEBOOK_SMALL=0``) under ``pytest --nbmake``,
+   checking that ``kde_models/`` stays byte-identical.
+
+Every process runs emulated (``benchmarks/t4_site/sitecustomize.py``: capability switch 7.5,
+allocator cap, transformers' sm75 MoE path); its peak memory is recorded per step. One JSON
+(merged into ``--json`` when it exists) holds wall time, peak memory and results per step.
+
+    python benchmarks/t4_emulation.py --work /tmp/t4 --steps build numerics speed \\
+        --json benchmarks/results/t4_emulation.json
+
+Speed is emulated too: an H200 is not a T4 (bandwidth, SDPA and cuBLAS kernels); the ratios
+say how our path compares with transformers' own T4 path under the same conditions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SITE = HERE / "t4_site"
+STEPS = ("build", "numerics", "speed", "demo", "notebooks")
+
+
+def _emulated_env(work: Path, step: str) -> dict[str, str]:
+    env = dict(os.environ, BH_T4_EMULATION="1", BH_T4_STEP=step, BH_T4_PEAK_LOG=str(work / "peaks"),
+               PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
+    env["PYTHONPATH"] = os.pathsep.join([str(SITE), str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def _peaks(work: Path, step: str) -> dict:
+    """Largest peak memory of the processes of one step (from the site hook's files)."""
+    rows = []
+    for path in glob.glob(str(work / "peaks") + ".*.json"):
+        with open(path, encoding="utf-8") as f:
+            row = json.load(f)
+        if row.get("step") == step:
+            rows.append(row)
+    if not rows:
+        return {}
+    return {"peak_allocated_gib": round(max(r["peak_allocated_gib"] for r in rows), 3),
+            "peak_reserved_gib": round(max(r["peak_reserved_gib"] for r in rows), 3), "processes": len(rows)}
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps run in this (emulated) process
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(model_dir: Path, layers: int = 16) -> dict:
+    """Random float16 OLMoE-1B-7B-shaped model + the embedded tokenizer, saved to ``model_dir``."""
+    import torch
+    from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
+
+    from bh_helpers.models import embedded_model_dir
+
+    cfg = OlmoeConfig(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+        max_position_embeddings=4096, norm_topk_prob=False, initializer_range=0.02, tie_word_embeddings=False,
+    )
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # made in float16 on the GPU: never a float32 copy
+    try:
+        with torch.device("cuda"):
+            model = OlmoeForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=g)
+            if name.endswith("mlp.gate.weight"):  # [E, H]: per-expert scale, so some experts win often
+                scale = torch.exp(0.5 * torch.randn(p.shape[0], 1, device="cuda", generator=g, dtype=torch.float32))
+                p.mul_(scale.to(p.dtype))
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    return {"weights_gib": round(n_bytes / 2**30, 3), "config": {k: getattr(cfg, k) for k in (
+        "num_hidden_layers", "hidden_size", "intermediate_size", "num_experts", "num_experts_per_tok", "vocab_size")}}
+
+
+def _evaluation_ids(tokenizer, n_tokens: int) -> list[int]:
+    from bh_helpers.models import load_corpus_slice
+
+    ids: list[int] = []
+    for record in load_corpus_slice("evaluation"):
+        ids += tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= n_tokens:
+            break
+    return ids[:n_tokens]
+
+
+def numerics(model_dir: Path) -> dict:
+    """inf/NaN and max |value| of every MoE output and decoder-layer output on evaluation text."""
+    import torch
+
+    import bh_helpers.patching as patching
+    from bh_helpers.models import load_model
+    from bh_helpers.moe_adapters import find_moe_blocks
+    from bench_gpu import ForcedKSelector
+
+    out = {}
+    for name in (str(model_dir), "tiny"):
+        model, tok = load_model(name, device="cuda")
+        ids = torch.tensor(_evaluation_ids(tok, 4 * 256), device="cuda").reshape(4, 256)
+        stats: dict[str, list[float]] = {"moe_max_abs": [], "residual_max_abs": []}
+        bad: list[str] = []
+
+        def hook(kind, label):
+            def fn(module, args, output):
+                y = output[0] if isinstance(output, tuple) else output
+                if not torch.isfinite(y).all():
+                    bad.append(label)
+                stats[kind].append(float(y.float().abs().max()))
+            return fn
+
+        handles = [b.module.register_forward_hook(hook("moe_max_abs", f"moe{b.layer}")) for b in find_moe_blocks(model)]
+        handles += [layer.register_forward_hook(hook("residual_max_abs", f"layer{i}"))
+                    for i, layer in enumerate(model.model.layers)]
+        row = {"dtype": str(next(model.parameters()).dtype)}
+        try:
+            for routing in ("native", "BH-like (mean k 4.5)"):
+                stats["moe_max_abs"].clear()
+                stats["residual_max_abs"].clear()
+                bad.clear()
+                ctx = contextlib.nullcontext() if routing == "native" else patching.route(model, ForcedKSelector(8))
+                with torch.no_grad(), ctx:
+                    logits = model(input_ids=ids, use_cache=False).logits
+                row[routing] = {"non_finite": list(bad), "logits_finite": bool(torch.isfinite(logits).all()),
+                                "moe_max_abs": max(stats["moe_max_abs"]),
+                                "residual_max_abs": max(stats["residual_max_abs"]),
+                                "float16_max": float(torch.finfo(torch.float16).max)}
+        finally:
+            for h in handles:
+                h.remove()
+        out["7B-shaped" if name != "tiny" else "tiny"] = row
+        del model
+        torch.cuda.empty_cache()
+    return out
+
+
+def speed(model_dir: Path, rounds: int, new_tokens: int) -> dict:
+    """Native vs routed, interleaved rounds, medians of per-round paired ratios; plus equality."""
+    import torch
+
+    import bh_helpers.patching as patching
+    from bh_helpers.models import load_model
+    from bench_gpu import ForcedKSelector, reference_dispatch, wall_median
+
+    model, _ = load_model(str(model_dir), device="cuda")
+    model.generation_config.eos_token_id = None  # fixed-length decode
+    model.generation_config.pad_token_id = 0
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50304, (8, 256), device="cuda")
+    variants = {
+        "native top-8": (None, False),
+        "patched top-8": (patching.TopKSelector(8, weights="softmax"), False),
+        "BH-like k~U{1..8} (mean 4.5)": ("forced", False),
+        "patched top-8, reference dispatch": (patching.TopKSelector(8, weights="softmax"), True),
+    }
+
+    def context(name):
+        selector, reference = variants[name]
+        if selector is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if reference:
+            stack.enter_context(reference_dispatch())
+        stack.enter_context(patching.route(model, ForcedKSelector(8) if selector == "forced" else selector))
+        return stack
+
+    result: dict = {}
+    with torch.inference_mode():
+        # outputs: the fast T4 dispatch against the reference dispatch (same selector)
+        with patching.route(model, patching.TopKSelector(8, weights="softmax")):
+            fast = model(input_ids=ids[:2], use_cache=False).logits.float()
+        with reference_dispatch(), patching.route(model, patching.TopKSelector(8, weights="softmax")):
+            ref = model(input_ids=ids[:2], use_cache=False).logits.float()
+        native = model(input_ids=ids[:2], use_cache=False).logits.float()
+        result["equality"] = {
+            "fast_vs_reference_rel_err": float((fast - ref).norm() / ref.norm()),
+            "fast_vs_native_rel_err": float((fast - native).norm() / native.norm()),
+            "argmax_agreement_fast_vs_reference": float((fast.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "tolerance": "relative L2 error of float16 logits < 5e-3",
+        }
+        del fast, ref, native
+        torch.cuda.empty_cache()
+        times: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
+        for _ in range(rounds):
+            for name in variants:
+                with context(name):
+                    times[name].setdefault("prefill", []).append(
+                        wall_median(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), warmup=1, reps=1))
+        for batch in (1, 8):
+            prompt = torch.randint(0, 50304, (batch, 32), device="cuda")
+
+            def gen(prompt=prompt):
+                out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                assert out.shape[1] == 32 + new_tokens
+
+            for _ in range(rounds):
+                for name in variants:
+                    with context(name):
+                        times[name].setdefault(f"decode_b{batch}", []).append(wall_median(gen, warmup=1, reps=1))
+    work = {"prefill": 8 * 256, "decode_b1": new_tokens, "decode_b8": 8 * new_tokens}
+    base = times["native top-8"]
+    table = {}
+    for name, per in times.items():
+        row = {}
+        for key, ts in per.items():
+            row[f"{key}_tok_s"] = work[key] / statistics.median(ts)
+            row[f"{key}_x_native"] = statistics.median(b / t for b, t in zip(base[key], ts))
+            row[f"{key}_rounds_s"] = ts
+        table[name] = row
+    result["variants"] = table
+    result["protocol"] = (f"{rounds} interleaved rounds; per round each variant enters route, 1 warm-up + 1 timed "
+                          f"call; prefill model(ids[8, 256], use_cache=False, logits_to_keep=1); decode "
+                          f"generate(greedy, prompt 32, {new_tokens} new tokens), batch 1 and 8; tok/s = median of "
+                          "rounds; x native = median of per-round paired ratios")
+    targets = {"patched top-8": {"prefill": 0.95, "decode_b1": 0.95},
+               "BH-like k~U{1..8} (mean 4.5)": {"prefill": 1.3, "decode_b1": 1.0}}
+    result["targets"] = {f"{name} {key} >= {t}x": table[name][f"{key}_x_native"] >= t
+                         for name, ts in targets.items() for key, t in ts.items()}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps run as subprocesses (as users run them)
+# ----------------------------------------------------------------------------------------------
+
+
+def _run(cmd: list[str], env: dict, cwd: Path, timeout: int) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return {"command": " ".join(cmd), "returncode": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1),
+            "output_tail": (proc.stdout + proc.stderr)[-2500:]}
+
+
+def demo(work: Path, model_dir: Path, timeout: int) -> dict:
+    out_dir = work / "demo"
+    cli = [shutil.which("bh-routing") or "bh-routing"] if shutil.which("bh-routing") else [sys.executable, "-m", "bh_helpers.cli"]
+    res = _run([*cli, "demo", "--device", "cuda", "--model", str(model_dir), "--out", str(out_dir),
+                "--no-progress"], _emulated_env(work, "demo"), REPO, timeout)
+    steps = out_dir / "steps.json"
+    if steps.is_file():
+        res["steps"] = json.loads(steps.read_text())
+    return res
+
+
+def notebooks(work: Path, model_dir: Path, timeout: int) -> dict:
+    before = _digest(REPO / "kde_models")
+    rows = {}
+    for nb in sorted((REPO / "notebooks").glob("0*.ipynb")):
+        step = f"notebook {nb.stem}"
+        env = _emulated_env(work, step)
+        env.update(BH_MODEL=str(model_dir), BH_NOTEBOOK_SMALL="0")
+        res = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbmake",
+                    f"--nbmake-timeout={timeout}", str(nb)], env, REPO, timeout + 60)
+        res.update(_peaks(work, step))
+        rows[nb.stem] = res
+    return {"notebooks": rows, "kde_models_byte_identical": _digest(REPO / "kde_models") == before}
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/t4_emulation"), help="model folder and outputs")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per subprocess step")
+    parser.add_argument("--json", type=Path, default=None, help="results file (merged into when it exists)")
+    args = parser.parse_args(argv)
+    if os.environ.get("BH_T4_EMULATION") != "1":  # re-run this process emulated (site hook on the path)
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *(argv or sys.argv[1:])],
+                  _emulated_env(args.work, "harness"))
+    sys.path.insert(0, str(HERE))
+    import torch
+    import transformers
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    model_dir = args.work / "model"
+    report = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
+    report["meta"] = {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "emulated": "Colab T4: capability 7.5 (BH_ROUTING_CUDA_CAPABILITY), "
+        f"float16, allocator cap {os.environ.get('BH_T4_MEMORY_GIB', '14')} GiB, transformers' grouped_mm "
+        "fallback forced; timings are of the host GPU, not of a T4",
+    }
+    for step in args.steps:
+        t0 = time.perf_counter()
+        if step in ("build", "numerics", "speed"):
+            torch.cuda.reset_peak_memory_stats()
+        if step == "build":
+            res = build_model(model_dir)
+        elif step == "numerics":
+            res = numerics(model_dir)
+        elif step == "speed":
+            res = speed(model_dir, args.rounds, args.new_tokens)
+        elif step == "demo":
+            res = demo(args.work, model_dir, args.timeout)
+            res.update(_peaks(args.work, "demo"))
+        else:
+            res = notebooks(args.work, model_dir, args.timeout)
+        if step in ("build", "numerics", "speed"):
+            res["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        res["step_wall_s"] = round(time.perf_counter() - t0, 1)
+        report.setdefault("steps", {})[step] = res
+        print(f"== {step}: {json.dumps(res, default=str)[:3000]}", flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
