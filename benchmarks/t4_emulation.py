@@ -87,6 +87,7 @@ def _digest(root: Path) -> str:
 def build_model(model_dir: Path, layers: int = 16) -> dict:
     """Random float16 OLMoE-1B-7B-shaped model + the embedded tokenizer, saved to ``model_dir``."""
     import torch
+    from sitecustomize import apply_t4_emulation
     from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
 
     from bh_helpers.models import embedded_model_dir
@@ -99,6 +100,9 @@ def build_model(model_dir: Path, layers: int = 16) -> dict:
     tok = AutoTokenizer.from_pretrained(embedded_model_dir())
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(0)
+    # Building and saving is not the user's path (save_pretrained copies shards on the GPU):
+    # the T4 cap is lifted for this step only and restored below.
+    torch.cuda.set_per_process_memory_fraction(1.0, 0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)  # made in float16 on the GPU: never a float32 copy
     try:
@@ -119,6 +123,7 @@ def build_model(model_dir: Path, layers: int = 16) -> dict:
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     del model
     torch.cuda.empty_cache()
+    apply_t4_emulation()  # the cap again
     return {"weights_gib": round(n_bytes / 2**30, 3), "config": {k: getattr(cfg, k) for k in (
         "num_hidden_layers", "hidden_size", "intermediate_size", "num_experts", "num_experts_per_tok", "vocab_size")}}
 
