@@ -230,6 +230,23 @@ def _resolve_name(name: str, device: torch.device) -> str:
     return "tiny"
 
 
+def _prefer_expandable_segments() -> None:
+    """Let the CUDA caching allocator grow segments instead of fragmenting (unless configured).
+
+    OLMoE-1B-7B in float16 is 12.9 GiB; on a 15 GB T4, transformers' load-time fusion of each
+    layer's 64 experts needs one more 512 MiB block at the end, and with fixed-size segments a
+    GiB sits reserved but unusable: the load failed under a 14 GiB cap (T4 emulation harness).
+    A user's own ``PYTORCH_CUDA_ALLOC_CONF`` is left alone.
+    """
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
+        return
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:  # torch < 2.9
+        setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is not None:
+        setter("expandable_segments:True")
+
+
 def load_model(
     name: str = "auto",
     *,
@@ -311,6 +328,8 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     placed = "device_map" in kwargs
+    if device.type == "cuda":
+        _prefer_expandable_segments()
     if device.type == "cuda" and not placed:
         # Load straight onto the GPU: Colab has less host RAM than a staged copy of OLMoE needs.
         kwargs["device_map"] = str(device)
