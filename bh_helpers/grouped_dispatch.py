@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bh_helpers._cuda import device_capability, on_device
-from bh_helpers.dispatch import _gate_activation, check_dispatch_inputs, dispatch_experts
+from bh_helpers._cuda import capture_stream, device_capability, on_device
+from bh_helpers.dispatch import _gate_activation, check_dispatch_inputs
 
 __all__ = [
     "COMPACT_MIN_PAIRS",
@@ -177,7 +177,7 @@ class _GraphedDispatch:
         # Placeholder routing: every expert id appears, so capture sees non-empty groups.
         self.indices = (torch.arange(n_tokens * k, device=device) % num_experts).reshape(n_tokens, k)
         self.weights = torch.zeros((n_tokens, k), dtype=torch.float32, device=device)
-        stream = torch.cuda.Stream(device)
+        stream = capture_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: Triton compilation, cuBLAS/CUTLASS handles

@@ -51,9 +51,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bh_helpers._cuda import capture_stream
+from bh_helpers.auto_dispatch import fast_dispatch_experts, sync_free_dispatch, sync_free_supported
 from bh_helpers.capture import ForwardInputs, forward_inputs
 from bh_helpers.fused_select import fused_select_experts, select_from_bank
-from bh_helpers.auto_dispatch import fast_dispatch_experts, sync_free_dispatch, sync_free_supported
 from bh_helpers.moe_adapters import (
     LayerSpec,
     MoEBlock,
@@ -708,7 +709,7 @@ class _BlockGraph:
         self.key = key
         self.hidden = hidden.detach().clone()  # (T, H)
         self.valid = valid  # (T,) long, shared by the blocks of one route
-        stream = torch.cuda.Stream(device)
+        stream = capture_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up into scratch aggregates: compilation, tables, handles
