@@ -4,10 +4,12 @@
 where                                   dispatch
 ======================================  =============================================================
 CUDA, compute capability >= 8, bf16     :mod:`bh_helpers.grouped_dispatch` (``torch._grouped_mm``)
-other CUDA (T4: sm_75, float16), few    :func:`bh_helpers.looped_dispatch.gemv_dispatch_experts`
-tokens                                  (sync-free, two Triton kernels)
-other CUDA, many tokens                 :func:`bh_helpers.looped_dispatch.looped_dispatch_experts`
-                                        (per-expert ``torch.mm``, one host synchronisation)
+other CUDA (T4: sm_75, float16), up to  :func:`bh_helpers.turing_dispatch.gemv_dispatch_experts`
+``GEMV_MAX_TOKENS`` tokens (decode)     (sync-free, two Triton GEMV kernels)
+other CUDA, more tokens (prefill)       :func:`bh_helpers.turing_dispatch.tiled_dispatch_experts`
+                                        (sync-free, two Triton grouped-GEMM kernels)
+other CUDA, layouts those two lack      :func:`bh_helpers.turing_dispatch.looped_dispatch_experts`
+(biases, other gates)                   (per-expert ``torch.mm``, one host synchronisation)
 CPU, anything else                      :func:`bh_helpers.dispatch.dispatch_experts` (the reference)
 ======================================  =============================================================
 
@@ -22,11 +24,12 @@ from torch import nn
 
 from bh_helpers.dispatch import dispatch_experts
 from bh_helpers.grouped_dispatch import grouped_dispatch_experts, grouped_mm_supported
-from bh_helpers.looped_dispatch import (
+from bh_helpers.turing_dispatch import (
     GEMV_MAX_TOKENS,
     gemv_dispatch_experts,
     gemv_supported,
     looped_dispatch_experts,
+    tiled_dispatch_experts,
 )
 
 __all__ = ["fast_dispatch_experts", "sync_free_dispatch", "sync_free_supported"]
@@ -36,11 +39,11 @@ def _grouped_layout(experts: nn.Module) -> bool:
     return getattr(experts, "has_gate", True) and not getattr(experts, "has_post_expert_norm", False)
 
 
-def sync_free_supported(experts: nn.Module, device: torch.device, n_tokens: int) -> bool:
-    """Whether a host-sync-free (CUDA-graph capturable) dispatch exists for ``n_tokens`` rows."""
+def sync_free_supported(experts: nn.Module, device: torch.device) -> bool:
+    """Whether a host-sync-free (CUDA-graph capturable) dispatch exists for this bank on ``device``."""
     if grouped_mm_supported(device, experts.gate_up_proj.dtype) and _grouped_layout(experts):
         return True
-    return device.type == "cuda" and n_tokens <= GEMV_MAX_TOKENS and gemv_supported(experts, device)
+    return device.type == "cuda" and gemv_supported(experts, device)  # GEMV or tiled: both sync-free
 
 
 def sync_free_dispatch(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor,
@@ -48,7 +51,9 @@ def sync_free_dispatch(experts: nn.Module, hidden: torch.Tensor, indices: torch.
     """The sync-free dispatch where :func:`sync_free_supported` holds (called inside CUDA graphs)."""
     if grouped_mm_supported(hidden.device, experts.gate_up_proj.dtype) and _grouped_layout(experts):
         return grouped_dispatch_experts(experts, hidden, indices, weights, variant="sync_free", use_graphs=False)
-    return gemv_dispatch_experts(experts, hidden, indices, weights)
+    if hidden.shape[0] <= GEMV_MAX_TOKENS:
+        return gemv_dispatch_experts(experts, hidden, indices, weights)
+    return tiled_dispatch_experts(experts, hidden, indices, weights)
 
 
 def fast_dispatch_experts(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor,
@@ -58,10 +63,12 @@ def fast_dispatch_experts(experts: nn.Module, hidden: torch.Tensor, indices: tor
     Drop-in for :func:`bh_helpers.dispatch.dispatch_experts` (same signature and contract).
     """
     device = hidden.device
+    if torch.is_grad_enabled() and (experts.gate_up_proj.requires_grad or hidden.requires_grad):
+        return dispatch_experts(experts, hidden, indices, weights)  # the fast paths have no backward
     if grouped_mm_supported(device, experts.gate_up_proj.dtype) and _grouped_layout(experts):
         return grouped_dispatch_experts(experts, hidden, indices, weights)
     if device.type == "cuda":
-        if hidden.shape[0] <= GEMV_MAX_TOKENS and gemv_supported(experts, device):
-            return gemv_dispatch_experts(experts, hidden, indices, weights)
+        if gemv_supported(experts, device):
+            return sync_free_dispatch(experts, hidden, indices, weights)  # GEMV or tiled
         return looped_dispatch_experts(experts, hidden, indices, weights)
     return dispatch_experts(experts, hidden, indices, weights)

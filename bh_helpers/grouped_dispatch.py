@@ -24,7 +24,7 @@ Two variants of step 1-2:
 - ``compact`` (prefill): one host synchronisation per call reads the number of valid pairs ``S``
   so the gather, the activation and the intermediate buffers are ``S`` rows, not ``T*K``.
 
-Without grouped GEMMs (Turing T4 sm_75, float16 weights) :mod:`bh_helpers.looped_dispatch` runs instead,
+Without grouped GEMMs (Turing T4 sm_75, float16 weights) :mod:`bh_helpers.turing_dispatch` runs instead,
 and the reference on CPU; :mod:`bh_helpers.auto_dispatch` makes that choice.
 """
 

@@ -802,7 +802,7 @@ def _make_forward(
         ):
             return None
         experts = module.experts
-        if not (sync_free_supported(experts, device, hidden.shape[0]) and _graph_safe_selector(selector, device)):
+        if not (sync_free_supported(experts, device) and _graph_safe_selector(selector, device)):
             return None
         weight = gate_cache.weight_for(module, device)
         if weight is None:

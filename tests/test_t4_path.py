@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from bh_helpers import _cuda
 from bh_helpers.auto_dispatch import fast_dispatch_experts, sync_free_supported
 from bh_helpers.dispatch import dispatch_experts
-from bh_helpers.looped_dispatch import gemv_supported, looped_dispatch_experts
+from bh_helpers.turing_dispatch import gemv_supported, looped_dispatch_experts
 from test_gpu_paths import make_experts, random_selection, rel_err
 
 CUDA = torch.cuda.is_available()
@@ -100,18 +100,19 @@ def test_looped_dispatch_all_slots_unused_and_transposed_layout():
 def test_gemv_refuses_what_it_does_not_implement():
     experts = make_experts()
     assert not gemv_supported(experts, torch.device("cpu"))  # no CUDA, no interpreter
-    assert not sync_free_supported(experts, torch.device("cpu"), 1)
+    assert not sync_free_supported(experts, torch.device("cpu"))
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (interpreter)")
-def test_gemv_kernels_under_interpreter_match_reference():
+def test_triton_kernels_under_interpreter_match_reference():
+    """GEMV (decode) and tiled grouped-GEMM (prefill) kernels against the reference dispatch."""
     code = textwrap.dedent(
         """
         import sys
         import torch
         sys.path.insert(0, "tests")
         from bh_helpers.dispatch import dispatch_experts
-        from bh_helpers.looped_dispatch import gemv_dispatch_experts, gemv_supported
+        from bh_helpers.turing_dispatch import gemv_dispatch_experts, gemv_supported, tiled_dispatch_experts
         from test_gpu_paths import make_experts, random_selection, rel_err
 
         experts = make_experts(num_experts=8, hidden=160, inter=48)  # not multiples of the blocks
@@ -119,11 +120,18 @@ def test_gemv_kernels_under_interpreter_match_reference():
         for tokens, k, seed in ((1, 8, 0), (3, 4, 1), (9, 6, 2)):
             hidden = torch.randn(tokens, 160)
             idx, w = random_selection(tokens, k, 8, seed=seed)
-            out = gemv_dispatch_experts(experts, hidden, idx, w)
             ref = dispatch_experts(experts, hidden, idx, w)
-            assert rel_err(out, ref) < 1e-5, (tokens, rel_err(out, ref))
-            if tokens > 1:
-                assert torch.equal(out[0], torch.zeros_like(out[0]))
+            for variant in (gemv_dispatch_experts, tiled_dispatch_experts):
+                out = variant(experts, hidden, idx, w)
+                assert rel_err(out, ref) < 1e-5, (variant.__name__, tokens, rel_err(out, ref))
+                if tokens > 1:
+                    assert torch.equal(out[0], torch.zeros_like(out[0]))
+        # tiles of one expert that cross BLOCK_M (many rows on few experts), and an empty selection
+        hidden = torch.randn(150, 160)
+        idx, w = random_selection(150, 8, 8, seed=5, skew=True)
+        assert rel_err(tiled_dispatch_experts(experts, hidden, idx, w), dispatch_experts(experts, hidden, idx, w)) < 1e-5
+        none = torch.full((4, 3), -1)
+        assert torch.equal(tiled_dispatch_experts(experts, hidden[:4], none, torch.zeros(4, 3)), torch.zeros(4, 160))
         print("OK")
         """
     )

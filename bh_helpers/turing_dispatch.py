@@ -34,14 +34,18 @@ from bh_helpers.grouped_dispatch import _combine, _sorted_slots
 
 __all__ = [
     "GEMV_MAX_TOKENS",
+    "TILE_M",
     "gemv_dispatch_experts",
     "gemv_supported",
     "looped_dispatch_experts",
+    "tiled_dispatch_experts",
 ]
 
 #: Up to this many tokens the sync-free GEMV variant is used (it reads an expert's weights once per
 #: slot, the looped variant once per expert: the GEMV wins while slots barely outnumber experts).
 GEMV_MAX_TOKENS = 16
+#: Rows per tile of the tiled (grouped GEMM) variant: one expert per tile.
+TILE_M = 64
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -104,6 +108,67 @@ if HAS_TRITON:
                     inner += tl.sum(d * a[None, :], axis=1)
                 acc += wt * inner
         tl.store(out_ptr + t * H + rows, acc.to(out_ptr.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def _grouped_up_kernel(
+        x_ptr, tok_ptr, w_ptr, act_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
+        stride_we, stride_wo, stride_wh,
+        E: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """act[r, n] = silu(x[tok[r]] . W[e, n]) * (x[tok[r]] . W[e, I + n]) for the rows r of one tile."""
+        tile = tl.program_id(0)
+        e = tl.load(tile_e_ptr + tile)
+        if e < E:  # tiles past the last expert's rows have nothing to do
+            rows = tl.load(tile_r0_ptr + tile) + tl.arange(0, BLOCK_M)  # (BM,) sorted-slot rows
+            rmask = rows < tl.load(tile_r1_ptr + tile)
+            tok = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)  # (BM,) token of each row
+            cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+            cmask = cols < I
+            w_base = w_ptr + e.to(tl.int64) * stride_we
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
+                kmask = ks < H
+                a = tl.load(x_ptr + tok[:, None] * H + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                b_off = cols[None, :] * stride_wo + ks[:, None] * stride_wh  # (BK, BN)
+                bmask = kmask[:, None] & cmask[None, :]
+                bg = tl.load(w_base + b_off, mask=bmask, other=0.0)
+                bu = tl.load(w_base + I * stride_wo + b_off, mask=bmask, other=0.0)
+                acc_g = tl.dot(a, bg, acc_g)  # (BM, BN) float32
+                acc_u = tl.dot(a, bu, acc_u)
+            act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up
+            tl.store(act_ptr + rows.to(tl.int64)[:, None] * I + cols[None, :],
+                     act.to(act_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _grouped_down_kernel(
+        act_ptr, w_ptr, y_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
+        stride_we, stride_wo, stride_wi,
+        E: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """y[r, n] = act[r] . D[e, n] for the rows r of one tile (rows in sorted-slot order)."""
+        tile = tl.program_id(0)
+        e = tl.load(tile_e_ptr + tile)
+        if e < E:
+            rows = tl.load(tile_r0_ptr + tile) + tl.arange(0, BLOCK_M)  # (BM,)
+            rmask = rows < tl.load(tile_r1_ptr + tile)
+            rows64 = rows.to(tl.int64)
+            cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+            cmask = cols < H
+            w_base = w_ptr + e.to(tl.int64) * stride_we
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, I, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
+                kmask = ks < I
+                a = tl.load(act_ptr + rows64[:, None] * I + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                b = tl.load(w_base + cols[None, :] * stride_wo + ks[:, None] * stride_wi,
+                            mask=kmask[:, None] & cmask[None, :], other=0.0)
+                acc = tl.dot(a, b, acc)
+            tl.store(y_ptr + rows64[:, None] * H + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & cmask[None, :])
 
 
 def _is_default_silu_gate(experts: nn.Module) -> bool:
@@ -245,4 +310,85 @@ def looped_dispatch_experts(
             if has_bias:
                 y[start:end] += experts.down_proj_bias[e]
         start = end
+    return _combine(y, pos.reshape(indices.shape), indices, weights, hidden.dtype)  # (T, H)
+
+
+def _tile_schedule(offs: torch.Tensor, n_slots: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per tile of ``block_m`` sorted rows: its expert (``E`` = idle tile), first row and row end.
+
+    Computed on the device from the group ends ``offs`` (no host synchronisation): an expert with
+    ``n`` rows gets ``ceil(n / block_m)`` tiles, and at most ``ceil(n_slots / block_m) + E`` tiles exist.
+    """
+    num_experts = offs.shape[0]
+    ends = offs.long()  # (E,)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])  # (E,)
+    tiles = torch.div(ends - starts + block_m - 1, block_m, rounding_mode="floor")  # (E,)
+    tile_end = torch.cumsum(tiles, 0)  # (E,)
+    max_tiles = -(-n_slots // block_m) + num_experts
+    tile = torch.arange(max_tiles, device=offs.device)  # (M,)
+    expert = torch.searchsorted(tile_end, tile, right=True)  # (M,) in [0, E]
+    safe = expert.clamp(max=num_experts - 1)
+    row0 = starts[safe] + (tile - (tile_end - tiles)[safe]) * block_m  # (M,)
+    return expert.int(), row0.int(), ends[safe].int()
+
+
+def tiled_dispatch_experts(
+    experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Grouped GEMMs in two Triton kernels over the selected pairs only (prefill), sync-free.
+
+    Slots are sorted by expert (unused slots last) and cut into tiles of ``BLOCK_M`` rows of one
+    expert each; kernel 1 gathers each row's token (fused), multiplies by the expert's gate and up
+    rows and applies ``silu(gate) * up``; kernel 2 multiplies by the down projection; the
+    weighted per-token sum is the combine kernel of :mod:`bh_helpers.grouped_dispatch` (float32).
+    Two GEMM launches per layer whatever the number of experts, instead of two per expert, and
+    no host synchronisation. The matrix products are ``tl.dot`` on float16 operands with float32
+    accumulation, which Triton lowers to the mma instructions of sm_75 (and newer) cards.
+
+    Parameters
+    ----------
+    experts, hidden, indices, weights
+        As in :func:`bh_helpers.dispatch.dispatch_experts`.
+
+    Returns
+    -------
+    torch.Tensor, shape ``[T, H]``, dtype of ``hidden``
+
+    Raises
+    ------
+    ValueError
+        Bad shapes, or an experts bank :func:`gemv_supported` rejects (same layouts).
+    """
+    check_dispatch_inputs(hidden, indices, weights)
+    if not gemv_supported(experts, hidden.device):
+        raise ValueError(
+            f"{type(experts).__name__} on {hidden.device} is not supported by the tiled dispatch "
+            "(needs Triton on CUDA and bias-free silu-gated experts); use bh_helpers.auto_dispatch.fast_dispatch_experts."
+        )
+    transposed = bool(getattr(experts, "is_transposed", False))
+    w_up, w_down = experts.gate_up_proj, experts.down_proj
+    num_experts = w_up.shape[0]
+    n_tokens, k = indices.shape
+    hidden_dim = hidden.shape[1]
+    inter = w_down.shape[2] if not transposed else w_down.shape[1]
+    n_slots = n_tokens * k
+    if n_slots == 0:
+        return torch.zeros_like(hidden)
+    _, perm, pos, offs = _sorted_slots(indices, num_experts)  # (T*K,) each; offs (E,) int32
+    block_m, block_n, block_k = TILE_M, 64, 32
+    tile_e, tile_r0, tile_r1 = _tile_schedule(offs, n_slots, block_m)
+    tok = torch.div(perm, k, rounding_mode="floor").int()  # (T*K,) token of each sorted row
+    x = hidden.to(w_up.dtype).contiguous()
+    act = torch.empty((n_slots, inter), dtype=w_up.dtype, device=hidden.device)  # (T*K, I), tail unused
+    y = torch.empty((n_slots, hidden_dim), dtype=w_up.dtype, device=hidden.device)  # (T*K, H), tail unused
+    n_tiles = tile_e.shape[0]
+    with on_device(hidden.device):
+        _grouped_up_kernel[(n_tiles, triton.cdiv(inter, block_n))](
+            x, tok, w_up, act, tile_e, tile_r0, tile_r1, *_weight_strides(w_up, transposed),
+            E=num_experts, H=hidden_dim, I=inter, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=4, num_stages=2)
+        _grouped_down_kernel[(n_tiles, triton.cdiv(hidden_dim, block_n))](
+            act, w_down, y, tile_e, tile_r0, tile_r1, *_weight_strides(w_down, transposed),
+            E=num_experts, H=hidden_dim, I=inter, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=4, num_stages=2)
     return _combine(y, pos.reshape(indices.shape), indices, weights, hidden.dtype)  # (T, H)
