@@ -309,9 +309,9 @@ def demo(work: Path, model_dir: Path, timeout: int) -> dict:
     return res
 
 
-def notebooks(work: Path, model_dir: Path, timeout: int) -> dict:
+def notebooks(work: Path, model_dir: Path, timeout: int, save=lambda partial: None) -> dict:
     before = _digest(REPO / "kde_models")
-    rows = {}
+    rows: dict = {}
     for nb in sorted((REPO / "notebooks").glob("0*.ipynb")):
         step = f"notebook {nb.stem}"
         env = _emulated_env(work, step)
@@ -320,6 +320,7 @@ def notebooks(work: Path, model_dir: Path, timeout: int) -> dict:
                     f"--nbmake-timeout={timeout}", str(nb)], env, REPO, timeout + 60)
         res.update(_peaks(work, step))
         rows[nb.stem] = res
+        save({"notebooks": rows})  # a run stopped between notebooks keeps what finished
     return {"notebooks": rows, "kde_models_byte_identical": _digest(REPO / "kde_models") == before}
 
 
@@ -353,30 +354,40 @@ def main(argv: list[str] | None = None) -> int:
         f"float16, allocator cap {os.environ.get('BH_T4_MEMORY_GIB', '14')} GiB, transformers' grouped_mm "
         "fallback forced; timings are of the host GPU, not of a T4",
     }
+    def save(step: str, res: dict) -> None:
+        report.setdefault("steps", {})[step] = res
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    failed = False
     for step in args.steps:
         t0 = time.perf_counter()
         if step in ("build", "numerics", "speed"):
             torch.cuda.reset_peak_memory_stats()
-        if step == "build":
-            res = build_model(model_dir)
-        elif step == "numerics":
-            res = numerics(model_dir)
-        elif step == "speed":
-            res = speed(model_dir, args.rounds, args.new_tokens)
-        elif step == "demo":
-            res = demo(args.work, model_dir, args.timeout)
-            res.update(_peaks(args.work, "demo"))
-        else:
-            res = notebooks(args.work, model_dir, args.timeout)
+        try:
+            if step == "build":
+                res = build_model(model_dir)
+            elif step == "numerics":
+                res = numerics(model_dir)
+            elif step == "speed":
+                res = speed(model_dir, args.rounds, args.new_tokens)
+            elif step == "demo":
+                res = demo(args.work, model_dir, args.timeout)
+                res.update(_peaks(args.work, "demo"))
+            else:
+                res = notebooks(args.work, model_dir, args.timeout, save=lambda partial: save("notebooks", partial))
+        except Exception as err:  # noqa: BLE001 - one failed step is a result; the others still run
+            import traceback
+
+            res = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+            failed = True
         if step in ("build", "numerics", "speed"):
             res["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         res["step_wall_s"] = round(time.perf_counter() - t0, 1)
-        report.setdefault("steps", {})[step] = res
+        save(step, res)
         print(f"== {step}: {json.dumps(res, default=str)[:3000]}", flush=True)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
