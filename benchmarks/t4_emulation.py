@@ -194,7 +194,7 @@ def speed(model_dir: Path, rounds: int, new_tokens: int) -> dict:
 
     import bh_helpers.patching as patching
     from bh_helpers.models import load_model
-    from bench_gpu import ForcedKSelector, reference_dispatch, wall_median
+    from bench_gpu import ForcedKSelector, eager_blocks, reference_dispatch, wall_median
 
     model, _ = load_model(str(model_dir), device="cuda")
     model.generation_config.eos_token_id = None  # fixed-length decode
@@ -213,8 +213,9 @@ def speed(model_dir: Path, rounds: int, new_tokens: int) -> dict:
         if selector is None:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        if reference:
+        if reference:  # the reference dispatch everywhere: no graphed decode either
             stack.enter_context(reference_dispatch())
+            stack.enter_context(eager_blocks())
         stack.enter_context(patching.route(model, ForcedKSelector(8) if selector == "forced" else selector))
         return stack
 
