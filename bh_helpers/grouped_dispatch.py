@@ -197,7 +197,10 @@ class _GraphedDispatch:
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _GraphedDispatch]] = weakref.WeakKeyDictionary()
-_POOLS: dict[str, Any] = {}
+# One memory pool per experts bank (and device), living exactly as long as that bank's graphs: a
+# pool handle shared across banks outlived the graphs of a freed model, and the next capture with
+# it tripped the caching allocator's "use_count > 0" assert (GPU test run after run_demo).
+_POOLS: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def clear_graphs() -> None:
@@ -212,7 +215,8 @@ def _graphed(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor) ->
     graphed = per_module.get(key)
     weights_key = (experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr())
     if graphed is None or graphed.key != weights_key:
-        pool = _POOLS.setdefault(str(hidden.device), torch.cuda.graph_pool_handle())
+        pools = _POOLS.setdefault(experts, {})
+        pool = pools.setdefault(str(hidden.device), torch.cuda.graph_pool_handle())
         graphed = _GraphedDispatch(experts, hidden.shape[0], indices.shape[1], hidden.dtype, hidden.device, pool)
         per_module[key] = graphed
     return graphed

@@ -377,3 +377,21 @@ def test_route_fast_paths_match_reference_on_gpu():
         native = model(ids).logits
     assert rel_err(fast, ref) < 2e-2
     assert rel_err(fast, native) < 2e-2
+
+
+@needs_cuda
+def test_graphed_dispatch_after_a_freed_model_on_gpu():
+    """Graphs of a freed experts bank take their memory pool with them: a new bank captures fine
+    (a pool shared across banks tripped the allocator's use_count assert after run_demo)."""
+    import gc
+
+    for seed in (0, 1):
+        experts = make_experts(num_experts=64, hidden=256, inter=128, dtype=torch.bfloat16, device="cuda", seed=seed)
+        hidden = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+        idx, w = random_selection(8, 8, 64, seed=seed, device="cuda")
+        with torch.no_grad():
+            out = grouped_dispatch_experts(experts, hidden, idx, w, variant="sync_free", use_graphs=True)
+            ref = dispatch_experts(experts, hidden, idx, w)
+        assert rel_err(out, ref) < 1e-2
+        del experts, out
+        gc.collect()
