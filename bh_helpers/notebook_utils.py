@@ -145,6 +145,49 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def check_runtime(model_name: str = "auto", environ: Mapping[str, str] | None = None) -> str:
+    """Where this notebook runs and what ``model_name`` will load, in a few lines (for the first cell).
+
+    On a Colab runtime without a GPU it says how to switch to a T4, since ``"auto"`` then means
+    the embedded tiny model, not OLMoE-1B-7B.
+
+    Parameters
+    ----------
+    model_name : str
+        ``BH_MODEL`` as read by :func:`model_choice`.
+    environ : mapping, optional
+        Defaults to ``os.environ``.
+
+    Returns
+    -------
+    str
+    """
+    from bh_helpers._cuda import CAPABILITY_ENV, device_capability
+
+    env = os.environ if environ is None else environ
+    lines = []
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        major, minor = device_capability(0)
+        emulated = f" (emulated through {CAPABILITY_ENV})" if env.get(CAPABILITY_ENV) else ""
+        dtype = "float16" if major < 8 else "bfloat16"
+        lines.append(f"GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "
+                     f"{major}.{minor}{emulated}: models load in {dtype}.")
+    elif in_colab():
+        lines.append("No GPU on this Colab runtime. For OLMoE-1B-7B choose Runtime > Change runtime type > "
+                     "T4 GPU, then Runtime > Run all. Without a GPU the notebooks run small on the tiny model.")
+    else:
+        lines.append("No CUDA GPU: the notebooks run small (BH_NOTEBOOK_SMALL) on CPU.")
+    key = resolve_model_key(model_name)
+    if model_name == "auto" and key == "tiny":
+        why = "no CUDA GPU" if not torch.cuda.is_available() else "the Hugging Face hub is not reachable"
+        lines.append(f"BH_MODEL=auto loads the embedded tiny OLMoE ({why}), not {OLMOE_HUB_ID}; set BH_MODEL to "
+                     "a hub id or a local folder to choose.")
+    else:
+        lines.append(f"Model: {key}")
+    return "\n".join(lines)
+
+
 def load_notebook_model(name: str = "auto", **kwargs: Any):
     """``load_model(name)`` after freeing memory; on a CUDA out-of-memory error, retry with
     ``device_map="auto"`` (accelerate spreads the weights over GPU and CPU).

@@ -3,8 +3,8 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/bh-routing/bh-routing/blob/main/notebooks/01_log_router_logits.ipynb)
 #
-# *(The badge points at the GitHub organisation `bh-routing`, a placeholder: replace it with the
-# organisation or user that hosts your copy of the repository.)*
+# *(Badge and install cell point at the repository set once in `pyproject.toml`, `[tool.bh-routing]`;
+# a fork changes it there and runs `python scripts/sync_colab_cells.py`.)*
 #
 # A mixture-of-experts (MoE) layer scores every expert with a **router logit** and, natively,
 # runs the top-k of them (OLMoE: 8 of 64). Benjamini-Hochberg (BH) routing instead asks, per
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 IN_COLAB = "google.colab" in sys.modules
-REPO_URL = "https://github.com/bh-routing/bh-routing.git"  # placeholder organisation: use your fork's
+REPO_URL = os.environ.get("BH_ROUTING_REPO") or "https://github.com/bh-routing/bh-routing.git"  # see pyproject.toml [tool.bh-routing]
 PIP_INSTALL = ["-m", "pip", "install", "-q", "-e", ".[notebooks]", "transformers>=5.23,<6"]
 if IN_COLAB:
     here = Path.cwd()
@@ -47,6 +47,7 @@ if IN_COLAB:
 from bh_helpers import notebook_utils as nbu
 
 MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
+print(nbu.check_runtime(MODEL_NAME))  # GPU or not, and which model "auto" means here
 SMALL = nbu.small_mode()  # BH_NOTEBOOK_SMALL=1/0; default: small without a CUDA GPU
 THREADS = nbu.cpu_threads()  # BH_THREADS; default on CPU: 1 (fastest on a busy 2-core machine)
 N_TEXTS = 24 if SMALL else None  # calibration documents (None: all of the committed slice)

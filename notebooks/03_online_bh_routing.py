@@ -3,8 +3,8 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/bh-routing/bh-routing/blob/main/notebooks/03_online_bh_routing.ipynb)
 #
-# *(The badge points at the GitHub organisation `bh-routing`, a placeholder: replace it with the
-# organisation or user that hosts your copy of the repository.)*
+# *(Badge and install cell point at the repository set once in `pyproject.toml`, `[tool.bh-routing]`;
+# a fork changes it there and runs `python scripts/sync_colab_cells.py`.)*
 #
 # Now the model itself is routed with BH. Inside `with route(model, BHSelector(...))` every MoE
 # block computes its router logits, turns them into p-values with the null bank, lets BH pick
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 IN_COLAB = "google.colab" in sys.modules
-REPO_URL = "https://github.com/bh-routing/bh-routing.git"  # placeholder organisation: use your fork's
+REPO_URL = os.environ.get("BH_ROUTING_REPO") or "https://github.com/bh-routing/bh-routing.git"  # see pyproject.toml [tool.bh-routing]
 PIP_INSTALL = ["-m", "pip", "install", "-q", "-e", ".[notebooks]", "transformers>=5.23,<6"]
 if IN_COLAB:
     here = Path.cwd()
@@ -49,6 +49,7 @@ if IN_COLAB:
 from bh_helpers import notebook_utils as nbu
 
 MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
+print(nbu.check_runtime(MODEL_NAME))  # GPU or not, and which model "auto" means here
 SMALL = nbu.small_mode()  # BH_NOTEBOOK_SMALL=1/0; default: small without a CUDA GPU
 THREADS = nbu.cpu_threads()  # BH_THREADS; default on CPU: 1 (fastest on a busy 2-core machine)
 METHOD, ALPHA, MIN_K, MAX_K = "bh", 0.5, 1, 8  # the BH setting shown first

@@ -31,7 +31,15 @@ NOTEBOOKS = REPO / "notebooks"
 SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
 NAMES = [p.stem for p in SOURCES]
 EXPECTED = ["01_log_router_logits", "02_fit_null_kdes", "03_online_bh_routing", "04_alpha_explorer"]
-BADGE = "https://colab.research.google.com/github/bh-routing/bh-routing/blob/main/notebooks/{name}.ipynb"
+
+def _sync_script():
+    """``scripts/sync_colab_cells.py`` as a module: the one reader of the Colab source setting."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sync_colab_cells", REPO / "scripts" / "sync_colab_cells.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cells(nb) -> list[tuple[str, str]]:
@@ -81,8 +89,12 @@ def test_ipynb_committed_clean(name):
 @pytest.mark.parametrize("name", EXPECTED)
 def test_notebook_conventions(name):
     source = (NOTEBOOKS / f"{name}.py").read_text()
-    assert BADGE.format(name=name) in source, "Colab badge with the notebook's own path"
-    assert "placeholder" in source
+    sync = _sync_script()
+    # badge and install cell follow pyproject.toml [tool.bh-routing] (python scripts/sync_colab_cells.py)
+    assert f"({sync.badge_url(name)})" in source, "Colab badge with the notebook's own path"
+    assert sync.repo_url_line() in source.splitlines(), "install cell clones the repository set in pyproject.toml"
+    assert source.count("https://github.com/") == 1, "the repository appears once, in the REPO_URL line"
+    assert "nbu.check_runtime(MODEL_NAME)" in source, "the first cells say whether a GPU is there"
     assert "nbu.small_mode()" in source and "nbu.model_choice()" in source, "parameters cell reads the environment"
     # No absolute paths: nothing like "/home/...", "/content/...", "C:\\..." in string literals.
     absolute = re.findall(r"""["'](/(?!/)[A-Za-z]|[A-Za-z]:\\)""", source)
@@ -269,3 +281,26 @@ def test_notebook_02_full_mode_leaves_committed_banks_byte_identical(tmp_path, m
     assert _tree_digest(REPO / "kde_models") == before
     saved = work / "outputs" / "tiny-olmoe" / "null_bank" / "metadata.json"
     assert saved.is_file(), "the full-mode bank belongs under the notebook's outputs/"
+
+
+def test_check_runtime_says_what_auto_means(monkeypatch):
+    from bh_helpers import notebook_utils as nbu
+
+    if nbu.torch.cuda.is_available():
+        pytest.skip("the CPU messages are checked on a machine without CUDA")
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    text = nbu.check_runtime("auto")
+    assert "No CUDA GPU" in text and "embedded tiny OLMoE" in text and "allenai/OLMoE-1B-7B-0924" in text
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert "Change runtime type > T4 GPU" in nbu.check_runtime("auto")
+    assert nbu.check_runtime("tiny").endswith("Model: tiny")
+
+
+def test_update_committed_bank_only_when_asked():
+    from bh_helpers import notebook_utils as nbu
+
+    assert nbu.update_committed_bank({}) is False
+    assert nbu.update_committed_bank({"BH_NOTEBOOK_SMALL": "0"}) is False  # full mode alone never writes there
+    assert nbu.update_committed_bank({"BH_UPDATE_COMMITTED_BANK": "1"}) is True
+    with pytest.raises(ValueError, match="BH_UPDATE_COMMITTED_BANK must be 1 or 0"):
+        nbu.update_committed_bank({"BH_UPDATE_COMMITTED_BANK": "maybe"})
