@@ -23,6 +23,7 @@ allocator cap, transformers' sm75 MoE path); its peak memory is recorded per ste
 
     python benchmarks/t4_emulation.py --work /tmp/t4 --steps build numerics speed \\
         --json benchmarks/results/t4_emulation.json
+    python benchmarks/t4_emulation.py --render benchmarks/results/t4_emulation_h200.json  # README tables
 
 Speed is emulated too: an H200 is not a T4 (bandwidth, SDPA and cuBLAS kernels); the ratios
 say how our path compares with transformers' own T4 path under the same conditions.
@@ -330,7 +331,54 @@ def notebooks(work: Path, model_dir: Path, timeout: int, save=lambda partial: No
 # ----------------------------------------------------------------------------------------------
 
 
+def render(report: dict) -> str:
+    """The README's "Colab T4" tables, generated from a results JSON of this harness."""
+    meta, steps = report["meta"], report["steps"]
+    out = [f"Emulated T4 on {meta['gpu']} (torch {meta['torch']}, transformers {meta['transformers']}): "
+           f"{meta['emulated']}.", ""]
+    if "build" in steps:
+        out += [f"Weights: {steps['build']['weights_gib']:.2f} GiB (float16, OLMoE-1B-7B shape, random).", ""]
+    rows = ["| step | wall s | peak GiB allocated | result |", "|---|---:|---:|---|"]
+    demo = steps.get("demo", {})
+    if demo:
+        peaks = demo.get("steps", {}).get("peak_gpu_gib", {})
+        rows.append(f"| `bh-routing demo --device cuda` (defaults) | {demo['wall_s']:.0f} | "
+                    f"{max(peaks.values(), default=float('nan')):.2f} | exit {demo['returncode']} |")
+        for name, peak in demo.get("steps", {}).get("peak_gpu_gib", {}).items():
+            rows.append(f"| demo: {name} | {demo['steps']['seconds'][name]:.1f} | {peak:.2f} | |")
+    for name, nb in steps.get("notebooks", {}).get("notebooks", {}).items():
+        peak = nb.get("peak_allocated_gib", 0.0)
+        rows.append(f"| notebook {name}, full mode (nbmake) | {nb['wall_s']:.0f} | "
+                    f"{peak:.2f}{' (no model on the GPU)' if peak < 0.01 else ''} | exit {nb['returncode']} |")
+    if "notebooks" in steps:
+        rows.append(f"| `kde_models/` byte-identical after the notebooks | | | "
+                    f"{steps['notebooks'].get('kde_models_byte_identical')} |")
+    out += rows + [""]
+    speed = steps.get("speed")
+    if speed:
+        out += ["| variant | prefill 8x256 tok/s | x native | decode b1 tok/s | x native | decode b8 tok/s |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for name, r in speed["variants"].items():
+            def cell(key, r=r):
+                if f"{key}_error" in r:
+                    return "out of memory", "-"
+                return f"{r[f'{key}_tok_s']:,.0f}", f"{r.get(f'{key}_x_native', float('nan')):.2f}"
+            p, px = cell("prefill")
+            d1, d1x = cell("decode_b1")
+            d8, _ = cell("decode_b8")
+            out.append(f"| {name} | {p} | {px} | {d1} | {d1x} | {d8} |")
+        eq = speed["equality"]
+        out += ["", f"Protocol: {speed['protocol']}. Routed logits, fast T4 dispatch vs the reference dispatch: "
+                f"relative L2 error {eq['fast_vs_reference_rel_err']:.1e} ({eq['tolerance']}); argmax agreement "
+                f"{eq['argmax_agreement_fast_vs_reference']:.3f}. Targets: "
+                + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in speed["targets"].items()) + "."]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--render":  # no GPU needed
+        print(render(json.loads(Path(sys.argv[2]).read_text())))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/t4_emulation"), help="model folder and outputs")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))

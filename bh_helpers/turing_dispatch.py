@@ -212,6 +212,20 @@ def _weight_strides(weight: torch.Tensor, transposed: bool) -> tuple[int, int, i
     return weight.stride(0), weight.stride(1), weight.stride(2)
 
 
+def _kernel_layout(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                   variant: str) -> tuple[bool, int]:
+    """Check the inputs of a Triton variant; return ``(is_transposed, intermediate size)``."""
+    check_dispatch_inputs(hidden, indices, weights)
+    if not gemv_supported(experts, hidden.device):
+        raise ValueError(
+            f"{type(experts).__name__} on {hidden.device} is not supported by the {variant} dispatch (needs "
+            "Triton on CUDA and bias-free silu-gated experts); use bh_helpers.auto_dispatch.fast_dispatch_experts."
+        )
+    transposed = bool(getattr(experts, "is_transposed", False))
+    down = experts.down_proj  # [E, H, I], or [E, I, H] when transposed
+    return transposed, down.shape[1] if transposed else down.shape[2]
+
+
 def gemv_dispatch_experts(
     experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
@@ -231,17 +245,10 @@ def gemv_dispatch_experts(
     ValueError
         Bad shapes, or an experts bank :func:`gemv_supported` rejects.
     """
-    check_dispatch_inputs(hidden, indices, weights)
-    if not gemv_supported(experts, hidden.device):
-        raise ValueError(
-            f"{type(experts).__name__} on {hidden.device} is not supported by the GEMV dispatch "
-            "(needs Triton on CUDA and bias-free silu-gated experts); use bh_helpers.auto_dispatch.fast_dispatch_experts."
-        )
-    transposed = bool(getattr(experts, "is_transposed", False))
+    transposed, inter = _kernel_layout(experts, hidden, indices, weights, "GEMV")
     w_up, w_down = experts.gate_up_proj, experts.down_proj
     n_tokens, k = indices.shape
     hidden_dim = hidden.shape[1]
-    inter = w_down.shape[2] if not transposed else w_down.shape[1]
     out = torch.empty_like(hidden)  # (T, H)
     if n_tokens == 0:
         return out
@@ -359,18 +366,11 @@ def tiled_dispatch_experts(
     ValueError
         Bad shapes, or an experts bank :func:`gemv_supported` rejects (same layouts).
     """
-    check_dispatch_inputs(hidden, indices, weights)
-    if not gemv_supported(experts, hidden.device):
-        raise ValueError(
-            f"{type(experts).__name__} on {hidden.device} is not supported by the tiled dispatch "
-            "(needs Triton on CUDA and bias-free silu-gated experts); use bh_helpers.auto_dispatch.fast_dispatch_experts."
-        )
-    transposed = bool(getattr(experts, "is_transposed", False))
+    transposed, inter = _kernel_layout(experts, hidden, indices, weights, "tiled")
     w_up, w_down = experts.gate_up_proj, experts.down_proj
     num_experts = w_up.shape[0]
     n_tokens, k = indices.shape
     hidden_dim = hidden.shape[1]
-    inter = w_down.shape[2] if not transposed else w_down.shape[1]
     n_slots = n_tokens * k
     if n_slots == 0:
         return torch.zeros_like(hidden)
