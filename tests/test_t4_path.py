@@ -234,3 +234,33 @@ def test_run_demo_end_to_end_on_cuda(tmp_path):
     assert result.report_path.is_file()
     assert set(result.peak_gpu_gib) >= {"capture", "sweep", "report"}
     assert (tmp_path / "demo" / "steps.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Out of memory: a clear error naming the options to lower, exit code 2 from the CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def test_demo_step_turns_a_cuda_oom_into_a_clear_error():
+    from bh_helpers.pipeline import DemoSettings, GPUOutOfMemory, _demo_step
+
+    timings, peaks = {}, {}
+    with pytest.raises(GPUOutOfMemory, match=r"sweep step with batch_size=8 windows of 256 tokens; lower --batch-size"):
+        with _demo_step("sweep", timings=timings, peaks=peaks, settings=DemoSettings()):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 392.00 MiB.")
+    assert "sweep" not in timings  # a failed step records nothing
+    with _demo_step("fit", timings=timings, peaks=peaks, settings=DemoSettings()):
+        pass
+    assert set(timings) == {"fit"}
+
+
+def test_cli_reports_gpu_oom_in_one_line(monkeypatch, capsys):
+    from bh_helpers import cli, pipeline
+
+    def run_out_of_memory(*args, **kwargs):
+        raise pipeline.GPUOutOfMemory("out of GPU memory in the sweep step; lower --batch-size")
+
+    monkeypatch.setattr(pipeline, "run_demo", run_out_of_memory)
+    assert cli.main(["demo", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "bh-routing: error: out of GPU memory in the sweep step; lower --batch-size"
