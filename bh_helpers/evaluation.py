@@ -56,6 +56,8 @@ __all__ = [
     "compute_summary",
     "split_last_word",
     "scored_token_nll",
+    "fit_batch_size",
+    "window_bytes",
 ]
 
 DEFAULT_WINDOW = 2048  # capped at the model's context length
@@ -350,6 +352,71 @@ def _chunked_scores(states: torch.Tensor, to_logits, targets: torch.Tensor) -> t
         nll[start:end] = F.cross_entropy(logits, targets[start:end], reduction="none")
         hit[start:end] = logits.argmax(-1) == targets[start:end]
     return nll, hit
+
+
+def _free_gpu_bytes(device: torch.device) -> int:
+    """Bytes torch can still allocate on ``device``: driver-free plus cached, within any fraction cap."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if get_fraction is not None:
+        available = min(available, int(get_fraction(device) * total) - allocated)
+    return max(0, int(available))
+
+
+def window_bytes(config, window: int, dtype_bytes: int = 2) -> int:
+    """Upper estimate of the activation memory of one ``window``-token sequence in a forward pass.
+
+    Per token: about 16 hidden-sized tensors alive at once (residual stream, norms, q/k/v/o, MLP
+    input), the routed slots (``max(top-k, 8)`` slots of gate-up ``2I``, activation ``I`` and output
+    ``H``), float32 router logits and sort keys, and attention scores of ``heads x window`` in float32
+    (the worst case, when the attention kernel materialises them). Deliberately generous: on the
+    OLMoE-1B-7B shape it says 42 MB per 256-token window; with one chunk of logits that is 0.60 GiB
+    for the demo's batch of 8, where the T4 emulation's sweep peaked 0.30 GiB above the weights.
+    """
+    hidden = config.hidden_size
+    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    slots = max(int(getattr(config, "num_experts_per_tok", 8) or 8), 8)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 64)
+    per_token = (16 * hidden * dtype_bytes + slots * (3 * inter + hidden) * dtype_bytes + experts * 4 * 3
+                 + config.num_attention_heads * window * 4)
+    return per_token * window
+
+
+def fit_batch_size(model, window: int, requested: int, *, free_bytes: int | None = None) -> int:
+    """The largest batch of ``window``-token sequences, up to ``requested``, that memory has room for.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+    window : int
+        Tokens per sequence.
+    requested : int
+        The batch size asked for (``--batch-size``); never exceeded.
+    free_bytes : int, optional
+        Memory available for activations; default: what torch can still allocate on the model's CUDA
+        device (within a ``set_per_process_memory_fraction`` cap). On CPU, and when it is not given
+        there, ``requested`` is returned unchanged.
+
+    Returns
+    -------
+    int
+        In ``[1, requested]``: 70% of the free memory, less one :data:`SCORE_CHUNK` block of float32
+        logits, over :func:`window_bytes`. Below 1 it still returns 1 (an out-of-memory error then
+        names the option to lower).
+    """
+    _check_batch_size(requested)
+    if free_bytes is None:
+        device = _device(model)
+        if device.type != "cuda":
+            return requested
+        free_bytes = _free_gpu_bytes(device)
+    config = model.config
+    dtype_bytes = next(model.parameters()).element_size()
+    fixed = SCORE_CHUNK * config.vocab_size * 4 * 3  # float32 logits, log-softmax, argmax of one chunk
+    fits = int((0.7 * free_bytes - fixed) // window_bytes(config, window, dtype_bytes))
+    return max(1, min(requested, fits))
 
 
 def scored_token_nll(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -337,6 +337,7 @@ def capture_step(model, tokenizer, *, max_tokens: int = 4096, window: int = 256,
     from bh_helpers.capture import capture_router_logits
 
     window, batch_size = _check_positive("window", window), _check_positive("batch_size", batch_size)
+    batch_size = _room_for(model, window, batch_size)
     ids = calibration_token_ids(tokenizer, max_tokens=max_tokens, text_file=text_file)
     if len(ids) < 2:
         raise ValueError("the calibration text has fewer than 2 tokens; give it more text.")
@@ -357,6 +358,21 @@ def capture_step(model, tokenizer, *, max_tokens: int = 4096, window: int = 256,
         save_captured(captured, out_path, metadata={
             "model_id": model_id, "calibration": f"{source}, {len(ids)} tokens, windows of {window}"})
     return captured
+
+
+def _room_for(model, window: int, batch_size: int) -> int:
+    """``batch_size``, lowered (with a warning naming ``--batch-size``) when the GPU has no room for it."""
+    import warnings
+
+    from bh_helpers.evaluation import fit_batch_size
+
+    fitted = fit_batch_size(model, window, batch_size)
+    if fitted < batch_size:
+        warnings.warn(
+            f"batch_size={batch_size} windows of {window} tokens does not fit in the GPU memory left beside the "
+            f"model; running {fitted} windows per forward pass (results do not depend on it; pass --batch-size "
+            f"{fitted} or lower to choose yourself).", stacklevel=3)
+    return fitted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,6 +522,7 @@ def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.P
     data = {name: evaluation_texts(name, tokenizer, max_tokens=max_tokens) for name in datasets}
     grid_id = sweep_grid_id(model_id=model_id, null_bank=null_bank, datasets=datasets, max_tokens=max_tokens,
                             window=window, stride=stride, weights=weights)
+    batch_size = _room_for(model, window, batch_size)
     evaluate = make_evaluate_fn(model, tokenizer, data, null_bank=null_bank, window=window, stride=stride,
                                 batch_size=batch_size, weights=weights)
     return run_sweep(configs, datasets, evaluate, results_path, grid_id=grid_id, progress=progress)

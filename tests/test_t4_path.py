@@ -264,3 +264,36 @@ def test_cli_reports_gpu_oom_in_one_line(monkeypatch, capsys):
     assert cli.main(["demo", "--out", "unused"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "bh-routing: error: out of GPU memory in the sweep step; lower --batch-size"
+
+
+def test_fit_batch_size_against_a_hand_computed_budget(tiny_model_and_tokenizer):
+    from transformers import OlmoeConfig
+
+    from bh_helpers import evaluation
+
+    model, _ = tiny_model_and_tokenizer
+    assert evaluation.fit_batch_size(model, 256, 8) == 8  # CPU: unchanged
+    # OLMoE-1B-7B shape in float16, window 256, by hand: per token 16*2048*2 + 8*(3*1024 + 2048)*2
+    # + 64*4*3 + 16*256*4 = 65,536 + 81,920 + 768 + 16,384 = 164,608 bytes; one chunk of logits
+    # 512 * 50,304 * 12 = 309,067,776 bytes.
+    cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_attention_heads=16,
+                      num_experts=64, num_experts_per_tok=8)
+    assert evaluation.window_bytes(cfg, 256, 2) == 164_608 * 256
+    fake = type("Fake", (), {"config": cfg, "parameters": lambda self: iter([torch.zeros(1, dtype=torch.float16)])})()
+    per_window, fixed = 164_608 * 256, 309_067_776
+    free = int(1.05 * 2**30)  # what the 14 GiB cap leaves beside 12.9 GiB of weights
+    want = int((0.7 * free - fixed) // per_window)
+    assert evaluation.fit_batch_size(fake, 256, 64, free_bytes=free) == want == 11
+    assert evaluation.fit_batch_size(fake, 256, 8, free_bytes=free) == 8  # never above the request
+    assert evaluation.fit_batch_size(fake, 256, 8, free_bytes=200 * 2**20) == 1  # never below 1
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer"):
+        evaluation.fit_batch_size(fake, 256, 0, free_bytes=free)
+
+
+def test_sweep_lowers_batch_size_with_a_warning_when_memory_is_short(monkeypatch, tiny_model_and_tokenizer):
+    from bh_helpers import evaluation, pipeline
+
+    model, _ = tiny_model_and_tokenizer
+    monkeypatch.setattr(evaluation, "fit_batch_size", lambda model, window, requested: 3)
+    with pytest.warns(UserWarning, match=r"batch_size=8 windows of 256 tokens does not fit.*--batch-size 3"):
+        assert pipeline._room_for(model, 256, 8) == 3
