@@ -161,9 +161,11 @@ def test_install_command_in_a_fresh_venv(tmp_path):
     """The install cell's pip command, run for real in a new virtual environment.
 
     A truly clean venv would have to download torch and transformers (minutes, and CI has no
-    network), so the venv is created with ``--system-site-packages``: the dependencies come from
-    the interpreter running the tests, and pip runs with ``--no-index`` (nothing may be
-    downloaded) and ``--no-build-isolation`` (setuptools from the same place). What this checks:
+    network), so the new venv sees the site-packages of the environment running the tests through
+    a ``.pth`` file (not ``--system-site-packages``, which exposes the BASE interpreter's packages
+    when the tests run in a virtualenv: there a setuptools without ``bdist_wheel`` failed the
+    build), and pip runs with ``--no-index`` (nothing may be downloaded) and
+    ``--no-build-isolation`` (setuptools from the same place). What this checks:
     the exact arguments of the cell (``-e ".[notebooks]"`` plus the transformers v5 pin) parse,
     the pins and the ``notebooks`` extra resolve against the tested versions, the package builds
     and installs editable INTO THE VENV from a copy of the checkout (so the working tree is not
@@ -179,10 +181,19 @@ def test_install_command_in_a_fresh_venv(tmp_path):
             shutil.copy2(REPO / name, checkout / name)
     shutil.copytree(REPO / "bh_helpers", checkout / "bh_helpers", ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
     env.pop("PYTHONPATH", None)
+    # The running environment's packages (pip, setuptools, torch, ...) after the venv's own: the same
+    # in a virtualenv, a conda env and a bare system Python.
+    import site
+
+    outer = [d for d in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(d)]
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             env=env, capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib).mkdir(parents=True, exist_ok=True)
+    (Path(purelib) / "_tests_outer_env.pth").write_text("\n".join(outer) + "\n")
     cmd = [str(python), *args[:3], "--no-index", "--no-build-isolation", *args[3:]]
     done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
