@@ -321,7 +321,17 @@ def load_model(
     hub_kwargs = {k: kwargs[k] for k in ("revision", "local_files_only", "cache_dir", "token") if k in kwargs}
     if not trust_remote_code:
         # Refuse unsupported families from the config alone, before gigabytes of weights move.
-        model_type = AutoConfig.from_pretrained(source, **hub_kwargs).model_type
+        # trust_remote_code=False explicitly: left as None, transformers ASKS on stdin for a config with
+        # an auto_map, and an answer of "y" ran the folder's Python.
+        try:
+            model_type = AutoConfig.from_pretrained(source, trust_remote_code=False, **hub_kwargs).model_type
+        except ValueError as err:
+            if "trust_remote_code" not in str(err):
+                raise
+            raise _unsupported(
+                f"{source!r} needs its own Python code (an `auto_map` in its config), which is never run "
+                "unless you pass trust_remote_code=True"
+            ) from None
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise _unsupported(f"{source!r} has model_type {model_type!r}")
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_kwargs)

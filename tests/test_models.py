@@ -356,3 +356,29 @@ def test_routing_alive_on_evaluation_text(tiny):
     card_path = EMBEDDED_MODEL_DIR / "card_metrics.json"
     if card_path.is_file():
         assert used.tolist() == json.loads(card_path.read_text())["routing"]["experts_used_per_layer"]
+
+
+def test_auto_map_code_never_runs_without_trust_remote_code(tmp_path):
+    """A folder whose config maps to its own Python: load_model(folder) refuses with a clear error,
+    asks nothing, and runs nothing, even with "y" waiting on stdin (before the fix transformers
+    prompted and the answer ran the folder's code)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from bh_helpers.models import embedded_model_dir
+
+    folder = tmp_path / "custom"
+    shutil.copytree(embedded_model_dir(), folder)
+    marker = tmp_path / "marker"
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom_moe", auto_map={"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "custom.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    code = ("from bh_helpers.models import load_model\n"
+            "try:\n    load_model(%r, device='cpu')\nexcept ValueError as err:\n    print('REFUSED', err)\n" % str(folder))
+    res = subprocess.run([sys.executable, "-c", code], input="y\ny\n", capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert not marker.exists(), "the folder's code ran"
+    assert "REFUSED" in res.stdout and "trust_remote_code=True" in res.stdout, res.stdout + res.stderr
