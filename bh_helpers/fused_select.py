@@ -48,6 +48,7 @@ from bh_helpers._cuda import on_device
 from bh_helpers.selection import (
     FDR_METHODS,
     Selection,
+    _check_alpha,
     _check_int,
     _check_logits,
     _check_pvalues,
@@ -767,12 +768,11 @@ def fused_select_experts(
         raise ValueError(f"method={method!r} needs `pvalues` (e.g. NullBank.pvalues(logits, layer)).")
     if pvalues.shape != logits.shape:
         raise ValueError(f"`pvalues` shape {tuple(pvalues.shape)} must equal `logits` shape {tuple(logits.shape)}.")
-    if not 0.0 < float(alpha) <= 1.0:
-        raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
+    alpha = _check_alpha(alpha)
     if validate:
         _check_pvalues(pvalues)
     return _launch_pvalues(logits, pvalues=pvalues.to(logits.device), tables=None, method=method,
-                           alpha=float(alpha), min_k=min_k, max_k=max_k, weights=weights, temperature=temperature)
+                           alpha=alpha, min_k=min_k, max_k=max_k, weights=weights, temperature=temperature)
 
 
 def select_with_null(
@@ -810,18 +810,17 @@ def select_with_null(
     if not null.per_expert:  # p-value monotone in the logit: one sort and per-rank logit cuts
 
         def build() -> _SortedPlan:
-            if not 0.0 < float(alpha) <= 1.0:
-                raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
+            level = _check_alpha(alpha)
             checked = _check_selection_args(logits, method, min_k, max_k, weights, temperature, False)
             num_experts = logits.shape[-1]
-            cut = _logit_cuts(null, method, float(alpha), num_experts, _pow2(num_experts), logits.device)
+            cut = _logit_cuts(null, method, level, num_experts, _pow2(num_experts), logits.device)
             return _sorted_plan(cut, num_experts=num_experts, step_down=method == "holm", min_k=checked[0],
                                 max_k=checked[1], weights=weights, temperature=checked[2])
 
         plans = _NULL_PLANS.get(null)
         if plans is None:
             plans = _NULL_PLANS[null] = {}
-        key = (method, alpha, min_k, type(min_k), max_k, type(max_k), weights, temperature, logits.shape[-1],
+        key = (method, alpha, type(alpha), min_k, type(min_k), max_k, type(max_k), weights, temperature, logits.shape[-1],
                logits.device)
         plan = _cached_plan(plans, key, build)
         if validate:
@@ -832,11 +831,10 @@ def select_with_null(
             f"`logits` must have {null.num_experts} experts in its last dimension for a per-expert null, "
             f"got shape {tuple(logits.shape)}"
         )
-    if not 0.0 < float(alpha) <= 1.0:
-        raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
+    alpha = _check_alpha(alpha)
     min_k, max_k, temperature = _check_selection_args(logits, method, min_k, max_k, weights, temperature, validate)
     tables = _null_tables(null, logits.device)
-    return _launch_pvalues(logits, pvalues=None, tables=tables, method=method, alpha=float(alpha), min_k=min_k,
+    return _launch_pvalues(logits, pvalues=None, tables=tables, method=method, alpha=alpha, min_k=min_k,
                            max_k=max_k, weights=weights, temperature=temperature)
 
 
@@ -876,11 +874,10 @@ class FusedBHSelector:
                  max_k: int = 8, weights: str = "renorm", validate: bool = False) -> None:
         if method not in FDR_METHODS:
             raise ValueError(f"`method` must be one of {FDR_METHODS}; got {method!r}.")
-        if not 0.0 < float(alpha) <= 1.0:
-            raise ValueError(f"`alpha` must be in (0, 1]; got {alpha!r}.")
+        alpha = _check_alpha(alpha)
         if not 0 <= min_k <= max_k:
             raise ValueError(f"need 0 <= min_k <= max_k; got {min_k}, {max_k}.")
-        self.null_bank, self.method, self.alpha = null_bank, method, float(alpha)
+        self.null_bank, self.method, self.alpha = null_bank, method, alpha
         self.min_k, self.max_k, self.weights, self.validate = min_k, max_k, weights, validate
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:

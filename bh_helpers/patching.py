@@ -64,7 +64,7 @@ from bh_helpers.moe_adapters import (
     router_outputs_requested,
     select_layers,
 )
-from bh_helpers.selection import FDR_METHODS, WEIGHT_MODES, Selection, select_experts
+from bh_helpers.selection import FDR_METHODS, WEIGHT_MODES, Selection, _check_alpha, select_experts
 
 __all__ = [
     "MODES",
@@ -137,8 +137,7 @@ class BHSelector:
     def __post_init__(self) -> None:
         if self.method not in FDR_METHODS:
             raise ValueError(f"`method` must be one of {FDR_METHODS}; got {self.method!r}.")
-        if not 0.0 < float(self.alpha) <= 1.0:
-            raise ValueError(f"`alpha` must be in (0, 1]; got {self.alpha!r}.")
+        _check_alpha(self.alpha)
         _check_k("max_k", self.max_k, 1)
         _check_k("min_k", self.min_k, 0)
         if self.min_k > self.max_k:

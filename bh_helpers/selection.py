@@ -26,6 +26,7 @@ References
 from __future__ import annotations
 
 import math
+import numbers
 
 from dataclasses import dataclass
 from functools import lru_cache
@@ -95,6 +96,12 @@ class Selection:
 
 
 def _check_alpha(alpha: float) -> float:
+    """``alpha`` as a float in (0, 1]: the one check of every entry point that takes a level.
+
+    Real numbers only: ``True`` (== 1), ``"0.05"`` and ``None`` are refused, never coerced.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"`alpha` must be a number in (0, 1], e.g. alpha=0.05; got {alpha!r} ({type(alpha).__name__}).")
     alpha = float(alpha)
     if not 0.0 < alpha <= 1.0:  # also rejects NaN
         raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")

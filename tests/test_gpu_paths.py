@@ -148,6 +148,13 @@ def test_fused_kernel_under_interpreter_matches_reference():
                 assert "must be an integer" in str(err)
             else:
                 raise AssertionError(bad)
+        select_with_null(x, null, method="bh", alpha=1, min_k=1)
+        try:
+            select_with_null(x, null, method="bh", alpha=True, min_k=1)  # True == 1 hashes alike
+        except TypeError as err:
+            assert "must be a number" in str(err)
+        else:
+            raise AssertionError("alpha=True accepted from a cached plan")
         select_with_null(x, null, method="bh", alpha=0.1, min_k=1)
         try:
             select_with_null(x, null, method="bh", alpha=0.1, min_k=True)

@@ -378,3 +378,29 @@ def test_cuda_matches_cpu(method):
     assert torch.equal(cpu.indices, gpu.indices.cpu())
     assert torch.equal(cpu.counts, gpu.counts.cpu())
     torch.testing.assert_close(cpu.weights, gpu.weights.cpu())
+
+
+@pytest.mark.parametrize("bad", [True, "0.05", None, torch.tensor([0.05])])
+def test_alpha_of_the_wrong_type_is_refused_everywhere(bad):
+    """``alpha=True`` was taken as 1.0 and ``"0.05"`` accepted; ``None`` failed inside float()."""
+    from bh_helpers.fused_select import FusedBHSelector, fused_select_experts, select_with_null
+    from bh_helpers.nulls import fit_null, fit_null_bank
+    from bh_helpers.patching import BHSelector
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g)
+    null = fit_null(torch.randn(2000, 64, generator=g))
+    p = null.sf(x)
+    bank = fit_null_bank({0: torch.randn(2000, 64, generator=g)})
+    calls = [
+        lambda: fdr_counts(p, bad),
+        lambda: select_experts(x, p, method="bh", alpha=bad),
+        lambda: fused_select_experts(x, p, method="bh", alpha=bad),
+        lambda: select_with_null(x, null, method="bh", alpha=bad),
+        lambda: BHSelector(bank, alpha=bad),
+        lambda: FusedBHSelector(bank, alpha=bad),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"`alpha` must be a number in \(0, 1\], e.g. alpha=0.05"):
+            call()
+    assert select_experts(x, p, method="bh", alpha=np.float32(0.5)).counts.shape == (5,)  # numpy reals are numbers
