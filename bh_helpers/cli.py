@@ -157,7 +157,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(text: str):
-    return None if text == "auto" else text
+    """``--device``: ``auto`` (CUDA when available), or a torch device that exists here."""
+    if text == "auto":
+        return None
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text!r} is not a torch device; use cpu, cuda, cuda:1 or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: no CUDA device is available here; use --device cpu (or auto).")
+    return text
+
+
+def _check_model_name(name: str) -> None:
+    """``--model``: 'tiny', 'auto', an existing folder, or an org/name hub id (checked before loading)."""
+    import re
+
+    if name in ("tiny", "auto") or os.path.isdir(name):
+        return
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or os.path.exists(name)
+    if looks_like_path or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise ValueError(
+            f"--model {name!r} is neither a model folder here nor a hub id of the form org/name; use --model tiny "
+            "(the embedded model), --model auto, a folder written by save_pretrained, or e.g. "
+            "--model allenai/OLMoE-1B-7B-0924."
+        )
 
 
 def _load(args):
@@ -165,6 +191,7 @@ def _load(args):
 
     from bh_helpers.models import load_model
 
+    _check_model_name(args.model)
     device = _device(args.device)
     return load_model(args.model, device=device, dtype=torch.float32 if device == "cpu" else None)
 
@@ -177,8 +204,10 @@ def _cmd_demo(args) -> int:
         window=args.window, stride=args.stride, batch_size=args.batch_size, categories=not args.no_categories,
         seed=args.seed,
     )
+    _check_model_name(args.model)
+    device = _device(args.device)
     t0 = time.perf_counter()
-    result = pipeline.run_demo(settings, out_dir=args.out, device=_device(args.device), progress=not args.no_progress)
+    result = pipeline.run_demo(settings, out_dir=args.out, device=device, progress=not args.no_progress)
     n_bh = int((result.frontier["status"] == "ok").sum())
     print(f"{'resumed' if result.resumed else 'finished'} in {time.perf_counter() - t0:.0f} s: "
           f"{len(result.frontier)} BH-family rows, {n_bh} compute-matched with static top-k")
@@ -261,10 +290,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
+    if getattr(args, "no_progress", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar too
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, MemoryError) as err:
         print(f"bh-routing: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Every step writes whole files or fsynced lines: what finished is kept and resumed.
+        print("bh-routing: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    except OSError as err:  # disk full, read-only folder, permissions
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"bh-routing: error: {err.strerror or err}{where}; free space or choose a writable --out.",
+              file=sys.stderr)
         return 2
     except ImportError as err:  # pandas / matplotlib are optional dependencies of the package
         print(f"bh-routing: error: {err}; install the extras with `pip install 'bh-routing[notebooks]'`.",

@@ -168,7 +168,12 @@ def _check_positive(name: str, value: Any) -> int:
 def _read_text_file(path: Path) -> str:
     if not path.is_file():
         raise ValueError(f"text file {str(path)!r} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"text file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); pass a plain-text file."
+        ) from None
     if not text.strip():
         raise ValueError(f"text file {str(path)!r} is empty; give it some text to evaluate or calibrate on.")
     return text
@@ -757,6 +762,18 @@ class DemoSettings:
             raise ValueError(f"`weights` must be one of {WEIGHT_MODES}, got {self.weights!r}.")
         check_datasets(self.datasets)  # unknown names raise here, before anything runs
 
+    def check_model(self, model) -> None:
+        """Raise ValueError (naming the CLI flag) when the grid asks for more experts than ``model`` has."""
+        cfg = model.config
+        experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+        if experts is None:
+            return
+        for flag, values in (("--max-ks", self.max_ks), ("--topk-max", (self.topk_max,)), ("--min-k", (self.min_k,))):
+            too_many = [v for v in values if v > experts]
+            if too_many:
+                raise ValueError(f"{flag} {','.join(map(str, too_many))} exceeds the {experts} experts per layer of "
+                                 f"{self.model!r}; pass {flag} {experts} or lower.")
+
     def configs(self):
         """The sweep grid (:func:`bh_helpers.experiments.expand_grid`)."""
         from bh_helpers.experiments import expand_grid
@@ -882,6 +899,7 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
     step = functools.partial(_demo_step, timings=timings, peaks=peaks, settings=settings)
     with step("load model"):
         model, tokenizer = load_model(settings.model, device=device, dtype=torch.float32 if device == "cpu" else None)
+    settings.check_model(model)  # before anything is written: a bad grid leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
     if not resumed:
         tmp = out / (SETTINGS_NAME + ".tmp")

@@ -155,3 +155,62 @@ def test_default_null_bank_dir(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="bh-routing capture"):
         default_null_bank_dir("org/none")
     assert default_null_bank_dir("org/none", must_exist=False).name == "org--none"
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults: one line on stderr, exit 2 (130 for Ctrl-C), nothing written, never a traceback
+# ----------------------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("bh-routing: "), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--max-ks", "100"], ["--max-ks 100", "64 experts", "--max-ks 64 or lower"]),
+    (["--topk-max", "65"], ["--topk-max 65", "--topk-max 64 or lower"]),
+    (["--model", "./no/such/folder"], ["--model './no/such/folder'", "--model tiny"]),
+    (["--model", "not a model"], ["--model 'not a model'", "org/name"]),
+    (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "nonsense"],
+     ["--device"]),
+])
+def test_demo_bad_options_fail_before_any_work(tmp_path, capsys, argv, needles):
+    out = tmp_path / "run"
+    assert cli.main(["demo", "--out", str(out), *TINY, *argv]) == 2
+    _one_line_error(capsys, *needles)
+    assert not out.exists(), "a refused command leaves no folder behind (the corrected one must run)"
+
+
+def test_binary_text_file_names_the_file(tmp_path, capsys):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert cli.main(["capture", "--out", str(tmp_path / "c.safetensors"), "--text-file", str(binary),
+                     "--calibration-tokens", "64", "--no-progress"]) == 2
+    _one_line_error(capsys, str(binary), "not UTF-8 text")
+
+
+def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    from bh_helpers import pipeline
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "run.json"))
+
+    monkeypatch.setattr(pipeline, "run_demo", read_only)
+    assert cli.main(["demo", "--out", str(tmp_path / "ro"), *TINY]) == 2
+    _one_line_error(capsys, "Permission denied", "run.json", "writable --out")
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from bh_helpers import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_demo", interrupted)
+    assert cli.main(["demo", "--out", str(tmp_path / "run"), *TINY]) == 130
+    _one_line_error(capsys, "interrupted; rerun the same command to resume")
