@@ -36,6 +36,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from bh_helpers._locks import exclusive
+
 __all__ = [
     "METHODS",
     "FDR_METHODS",
@@ -471,7 +473,15 @@ def run_sweep(
         raise ValueError(f"`datasets` has duplicate names: {names}.")
     identity = grid_hash(configs, names, grid_id)
     path = Path(results_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(path.with_name(path.name + ".lock"), what=f"results file {str(path)!r}",
+                   flag="results file (--results)"):
+        return _run_sweep_locked(configs, keys, names, evaluate_fn, path, identity, grid_id, overwrite, progress)
 
+
+def _run_sweep_locked(configs, keys, names, evaluate_fn, path: Path, identity: str, grid_id, overwrite: bool,
+                      progress: bool):
+    """:func:`run_sweep` once it holds the results file's lock (checks done)."""
     done: set[tuple[str, str]] = set()
     if path.exists():
         try:
@@ -568,9 +578,16 @@ def load_results(path: str | os.PathLike):
         raise ValueError(f"`path` {str(p)!r} does not exist; run a sweep first.")
     header, rows, _ = _read_existing(p)
     records = []
+    seen: set[tuple[str, str]] = set()
+    duplicates = 0
     for row in rows:
         if row.get("type") != "row":
             continue
+        pair = (row.get("key"), row.get("dataset"))
+        if pair in seen:  # written twice (two writers before the lock existed): the first one counts
+            duplicates += 1
+            continue
+        seen.add(pair)
         rec = {"key": row["key"], "dataset": row["dataset"]}
         config = row.get("config", {})
         try:
@@ -585,4 +602,9 @@ def load_results(path: str | os.PathLike):
     columns = ["key", "dataset", "label"] + [f.name for f in fields(SweepConfig)]
     df = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=columns)
     df.attrs["header"] = header or {}
+    if duplicates:
+        import warnings
+
+        warnings.warn(f"{str(p)!r} holds {duplicates} repeated (configuration, dataset) rows; the first of each "
+                      "is used.", stacklevel=2)
     return df

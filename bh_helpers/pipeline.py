@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from bh_helpers._locks import exclusive
+
 __all__ = [
     "DEFAULT_OUTPUT_DIR",
     "EVAL_DATASETS",
@@ -888,12 +890,10 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
     import torch
 
     from bh_helpers.models import load_model
-    from bh_helpers.nulls import NullBank
 
     settings = settings or DemoSettings()
-    configs = settings.configs()
     out = Path(out_dir)
-    resumed = _check_folder(out, settings)
+    _check_folder(out, settings)  # fail fast, before loading the model; checked again under the lock
     timings: dict[str, float] = {}
     peaks: dict[str, float] = {}
     step = functools.partial(_demo_step, timings=timings, peaks=peaks, settings=settings)
@@ -901,6 +901,17 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
         model, tokenizer = load_model(settings.model, device=device, dtype=torch.float32 if device == "cpu" else None)
     settings.check_model(model)  # before anything is written: a bad grid leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out / ".lock", what=f"output folder {str(out)!r}", flag="--out folder"):
+        resumed = _check_folder(out, settings)  # again, now that no other process can write here
+        return _run_demo_locked(settings, out, model, tokenizer, resumed, step, timings, peaks, progress)
+
+
+def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resumed: bool, step, timings: dict,
+                     peaks: dict, progress: bool) -> DemoResult:
+    """:func:`run_demo` once it holds the output folder's lock: capture, fit, sweep, report."""
+    from bh_helpers.nulls import NullBank
+
+    configs = settings.configs()
     if not resumed:
         tmp = out / (SETTINGS_NAME + ".tmp")
         tmp.write_text(json.dumps({"settings": settings.to_dict(),
