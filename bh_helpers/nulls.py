@@ -1232,7 +1232,7 @@ class NullBank(Mapping[int, NullModel]):
             )
         return null.sf(logits, dtype=torch.float32)
 
-    def check_compatible(self, model_or_config: Any) -> NullBank:
+    def check_compatible(self, model_or_config: Any, *, what: str = "`model_or_config`") -> NullBank:
         """Raise ValueError unless layer and expert counts match the model; return self.
 
         Parameters
@@ -1240,9 +1240,11 @@ class NullBank(Mapping[int, NullModel]):
         model_or_config : transformers model or config
             Anything with ``num_hidden_layers`` and ``num_experts`` / ``num_local_experts`` /
             ``n_routed_experts`` (directly or under ``.config``).
+        what : str
+            How the message names the model.
         """
         layers, experts = _config_counts(model_or_config)
-        self._check_counts(num_layers=layers, num_experts=experts, what="`model_or_config`")
+        self._check_counts(num_layers=layers, num_experts=experts, what=what)
         return self
 
     def _check_counts(self, *, num_layers: int | None, num_experts: int | None, what: str) -> None:

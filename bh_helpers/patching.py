@@ -909,6 +909,11 @@ def route(
     if not callable(selector):
         raise ValueError(f"`selector` must be callable as selector(logits, layer); got {selector!r}.")
     _check_k("max_tokens_per_layer", max_tokens_per_layer, 0)
+    bank = getattr(selector, "null_bank", None)
+    from bh_helpers.nulls import NullBank
+
+    if isinstance(bank, NullBank):  # a bank of another model routed silently (mean k 1.0) before
+        bank.check_compatible(model, what="the routed model")
     blocks = select_layers(find_moe_blocks(model), layers)
     busy = [b.layer for b in blocks if b.module in _ACTIVE]
     if busy:

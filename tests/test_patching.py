@@ -570,3 +570,26 @@ def test_bfloat16_patched_forward_keeps_dtype_and_is_finite():
         out = model(**inputs).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert rec.summary()["tokens"] == int(inputs["attention_mask"].sum())
+
+
+def test_route_refuses_a_bank_of_another_model():
+    """A 16-layer bank on the 6-layer tiny model routed silently with mean k 1.0 before; a bank of
+    32 experts failed only at forward time."""
+    from bh_helpers.fused_select import FusedBHSelector
+    from bh_helpers.models import load_model
+    from bh_helpers.nulls import fit_null_bank
+    from bh_helpers.patching import BHSelector, route
+
+    model, _ = load_model("tiny", device="cpu", dtype=torch.float32)
+    n_layers, n_experts = model.config.num_hidden_layers, model.config.num_experts
+    g = torch.Generator().manual_seed(0)
+    other_depth = fit_null_bank({layer: torch.randn(300, n_experts, generator=g) for layer in range(16)})
+    other_width = fit_null_bank({layer: torch.randn(300, 32, generator=g) for layer in range(n_layers)})
+    forward_before = model.model.layers[0].mlp.forward
+    for bank, match in ((other_depth, f"16 layers.*routed model has {n_layers}"),
+                        (other_width, f"32 experts per layer.*routed model has {n_experts}")):
+        for selector in (BHSelector(bank, alpha=0.5), FusedBHSelector(bank, alpha=0.5)):
+            with pytest.raises(ValueError, match=match):
+                with route(model, selector):
+                    raise AssertionError("route must refuse before the block runs")
+    assert model.model.layers[0].mlp.forward == forward_before  # nothing was installed
