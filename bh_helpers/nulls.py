@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import hashlib
 import json
 import math
 import pickle
@@ -1284,6 +1285,9 @@ class NullBank(Mapping[int, NullModel]):
         meta = asdict(self.metadata)
         meta["n_samples"] = {str(k): v for k, v in meta["n_samples"].items()}
         meta["format"] = "bh_helpers.NullBank"
+        # A checksum per array: a shifted grid or two layers' arrays swapped still satisfy every
+        # invariant and gave p-values off by 0.35-0.55 before; load() now refuses them.
+        meta["array_sha256"] = {name: _array_digest(value) for name, value in sorted(arrays.items())}
         # Write to temporary names first so an interrupted save never leaves a half-written bank.
         tmp_npz, tmp_json = directory / (NPZ_NAME + ".tmp"), directory / (METADATA_NAME + ".tmp")
         with open(tmp_npz, "wb") as fh:
@@ -1335,9 +1339,11 @@ class NullBank(Mapping[int, NullModel]):
                 f"`{npz_path}` is corrupt or truncated ({type(err).__name__}: {err}); "
                 "save or fit the bank again"
             ) from err
+        _check_digests(arrays, _read_digests(meta_path), npz_path)
         nulls = {}
         for layer in metadata.layers:
             try:
+                _check_null_arrays(arrays, layer=layer)
                 nulls[layer] = _null_from_arrays(arrays, layer=layer, kernel=metadata.kernel)
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(
@@ -1420,6 +1426,63 @@ class NullBank(Mapping[int, NullModel]):
         bank = cls(nulls, metadata)
         bank._check_counts(num_layers=num_layers, num_experts=None, what="`num_layers`")
         return bank
+
+
+def _array_digest(value: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    value = np.ascontiguousarray(value)
+    return hashlib.sha256(f"{value.dtype.str}{value.shape}".encode() + value.tobytes()).hexdigest()
+
+
+def _read_digests(meta_path: Path) -> dict[str, str] | None:
+    """The ``array_sha256`` map of ``metadata.json`` (None for banks saved before it existed)."""
+    digests = json.loads(meta_path.read_text()).get("array_sha256")
+    return digests if isinstance(digests, dict) else None
+
+
+def _check_digests(arrays: Mapping[str, np.ndarray], digests: Mapping[str, str] | None, npz_path: Path) -> None:
+    if digests is None:
+        return
+    missing, extra = sorted(set(digests) - set(arrays)), sorted(set(arrays) - set(digests))
+    if missing or extra:
+
+        def by_layer(names: list[str]) -> str:
+            layers: dict[str, list[str]] = {}
+            for name in names:
+                head, _, field = name.partition(".")
+                layers.setdefault(head.replace("layer_", "layer "), []).append(field)
+            return "; ".join(f"{layer} ({', '.join(fields)})" for layer, fields in layers.items()) or "none"
+
+        raise ValueError(f"`{npz_path}` does not hold the arrays its metadata lists (missing: {by_layer(missing)}; "
+                         f"unexpected: {by_layer(extra)}); save or fit the bank again")
+    changed = sorted(name for name, value in arrays.items() if _array_digest(value) != digests[name])
+    if changed:
+        raise ValueError(
+            f"`{npz_path}` was changed after it was saved (checksum mismatch: {', '.join(changed[:6])}"
+            f"{' ...' if len(changed) > 6 else ''}); save or fit the bank again"
+        )
+
+
+def _check_null_arrays(arrays: Mapping[str, np.ndarray], *, layer: int) -> None:
+    """Invariants of one stored null: float64 grid sorted, sf = 1 - cdf in [0, 1] and
+    monotone, finite positive tail scales. Raises ValueError naming what is wrong."""
+    prefix = f"layer_{layer}."
+    grid, sf, cdf = (arrays[prefix + name] for name in ("grid", "sf", "cdf"))
+    for name, value in (("grid", grid), ("sf", sf), ("cdf", cdf)):
+        if value.dtype != np.float64:
+            raise ValueError(f"{name} must be float64, got {value.dtype}")
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name} has non-finite values")
+    if (np.diff(grid, axis=-1) < 0).any():  # empirical nulls may repeat a value
+        raise ValueError("grid is not sorted")
+    if (sf < 0).any() or (sf > 1).any() or (np.diff(sf, axis=-1) > 0).any() or (np.diff(cdf, axis=-1) < 0).any():
+        raise ValueError("sf / cdf are not probabilities monotone along the grid")
+    if np.abs(sf + cdf - 1.0).max() > 1e-9:
+        raise ValueError(f"sf + cdf differs from 1 by up to {np.abs(sf + cdf - 1.0).max():.3g}")
+    for name in ("tail_scale_upper", "tail_scale_lower"):
+        value = np.asarray(arrays[prefix + name], dtype=np.float64)
+        if not (np.isfinite(value) & (value > 0)).all():
+            raise ValueError(f"{name} must be finite and positive")
 
 
 def _null_from_arrays(arrays: Mapping[str, np.ndarray], *, layer: int, kernel: str) -> NullModel:

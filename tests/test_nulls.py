@@ -619,3 +619,64 @@ def test_per_expert_empirical_grid_is_bounded():
     column = logits[:, 2].double().numpy()
     np.testing.assert_allclose(small.sf_grid_[2], midp_sf_slow(column, small.grid_[2]), rtol=1e-12)
     np.testing.assert_array_equal(small.grid_[2, -4:], np.sort(column)[-4:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged banks that used to load and give p-values off by 0.35-0.55
+# ---------------------------------------------------------------------------------------------
+
+
+def _rewrite(directory, change, *, keep_checksums=True):
+    """Rewrite ``nulls.npz`` of a saved bank with ``change(arrays)`` applied (metadata untouched,
+    or without its checksums to act like a bank saved before they existed)."""
+    import json
+
+    npz = directory / "nulls.npz"
+    with np.load(npz, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    change(arrays)
+    with open(npz, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    if not keep_checksums:
+        meta = json.loads((directory / "metadata.json").read_text())
+        meta.pop("array_sha256")
+        (directory / "metadata.json").write_text(json.dumps(meta))
+
+
+def _swap_layers(a):
+    for name in ("grid", "sf", "cdf", "pdf"):
+        a[f"layer_0.{name}"], a[f"layer_1.{name}"] = a[f"layer_1.{name}"], a[f"layer_0.{name}"]
+
+
+DAMAGE = {
+    "sf halved": (lambda a: a.__setitem__("layer_0.sf", a["layer_0.sf"] / 2), "sf \\+ cdf differs from 1"),
+    "integer grid": (lambda a: a.__setitem__("layer_1.grid", np.round(a["layer_1.grid"]).astype(np.int64)),
+                     "grid must be float64"),
+    "grid shifted by +3": (lambda a: a.__setitem__("layer_0.grid", a["layer_0.grid"] + 3.0), None),
+    "two layers swapped": (_swap_layers, None),
+    "cdf not monotone": (lambda a: a["layer_1.cdf"].__setitem__((0, slice(10, 20)), a["layer_1.cdf"][0, 10:20][::-1]),
+                         "not probabilities monotone|sf \\+ cdf"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_banks_are_refused_on_load(tmp_path, case):
+    g = torch.Generator().manual_seed(0)
+    bank = fit_null_bank({0: torch.randn(2000, 8, generator=g), 1: torch.randn(2000, 8, generator=g) * 2 - 1})
+    bank.save(tmp_path / "bank")
+    change, invariant = DAMAGE[case]
+    _rewrite(tmp_path / "bank", change)
+    with pytest.raises(ValueError, match="changed after it was saved|valid null"):
+        NullBank.load(tmp_path / "bank")  # the checksums catch every case
+    if invariant is not None:  # and the invariants alone, for banks saved without checksums
+        bank.save(tmp_path / "legacy")
+        _rewrite(tmp_path / "legacy", change, keep_checksums=False)
+        with pytest.raises(ValueError, match=invariant):
+            NullBank.load(tmp_path / "legacy")
+
+
+def test_committed_banks_without_checksums_still_load():
+    from bh_helpers.pipeline import default_null_bank_dir
+
+    bank = NullBank.load(default_null_bank_dir("tiny"))
+    assert bank.num_layers > 0
