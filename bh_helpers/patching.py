@@ -915,6 +915,14 @@ def route(
     if isinstance(bank, NullBank):  # a bank of another model routed silently (mean k 1.0) before
         bank.check_compatible(model, what="the routed model")
     blocks = select_layers(find_moe_blocks(model), layers)
+    if isinstance(bank, NullBank):
+        missing = [b.layer for b in blocks if b.layer not in set(bank)]
+        if missing:
+            raise ValueError(
+                f"the selector's null bank has no null for MoE layers {missing} (it has layers {list(bank)}); "
+                "pass `layers` to route only those it has, or fit a bank on every layer "
+                "(`bh-routing capture` + `bh-routing fit`)."
+            )
     busy = [b.layer for b in blocks if b.module in _ACTIVE]
     if busy:
         raise RuntimeError(

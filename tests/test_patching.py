@@ -593,3 +593,22 @@ def test_route_refuses_a_bank_of_another_model():
                 with route(model, selector):
                     raise AssertionError("route must refuse before the block runs")
     assert model.model.layers[0].mlp.forward == forward_before  # nothing was installed
+
+
+def test_route_refuses_a_bank_missing_routed_layers():
+    """A bank without layer 5 failed mid-forward with a KeyError (a traceback from the CLI)."""
+    from bh_helpers.models import load_model
+    from bh_helpers.nulls import fit_null_bank
+
+    model, tok = load_model("tiny", device="cpu", dtype=torch.float32)
+    n_layers = model.config.num_hidden_layers
+    g = torch.Generator().manual_seed(0)
+    bank = fit_null_bank({layer: torch.randn(300, 64, generator=g) for layer in range(n_layers - 1)},
+                         num_layers=n_layers)
+    with pytest.raises(ValueError, match=rf"no null for MoE layers \[{n_layers - 1}\].*bh-routing fit"):
+        with route(model, BHSelector(bank, alpha=0.5)):
+            pass
+    ids = tok("the layers the bank has are routed", return_tensors="pt").input_ids
+    with torch.no_grad(), route(model, BHSelector(bank, alpha=0.5), layers=list(range(n_layers - 1))) as rec:
+        model(ids)
+    assert sorted(rec.summary()["per_layer"]) == list(range(n_layers - 1))
