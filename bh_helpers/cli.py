@@ -251,6 +251,8 @@ def _cmd_sweep(args) -> int:
     pipeline.check_datasets(args.datasets)  # unknown names fail before the model loads
     nulls = args.nulls or pipeline.default_null_bank_dir(args.model)
     bank = NullBank.load(nulls)
+    source = "--nulls" if args.nulls else f"the committed bank of --model {args.model} (pass --nulls to choose)"
+    print(f"null bank: {nulls} ({source}; {bank.metadata.kernel} kernel, {len(list(bank))} layers)")
     model, tok = _load(args)
     df = pipeline.sweep_step(model, tok, configs, null_bank=bank, results_path=args.results, datasets=args.datasets,
                              max_tokens=args.max_tokens, window=args.window, stride=args.stride,

@@ -214,3 +214,14 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pipeline, "run_demo", interrupted)
     assert cli.main(["demo", "--out", str(tmp_path / "run"), *TINY]) == 130
     _one_line_error(capsys, "interrupted; rerun the same command to resume")
+
+
+def test_sweep_says_which_bank_it_uses(tmp_path, capsys):
+    from bh_helpers.pipeline import default_null_bank_dir
+
+    rc = cli.main(["sweep", "--results", str(tmp_path / "s.jsonl"), "--methods", "bh", "--alphas", "0.5",
+                   "--topk-max", "1", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64", "--window", "64",
+                   "--stride", "64", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert f"null bank: {default_null_bank_dir('tiny')} (the committed bank of --model tiny" in out
