@@ -586,6 +586,36 @@ class RoutingRecorder:
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_selection_values(selection: Selection, num_experts: int, layer: int) -> None:
+    """Validate mode (``selector.validate=True``): the selection's values, with host synchronisation.
+
+    Indices in ``[-1, E)`` with no expert twice in a row, counts equal to the used slots, finite
+    non-negative weights; a violation names the layer and the first token. (Without validation
+    these are the selector's responsibility: route checks shapes only, which costs no sync.)
+    """
+    indices, weights = selection.indices, selection.weights  # (T, K) each
+    counts = selection.counts.reshape(-1)  # (T,)
+    used = indices >= 0  # (T, K)
+    problems = {
+        "an expert id outside [-1, num_experts)": (indices < -1) | (indices >= num_experts),
+        "non-finite or negative weights": ~torch.isfinite(weights) | (weights < 0),
+    }
+    for what, mask in problems.items():
+        rows = mask.any(dim=-1).nonzero()
+        if rows.numel():
+            raise ValueError(f"the selector returned {what} at layer {layer}, token {int(rows[0, 0])}.")
+    wrong = (counts != used.sum(dim=-1)).nonzero()
+    if wrong.numel():
+        t = int(wrong[0, 0])
+        raise ValueError(f"the selector's counts disagree with its indices at layer {layer}, token {t}: count "
+                         f"{int(counts[t])}, {int(used[t].sum())} experts used.")
+    ordered = torch.where(used, indices, num_experts + torch.arange(indices.shape[-1], device=indices.device))
+    ordered = ordered.sort(dim=-1).values  # unused slots get distinct ids past E
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=-1).nonzero()
+    if repeated.numel():
+        raise ValueError(f"the selector chose one expert twice at layer {layer}, token {int(repeated[0, 0])}.")
+
+
 def _check_selection(selection: Any, rows: int, layer: int) -> None:
     """A selector's answer must be a Selection of ``[T, K]`` indices and weights."""
     if not isinstance(selection, Selection):
@@ -767,6 +797,7 @@ def _make_forward(
 ) -> Callable[..., torch.Tensor]:
     """Build (without installing) the replacement forward of one block."""
     layer, adapter = block.layer, block.adapter
+    validate = getattr(selector, "validate", False) is True  # slow, thorough checks only when asked
 
     def compute(module: nn.Module, weight: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor,
                 hist: torch.Tensor, experts_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -839,8 +870,16 @@ def _make_forward(
         if done is not None:
             return done[0].reshape(shape)  # (B, S, H)
         logits = gate_cache.logits(module, hidden)  # (T, E) float32
-        selection = selector(logits, layer)
+        if validate:
+            try:
+                selection = selector(logits, layer)
+            except ValueError as err:  # the selector's own checks: say which layer
+                raise ValueError(f"layer {layer}: {err}") from None
+        else:
+            selection = selector(logits, layer)
         _check_selection(selection, hidden.shape[0], layer)  # shapes only: no host synchronisation
+        if validate:
+            _check_selection_values(selection, logits.shape[-1], layer)
         recorder._record(layer, selection)
         if mode == "analyze":
             return original(hidden_states, *args, **kwargs)
@@ -899,9 +938,21 @@ def route(
     Raises
     ------
     ValueError
-        Unknown ``mode``, bad ``layers``, or an unsupported model.
+        Unknown ``mode``, bad ``layers``, an unsupported model, or a selector whose null bank was
+        fitted for other layers or expert counts. With a selector built with ``validate=True``
+        also, during the forward pass, non-finite router logits (NaN, +inf, or -inf for every
+        expert) and selections with bad values (expert ids outside ``[-1, E)``, an expert twice,
+        counts that disagree with the used slots, non-finite or negative weights), naming the
+        layer and the first token.
     RuntimeError
         When a chosen block is already routed by an enclosing ``route``.
+
+    Notes
+    -----
+    Validation is a choice made once, on the selector: ``validate=True`` checks values with host
+    synchronisations (for developing selectors and for debugging); the default checks shapes only
+    and never synchronises, so decoding stays fast, and then non-finite logits reach the selector
+    as they are.
     """
     # Input validation (before anything is installed)
     if mode not in MODES:

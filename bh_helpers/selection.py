@@ -141,8 +141,22 @@ def _check_logits(logits: torch.Tensor) -> None:
         raise ValueError(f"`logits` needs a non-empty last (expert) dimension; got shape {tuple(logits.shape)}.")
     if not logits.is_floating_point():
         raise TypeError(f"`logits` must be floating point; got {logits.dtype}.")
-    if logits.numel() and logits.isnan().any().item():
-        raise ValueError("`logits` contains NaN; check the model's hidden states (overflow in fp16?).")
+    if logits.numel():
+        # +inf gives NaN softmax weights and a row of -inf has none: both are refused, with where.
+        # (A single -inf, an expert masked out, is fine.)
+        bad = logits.isnan() | logits.isposinf()  # (..., E)
+        dead = logits.isneginf().all(dim=-1)  # (...,)
+        if bad.any().item() or dead.any().item():
+            rows = logits.reshape(-1, logits.shape[-1])
+            flat_bad, flat_dead = bad.reshape(rows.shape), dead.reshape(-1)
+            if flat_bad.any().item():
+                token, expert = (int(i) for i in flat_bad.nonzero()[0])
+                value = "NaN" if math.isnan(rows[token, expert].item()) else "+inf"
+                raise ValueError(
+                    f"`logits` has {value} at token {token}, expert {expert}; check the model's hidden states "
+                    "(overflow in float16?).")
+            token = int(flat_dead.nonzero()[0, 0])
+            raise ValueError(f"`logits` is -inf for every expert at token {token}; no expert can be chosen.")
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:

@@ -612,3 +612,70 @@ def test_route_refuses_a_bank_missing_routed_layers():
     with torch.no_grad(), route(model, BHSelector(bank, alpha=0.5), layers=list(range(n_layers - 1))) as rec:
         model(ids)
     assert sorted(rec.summary()["per_layer"]) == list(range(n_layers - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite logits and bad selector output: validate=True names the layer and the token
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,row_fill,match", [
+    (float("inf"), None, r"\+inf at token 0, expert 3"),
+    (float("nan"), None, r"NaN at token 0, expert 3"),
+    (None, float("-inf"), r"-inf for every expert at token 0"),
+])
+def test_validate_names_layer_and_token_of_non_finite_logits(value, row_fill, match):
+    """+inf logits passed even validate=True (NaN weights); a row of -inf too."""
+    from bh_helpers.selection import select_experts
+
+    x = torch.randn(4, 16)
+    if value is not None:
+        x[0, 3] = value
+    else:
+        x[0] = row_fill
+    with pytest.raises(ValueError, match=match):
+        select_experts(x, method="topk", k=2, max_k=2, validate=True)
+    masked = torch.randn(4, 16)
+    masked[0, 0] = -float("inf")  # one expert masked out is fine
+    assert select_experts(masked, method="topk", k=2, max_k=2, validate=True).counts.tolist() == [2, 2, 2, 2]
+
+
+class _BadSelector:
+    """A selector that returns a chosen defect at layer 1."""
+
+    validate = True
+
+    def __init__(self, defect: str) -> None:
+        self.defect, self.max_k = defect, 2
+
+    def __call__(self, logits, layer):
+        from bh_helpers.selection import Selection
+
+        sel = TopKSelector(2, weights="softmax")(logits, layer)
+        idx, w, counts = sel.indices.clone(), sel.weights.clone(), sel.counts.clone()
+        if layer == 1:
+            if self.defect == "nan weight":
+                w[2, 0] = float("nan")
+            elif self.defect == "counts":
+                counts[2] = 0
+            elif self.defect == "duplicate":
+                idx[2, 1] = idx[2, 0]
+            elif self.defect == "out of range":
+                idx[2, 1] = 10_000
+        return Selection(indices=idx, weights=w, counts=counts)
+
+
+@pytest.mark.parametrize("defect,match", [
+    ("nan weight", "non-finite or negative weights at layer 1, token 2"),
+    ("counts", "counts disagree with its indices at layer 1, token 2"),
+    ("duplicate", "one expert twice at layer 1, token 2"),
+    ("out of range", r"expert id outside \[-1, num_experts\) at layer 1, token 2"),
+])
+def test_validate_checks_selector_output_in_route(tiny_model_and_tokenizer, defect, match):
+    """A NaN weight made all-NaN outputs; counts that disagree with indices were recorded as mean k 8."""
+    model, tok = tiny_model_and_tokenizer
+    ids = tok("a few tokens to route through every layer", return_tensors="pt").input_ids
+    assert ids.shape[1] > 3
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        with route(model, _BadSelector(defect)):
+            model(ids)
