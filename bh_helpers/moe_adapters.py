@@ -23,7 +23,7 @@ itself is called. The patcher reads ``gate.weight`` and the expert weights direc
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -32,6 +32,8 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = [
+    "fingerprints_differ",
+    "router_fingerprint",
     "ADAPTERS",
     "SUPPORTED_FAMILIES",
     "LayerSpec",
@@ -322,3 +324,53 @@ def router_outputs_requested() -> bool:
     except Exception:  # a private API: anything unexpected means "assume yes"
         return True
     return collected is not None and "router_logits" in collected
+
+
+#: Experts whose router projections enter the fingerprint (with the weight's spread).
+_FINGERPRINT_EXPERTS = 8
+
+
+def router_fingerprint(model: nn.Module, layers: Sequence[int] | None = None) -> dict[int, list[float]]:
+    """A few numbers per MoE layer that tell one model's routers from another's, across dtypes.
+
+    Per layer: the router weight's standard deviation and mean absolute value, and the first
+    :data:`_FINGERPRINT_EXPERTS` experts' projections on a fixed pseudo-random direction (float64
+    on the CPU). A float32 checkpoint cast to float16 or bf16 keeps them within 1%; another model,
+    or the same weights with experts in another order, does not. Layers whose weight is not
+    materialised (``meta``, offloaded) are left out.
+
+    Parameters
+    ----------
+    model : nn.Module
+    layers : sequence of int, optional
+        MoE layers to include (default all).
+
+    Returns
+    -------
+    dict of int to list of float
+    """
+    out = {}
+    for block in find_moe_blocks(model):
+        if layers is not None and block.layer not in layers:
+            continue
+        weight = block.module.gate.weight
+        if weight.device.type == "meta":
+            continue
+        w = weight.detach().to("cpu", torch.float64)  # (E, H)
+        direction = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        proj = (w[:_FINGERPRINT_EXPERTS] @ direction).tolist()  # (8,)
+        out[block.layer] = [float(w.std()), float(w.abs().mean()), *proj]
+    return out
+
+
+def fingerprints_differ(fitted: Mapping[int, Sequence[float]], model: Mapping[int, Sequence[float]],
+                        rtol: float = 1e-2) -> list[int]:
+    """Layers (present in both) whose fingerprints differ by more than ``rtol`` of the layer's scale."""
+    differ = []
+    for layer in sorted(set(fitted) & set(model)):
+        a = torch.tensor(fitted[layer], dtype=torch.float64)
+        b = torch.tensor(model[layer], dtype=torch.float64)
+        scale = torch.maximum(a.abs().max(), b.abs().max())
+        if a.shape != b.shape or ((a - b).abs() > rtol * scale).any():
+            differ.append(layer)
+    return differ

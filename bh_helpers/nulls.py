@@ -33,7 +33,7 @@ import json
 import math
 import pickle
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -1113,6 +1113,10 @@ class NullBankMetadata:
         ISO 8601 UTC timestamp.
     schema_version : int
         On-disk layout version (:data:`SCHEMA_VERSION`).
+    router_fingerprint : dict of int to list of float, optional
+        :func:`bh_helpers.moe_adapters.router_fingerprint` of the model the logits came from;
+        :func:`bh_helpers.patching.route` refuses the bank on a model whose routers differ.
+        None for banks fitted without the model at hand (no check then).
     """
 
     model_id: str | None
@@ -1127,6 +1131,7 @@ class NullBankMetadata:
     library_version: str
     created: str
     schema_version: int = SCHEMA_VERSION
+    router_fingerprint: dict[int, list[float]] | None = None
 
 
 def _library_version() -> str:
@@ -1284,6 +1289,8 @@ class NullBank(Mapping[int, NullModel]):
             arrays[prefix + "per_expert"] = np.array([null.per_expert])
         meta = asdict(self.metadata)
         meta["n_samples"] = {str(k): v for k, v in meta["n_samples"].items()}
+        if meta["router_fingerprint"] is not None:
+            meta["router_fingerprint"] = {str(k): v for k, v in meta["router_fingerprint"].items()}
         meta["format"] = "bh_helpers.NullBank"
         # A checksum per array: a shifted grid or two layers' arrays swapped still satisfy every
         # invariant and gave p-values off by 0.35-0.55 before; load() now refuses them.
@@ -1508,6 +1515,14 @@ def _null_from_arrays(arrays: Mapping[str, np.ndarray], *, layer: int, kernel: s
     )
 
 
+def _parse_fingerprint(raw: Any) -> dict[int, list[float]] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError(f"`router_fingerprint` must be a mapping of layer to numbers, got {type(raw).__name__}")
+    return {int(layer): [float(v) for v in values] for layer, values in raw.items()}
+
+
 def _read_metadata(path: Path) -> NullBankMetadata:
     try:
         raw = json.loads(path.read_text())
@@ -1536,6 +1551,7 @@ def _read_metadata(path: Path) -> NullBankMetadata:
             calibration=str(raw["calibration"]),
             library_version=str(raw["library_version"]),
             created=str(raw["created"]),
+            router_fingerprint=_parse_fingerprint(raw.get("router_fingerprint")),
             schema_version=version,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -1557,6 +1573,7 @@ def fit_null_bank(
     calibration: str = "unspecified calibration text",
     num_layers: int | None = None,
     grid_size: int | None = None,
+    router_fingerprint: Mapping[int, Sequence[float]] | None = None,
 ) -> NullBank:
     """Fit one null per layer (see :func:`fit_null`) and collect them in a :class:`NullBank`.
 
@@ -1573,6 +1590,9 @@ def fit_null_bank(
         Description of the calibration text (dataset, split, number of tokens).
     num_layers : int, optional
         Number of MoE layers of the model; default: highest layer index + 1.
+    router_fingerprint : mapping of int to list of float, optional
+        :func:`bh_helpers.moe_adapters.router_fingerprint` of that model, so that ``route``
+        can refuse the bank on another model.
 
     Returns
     -------
@@ -1622,5 +1642,6 @@ def fit_null_bank(
         calibration=str(calibration),
         library_version=_library_version(),
         created=_now(),
+        router_fingerprint=_parse_fingerprint(dict(router_fingerprint)) if router_fingerprint is not None else None,
     )
     return NullBank(nulls, metadata)

@@ -586,6 +586,22 @@ class RoutingRecorder:
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_fingerprint(bank: Any, model: nn.Module, allow_other_model: bool) -> None:
+    """Refuse a bank fitted on a model whose routers differ from ``model``'s (unless allowed)."""
+    from bh_helpers.moe_adapters import fingerprints_differ, router_fingerprint
+
+    fitted = bank.metadata.router_fingerprint
+    if fitted is None or allow_other_model:
+        return
+    differ = fingerprints_differ(fitted, router_fingerprint(model, layers=list(fitted)))
+    if differ:
+        raise ValueError(
+            f"the selector's null bank was fitted on another model ({bank.metadata.model_id!r}): its router weights "
+            f"differ at layers {differ}. Fit a bank for this model (`bh-routing capture` + `bh-routing fit`), or "
+            "pass route(..., allow_other_model=True) to use it anyway."
+        )
+
+
 def _check_selection_values(selection: Selection, num_experts: int, layer: int) -> None:
     """Validate mode (``selector.validate=True``): the selection's values, with host synchronisation.
 
@@ -912,6 +928,7 @@ def route(
     mode: str = "patch",
     layers: LayerSpec = None,
     max_tokens_per_layer: int = DEFAULT_MAX_TOKENS,
+    allow_other_model: bool = False,
 ) -> Iterator[RoutingRecorder]:
     """Route the model's MoE blocks with ``selector`` inside a ``with`` block.
 
@@ -929,6 +946,9 @@ def route(
         MoE layers to route (default all); the others run natively and are not recorded.
     max_tokens_per_layer : int, default 1_000_000
         Cap on per-token counts kept by the recorder (aggregates are exact regardless).
+    allow_other_model : bool, default False
+        Route with a null bank whose recorded router fingerprint differs from this model's
+        (a bank of another checkpoint of the same shape); refused by default.
 
     Yields
     ------
@@ -965,6 +985,7 @@ def route(
 
     if isinstance(bank, NullBank):  # a bank of another model routed silently (mean k 1.0) before
         bank.check_compatible(model, what="the routed model")
+        _check_fingerprint(bank, model, allow_other_model)
     blocks = select_layers(find_moe_blocks(model), layers)
     if isinstance(bank, NullBank):
         missing = [b.layer for b in blocks if b.layer not in set(bank)]

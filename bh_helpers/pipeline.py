@@ -362,8 +362,11 @@ def capture_step(model, tokenizer, *, max_tokens: int = 4096, window: int = 256,
     captured = capture_router_logits(model, batches, progress=progress)
     if out_path is not None:
         source = str(text_file) if text_file is not None else "embedded corpus, calibration slice (half prose, half code)"
+        from bh_helpers.moe_adapters import router_fingerprint
+
         save_captured(captured, out_path, metadata={
-            "model_id": model_id, "calibration": f"{source}, {len(ids)} tokens, windows of {window}"})
+            "model_id": model_id, "calibration": f"{source}, {len(ids)} tokens, windows of {window}",
+            "router_fingerprint": {str(k): v for k, v in router_fingerprint(model).items()}})
     return captured
 
 
@@ -414,8 +417,10 @@ def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192
         captured, meta = load_captured(captured)
     if calibration is None:
         calibration = meta.get("calibration", f"{captured.num_tokens} captured tokens")
+    fingerprint = json.loads(meta["router_fingerprint"]) if "router_fingerprint" in meta else None
     bank = fit_null_bank(captured, kernel=kernel, grid_size=grid_size, model_id=model_id,
-                         calibration=f"{calibration} ({captured.num_tokens} tokens used)")
+                         calibration=f"{calibration} ({captured.num_tokens} tokens used)",
+                         router_fingerprint=None if fingerprint is None else {int(k): v for k, v in fingerprint.items()})
     if out_dir is not None:
         bank.save(out_dir)
     return bank

@@ -679,3 +679,32 @@ def test_validate_checks_selector_output_in_route(tiny_model_and_tokenizer, defe
     with torch.no_grad(), pytest.raises(ValueError, match=match):
         with route(model, _BadSelector(defect)):
             model(ids)
+
+
+def test_bank_of_another_checkpoint_is_refused_by_its_router_fingerprint(tmp_path, tiny_model_and_tokenizer):
+    """Same shape, other weights: routed silently before. The fingerprint travels capture -> fit ->
+    save -> load, survives a dtype cast, and only allow_other_model=True overrides it."""
+    import copy
+
+    from bh_helpers.moe_adapters import fingerprints_differ, router_fingerprint
+    from bh_helpers.nulls import NullBank
+    from bh_helpers.pipeline import capture_step, fit_step
+
+    model, tok = tiny_model_and_tokenizer
+    capture_step(model, tok, max_tokens=256, window=64, out_path=tmp_path / "c.safetensors", progress=False)
+    fit_step(tmp_path / "c.safetensors", grid_size=256, out_dir=tmp_path / "bank")
+    bank = NullBank.load(tmp_path / "bank")
+    assert bank.metadata.router_fingerprint == router_fingerprint(model)
+    assert fingerprints_differ(router_fingerprint(model), router_fingerprint(copy.deepcopy(model).half())) == []
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in other.model.layers:
+            layer.mlp.gate.weight.copy_(layer.mlp.gate.weight.flip(0))  # the same numbers, experts reordered
+    ids = tok("routing with a bank of another model", return_tensors="pt").input_ids
+    with pytest.raises(ValueError, match=r"fitted on another model.*allow_other_model=True"):
+        with route(other, BHSelector(bank, alpha=0.5)):
+            pass
+    with torch.no_grad(), route(other, BHSelector(bank, alpha=0.5), allow_other_model=True):
+        other(ids)
+    with torch.no_grad(), route(model, BHSelector(bank, alpha=0.5)):
+        model(ids)
