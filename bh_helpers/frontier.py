@@ -54,7 +54,6 @@ __all__ = [
     "topk_curve",
     "interpolate_topk",
     "compute_frontier",
-    "frontier_markdown",
 ]
 
 INTERPOLATIONS = ("linear", "log")
@@ -280,50 +279,3 @@ def compute_frontier(
     out = pd.DataFrame.from_records(records, columns=columns)
     out.attrs.update(metric=metric, cost=cost, interpolation=interpolation, higher_is_better=higher_is_better)
     return out
-
-
-def frontier_markdown(frontier, *, digits: int = 3, caption: bool = True) -> str:
-    """The frontier table (from :func:`compute_frontier`) as a GitHub markdown table.
-
-    Parameters
-    ----------
-    frontier : pandas.DataFrame
-    digits : int, default 3
-        Significant decimals of the metric columns.
-    caption : bool, default True
-        Append one line stating the metric, interpolation and sign convention.
-
-    Returns
-    -------
-    str
-    """
-    from bh_helpers.report import markdown_table
-
-    metric = frontier.attrs.get("metric", "metric")
-    interp = frontier.attrs.get("interpolation", "linear")
-    rows = []
-    for _, r in frontier.iterrows():
-        ok = r["status"] == STATUS_OK
-        rows.append({
-            "dataset": r["dataset"],
-            "configuration": r["label"],
-            "mean k": f"{r['mean_k']:.2f}",
-            metric: f"{r['value']:.{digits}f}",
-            f"top-k {metric} at same k": f"{r['topk_matched']:.{digits}f}" if ok else "n/a",
-            "matched between": r["bracket"] if ok else "",
-            "delta": f"{r['delta']:+.{digits}f}" if ok else "n/a",
-            "relative": f"{100 * r['relative']:+.1f}%" if ok else "n/a",
-            "status": r["status"],
-        })
-    table = markdown_table(rows)
-    if caption:
-        better = "higher" if frontier.attrs.get("higher_is_better") else "lower"
-        space = "log-" if interp == "log" else ""
-        table += (
-            f"\n\nTop-k {metric} interpolated {space}linearly in mean experts per token between neighbouring "
-            f"static k (no extrapolation: points outside the top-k range are flagged); "
-            f"delta = configuration minus matched top-k ({better} {metric} is better). "
-            f"The curve is convex in k, so the interpolated top-k value is slightly pessimistic between "
-            f"integer k (it favours the configuration).\n"
-        )
-    return table

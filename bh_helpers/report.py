@@ -17,7 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_table", "results_table", "write_report", "REPORT_NAME"]
+from bh_helpers.frontier import STATUS_OK
+
+__all__ = ["frontier_markdown", "markdown_table", "results_table", "write_report", "REPORT_NAME"]
 
 REPORT_NAME = "report.md"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -76,6 +78,51 @@ def markdown_table(rows, *, columns: Sequence[str] | None = None, floatfmt: str 
     for rec in records:
         lines.append("| " + " | ".join(_cell(rec.get(n), floatfmt) for n in names) + " |")
     return "\n".join(lines)
+
+
+def frontier_markdown(frontier, *, digits: int = 3, caption: bool = True) -> str:
+    """The frontier table (from :func:`compute_frontier`) as a GitHub markdown table.
+
+    Parameters
+    ----------
+    frontier : pandas.DataFrame
+    digits : int, default 3
+        Significant decimals of the metric columns.
+    caption : bool, default True
+        Append one line stating the metric, interpolation and sign convention.
+
+    Returns
+    -------
+    str
+    """
+    metric = frontier.attrs.get("metric", "metric")
+    interp = frontier.attrs.get("interpolation", "linear")
+    rows = []
+    for _, r in frontier.iterrows():
+        ok = r["status"] == STATUS_OK
+        rows.append({
+            "dataset": r["dataset"],
+            "configuration": r["label"],
+            "mean k": f"{r['mean_k']:.2f}",
+            metric: f"{r['value']:.{digits}f}",
+            f"top-k {metric} at same k": f"{r['topk_matched']:.{digits}f}" if ok else "n/a",
+            "matched between": r["bracket"] if ok else "",
+            "delta": f"{r['delta']:+.{digits}f}" if ok else "n/a",
+            "relative": f"{100 * r['relative']:+.1f}%" if ok else "n/a",
+            "status": r["status"],
+        })
+    table = markdown_table(rows)
+    if caption:
+        better = "higher" if frontier.attrs.get("higher_is_better") else "lower"
+        space = "log-" if interp == "log" else ""
+        table += (
+            f"\n\nTop-k {metric} interpolated {space}linearly in mean experts per token between neighbouring "
+            f"static k (no extrapolation: points outside the top-k range are flagged); "
+            f"delta = configuration minus matched top-k ({better} {metric} is better). "
+            f"The curve is convex in k, so the interpolated top-k value is slightly pessimistic between "
+            f"integer k (it favours the configuration).\n"
+        )
+    return table
 
 
 def results_table(results, *, metric: str = "perplexity", cost: str = "mean_experts_per_token") -> str:
@@ -162,8 +209,6 @@ def write_report(
         ``results`` is not a DataFrame, or a figure has no ``savefig``.
     """
     from dataclasses import asdict, is_dataclass
-
-    from bh_helpers.frontier import frontier_markdown
 
     if not (hasattr(results, "columns") and hasattr(results, "iterrows")):
         raise ValueError("`results` must be a pandas DataFrame (bh_helpers.experiments.load_results).")

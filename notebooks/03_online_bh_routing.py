@@ -147,7 +147,8 @@ pd.DataFrame({label: {"prefill tok/s": s.prefill_tokens_per_s, "decode tok/s": s
 
 # %%
 from bh_helpers.experiments import expand_grid
-from bh_helpers.frontier import compute_frontier, frontier_markdown
+from bh_helpers.frontier import compute_frontier
+from bh_helpers.report import frontier_markdown
 
 configs = expand_grid(methods=(METHOD,), alphas=SWEEP_ALPHAS, max_ks=(MAX_K,), min_ks=(MIN_K,),
                       kernels=(bank.metadata.kernel,), topk=SWEEP_TOPK, native=True)

@@ -16,10 +16,10 @@ from bh_helpers.frontier import (  # noqa: E402
     STATUS_MISSING,
     STATUS_OK,
     compute_frontier,
-    frontier_markdown,
     interpolate_topk,
     topk_curve,
 )
+from bh_helpers.report import frontier_markdown  # noqa: E402
 
 
 def _results(bh_points, *, dataset="d", topk=((1, 40.0), (2, 20.0), (3, 15.0))):
