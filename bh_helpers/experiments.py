@@ -37,6 +37,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from bh_helpers._locks import exclusive
+from bh_helpers.selection import FDR_METHODS
 
 __all__ = [
     "METHODS",
@@ -48,7 +49,7 @@ __all__ = [
     "load_results",
 ]
 
-FDR_METHODS = ("bh", "by", "bonferroni", "holm")  # p-value based: need alpha and a null kernel
+# FDR_METHODS (p-value based: need alpha and a null kernel) is the selection module's own tuple.
 METHODS = FDR_METHODS + ("topk", "top_p", "native")
 FORMAT_VERSION = 1
 
