@@ -26,8 +26,9 @@ on 1k prose tokens).
 
 Evaluation data sets (:data:`EVAL_DATASETS`): ``prose`` and ``code`` are the two domains of
 the embedded corpus's evaluation slice (held out from training and from calibration),
-``wikitext2`` the embedded WikiText-style fixture; a path to a UTF-8 ``.txt`` file is used as
-one document.
+``wikitext2`` the real WikiText-2 test split (through ``datasets``, from the hub),
+``wikitext2-fixture`` the embedded WikiText-style sample (offline; named apart so that no table
+calls it WikiText-2); a path to a UTF-8 ``.txt`` file is used as one document.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ __all__ = [
 ]
 
 DEFAULT_OUTPUT_DIR = "bh_routing_output"
-EVAL_DATASETS = ("prose", "code", "wikitext2")
+EVAL_DATASETS = ("prose", "code", "wikitext2", "wikitext2-fixture")
 CAPTURED_NAME = "captured_logits.safetensors"
 NULLS_DIR = "nulls"
 RESULTS_NAME = "sweep.jsonl"
@@ -216,7 +217,19 @@ def _dataset_documents(name: str) -> tuple[list[str], str]:
     if name in ("prose", "code"):
         return [r["text"] for r in load_corpus_slice("evaluation", domain=name)], f"embedded corpus, evaluation slice, {name}"
     if name == "wikitext2":
-        return list(embedded_fixture("wikitext2")), "embedded WikiText-style fixture"
+        from bh_helpers.datasets import load_wikitext2
+
+        try:
+            return load_wikitext2("test"), "WikiText-2 (raw), test split, from the Hugging Face hub"
+        except (ImportError, RuntimeError) as err:
+            reason = str(err).splitlines()[0]
+            raise ValueError(
+                f"--datasets wikitext2 is the real WikiText-2 test split, loaded with `datasets` from the Hugging "
+                f"Face hub, which failed here ({reason}); offline, use --datasets wikitext2-fixture (the embedded "
+                "WikiText-style sample, not WikiText-2)."
+            ) from None
+    if name == "wikitext2-fixture":
+        return list(embedded_fixture("wikitext2")), "embedded WikiText-style fixture (a sample, not WikiText-2)"
     path = Path(name)
     if path.suffix == ".txt" and path.exists():
         return [_read_text_file(path)], f"file {name}"

@@ -225,3 +225,18 @@ def test_sweep_says_which_bank_it_uses(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert f"null bank: {default_null_bank_dir('tiny')} (the committed bank of --model tiny" in out
+
+
+def test_wikitext2_is_the_real_one_and_the_fixture_says_what_it_is(tmp_path, capsys, monkeypatch):
+    """`--datasets wikitext2` ran on an embedded WikiText-style sample and every table called it
+    wikitext2; offline it now says so and points to `wikitext2-fixture`."""
+    from bh_helpers import pipeline
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["demo", "--out", str(tmp_path / "run"), *TINY, "--datasets", "wikitext2"]) == 2
+    err = capsys.readouterr().err
+    assert "--datasets wikitext2 is the real WikiText-2 test split" in err and "wikitext2-fixture" in err
+    assert not (tmp_path / "run").exists()
+    text, source = pipeline._dataset_documents("wikitext2-fixture")
+    assert text and source.startswith("embedded WikiText-style fixture (a sample, not WikiText-2)")
