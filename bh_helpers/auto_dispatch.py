@@ -35,21 +35,25 @@ from bh_helpers.turing_dispatch import (
 __all__ = ["fast_dispatch_experts", "sync_free_dispatch", "sync_free_supported"]
 
 
-def _grouped_layout(experts: nn.Module) -> bool:
-    return getattr(experts, "has_gate", True) and not getattr(experts, "has_post_expert_norm", False)
+def _grouped(experts: nn.Module, device: torch.device) -> bool:
+    """Whether the grouped-GEMM dispatch runs this bank on ``device`` (sm80+, bf16, gated, no post norm)."""
+    return (
+        grouped_mm_supported(device, experts.gate_up_proj.dtype)
+        and getattr(experts, "has_gate", True)
+        and not getattr(experts, "has_post_expert_norm", False)
+    )
 
 
 def sync_free_supported(experts: nn.Module, device: torch.device) -> bool:
     """Whether a host-sync-free (CUDA-graph capturable) dispatch exists for this bank on ``device``."""
-    if grouped_mm_supported(device, experts.gate_up_proj.dtype) and _grouped_layout(experts):
-        return True
-    return device.type == "cuda" and gemv_supported(experts, device)  # GEMV or tiled: both sync-free
+    # the GEMV and tiled variants are both sync-free and cover the same layouts
+    return _grouped(experts, device) or (device.type == "cuda" and gemv_supported(experts, device))
 
 
 def sync_free_dispatch(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor,
                        weights: torch.Tensor) -> torch.Tensor:
     """The sync-free dispatch where :func:`sync_free_supported` holds (called inside CUDA graphs)."""
-    if grouped_mm_supported(hidden.device, experts.gate_up_proj.dtype) and _grouped_layout(experts):
+    if _grouped(experts, hidden.device):
         return grouped_dispatch_experts(experts, hidden, indices, weights, variant="sync_free", use_graphs=False)
     if hidden.shape[0] <= GEMV_MAX_TOKENS:
         return gemv_dispatch_experts(experts, hidden, indices, weights)
@@ -65,7 +69,7 @@ def fast_dispatch_experts(experts: nn.Module, hidden: torch.Tensor, indices: tor
     device = hidden.device
     if torch.is_grad_enabled() and (experts.gate_up_proj.requires_grad or hidden.requires_grad):
         return dispatch_experts(experts, hidden, indices, weights)  # the fast paths have no backward
-    if grouped_mm_supported(device, experts.gate_up_proj.dtype) and _grouped_layout(experts):
+    if _grouped(experts, device):
         return grouped_dispatch_experts(experts, hidden, indices, weights)
     if device.type == "cuda":
         if gemv_supported(experts, device):
