@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bh_helpers.dispatch import dispatch_experts
+from bh_helpers.dispatch import dispatch_experts, needs_autograd
 from bh_helpers.grouped_dispatch import grouped_dispatch_experts, grouped_mm_supported
 from bh_helpers.turing_dispatch import (
     GEMV_MAX_TOKENS,
@@ -67,7 +67,7 @@ def fast_dispatch_experts(experts: nn.Module, hidden: torch.Tensor, indices: tor
     Drop-in for :func:`bh_helpers.dispatch.dispatch_experts` (same signature and contract).
     """
     device = hidden.device
-    if torch.is_grad_enabled() and (experts.gate_up_proj.requires_grad or hidden.requires_grad):
+    if needs_autograd(experts, hidden):
         return dispatch_experts(experts, hidden, indices, weights)  # the fast paths have no backward
     if _grouped(experts, device):
         return grouped_dispatch_experts(experts, hidden, indices, weights)

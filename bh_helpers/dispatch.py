@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["check_dispatch_inputs", "dispatch_experts", "flatten_selection"]
+__all__ = ["check_dispatch_inputs", "dispatch_experts", "flatten_selection", "needs_autograd"]
 
 
 def flatten_selection(
@@ -67,6 +67,11 @@ def check_dispatch_inputs(hidden: torch.Tensor, indices: torch.Tensor, weights: 
             f"`indices` {tuple(indices.shape)} and `weights` {tuple(weights.shape)} must both be "
             f"[T, K] with T = {hidden.shape[0]} (the rows of `hidden`)."
         )
+
+
+def needs_autograd(experts: nn.Module, hidden: torch.Tensor) -> bool:
+    """Whether gradients must flow through a dispatch (only this reference path has a backward)."""
+    return torch.is_grad_enabled() and (experts.gate_up_proj.requires_grad or hidden.requires_grad)
 
 
 def _gate_activation(experts: nn.Module, proj: torch.Tensor) -> torch.Tensor:

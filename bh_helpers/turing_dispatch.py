@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from bh_helpers._cuda import on_device
-from bh_helpers.dispatch import _gate_activation, check_dispatch_inputs, dispatch_experts
+from bh_helpers.dispatch import _gate_activation, check_dispatch_inputs, dispatch_experts, needs_autograd
 from bh_helpers.grouped_dispatch import _combine, _sorted_slots
 
 __all__ = [
@@ -283,8 +283,8 @@ def looped_dispatch_experts(
     torch.Tensor, shape ``[T, H]``, dtype of ``hidden``
     """
     check_dispatch_inputs(hidden, indices, weights)
-    needs_grad = torch.is_grad_enabled() and (experts.gate_up_proj.requires_grad or hidden.requires_grad)
-    if needs_grad or not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
+    if (needs_autograd(experts, hidden) or not getattr(experts, "has_gate", True)
+            or getattr(experts, "has_post_expert_norm", False)):
         # in-place matmuls (out=) have no autograd; unsupported layouts get the reference's error
         return dispatch_experts(experts, hidden, indices, weights)
     num_experts = experts.gate_up_proj.shape[0]
