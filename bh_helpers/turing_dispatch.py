@@ -24,6 +24,7 @@ layer: one per projection). The two variants here do at most that, over the SELE
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import nn
@@ -192,8 +193,6 @@ def gemv_supported(experts: nn.Module, device: torch.device) -> bool:
     Needs Triton, CUDA (or the Triton interpreter on CPU), gated experts with the default
     ``silu(gate) * up`` activation, no biases and no post-expert norm.
     """
-    import os
-
     on_cuda = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     return (
         HAS_TRITON
