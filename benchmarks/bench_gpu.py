@@ -28,11 +28,13 @@ import time
 
 import torch
 
-import bh_helpers.patching as patching
-from bh_helpers.dispatch import dispatch_experts
-from bh_helpers.fused_select import fused_select_experts, select_with_null
-from bh_helpers.nulls import fit_null
-from bh_helpers.selection import Selection, select_experts
+import bh_helpers.routing.graphs as graphs
+import bh_helpers.routing.patch as patching
+from bh_helpers import TopKSelector
+from bh_helpers.routing.dispatch import dispatch_experts
+from bh_helpers.selection.fused import fused_select_experts, select_with_null
+from bh_helpers.nulls.model import fit_null
+from bh_helpers.selection.reference import Selection, select_experts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,12 +134,12 @@ def reference_dispatch():
 @contextlib.contextmanager
 def eager_blocks():
     """Route without the whole-block CUDA graphs (the v2 path: eager block, graphed dispatch only)."""
-    original = patching.GRAPH_MAX_TOKENS
-    patching.GRAPH_MAX_TOKENS = 0
+    original = graphs.GRAPH_MAX_TOKENS
+    graphs.GRAPH_MAX_TOKENS = 0
     try:
         yield
     finally:
-        patching.GRAPH_MAX_TOKENS = original
+        graphs.GRAPH_MAX_TOKENS = original
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ def host_costs(logits: torch.Tensor, null) -> dict:
     """Where the host time of a small selector call goes (launch-bound sizes)."""
     import triton
 
-    from bh_helpers import fused_select as fs
+    from bh_helpers.selection import fused as fs
 
     n, e = logits.shape
     cut = fs._logit_cuts(null, "bh", 0.05, e, e, logits.device)
@@ -384,10 +386,10 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {
         "native top-8": (None, 8, False),
         "native top-4": (None, 4, False),
-        "patched top-8": (patching.TopKSelector(8, weights="softmax"), 8, False),
+        "patched top-8": (TopKSelector(8, weights="softmax"), 8, False),
         "BH-like k~U{1..8} (mean 4.5)": ("forced", 8, False),
-        "static top-4 (patched)": (patching.TopKSelector(4, weights="softmax"), 8, False),
-        "patched top-8, eager block (v2)": (patching.TopKSelector(8, weights="softmax"), 8, "eager"),
+        "static top-4 (patched)": (TopKSelector(4, weights="softmax"), 8, False),
+        "patched top-8, eager block (v2)": (TopKSelector(8, weights="softmax"), 8, "eager"),
         "BH-like, eager block (v2)": ("forced", 8, "eager"),
     }
     if not args.skip_reference:

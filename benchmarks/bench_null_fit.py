@@ -26,7 +26,7 @@ def main() -> None:
 
     import torch
 
-    from bh_helpers.nulls import VALID_KERNELS, fit_null_bank
+    from bh_helpers.nulls.model import VALID_KERNELS, fit_null_bank
 
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""CPU forward time of the patched model (top-8 through bh_helpers.dispatch) vs the native model.
+"""CPU forward time of the patched model (top-8 through bh_helpers.routing.dispatch) vs the native model.
 
 Run with ``python benchmarks/bench_patched_cpu.py [--threads 2] [--batch 2] [--seq 128] [--repeats 9]``.
 Uses the embedded tiny OLMoE when its weights are present, else a random model of the same shape
@@ -23,7 +23,7 @@ def tiny_model():
     import bh_helpers
 
     if (Path(bh_helpers.__file__).parent / "data" / "tiny_olmoe" / "model.safetensors").exists():
-        from bh_helpers.models import load_model
+        from bh_helpers.models.loading import load_model
 
         model, _ = load_model("tiny", device="cpu", dtype=torch.float32)
         return model.eval(), "embedded tiny OLMoE"
@@ -49,7 +49,7 @@ def main() -> None:
 
     import torch
 
-    from bh_helpers.patching import NativeSelector, TopKSelector, route
+    from bh_helpers import NativeSelector, TopKSelector, route
 
     torch.set_num_threads(args.threads)
     model, what = tiny_model()

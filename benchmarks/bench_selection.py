@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bh_helpers.selection import select_experts
+from bh_helpers.selection.reference import select_experts
 
 
 def median_time(fn, *, device: torch.device, min_repeats: int = 5, min_seconds: float = 0.5) -> float:

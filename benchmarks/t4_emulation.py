@@ -91,7 +91,7 @@ def build_model(model_dir: Path, layers: int = 16) -> dict:
     from sitecustomize import apply_t4_emulation
     from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
 
-    from bh_helpers.models import embedded_model_dir
+    from bh_helpers.models.loading import embedded_model_dir
 
     cfg = OlmoeConfig(
         vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers,
@@ -130,7 +130,7 @@ def build_model(model_dir: Path, layers: int = 16) -> dict:
 
 
 def _evaluation_ids(tokenizer, n_tokens: int) -> list[int]:
-    from bh_helpers.models import load_corpus_slice
+    from bh_helpers.models.loading import load_corpus_slice
 
     ids: list[int] = []
     for record in load_corpus_slice("evaluation"):
@@ -144,9 +144,9 @@ def numerics(model_dir: Path) -> dict:
     """inf/NaN and max |value| of every MoE output and decoder-layer output on evaluation text."""
     import torch
 
-    import bh_helpers.patching as patching
-    from bh_helpers.models import load_model
-    from bh_helpers.moe_adapters import find_moe_blocks
+    import bh_helpers.routing.patch as patching
+    from bh_helpers.models.loading import load_model
+    from bh_helpers.models.families import find_moe_blocks
     from bench_gpu import ForcedKSelector
 
     out = {}
@@ -193,8 +193,9 @@ def speed(model_dir: Path, rounds: int, new_tokens: int) -> dict:
     """Native vs routed, interleaved rounds, medians of per-round paired ratios; plus equality."""
     import torch
 
-    import bh_helpers.patching as patching
-    from bh_helpers.models import load_model
+    import bh_helpers.routing.patch as patching
+    from bh_helpers import TopKSelector
+    from bh_helpers.models.loading import load_model
     from bench_gpu import ForcedKSelector, eager_blocks, reference_dispatch, wall_median
 
     model, _ = load_model(str(model_dir), device="cuda")
@@ -204,9 +205,9 @@ def speed(model_dir: Path, rounds: int, new_tokens: int) -> dict:
     ids = torch.randint(0, 50304, (8, 256), device="cuda")
     variants = {
         "native top-8": (None, False),
-        "patched top-8": (patching.TopKSelector(8, weights="softmax"), False),
+        "patched top-8": (TopKSelector(8, weights="softmax"), False),
         "BH-like k~U{1..8} (mean 4.5)": ("forced", False),
-        "patched top-8, reference dispatch": (patching.TopKSelector(8, weights="softmax"), True),
+        "patched top-8, reference dispatch": (TopKSelector(8, weights="softmax"), True),
     }
 
     def context(name):
@@ -223,9 +224,9 @@ def speed(model_dir: Path, rounds: int, new_tokens: int) -> dict:
     result: dict = {}
     with torch.inference_mode():
         # outputs: the fast T4 dispatch against the reference dispatch (same selector)
-        with patching.route(model, patching.TopKSelector(8, weights="softmax")):
+        with patching.route(model, TopKSelector(8, weights="softmax")):
             fast = model(input_ids=ids[:2], use_cache=False).logits.float()
-        with reference_dispatch(), patching.route(model, patching.TopKSelector(8, weights="softmax")):
+        with reference_dispatch(), patching.route(model, TopKSelector(8, weights="softmax")):
             ref = model(input_ids=ids[:2], use_cache=False).logits.float()
         native = model(input_ids=ids[:2], use_cache=False).logits.float()
         result["equality"] = {
@@ -302,7 +303,7 @@ def _run(cmd: list[str], env: dict, cwd: Path, timeout: int) -> dict:
 
 def demo(work: Path, model_dir: Path, timeout: int) -> dict:
     out_dir = work / "demo"
-    cli = [shutil.which("bh-routing") or "bh-routing"] if shutil.which("bh-routing") else [sys.executable, "-m", "bh_helpers.cli"]
+    cli = [shutil.which("bh-routing") or "bh-routing"] if shutil.which("bh-routing") else [sys.executable, "-m", "bh_helpers.app.cli"]
     res = _run([*cli, "demo", "--device", "cuda", "--model", str(model_dir), "--out", str(out_dir),
                 "--no-progress"], _emulated_env(work, "demo"), REPO, timeout)
     steps = out_dir / "steps.json"

@@ -1,14 +1,62 @@
 """bh_helpers: statistically calibrated (Benjamini-Hochberg) expert routing for MoE language models.
 
-Modules, one concern each:
+The data flow, one folder per floor::
 
-- :mod:`bh_helpers.selection`  multiple-testing counts and expert selection (torch, vectorised)
-- :mod:`bh_helpers.nulls`      per-layer null distributions of router logits (KDE / empirical)
-- :mod:`bh_helpers.models`     loading the embedded tiny OLMoE or any supported hub model
-- :mod:`bh_helpers.capture`    logging router logits with forward hooks
-- :mod:`bh_helpers.patching`   the ``route`` context manager that changes what the model computes
+    models/      load a model (embedded tiny OLMoE, hub id, local folder); its MoE family; texts
+    capture.py   router logits per layer [N, E], logged with forward hooks
+    nulls/       a null distribution per layer (KDE or empirical) -> NullBank, saved under kde_models/
+    selection/   p-values -> BH / BY / Bonferroni / Holm counts, top-k, top-p -> Selection; selectors
+    routing/     route(model, selector): patched blocks dispatch only the selected experts; recorder
+    evaluation/  perplexity, task accuracy, speed; evaluation data
+    experiments/ resumable sweeps, the compute-matched frontier, prompt categories
+    report/      markdown tables, figures, the written report
+    app/         the demo pipeline, the ``bh-routing`` CLI, notebook helpers, widgets
 
-Heavy imports (transformers, matplotlib, ipywidgets) happen only inside the modules that need them.
+``_validate`` (argument checks) and ``_cuda`` (device capability, streams) serve every floor.
+
+The public names are importable from here (``from bh_helpers import route, BHSelector``) and from
+their modules. They load on first use, so ``import bh_helpers`` stays light: heavy imports
+(transformers, matplotlib, ipywidgets) happen only inside the modules that need them.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it.
+_PUBLIC = {
+    "load_model": "bh_helpers.models.loading",
+    "capture_router_logits": "bh_helpers.capture",
+    "CapturedLogits": "bh_helpers.capture",
+    "NullModel": "bh_helpers.nulls.model",
+    "NullBank": "bh_helpers.nulls.model",
+    "fit_null": "bh_helpers.nulls.model",
+    "fit_null_bank": "bh_helpers.nulls.model",
+    "Selection": "bh_helpers.selection.reference",
+    "fdr_counts": "bh_helpers.selection.reference",
+    "select_experts": "bh_helpers.selection.reference",
+    "BHSelector": "bh_helpers.selection.selectors",
+    "NativeSelector": "bh_helpers.selection.selectors",
+    "TopKSelector": "bh_helpers.selection.selectors",
+    "TopPSelector": "bh_helpers.selection.selectors",
+    "route": "bh_helpers.routing.patch",
+    "RoutingRecorder": "bh_helpers.routing.recorder",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bh_helpers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from bh_helpers.moe_adapters import LayerSpec, find_moe_blocks, router_logits, select_layers
+from bh_helpers.models.families import LayerSpec, find_moe_blocks, router_logits, select_layers
 
 __all__ = ["CapturedLogits", "capture_router_logits"]
 
 
 # ----------------------------------------------------------------------------------------------
-# What went into the model: shared with bh_helpers.patching
+# What went into the model: shared with bh_helpers.routing.patch
 # ----------------------------------------------------------------------------------------------
 
 
@@ -262,7 +262,7 @@ def capture_router_logits(
     Parameters
     ----------
     model : nn.Module
-        A causal LM of a supported family (see :mod:`bh_helpers.moe_adapters`).
+        A causal LM of a supported family (see :mod:`bh_helpers.models.families`).
     batches : iterable of mappings
         Tokenizer outputs (or dicts) with ``input_ids`` ``[B, S]`` and optionally
         ``attention_mask`` ``[B, S]``; other keys are ignored. Moved to the model's device.

@@ -44,7 +44,7 @@ if IN_COLAB:
 # exactly when there is no GPU.
 
 # %%
-from bh_helpers import notebook_utils as nbu
+from bh_helpers.app import notebook as nbu
 
 MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
 print(nbu.check_runtime(MODEL_NAME))  # GPU or not, and which model "auto" means here

@@ -45,7 +45,7 @@ if IN_COLAB:
 # match 01's for its saved logits to be reused).
 
 # %%
-from bh_helpers import notebook_utils as nbu
+from bh_helpers.app import notebook as nbu
 
 MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
 print(nbu.check_runtime(MODEL_NAME))  # GPU or not, and which model "auto" means here
@@ -69,7 +69,7 @@ import time
 
 import pandas as pd
 
-from bh_helpers.nulls import NullBank, fit_null_bank
+from bh_helpers.nulls.model import NullBank, fit_null_bank
 
 MODEL_KEY = nbu.resolve_model_key(MODEL_NAME)
 OUT = nbu.output_dir(MODEL_KEY, OUTPUT_ROOT)

@@ -46,7 +46,7 @@ if IN_COLAB:
 # `norm_topk_prob=False`), so top-8 is exactly the native model.
 
 # %%
-from bh_helpers import notebook_utils as nbu
+from bh_helpers.app import notebook as nbu
 
 MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
 print(nbu.check_runtime(MODEL_NAME))  # GPU or not, and which model "auto" means here
@@ -74,9 +74,9 @@ print(f"model={MODEL_NAME!r} small={SMALL} alpha={ALPHA} eval tokens={EVAL_TOKEN
 import pandas as pd
 from IPython.display import HTML, Markdown, display
 
-from bh_helpers import pipeline, plots
-from bh_helpers.evaluation import measure_speed, perplexity
-from bh_helpers.patching import BHSelector, NativeSelector, route
+from bh_helpers.app import pipeline, plots
+from bh_helpers.evaluation.scoring import measure_speed, perplexity
+from bh_helpers import BHSelector, NativeSelector, route
 
 model, tokenizer = nbu.load_notebook_model(MODEL_NAME)
 MODEL_KEY = nbu.model_key(model)
@@ -114,7 +114,7 @@ nbu.show(plots.plot_k_histogram({f"{METHOD} alpha={ALPHA}": counts}, max_k=MAX_K
 # Protocol: documents joined by EOS, windows of `WINDOW` tokens with stride `WINDOW`,
 # token-weighted mean NLL, first `EVAL_TOKENS` tokens of each data set. Speed: greedy
 # generation of `MAX_NEW_TOKENS` tokens from 64-token prompts, batch 1, after one warm-up.
-# The routed model dispatches its variable number of experts in Python (`bh_helpers.dispatch`),
+# The routed model dispatches its variable number of experts in Python (`bh_helpers.routing.dispatch`),
 # so on CPU and for a model this small it is usually *slower* than the fused native kernels:
 # expert compute is the saving, and it only becomes wall-clock speed where experts dominate.
 
@@ -146,9 +146,9 @@ pd.DataFrame({label: {"prefill tok/s": s.prefill_tokens_per_s, "decode tok/s": s
 # where it stopped (a Colab disconnect loses nothing finished).
 
 # %%
-from bh_helpers.experiments import expand_grid
-from bh_helpers.frontier import compute_frontier
-from bh_helpers.report import frontier_markdown
+from bh_helpers.experiments.sweep import expand_grid
+from bh_helpers.experiments.frontier import compute_frontier
+from bh_helpers.report.write import frontier_markdown
 
 configs = expand_grid(methods=(METHOD,), alphas=SWEEP_ALPHAS, max_ks=(MAX_K,), min_ks=(MIN_K,),
                       kernels=(bank.metadata.kernel,), topk=SWEEP_TOPK, native=True)

@@ -42,7 +42,7 @@ if IN_COLAB:
 # **Parameters** (`BH_MODEL`, `BH_NOTEBOOK_SMALL` as in notebook 01).
 
 # %%
-from bh_helpers import notebook_utils as nbu
+from bh_helpers.app import notebook as nbu
 
 MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
 print(nbu.check_runtime(MODEL_NAME))  # GPU or not, and which model "auto" means here
@@ -65,8 +65,8 @@ print(f"model={MODEL_NAME!r} small={SMALL}")
 # %%
 import time
 
-from bh_helpers.nulls import fit_null_bank
-from bh_helpers.widgets import AlphaExplorer
+from bh_helpers.nulls.model import fit_null_bank
+from bh_helpers.app.widgets import AlphaExplorer
 
 model, tokenizer = nbu.load_notebook_model(MODEL_NAME)
 MODEL_KEY = nbu.model_key(model)

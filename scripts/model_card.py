@@ -40,7 +40,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bh_helpers.models import EMBEDDED_CORPUS_DIR, EMBEDDED_MODEL_DIR, load_corpus_slice, load_model  # noqa: E402
+from bh_helpers.models.loading import EMBEDDED_CORPUS_DIR, EMBEDDED_MODEL_DIR, load_corpus_slice, load_model  # noqa: E402
 
 WINDOW = 256
 DOMAINS = ("prose", "code")
@@ -233,7 +233,7 @@ def render_card(model_dir: Path, metrics: dict, info: dict | None, config: dict,
         "top-8 routing, `norm_topk_prob=False`), trained from scratch on prose and Python code so that its router "
         "logits, expert specialisation and top-k trade-offs behave like a real mixture of experts. It is the "
         "offline default of the bh-routing notebooks and of `bh-routing demo`; load it with "
-        "`bh_helpers.models.load_model(\"tiny\")`. It is a research fixture, not a useful language model.",
+        "`bh_helpers.models.loading.load_model(\"tiny\")`. It is a research fixture, not a useful language model.",
         "",
         "## Architecture",
         "",

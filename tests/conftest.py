@@ -21,7 +21,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_model_and_tokenizer():
     """The embedded tiny OLMoE in float32 on CPU, loaded once (tests must not modify it)."""
-    from bh_helpers.models import load_model
+    from bh_helpers.models.loading import load_model
 
     model, tokenizer = load_model("tiny", device="cpu", dtype=torch.float32)
     return model.eval(), tokenizer

@@ -12,7 +12,7 @@ from torch import nn
 
 import bh_helpers
 from bh_helpers.capture import CapturedLogits, _Reservoir, capture_router_logits, forward_inputs
-from bh_helpers.moe_adapters import find_moe_blocks
+from bh_helpers.models.families import find_moe_blocks
 
 EMBEDDED = Path(bh_helpers.__file__).parent / "data" / "tiny_olmoe" / "model.safetensors"
 
@@ -21,7 +21,7 @@ EMBEDDED = Path(bh_helpers.__file__).parent / "data" / "tiny_olmoe" / "model.saf
 def model() -> nn.Module:
     """The embedded tiny OLMoE when present, else a random tiny OLMoE with spread-out routers."""
     if EMBEDDED.exists():
-        from bh_helpers.models import load_model
+        from bh_helpers.models.loading import load_model
 
         m, _ = load_model("tiny")
         return m.float().eval()
@@ -190,9 +190,9 @@ def test_hooks_are_removed_after_an_exception(model):
 
 
 def test_capture_feeds_fit_null_bank(model):
-    nulls = pytest.importorskip("bh_helpers.nulls")
+    nulls = pytest.importorskip("bh_helpers.nulls.model")
     if not hasattr(nulls, "fit_null_bank"):
-        pytest.skip("bh_helpers.nulls.fit_null_bank not available yet")
+        pytest.skip("bh_helpers.nulls.model.fit_null_bank not available yet")
     captured = capture_router_logits(model, make_batches(model), progress=False)
     bank = nulls.fit_null_bank(captured.logits)
     for layer in captured:

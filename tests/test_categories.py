@@ -1,4 +1,4 @@
-"""Tests for bh_helpers.categories: bootstrap, paired and trend tests against numpy/scipy, prompts."""
+"""Tests for bh_helpers.experiments.categories: bootstrap, paired and trend tests against numpy/scipy, prompts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bh_helpers.categories import (
+from bh_helpers.experiments.categories import (
     DEFAULT_PROMPTS_PATH,
     bootstrap_mean_ci,
     category_summary,
@@ -130,7 +130,7 @@ def test_user_prompt_sets(tmp_path):
 def tiny():
     import torch
 
-    from bh_helpers.models import load_model
+    from bh_helpers.models.loading import load_model
 
     return load_model("tiny", device="cpu", dtype=torch.float32)
 
@@ -139,7 +139,7 @@ def test_measure_prompts_counts_and_nll(tiny):
     import torch
     import torch.nn.functional as F
 
-    from bh_helpers.patching import NativeSelector, TopKSelector
+    from bh_helpers import NativeSelector, TopKSelector
 
     model, tok = tiny
     sets = {"prose": ["The cat sat on the mat.", "A penny saved is a penny earned, they say."],

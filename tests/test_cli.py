@@ -11,8 +11,8 @@ pytest.importorskip("pandas")
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 
-from bh_helpers import cli  # noqa: E402
-from bh_helpers.experiments import load_results  # noqa: E402
+from bh_helpers.app import cli  # noqa: E402
+from bh_helpers.experiments.sweep import load_results  # noqa: E402
 
 # A demo small enough for a test: 2 BH configs, top-1..3, native, one top-p; 128 tokens of prose.
 TINY = ["--calibration-tokens", "512", "--grid-size", "1024", "--methods", "bh", "--alphas", "0.5,0.9",
@@ -143,8 +143,8 @@ def test_capture_fit_chain(tmp_path, capsys):
 
 
 def test_default_null_bank_dir(tmp_path, monkeypatch):
-    from bh_helpers.nulls import NullBank
-    from bh_helpers.pipeline import default_null_bank_dir, model_slug
+    from bh_helpers.nulls.model import NullBank
+    from bh_helpers.app.pipeline import default_null_bank_dir, model_slug
 
     assert model_slug("tiny") == "tiny-olmoe" and model_slug("allenai/OLMoE-1B-7B-0924") == "allenai--OLMoE-1B-7B-0924"
     monkeypatch.chdir(tmp_path)
@@ -195,7 +195,7 @@ def test_binary_text_file_names_the_file(tmp_path, capsys):
 
 
 def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
-    from bh_helpers import pipeline
+    from bh_helpers.app import pipeline
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "run.json"))
@@ -206,7 +206,7 @@ def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
-    from bh_helpers import pipeline
+    from bh_helpers.app import pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -217,7 +217,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
 
 
 def test_sweep_says_which_bank_it_uses(tmp_path, capsys):
-    from bh_helpers.pipeline import default_null_bank_dir
+    from bh_helpers.app.pipeline import default_null_bank_dir
 
     rc = cli.main(["sweep", "--results", str(tmp_path / "s.jsonl"), "--methods", "bh", "--alphas", "0.5",
                    "--topk-max", "1", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64", "--window", "64",
@@ -230,7 +230,7 @@ def test_sweep_says_which_bank_it_uses(tmp_path, capsys):
 def test_wikitext2_is_the_real_one_and_the_fixture_says_what_it_is(tmp_path, capsys, monkeypatch):
     """`--datasets wikitext2` ran on an embedded WikiText-style sample and every table called it
     wikitext2; offline it now says so and points to `wikitext2-fixture`."""
-    from bh_helpers import pipeline
+    from bh_helpers.app import pipeline
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

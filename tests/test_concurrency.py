@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bh_helpers.experiments import expand_grid, load_results, run_sweep
+from bh_helpers.experiments.sweep import expand_grid, load_results, run_sweep
 
 pytest.importorskip("pandas")
 
@@ -71,7 +71,7 @@ def test_a_killed_holder_does_not_wedge_the_next_run(tmp_path):
 
 
 def test_second_demo_on_one_folder_is_refused_and_writes_nothing(tmp_path, capsys):
-    from bh_helpers import cli
+    from bh_helpers.app import cli
 
     out = tmp_path / "run"
     out.mkdir()

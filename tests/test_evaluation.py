@@ -1,7 +1,7 @@
-"""Tests for bh_helpers.evaluation against slow, independent reference computations.
+"""Tests for bh_helpers.evaluation.scoring against slow, independent reference computations.
 
 The model is a tiny random ``OlmoeForCausalLM`` with a byte-level BPE tokenizer built here;
-the embedded trained model (``bh_helpers.models.load_model("tiny")``) is used in addition when
+the embedded trained model (``bh_helpers.models.loading.load_model("tiny")``) is used in addition when
 its weights are in the package.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bh_helpers import evaluation as ev
+from bh_helpers.evaluation import scoring as ev
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -70,7 +70,7 @@ def _random_model_and_tokenizer():
 
 
 def _embedded_model_and_tokenizer():
-    models = pytest.importorskip("bh_helpers.models")
+    models = pytest.importorskip("bh_helpers.models.loading")
     return models.load_model("tiny", device="cpu")
 
 
@@ -337,7 +337,7 @@ def test_compute_summary():
 
 def test_under_route_native_and_topk(random_model_tok):
     """Evaluation composes with the patcher: native routing changes nothing, top-1 halves compute."""
-    patching = pytest.importorskip("bh_helpers.patching")
+    patching = pytest.importorskip("bh_helpers")
     model, tok = random_model_tok
     plain = ev.perplexity(model, tok, TEXTS, window=40, stride=20, batch_size=4, progress=False)
     with patching.route(model, patching.NativeSelector.for_model(model)) as rec:
@@ -364,7 +364,7 @@ def test_batching_does_not_change_continuation_scores(random_model_tok):
 
 def test_on_embedded_fixtures(model_tok):
     """The fixtures' normalised formats feed the evaluation functions directly."""
-    datasets = pytest.importorskip("bh_helpers.datasets")
+    datasets = pytest.importorskip("bh_helpers.evaluation.data")
     try:
         wiki = datasets.embedded_fixture("wikitext2")[:2]
         lambada = datasets.embedded_fixture("lambada")[:6]

@@ -1,4 +1,4 @@
-"""Tests for bh_helpers.experiments (resumable sweeps) and bh_helpers.datasets (loaders)."""
+"""Tests for bh_helpers.experiments.sweep (resumable sweeps) and bh_helpers.evaluation.data (loaders)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bh_helpers import datasets as bds
-from bh_helpers.experiments import SweepConfig, expand_grid, grid_hash, load_results, run_sweep
+from bh_helpers.evaluation import data as bds
+from bh_helpers.experiments.sweep import SweepConfig, expand_grid, grid_hash, load_results, run_sweep
 
 pd = pytest.importorskip("pandas")
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A sweep run in a subprocess: deterministic metrics, an optional delay per row.
 SWEEP_SCRIPT = r'''
 import hashlib, sys, time
-from bh_helpers.experiments import expand_grid, run_sweep
+from bh_helpers.experiments.sweep import expand_grid, run_sweep
 
 path, delay = sys.argv[1], float(sys.argv[2])
 configs = expand_grid(methods=["bh", "by"], alphas=[0.01, 0.05, 0.1], max_ks=[4, 8], min_ks=[1],
@@ -319,8 +319,8 @@ def test_embedded_fixtures_are_normalised():
 
 
 def test_to_selector_builds_patching_selectors():
-    patching = pytest.importorskip("bh_helpers.patching")
-    nulls = pytest.importorskip("bh_helpers.nulls")
+    patching = pytest.importorskip("bh_helpers")
+    nulls = pytest.importorskip("bh_helpers.nulls.model")
     import torch
 
     assert SweepConfig("topk", k=3).to_selector() == patching.TopKSelector(k=3)

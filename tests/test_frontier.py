@@ -1,4 +1,4 @@
-"""Tests for bh_helpers.frontier: compute-matched top-k against hand-computed values."""
+"""Tests for bh_helpers.experiments.frontier: compute-matched top-k against hand-computed values."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 pd = pytest.importorskip("pandas")
 
-from bh_helpers.experiments import expand_grid, load_results, run_sweep  # noqa: E402
-from bh_helpers.frontier import (  # noqa: E402
+from bh_helpers.experiments.sweep import expand_grid, load_results, run_sweep  # noqa: E402
+from bh_helpers.experiments.frontier import (  # noqa: E402
     STATUS_ABOVE,
     STATUS_BELOW,
     STATUS_MISSING,
@@ -19,7 +19,7 @@ from bh_helpers.frontier import (  # noqa: E402
     interpolate_topk,
     topk_curve,
 )
-from bh_helpers.report import frontier_markdown  # noqa: E402
+from bh_helpers.report.write import frontier_markdown  # noqa: E402
 
 
 def _results(bh_points, *, dataset="d", topk=((1, 40.0), (2, 20.0), (3, 15.0))):

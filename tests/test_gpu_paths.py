@@ -14,16 +14,16 @@ import textwrap
 import pytest
 import torch
 
-from bh_helpers.auto_dispatch import fast_dispatch_experts
-from bh_helpers.dispatch import dispatch_experts
-from bh_helpers.fused_select import fused_select_experts, select_with_null
-from bh_helpers.grouped_dispatch import (
+from bh_helpers.routing.auto import fast_dispatch_experts
+from bh_helpers.routing.dispatch import dispatch_experts
+from bh_helpers.selection.fused import fused_select_experts, select_with_null
+from bh_helpers.routing.grouped import (
     _dispatch_compact,
     _dispatch_sync_free,
     grouped_dispatch_experts,
 )
-from bh_helpers.nulls import fit_null
-from bh_helpers.selection import FDR_METHODS, select_experts
+from bh_helpers.nulls.model import fit_null
+from bh_helpers.selection.reference import FDR_METHODS, select_experts
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -104,9 +104,9 @@ def test_fused_kernel_under_interpreter_matches_reference():
     code = textwrap.dedent(
         """
         import torch
-        from bh_helpers.nulls import fit_null
-        from bh_helpers.selection import select_experts
-        from bh_helpers.fused_select import (
+        from bh_helpers.nulls.model import fit_null
+        from bh_helpers.selection.reference import select_experts
+        from bh_helpers.selection.fused import (
             select_with_null, fused_select_experts, fused_available, _logit_cuts, _ordered_from_float,
             _float_from_ordered,
         )
@@ -178,8 +178,8 @@ def test_logit_cuts_reproduce_pvalue_tests_exactly(kernel, method):
     Oracle: the reference ``NullModel.sf`` in float32 compared with the float64 thresholds of
     ``fdr_counts``, evaluated on dense runs of consecutive float32 values around each cut.
     """
-    from bh_helpers.fused_select import _float_from_ordered, _logit_cuts, _ordered_from_float
-    from bh_helpers.selection import _thresholds_np
+    from bh_helpers.selection.fused import _float_from_ordered, _logit_cuts, _ordered_from_float
+    from bh_helpers.selection.reference import _thresholds_np
 
     g = torch.Generator().manual_seed(2)
     null = fit_null(torch.randn(4000, 16, generator=g) * 1.4 + 0.3, kernel=kernel)
@@ -229,7 +229,7 @@ def adversarial_logits(tokens, num_experts, *, seed, device):
 
 def rows_on_cuts(null, method, alpha, *, seed, device):
     """Logit rows at a pooled null's per-rank cuts and one float32 below them (decisions flip there)."""
-    from bh_helpers.fused_select import _float_from_ordered, _logit_cuts, _ordered_from_float
+    from bh_helpers.selection.fused import _float_from_ordered, _logit_cuts, _ordered_from_float
 
     cut = _logit_cuts(null, method, alpha, 64, 64, torch.device(device))
     below = _float_from_ordered(_ordered_from_float(cut) - 1)
@@ -270,7 +270,7 @@ def test_fused_select_with_null_identical_on_gpu(kind, method):
 def test_direct_launch_serves_every_row_count_and_unaligned_logits():
     """The compiled-kernel launch (after the first JIT call) against the reference, row counts in
     an order that would expose a specialisation on T, and logits at a 4-byte offset (JIT path)."""
-    import bh_helpers.fused_select as fs
+    import bh_helpers.selection.fused as fs
 
     g = torch.Generator().manual_seed(4)
     null = fit_null(torch.randn(20_000, 64, generator=g) * 1.3)
@@ -317,7 +317,7 @@ def test_triton_paths_launch_on_the_tensors_device():
 
 @needs_cuda
 def test_fused_pvalues_on_threshold_are_rejected_like_reference():
-    from bh_helpers.selection import _thresholds_np
+    from bh_helpers.selection.reference import _thresholds_np
 
     t = torch.from_numpy(_thresholds_np("bh", 0.05, 64)).float().cuda()  # float32 rounding of thresholds
     p = t.repeat(256, 1)
@@ -363,7 +363,8 @@ def test_grouped_dispatch_matches_reference_on_gpu(variant, tokens):
 
 @needs_cuda
 def test_route_fast_paths_match_reference_on_gpu():
-    import bh_helpers.patching as patching
+    import bh_helpers.routing.patch as patching
+    from bh_helpers import TopKSelector
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     cfg = OlmoeConfig(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
@@ -372,12 +373,12 @@ def test_route_fast_paths_match_reference_on_gpu():
     model = OlmoeForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(0, 128, (3, 40), device="cuda")
     with torch.no_grad():
-        with patching.route(model, patching.TopKSelector(4, weights="softmax")):
+        with patching.route(model, TopKSelector(4, weights="softmax")):
             fast = model(ids).logits
         original = patching.fast_dispatch_experts
         patching.fast_dispatch_experts = dispatch_experts
         try:
-            with patching.route(model, patching.TopKSelector(4, weights="softmax")):
+            with patching.route(model, TopKSelector(4, weights="softmax")):
                 ref = model(ids).logits
         finally:
             patching.fast_dispatch_experts = original

@@ -1,10 +1,10 @@
-"""Tests for bh_helpers.lm_eval_adapter: a routed model evaluated by lm-evaluation-harness.
+"""Tests for bh_helpers.evaluation.lm_eval: a routed model evaluated by lm-evaluation-harness.
 
 One local task (``bh_hellaswag_style``, lm-eval's own HellaSwag processing over the committed
 fixture) runs on the embedded tiny OLMoE three times: untouched, routed by its native top-8 and
 routed by BH. Checks: native-routed = untouched (accuracies identical, log-likelihoods equal to
 float32 rounding), lm-eval = our independent oracle
-:func:`bh_helpers.evaluation.multiple_choice_accuracy` on the same documents, and BH changes
+:func:`bh_helpers.evaluation.scoring.multiple_choice_accuracy` on the same documents, and BH changes
 the number of experts per token while giving finite scores. Offline: local JSON only.
 """
 
@@ -21,7 +21,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from bh_helpers import lm_eval_adapter as lea  # noqa: E402  (no lm_eval import at module load)
+from bh_helpers.evaluation import lm_eval as lea  # noqa: E402  (no lm_eval import at module load)
 
 TASK = "bh_hellaswag_style"
 LIMIT = 20  # documents (x 4 endings = 80 requests per run)
@@ -82,11 +82,11 @@ def runs():
     import torch
 
     from bh_helpers.capture import capture_router_logits
-    from bh_helpers.datasets import FIXTURE_DIR, load_hellaswag
-    from bh_helpers.evaluation import multiple_choice_accuracy
-    from bh_helpers.models import load_corpus_slice, load_model
-    from bh_helpers.nulls import fit_null_bank
-    from bh_helpers.patching import BHSelector, NativeSelector
+    from bh_helpers.evaluation.data import FIXTURE_DIR, load_hellaswag
+    from bh_helpers.evaluation.scoring import multiple_choice_accuracy
+    from bh_helpers.models.loading import load_corpus_slice, load_model
+    from bh_helpers.nulls.model import fit_null_bank
+    from bh_helpers import BHSelector, NativeSelector
 
     model, tok = load_model("tiny", device="cpu", dtype=torch.float32)
     kw = {"limit": LIMIT, "log_samples": True, "bootstrap_iters": 0}

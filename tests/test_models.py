@@ -1,4 +1,4 @@
-"""Tests of bh_helpers.models: the embedded tiny OLMoE, load_model, corpus slices, model-card claims.
+"""Tests of bh_helpers.models.loading: the embedded tiny OLMoE, load_model, corpus slices, model-card claims.
 
 No test touches the network: every test runs with socket connections made impossible.
 Tests that need the embedded weights skip (with the reason) when they are absent.
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from bh_helpers import models
-from bh_helpers.models import (
+from bh_helpers.models import loading as models
+from bh_helpers.models.loading import (
     EMBEDDED_MODEL_DIR,
     OLMOE_HUB_ID,
     default_dtype,
@@ -367,7 +367,7 @@ def test_auto_map_code_never_runs_without_trust_remote_code(tmp_path):
     import subprocess
     import sys
 
-    from bh_helpers.models import embedded_model_dir
+    from bh_helpers.models.loading import embedded_model_dir
 
     folder = tmp_path / "custom"
     shutil.copytree(embedded_model_dir(), folder)
@@ -376,7 +376,7 @@ def test_auto_map_code_never_runs_without_trust_remote_code(tmp_path):
     config.update(model_type="custom_moe", auto_map={"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"})
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "custom.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
-    code = ("from bh_helpers.models import load_model\n"
+    code = ("from bh_helpers.models.loading import load_model\n"
             "try:\n    load_model(%r, device='cpu')\nexcept ValueError as err:\n    print('REFUSED', err)\n" % str(folder))
     res = subprocess.run([sys.executable, "-c", code], input="y\ny\n", capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})

@@ -102,7 +102,7 @@ def test_notebook_conventions(name):
     # No library logic in notebooks: no function or class definitions.
     tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
     defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-    assert not defs, f"{name}.py defines {defs}: move them to bh_helpers.notebook_utils or bh_helpers.widgets"
+    assert not defs, f"{name}.py defines {defs}: move them to bh_helpers.app.notebook or bh_helpers.app.widgets"
 
 
 def test_install_cell_is_a_no_op_outside_colab(tmp_path, monkeypatch):
@@ -198,7 +198,7 @@ def test_install_command_in_a_fresh_venv(tmp_path):
     done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     probe = (
-        "import importlib.metadata as m, pathlib, sys, bh_helpers, bh_helpers.notebook_utils, bh_helpers.widgets;"
+        "import importlib.metadata as m, pathlib, sys, bh_helpers, bh_helpers.app.notebook, bh_helpers.app.widgets;"
         "d = m.distribution('bh-routing');"
         "print(pathlib.Path(bh_helpers.__file__).resolve().parent);"
         "print(pathlib.Path(d.locate_file('')).resolve())"
@@ -211,14 +211,14 @@ def test_install_command_in_a_fresh_venv(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# bh_helpers.notebook_utils: the pieces the notebooks lean on
+# bh_helpers.app.notebook: the pieces the notebooks lean on
 # ----------------------------------------------------------------------------------------------
 
 
 def test_small_mode_and_model_choice_from_environment():
     import torch
 
-    from bh_helpers import notebook_utils as nbu
+    from bh_helpers.app import notebook as nbu
 
     assert nbu.small_mode({"BH_NOTEBOOK_SMALL": "1"}) is True
     assert nbu.small_mode({"BH_NOTEBOOK_SMALL": "0"}) is False
@@ -235,7 +235,7 @@ def test_small_mode_and_model_choice_from_environment():
 def test_router_logits_round_trip_and_document_split(tmp_path):
     import torch
 
-    from bh_helpers import notebook_utils as nbu
+    from bh_helpers.app import notebook as nbu
     from bh_helpers.capture import CapturedLogits
 
     g = torch.Generator().manual_seed(0)
@@ -256,8 +256,8 @@ def test_router_logits_round_trip_and_document_split(tmp_path):
 
 
 def test_notebook_texts_are_balanced():
-    from bh_helpers import notebook_utils as nbu
-    from bh_helpers.models import load_corpus_slice
+    from bh_helpers.app import notebook as nbu
+    from bh_helpers.models.loading import load_corpus_slice
 
     texts = nbu.calibration_texts(6)
     domain = {r["text"]: r["domain"] for r in load_corpus_slice("calibration")}
@@ -295,7 +295,7 @@ def test_notebook_02_full_mode_leaves_committed_banks_byte_identical(tmp_path, m
 
 
 def test_check_runtime_says_what_auto_means(monkeypatch):
-    from bh_helpers import notebook_utils as nbu
+    from bh_helpers.app import notebook as nbu
 
     if nbu.torch.cuda.is_available():
         pytest.skip("the CPU messages are checked on a machine without CUDA")
@@ -308,7 +308,7 @@ def test_check_runtime_says_what_auto_means(monkeypatch):
 
 
 def test_update_committed_bank_only_when_asked():
-    from bh_helpers import notebook_utils as nbu
+    from bh_helpers.app import notebook as nbu
 
     assert nbu.update_committed_bank({}) is False
     assert nbu.update_committed_bank({"BH_NOTEBOOK_SMALL": "0"}) is False  # full mode alone never writes there

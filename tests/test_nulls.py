@@ -1,4 +1,4 @@
-"""Tests for bh_helpers.nulls: exactness against brute force, calibration, tails, persistence."""
+"""Tests for bh_helpers.nulls.model: exactness against brute force, calibration, tails, persistence."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from scipy import special, stats
 
 from bh_helpers import __version__
-from bh_helpers.nulls import (
+from bh_helpers.nulls.model import (
     SCHEMA_VERSION,
     VALID_KERNELS,
     GoodnessOfFit,
@@ -676,7 +676,7 @@ def test_damaged_banks_are_refused_on_load(tmp_path, case):
 
 
 def test_committed_banks_without_checksums_still_load():
-    from bh_helpers.pipeline import default_null_bank_dir
+    from bh_helpers.app.pipeline import default_null_bank_dir
 
     bank = NullBank.load(default_null_bank_dir("tiny"))
     assert bank.num_layers > 0

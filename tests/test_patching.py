@@ -1,4 +1,4 @@
-"""Tests of bh_helpers.patching (route, selectors, recorder), .dispatch and .moe_adapters.
+"""Tests of bh_helpers.routing.patch (route, selectors, recorder), .dispatch and .moe_adapters.
 
 Runs on the embedded tiny OLMoE when ``bh_helpers/data/tiny_olmoe/model.safetensors`` exists,
 otherwise on a random tiny OLMoE; Mixtral, Qwen2-MoE and Qwen3-MoE are random tiny configs.
@@ -15,10 +15,10 @@ from torch import nn
 
 import bh_helpers
 from bh_helpers.capture import capture_router_logits
-from bh_helpers.dispatch import dispatch_experts
-from bh_helpers.moe_adapters import SUPPORTED_FAMILIES, find_moe_blocks
-from bh_helpers.patching import BHSelector, NativeSelector, TopKSelector, TopPSelector, route
-from bh_helpers.selection import Selection, select_experts
+from bh_helpers.routing.dispatch import dispatch_experts
+from bh_helpers.models.families import SUPPORTED_FAMILIES, find_moe_blocks
+from bh_helpers import BHSelector, NativeSelector, TopKSelector, TopPSelector, route
+from bh_helpers.selection.reference import Selection, select_experts
 
 EMBEDDED = Path(bh_helpers.__file__).parent / "data" / "tiny_olmoe" / "model.safetensors"
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
@@ -75,7 +75,7 @@ def random_model(family: str, *, num_experts: int = 8, top_k: int = 2, seed: int
 def olmoe() -> nn.Module:
     """The embedded trained tiny OLMoE when present, else a random one with 32 experts, top-8."""
     if EMBEDDED.exists():
-        from bh_helpers.models import load_model
+        from bh_helpers.models.loading import load_model
 
         model, _ = load_model("tiny")
         return model.float().eval()
@@ -118,9 +118,9 @@ class EmpiricalBank:
 
 
 def null_bank(captured):
-    """``bh_helpers.nulls.fit_null_bank`` when it exists, else the empirical stand-in."""
+    """``bh_helpers.nulls.model.fit_null_bank`` when it exists, else the empirical stand-in."""
     try:
-        from bh_helpers.nulls import fit_null_bank
+        from bh_helpers.nulls.model import fit_null_bank
     except ImportError:
         return EmpiricalBank(captured.logits)
     return fit_null_bank(captured.logits)
@@ -575,10 +575,9 @@ def test_bfloat16_patched_forward_keeps_dtype_and_is_finite():
 def test_route_refuses_a_bank_of_another_model():
     """A 16-layer bank on the 6-layer tiny model routed silently with mean k 1.0 before; a bank of
     32 experts failed only at forward time."""
-    from bh_helpers.fused_select import FusedBHSelector
-    from bh_helpers.models import load_model
-    from bh_helpers.nulls import fit_null_bank
-    from bh_helpers.patching import BHSelector, route
+    from bh_helpers.models.loading import load_model
+    from bh_helpers.nulls.model import fit_null_bank
+    from bh_helpers import BHSelector, route
 
     model, _ = load_model("tiny", device="cpu", dtype=torch.float32)
     n_layers, n_experts = model.config.num_hidden_layers, model.config.num_experts
@@ -588,17 +587,16 @@ def test_route_refuses_a_bank_of_another_model():
     forward_before = model.model.layers[0].mlp.forward
     for bank, match in ((other_depth, f"16 layers.*routed model has {n_layers}"),
                         (other_width, f"32 experts per layer.*routed model has {n_experts}")):
-        for selector in (BHSelector(bank, alpha=0.5), FusedBHSelector(bank, alpha=0.5)):
-            with pytest.raises(ValueError, match=match):
-                with route(model, selector):
-                    raise AssertionError("route must refuse before the block runs")
+        with pytest.raises(ValueError, match=match):
+            with route(model, BHSelector(bank, alpha=0.5)):
+                raise AssertionError("route must refuse before the block runs")
     assert model.model.layers[0].mlp.forward == forward_before  # nothing was installed
 
 
 def test_route_refuses_a_bank_missing_routed_layers():
     """A bank without layer 5 failed mid-forward with a KeyError (a traceback from the CLI)."""
-    from bh_helpers.models import load_model
-    from bh_helpers.nulls import fit_null_bank
+    from bh_helpers.models.loading import load_model
+    from bh_helpers.nulls.model import fit_null_bank
 
     model, tok = load_model("tiny", device="cpu", dtype=torch.float32)
     n_layers = model.config.num_hidden_layers
@@ -626,7 +624,7 @@ def test_route_refuses_a_bank_missing_routed_layers():
 ])
 def test_validate_names_layer_and_token_of_non_finite_logits(value, row_fill, match):
     """+inf logits passed even validate=True (NaN weights); a row of -inf too."""
-    from bh_helpers.selection import select_experts
+    from bh_helpers.selection.reference import select_experts
 
     x = torch.randn(4, 16)
     if value is not None:
@@ -649,7 +647,7 @@ class _BadSelector:
         self.defect, self.max_k = defect, 2
 
     def __call__(self, logits, layer):
-        from bh_helpers.selection import Selection
+        from bh_helpers.selection.reference import Selection
 
         sel = TopKSelector(2, weights="softmax")(logits, layer)
         idx, w, counts = sel.indices.clone(), sel.weights.clone(), sel.counts.clone()
@@ -686,9 +684,9 @@ def test_bank_of_another_checkpoint_is_refused_by_its_router_fingerprint(tmp_pat
     save -> load, survives a dtype cast, and only allow_other_model=True overrides it."""
     import copy
 
-    from bh_helpers.moe_adapters import fingerprints_differ, router_fingerprint
-    from bh_helpers.nulls import NullBank
-    from bh_helpers.pipeline import capture_step, fit_step
+    from bh_helpers.models.families import fingerprints_differ, router_fingerprint
+    from bh_helpers.nulls.model import NullBank
+    from bh_helpers.app.pipeline import capture_step, fit_step
 
     model, tok = tiny_model_and_tokenizer
     capture_step(model, tok, max_tokens=256, window=64, out_path=tmp_path / "c.safetensors", progress=False)

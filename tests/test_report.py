@@ -1,4 +1,4 @@
-"""Tests for bh_helpers.report and bh_helpers.plots: markdown, PNGs, figures from data."""
+"""Tests for bh_helpers.report.write and bh_helpers.report.plots: markdown, PNGs, figures from data."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ matplotlib.use("Agg")
 
 from matplotlib.figure import Figure  # noqa: E402
 
-from bh_helpers import plots  # noqa: E402
-from bh_helpers.frontier import compute_frontier  # noqa: E402
-from bh_helpers.report import markdown_table, write_report  # noqa: E402
+from bh_helpers.report import plots  # noqa: E402
+from bh_helpers.experiments.frontier import compute_frontier  # noqa: E402
+from bh_helpers.report.write import markdown_table, write_report  # noqa: E402
 
 
 def _results():

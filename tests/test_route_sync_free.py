@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import bh_helpers.patching as patching
-from bh_helpers.moe_adapters import find_moe_blocks, router_logits
-from bh_helpers.patching import TopKSelector, TopPSelector, route
+import bh_helpers.routing.graphs as graphs
+import bh_helpers.routing.recorder as recorder
+import bh_helpers.routing.patch as patching
+from bh_helpers.models.families import find_moe_blocks, router_logits
+from bh_helpers import TopKSelector, TopPSelector, route
 
 from test_patching import batch, random_model
 
@@ -20,7 +22,7 @@ def model():
 @pytest.mark.parametrize("cap", [0, 5, 27, 30, 31, 33, 59, 60, 1000])
 @pytest.mark.parametrize("flush", [1, 1 << 23])
 def test_per_token_counts_cap_and_flush(model, cap, flush, monkeypatch):
-    monkeypatch.setattr(patching, "_FLUSH_ELEMENTS", flush)
+    monkeypatch.setattr(recorder, "_FLUSH_ELEMENTS", flush)
     inputs = batch(model, rows=3, length=12, seed=3)  # 30 valid tokens of 36 rows
     mask = inputs["attention_mask"].bool()
     n = int(mask.sum())
@@ -74,18 +76,18 @@ def test_gate_weight_cache_follows_in_place_updates_and_is_dropped(model):
 
 
 def test_graph_safe_selectors():
-    from bh_helpers.fused_select import fused_available
+    from bh_helpers.selection.fused import fused_available
 
     cpu = torch.device("cpu")
-    assert not patching._graph_safe_selector(TopKSelector(2), cpu) or fused_available(cpu)
-    assert not patching._graph_safe_selector(TopPSelector(0.5), cpu)
-    assert not patching._graph_safe_selector(lambda logits, layer: None, cpu)
-    assert not patching._graph_safe_selector(TopKSelector(2, validate=True), cpu)
+    assert not graphs.graph_safe_selector(TopKSelector(2), cpu) or fused_available(cpu)
+    assert not graphs.graph_safe_selector(TopPSelector(0.5), cpu)
+    assert not graphs.graph_safe_selector(lambda logits, layer: None, cpu)
+    assert not graphs.graph_safe_selector(TopKSelector(2, validate=True), cpu)
 
     class OptIn:
         graph_safe = True
 
-    assert patching._graph_safe_selector(OptIn(), cpu)
+    assert graphs.graph_safe_selector(OptIn(), cpu)
 
 
 def test_gate_weight_cache_updates_in_place(model):
@@ -103,7 +105,7 @@ def test_gate_weight_cache_updates_in_place(model):
 
 def test_block_graphs_not_used_on_cpu(model, monkeypatch):
     calls = []
-    monkeypatch.setattr(patching._BlockGraph, "__call__", lambda self, h: calls.append(1))
+    monkeypatch.setattr(graphs._BlockGraph, "__call__", lambda self, h: calls.append(1))
     with torch.no_grad(), route(model, TopKSelector(2)):
         model(**batch(model, rows=2, length=1, seed=1, pad=False))
     assert not calls
@@ -117,7 +119,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_graphed_block_matches_eager_on_gpu(monkeypatch, inference):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    from bh_helpers.nulls import fit_null_bank
+    from bh_helpers.nulls.model import fit_null_bank
 
     cfg = OlmoeConfig(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4)
@@ -125,15 +127,15 @@ def test_graphed_block_matches_eager_on_gpu(monkeypatch, inference):
     gpu_model = OlmoeForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     g = torch.Generator().manual_seed(0)
     bank = fit_null_bank({0: torch.randn(4000, 16, generator=g), 1: torch.randn(4000, 16, generator=g)})
-    selectors = [TopKSelector(4, weights="softmax"), patching.BHSelector(bank, alpha=0.2, max_k=8)]
+    selectors = [TopKSelector(4, weights="softmax"), BHSelector(bank, alpha=0.2, max_k=8)]
     replays = []
-    real_call = patching._BlockGraph.__call__
+    real_call = graphs._BlockGraph.__call__
 
     def counting(self, h):
         replays.append(1)
         return real_call(self, h)
 
-    monkeypatch.setattr(patching._BlockGraph, "__call__", counting)
+    monkeypatch.setattr(graphs._BlockGraph, "__call__", counting)
     prompt = torch.randint(0, 128, (3, 6), device="cuda")
     ctx = torch.inference_mode if inference else torch.no_grad
     for selector in selectors:

@@ -1,4 +1,4 @@
-"""Tests of bh_helpers.selection against independent oracles (statsmodels, brute force, transformers)."""
+"""Tests of bh_helpers.selection.reference against independent oracles (statsmodels, brute force, transformers)."""
 
 import gc
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from statsmodels.stats.multitest import multipletests
 
-from bh_helpers.selection import FDR_METHODS, Selection, fdr_counts, select_experts
+from bh_helpers.selection.reference import FDR_METHODS, Selection, fdr_counts, select_experts
 
 STATSMODELS_NAME = {"bh": "fdr_bh", "by": "fdr_by", "bonferroni": "bonferroni", "holm": "holm"}
 
@@ -383,9 +383,9 @@ def test_cuda_matches_cpu(method):
 @pytest.mark.parametrize("bad", [True, "0.05", None, torch.tensor([0.05])])
 def test_alpha_of_the_wrong_type_is_refused_everywhere(bad):
     """``alpha=True`` was taken as 1.0 and ``"0.05"`` accepted; ``None`` failed inside float()."""
-    from bh_helpers.fused_select import FusedBHSelector, fused_select_experts, select_with_null
-    from bh_helpers.nulls import fit_null, fit_null_bank
-    from bh_helpers.patching import BHSelector
+    from bh_helpers.selection.fused import fused_select_experts, select_with_null
+    from bh_helpers.nulls.model import fit_null, fit_null_bank
+    from bh_helpers import BHSelector
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 64, generator=g)
@@ -398,7 +398,6 @@ def test_alpha_of_the_wrong_type_is_refused_everywhere(bad):
         lambda: fused_select_experts(x, p, method="bh", alpha=bad),
         lambda: select_with_null(x, null, method="bh", alpha=bad),
         lambda: BHSelector(bank, alpha=bad),
-        lambda: FusedBHSelector(bank, alpha=bad),
     ]
     for call in calls:
         with pytest.raises(TypeError, match=r"`alpha` must be a number in \(0, 1\], e.g. alpha=0.05"):

@@ -1,7 +1,7 @@
 """The T4 path (CUDA without grouped GEMMs, float16): capability switch, looped and GEMV dispatch,
 chunked scoring, and the device of every tensor the pipeline builds.
 
-Oracles: the plain-torch reference dispatch (``bh_helpers.dispatch.dispatch_experts``) and the
+Oracles: the plain-torch reference dispatch (``bh_helpers.routing.dispatch.dispatch_experts``) and the
 full ``[B, T, V]`` logits of the model's own forward. The GEMV kernels also run on CPU under
 Triton's interpreter (in a subprocess: ``TRITON_INTERPRET`` is read at import). GPU tests are
 skipped without CUDA.
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from bh_helpers import _cuda
-from bh_helpers.auto_dispatch import fast_dispatch_experts, sync_free_supported
-from bh_helpers.dispatch import dispatch_experts
-from bh_helpers.turing_dispatch import gemv_supported, looped_dispatch_experts
+from bh_helpers.routing.auto import fast_dispatch_experts, sync_free_supported
+from bh_helpers.routing.dispatch import dispatch_experts
+from bh_helpers.routing.turing import gemv_supported, looped_dispatch_experts
 from test_gpu_paths import make_experts, random_selection, rel_err
 
 CUDA = torch.cuda.is_available()
@@ -36,8 +36,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def test_capability_switch_is_read_in_one_place(monkeypatch):
-    from bh_helpers.grouped_dispatch import grouped_mm_supported
-    from bh_helpers.models import default_dtype
+    from bh_helpers.routing.grouped import grouped_mm_supported
+    from bh_helpers.models.loading import default_dtype
 
     monkeypatch.setenv(_cuda.CAPABILITY_ENV, "7.5")
     assert _cuda.device_capability("cuda") == (7, 5)
@@ -111,8 +111,8 @@ def test_triton_kernels_under_interpreter_match_reference():
         import sys
         import torch
         sys.path.insert(0, "tests")
-        from bh_helpers.dispatch import dispatch_experts
-        from bh_helpers.turing_dispatch import gemv_dispatch_experts, gemv_supported, tiled_dispatch_experts
+        from bh_helpers.routing.dispatch import dispatch_experts
+        from bh_helpers.routing.turing import gemv_dispatch_experts, gemv_supported, tiled_dispatch_experts
         from test_gpu_paths import make_experts, random_selection, rel_err
 
         experts = make_experts(num_experts=8, hidden=160, inter=48)  # not multiples of the blocks
@@ -147,7 +147,7 @@ def test_triton_kernels_under_interpreter_match_reference():
 
 
 def test_scored_token_nll_equals_full_logits(tiny_model_and_tokenizer):
-    from bh_helpers import evaluation
+    from bh_helpers.evaluation import scoring as evaluation
 
     model, tok = tiny_model_and_tokenizer
     g = torch.Generator().manual_seed(0)
@@ -200,7 +200,8 @@ def test_route_on_t4_path_matches_reference_dispatch(monkeypatch, tiny_model_and
     prefill, graphed decode) equal those through the reference dispatch, and are finite."""
     import copy
 
-    import bh_helpers.patching as patching
+    import bh_helpers.routing.patch as patching
+    from bh_helpers import TopKSelector
 
     monkeypatch.setenv(_cuda.CAPABILITY_ENV, "7.5")
     model = copy.deepcopy(tiny_model_and_tokenizer[0]).to("cuda", torch.float16).eval()
@@ -211,7 +212,7 @@ def test_route_on_t4_path_matches_reference_dispatch(monkeypatch, tiny_model_and
         for name in ("fast", "reference"):
             if name == "reference":
                 monkeypatch.setattr(patching, "fast_dispatch_experts", dispatch_experts)
-            with patching.route(model, patching.TopKSelector(8, weights="softmax")):
+            with patching.route(model, TopKSelector(8, weights="softmax")):
                 prefill = model(ids, use_cache=False).logits
                 decode = model.generate(ids[:1, :8], max_new_tokens=6, min_new_tokens=6, do_sample=False)
             outs[name] = (prefill, decode)
@@ -226,7 +227,7 @@ def test_route_on_t4_path_matches_reference_dispatch(monkeypatch, tiny_model_and
 
 @needs_cuda
 def test_run_demo_end_to_end_on_cuda(tmp_path):
-    from bh_helpers.pipeline import DemoSettings, run_demo
+    from bh_helpers.app.pipeline import DemoSettings, run_demo
 
     settings = DemoSettings(calibration_tokens=1024, grid_size=512, alphas=(0.5,), max_tokens=512, topk_max=2,
                             top_ps=(0.5,), datasets=("prose",), categories=True, window=128, stride=128)
@@ -242,7 +243,7 @@ def test_run_demo_end_to_end_on_cuda(tmp_path):
 
 
 def test_demo_step_turns_a_cuda_oom_into_a_clear_error():
-    from bh_helpers.pipeline import DemoSettings, GPUOutOfMemory, _demo_step
+    from bh_helpers.app.pipeline import DemoSettings, GPUOutOfMemory, _demo_step
 
     timings, peaks = {}, {}
     with pytest.raises(GPUOutOfMemory, match=r"sweep step with batch_size=8 windows of 256 tokens; lower --batch-size"):
@@ -255,7 +256,7 @@ def test_demo_step_turns_a_cuda_oom_into_a_clear_error():
 
 
 def test_cli_reports_gpu_oom_in_one_line(monkeypatch, capsys):
-    from bh_helpers import cli, pipeline
+    from bh_helpers.app import cli, pipeline
 
     def run_out_of_memory(*args, **kwargs):
         raise pipeline.GPUOutOfMemory("out of GPU memory in the sweep step; lower --batch-size")
@@ -269,7 +270,7 @@ def test_cli_reports_gpu_oom_in_one_line(monkeypatch, capsys):
 def test_fit_batch_size_against_a_hand_computed_budget(tiny_model_and_tokenizer):
     from transformers import OlmoeConfig
 
-    from bh_helpers import evaluation
+    from bh_helpers.evaluation import scoring as evaluation
 
     model, _ = tiny_model_and_tokenizer
     assert evaluation.fit_batch_size(model, 256, 8) == 8  # CPU: unchanged
@@ -291,7 +292,8 @@ def test_fit_batch_size_against_a_hand_computed_budget(tiny_model_and_tokenizer)
 
 
 def test_sweep_lowers_batch_size_with_a_warning_when_memory_is_short(monkeypatch, tiny_model_and_tokenizer):
-    from bh_helpers import evaluation, pipeline
+    from bh_helpers.app import pipeline
+    from bh_helpers.evaluation import scoring as evaluation
 
     model, _ = tiny_model_and_tokenizer
     monkeypatch.setattr(evaluation, "fit_batch_size", lambda model, window, requested: 3)

@@ -1,4 +1,4 @@
-"""Tests of bh_helpers.widgets.AlphaExplorer, driven programmatically (no browser, no model).
+"""Tests of bh_helpers.app.widgets.AlphaExplorer, driven programmatically (no browser, no model).
 
 The cached logits are synthetic: per token a few "strong" experts are shifted up, so BH has
 something to find and the number of experts per token moves with alpha.
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from bh_helpers.nulls import fit_null_bank
-from bh_helpers.selection import fdr_counts, select_experts
-from bh_helpers.widgets import EXPLORER_METHODS, AlphaExplorer
+from bh_helpers.nulls.model import fit_null_bank
+from bh_helpers.selection.reference import fdr_counts, select_experts
+from bh_helpers.app.widgets import EXPLORER_METHODS, AlphaExplorer
 
 LAYERS = 4
 TOKENS = 2048

@@ -1,15 +1,15 @@
 """Interactive alpha explorer over cached router logits (the engine of notebook 04).
 
 :class:`AlphaExplorer` captures nothing and fits nothing: it takes router logits captured once
-(``capture_router_logits``) and one fitted :class:`~bh_helpers.nulls.NullBank` per kernel,
+(``capture_router_logits``) and one fitted :class:`~bh_helpers.nulls.model.NullBank` per kernel,
 precomputes every p-value once, and then answers "how many experts would each token get with
 these settings?" in milliseconds. The sliders of :meth:`AlphaExplorer.widget` call
 :meth:`AlphaExplorer.update`, and so can tests and scripts (no widget needed).
 
 Why an update is cheap: the number of rejections of BH, BY, Bonferroni and Holm depends only on
 the multiset of a token's p-values, so the p-values are stored sorted per token (ascending) and an
-update is one vectorised :func:`~bh_helpers.selection.fdr_counts` over ``[L, N, E]`` plus
-one :func:`~bh_helpers.selection.select_experts` on the displayed layer. Nothing touches the model
+update is one vectorised :func:`~bh_helpers.selection.reference.fdr_counts` over ``[L, N, E]`` plus
+one :func:`~bh_helpers.selection.reference.select_experts` on the displayed layer. Nothing touches the model
 until the "run on the model" button (or :meth:`AlphaExplorer.run_live`) is used.
 
 Examples
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bh_helpers.selection import FDR_METHODS, Selection, fdr_counts, select_experts
+from bh_helpers.selection.reference import FDR_METHODS, Selection, fdr_counts, select_experts
 
 __all__ = ["EXPLORER_METHODS", "AlphaExplorer", "ExplorerSettings", "ExplorerState"]
 
@@ -158,7 +158,7 @@ class AlphaExplorer:
     weights : {"softmax", "renorm", "uniform"}, default "softmax"
         Mixing weights of the selected experts in :meth:`run_live`. "softmax" (the raw router
         probabilities) is OLMoE's own convention (``norm_topk_prob=False``) and the sweep's
-        default in :mod:`bh_helpers.pipeline`, so top-8 equals the native model.
+        default in :mod:`bh_helpers.app.pipeline`, so top-8 equals the native model.
     view_tokens : int, default 48
         Tokens shown in the per-token view.
     threads : int or None, default 1
@@ -429,7 +429,7 @@ class AlphaExplorer:
 
     def selector(self, settings: ExplorerSettings | None = None):
         """The routing selector of the current (or given) settings, for ``patching.route``."""
-        from bh_helpers.patching import BHSelector, TopKSelector
+        from bh_helpers.selection.selectors import BHSelector, TopKSelector
 
         s = settings or self.settings
         if s.method == "topk":
@@ -469,8 +469,8 @@ class AlphaExplorer:
         """
         if self.model is None or self.tokenizer is None:
             raise ValueError("run_live needs the explorer built with `model=` and `tokenizer=`.")
-        from bh_helpers.evaluation import perplexity
-        from bh_helpers.patching import route
+        from bh_helpers.evaluation.scoring import perplexity
+        from bh_helpers.routing.patch import route
 
         model, tok = self.model, self.tokenizer
         device = next(model.parameters()).device

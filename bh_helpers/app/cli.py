@@ -1,4 +1,4 @@
-"""``bh-routing``: the command line of bh_helpers (thin: the work is in :mod:`bh_helpers.pipeline`).
+"""``bh-routing``: the command line of bh_helpers (thin: the work is in :mod:`bh_helpers.app.pipeline`).
 
 Subcommands::
 
@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bh_helpers import pipeline
+from bh_helpers.app import pipeline
 
 __all__ = ["build_parser", "main"]
 
@@ -189,7 +189,7 @@ def _check_model_name(name: str) -> None:
 def _load(args):
     import torch
 
-    from bh_helpers.models import load_model
+    from bh_helpers.models.loading import load_model
 
     _check_model_name(args.model)
     device = _device(args.device)
@@ -230,7 +230,7 @@ def _cmd_capture(args) -> int:
 
 
 def _cmd_fit(args) -> int:
-    from bh_helpers.nulls import METADATA_NAME
+    from bh_helpers.nulls.model import METADATA_NAME
 
     if os.path.exists(os.path.join(args.out, METADATA_NAME)):
         raise ValueError(f"--out {args.out!r} already holds a null bank; pass another folder.")
@@ -243,8 +243,8 @@ def _cmd_fit(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from bh_helpers.experiments import expand_grid
-    from bh_helpers.nulls import NullBank
+    from bh_helpers.experiments.sweep import expand_grid
+    from bh_helpers.nulls.model import NullBank
 
     configs = expand_grid(methods=args.methods, alphas=args.alphas, max_ks=args.max_ks, min_ks=(args.min_k,),
                           topk=list(range(1, args.topk_max + 1)), top_ps=args.top_ps, native=True)
@@ -263,8 +263,8 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from bh_helpers.experiments import load_results
-    from bh_helpers.nulls import NullBank
+    from bh_helpers.experiments.sweep import load_results
+    from bh_helpers.nulls.model import NullBank
 
     results = load_results(args.results)
     model = tok = bank = None

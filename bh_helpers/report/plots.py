@@ -54,7 +54,7 @@ def _new_figure(figsize=(7.0, 4.5)):
 def _check_columns(df, columns) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(f"`results` lacks columns {missing}; pass bh_helpers.experiments.load_results output.")
+        raise ValueError(f"`results` lacks columns {missing}; pass bh_helpers.experiments.sweep.load_results output.")
 
 
 def plot_frontier(results, *, dataset: str | None = None, metric: str = "perplexity",

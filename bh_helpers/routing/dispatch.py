@@ -124,7 +124,7 @@ def dispatch_experts(
     if not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
         raise ValueError(
             f"{type(experts).__name__} has a layout (no gate or a post-expert norm) that "
-            "bh_helpers.dispatch does not implement."
+            "bh_helpers.routing.dispatch does not implement."
         )
     num_experts = experts.gate_up_proj.shape[0]
     transposed = bool(getattr(experts, "is_transposed", False))

@@ -1,6 +1,6 @@
 """Fast variable-k expert dispatch: grouped GEMMs over the selected (token, expert) pairs only.
 
-Same contract as :func:`bh_helpers.dispatch.dispatch_experts` (the plain-torch reference, which
+Same contract as :func:`bh_helpers.routing.dispatch.dispatch_experts` (the plain-torch reference, which
 stays the path on CPU and the oracle in tests):
 ``out[t] = sum_k weights[t, k] * expert_{indices[t, k]}(hidden[t])`` over the valid slots
 (``indices >= 0``), accumulated in float32 and cast once.
@@ -24,8 +24,8 @@ Two variants of step 1-2:
 - ``compact`` (prefill): one host synchronisation per call reads the number of valid pairs ``S``
   so the gather, the activation and the intermediate buffers are ``S`` rows, not ``T*K``.
 
-Without grouped GEMMs (Turing T4 sm_75, float16 weights) :mod:`bh_helpers.turing_dispatch` runs instead,
-and the reference on CPU; :mod:`bh_helpers.auto_dispatch` makes that choice.
+Without grouped GEMMs (Turing T4 sm_75, float16 weights) :mod:`bh_helpers.routing.turing` runs instead,
+and the reference on CPU; :mod:`bh_helpers.routing.auto` makes that choice.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from bh_helpers._cuda import capture_stream, device_capability, on_device
-from bh_helpers.dispatch import _gate_activation, check_dispatch_inputs
+from bh_helpers.routing.dispatch import _gate_activation, check_dispatch_inputs
 
 __all__ = [
     "COMPACT_MIN_PAIRS",
@@ -241,7 +241,7 @@ def grouped_dispatch_experts(
     Parameters
     ----------
     experts, hidden, indices, weights
-        As in :func:`bh_helpers.dispatch.dispatch_experts`.
+        As in :func:`bh_helpers.routing.dispatch.dispatch_experts`.
     variant : {"auto", "sync_free", "compact"}
         "auto": "compact" when ``T*K >= COMPACT_MIN_PAIRS``, else "sync_free".
     use_graphs : bool, optional

@@ -37,7 +37,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from bh_helpers._locks import exclusive
-from bh_helpers.selection import FDR_METHODS
+from bh_helpers.selection.reference import FDR_METHODS
 
 __all__ = [
     "METHODS",
@@ -80,7 +80,7 @@ class SweepConfig:
     max_k, min_k : int, optional
         Ceiling and floor on the number of experts per token.
     kernel : str, optional
-        Null model kernel (see :mod:`bh_helpers.nulls`).
+        Null model kernel (see :mod:`bh_helpers.nulls.model`).
     k : int, optional
         Static top-k.
     top_p : float, optional
@@ -157,7 +157,7 @@ class SweepConfig:
         return "native"
 
     def to_selector(self, model=None, *, null_bank=None, weights: str | None = None):
-        """The :mod:`bh_helpers.patching` selector for this configuration.
+        """The :mod:`bh_helpers.routing.patch` selector for this configuration.
 
         Parameters
         ----------
@@ -176,19 +176,19 @@ class SweepConfig:
         Selector
             ``NativeSelector``, ``TopKSelector``, ``TopPSelector`` or ``BHSelector``.
         """
-        from bh_helpers import patching
-        from bh_helpers.nulls import NullBank
+        from bh_helpers.selection import selectors
+        from bh_helpers.nulls.model import NullBank
 
         if self.method == "native":
             if model is None:
                 raise ValueError("method 'native' needs `model` to read its k and weight convention.")
-            return patching.NativeSelector.for_model(model)
+            return selectors.NativeSelector.for_model(model)
         if weights is None:
-            weights = patching.NativeSelector.for_model(model).weights if model is not None else "renorm"
+            weights = selectors.NativeSelector.for_model(model).weights if model is not None else "renorm"
         if self.method == "topk":
-            return patching.TopKSelector(k=self.k, weights=weights)
+            return selectors.TopKSelector(k=self.k, weights=weights)
         if self.method == "top_p":
-            return patching.TopPSelector(p=self.top_p, min_k=self.min_k, max_k=self.max_k, weights=weights)
+            return selectors.TopPSelector(p=self.top_p, min_k=self.min_k, max_k=self.max_k, weights=weights)
         bank = null_bank
         # A NullBank is itself a Mapping (layer -> null): only other mappings are per kernel.
         if isinstance(null_bank, Mapping) and not isinstance(null_bank, NullBank):
@@ -199,12 +199,12 @@ class SweepConfig:
             bank = null_bank[self.kernel]
         if bank is None:
             raise ValueError(f"method {self.method!r} needs `null_bank` (a NullBank, or one per kernel).")
-        return patching.BHSelector(
+        return selectors.BHSelector(
             bank, method=self.method, alpha=self.alpha, min_k=self.min_k, max_k=self.max_k, weights=weights
         )
 
     def selector_kwargs(self) -> dict:
-        """Keyword arguments for :func:`bh_helpers.selection.select_experts` (``{}`` for native)."""
+        """Keyword arguments for :func:`bh_helpers.selection.reference.select_experts` (``{}`` for native)."""
         if self.method == "native":
             return {}
         out = {"method": self.method}
@@ -443,8 +443,8 @@ def run_sweep(
     --------
     A perplexity-and-compute sweep (``banks`` maps kernel names to fitted null banks)::
 
-        from bh_helpers.evaluation import compute_summary, perplexity
-        from bh_helpers.patching import route
+        from bh_helpers.evaluation.scoring import compute_summary, perplexity
+        from bh_helpers.routing.patch import route
 
         data = {"wikitext2": embedded_fixture("wikitext2")}
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bh_helpers.experiments import FDR_METHODS
+from bh_helpers.experiments.sweep import FDR_METHODS
 
 __all__ = [
     "INTERPOLATIONS",
@@ -93,7 +93,7 @@ def _check_columns(results, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in results.columns]
     if missing:
         raise ValueError(
-            f"`results` lacks columns {missing}; pass a DataFrame from bh_helpers.experiments.load_results "
+            f"`results` lacks columns {missing}; pass a DataFrame from bh_helpers.experiments.sweep.load_results "
             f"of a sweep whose metrics include them (it has {sorted(map(str, results.columns))})."
         )
 
@@ -207,7 +207,7 @@ def compute_frontier(
     Parameters
     ----------
     results : pandas.DataFrame
-        Sweep results (:func:`bh_helpers.experiments.load_results`): columns ``dataset``,
+        Sweep results (:func:`bh_helpers.experiments.sweep.load_results`): columns ``dataset``,
         ``method``, ``label``, ``cost`` and ``metric``; every data set needs static top-k rows.
     metric : str, default "perplexity"
         Quality column to compare.

@@ -11,7 +11,7 @@ Three groups:
 - figures for notebooks 01 and 02 (matplotlib ``Figure`` objects built without pyplot, shown with
   :func:`show`, which works under any backend, including ``MPLBACKEND=Agg`` in CI).
 
-Nothing here changes what a model computes; routing lives in :mod:`bh_helpers.patching`.
+Nothing here changes what a model computes; routing lives in :mod:`bh_helpers.routing.patch`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from bh_helpers.capture import CapturedLogits, capture_router_logits
-from bh_helpers.models import OLMOE_HUB_ID, EMBEDDED_MODEL_DIR, hub_reachable, load_corpus_slice, load_model
+from bh_helpers.models.loading import OLMOE_HUB_ID, EMBEDDED_MODEL_DIR, hub_reachable, load_corpus_slice, load_model
 
 __all__ = [
     "calibration_texts",
@@ -239,7 +239,7 @@ def model_slug(key: str) -> str:
 
 def describe_model(model: torch.nn.Module) -> dict[str, Any]:
     """A one-row summary of a loaded MoE model (shown in the first output of notebook 01)."""
-    from bh_helpers.moe_adapters import find_moe_blocks
+    from bh_helpers.models.families import find_moe_blocks
 
     blocks = find_moe_blocks(model)
     param = next(model.parameters())
@@ -260,9 +260,9 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
 def committed_bank_dir(key: str) -> Path:
     """Where the repository keeps the fitted null bank of a model (``kde_models/<model>/``)."""
     try:
-        from bh_helpers.pipeline import default_null_bank_dir
+        from bh_helpers.app.pipeline import default_null_bank_dir
     except ImportError:  # the pipeline module is optional here
-        return Path(__file__).resolve().parents[1] / "kde_models" / model_slug(key)
+        return Path(__file__).resolve().parents[2] / "kde_models" / model_slug(key)
     return Path(default_null_bank_dir(key))
 
 
@@ -422,7 +422,7 @@ def goodness_table(banks_by_kernel: Mapping[str, Any], held_out: Mapping[int, to
     """
     import pandas as pd
 
-    from bh_helpers.nulls import goodness_of_fit
+    from bh_helpers.nulls.model import goodness_of_fit
 
     rows = []
     for kernel, bank in banks_by_kernel.items():
@@ -460,8 +460,8 @@ def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, token
     bank : NullBank
     source : str
     """
-    from bh_helpers.nulls import NullBank
-    from bh_helpers.pipeline import capture_step, default_null_bank_dir, fit_step
+    from bh_helpers.nulls.model import NullBank
+    from bh_helpers.app.pipeline import capture_step, default_null_bank_dir, fit_step
 
     own = Path(out) / "null_bank"
     if prefer_own and (own / "metadata.json").is_file():
@@ -512,7 +512,7 @@ def generate_side_by_side(model: Any, tokenizer: Any, prompts: Sequence[str], se
     """
     import pandas as pd
 
-    from bh_helpers.patching import route
+    from bh_helpers.routing.patch import route
 
     device = next(model.parameters()).device
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)

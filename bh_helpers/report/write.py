@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bh_helpers.frontier import STATUS_OK
+from bh_helpers.experiments.frontier import STATUS_OK
 
 __all__ = ["frontier_markdown", "markdown_table", "results_table", "write_report", "REPORT_NAME"]
 
@@ -178,9 +178,9 @@ def write_report(
     out_dir : path-like
         Folder (created when missing); ``report.md`` and the PNGs in it are replaced.
     results : pandas.DataFrame
-        Sweep results (:func:`bh_helpers.experiments.load_results`).
+        Sweep results (:func:`bh_helpers.experiments.sweep.load_results`).
     frontier : pandas.DataFrame, optional
-        :func:`bh_helpers.frontier.compute_frontier` output (its markdown table is included).
+        :func:`bh_helpers.experiments.frontier.compute_frontier` output (its markdown table is included).
     figures : mapping of str to Figure, optional
         ``{name: matplotlib Figure}``; saved as ``<name>.png`` (name sanitised) and embedded
         in insertion order, with the name as caption. Figures are not closed.
@@ -211,7 +211,7 @@ def write_report(
     from dataclasses import asdict, is_dataclass
 
     if not (hasattr(results, "columns") and hasattr(results, "iterrows")):
-        raise ValueError("`results` must be a pandas DataFrame (bh_helpers.experiments.load_results).")
+        raise ValueError("`results` must be a pandas DataFrame (bh_helpers.experiments.sweep.load_results).")
     figures = dict(figures or {})
     for name, fig in figures.items():
         if not hasattr(fig, "savefig"):

@@ -3,14 +3,14 @@
 ======================================  =============================================================
 where                                   dispatch
 ======================================  =============================================================
-CUDA, compute capability >= 8, bf16     :mod:`bh_helpers.grouped_dispatch` (``torch._grouped_mm``)
-other CUDA (T4: sm_75, float16), up to  :func:`bh_helpers.turing_dispatch.gemv_dispatch_experts`
+CUDA, compute capability >= 8, bf16     :mod:`bh_helpers.routing.grouped` (``torch._grouped_mm``)
+other CUDA (T4: sm_75, float16), up to  :func:`bh_helpers.routing.turing.gemv_dispatch_experts`
 ``GEMV_MAX_TOKENS`` tokens (decode)     (sync-free, two Triton GEMV kernels)
-other CUDA, more tokens (prefill)       :func:`bh_helpers.turing_dispatch.tiled_dispatch_experts`
+other CUDA, more tokens (prefill)       :func:`bh_helpers.routing.turing.tiled_dispatch_experts`
                                         (sync-free, two Triton grouped-GEMM kernels)
-other CUDA, layouts those two lack      :func:`bh_helpers.turing_dispatch.looped_dispatch_experts`
+other CUDA, layouts those two lack      :func:`bh_helpers.routing.turing.looped_dispatch_experts`
 (biases, other gates)                   (per-expert ``torch.mm``, one host synchronisation)
-CPU, anything else                      :func:`bh_helpers.dispatch.dispatch_experts` (the reference)
+CPU, anything else                      :func:`bh_helpers.routing.dispatch.dispatch_experts` (the reference)
 ======================================  =============================================================
 
 The capability is read through :func:`bh_helpers._cuda.device_capability`, so
@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bh_helpers.dispatch import dispatch_experts, needs_autograd
-from bh_helpers.grouped_dispatch import grouped_dispatch_experts, grouped_mm_supported
-from bh_helpers.turing_dispatch import (
+from bh_helpers.routing.dispatch import dispatch_experts, needs_autograd
+from bh_helpers.routing.grouped import grouped_dispatch_experts, grouped_mm_supported
+from bh_helpers.routing.turing import (
     GEMV_MAX_TOKENS,
     gemv_dispatch_experts,
     gemv_supported,
@@ -64,7 +64,7 @@ def fast_dispatch_experts(experts: nn.Module, hidden: torch.Tensor, indices: tor
                           weights: torch.Tensor) -> torch.Tensor:
     """Automatic choice of dispatch (table in the module docstring).
 
-    Drop-in for :func:`bh_helpers.dispatch.dispatch_experts` (same signature and contract).
+    Drop-in for :func:`bh_helpers.routing.dispatch.dispatch_experts` (same signature and contract).
     """
     device = hidden.device
     if needs_autograd(experts, hidden):

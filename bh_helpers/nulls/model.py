@@ -1114,8 +1114,8 @@ class NullBankMetadata:
     schema_version : int
         On-disk layout version (:data:`SCHEMA_VERSION`).
     router_fingerprint : dict of int to list of float, optional
-        :func:`bh_helpers.moe_adapters.router_fingerprint` of the model the logits came from;
-        :func:`bh_helpers.patching.route` refuses the bank on a model whose routers differ.
+        :func:`bh_helpers.models.families.router_fingerprint` of the model the logits came from;
+        :func:`bh_helpers.routing.patch.route` refuses the bank on a model whose routers differ.
         None for banks fitted without the model at hand (no check then).
     """
 
@@ -1591,7 +1591,7 @@ def fit_null_bank(
     num_layers : int, optional
         Number of MoE layers of the model; default: highest layer index + 1.
     router_fingerprint : mapping of int to list of float, optional
-        :func:`bh_helpers.moe_adapters.router_fingerprint` of that model, so that ``route``
+        :func:`bh_helpers.models.families.router_fingerprint` of that model, so that ``route``
         can refuse the bank on another model.
 
     Returns

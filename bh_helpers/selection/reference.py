@@ -26,13 +26,14 @@ References
 from __future__ import annotations
 
 import math
-import numbers
 
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
+
+from bh_helpers._validate import check_int, check_level
 
 __all__ = [
     "FDR_METHODS",
@@ -93,19 +94,6 @@ class Selection:
 # ----------------------------------------------------------------------------------------------
 # Input validation
 # ----------------------------------------------------------------------------------------------
-
-
-def _check_alpha(alpha: float) -> float:
-    """``alpha`` as a float in (0, 1]: the one check of every entry point that takes a level.
-
-    Real numbers only: ``True`` (== 1), ``"0.05"`` and ``None`` are refused, never coerced.
-    """
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"`alpha` must be a number in (0, 1], e.g. alpha=0.05; got {alpha!r} ({type(alpha).__name__}).")
-    alpha = float(alpha)
-    if not 0.0 < alpha <= 1.0:  # also rejects NaN
-        raise ValueError(f"`alpha` must be in (0, 1]; got {alpha}.")
-    return alpha
 
 
 def _check_method(method: str, allowed: tuple[str, ...]) -> str:
@@ -236,7 +224,7 @@ def fdr_counts(pvalues: torch.Tensor, alpha: float, method: str = "bh", *, valid
     tensor([1])
     """
     # Input validation
-    alpha = _check_alpha(alpha)
+    alpha = check_level("alpha", alpha)
     method = _check_method(method, FDR_METHODS)
     if validate:
         _check_pvalues(pvalues)
@@ -268,12 +256,6 @@ def _counts_from_sorted(sorted_p: torch.Tensor, alpha: float, method: str) -> to
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an integer; got {value!r}.")
-    return int(value)
-
-
 def _check_selection_args(
     logits: torch.Tensor, method: str, min_k: int, max_k: int, weights: str, temperature: float, validate: bool
 ) -> tuple[int, int, float]:
@@ -290,7 +272,7 @@ def _check_selection_args(
     if validate:
         _check_logits(logits)
     num_experts = logits.shape[-1]
-    min_k, max_k = _check_int("min_k", min_k), _check_int("max_k", max_k)
+    min_k, max_k = check_int("min_k", min_k), check_int("max_k", max_k)
     if not 1 <= max_k <= num_experts:
         raise ValueError(f"`max_k` must be in [1, {num_experts}] (the number of experts); got {max_k}.")
     if method != "topk" and not 0 <= min_k <= max_k:
@@ -422,13 +404,13 @@ def select_experts(
         if validate:
             _check_pvalues(pvalues)
         p = pvalues.to(device=x.device, dtype=stat_dtype)
-        alpha = _check_alpha(alpha)
+        alpha = check_level("alpha", alpha)
         ranked, sorted_p = _ranked_experts(x, p)  # (..., E), (..., E)
         counts = _counts_from_sorted(sorted_p, alpha, method).clamp(min_k, max_k)  # (...)
     elif method == "topk":
         if k is None:
             raise ValueError("method='topk' needs `k`, the number of experts per token.")
-        k = _check_int("k", k)
+        k = check_int("k", k)
         if not 1 <= k <= num_experts:
             raise ValueError(f"`k` must be in [1, {num_experts}] (the number of experts); got {k}.")
         if k > max_k:

@@ -1,6 +1,6 @@
 """The end-to-end job as step functions: capture -> fit -> sweep -> report (and ``run_demo``).
 
-Each step reads and writes plain files, so the command line (:mod:`bh_helpers.cli`) can run
+Each step reads and writes plain files, so the command line (:mod:`bh_helpers.app.cli`) can run
 them one at a time or all at once:
 
 ==============  ============================================================================
@@ -9,13 +9,13 @@ step            writes
 capture         ``captured_logits.safetensors``: ``layer.<i>`` float32 ``[N, E]``, plus
                 ``token_ids``, ``positions``, ``sequence_index``; metadata in the header
                 (safetensors: no pickle)
-fit             a :class:`~bh_helpers.nulls.NullBank` folder (``nulls.npz`` + ``metadata.json``)
-sweep           ``sweep.jsonl`` (:func:`bh_helpers.experiments.run_sweep`, resumable)
-report          ``report.md`` + PNG figures (:func:`bh_helpers.report.write_report`)
+fit             a :class:`~bh_helpers.nulls.model.NullBank` folder (``nulls.npz`` + ``metadata.json``)
+sweep           ``sweep.jsonl`` (:func:`bh_helpers.experiments.sweep.run_sweep`, resumable)
+report          ``report.md`` + PNG figures (:func:`bh_helpers.report.write.write_report`)
 ==============  ============================================================================
 
 Evaluation protocol of the sweep (stated in every report): perplexity with
-:func:`bh_helpers.evaluation.perplexity` (documents joined by EOS, windows of ``window`` tokens
+:func:`bh_helpers.evaluation.scoring.perplexity` (documents joined by EOS, windows of ``window`` tokens
 with stride ``stride``, token-weighted mean NLL); the text of each data set is cut to its first
 ``max_tokens`` tokens (whole documents, the last one truncated). Mean experts per token is
 measured by the routing recorder over every routed token and layer. Selected experts keep
@@ -83,7 +83,7 @@ SETTINGS_NAME = "run.json"
 STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last demo run
 KDE_MODELS_ENV = "BH_ROUTING_KDE_MODELS"
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (kde_models/ beside bh_helpers/)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def calibration_token_ids(tokenizer, *, max_tokens: int, text_file: str | os.Pat
     ValueError
         Non-positive ``max_tokens``, or a missing or empty ``text_file``.
     """
-    from bh_helpers.models import load_corpus_slice
+    from bh_helpers.models.loading import load_corpus_slice
 
     max_tokens = _check_positive("max_tokens", max_tokens)
     eos = _eos(tokenizer)
@@ -211,13 +211,13 @@ def calibration_token_ids(tokenizer, *, max_tokens: int, text_file: str | os.Pat
 
 
 def _dataset_documents(name: str) -> tuple[list[str], str]:
-    from bh_helpers.datasets import embedded_fixture
-    from bh_helpers.models import load_corpus_slice
+    from bh_helpers.evaluation.data import embedded_fixture
+    from bh_helpers.models.loading import load_corpus_slice
 
     if name in ("prose", "code"):
         return [r["text"] for r in load_corpus_slice("evaluation", domain=name)], f"embedded corpus, evaluation slice, {name}"
     if name == "wikitext2":
-        from bh_helpers.datasets import load_wikitext2
+        from bh_helpers.evaluation.data import load_wikitext2
 
         try:
             return load_wikitext2("test"), "WikiText-2 (raw), test split, from the Hugging Face hub"
@@ -375,7 +375,7 @@ def capture_step(model, tokenizer, *, max_tokens: int = 4096, window: int = 256,
     captured = capture_router_logits(model, batches, progress=progress)
     if out_path is not None:
         source = str(text_file) if text_file is not None else "embedded corpus, calibration slice (half prose, half code)"
-        from bh_helpers.moe_adapters import router_fingerprint
+        from bh_helpers.models.families import router_fingerprint
 
         save_captured(captured, out_path, metadata={
             "model_id": model_id, "calibration": f"{source}, {len(ids)} tokens, windows of {window}",
@@ -387,7 +387,7 @@ def _room_for(model, window: int, batch_size: int) -> int:
     """``batch_size``, lowered (with a warning naming ``--batch-size``) when the GPU has no room for it."""
     import warnings
 
-    from bh_helpers.evaluation import fit_batch_size
+    from bh_helpers.evaluation.scoring import fit_batch_size
 
     fitted = fit_batch_size(model, window, batch_size)
     if fitted < batch_size:
@@ -405,7 +405,7 @@ def _room_for(model, window: int, batch_size: int) -> int:
 
 def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192, model_id: str = "tiny",
              calibration: str | None = None, out_dir: str | os.PathLike | None = None):
-    """Fit one null per layer (:func:`bh_helpers.nulls.fit_null_bank`) and optionally save it.
+    """Fit one null per layer (:func:`bh_helpers.nulls.model.fit_null_bank`) and optionally save it.
 
     Parameters
     ----------
@@ -423,7 +423,7 @@ def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192
     -------
     NullBank
     """
-    from bh_helpers.nulls import fit_null_bank
+    from bh_helpers.nulls.model import fit_null_bank
 
     meta: dict = {}
     if isinstance(captured, (str, os.PathLike)):
@@ -445,23 +445,23 @@ def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192
 
 
 def _native_k(model) -> int:
-    from bh_helpers.patching import NativeSelector
+    from bh_helpers.selection.selectors import NativeSelector
 
     return int(NativeSelector.for_model(model).k)
 
 
 def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank, window: int = 256,
                      stride: int = 256, batch_size: int = 8, weights: str = "softmax"):
-    """The ``evaluate_fn(config, dataset)`` of :func:`bh_helpers.experiments.run_sweep`.
+    """The ``evaluate_fn(config, dataset)`` of :func:`bh_helpers.experiments.sweep.run_sweep`.
 
-    Metrics per row: the :class:`~bh_helpers.evaluation.PerplexityResult` fields (with
-    ``protocol``), :func:`~bh_helpers.evaluation.compute_summary` (``mean_experts_per_token``,
+    Metrics per row: the :class:`~bh_helpers.evaluation.scoring.PerplexityResult` fields (with
+    ``protocol``), :func:`~bh_helpers.evaluation.scoring.compute_summary` (``mean_experts_per_token``,
     ``relative_compute``, ...), ``std_k``, ``floor_rate``, ``ceiling_rate``,
     ``per_layer_mean_k`` (``{layer: mean k}``) and ``k_hist`` (token-layer pairs with
     0, 1, 2, ... experts).
     """
-    from bh_helpers.evaluation import compute_summary, perplexity
-    from bh_helpers.patching import route
+    from bh_helpers.evaluation.scoring import compute_summary, perplexity
+    from bh_helpers.routing.patch import route
 
     native_k = _native_k(model)
     # A NullBank is itself a Mapping (layer -> null): wrap it so to_selector indexes by kernel.
@@ -506,13 +506,13 @@ def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.P
                datasets: Sequence[str] = ("prose", "code"), max_tokens: int = 2048, window: int = 256,
                stride: int = 256, batch_size: int = 8, weights: str = "softmax", model_id: str = "tiny",
                progress: bool = True):
-    """Run (or resume) a perplexity sweep; returns :func:`~bh_helpers.experiments.load_results`.
+    """Run (or resume) a perplexity sweep; returns :func:`~bh_helpers.experiments.sweep.load_results`.
 
     Parameters
     ----------
     model, tokenizer
     configs : list of SweepConfig
-        E.g. from :func:`bh_helpers.experiments.expand_grid`.
+        E.g. from :func:`bh_helpers.experiments.sweep.expand_grid`.
     null_bank : NullBank
         Nulls of ``model`` (for the multiple-testing configurations).
     results_path : path-like
@@ -522,7 +522,7 @@ def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.P
     max_tokens : int, default 2048
         Tokens per data set.
     window, stride, batch_size : int
-        Perplexity protocol (:func:`bh_helpers.evaluation.perplexity`).
+        Perplexity protocol (:func:`bh_helpers.evaluation.scoring.perplexity`).
     weights : {"softmax", "renorm", "uniform"}, default "softmax"
         Weights of the selected experts for BH-family, top-k and top-p configurations.
         ``"softmax"`` (raw router probabilities) is OLMoE's own convention
@@ -535,8 +535,8 @@ def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.P
     -------
     pandas.DataFrame
     """
-    from bh_helpers.experiments import run_sweep
-    from bh_helpers.selection import WEIGHT_MODES
+    from bh_helpers.experiments.sweep import run_sweep
+    from bh_helpers.selection.reference import WEIGHT_MODES
 
     if weights not in WEIGHT_MODES:
         raise ValueError(f"`weights` must be one of {WEIGHT_MODES}, got {weights!r}.")
@@ -642,7 +642,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         Run the per-prompt-category analysis (BH-family configuration with the best relative
         difference vs static top-k at the nearest integer k).
     prompt_sets : None, mapping or path
-        See :func:`bh_helpers.categories.load_prompt_sets`.
+        See :func:`bh_helpers.experiments.categories.load_prompt_sets`.
     seed : int
         Bootstrap seed.
     weights : str, optional
@@ -655,10 +655,10 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     Path
         ``report.md``.
     """
-    from bh_helpers import plots
-    from bh_helpers.experiments import load_results
-    from bh_helpers.frontier import compute_frontier
-    from bh_helpers.report import write_report
+    from bh_helpers.report import plots
+    from bh_helpers.experiments.sweep import load_results
+    from bh_helpers.experiments.frontier import compute_frontier
+    from bh_helpers.report.write import write_report
 
     if isinstance(results, (str, os.PathLike)):
         results = load_results(results)
@@ -690,8 +690,9 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         import torch
 
         from bh_helpers.capture import _model_device
-        from bh_helpers.categories import analyze_categories, load_prompt_sets
-        from bh_helpers.patching import TopKSelector, route
+        from bh_helpers.experiments.categories import analyze_categories, load_prompt_sets
+        from bh_helpers.selection.selectors import TopKSelector
+        from bh_helpers.routing.patch import route
 
         selector = config.to_selector(model, null_bank={null_bank.metadata.kernel: null_bank}, weights=weights)
         if categories:
@@ -731,7 +732,7 @@ def _none(value):
 def _config_of(results, key: str):
     from dataclasses import fields as dc_fields
 
-    from bh_helpers.experiments import SweepConfig
+    from bh_helpers.experiments.sweep import SweepConfig
 
     row = results[results["key"] == key].iloc[0]
     return SweepConfig.from_dict({f.name: _none(row.get(f.name)) for f in dc_fields(SweepConfig)})
@@ -776,7 +777,7 @@ class DemoSettings:
             _check_positive(name, getattr(self, name))
         if self.stride > self.window:
             raise ValueError(f"`stride` ({self.stride}) must not exceed `window` ({self.window}).")
-        from bh_helpers.selection import WEIGHT_MODES
+        from bh_helpers.selection.reference import WEIGHT_MODES
 
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"`weights` must be one of {WEIGHT_MODES}, got {self.weights!r}.")
@@ -795,8 +796,8 @@ class DemoSettings:
                                  f"{self.model!r}; pass {flag} {experts} or lower.")
 
     def configs(self):
-        """The sweep grid (:func:`bh_helpers.experiments.expand_grid`)."""
-        from bh_helpers.experiments import expand_grid
+        """The sweep grid (:func:`bh_helpers.experiments.sweep.expand_grid`)."""
+        from bh_helpers.experiments.sweep import expand_grid
 
         return expand_grid(methods=self.methods, alphas=self.alphas, max_ks=self.max_ks, min_ks=(self.min_k,),
                            kernels=(self.kernel,), topk=list(range(1, self.topk_max + 1)), top_ps=self.top_ps,
@@ -907,7 +908,7 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
     """
     import torch
 
-    from bh_helpers.models import load_model
+    from bh_helpers.models.loading import load_model
 
     settings = settings or DemoSettings()
     out = Path(out_dir)
@@ -927,7 +928,7 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
 def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resumed: bool, step, timings: dict,
                      peaks: dict, progress: bool) -> DemoResult:
     """:func:`run_demo` once it holds the output folder's lock: capture, fit, sweep, report."""
-    from bh_helpers.nulls import NullBank
+    from bh_helpers.nulls.model import NullBank
 
     configs = settings.configs()
     if not resumed:
@@ -961,7 +962,7 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
         report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=bank,
                              model_id=settings.model, categories=settings.categories, seed=settings.seed,
                              weights=settings.weights, progress=progress)
-    from bh_helpers.frontier import compute_frontier
+    from bh_helpers.experiments.frontier import compute_frontier
 
     (out / STEPS_NAME).write_text(json.dumps({
         "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),

@@ -20,6 +20,7 @@ log-likelihood. On top of that:
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import os
@@ -45,7 +46,7 @@ __all__ = [
     "analyze_categories",
 ]
 
-DEFAULT_PROMPTS_PATH = Path(__file__).resolve().parent / "data" / "prompts" / "categories.json"
+DEFAULT_PROMPTS_PATH = Path(str(importlib.resources.files("bh_helpers") / "data" / "prompts" / "categories.json"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,11 +365,11 @@ def measure_prompts(model, tokenizer, prompt_sets: Mapping[str, Sequence[str]], 
     Parameters
     ----------
     model, tokenizer
-        A supported MoE causal LM (:func:`bh_helpers.models.load_model`).
+        A supported MoE causal LM (:func:`bh_helpers.models.loading.load_model`).
     prompt_sets : mapping of str to sequence of str
         See :func:`load_prompt_sets`.
     selector : Selector
-        Routing for :func:`bh_helpers.patching.route` (mode ``"patch"``).
+        Routing for :func:`bh_helpers.routing.patch.route` (mode ``"patch"``).
     batch_size : int, default 16
         Prompts per forward pass (right-padded; padding is neither counted nor scored).
     label : str, optional
@@ -388,8 +389,8 @@ def measure_prompts(model, tokenizer, prompt_sets: Mapping[str, Sequence[str]], 
     import torch
     from tqdm.auto import tqdm
 
-    from bh_helpers.evaluation import scored_token_nll
-    from bh_helpers.patching import route
+    from bh_helpers.evaluation.scoring import scored_token_nll
+    from bh_helpers.routing.patch import route
 
     sets = _validate_sets(prompt_sets, "`prompt_sets`")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -494,8 +495,8 @@ class CategoryAnalysis:
     baseline_label: str
 
     def tables(self) -> dict[str, str]:
-        """Markdown sections for :func:`bh_helpers.report.write_report` (``tables=``)."""
-        from bh_helpers.report import markdown_table
+        """Markdown sections for :func:`bh_helpers.report.write.write_report` (``tables=``)."""
+        from bh_helpers.report.write import markdown_table
 
         s = self.summary
         ci = [{"category": r["category"], "prompts": r["n"], "mean k": f"{r['mean']:.3f}",

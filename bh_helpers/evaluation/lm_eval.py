@@ -1,4 +1,4 @@
-"""Hand a model routed by :func:`bh_helpers.patching.route` to lm-evaluation-harness.
+"""Hand a model routed by :func:`bh_helpers.routing.patch.route` to lm-evaluation-harness.
 
 Optional: needs the ``lmeval`` extra (``pip install bh-routing[lmeval]``, i.e.
 ``lm-eval>=0.4.5,<0.5``); ``lm_eval`` is imported only when a function here is called.
@@ -13,7 +13,7 @@ Local tasks live in :func:`local_task_dir` (``bh_helpers/data/lm_eval_tasks/``):
 ``bh_hellaswag_style`` is lm-eval's own ``hellaswag`` task (same ``process_docs``, prompt,
 ``" "`` target delimiter, ``acc``/``acc_norm``) over the committed fixture
 ``bh_helpers/data/fixtures/hellaswag_style.jsonl``, so its ``acc`` equals
-:func:`bh_helpers.evaluation.multiple_choice_accuracy` on ``load_hellaswag(path=fixture)``.
+:func:`bh_helpers.evaluation.scoring.multiple_choice_accuracy` on ``load_hellaswag(path=fixture)``.
 Their ``data_files`` are written relative to the YAML's folder, but lm-eval passes
 ``dataset_kwargs`` unchanged to ``datasets.load_dataset``, which resolves relative paths
 against the current working directory. :func:`resolved_task_dir` therefore writes, for each
@@ -22,8 +22,8 @@ to it) and overrides ``dataset_kwargs`` with absolute paths; :func:`evaluate_rou
 
 Examples
 --------
->>> from bh_helpers.lm_eval_adapter import evaluate_routed
->>> from bh_helpers.patching import TopKSelector
+>>> from bh_helpers.evaluation.lm_eval import evaluate_routed
+>>> from bh_helpers.selection.selectors import TopKSelector
 >>> out = evaluate_routed(model, tok, TopKSelector(4), ["bh_hellaswag_style"], limit=20)  # doctest: +SKIP
 >>> out["results"]["bh_hellaswag_style"]["acc,none"], out["routing"]["mean_k"]  # doctest: +SKIP
 (0.45, 4.0)
@@ -31,6 +31,7 @@ Examples
 
 from __future__ import annotations
 
+import importlib.resources
 import inspect
 import os
 import tempfile
@@ -40,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from bh_helpers.patching import route
+from bh_helpers.routing.patch import route
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -59,7 +60,7 @@ LOCAL_TASKS = ("bh_hellaswag_style",)
 #: Requests per forward pass handed to ``HFLM``.
 DEFAULT_BATCH_SIZE = 8
 
-_TASK_DIR = Path(__file__).resolve().parent / "data" / "lm_eval_tasks"
+_TASK_DIR = Path(str(importlib.resources.files("bh_helpers") / "data" / "lm_eval_tasks"))
 
 
 def _require_lm_eval():
@@ -69,7 +70,7 @@ def _require_lm_eval():
         from lm_eval.models.huggingface import HFLM  # noqa: F401  (checks the HF backend imports)
     except ImportError as err:
         raise ImportError(
-            "bh_helpers.lm_eval_adapter needs lm-evaluation-harness, an optional dependency: "
+            "bh_helpers.evaluation.lm_eval needs lm-evaluation-harness, an optional dependency: "
             f"`{INSTALL_HINT}` (or `pip install 'lm-eval>=0.4.5,<0.5'`). Import failed with: {err}"
         ) from err
     return lm_eval
@@ -230,7 +231,7 @@ def evaluate_routed(
     model, tokenizer
         As for :func:`make_lm`.
     selector : Selector or None
-        Passed to :func:`bh_helpers.patching.route`; ``None`` evaluates the model untouched
+        Passed to :func:`bh_helpers.routing.patch.route`; ``None`` evaluates the model untouched
         (the baseline) and sets ``"routing"`` to None.
     tasks : str or iterable of str
         lm-eval task names: the local ones (:data:`LOCAL_TASKS`), lm-eval's built-in ones, or
@@ -261,7 +262,7 @@ def evaluate_routed(
     dict
         lm-eval's result dict (``"results"``: ``{task: {"acc,none": ..., ...}}``, ``"configs"``,
         ``"n-samples"``, ``"samples"`` when logged, ...) plus ``"routing"``: the recorder's
-        :meth:`~bh_helpers.patching.RoutingRecorder.summary` (``mean_k`` = mean experts per
+        :meth:`~bh_helpers.routing.recorder.RoutingRecorder.summary` (``mean_k`` = mean experts per
         token over all routed layers and tokens, padding included: lm-eval forwards right-padded
         batches without an attention mask), or None when ``selector`` is None.
 

@@ -1,7 +1,7 @@
 """Fused expert selection for CUDA: p-values, step-up count, clamping and weights in ONE kernel.
 
-The plain-torch path (:meth:`bh_helpers.nulls.NullModel.sf` followed by
-:func:`bh_helpers.selection.select_experts`) launches some forty small kernels per call and reads
+The plain-torch path (:meth:`bh_helpers.nulls.model.NullModel.sf` followed by
+:func:`bh_helpers.selection.reference.select_experts`) launches some forty small kernels per call and reads
 the logits several times. Here one Triton program handles a block of token rows, each row of
 ``E`` experts held in registers. Two kernels:
 
@@ -18,7 +18,7 @@ the logits several times. Here one Triton program handles a block of token rows,
   float64 exactly as ``NullModel.sf`` computes it (searchsorted on the grid through a bucket
   table, linear interpolation clipped to the cell, exponential tails, rounding to float32 and
   clipping to ``[tiny, 1 - eps/2]``); the step-up (or step-down) count from the sorted p-values
-  against the float64 thresholds of :func:`bh_helpers.selection.fdr_counts` rounded DOWN to
+  against the float64 thresholds of :func:`bh_helpers.selection.reference.fdr_counts` rounded DOWN to
   float32 (the same decisions for float32 p-values); ``max_k`` rounds of an arg-min over a
   64-bit key ``(p-value bits, descending-logit bits)``, ties to the lower id; the chosen ones
   ordered by decreasing logit.
@@ -45,11 +45,10 @@ import numpy as np
 import torch
 
 from bh_helpers._cuda import on_device
-from bh_helpers.selection import (
+from bh_helpers._validate import check_int, check_level
+from bh_helpers.selection.reference import (
     FDR_METHODS,
     Selection,
-    _check_alpha,
-    _check_int,
     _check_logits,
     _check_pvalues,
     _check_selection_args,
@@ -59,10 +58,8 @@ from bh_helpers.selection import (
 
 __all__ = [
     "HAS_TRITON",
-    "FusedBHSelector",
     "fused_available",
     "fused_select_experts",
-    "select",
     "select_from_bank",
     "select_with_null",
 ]
@@ -133,7 +130,7 @@ def _bucket_bounds(grid: np.ndarray, n_buckets: int) -> tuple[np.ndarray, float,
 
 
 def _null_tables(null: Any, device: torch.device) -> _NullTables:
-    """Kernel tables of a :class:`~bh_helpers.nulls.NullModel` on ``device`` (cached per null)."""
+    """Kernel tables of a :class:`~bh_helpers.nulls.model.NullModel` on ``device`` (cached per null)."""
     per_device = _TABLES.setdefault(null, {})
     key = str(device)
     if key in per_device:
@@ -193,12 +190,9 @@ _THRESHOLDS: dict[tuple, torch.Tensor] = {}
 
 
 def _thresholds_tensor(method: str, alpha: float, m: int, padded: int, device: torch.device) -> torch.Tensor:
+    """:func:`_thresholds32` on ``device``, cached like the plans (cleared past ``_PLAN_CACHE_SIZE`` keys)."""
     key = (method, alpha, m, padded, str(device))
-    t = _THRESHOLDS.get(key)
-    if t is None:
-        t = torch.from_numpy(_thresholds32(method, alpha, m, padded)).to(device)
-        _THRESHOLDS[key] = t
-    return t
+    return _cached_plan(_THRESHOLDS, key, lambda: torch.from_numpy(_thresholds32(method, alpha, m, padded)).to(device))
 
 
 def _ordered_from_float(x: torch.Tensor) -> torch.Tensor:
@@ -730,7 +724,7 @@ def fused_select_experts(
     temperature: float = 1.0,
     validate: bool = True,
 ) -> Selection:
-    """:func:`bh_helpers.selection.select_experts` through the fused kernel where it can run.
+    """:func:`bh_helpers.selection.reference.select_experts` through the fused kernel where it can run.
 
     Same arguments, result and errors as ``select_experts``; falls back to it for "top_p",
     float64 logits, or a device without the kernel (see :func:`fused_available`).
@@ -748,7 +742,7 @@ def fused_select_experts(
             )
             if k is None:
                 raise ValueError("method='topk' needs `k`, the number of experts per token.")
-            checked_k = _check_int("k", k)
+            checked_k = check_int("k", k)
             if not 1 <= checked_k <= logits.shape[-1]:
                 raise ValueError(f"`k` must be in [1, {logits.shape[-1]}] (the number of experts); got {k}.")
             if checked_k > checked_max_k:
@@ -768,7 +762,7 @@ def fused_select_experts(
         raise ValueError(f"method={method!r} needs `pvalues` (e.g. NullBank.pvalues(logits, layer)).")
     if pvalues.shape != logits.shape:
         raise ValueError(f"`pvalues` shape {tuple(pvalues.shape)} must equal `logits` shape {tuple(logits.shape)}.")
-    alpha = _check_alpha(alpha)
+    alpha = check_level("alpha", alpha)
     if validate:
         _check_pvalues(pvalues)
     return _launch_pvalues(logits, pvalues=pvalues.to(logits.device), tables=None, method=method,
@@ -795,11 +789,11 @@ def select_with_null(
     Parameters
     ----------
     logits : torch.Tensor, shape ``[..., E]``
-    null : bh_helpers.nulls.NullModel
+    null : bh_helpers.nulls.model.NullModel
         Pooled, or per expert with ``E`` experts.
     method : {"bh", "by", "bonferroni", "holm"}
     alpha, min_k, max_k, weights, temperature, validate
-        As in :func:`~bh_helpers.selection.select_experts`.
+        As in :func:`~bh_helpers.selection.reference.select_experts`.
     """
     if method not in FDR_METHODS:
         raise ValueError(f"`method` must be one of {FDR_METHODS}; got {method!r}.")
@@ -810,7 +804,7 @@ def select_with_null(
     if not null.per_expert:  # p-value monotone in the logit: one sort and per-rank logit cuts
 
         def build() -> _SortedPlan:
-            level = _check_alpha(alpha)
+            level = check_level("alpha", alpha)
             checked = _check_selection_args(logits, method, min_k, max_k, weights, temperature, False)
             num_experts = logits.shape[-1]
             cut = _logit_cuts(null, method, level, num_experts, _pow2(num_experts), logits.device)
@@ -831,72 +825,21 @@ def select_with_null(
             f"`logits` must have {null.num_experts} experts in its last dimension for a per-expert null, "
             f"got shape {tuple(logits.shape)}"
         )
-    alpha = _check_alpha(alpha)
+    alpha = check_level("alpha", alpha)
     min_k, max_k, temperature = _check_selection_args(logits, method, min_k, max_k, weights, temperature, validate)
     tables = _null_tables(null, logits.device)
     return _launch_pvalues(logits, pvalues=None, tables=tables, method=method, alpha=alpha, min_k=min_k,
                            max_k=max_k, weights=weights, temperature=temperature)
 
 
-def select(
-    logits: torch.Tensor,
-    pvalues: torch.Tensor | None = None,
-    *,
-    null: Any = None,
-    **kwargs: Any,
-) -> Selection:
-    """Automatic choice: the fused kernel where it runs, the plain-torch reference elsewhere.
-
-    With ``null`` the p-values are looked up inside the kernel (:func:`select_with_null`);
-    otherwise this is :func:`fused_select_experts` (same arguments as ``select_experts``).
-    """
-    if null is not None:
-        if pvalues is not None:
-            raise ValueError("pass either `pvalues` or `null`, not both.")
-        return select_with_null(logits, null, **kwargs)
-    return fused_select_experts(logits, pvalues, **kwargs)
-
-
-class FusedBHSelector:
-    """A ``route`` selector: ``BHSelector``'s rule with the fused kernel on CUDA.
-
-    Parameters
-    ----------
-    null_bank : NullBank
-        Mapping ``layer -> NullModel``.
-    method, alpha, min_k, max_k, weights
-        As in :class:`bh_helpers.patching.BHSelector`.
-    validate : bool, default False
-        NaN checks on the logits (one host synchronisation per call on GPU, so off by default).
-    """
-
-    def __init__(self, null_bank: Any, *, method: str = "bh", alpha: float = 0.05, min_k: int = 1,
-                 max_k: int = 8, weights: str = "renorm", validate: bool = False) -> None:
-        if method not in FDR_METHODS:
-            raise ValueError(f"`method` must be one of {FDR_METHODS}; got {method!r}.")
-        alpha = _check_alpha(alpha)
-        if not 0 <= min_k <= max_k:
-            raise ValueError(f"need 0 <= min_k <= max_k; got {min_k}, {max_k}.")
-        self.null_bank, self.method, self.alpha = null_bank, method, alpha
-        self.min_k, self.max_k, self.weights, self.validate = min_k, max_k, weights, validate
-
-    def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
-        return select_with_null(logits, self.null_bank[layer], method=self.method, alpha=self.alpha,
-                                min_k=self.min_k, max_k=self.max_k, weights=self.weights, validate=self.validate)
-
-    def __repr__(self) -> str:
-        return (f"FusedBHSelector(method={self.method!r}, alpha={self.alpha}, min_k={self.min_k}, "
-                f"max_k={self.max_k}, weights={self.weights!r})")
-
-
 def select_from_bank(logits: torch.Tensor, null_bank: Any, layer: int, **kwargs: Any) -> Selection:
     """``BHSelector``'s rule: p-values of ``layer`` from ``null_bank``, then a testing method.
 
-    With a :class:`~bh_helpers.nulls.NullBank` on a device where the kernel runs, the p-value
+    With a :class:`~bh_helpers.nulls.model.NullBank` on a device where the kernel runs, the p-value
     lookup happens inside the kernel (:func:`select_with_null`); any other bank (anything with
     ``.pvalues(logits, layer)``) gives its p-values to :func:`fused_select_experts`.
     """
-    from bh_helpers.nulls import NullBank
+    from bh_helpers.nulls.model import NullBank
 
     if isinstance(null_bank, NullBank) and _fusable(logits, kwargs.get("method", "bh")):
         if null_bank.num_experts is not None and logits.shape[-1] != null_bank.num_experts:

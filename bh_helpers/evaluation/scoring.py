@@ -2,7 +2,7 @@
 
 Every function takes ``model, tokenizer`` and plain Python data, runs under
 :func:`torch.no_grad` with the model in eval mode, and changes nothing about the routing:
-the caller wraps the call with :func:`bh_helpers.patching.route` to evaluate a selector::
+the caller wraps the call with :func:`bh_helpers.routing.patch.route` to evaluate a selector::
 
     with route(model, selector) as rec:
         ppl = perplexity(model, tokenizer, texts, window=1024, stride=512)
@@ -566,7 +566,7 @@ def perplexity(
     Parameters
     ----------
     model : transformers causal LM
-        Used as is (wrap the call in :func:`bh_helpers.patching.route` to change its routing).
+        Used as is (wrap the call in :func:`bh_helpers.routing.patch.route` to change its routing).
     tokenizer : transformers tokenizer
         Must define ``eos_token_id`` (inserted between documents).
     texts : str or sequence of str
@@ -1012,7 +1012,7 @@ def compute_summary(recorder_summary: Mapping[str, Any], native_k: int) -> dict:
     Parameters
     ----------
     recorder_summary : mapping
-        ``rec.summary()`` of :func:`bh_helpers.patching.route`; must hold the mean number of
+        ``rec.summary()`` of :func:`bh_helpers.routing.patch.route`; must hold the mean number of
         experts per token (key ``"mean_experts_per_token"``, or ``"mean_k"``); a total of expert
         activations (``"total_expert_activations"`` or ``"total_activations"``) is copied when
         present.

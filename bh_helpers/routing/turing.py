@@ -1,6 +1,6 @@
 """Variable-k expert dispatch for CUDA GPUs without grouped GEMMs (the Colab T4: sm_75, float16).
 
-Same contract as :func:`bh_helpers.dispatch.dispatch_experts` (the plain-torch reference and the
+Same contract as :func:`bh_helpers.routing.dispatch.dispatch_experts` (the plain-torch reference and the
 oracle in tests): ``out[t] = sum_k weights[t, k] * expert_{indices[t, k]}(hidden[t])`` over the
 valid slots (``indices >= 0``), accumulated in float32 and cast once.
 
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from bh_helpers._cuda import on_device
-from bh_helpers.dispatch import _gate_activation, check_dispatch_inputs, dispatch_experts, needs_autograd
-from bh_helpers.grouped_dispatch import _combine, _sorted_slots
+from bh_helpers.routing.dispatch import _gate_activation, check_dispatch_inputs, dispatch_experts, needs_autograd
+from bh_helpers.routing.grouped import _combine, _sorted_slots
 
 __all__ = [
     "GEMV_MAX_TOKENS",
@@ -218,7 +218,7 @@ def _kernel_layout(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tens
     if not gemv_supported(experts, hidden.device):
         raise ValueError(
             f"{type(experts).__name__} on {hidden.device} is not supported by the {variant} dispatch (needs "
-            "Triton on CUDA and bias-free silu-gated experts); use bh_helpers.auto_dispatch.fast_dispatch_experts."
+            "Triton on CUDA and bias-free silu-gated experts); use bh_helpers.routing.auto.fast_dispatch_experts."
         )
     transposed = bool(getattr(experts, "is_transposed", False))
     down = experts.down_proj  # [E, H, I], or [E, I, H] when transposed
@@ -233,7 +233,7 @@ def gemv_dispatch_experts(
     Parameters
     ----------
     experts, hidden, indices, weights
-        As in :func:`bh_helpers.dispatch.dispatch_experts`.
+        As in :func:`bh_helpers.routing.dispatch.dispatch_experts`.
 
     Returns
     -------
@@ -275,7 +275,7 @@ def looped_dispatch_experts(
     Parameters
     ----------
     experts, hidden, indices, weights
-        As in :func:`bh_helpers.dispatch.dispatch_experts`.
+        As in :func:`bh_helpers.routing.dispatch.dispatch_experts`.
 
     Returns
     -------
@@ -346,7 +346,7 @@ def tiled_dispatch_experts(
     Slots are sorted by expert (unused slots last) and cut into tiles of ``BLOCK_M`` rows of one
     expert each; kernel 1 gathers each row's token (fused), multiplies by the expert's gate and up
     rows and applies ``silu(gate) * up``; kernel 2 multiplies by the down projection; the
-    weighted per-token sum is the combine kernel of :mod:`bh_helpers.grouped_dispatch` (float32).
+    weighted per-token sum is the combine kernel of :mod:`bh_helpers.routing.grouped` (float32).
     Two GEMM launches per layer whatever the number of experts, instead of two per expert, and
     no host synchronisation. The matrix products are ``tl.dot`` on float16 operands with float32
     accumulation, which Triton lowers to the mma instructions of sm_75 (and newer) cards.
@@ -354,7 +354,7 @@ def tiled_dispatch_experts(
     Parameters
     ----------
     experts, hidden, indices, weights
-        As in :func:`bh_helpers.dispatch.dispatch_experts`.
+        As in :func:`bh_helpers.routing.dispatch.dispatch_experts`.
 
     Returns
     -------

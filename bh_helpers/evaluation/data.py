@@ -18,6 +18,7 @@ same formats; the tests use only those and local files.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -35,7 +36,7 @@ __all__ = [
     "hellaswag_preprocess",
 ]
 
-FIXTURE_DIR = Path(__file__).resolve().parent / "data" / "fixtures"
+FIXTURE_DIR = Path(str(importlib.resources.files("bh_helpers") / "data" / "fixtures"))
 FIXTURES = {
     "wikitext2": "wikitext_style.txt",
     "lambada": "lambada_style.jsonl",
@@ -92,7 +93,7 @@ def _hub_rows(candidates: Iterable[tuple[str, str | None]], split: str) -> list[
         return [dict(row) for row in ds]
     raise RuntimeError(
         "could not load any of the hub sources (offline? pass `path=` to a local file, or use "
-        "bh_helpers.datasets.embedded_fixture):\n  " + "\n  ".join(errors)
+        "bh_helpers.evaluation.data.embedded_fixture):\n  " + "\n  ".join(errors)
     )
 
 
@@ -161,7 +162,7 @@ def load_lambada(split: str = "test", *, path: str | Path | None = None) -> list
     -------
     list of dict
         ``{"text": passage}``; the target is the passage's last word
-        (:func:`bh_helpers.evaluation.split_last_word`).
+        (:func:`bh_helpers.evaluation.scoring.split_last_word`).
     """
     if path is not None:
         p = _check_path(path)

@@ -1,0 +1,26 @@
+"""Models: loading (the embedded tiny OLMoE, hub ids, local folders), the one registry of MoE
+families, and the texts that feed capture and evaluation.
+
+- :mod:`bh_helpers.models.loading`   ``load_model`` and the embedded model and corpus
+- :mod:`bh_helpers.models.families`  supported MoE families: finding blocks, router logits, fingerprints
+- :mod:`bh_helpers.models.texts`     calibration token ids and evaluation texts by data-set name
+"""
+
+from bh_helpers.models.families import SUPPORTED_FAMILIES, find_moe_blocks
+from bh_helpers.models.loading import (
+    EMBEDDED_MODEL_DIR,
+    OLMOE_HUB_ID,
+    embedded_model_dir,
+    load_corpus_slice,
+    load_model,
+)
+
+__all__ = [
+    "EMBEDDED_MODEL_DIR",
+    "OLMOE_HUB_ID",
+    "SUPPORTED_FAMILIES",
+    "embedded_model_dir",
+    "find_moe_blocks",
+    "load_corpus_slice",
+    "load_model",
+]

@@ -1,0 +1,163 @@
+"""Decode-sized patched blocks captured whole in CUDA graphs, owned by one ``route``.
+
+At decode shapes (a few rows) a patched MoE block is dominated by kernel launches; replaying the
+whole block (router logits, fused selection, recorder aggregates, sync-free dispatch) as one CUDA
+graph removes them. :class:`BlockGraphs` holds one block's graphs per row count; ``route`` makes
+one per routed block, all sharing one memory pool and one static ``valid`` buffer, and clears them
+on exit, so nothing captured outlives the context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from bh_helpers._cuda import capture_stream
+from bh_helpers.models.families import router_outputs_requested
+from bh_helpers.nulls import NullBank
+from bh_helpers.routing.auto import sync_free_supported
+from bh_helpers.routing.recorder import RoutingRecorder
+from bh_helpers.selection.fused import fused_available
+from bh_helpers.selection.selectors import BHSelector, NativeSelector, TopKSelector
+
+__all__ = ["GRAPH_MAX_TOKENS", "BlockGraphs", "graph_safe_selector"]
+
+GRAPH_MAX_TOKENS = 64
+
+
+def graph_safe_selector(selector: Any, device: torch.device) -> bool:
+    """Whether ``selector`` is a pure, sync-free device function of the logits (capturable).
+
+    The ready-made fused selectors are (TopKSelector/NativeSelector, BHSelector over a
+    NullBank) when the Triton kernel runs on ``device`` and validation is off; any other
+    selector may opt in with a ``graph_safe = True`` attribute.
+    """
+
+    if getattr(selector, "graph_safe", False) is True:
+        return True
+    if not fused_available(device) or getattr(selector, "validate", True):
+        return False
+    if type(selector) in (TopKSelector, NativeSelector):
+        return True
+    if type(selector) is BHSelector:
+        return isinstance(selector.null_bank, NullBank)
+    return False
+
+
+class _BlockGraph:
+    """One patched block forward for one row count ``T``, captured in a CUDA graph.
+
+    Static inputs: ``hidden (T, H)`` and ``valid (T,)`` (long); static outputs: the block output
+    ``(T, H)`` and the per-token counts ``(T,)`` int16. The graph also reads the cached float32
+    router weight, the expert weights, the selector's device tables, and adds into the recorder's
+    aggregate buffers in place; ``key`` holds the addresses it depends on.
+    """
+
+    def __init__(self, compute: Callable, hidden: torch.Tensor, valid: torch.Tensor, hist: torch.Tensor,
+                 experts: torch.Tensor, key: tuple, pool: Any) -> None:
+        device = hidden.device
+        self.key = key
+        self.hidden = hidden.detach().clone()  # (T, H)
+        self.valid = valid  # (T,) long, shared by the blocks of one route
+        stream = capture_stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up into scratch aggregates: compilation, tables, handles
+                compute(self.hidden, self.valid, torch.zeros_like(hist), torch.zeros_like(experts))
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out, self.counts = compute(self.hidden, self.valid, hist, experts)
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.hidden.copy_(hidden)
+        self.graph.replay()
+        return self.out.clone(), self.counts.clone()
+
+
+class BlockGraphs:
+    """The captured graphs of one routed block, per row count; dropped when ``route`` exits."""
+
+    __slots__ = ("disabled", "graphs", "shared")
+
+    def __init__(self, shared: dict | None = None) -> None:
+        # shared (one per route): "pool" and, per key, [static valid (T,), its current source]
+        self.shared: dict = {} if shared is None else shared
+        self.clear()
+
+    def clear(self) -> None:
+        self.graphs: dict[tuple, _BlockGraph] = {}
+        self.disabled = False
+        self.shared.clear()
+
+    def valid(self, key: tuple, source: torch.Tensor) -> torch.Tensor:
+        """The route's static ``valid`` buffer for ``key``, holding ``source`` (copied once per call)."""
+        entry = self.shared.get(key)
+        if entry is None:
+            entry = [torch.empty_like(source), None]
+            self.shared[key] = entry
+        if entry[1] is not source:
+            entry[0].copy_(source)
+            entry[1] = source
+        return entry[0]
+
+    def pool(self) -> Any:
+        if "pool" not in self.shared:
+            self.shared["pool"] = torch.cuda.graph_pool_handle()
+        return self.shared["pool"]
+
+    def run(self, module: nn.Module, hidden: torch.Tensor, *, layer: int, selector: Any, recorder: RoutingRecorder,
+            gate_cache: Any, compute: Callable) -> torch.Tensor | None:
+        """The block output ``(T, H)`` through this block's CUDA graph for ``T`` rows, or None (run eager).
+
+        Captures on first use per row count (and again when an address the graph reads changed);
+        anything that cannot be captured turns the graphs of this block off for the rest of the
+        ``route``. ``compute(module, weight, hidden, valid, hist, experts_count)`` is the patched
+        forward's device part; its per-token counts go to ``recorder``.
+        """
+        device = hidden.device
+        if (
+            self.disabled
+            or device.type != "cuda"
+            or hidden.shape[0] > GRAPH_MAX_TOKENS
+            or hidden.shape[0] == 0
+            or torch.is_grad_enabled()
+            or torch.cuda.is_current_stream_capturing()
+            or router_outputs_requested()
+            or "_hf_hook" in vars(module)
+            or "_hf_hook" in vars(module.experts)
+        ):
+            return None
+        experts = module.experts
+        width = getattr(selector, "max_k", None)
+        if not (sync_free_supported(experts, device) and graph_safe_selector(selector, device)) or not isinstance(
+            width, int
+        ):
+            return None
+        weight = gate_cache.weight_for(module, device)  # (E, H) float32, a stable buffer
+        if weight is None:
+            return None
+        rows = hidden.shape[0]
+        inputs = recorder.inputs_for(rows, device)
+        valid_long, _ = recorder.valid_for(inputs, device)
+        hist, experts_count = recorder.buffers(layer, width, device)
+        key = (rows, hidden.dtype, device, torch.is_inference_mode_enabled())
+        deps = (weight.data_ptr(), experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr(),
+                hist.data_ptr(), hist.numel(), experts_count.data_ptr())
+        valid = self.valid(key, valid_long)  # (T,) static, shared by the route's blocks
+        graph = self.graphs.get(key)
+        if graph is None or graph.key != deps:
+            self.graphs.pop(key, None)
+            try:
+                graph = _BlockGraph(lambda h, v, hs, ex: compute(module, weight, h, v, hs, ex), hidden, valid, hist,
+                                    experts_count, deps, self.pool())
+            except Exception:  # noqa: BLE001 - anything not capturable: eager from now on
+                self.disabled = True
+                return None
+            self.graphs[key] = graph
+        out, counts16 = graph(hidden)
+        recorder.store_tokens(layer, inputs, counts16)
+        return out
