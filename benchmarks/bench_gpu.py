@@ -33,7 +33,7 @@ import bh_helpers.routing.patch as patching
 from bh_helpers import TopKSelector
 from bh_helpers.routing.dispatch import dispatch_experts
 from bh_helpers.selection.fused import fused_select_experts, select_with_null
-from bh_helpers.nulls.model import fit_null
+from bh_helpers.nulls.fit import fit_null
 from bh_helpers.selection.reference import Selection, select_experts
 
 

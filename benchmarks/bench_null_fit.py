@@ -26,7 +26,8 @@ def main() -> None:
 
     import torch
 
-    from bh_helpers.nulls.model import VALID_KERNELS, fit_null_bank
+    from bh_helpers.nulls.fit import fit_null_bank
+    from bh_helpers.nulls.kernels import VALID_KERNELS
 
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)

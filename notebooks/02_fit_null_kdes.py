@@ -69,7 +69,8 @@ import time
 
 import pandas as pd
 
-from bh_helpers.nulls.model import NullBank, fit_null_bank
+from bh_helpers.nulls.bank import NullBank
+from bh_helpers.nulls.fit import fit_null_bank
 
 MODEL_KEY = nbu.resolve_model_key(MODEL_NAME)
 OUT = nbu.output_dir(MODEL_KEY, OUTPUT_ROOT)

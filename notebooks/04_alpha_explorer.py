@@ -65,7 +65,7 @@ print(f"model={MODEL_NAME!r} small={SMALL}")
 # %%
 import time
 
-from bh_helpers.nulls.model import fit_null_bank
+from bh_helpers.nulls.fit import fit_null_bank
 from bh_helpers.app.widgets import AlphaExplorer
 
 model, tokenizer = nbu.load_notebook_model(MODEL_NAME)

@@ -190,9 +190,9 @@ def test_hooks_are_removed_after_an_exception(model):
 
 
 def test_capture_feeds_fit_null_bank(model):
-    nulls = pytest.importorskip("bh_helpers.nulls.model")
+    nulls = pytest.importorskip("bh_helpers.nulls")
     if not hasattr(nulls, "fit_null_bank"):
-        pytest.skip("bh_helpers.nulls.model.fit_null_bank not available yet")
+        pytest.skip("bh_helpers.nulls.fit.fit_null_bank not available yet")
     captured = capture_router_logits(model, make_batches(model), progress=False)
     bank = nulls.fit_null_bank(captured.logits)
     for layer in captured:

@@ -143,7 +143,7 @@ def test_capture_fit_chain(tmp_path, capsys):
 
 
 def test_default_null_bank_dir(tmp_path, monkeypatch):
-    from bh_helpers.nulls.model import NullBank
+    from bh_helpers.nulls.bank import NullBank
     from bh_helpers.app.pipeline import default_null_bank_dir, model_slug
 
     assert model_slug("tiny") == "tiny-olmoe" and model_slug("allenai/OLMoE-1B-7B-0924") == "allenai--OLMoE-1B-7B-0924"

@@ -320,7 +320,7 @@ def test_embedded_fixtures_are_normalised():
 
 def test_to_selector_builds_patching_selectors():
     patching = pytest.importorskip("bh_helpers")
-    nulls = pytest.importorskip("bh_helpers.nulls.model")
+    nulls = pytest.importorskip("bh_helpers.nulls")
     import torch
 
     assert SweepConfig("topk", k=3).to_selector() == patching.TopKSelector(k=3)

@@ -22,7 +22,7 @@ from bh_helpers.routing.grouped import (
     _dispatch_sync_free,
     grouped_dispatch_experts,
 )
-from bh_helpers.nulls.model import fit_null
+from bh_helpers.nulls.fit import fit_null
 from bh_helpers.selection.reference import FDR_METHODS, select_experts
 
 CUDA = torch.cuda.is_available()
@@ -104,7 +104,7 @@ def test_fused_kernel_under_interpreter_matches_reference():
     code = textwrap.dedent(
         """
         import torch
-        from bh_helpers.nulls.model import fit_null
+        from bh_helpers.nulls.fit import fit_null
         from bh_helpers.selection.reference import select_experts
         from bh_helpers.selection.fused import (
             select_with_null, fused_select_experts, fused_available, _logit_cuts, _ordered_from_float,

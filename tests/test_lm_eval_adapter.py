@@ -85,7 +85,7 @@ def runs():
     from bh_helpers.evaluation.data import FIXTURE_DIR, load_hellaswag
     from bh_helpers.evaluation.scoring import multiple_choice_accuracy
     from bh_helpers.models.loading import load_corpus_slice, load_model
-    from bh_helpers.nulls.model import fit_null_bank
+    from bh_helpers.nulls.fit import fit_null_bank
     from bh_helpers import BHSelector, NativeSelector
 
     model, tok = load_model("tiny", device="cpu", dtype=torch.float32)

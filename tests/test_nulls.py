@@ -1,4 +1,4 @@
-"""Tests for bh_helpers.nulls.model: exactness against brute force, calibration, tails, persistence."""
+"""Tests for bh_helpers.nulls: exactness against brute force, calibration, tails, persistence."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from scipy import special, stats
 
 from bh_helpers import __version__
-from bh_helpers.nulls.model import (
+from bh_helpers.nulls import (
     SCHEMA_VERSION,
     VALID_KERNELS,
     GoodnessOfFit,

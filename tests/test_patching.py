@@ -118,9 +118,9 @@ class EmpiricalBank:
 
 
 def null_bank(captured):
-    """``bh_helpers.nulls.model.fit_null_bank`` when it exists, else the empirical stand-in."""
+    """``bh_helpers.nulls.fit.fit_null_bank`` when it exists, else the empirical stand-in."""
     try:
-        from bh_helpers.nulls.model import fit_null_bank
+        from bh_helpers.nulls.fit import fit_null_bank
     except ImportError:
         return EmpiricalBank(captured.logits)
     return fit_null_bank(captured.logits)
@@ -576,7 +576,7 @@ def test_route_refuses_a_bank_of_another_model():
     """A 16-layer bank on the 6-layer tiny model routed silently with mean k 1.0 before; a bank of
     32 experts failed only at forward time."""
     from bh_helpers.models.loading import load_model
-    from bh_helpers.nulls.model import fit_null_bank
+    from bh_helpers.nulls.fit import fit_null_bank
     from bh_helpers import BHSelector, route
 
     model, _ = load_model("tiny", device="cpu", dtype=torch.float32)
@@ -596,7 +596,7 @@ def test_route_refuses_a_bank_of_another_model():
 def test_route_refuses_a_bank_missing_routed_layers():
     """A bank without layer 5 failed mid-forward with a KeyError (a traceback from the CLI)."""
     from bh_helpers.models.loading import load_model
-    from bh_helpers.nulls.model import fit_null_bank
+    from bh_helpers.nulls.fit import fit_null_bank
 
     model, tok = load_model("tiny", device="cpu", dtype=torch.float32)
     n_layers = model.config.num_hidden_layers
@@ -685,7 +685,7 @@ def test_bank_of_another_checkpoint_is_refused_by_its_router_fingerprint(tmp_pat
     import copy
 
     from bh_helpers.models.families import fingerprints_differ, router_fingerprint
-    from bh_helpers.nulls.model import NullBank
+    from bh_helpers.nulls.bank import NullBank
     from bh_helpers.app.pipeline import capture_step, fit_step
 
     model, tok = tiny_model_and_tokenizer

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import bh_helpers.routing.graphs as graphs
+import bh_helpers.routing.graphs as block_graphs
 import bh_helpers.routing.recorder as recorder
 import bh_helpers.routing.patch as patching
 from bh_helpers.models.families import find_moe_blocks, router_logits
-from bh_helpers import TopKSelector, TopPSelector, route
+from bh_helpers import BHSelector, TopKSelector, TopPSelector, route
 
 from test_patching import batch, random_model
 
@@ -79,15 +79,15 @@ def test_graph_safe_selectors():
     from bh_helpers.selection.fused import fused_available
 
     cpu = torch.device("cpu")
-    assert not graphs.graph_safe_selector(TopKSelector(2), cpu) or fused_available(cpu)
-    assert not graphs.graph_safe_selector(TopPSelector(0.5), cpu)
-    assert not graphs.graph_safe_selector(lambda logits, layer: None, cpu)
-    assert not graphs.graph_safe_selector(TopKSelector(2, validate=True), cpu)
+    assert not block_graphs.graph_safe_selector(TopKSelector(2), cpu) or fused_available(cpu)
+    assert not block_graphs.graph_safe_selector(TopPSelector(0.5), cpu)
+    assert not block_graphs.graph_safe_selector(lambda logits, layer: None, cpu)
+    assert not block_graphs.graph_safe_selector(TopKSelector(2, validate=True), cpu)
 
     class OptIn:
         graph_safe = True
 
-    assert graphs.graph_safe_selector(OptIn(), cpu)
+    assert block_graphs.graph_safe_selector(OptIn(), cpu)
 
 
 def test_gate_weight_cache_updates_in_place(model):
@@ -105,7 +105,7 @@ def test_gate_weight_cache_updates_in_place(model):
 
 def test_block_graphs_not_used_on_cpu(model, monkeypatch):
     calls = []
-    monkeypatch.setattr(graphs._BlockGraph, "__call__", lambda self, h: calls.append(1))
+    monkeypatch.setattr(block_graphs._BlockGraph, "__call__", lambda self, h: calls.append(1))
     with torch.no_grad(), route(model, TopKSelector(2)):
         model(**batch(model, rows=2, length=1, seed=1, pad=False))
     assert not calls
@@ -119,7 +119,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_graphed_block_matches_eager_on_gpu(monkeypatch, inference):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    from bh_helpers.nulls.model import fit_null_bank
+    from bh_helpers.nulls.fit import fit_null_bank
 
     cfg = OlmoeConfig(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4)
@@ -129,19 +129,19 @@ def test_graphed_block_matches_eager_on_gpu(monkeypatch, inference):
     bank = fit_null_bank({0: torch.randn(4000, 16, generator=g), 1: torch.randn(4000, 16, generator=g)})
     selectors = [TopKSelector(4, weights="softmax"), BHSelector(bank, alpha=0.2, max_k=8)]
     replays = []
-    real_call = graphs._BlockGraph.__call__
+    real_call = block_graphs._BlockGraph.__call__
 
     def counting(self, h):
         replays.append(1)
         return real_call(self, h)
 
-    monkeypatch.setattr(graphs._BlockGraph, "__call__", counting)
+    monkeypatch.setattr(block_graphs._BlockGraph, "__call__", counting)
     prompt = torch.randint(0, 128, (3, 6), device="cuda")
     ctx = torch.inference_mode if inference else torch.no_grad
     for selector in selectors:
         results = {}
         for graphs in (False, True):
-            monkeypatch.setattr(patching, "GRAPH_MAX_TOKENS", 64 if graphs else 0)
+            monkeypatch.setattr(block_graphs, "GRAPH_MAX_TOKENS", 64 if graphs else 0)
             replays.clear()
             with ctx(), route(gpu_model, selector) as rec:
                 out = gpu_model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)

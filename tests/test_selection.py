@@ -384,7 +384,7 @@ def test_cuda_matches_cpu(method):
 def test_alpha_of_the_wrong_type_is_refused_everywhere(bad):
     """``alpha=True`` was taken as 1.0 and ``"0.05"`` accepted; ``None`` failed inside float()."""
     from bh_helpers.selection.fused import fused_select_experts, select_with_null
-    from bh_helpers.nulls.model import fit_null, fit_null_bank
+    from bh_helpers.nulls.fit import fit_null, fit_null_bank
     from bh_helpers import BHSelector
 
     g = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bh_helpers.nulls.model import fit_null_bank
+from bh_helpers.nulls.fit import fit_null_bank
 from bh_helpers.selection.reference import fdr_counts, select_experts
 from bh_helpers.app.widgets import EXPLORER_METHODS, AlphaExplorer
 

@@ -230,7 +230,7 @@ def _cmd_capture(args) -> int:
 
 
 def _cmd_fit(args) -> int:
-    from bh_helpers.nulls.model import METADATA_NAME
+    from bh_helpers.nulls.bank import METADATA_NAME
 
     if os.path.exists(os.path.join(args.out, METADATA_NAME)):
         raise ValueError(f"--out {args.out!r} already holds a null bank; pass another folder.")
@@ -244,7 +244,7 @@ def _cmd_fit(args) -> int:
 
 def _cmd_sweep(args) -> int:
     from bh_helpers.experiments.sweep import expand_grid
-    from bh_helpers.nulls.model import NullBank
+    from bh_helpers.nulls.bank import NullBank
 
     configs = expand_grid(methods=args.methods, alphas=args.alphas, max_ks=args.max_ks, min_ks=(args.min_k,),
                           topk=list(range(1, args.topk_max + 1)), top_ps=args.top_ps, native=True)
@@ -264,7 +264,7 @@ def _cmd_sweep(args) -> int:
 
 def _cmd_report(args) -> int:
     from bh_helpers.experiments.sweep import load_results
-    from bh_helpers.nulls.model import NullBank
+    from bh_helpers.nulls.bank import NullBank
 
     results = load_results(args.results)
     model = tok = bank = None

@@ -422,7 +422,7 @@ def goodness_table(banks_by_kernel: Mapping[str, Any], held_out: Mapping[int, to
     """
     import pandas as pd
 
-    from bh_helpers.nulls.model import goodness_of_fit
+    from bh_helpers.nulls.diagnostics import goodness_of_fit
 
     rows = []
     for kernel, bank in banks_by_kernel.items():
@@ -460,7 +460,7 @@ def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, token
     bank : NullBank
     source : str
     """
-    from bh_helpers.nulls.model import NullBank
+    from bh_helpers.nulls.bank import NullBank
     from bh_helpers.app.pipeline import capture_step, default_null_bank_dir, fit_step
 
     own = Path(out) / "null_bank"

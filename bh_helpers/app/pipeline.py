@@ -9,7 +9,7 @@ step            writes
 capture         ``captured_logits.safetensors``: ``layer.<i>`` float32 ``[N, E]``, plus
                 ``token_ids``, ``positions``, ``sequence_index``; metadata in the header
                 (safetensors: no pickle)
-fit             a :class:`~bh_helpers.nulls.model.NullBank` folder (``nulls.npz`` + ``metadata.json``)
+fit             a :class:`~bh_helpers.nulls.bank.NullBank` folder (``nulls.npz`` + ``metadata.json``)
 sweep           ``sweep.jsonl`` (:func:`bh_helpers.experiments.sweep.run_sweep`, resumable)
 report          ``report.md`` + PNG figures (:func:`bh_helpers.report.write.write_report`)
 ==============  ============================================================================
@@ -405,7 +405,7 @@ def _room_for(model, window: int, batch_size: int) -> int:
 
 def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192, model_id: str = "tiny",
              calibration: str | None = None, out_dir: str | os.PathLike | None = None):
-    """Fit one null per layer (:func:`bh_helpers.nulls.model.fit_null_bank`) and optionally save it.
+    """Fit one null per layer (:func:`bh_helpers.nulls.fit.fit_null_bank`) and optionally save it.
 
     Parameters
     ----------
@@ -423,7 +423,7 @@ def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192
     -------
     NullBank
     """
-    from bh_helpers.nulls.model import fit_null_bank
+    from bh_helpers.nulls.fit import fit_null_bank
 
     meta: dict = {}
     if isinstance(captured, (str, os.PathLike)):
@@ -928,7 +928,7 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
 def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resumed: bool, step, timings: dict,
                      peaks: dict, progress: bool) -> DemoResult:
     """:func:`run_demo` once it holds the output folder's lock: capture, fit, sweep, report."""
-    from bh_helpers.nulls.model import NullBank
+    from bh_helpers.nulls.bank import NullBank
 
     configs = settings.configs()
     if not resumed:

@@ -1,7 +1,7 @@
 """Interactive alpha explorer over cached router logits (the engine of notebook 04).
 
 :class:`AlphaExplorer` captures nothing and fits nothing: it takes router logits captured once
-(``capture_router_logits``) and one fitted :class:`~bh_helpers.nulls.model.NullBank` per kernel,
+(``capture_router_logits``) and one fitted :class:`~bh_helpers.nulls.bank.NullBank` per kernel,
 precomputes every p-value once, and then answers "how many experts would each token get with
 these settings?" in milliseconds. The sliders of :meth:`AlphaExplorer.widget` call
 :meth:`AlphaExplorer.update`, and so can tests and scripts (no widget needed).

@@ -80,7 +80,7 @@ class SweepConfig:
     max_k, min_k : int, optional
         Ceiling and floor on the number of experts per token.
     kernel : str, optional
-        Null model kernel (see :mod:`bh_helpers.nulls.model`).
+        Null model kernel (see :mod:`bh_helpers.nulls.kernels`).
     k : int, optional
         Static top-k.
     top_p : float, optional
@@ -177,7 +177,7 @@ class SweepConfig:
             ``NativeSelector``, ``TopKSelector``, ``TopPSelector`` or ``BHSelector``.
         """
         from bh_helpers.selection import selectors
-        from bh_helpers.nulls.model import NullBank
+        from bh_helpers.nulls.bank import NullBank
 
         if self.method == "native":
             if model is None:

@@ -835,11 +835,11 @@ def select_with_null(
 def select_from_bank(logits: torch.Tensor, null_bank: Any, layer: int, **kwargs: Any) -> Selection:
     """``BHSelector``'s rule: p-values of ``layer`` from ``null_bank``, then a testing method.
 
-    With a :class:`~bh_helpers.nulls.model.NullBank` on a device where the kernel runs, the p-value
+    With a :class:`~bh_helpers.nulls.bank.NullBank` on a device where the kernel runs, the p-value
     lookup happens inside the kernel (:func:`select_with_null`); any other bank (anything with
     ``.pvalues(logits, layer)``) gives its p-values to :func:`fused_select_experts`.
     """
-    from bh_helpers.nulls.model import NullBank
+    from bh_helpers.nulls.bank import NullBank
 
     if isinstance(null_bank, NullBank) and _fusable(logits, kwargs.get("method", "bh")):
         if null_bank.num_experts is not None and logits.shape[-1] != null_bank.num_experts:

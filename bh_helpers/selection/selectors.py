@@ -68,7 +68,7 @@ class BHSelector:
             raise ValueError(f"`min_k`={self.min_k} exceeds `max_k`={self.max_k}; pass min_k <= max_k.")
         _check_weights(self.weights)
         if not callable(getattr(self.null_bank, "pvalues", None)):
-            raise ValueError("`null_bank` needs a `.pvalues(logits, layer)` method (bh_helpers.nulls.model.NullBank).")
+            raise ValueError("`null_bank` needs a `.pvalues(logits, layer)` method (bh_helpers.nulls.bank.NullBank).")
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
         # Fused on CUDA (pooled null: logit cuts + one sort; per expert: p-values in the kernel);
