@@ -39,7 +39,7 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     """
     bounds = " and ".join(s for s in (f">= {low}" if low is not None else "",
                                        f"<= {high}" if high is not None else "") if s)
-    wanted = f"an integer {bounds}".rstrip()
+    wanted = "a positive integer" if (low, high) == (1, None) else f"an integer {bounds}".rstrip()
     if not is_int(value):
         raise ArgumentTypeError(f"`{name}` must be {wanted}; got {value!r}.")
     if (low is not None and value < low) or (high is not None and value > high):

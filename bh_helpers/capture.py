@@ -18,8 +18,11 @@ so an exception in the forward pass never leaves them behind.
 from __future__ import annotations
 
 import inspect
+import json
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +30,15 @@ from torch import nn
 
 from bh_helpers.models.families import LayerSpec, find_moe_blocks, router_logits, select_layers
 
-__all__ = ["CapturedLogits", "capture_router_logits"]
+__all__ = ["CAPTURE_FORMAT", "CapturedLogits", "capture_router_logits", "header_value"]
+
+#: ``format`` entry of the header of every capture file (:meth:`CapturedLogits.save`).
+CAPTURE_FORMAT = "bh_helpers.CapturedLogits"
+
+
+def header_value(value: Any) -> str:
+    """How :meth:`CapturedLogits.save` stores a metadata value: ``str`` as is, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +169,58 @@ class CapturedLogits(Mapping):
     def num_tokens(self) -> int:
         """Number of rows ``N`` (after subsampling)."""
         return int(self.token_ids.numel())
+
+    def save(self, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
+        """Write the logits as safetensors (no pickle): ``layer.<i>`` float32 ``[N, E]``, ``token_ids``,
+        ``positions``, ``sequence_index``, and ``metadata`` in the header.
+
+        Header values are strings: ``str`` values as they are, anything else as JSON (read it back
+        with :func:`header_value` to compare). The file is written beside ``path`` and renamed, so
+        a reader never sees half of it.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"layer.{layer}": self[layer].to(torch.float32).contiguous() for layer in self}
+        tensors["token_ids"] = self.token_ids.long().contiguous()
+        tensors["positions"] = self.positions.long().contiguous()
+        tensors["sequence_index"] = self.sequence_index.long().contiguous()
+        header = {"format": CAPTURE_FORMAT, "total_tokens": str(int(self.total_tokens))}
+        header.update({k: header_value(v) for k, v in (metadata or {}).items()})
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=header)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> tuple[CapturedLogits, dict[str, str]]:
+        """Read a file written by :meth:`save`; returns ``(captured, header)`` (header values are strings).
+
+        Raises
+        ------
+        ValueError
+            A missing or unreadable file, or one that :meth:`save` did not write.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"captured logits file {str(path)!r} does not exist; run `bh-routing capture` first.")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err}); capture again.") from err
+        if header.get("format") != CAPTURE_FORMAT:
+            raise ValueError(f"{str(path)!r} was not written by bh_helpers (CapturedLogits.save); capture again.")
+        logits = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("layer.")}
+        captured = cls(
+            logits=logits, token_ids=tensors["token_ids"], positions=tensors["positions"],
+            sequence_index=tensors["sequence_index"], total_tokens=int(header.get("total_tokens", 0)),
+        )
+        return captured, header
 
     def __repr__(self) -> str:
         num_experts = next(iter(self.logits.values())).shape[-1] if self.logits else 0

@@ -68,11 +68,13 @@ print(f"model={MODEL_NAME!r} small={SMALL} texts={N_TEXTS} max_length={MAX_LENGT
 import pandas as pd
 import torch
 
+from bh_helpers.app import paths
 from bh_helpers.capture import capture_router_logits
+from bh_helpers.models.texts import corpus_texts
 
 model, tokenizer = nbu.load_notebook_model(MODEL_NAME)
-MODEL_KEY = nbu.model_key(model)
-OUT = nbu.output_dir(MODEL_KEY, OUTPUT_ROOT)
+MODEL_KEY = paths.model_key(model)
+OUT = paths.output_dir(MODEL_KEY, OUTPUT_ROOT)
 pd.DataFrame([nbu.describe_model(model)])
 
 # %% [markdown]
@@ -83,17 +85,16 @@ pd.DataFrame([nbu.describe_model(model)])
 # row `i` of every layer is one token.
 
 # %%
-texts = nbu.calibration_texts(N_TEXTS)
+texts = corpus_texts("calibration", N_TEXTS)
 batches = nbu.token_batches(tokenizer, texts, batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
 captured = capture_router_logits(model, batches, max_tokens_per_layer=MAX_TOKENS_PER_LAYER)
 captured
 
 # %%
-LOGITS_PATH = OUT / "router_logits.pt"
-nbu.save_router_logits(
-    captured, LOGITS_PATH, model=MODEL_KEY, n_texts=N_TEXTS, max_length=MAX_LENGTH,
-    max_tokens_per_layer=MAX_TOKENS_PER_LAYER,
-)
+LOGITS_PATH = OUT / nbu.LOGITS_NAME
+captured.save(LOGITS_PATH, metadata=nbu.capture_settings(
+    model=MODEL_KEY, n_texts=N_TEXTS, max_length=MAX_LENGTH, max_tokens_per_layer=MAX_TOKENS_PER_LAYER,
+))
 print(f"saved {captured.num_tokens} tokens x {len(captured)} layers to {LOGITS_PATH} "
       f"({LOGITS_PATH.stat().st_size / 1e6:.1f} MB)")
 

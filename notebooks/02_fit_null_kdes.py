@@ -69,13 +69,14 @@ import time
 
 import pandas as pd
 
+from bh_helpers.app import paths
 from bh_helpers.nulls.bank import NullBank
 from bh_helpers.nulls.fit import fit_null_bank
 
-MODEL_KEY = nbu.resolve_model_key(MODEL_NAME)
-OUT = nbu.output_dir(MODEL_KEY, OUTPUT_ROOT)
+MODEL_KEY = paths.resolve_model_key(MODEL_NAME)
+OUT = paths.output_dir(MODEL_KEY, OUTPUT_ROOT)
 captured, model, tokenizer = nbu.get_router_logits(
-    OUT / "router_logits.pt", model_name=MODEL_NAME, n_texts=N_TEXTS, max_length=MAX_LENGTH,
+    OUT / nbu.LOGITS_NAME, model_name=MODEL_NAME, n_texts=N_TEXTS, max_length=MAX_LENGTH,
     max_tokens_per_layer=MAX_TOKENS_PER_LAYER,
 )
 fit_logits, held_out = nbu.split_by_sequence(captured, held_out_fraction=HELD_OUT_FRACTION)
@@ -149,7 +150,7 @@ bank = fit_null_bank(
     captured, kernel=KERNEL, model_id=MODEL_KEY,
     calibration=f"committed calibration slice: {captured.num_tokens} tokens, max_length {MAX_LENGTH}",
 )
-BANK_DIR = nbu.committed_bank_dir(MODEL_KEY) if SAVE_TO_REPOSITORY else OUT / "null_bank"
+BANK_DIR = paths.default_null_bank_dir(MODEL_KEY, must_exist=False) if SAVE_TO_REPOSITORY else OUT / "null_bank"
 bank.save(BANK_DIR)
 reloaded = NullBank.load(BANK_DIR)
 print(f"chosen kernel: {KERNEL}; saved {reloaded} to {BANK_DIR}")

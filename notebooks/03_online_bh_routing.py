@@ -74,13 +74,16 @@ print(f"model={MODEL_NAME!r} small={SMALL} alpha={ALPHA} eval tokens={EVAL_TOKEN
 import pandas as pd
 from IPython.display import HTML, Markdown, display
 
-from bh_helpers.app import pipeline, plots
-from bh_helpers.evaluation.scoring import measure_speed, perplexity
+from bh_helpers.app import paths, pipeline
+from bh_helpers.models.texts import evaluation_texts
+from bh_helpers.report import plots
+from bh_helpers.evaluation.scoring import perplexity
+from bh_helpers.evaluation.speed import measure_speed
 from bh_helpers import BHSelector, NativeSelector, route
 
 model, tokenizer = nbu.load_notebook_model(MODEL_NAME)
-MODEL_KEY = nbu.model_key(model)
-OUT = nbu.output_dir(MODEL_KEY, OUTPUT_ROOT)
+MODEL_KEY = paths.model_key(model)
+OUT = paths.output_dir(MODEL_KEY, OUTPUT_ROOT)
 bank, bank_source = nbu.find_null_bank(MODEL_KEY, OUT, model=model, tokenizer=tokenizer, prefer_own=not SMALL)
 bank.check_compatible(model)
 selector = BHSelector(null_bank=bank, method=METHOD, alpha=ALPHA, min_k=MIN_K, max_k=MAX_K, weights=WEIGHTS)
@@ -119,7 +122,7 @@ nbu.show(plots.plot_k_histogram({f"{METHOD} alpha={ALPHA}": counts}, max_k=MAX_K
 # expert compute is the saving, and it only becomes wall-clock speed where experts dominate.
 
 # %%
-data = {name: pipeline.evaluation_texts(name, tokenizer, max_tokens=EVAL_TOKENS) for name in EVAL_DATASETS}
+data = {name: evaluation_texts(name, tokenizer, max_tokens=EVAL_TOKENS) for name in EVAL_DATASETS}
 quality = []
 for label, sel in [("native", native), (f"{METHOD} alpha={ALPHA}", selector)]:
     for name, texts in data.items():
@@ -153,7 +156,7 @@ from bh_helpers.report.write import frontier_markdown
 configs = expand_grid(methods=(METHOD,), alphas=SWEEP_ALPHAS, max_ks=(MAX_K,), min_ks=(MIN_K,),
                       kernels=(bank.metadata.kernel,), topk=SWEEP_TOPK, native=True)
 settings = dict(datasets=EVAL_DATASETS, max_tokens=EVAL_TOKENS, window=WINDOW, stride=WINDOW, weights=WEIGHTS)
-results_path = nbu.sweep_results_path(OUT, bank, configs, **settings)
+results_path = paths.sweep_results_path(OUT, bank, configs, **settings)
 results = pipeline.sweep_step(model, tokenizer, configs, null_bank=bank, results_path=results_path,
                               model_id=MODEL_KEY, progress=False, **settings)
 print(f"{len(results)} results in {results_path}")

@@ -65,14 +65,16 @@ print(f"model={MODEL_NAME!r} small={SMALL}")
 # %%
 import time
 
+from bh_helpers.app import paths
+from bh_helpers.models.texts import corpus_texts
 from bh_helpers.nulls.fit import fit_null_bank
 from bh_helpers.app.widgets import AlphaExplorer
 
 model, tokenizer = nbu.load_notebook_model(MODEL_NAME)
-MODEL_KEY = nbu.model_key(model)
-OUT = nbu.output_dir(MODEL_KEY, OUTPUT_ROOT)
+MODEL_KEY = paths.model_key(model)
+OUT = paths.output_dir(MODEL_KEY, OUTPUT_ROOT)
 captured, model, tokenizer = nbu.get_router_logits(
-    OUT / "router_logits.pt", model=model, tokenizer=tokenizer, n_texts=N_TEXTS,
+    OUT / nbu.LOGITS_NAME, model=model, tokenizer=tokenizer, n_texts=N_TEXTS,
     max_length=MAX_LENGTH, max_tokens_per_layer=MAX_TOKENS_PER_LAYER,
 )
 start = time.perf_counter()
@@ -94,7 +96,7 @@ print(f"p-values of {explorer.num_tokens} tokens x {len(explorer.layers)} layers
 # (The interactive widget needs a live kernel: in a static render only its first state shows.)
 
 # %%
-explorer.widget(prompt=PROMPT, eval_texts=nbu.evaluation_texts(EVAL_TEXTS), max_new_tokens=MAX_NEW_TOKENS)
+explorer.widget(prompt=PROMPT, eval_texts=corpus_texts("evaluation", EVAL_TEXTS), max_new_tokens=MAX_NEW_TOKENS)
 
 # %% [markdown]
 # ## 3. The same, programmatically
@@ -131,7 +133,7 @@ pd.DataFrame({
 # What "run on the model" does, for the current setting (BH, alpha 0.5, the last kernel).
 
 # %%
-result = explorer.run_live(PROMPT, eval_texts=nbu.evaluation_texts(EVAL_TEXTS), max_new_tokens=MAX_NEW_TOKENS)
+result = explorer.run_live(PROMPT, eval_texts=corpus_texts("evaluation", EVAL_TEXTS), max_new_tokens=MAX_NEW_TOKENS)
 pd.DataFrame({
     "native top-k": {"text": result["native_text"], "perplexity": result.get("native_ppl"),
                      "mean k": explorer.native_k, "generate s": result["native_generate_s"]},

@@ -144,7 +144,7 @@ def test_capture_fit_chain(tmp_path, capsys):
 
 def test_default_null_bank_dir(tmp_path, monkeypatch):
     from bh_helpers.nulls.bank import NullBank
-    from bh_helpers.app.pipeline import default_null_bank_dir, model_slug
+    from bh_helpers.app.paths import default_null_bank_dir, model_slug
 
     assert model_slug("tiny") == "tiny-olmoe" and model_slug("allenai/OLMoE-1B-7B-0924") == "allenai--OLMoE-1B-7B-0924"
     monkeypatch.chdir(tmp_path)
@@ -217,7 +217,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
 
 
 def test_sweep_says_which_bank_it_uses(tmp_path, capsys):
-    from bh_helpers.app.pipeline import default_null_bank_dir
+    from bh_helpers.app.paths import default_null_bank_dir
 
     rc = cli.main(["sweep", "--results", str(tmp_path / "s.jsonl"), "--methods", "bh", "--alphas", "0.5",
                    "--topk-max", "1", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64", "--window", "64",
@@ -227,7 +227,8 @@ def test_sweep_says_which_bank_it_uses(tmp_path, capsys):
     assert f"null bank: {default_null_bank_dir('tiny')} (the committed bank of --model tiny" in out
 
 
-def test_wikitext2_is_the_real_one_and_the_fixture_says_what_it_is(tmp_path, capsys, monkeypatch):
+def test_wikitext2_is_the_real_one_and_the_fixture_says_what_it_is(tmp_path, capsys, monkeypatch,
+                                                                  tiny_model_and_tokenizer):
     """`--datasets wikitext2` ran on an embedded WikiText-style sample and every table called it
     wikitext2; offline it now says so and points to `wikitext2-fixture`."""
     from bh_helpers.app import pipeline
@@ -238,5 +239,8 @@ def test_wikitext2_is_the_real_one_and_the_fixture_says_what_it_is(tmp_path, cap
     err = capsys.readouterr().err
     assert "--datasets wikitext2 is the real WikiText-2 test split" in err and "wikitext2-fixture" in err
     assert not (tmp_path / "run").exists()
-    text, source = pipeline._dataset_documents("wikitext2-fixture")
-    assert text and source.startswith("embedded WikiText-style fixture (a sample, not WikiText-2)")
+    from bh_helpers.models.texts import dataset_description, evaluation_texts
+
+    assert dataset_description("wikitext2-fixture").startswith("embedded WikiText-style fixture (a sample, not WikiText-2)")
+    docs = evaluation_texts("wikitext2-fixture", tiny_model_and_tokenizer[1], max_tokens=64)
+    assert docs and all(isinstance(d, str) and d.strip() for d in docs)

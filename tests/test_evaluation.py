@@ -1,4 +1,4 @@
-"""Tests for bh_helpers.evaluation.scoring against slow, independent reference computations.
+"""Tests for bh_helpers.evaluation against slow, independent reference computations.
 
 The model is a tiny random ``OlmoeForCausalLM`` with a byte-level BPE tokenizer built here;
 the embedded trained model (``bh_helpers.models.loading.load_model("tiny")``) is used in addition when
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bh_helpers.evaluation import scoring as ev
+from bh_helpers.evaluation import speed, tasks
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -206,10 +207,10 @@ LAMBADA = [
 
 
 def test_split_last_word():
-    assert ev.split_last_word("a b  c ") == ("a b", "  c")
-    assert ev.split_last_word("one\ntwo") == ("one", "\ntwo")
+    assert tasks.split_last_word("a b  c ") == ("a b", "  c")
+    assert tasks.split_last_word("one\ntwo") == ("one", "\ntwo")
     with pytest.raises(ValueError, match="two words"):
-        ev.split_last_word("single")
+        tasks.split_last_word("single")
 
 
 def _greedy(model, ctx_ids, n):
@@ -232,10 +233,10 @@ def test_last_word_equals_greedy_generate(model_tok):
         if tok(target, add_special_tokens=False).input_ids == gen:
             examples.append({"context": ctx, "target": target})
     assert len(examples) > len(LAMBADA), "no positive example could be constructed"
-    res = ev.last_word_accuracy(model, tok, examples, batch_size=3, progress=False)
+    res = tasks.last_word_accuracy(model, tok, examples, batch_size=3, progress=False)
     assert res.n_examples == len(examples)
     for ex, correct, pred in zip(examples, res.correct, res.predictions):
-        ctx, target = ev._last_word_pair(ex)
+        ctx, target = tasks._last_word_pair(ex)
         ctx_ids = tok(ctx, add_special_tokens=False).input_ids
         tgt_ids = tok(target, add_special_tokens=False).input_ids
         gen = _greedy(model, ctx_ids, len(tgt_ids))
@@ -249,9 +250,9 @@ def test_last_word_equals_greedy_generate(model_tok):
 
 def test_last_word_nll_matches_bruteforce(random_model_tok):
     model, tok = random_model_tok
-    res = ev.last_word_accuracy(model, tok, LAMBADA, batch_size=4, progress=False)
+    res = tasks.last_word_accuracy(model, tok, LAMBADA, batch_size=4, progress=False)
     for text, nll in zip(LAMBADA, res.target_nll):
-        ctx, target = ev.split_last_word(text)
+        ctx, target = tasks.split_last_word(text)
         c = tok(ctx, add_special_tokens=False).input_ids
         t = tok(target, add_special_tokens=False).input_ids
         with torch.no_grad():
@@ -274,7 +275,7 @@ MC = [
 
 def test_multiple_choice_matches_bruteforce(model_tok):
     model, tok = model_tok
-    res = ev.multiple_choice_accuracy(model, tok, MC, batch_size=5, progress=False)
+    res = tasks.multiple_choice_accuracy(model, tok, MC, batch_size=5, progress=False)
     hits = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
     for ex, ll_row in zip(MC, res.loglik):
         ref_ll, ref_tok = [], []
@@ -300,11 +301,11 @@ def test_multiple_choice_matches_bruteforce(model_tok):
 def test_multiple_choice_bad_examples(random_model_tok):
     model, tok = random_model_tok
     with pytest.raises(ValueError, match="endings"):
-        ev.multiple_choice_accuracy(model, tok, [{"context": "x", "endings": ["a"], "label": 0}], progress=False)
+        tasks.multiple_choice_accuracy(model, tok, [{"context": "x", "endings": ["a"], "label": 0}], progress=False)
     with pytest.raises(ValueError, match="label"):
-        ev.multiple_choice_accuracy(model, tok, [{"context": "x", "endings": ["a", "b"]}], progress=False)
+        tasks.multiple_choice_accuracy(model, tok, [{"context": "x", "endings": ["a", "b"]}], progress=False)
     with pytest.raises(ValueError, match="empty"):
-        ev.multiple_choice_accuracy(model, tok, [], progress=False)
+        tasks.multiple_choice_accuracy(model, tok, [], progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,25 +315,26 @@ def test_multiple_choice_bad_examples(random_model_tok):
 
 def test_measure_speed(random_model_tok):
     model, tok = random_model_tok
-    res = ev.measure_speed(model, tok, TEXTS, max_new_tokens=4, prompt_tokens=16, batch_size=2, progress=False)
+    res = speed.measure_speed(model, tok, TEXTS, max_new_tokens=4, prompt_tokens=16, batch_size=2, progress=False)
     assert res.n_new_tokens == len(TEXTS) * 4
     assert 0 < res.n_prompt_tokens <= len(TEXTS) * 16
     assert res.prefill_tokens_per_s > 0 and res.decode_tokens_per_s > 0
     assert res.device == "cpu"
     with pytest.raises(ValueError, match="context length"):
-        ev.measure_speed(model, tok, TEXTS, max_new_tokens=100, prompt_tokens=100, progress=False)
+        speed.measure_speed(model, tok, TEXTS, max_new_tokens=100, prompt_tokens=100, progress=False)
 
 
 def test_compute_summary():
-    out = ev.compute_summary({"mean_experts_per_token": 3.0, "total_expert_activations": 300}, native_k=8)
+    out = speed.compute_summary({"mean_k": 3.0, "expert_activations": 300, "activation_ratio": 0.375}, native_k=8)
     assert out == {
         "mean_experts_per_token": 3.0, "relative_compute": 0.375, "native_k": 8,
-        "total_expert_activations": 300,
+        "total_expert_activations": 300, "activation_ratio": 0.375,
     }
-    with pytest.raises(ValueError, match="mean experts per token"):
-        ev.compute_summary({"something": 1}, native_k=8)
+    # the recorder's own keys only: a synonym is not guessed
+    with pytest.raises(ValueError, match="no 'mean_k'"):
+        speed.compute_summary({"mean_experts_per_token": 3.0}, native_k=8)
     with pytest.raises(ValueError, match="native_k"):
-        ev.compute_summary({"mean_k": 1}, native_k=0)
+        speed.compute_summary({"mean_k": 1}, native_k=0)
 
 
 def test_under_route_native_and_topk(random_model_tok):
@@ -343,10 +345,10 @@ def test_under_route_native_and_topk(random_model_tok):
     with patching.route(model, patching.NativeSelector.for_model(model)) as rec:
         native = ev.perplexity(model, tok, TEXTS, window=40, stride=20, batch_size=4, progress=False)
     assert native.nll == pytest.approx(plain.nll, rel=1e-6)
-    assert ev.compute_summary(rec.summary(), native_k=2)["relative_compute"] == pytest.approx(1.0)
+    assert speed.compute_summary(rec.summary(), native_k=2)["relative_compute"] == pytest.approx(1.0)
     with patching.route(model, patching.TopKSelector(k=1)) as rec:
         top1 = ev.perplexity(model, tok, TEXTS, window=40, stride=20, batch_size=4, progress=False)
-    summary = ev.compute_summary(rec.summary(), native_k=2)
+    summary = speed.compute_summary(rec.summary(), native_k=2)
     assert summary["relative_compute"] == pytest.approx(0.5)
     assert summary["mean_experts_per_token"] == pytest.approx(1.0)
     assert top1.nll != pytest.approx(plain.nll, rel=1e-6)
@@ -356,8 +358,8 @@ def test_under_route_native_and_topk(random_model_tok):
 
 def test_batching_does_not_change_continuation_scores(random_model_tok):
     model, tok = random_model_tok
-    one = ev.multiple_choice_accuracy(model, tok, MC, batch_size=1, progress=False)
-    many = ev.multiple_choice_accuracy(model, tok, MC, batch_size=16, progress=False)
+    one = tasks.multiple_choice_accuracy(model, tok, MC, batch_size=1, progress=False)
+    many = tasks.multiple_choice_accuracy(model, tok, MC, batch_size=16, progress=False)
     for a, b in zip(one.loglik, many.loglik):
         assert a == pytest.approx(b, rel=1e-6)
 
@@ -375,7 +377,7 @@ def test_on_embedded_fixtures(model_tok):
     window = min(128, model.config.max_position_embeddings)
     ppl = ev.perplexity(model, tok, wiki, window=window, stride=window // 2, progress=False)
     assert ppl.n_tokens > window and math.isfinite(ppl.perplexity)
-    lw = ev.last_word_accuracy(model, tok, lambada, progress=False)
+    lw = tasks.last_word_accuracy(model, tok, lambada, progress=False)
     assert lw.n_examples == 6 and 0.0 <= lw.accuracy <= 1.0
-    mc = ev.multiple_choice_accuracy(model, tok, hellaswag, progress=False)
+    mc = tasks.multiple_choice_accuracy(model, tok, hellaswag, progress=False)
     assert mc.n_examples == 3 and len(mc.loglik[0]) == 4

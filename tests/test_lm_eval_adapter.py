@@ -4,7 +4,7 @@ One local task (``bh_hellaswag_style``, lm-eval's own HellaSwag processing over 
 fixture) runs on the embedded tiny OLMoE three times: untouched, routed by its native top-8 and
 routed by BH. Checks: native-routed = untouched (accuracies identical, log-likelihoods equal to
 float32 rounding), lm-eval = our independent oracle
-:func:`bh_helpers.evaluation.scoring.multiple_choice_accuracy` on the same documents, and BH changes
+:func:`bh_helpers.evaluation.tasks.multiple_choice_accuracy` on the same documents, and BH changes
 the number of experts per token while giving finite scores. Offline: local JSON only.
 """
 
@@ -83,7 +83,7 @@ def runs():
 
     from bh_helpers.capture import capture_router_logits
     from bh_helpers.evaluation.data import FIXTURE_DIR, load_hellaswag
-    from bh_helpers.evaluation.scoring import multiple_choice_accuracy
+    from bh_helpers.evaluation.tasks import multiple_choice_accuracy
     from bh_helpers.models.loading import load_corpus_slice, load_model
     from bh_helpers.nulls.fit import fit_null_bank
     from bh_helpers import BHSelector, NativeSelector

@@ -227,9 +227,24 @@ def test_small_mode_and_model_choice_from_environment():
         nbu.small_mode({"BH_NOTEBOOK_SMALL": "maybe"})
     assert nbu.model_choice({}) == "auto"
     assert nbu.model_choice({"BH_MODEL": "tiny"}) == "tiny"
-    assert nbu.resolve_model_key("tiny") == "tiny"
-    assert nbu.model_slug("tiny") == "tiny-olmoe"
-    assert nbu.model_slug("allenai/OLMoE-1B-7B-0924") == "allenai--OLMoE-1B-7B-0924"
+
+    from bh_helpers.app import paths
+
+    assert paths.resolve_model_key("tiny") == "tiny"
+    assert paths.model_slug("tiny") == "tiny-olmoe"
+    assert paths.model_slug("allenai/OLMoE-1B-7B-0924") == "allenai--OLMoE-1B-7B-0924"
+
+
+def test_one_model_slug_for_local_folders(tmp_path):
+    """The notebooks' model_slug turned a local folder into a path with '--' for '/'; the pipeline's
+    into the folder's name: the two looked for a bank in different places."""
+    from bh_helpers.app import paths
+
+    folder = tmp_path / "checkpoints" / "my-olmoe"
+    folder.mkdir(parents=True)
+    assert paths.model_slug(str(folder)) == "my-olmoe"
+    assert paths.output_dir(str(folder), tmp_path / "outputs") == tmp_path / "outputs" / "my-olmoe"
+    assert paths.default_null_bank_dir(str(folder), must_exist=False).name == "my-olmoe"
 
 
 def test_router_logits_round_trip_and_document_split(tmp_path):
@@ -244,9 +259,11 @@ def test_router_logits_round_trip_and_document_split(tmp_path):
         logits={0: torch.randn(40, 4, generator=g), 2: torch.randn(40, 4, generator=g)},
         token_ids=torch.arange(40), positions=torch.arange(5).repeat(8), sequence_index=seq, total_tokens=40,
     )
-    path = nbu.save_router_logits(captured, tmp_path / "x" / "logits.pt", model="tiny", n_texts=8)
-    loaded, meta = nbu.load_router_logits(path)
-    assert meta == {"model": "tiny", "n_texts": 8}
+    settings = nbu.capture_settings(model="tiny", n_texts=8, max_tokens_per_layer=None)
+    path = captured.save(tmp_path / "x" / nbu.LOGITS_NAME, metadata=settings)
+    loaded, header = CapturedLogits.load(path)
+    assert {k: header[k] for k in settings} == {"model": "tiny", "n_texts": "8", "max_tokens_per_layer": "null"}
+    assert header["format"] == "bh_helpers.CapturedLogits" and header["total_tokens"] == "40"
     assert loaded.layers == [0, 2] and torch.equal(loaded[2], captured[2])
     assert torch.equal(loaded.sequence_index, seq) and loaded.total_tokens == 40
     fit, held = nbu.split_by_sequence(loaded, held_out_fraction=0.25)
@@ -256,13 +273,17 @@ def test_router_logits_round_trip_and_document_split(tmp_path):
 
 
 def test_notebook_texts_are_balanced():
-    from bh_helpers.app import notebook as nbu
     from bh_helpers.models.loading import load_corpus_slice
+    from bh_helpers.models.texts import corpus_texts
 
-    texts = nbu.calibration_texts(6)
+    texts = corpus_texts("calibration", 6)
     domain = {r["text"]: r["domain"] for r in load_corpus_slice("calibration")}
-    assert len(texts) == 6 and {domain[t] for t in texts} == {"prose", "code"}
-    assert nbu.evaluation_texts(3)
+    assert len(texts) == 6 and [domain[t] for t in texts[:2]] == ["prose", "code"]  # alternating
+    held_out = corpus_texts("evaluation", 3)
+    eval_domain = {r["text"]: r["domain"] for r in load_corpus_slice("evaluation")}
+    assert len(held_out) == 3 and [eval_domain[t] for t in held_out] == ["prose", "code", "prose"]
+    assert not set(held_out) & set(domain)  # evaluation documents are not calibration documents
+    assert corpus_texts("evaluation", domain="code") == [r["text"] for r in load_corpus_slice("evaluation", "code")]
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

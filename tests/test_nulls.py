@@ -676,7 +676,7 @@ def test_damaged_banks_are_refused_on_load(tmp_path, case):
 
 
 def test_committed_banks_without_checksums_still_load():
-    from bh_helpers.app.pipeline import default_null_bank_dir
+    from bh_helpers.app.paths import default_null_bank_dir
 
     bank = NullBank.load(default_null_bank_dir("tiny"))
     assert bank.num_layers > 0

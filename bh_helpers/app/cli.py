@@ -21,7 +21,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bh_helpers.app import pipeline
+from bh_helpers.app import paths, pipeline
+from bh_helpers.capture import CapturedLogits
+from bh_helpers.models import texts
 
 __all__ = ["build_parser", "main"]
 
@@ -58,7 +60,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_protocol(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", type=_names, default=_D.datasets,
-                   help=f"evaluation data sets, comma-separated: {', '.join(pipeline.EVAL_DATASETS)} or .txt paths "
+                   help=f"evaluation data sets, comma-separated: {', '.join(texts.EVAL_DATASETS)} or .txt paths "
                         f"(default: {','.join(_D.datasets)})")
     p.add_argument("--max-tokens", type=int, default=_D.max_tokens,
                    help=f"evaluation tokens per data set (default: {_D.max_tokens})")
@@ -234,7 +236,7 @@ def _cmd_fit(args) -> int:
 
     if os.path.exists(os.path.join(args.out, METADATA_NAME)):
         raise ValueError(f"--out {args.out!r} already holds a null bank; pass another folder.")
-    captured, meta = pipeline.load_captured(args.captured)
+    captured, meta = CapturedLogits.load(args.captured)
     bank = pipeline.fit_step(captured, kernel=args.kernel, grid_size=args.grid_size,
                              model_id=args.model_id or meta.get("model_id", "unknown"),
                              calibration=meta.get("calibration"), out_dir=args.out)
@@ -248,8 +250,8 @@ def _cmd_sweep(args) -> int:
 
     configs = expand_grid(methods=args.methods, alphas=args.alphas, max_ks=args.max_ks, min_ks=(args.min_k,),
                           topk=list(range(1, args.topk_max + 1)), top_ps=args.top_ps, native=True)
-    pipeline.check_datasets(args.datasets)  # unknown names fail before the model loads
-    nulls = args.nulls or pipeline.default_null_bank_dir(args.model)
+    texts.check_datasets(args.datasets)  # unknown names fail before the model loads
+    nulls = args.nulls or paths.default_null_bank_dir(args.model)
     bank = NullBank.load(nulls)
     source = "--nulls" if args.nulls else f"the committed bank of --model {args.model} (pass --nulls to choose)"
     print(f"null bank: {nulls} ({source}; {bank.metadata.kernel} kernel, {len(list(bank))} layers)")

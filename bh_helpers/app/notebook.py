@@ -1,13 +1,14 @@
 """Helpers the notebooks call, so that no notebook defines library logic of its own.
 
-Three groups:
+Only what notebooks need beyond :mod:`bh_helpers.app.pipeline`, :mod:`bh_helpers.app.paths`
+(model keys, output and bank folders) and :mod:`bh_helpers.models.texts` (corpus texts). Three groups:
 
-- run settings: :func:`in_colab`, :func:`small_mode` (``BH_NOTEBOOK_SMALL``), :func:`model_choice`
-  (``BH_MODEL``), :func:`output_dir`, :func:`free_accelerator_memory`, :func:`load_notebook_model`
-  (frees GPU memory first, falls back to ``device_map="auto"`` when the GPU is short);
-- data: calibration texts and token batches, router logits saved/loaded between notebooks
-  (:func:`save_router_logits`, :func:`get_router_logits`), a held-out split by document
-  (:func:`split_by_sequence`), goodness-of-fit tables;
+- run settings: :func:`check_runtime`, :func:`small_mode` (``BH_NOTEBOOK_SMALL``), :func:`model_choice`
+  (``BH_MODEL``), :func:`free_accelerator_memory`, :func:`load_notebook_model` (frees GPU memory
+  first, falls back to ``device_map="auto"`` when the GPU is short);
+- data: token batches, the router logits notebook 01 captures and notebooks 02 and 04 reuse
+  (:data:`LOGITS_NAME`, :func:`get_router_logits`; the file format is :meth:`CapturedLogits.save`),
+  a held-out split by document (:func:`split_by_sequence`), goodness-of-fit tables;
 - figures for notebooks 01 and 02 (matplotlib ``Figure`` objects built without pyplot, shown with
   :func:`show`, which works under any backend, including ``MPLBACKEND=Agg`` in CI).
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import io
-import json
 import os
 import sys
 import warnings
@@ -29,55 +29,46 @@ from typing import Any
 import numpy as np
 import torch
 
-from bh_helpers.capture import CapturedLogits, capture_router_logits
-from bh_helpers.models.loading import OLMOE_HUB_ID, EMBEDDED_MODEL_DIR, hub_reachable, load_corpus_slice, load_model
+from bh_helpers.app.paths import default_null_bank_dir, model_key, resolve_model_key
+from bh_helpers.capture import CapturedLogits, capture_router_logits, header_value
+from bh_helpers.models.loading import OLMOE_HUB_ID, load_model
+from bh_helpers.models.texts import corpus_texts
 
 __all__ = [
-    "calibration_texts",
+    "LOGITS_NAME",
+    "capture_settings",
+    "check_runtime",
     "choose_kernel",
-    "committed_bank_dir",
     "cpu_threads",
     "describe_model",
-    "evaluation_texts",
     "find_null_bank",
     "free_accelerator_memory",
     "generate_side_by_side",
     "get_router_logits",
     "goodness_table",
-    "in_colab",
     "load_notebook_model",
-    "load_router_logits",
     "model_choice",
-    "model_key",
-    "model_slug",
-    "output_dir",
     "plot_expert_usage",
     "plot_logit_distributions",
     "plot_null_fits",
-    "resolve_model_key",
     "routing_table",
-    "save_router_logits",
     "show",
     "small_mode",
     "split_by_sequence",
-    "sweep_results_path",
     "token_batches",
     "top_tokens_per_expert",
 ]
 
+#: The router logits notebook 01 captures, in each model's output folder (reused by 02 and 04).
+LOGITS_NAME = "router_logits.safetensors"
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-LOGITS_FORMAT = "bh_helpers.router_logits/1"
 
 
 # ----------------------------------------------------------------------------------------------
 # Run settings
 # ----------------------------------------------------------------------------------------------
-
-
-def in_colab() -> bool:
-    """Whether this runs inside Google Colab (``google.colab`` is imported by the runtime)."""
-    return "google.colab" in sys.modules
 
 
 def small_mode(environ: Mapping[str, str] | None = None) -> bool:
@@ -173,7 +164,7 @@ def check_runtime(model_name: str = "auto", environ: Mapping[str, str] | None = 
         dtype = "float16" if major < 8 else "bfloat16"
         lines.append(f"GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "
                      f"{major}.{minor}{emulated}: models load in {dtype}.")
-    elif in_colab():
+    elif "google.colab" in sys.modules:
         lines.append("No GPU on this Colab runtime. For OLMoE-1B-7B choose Runtime > Change runtime type > "
                      "T4 GPU, then Runtime > Run all. Without a GPU the notebooks run small on the tiny model.")
     else:
@@ -208,35 +199,6 @@ def load_notebook_model(name: str = "auto", **kwargs: Any):
             return load_model(name, device_map="auto", **kwargs)
 
 
-def resolve_model_key(name: str) -> str:
-    """The model ``load_model(name)`` will load, without loading it: ``"auto"`` becomes the hub
-    OLMoE when a CUDA GPU is present and the hub answers, else ``"tiny"``."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available() and hub_reachable():
-        return OLMOE_HUB_ID
-    return "tiny"
-
-
-def model_key(model: torch.nn.Module) -> str:
-    """``"tiny"`` for the embedded model, else the hub id or path it was loaded from."""
-    path = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))
-    try:
-        if path and Path(path).resolve() == EMBEDDED_MODEL_DIR.resolve():
-            return "tiny"
-    except OSError:
-        pass
-    return path or "unknown"
-
-
-def model_slug(key: str) -> str:
-    """Directory-safe name of a model: ``"tiny-olmoe"`` for the embedded model, else the id
-    with ``/`` replaced by ``--`` (``allenai--OLMoE-1B-7B-0924``)."""
-    if key == "tiny":
-        return "tiny-olmoe"
-    return key.strip("/").replace("/", "--")
-
-
 def describe_model(model: torch.nn.Module) -> dict[str, Any]:
     """A one-row summary of a loaded MoE model (shown in the first output of notebook 01)."""
     from bh_helpers.models.families import find_moe_blocks
@@ -257,48 +219,9 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-def committed_bank_dir(key: str) -> Path:
-    """Where the repository keeps the fitted null bank of a model (``kde_models/<model>/``)."""
-    try:
-        from bh_helpers.app.pipeline import default_null_bank_dir
-    except ImportError:  # the pipeline module is optional here
-        return Path(__file__).resolve().parents[2] / "kde_models" / model_slug(key)
-    return Path(default_null_bank_dir(key))
-
-
-def output_dir(key: str, root: str | os.PathLike = "outputs") -> Path:
-    """``<root>/<model slug>/`` (relative to the working directory, i.e. the notebook), created."""
-    path = Path(root) / model_slug(key)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-
-
-def _balanced(records: list[dict], n: int | None) -> list[str]:
-    """Alternate prose and code records (file order within a domain); the first ``n``."""
-    by_domain: dict[str, list[str]] = {}
-    for r in records:
-        by_domain.setdefault(r["domain"], []).append(r["text"])
-    out: list[str] = []
-    columns = list(by_domain.values())
-    for i in range(max((len(c) for c in columns), default=0)):
-        out.extend(c[i] for c in columns if i < len(c))
-    return out if n is None else out[:n]
-
-
-def calibration_texts(n: int | None = None) -> list[str]:
-    """Texts of the committed calibration slice, prose and code alternating (first ``n``)."""
-    return _balanced(load_corpus_slice("calibration"), n)
-
-
-def evaluation_texts(n: int | None = None, domain: str | None = None) -> list[str]:
-    """Texts of the committed evaluation slice (held out from calibration), first ``n``."""
-    records = load_corpus_slice("evaluation", domain=domain)
-    return _balanced(records, n)
 
 
 def token_batches(tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 256) -> list:
@@ -309,44 +232,6 @@ def token_batches(tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8, 
                   max_length=max_length)
         for i in range(0, len(texts), batch_size)
     ]
-
-
-def save_router_logits(captured: CapturedLogits, path: str | os.PathLike, **meta: Any) -> Path:
-    """Save captured router logits (tensors only, loadable with ``weights_only=True``).
-
-    ``meta`` (JSON-serialisable: model key, sample sizes) is stored alongside and checked by
-    :func:`get_router_logits` before a cache is reused.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": LOGITS_FORMAT,
-        "meta": json.dumps(meta, sort_keys=True),
-        "layers": torch.tensor(captured.layers),
-        "logits": torch.stack([captured[layer] for layer in captured.layers]),  # (L, N, E)
-        "token_ids": captured.token_ids,
-        "positions": captured.positions,
-        "sequence_index": captured.sequence_index,
-        "total_tokens": torch.tensor(captured.total_tokens),
-    }
-    torch.save(payload, path)
-    return path
-
-
-def load_router_logits(path: str | os.PathLike) -> tuple[CapturedLogits, dict]:
-    """Read a file written by :func:`save_router_logits`; returns ``(captured, meta)``."""
-    payload = torch.load(Path(path), weights_only=True)
-    if payload.get("format") != LOGITS_FORMAT:
-        raise ValueError(f"{path} is not a router-logits file of this library (format {payload.get('format')!r}).")
-    layers = [int(x) for x in payload["layers"].tolist()]
-    captured = CapturedLogits(
-        logits={layer: payload["logits"][i] for i, layer in enumerate(layers)},
-        token_ids=payload["token_ids"],
-        positions=payload["positions"],
-        sequence_index=payload["sequence_index"],
-        total_tokens=int(payload["total_tokens"]),
-    )
-    return captured, json.loads(payload["meta"])
 
 
 def get_router_logits(
@@ -370,18 +255,24 @@ def get_router_logits(
         As passed, or loaded when a capture was needed (None when the cache was used and none
         was passed).
     """
-    wanted = {"n_texts": n_texts, "max_length": max_length, "max_tokens_per_layer": max_tokens_per_layer}
+    wanted = capture_settings(n_texts=n_texts, max_length=max_length, max_tokens_per_layer=max_tokens_per_layer)
     path = Path(path)
     if path.is_file():
-        captured, meta = load_router_logits(path)
-        if all(meta.get(k) == v for k, v in wanted.items()):
+        captured, header = CapturedLogits.load(path)
+        if all(header.get(k) == v for k, v in wanted.items()):
             return captured, model, tokenizer
     if model is None or tokenizer is None:
         model, tokenizer = load_notebook_model(model_name)
-    batches = token_batches(tokenizer, calibration_texts(n_texts), batch_size=batch_size, max_length=max_length)
+    texts = corpus_texts("calibration", n_texts)
+    batches = token_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length)
     captured = capture_router_logits(model, batches, max_tokens_per_layer=max_tokens_per_layer)
-    save_router_logits(captured, path, model=model_key(model), **wanted)
+    captured.save(path, metadata={"model": model_key(model), **wanted})
     return captured, model, tokenizer
+
+
+def capture_settings(**settings: Any) -> dict[str, str]:
+    """``settings`` as :meth:`CapturedLogits.save` stores them, for comparing with a saved file's header."""
+    return {k: header_value(v) for k, v in settings.items()}
 
 
 def split_by_sequence(
@@ -461,7 +352,7 @@ def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, token
     source : str
     """
     from bh_helpers.nulls.bank import NullBank
-    from bh_helpers.app.pipeline import capture_step, default_null_bank_dir, fit_step
+    from bh_helpers.app.pipeline import capture_step, fit_step
 
     own = Path(out) / "null_bank"
     if prefer_own and (own / "metadata.json").is_file():
@@ -480,22 +371,6 @@ def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, token
     bank = fit_step(captured, model_id=key)
     bank.save(path)
     return bank, f"fitted now on {captured.num_tokens} calibration tokens, saved to {path}"
-
-
-def sweep_results_path(out: str | os.PathLike, bank: Any, configs: Sequence[Any], **settings: Any) -> Path:
-    """A results file named after everything that defines a sweep (null bank, configurations,
-    evaluation settings), so changing any of them starts a new file instead of colliding with
-    the old grid (``run_sweep`` refuses another grid's file); rerunning the same sweep resumes."""
-    import hashlib
-
-    meta = bank.metadata
-    ident = json.dumps(
-        [meta.model_id, meta.kernel, meta.created, sorted(meta.n_samples.items()),
-         [c.key() for c in configs], sorted(settings.items())],
-        default=str,
-    )
-    digest = hashlib.sha256(ident.encode()).hexdigest()[:10]
-    return Path(out) / f"sweep_{meta.kernel}_{digest}.jsonl"
 
 
 def generate_side_by_side(model: Any, tokenizer: Any, prompts: Sequence[str], selector: Any, *,

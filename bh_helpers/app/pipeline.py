@@ -48,10 +48,19 @@ from typing import Any
 import numpy as np
 
 from bh_helpers._locks import exclusive
+from bh_helpers._validate import check_int
+from bh_helpers.app.paths import sweep_grid_id
+from bh_helpers.capture import CapturedLogits
+from bh_helpers.models.texts import (
+    calibration_token_ids,
+    check_datasets,
+    dataset_description,
+    encode,
+    evaluation_texts,
+)
 
 __all__ = [
     "DEFAULT_OUTPUT_DIR",
-    "EVAL_DATASETS",
     "CAPTURED_NAME",
     "NULLS_DIR",
     "RESULTS_NAME",
@@ -59,14 +68,7 @@ __all__ = [
     "DemoSettings",
     "DemoResult",
     "GPUOutOfMemory",
-    "default_null_bank_dir",
-    "model_slug",
-    "calibration_token_ids",
-    "check_datasets",
-    "evaluation_texts",
     "capture_step",
-    "save_captured",
-    "load_captured",
     "fit_step",
     "make_evaluate_fn",
     "sweep_step",
@@ -75,15 +77,11 @@ __all__ = [
 ]
 
 DEFAULT_OUTPUT_DIR = "bh_routing_output"
-EVAL_DATASETS = ("prose", "code", "wikitext2", "wikitext2-fixture")
 CAPTURED_NAME = "captured_logits.safetensors"
 NULLS_DIR = "nulls"
 RESULTS_NAME = "sweep.jsonl"
 SETTINGS_NAME = "run.json"
 STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last demo run
-KDE_MODELS_ENV = "BH_ROUTING_KDE_MODELS"
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (kde_models/ beside bh_helpers/)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,239 +89,14 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (kde_models/ be
 # ----------------------------------------------------------------------------------------------
 
 
-def model_slug(model_name: str) -> str:
-    """Folder name of a model's null bank: ``"tiny"`` -> ``"tiny-olmoe"``, ``"org/name"`` -> ``"org--name"``."""
-    name = os.fspath(model_name)
-    if name == "tiny":
-        return "tiny-olmoe"
-    if os.path.isdir(name):
-        name = Path(name).resolve().name
-    return name.replace("/", "--")
-
-
-def default_null_bank_dir(model_name: str = "tiny", *, must_exist: bool = True) -> Path:
-    """The committed (or user-fitted) null bank folder of a model.
-
-    Looks for ``<root>/kde_models/<model_slug(model_name)>/metadata.json`` with ``<root>`` in
-    this order: the ``BH_ROUTING_KDE_MODELS`` environment variable (a ``kde_models`` folder
-    itself), the current directory, the repository that holds this package.
-
-    Parameters
-    ----------
-    model_name : str, default "tiny"
-        ``"tiny"``, a hub id or a local model path.
-    must_exist : bool, default True
-        Raise when no bank is found; with False return the first candidate (a place to save one).
-
-    Returns
-    -------
-    Path
-
-    Raises
-    ------
-    FileNotFoundError
-        ``must_exist`` and no candidate folder holds a bank.
-
-    Examples
-    --------
-    >>> default_null_bank_dir("tiny").name  # doctest: +SKIP
-    'tiny-olmoe'
-    """
-    slug = model_slug(model_name)
-    roots = []
-    if os.environ.get(KDE_MODELS_ENV):
-        roots.append(Path(os.environ[KDE_MODELS_ENV]))
-    roots += [Path.cwd() / "kde_models", _REPO_ROOT / "kde_models"]
-    candidates = list(dict.fromkeys(r / slug for r in roots))
-    for c in candidates:
-        if (c / "metadata.json").is_file():
-            return c
-    if must_exist:
-        raise FileNotFoundError(
-            f"no null bank for {model_name!r} in {[str(c) for c in candidates]}; fit one with "
-            f"`bh-routing capture` + `bh-routing fit --out kde_models/{slug}` (or set {KDE_MODELS_ENV})."
-        )
-    return candidates[-1] if not os.environ.get(KDE_MODELS_ENV) else candidates[0]
-
-
 # ----------------------------------------------------------------------------------------------
 # Text
 # ----------------------------------------------------------------------------------------------
 
 
-def _eos(tokenizer) -> int:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer defines no eos_token_id, which separates documents.")
-    return int(eos)
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-
-def _check_positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return int(value)
-
-
-def _read_text_file(path: Path) -> str:
-    if not path.is_file():
-        raise ValueError(f"text file {str(path)!r} does not exist.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"text file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); pass a plain-text file."
-        ) from None
-    if not text.strip():
-        raise ValueError(f"text file {str(path)!r} is empty; give it some text to evaluate or calibrate on.")
-    return text
-
-
-def calibration_token_ids(tokenizer, *, max_tokens: int, text_file: str | os.PathLike | None = None) -> list[int]:
-    """Calibration tokens: the embedded calibration slice (half prose, half code) or a text file.
-
-    Documents are joined with EOS; from the embedded slice the first ``max_tokens // 2`` tokens
-    of each domain are taken (prose first), from a file its first ``max_tokens`` tokens.
-
-    Raises
-    ------
-    ValueError
-        Non-positive ``max_tokens``, or a missing or empty ``text_file``.
-    """
-    from bh_helpers.models.loading import load_corpus_slice
-
-    max_tokens = _check_positive("max_tokens", max_tokens)
-    eos = _eos(tokenizer)
-    if text_file is not None:
-        return _encode(tokenizer, _read_text_file(Path(text_file)))[:max_tokens]
-    out: list[int] = []
-    for domain, budget in (("prose", max_tokens // 2), ("code", max_tokens - max_tokens // 2)):
-        stream: list[int] = []
-        for rec in load_corpus_slice("calibration", domain=domain):
-            if len(stream) >= budget:
-                break
-            stream += _encode(tokenizer, rec["text"]) + [eos]
-        out += stream[:budget]
-    return out
-
-
-def _dataset_documents(name: str) -> tuple[list[str], str]:
-    from bh_helpers.evaluation.data import embedded_fixture
-    from bh_helpers.models.loading import load_corpus_slice
-
-    if name in ("prose", "code"):
-        return [r["text"] for r in load_corpus_slice("evaluation", domain=name)], f"embedded corpus, evaluation slice, {name}"
-    if name == "wikitext2":
-        from bh_helpers.evaluation.data import load_wikitext2
-
-        try:
-            return load_wikitext2("test"), "WikiText-2 (raw), test split, from the Hugging Face hub"
-        except (ImportError, RuntimeError) as err:
-            reason = str(err).splitlines()[0]
-            raise ValueError(
-                f"--datasets wikitext2 is the real WikiText-2 test split, loaded with `datasets` from the Hugging "
-                f"Face hub, which failed here ({reason}); offline, use --datasets wikitext2-fixture (the embedded "
-                "WikiText-style sample, not WikiText-2)."
-            ) from None
-    if name == "wikitext2-fixture":
-        return list(embedded_fixture("wikitext2")), "embedded WikiText-style fixture (a sample, not WikiText-2)"
-    path = Path(name)
-    if path.suffix == ".txt" and path.exists():
-        return [_read_text_file(path)], f"file {name}"
-    raise ValueError(
-        f"unknown data set {name!r}; use one of {list(EVAL_DATASETS)} or a path to an existing .txt file."
-    )
-
-
-def check_datasets(names: Sequence[str]) -> None:
-    """Raise ``ValueError`` for an unknown data set name or an empty ``.txt`` file."""
-    if isinstance(names, str) or not names:
-        raise ValueError("`datasets` must be a non-empty list of names, e.g. ['prose', 'code'].")
-    for name in names:
-        _dataset_documents(name)
-
-
-def evaluation_texts(name: str, tokenizer, *, max_tokens: int) -> list[str]:
-    """Documents of an evaluation data set, cut to about its first ``max_tokens`` tokens.
-
-    Whole documents are kept while they fit; the last one is cut to the remaining token budget
-    (decoded from its first tokens).
-
-    Raises
-    ------
-    ValueError
-        Unknown ``name``, an empty ``.txt`` file, or non-positive ``max_tokens``.
-    """
-    max_tokens = _check_positive("max_tokens", max_tokens)
-    docs, _ = _dataset_documents(name)
-    out, used = [], 0
-    for doc in docs:
-        if not doc.strip():
-            continue
-        ids = _encode(tokenizer, doc)
-        room = max_tokens - used
-        if len(ids) + 1 <= room:
-            out.append(doc)
-            used += len(ids) + 1  # one EOS between documents
-        else:
-            if room > 1:
-                out.append(tokenizer.decode(ids[: room - 1]))
-            break
-    if not out:
-        raise ValueError(f"data set {name!r} holds no text.")
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Capture
 # ----------------------------------------------------------------------------------------------
-
-
-def save_captured(captured, path: str | os.PathLike, *, metadata: dict | None = None) -> Path:
-    """Write :class:`~bh_helpers.capture.CapturedLogits` as safetensors (no pickle)."""
-    import torch
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"layer.{layer}": captured[layer].to(torch.float32).contiguous() for layer in captured}
-    tensors["token_ids"] = captured.token_ids.long().contiguous()
-    tensors["positions"] = captured.positions.long().contiguous()
-    tensors["sequence_index"] = captured.sequence_index.long().contiguous()
-    meta = {"format": "bh_helpers.CapturedLogits", "total_tokens": str(int(captured.total_tokens))}
-    meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
-
-
-def load_captured(path: str | os.PathLike):
-    """Read a file written by :func:`save_captured`; returns ``(CapturedLogits, metadata dict)``."""
-    from safetensors import safe_open
-
-    from bh_helpers.capture import CapturedLogits
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"captured logits file {str(path)!r} does not exist; run `bh-routing capture` first.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err}); capture again.") from err
-    if meta.get("format") != "bh_helpers.CapturedLogits":
-        raise ValueError(f"{str(path)!r} was not written by bh_helpers (save_captured); capture again.")
-    logits = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("layer.")}
-    captured = CapturedLogits(
-        logits=logits, token_ids=tensors["token_ids"], positions=tensors["positions"],
-        sequence_index=tensors["sequence_index"], total_tokens=int(meta.get("total_tokens", 0)),
-    )
-    return captured, meta
 
 
 def capture_step(model, tokenizer, *, max_tokens: int = 4096, window: int = 256, batch_size: int = 8,
@@ -343,7 +116,7 @@ def capture_step(model, tokenizer, *, max_tokens: int = 4096, window: int = 256,
     text_file : path-like, optional
         Calibrate on this text instead of the embedded calibration slice.
     out_path : path-like, optional
-        Save the result there with :func:`save_captured`.
+        Save the result there with :meth:`CapturedLogits.save`.
     model_id : str
         Recorded in the file's metadata.
     progress : bool
@@ -356,7 +129,7 @@ def capture_step(model, tokenizer, *, max_tokens: int = 4096, window: int = 256,
 
     from bh_helpers.capture import capture_router_logits
 
-    window, batch_size = _check_positive("window", window), _check_positive("batch_size", batch_size)
+    window, batch_size = check_int("window", window, 1), check_int("batch_size", batch_size, 1)
     batch_size = _room_for(model, window, batch_size)
     ids = calibration_token_ids(tokenizer, max_tokens=max_tokens, text_file=text_file)
     if len(ids) < 2:
@@ -377,7 +150,7 @@ def capture_step(model, tokenizer, *, max_tokens: int = 4096, window: int = 256,
         source = str(text_file) if text_file is not None else "embedded corpus, calibration slice (half prose, half code)"
         from bh_helpers.models.families import router_fingerprint
 
-        save_captured(captured, out_path, metadata={
+        captured.save(out_path, metadata={
             "model_id": model_id, "calibration": f"{source}, {len(ids)} tokens, windows of {window}",
             "router_fingerprint": {str(k): v for k, v in router_fingerprint(model).items()}})
     return captured
@@ -410,7 +183,7 @@ def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192
     Parameters
     ----------
     captured : CapturedLogits or path-like
-        Logits, or a file written by :func:`save_captured`.
+        Logits, or a file written by :meth:`CapturedLogits.save`.
     kernel : str, default "gaussian"
     grid_size : int or None, default 8192
         Grid points per layer (None: the library default, larger files).
@@ -427,7 +200,7 @@ def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192
 
     meta: dict = {}
     if isinstance(captured, (str, os.PathLike)):
-        captured, meta = load_captured(captured)
+        captured, meta = CapturedLogits.load(captured)
     if calibration is None:
         calibration = meta.get("calibration", f"{captured.num_tokens} captured tokens")
     fingerprint = json.loads(meta["router_fingerprint"]) if "router_fingerprint" in meta else None
@@ -455,12 +228,13 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
     """The ``evaluate_fn(config, dataset)`` of :func:`bh_helpers.experiments.sweep.run_sweep`.
 
     Metrics per row: the :class:`~bh_helpers.evaluation.scoring.PerplexityResult` fields (with
-    ``protocol``), :func:`~bh_helpers.evaluation.scoring.compute_summary` (``mean_experts_per_token``,
+    ``protocol``), :func:`~bh_helpers.evaluation.speed.compute_summary` (``mean_experts_per_token``,
     ``relative_compute``, ...), ``std_k``, ``floor_rate``, ``ceiling_rate``,
     ``per_layer_mean_k`` (``{layer: mean k}``) and ``k_hist`` (token-layer pairs with
     0, 1, 2, ... experts).
     """
-    from bh_helpers.evaluation.scoring import compute_summary, perplexity
+    from bh_helpers.evaluation.scoring import perplexity
+    from bh_helpers.evaluation.speed import compute_summary
     from bh_helpers.routing.patch import route
 
     native_k = _native_k(model)
@@ -486,20 +260,6 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
         }
 
     return evaluate
-
-
-def _bank_identity(bank) -> dict:
-    meta = bank.metadata
-    return {"model_id": meta.model_id, "kernel": meta.kernel, "created": meta.created,
-            "n_samples": {str(k): v for k, v in meta.n_samples.items()}}
-
-
-def sweep_grid_id(*, model_id: str, null_bank, datasets: Sequence[str], max_tokens: int, window: int,
-                  stride: int, weights: str) -> str:
-    """The ``grid_id`` of a sweep: everything besides the configurations that changes its numbers."""
-    return json.dumps({"model": model_id, "nulls": _bank_identity(null_bank), "datasets": list(datasets),
-                       "max_tokens": int(max_tokens), "window": int(window), "stride": int(stride),
-                       "weights": weights}, sort_keys=True, separators=(",", ":"))
 
 
 def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.PathLike,
@@ -570,7 +330,7 @@ def _protocol_from_results(results) -> dict:
         "stride": grid.get("stride"),
         "weighting": "token",
         "tokens_per_dataset_cap": grid.get("max_tokens"),
-        "datasets": {name: _dataset_note(name) for name in header.get("datasets", [])},
+        "datasets": {name: dataset_description(name) for name in header.get("datasets", [])},
         "weights_of_selected_experts": _WEIGHT_NOTES.get(grid.get("weights"), grid.get("weights")),
         "compute": "mean experts per token over all routed tokens and layers (routing recorder)",
         "weights": grid.get("weights"),
@@ -587,13 +347,6 @@ _WEIGHT_NOTES = {
     "renorm": "renorm (router probabilities renormalised over the selected experts)",
     "uniform": "uniform (1/k per selected expert)",
 }
-
-
-def _dataset_note(name: str) -> str:
-    try:
-        return _dataset_documents(name)[1]
-    except ValueError:
-        return name
 
 
 def _featured(frontier):
@@ -705,7 +458,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
                 f"Category analysis: {config.label()} (the configuration with the best relative difference on "
                 f"{featured['dataset']}) against static top-{k_match} (its mean k rounded), per prompt.")
         sample = list(load_prompt_sets(prompt_sets).values())[-1][0]
-        ids = _encode(tokenizer, sample)
+        ids = encode(tokenizer, sample)
         with torch.no_grad(), route(model, selector) as rec:
             model(input_ids=torch.tensor([ids], device=_model_device(model)), use_cache=False)
         k = rec.per_token_counts().matrix().double().mean(dim=1).numpy()
@@ -774,7 +527,7 @@ class DemoSettings:
         for name in ("methods", "alphas", "max_ks", "top_ps", "datasets"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("calibration_tokens", "grid_size", "topk_max", "max_tokens", "window", "stride", "batch_size"):
-            _check_positive(name, getattr(self, name))
+            check_int(name, getattr(self, name), 1)
         if self.stride > self.window:
             raise ValueError(f"`stride` ({self.stride}) must not exceed `window` ({self.window}).")
         from bh_helpers.selection.reference import WEIGHT_MODES

@@ -162,7 +162,7 @@ def load_lambada(split: str = "test", *, path: str | Path | None = None) -> list
     -------
     list of dict
         ``{"text": passage}``; the target is the passage's last word
-        (:func:`bh_helpers.evaluation.scoring.split_last_word`).
+        (:func:`bh_helpers.evaluation.tasks.split_last_word`).
     """
     if path is not None:
         p = _check_path(path)

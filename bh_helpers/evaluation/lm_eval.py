@@ -13,7 +13,7 @@ Local tasks live in :func:`local_task_dir` (``bh_helpers/data/lm_eval_tasks/``):
 ``bh_hellaswag_style`` is lm-eval's own ``hellaswag`` task (same ``process_docs``, prompt,
 ``" "`` target delimiter, ``acc``/``acc_norm``) over the committed fixture
 ``bh_helpers/data/fixtures/hellaswag_style.jsonl``, so its ``acc`` equals
-:func:`bh_helpers.evaluation.scoring.multiple_choice_accuracy` on ``load_hellaswag(path=fixture)``.
+:func:`bh_helpers.evaluation.tasks.multiple_choice_accuracy` on ``load_hellaswag(path=fixture)``.
 Their ``data_files`` are written relative to the YAML's folder, but lm-eval passes
 ``dataset_kwargs`` unchanged to ``datasets.load_dataset``, which resolves relative paths
 against the current working directory. :func:`resolved_task_dir` therefore writes, for each

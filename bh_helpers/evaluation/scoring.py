@@ -32,9 +32,7 @@ Protocols (state them next to every number; perplexities are only comparable und
 from __future__ import annotations
 
 import math
-import re
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -42,19 +40,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from bh_helpers._validate import check_int
+from bh_helpers.models.texts import encode, eos_id
+
 __all__ = [
     "PerplexityResult",
     "AccuracyResult",
-    "LastWordResult",
-    "MultipleChoiceResult",
-    "SpeedResult",
     "perplexity",
     "next_token_accuracy",
-    "last_word_accuracy",
-    "multiple_choice_accuracy",
-    "measure_speed",
-    "compute_summary",
-    "split_last_word",
     "scored_token_nll",
     "fit_batch_size",
     "window_bytes",
@@ -135,110 +128,6 @@ class AccuracyResult:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class LastWordResult:
-    """LAMBADA-style last-word accuracy.
-
-    Attributes
-    ----------
-    accuracy : float
-        Fraction of examples whose whole target word is reproduced by greedy decoding.
-    n_correct, n_examples : int
-    perplexity : float
-        ``exp`` of the mean per-example target NLL (lm-eval's LAMBADA ``perplexity``).
-    correct : list of bool
-        Per example.
-    target_nll : list of float
-        Per example, summed over the target's tokens (nats).
-    predictions : list of list of int
-        Per example, the argmax token at each target position. Up to and including the first
-        wrong position this is exactly what greedy decoding produces.
-    """
-
-    accuracy: float
-    n_correct: int
-    n_examples: int
-    perplexity: float
-    correct: list = field(default_factory=list)
-    target_nll: list = field(default_factory=list)
-    predictions: list = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """Scalar metrics only (no per-example lists), for sweeps and tables."""
-        return _scalar_fields(self)
-
-
-@dataclass(frozen=True)
-class MultipleChoiceResult:
-    """HellaSwag-style multiple-choice accuracy.
-
-    Attributes
-    ----------
-    acc : float
-        Unnormalised: the ending with the largest summed log-likelihood wins
-        (lm-eval's ``acc``).
-    acc_norm : float
-        Per-character normalised: summed log-likelihood divided by the number of characters of
-        the ending (without the leading space), as lm-eval's ``acc_norm``.
-    acc_per_token : float
-        Per-token normalised: mean log-likelihood over the ending's tokens.
-    n_examples : int
-    loglik : list of list of float
-        Per example and ending, summed log-likelihood (nats) of ``" " + ending``.
-    n_chars, n_tokens : list of list of int
-        Per example and ending, the normalisers used above.
-    """
-
-    acc: float
-    acc_norm: float
-    acc_per_token: float
-    n_examples: int
-    loglik: list = field(default_factory=list)
-    n_chars: list = field(default_factory=list)
-    n_tokens: list = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """Scalar metrics only (no per-example lists), for sweeps and tables."""
-        return _scalar_fields(self)
-
-
-@dataclass(frozen=True)
-class SpeedResult:
-    """Throughput of prefill (plain forward passes) and greedy decoding (``generate``).
-
-    Attributes
-    ----------
-    prefill_tokens_per_s : float
-        Non-padding prompt tokens per second of forward passes.
-    decode_tokens_per_s : float
-        New tokens per second of ``generate`` wall time (the prompt's prefill included).
-    decode_only_tokens_per_s : float
-        New tokens per second of ``generate`` time minus the measured prefill time of the same
-        batches (an estimate of the incremental decode speed); ``nan`` when not positive.
-    prefill_time_s, decode_time_s : float
-        Wall times summed over the batches (after warm-up).
-    n_prompt_tokens, n_new_tokens : int
-    batch_size, max_new_tokens : int
-    device, dtype : str
-    """
-
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    decode_only_tokens_per_s: float
-    prefill_time_s: float
-    decode_time_s: float
-    n_prompt_tokens: int
-    n_new_tokens: int
-    batch_size: int
-    max_new_tokens: int
-    device: str
-    dtype: str
-
-    def to_dict(self) -> dict:
-        """Flat ``dict`` for sweeps and tables."""
-        return asdict(self)
-
-
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
 # ----------------------------------------------------------------------------------------------
@@ -257,16 +146,6 @@ def _context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def _eos_id(tokenizer) -> int:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        raise ValueError(
-            "`tokenizer` has no `eos_token_id`; set `tokenizer.eos_token` (documents are "
-            "separated by EOS and empty contexts start with it)."
-        )
-    return int(eos)
-
-
 def _pad_id(tokenizer) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
@@ -279,19 +158,9 @@ def _tokenizer_name(tokenizer) -> str:
     return name or type(tokenizer).__name__
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    # verbose=False: long texts are windowed later, the tokenizer's length warning does not apply.
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-
 def _batched(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
 
 
 def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -406,7 +275,7 @@ def fit_batch_size(model, window: int, requested: int, *, free_bytes: int | None
         logits, over :func:`window_bytes`. Below 1 it still returns 1 (an out-of-memory error then
         names the option to lower).
     """
-    _check_batch_size(requested)
+    check_int("batch_size", requested, 1)
     if free_bytes is None:
         device = _device(model)
         if device.type != "cuda":
@@ -463,10 +332,10 @@ def _as_text_list(texts) -> list[str]:
 
 def _token_stream(tokenizer, texts: list[str]) -> list[int]:
     """Tokenize documents and join them with one EOS between consecutive documents."""
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     stream: list[int] = []
     for text in texts:
-        ids = _encode(tokenizer, text) if text else []
+        ids = encode(tokenizer, text) if text else []
         if not ids:
             continue
         if stream:
@@ -514,7 +383,7 @@ def _resolve_window(model, window: int | None, stride: int | None) -> tuple[int,
 def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, progress, desc):
     """Run the windowed protocol; return (sum NLL float64, n_correct, n_tokens, protocol)."""
     texts = _as_text_list(texts)
-    _check_batch_size(batch_size)
+    check_int("batch_size", batch_size, 1)
     window, stride = _resolve_window(model, window, stride)
     stream = _token_stream(tokenizer, texts)
     if len(stream) < 2:
@@ -627,428 +496,3 @@ def next_token_accuracy(
     return AccuracyResult(accuracy=n_correct / n, n_correct=n_correct, n_tokens=n, protocol=protocol)
 
 
-# ----------------------------------------------------------------------------------------------
-# Continuation scoring: last word (LAMBADA) and multiple choice (HellaSwag)
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _ContinuationScore:
-    logprob: float  # summed over the continuation tokens (nats)
-    n_tokens: int
-    greedy: bool  # argmax equals the token at every continuation position
-    argmax: list  # argmax token per continuation position
-
-
-def _build_request(tokenizer, context: str, continuation: str, limit: int | None) -> tuple[list[int], list[int]]:
-    ctx = _encode(tokenizer, context)
-    cont = _encode(tokenizer, continuation)
-    if not cont:
-        raise ValueError(f"continuation {continuation!r} has no tokens; every target must be non-empty.")
-    if not ctx:
-        ctx = [_eos_id(tokenizer)]
-    if limit is not None:
-        # The model sees ctx + cont[:-1]; keep at most `limit` tokens, dropping context on the left.
-        room = limit - (len(cont) - 1)
-        if room < 1:
-            raise ValueError(
-                f"continuation of {len(cont)} tokens does not fit the model's context of {limit} tokens."
-            )
-        ctx = ctx[-room:]
-    return ctx, cont
-
-
-def _score_continuations(
-    model, requests: Sequence[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int,
-    progress: bool, desc: str,
-) -> list[_ContinuationScore]:
-    """Score each ``(context_ids, continuation_ids)`` with one forward pass per batch."""
-    device = _device(model)
-    results: list[_ContinuationScore | None] = [None] * len(requests)
-    # Longest first, so that each batch holds similar lengths (less padding); padding is never
-    # scored, so the order changes nothing but speed. Results come back in the input order.
-    order = sorted(range(len(requests)), key=lambda j: -(len(requests[j][0]) + len(requests[j][1])))
-    model.eval()
-    with torch.no_grad():
-        for batch_idx in tqdm(list(_batched(order, batch_size)), desc=desc, disable=not progress):
-            batch = [requests[j] for j in batch_idx]
-            rows = [ctx + cont[:-1] for ctx, cont in batch]
-            ids, mask = _right_pad(rows, pad_id, device)
-            states, to_logits = _forward_hidden(model, ids, mask)  # (B, T, H) or (B, T, V)
-            for i, (j, (ctx, cont)) in enumerate(zip(batch_idx, batch)):
-                start = len(ctx) - 1  # logits at `start` predict cont[0]
-                lp = torch.log_softmax(to_logits(states[i, start : start + len(cont)]).float(), dim=-1)  # (L, V)
-                target = torch.as_tensor(cont, device=device)
-                token_lp = lp.gather(-1, target[:, None]).squeeze(-1)  # (L,)
-                argmax = lp.argmax(-1)
-                results[j] = _ContinuationScore(
-                    logprob=float(token_lp.double().sum()),
-                    n_tokens=len(cont),
-                    greedy=bool((argmax == target).all()),
-                    argmax=argmax.tolist(),
-                )
-    return results  # type: ignore[return-value]
-
-
-_LAST_WORD = re.compile(r"^(.*\S)(\s+\S+)\s*$", re.DOTALL)
-
-
-def split_last_word(text: str) -> tuple[str, str]:
-    """Split ``text`` into ``(context, target)`` at its last whitespace-separated word.
-
-    The whitespace before the last word belongs to the target (``"a b c" -> ("a b", " c")``),
-    as in lm-eval's LAMBADA task; trailing whitespace is dropped.
-
-    Raises
-    ------
-    ValueError
-        When ``text`` has fewer than two words.
-
-    Examples
-    --------
-    >>> split_last_word("the cat sat on the mat")
-    ('the cat sat on the', ' mat')
-    """
-    m = _LAST_WORD.match(text)
-    if m is None:
-        raise ValueError(f"example text must contain at least two words, got {text!r}.")
-    return m.group(1), m.group(2)
-
-
-def _last_word_pair(example) -> tuple[str, str]:
-    if isinstance(example, str):
-        return split_last_word(example)
-    if isinstance(example, Mapping):
-        if "context" in example and "target" in example:
-            return str(example["context"]), str(example["target"])
-        if "text" in example:
-            return split_last_word(str(example["text"]))
-    raise ValueError(
-        "each example must be a string, a {'text': ...} dict, or a {'context', 'target'} dict; "
-        f"got {example!r}."
-    )
-
-
-def last_word_accuracy(
-    model,
-    tokenizer,
-    examples: Iterable[str | Mapping[str, str]],
-    *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: bool = True,
-) -> LastWordResult:
-    """LAMBADA-style accuracy: does greedy decoding reproduce the final word exactly?
-
-    Parameters
-    ----------
-    examples : iterable of str or dict
-        ``"text"`` strings or ``{"text": ...}`` dicts (split with :func:`split_last_word`: the
-        target is the last whitespace-separated word with the whitespace before it), or explicit
-        ``{"context": ..., "target": ...}`` dicts.
-    batch_size : int
-        Examples per forward pass.
-    progress : bool
-        Show a tqdm bar.
-
-    Returns
-    -------
-    LastWordResult
-
-    Notes
-    -----
-    The target may span several tokens. It is checked teacher-forced in one forward pass over
-    ``context + target[:-1]``: an example is correct iff the argmax at every target position
-    equals the target token. This is equivalent to greedy-decoding ``len(target)`` tokens from
-    the context and comparing them: if the first ``j`` greedy tokens equal the target's, greedy
-    decoding's input at step ``j`` is exactly the teacher-forced input, so the two argmaxes
-    agree; by induction all match iff greedy decoding emits the target. (Argmax ties break to
-    the lowest index in both. Incremental decoding with a KV cache can differ from a full
-    forward pass in the last floating-point bits, which matters only at near-ties.)
-    """
-    _check_batch_size(batch_size)
-    pairs = [_last_word_pair(ex) for ex in examples]
-    if not pairs:
-        raise ValueError("`examples` is empty.")
-    limit = _context_length(model)
-    requests = [_build_request(tokenizer, c, t, limit) for c, t in pairs]
-    scores = _score_continuations(
-        model, requests, pad_id=_pad_id(tokenizer), batch_size=batch_size, progress=progress,
-        desc="last-word accuracy",
-    )
-    correct = [s.greedy for s in scores]
-    nll = [-s.logprob for s in scores]
-    n_correct = sum(correct)
-    return LastWordResult(
-        accuracy=n_correct / len(scores),
-        n_correct=n_correct,
-        n_examples=len(scores),
-        perplexity=math.exp(sum(nll) / len(nll)),
-        correct=correct,
-        target_nll=nll,
-        predictions=[s.argmax for s in scores],
-    )
-
-
-def _check_mc_example(i: int, ex) -> tuple[str, list[str], int]:
-    try:
-        context, endings, label = ex["context"], list(ex["endings"]), int(ex["label"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(
-            f"example {i} must be a dict with 'context' (str), 'endings' (list of str) and "
-            f"'label' (int): {err!r}"
-        ) from None
-    if len(endings) < 2 or not 0 <= label < len(endings):
-        raise ValueError(f"example {i}: need >= 2 endings and 0 <= label < len(endings), got {ex!r}.")
-    return str(context), [str(e) for e in endings], label
-
-
-def multiple_choice_accuracy(
-    model,
-    tokenizer,
-    examples: Iterable[Mapping[str, Any]],
-    *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: bool = True,
-) -> MultipleChoiceResult:
-    """HellaSwag-style multiple-choice accuracy by log-likelihood of each ending.
-
-    Parameters
-    ----------
-    examples : iterable of dict
-        ``{"context": str, "endings": list[str], "label": int}``. Each ending is scored as the
-        continuation ``" " + ending`` of ``context`` (lm-eval's target delimiter).
-    batch_size : int
-        (example, ending) pairs per forward pass.
-    progress : bool
-        Show a tqdm bar.
-
-    Returns
-    -------
-    MultipleChoiceResult
-        ``acc`` (unnormalised summed log-likelihood), ``acc_norm`` (divided by the number of
-        characters of the ending, lm-eval's ``acc_norm``) and ``acc_per_token`` (divided by its
-        number of tokens). Ties go to the first ending.
-    """
-    _check_batch_size(batch_size)
-    parsed = [_check_mc_example(i, ex) for i, ex in enumerate(examples)]
-    if not parsed:
-        raise ValueError("`examples` is empty.")
-    limit = _context_length(model)
-    requests = []
-    for context, endings, _ in parsed:
-        requests.extend(_build_request(tokenizer, context, " " + e, limit) for e in endings)
-    scores = _score_continuations(
-        model, requests, pad_id=_pad_id(tokenizer), batch_size=batch_size, progress=progress,
-        desc="multiple choice",
-    )
-    loglik, n_chars, n_tokens = [], [], []
-    hits = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
-    pos = 0
-    for context, endings, label in parsed:
-        ll = [s.logprob for s in scores[pos : pos + len(endings)]]
-        nt = [s.n_tokens for s in scores[pos : pos + len(endings)]]
-        nc = [max(len(e), 1) for e in endings]
-        pos += len(endings)
-        for name, values in (
-            ("acc", ll),
-            ("acc_norm", [a / c for a, c in zip(ll, nc)]),
-            ("acc_per_token", [a / t for a, t in zip(ll, nt)]),
-        ):
-            hits[name] += int(max(range(len(values)), key=values.__getitem__) == label)
-        loglik.append(ll)
-        n_chars.append(nc)
-        n_tokens.append(nt)
-    n = len(parsed)
-    return MultipleChoiceResult(
-        acc=hits["acc"] / n,
-        acc_norm=hits["acc_norm"] / n,
-        acc_per_token=hits["acc_per_token"] / n,
-        n_examples=n,
-        loglik=loglik,
-        n_chars=n_chars,
-        n_tokens=n_tokens,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Speed
-# ----------------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_speed(
-    model,
-    tokenizer,
-    texts: str | Sequence[str],
-    *,
-    max_new_tokens: int = 32,
-    prompt_tokens: int = 128,
-    batch_size: int = 1,
-    warmup: int = 1,
-    progress: bool = True,
-) -> SpeedResult:
-    """Tokens per second of prefill and of greedy decoding.
-
-    Parameters
-    ----------
-    texts : str or sequence of str
-        Prompts; each is tokenized and cut to its first ``prompt_tokens`` tokens.
-    max_new_tokens : int
-        Tokens generated per prompt; EOS is suppressed (``min_new_tokens = max_new_tokens``)
-        so every prompt generates exactly this many.
-    prompt_tokens : int
-        Maximum prompt length in tokens.
-    batch_size : int
-        Prompts per forward pass / ``generate`` call (left-padded).
-    warmup : int
-        Batches run once, untimed, before measuring.
-    progress : bool
-        Show a tqdm bar.
-
-    Returns
-    -------
-    SpeedResult
-
-    Notes
-    -----
-    Timings are wall-clock (``time.perf_counter``) with ``torch.cuda.synchronize`` before and
-    after each timed call on CUDA.
-    """
-    texts = _as_text_list(texts)
-    _check_batch_size(batch_size)
-    for name, value in (("max_new_tokens", max_new_tokens), ("prompt_tokens", prompt_tokens)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"`warmup` must be a non-negative integer, got {warmup!r}.")
-    prompts = [ids[:prompt_tokens] for ids in (_encode(tokenizer, t) for t in texts if t) if ids]
-    if not prompts:
-        raise ValueError("`texts` is empty: no prompt has any tokens.")
-    limit = _context_length(model)
-    if limit is not None and prompt_tokens + max_new_tokens > limit:
-        raise ValueError(
-            f"`prompt_tokens` + `max_new_tokens` = {prompt_tokens + max_new_tokens} exceeds the "
-            f"model's context length ({limit}); lower one of them."
-        )
-    device = _device(model)
-    pad_id = _pad_id(tokenizer)
-    eos_id = getattr(tokenizer, "eos_token_id", None)
-    batches = list(_batched(prompts, batch_size))
-
-    def left_pad(rows):
-        longest = max(len(r) for r in rows)
-        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, longest - len(r) :] = torch.as_tensor(r)
-            mask[i, longest - len(r) :] = 1
-        return ids.to(device), mask.to(device)
-
-    def prefill(ids, mask):
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-
-    def decode(ids, mask):
-        return model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-            eos_token_id=eos_id,
-        )
-
-    def timed(fn, *args):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn(*args)
-        _sync(device)
-        return time.perf_counter() - t0, out
-
-    model.eval()
-    with torch.no_grad():
-        for rows in batches[:warmup]:
-            ids, mask = left_pad(rows)
-            prefill(ids, mask)
-            decode(ids, mask)
-        t_prefill = t_decode = 0.0
-        n_prompt = n_new = 0
-        for rows in tqdm(batches, desc="speed", disable=not progress):
-            ids, mask = left_pad(rows)
-            dt, _ = timed(prefill, ids, mask)
-            t_prefill += dt
-            n_prompt += int(mask.sum())
-            dt, out = timed(decode, ids, mask)
-            t_decode += dt
-            n_new += int(out.shape[0] * (out.shape[1] - ids.shape[1]))
-    only = t_decode - t_prefill
-    param = next(model.parameters())
-    return SpeedResult(
-        prefill_tokens_per_s=n_prompt / t_prefill if t_prefill > 0 else math.inf,
-        decode_tokens_per_s=n_new / t_decode if t_decode > 0 else math.inf,
-        decode_only_tokens_per_s=n_new / only if only > 0 else math.nan,
-        prefill_time_s=t_prefill,
-        decode_time_s=t_decode,
-        n_prompt_tokens=n_prompt,
-        n_new_tokens=n_new,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        device=str(param.device),
-        dtype=str(param.dtype).replace("torch.", ""),
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Compute accounting
-# ----------------------------------------------------------------------------------------------
-
-_MEAN_K_KEYS = ("mean_experts_per_token", "mean_k", "experts_per_token_mean", "mean_experts")
-_TOTAL_KEYS = ("total_expert_activations", "total_activations", "expert_activations", "n_activations")
-
-
-def compute_summary(recorder_summary: Mapping[str, Any], native_k: int) -> dict:
-    """Relative expert compute from a routing recorder's summary.
-
-    Parameters
-    ----------
-    recorder_summary : mapping
-        ``rec.summary()`` of :func:`bh_helpers.routing.patch.route`; must hold the mean number of
-        experts per token (key ``"mean_experts_per_token"``, or ``"mean_k"``); a total of expert
-        activations (``"total_expert_activations"`` or ``"total_activations"``) is copied when
-        present.
-    native_k : int
-        The model's own top-k (OLMoE: 8).
-
-    Returns
-    -------
-    dict
-        ``{"mean_experts_per_token", "relative_compute", "native_k"}`` plus
-        ``"total_expert_activations"`` and the recorder's own ``"activation_ratio"`` (activations
-        over native activations, which equals ``relative_compute`` when every routed layer's
-        native k is ``native_k``) when available; ``relative_compute = mean_k / native_k``.
-
-    Examples
-    --------
-    >>> compute_summary({"mean_experts_per_token": 4.0}, native_k=8)["relative_compute"]
-    0.5
-    """
-    if not isinstance(native_k, (int, float)) or native_k <= 0:
-        raise ValueError(f"`native_k` must be positive (the model's own top-k), got {native_k!r}.")
-    mean_k = next((recorder_summary[k] for k in _MEAN_K_KEYS if k in recorder_summary), None)
-    if mean_k is None:
-        raise ValueError(
-            "`recorder_summary` has no mean experts per token; expected one of "
-            f"{list(_MEAN_K_KEYS)}, got keys {sorted(recorder_summary)}."
-        )
-    mean_k = float(mean_k)
-    out = {
-        "mean_experts_per_token": mean_k,
-        "relative_compute": mean_k / native_k,
-        "native_k": native_k,
-    }
-    total = next((recorder_summary[k] for k in _TOTAL_KEYS if k in recorder_summary), None)
-    if total is not None:
-        out["total_expert_activations"] = int(total)
-    if "activation_ratio" in recorder_summary:
-        out["activation_ratio"] = float(recorder_summary["activation_ratio"])
-    return out

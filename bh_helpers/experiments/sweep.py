@@ -443,7 +443,8 @@ def run_sweep(
     --------
     A perplexity-and-compute sweep (``banks`` maps kernel names to fitted null banks)::
 
-        from bh_helpers.evaluation.scoring import compute_summary, perplexity
+        from bh_helpers.evaluation.scoring import perplexity
+        from bh_helpers.evaluation.speed import compute_summary
         from bh_helpers.routing.patch import route
 
         data = {"wikitext2": embedded_fixture("wikitext2")}

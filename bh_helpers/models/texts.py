@@ -1,0 +1,172 @@
+"""Texts that feed the model: calibration tokens for capture, evaluation documents by data-set name.
+
+Evaluation data sets (:data:`EVAL_DATASETS`): ``prose`` and ``code`` are the two domains of the
+embedded corpus's evaluation slice (held out from training and from calibration), ``wikitext2``
+the real WikiText-2 test split (through ``datasets``, from the hub), ``wikitext2-fixture`` the
+embedded WikiText-style sample (offline; named apart so that no table calls it WikiText-2); a
+path to a UTF-8 ``.txt`` file is used as one document.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from bh_helpers._validate import check_int
+from bh_helpers.evaluation.data import embedded_fixture, load_wikitext2
+from bh_helpers.models.loading import load_corpus_slice
+
+__all__ = [
+    "EVAL_DATASETS",
+    "calibration_token_ids",
+    "check_datasets",
+    "corpus_texts",
+    "dataset_description",
+    "encode",
+    "eos_id",
+    "evaluation_texts",
+]
+
+EVAL_DATASETS = ("prose", "code", "wikitext2", "wikitext2-fixture")
+
+
+def eos_id(tokenizer) -> int:
+    """The tokenizer's end-of-sequence id, which separates documents (``ValueError`` when it has none)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer defines no eos_token_id, which separates documents.")
+    return int(eos)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (no length warning for long documents)."""
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _read_text_file(path: Path) -> str:
+    if not path.is_file():
+        raise ValueError(f"text file {str(path)!r} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"text file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); pass a plain-text file."
+        ) from None
+    if not text.strip():
+        raise ValueError(f"text file {str(path)!r} is empty; give it some text to evaluate or calibrate on.")
+    return text
+
+
+def calibration_token_ids(tokenizer, *, max_tokens: int, text_file: str | os.PathLike | None = None) -> list[int]:
+    """Calibration tokens: the embedded calibration slice (half prose, half code) or a text file.
+
+    Documents are joined with EOS; from the embedded slice the first ``max_tokens // 2`` tokens
+    of each domain are taken (prose first), from a file its first ``max_tokens`` tokens.
+
+    Raises
+    ------
+    ValueError
+        Non-positive ``max_tokens``, or a missing or empty ``text_file``.
+    """
+    max_tokens = check_int("max_tokens", max_tokens, 1)
+    eos = eos_id(tokenizer)
+    if text_file is not None:
+        return encode(tokenizer, _read_text_file(Path(text_file)))[:max_tokens]
+    out: list[int] = []
+    for domain, budget in (("prose", max_tokens // 2), ("code", max_tokens - max_tokens // 2)):
+        stream: list[int] = []
+        for rec in load_corpus_slice("calibration", domain=domain):
+            if len(stream) >= budget:
+                break
+            stream += encode(tokenizer, rec["text"]) + [eos]
+        out += stream[:budget]
+    return out
+
+
+def _dataset_documents(name: str) -> tuple[list[str], str]:
+    if name in ("prose", "code"):
+        return [r["text"] for r in load_corpus_slice("evaluation", domain=name)], f"embedded corpus, evaluation slice, {name}"
+    if name == "wikitext2":
+        try:
+            return load_wikitext2("test"), "WikiText-2 (raw), test split, from the Hugging Face hub"
+        except (ImportError, RuntimeError) as err:
+            reason = str(err).splitlines()[0]
+            raise ValueError(
+                f"--datasets wikitext2 is the real WikiText-2 test split, loaded with `datasets` from the Hugging "
+                f"Face hub, which failed here ({reason}); offline, use --datasets wikitext2-fixture (the embedded "
+                "WikiText-style sample, not WikiText-2)."
+            ) from None
+    if name == "wikitext2-fixture":
+        return list(embedded_fixture("wikitext2")), "embedded WikiText-style fixture (a sample, not WikiText-2)"
+    path = Path(name)
+    if path.suffix == ".txt" and path.exists():
+        return [_read_text_file(path)], f"file {name}"
+    raise ValueError(
+        f"unknown data set {name!r}; use one of {list(EVAL_DATASETS)} or a path to an existing .txt file."
+    )
+
+
+def dataset_description(name: str) -> str:
+    """What a data-set name stands for, as reports state it (the name itself when unknown)."""
+    try:
+        return _dataset_documents(name)[1]
+    except ValueError:
+        return name
+
+
+def check_datasets(names: Sequence[str]) -> None:
+    """Raise ``ValueError`` for an unknown data set name or an empty ``.txt`` file."""
+    if isinstance(names, str) or not names:
+        raise ValueError("`datasets` must be a non-empty list of names, e.g. ['prose', 'code'].")
+    for name in names:
+        _dataset_documents(name)
+
+
+def evaluation_texts(name: str, tokenizer, *, max_tokens: int) -> list[str]:
+    """Documents of an evaluation data set, cut to about its first ``max_tokens`` tokens.
+
+    Whole documents are kept while they fit; the last one is cut to the remaining token budget
+    (decoded from its first tokens).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``name``, an empty ``.txt`` file, or non-positive ``max_tokens``.
+    """
+    max_tokens = check_int("max_tokens", max_tokens, 1)
+    docs, _ = _dataset_documents(name)
+    out, used = [], 0
+    for doc in docs:
+        if not doc.strip():
+            continue
+        ids = encode(tokenizer, doc)
+        room = max_tokens - used
+        if len(ids) + 1 <= room:
+            out.append(doc)
+            used += len(ids) + 1  # one EOS between documents
+        else:
+            if room > 1:
+                out.append(tokenizer.decode(ids[: room - 1]))
+            break
+    if not out:
+        raise ValueError(f"data set {name!r} holds no text.")
+    return out
+
+
+def _balanced(records: list[dict], n: int | None) -> list[str]:
+    """Alternate prose and code records (file order within a domain); the first ``n``."""
+    by_domain: dict[str, list[str]] = {}
+    for r in records:
+        by_domain.setdefault(r["domain"], []).append(r["text"])
+    out: list[str] = []
+    columns = list(by_domain.values())
+    for i in range(max((len(c) for c in columns), default=0)):
+        out.extend(c[i] for c in columns if i < len(c))
+    return out if n is None else out[:n]
+
+
+def corpus_texts(slice_name: str, n: int | None = None, *, domain: str | None = None) -> list[str]:
+    """Whole documents of the embedded corpus: ``"calibration"`` or ``"evaluation"`` slice, prose and
+    code alternating (file order within a domain), the first ``n`` (all when None)."""
+    return _balanced(load_corpus_slice(slice_name, domain=domain), n)
