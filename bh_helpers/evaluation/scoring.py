@@ -1,4 +1,4 @@
-"""Evaluation of a (possibly re-routed) causal language model: perplexity, accuracy, speed.
+"""Windowed scoring of a (possibly re-routed) causal language model: perplexity, next-token accuracy.
 
 Every function takes ``model, tokenizer`` and plain Python data, runs under
 :func:`torch.no_grad` with the model in eval mode, and changes nothing about the routing:
@@ -6,7 +6,7 @@ the caller wraps the call with :func:`bh_helpers.routing.patch.route` to evaluat
 
     with route(model, selector) as rec:
         ppl = perplexity(model, tokenizer, texts, window=1024, stride=512)
-    compute = compute_summary(rec.summary(), native_k=8)
+    compute = compute_summary(rec.summary(), native_k=8)  # bh_helpers.evaluation.speed
 
 Protocols (state them next to every number; perplexities are only comparable under one):
 
@@ -23,10 +23,7 @@ Protocols (state them next to every number; perplexities are only comparable und
   Scores are token-weighted over the whole stream: ``nll`` is the mean negative log-likelihood
   (natural log) over all scored tokens and ``perplexity = exp(nll)``. Padding of the last,
   shorter window is never scored.
-- **Continuations** (:func:`last_word_accuracy`, :func:`multiple_choice_accuracy`). Context and
-  continuation are tokenized separately (no special tokens) and concatenated; an empty context
-  becomes a single EOS token; a request longer than the model's context is truncated on the
-  left of the context. One forward pass scores all continuation tokens.
+- **Continuations** (:mod:`bh_helpers.evaluation.tasks`: last word, multiple choice): see there.
 """
 
 from __future__ import annotations
