@@ -197,7 +197,14 @@ def _forward_and_generate(model, tok):
     out = model.generate(**one, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     new = out[0, one["input_ids"].shape[1]:]
     assert new.numel() > 0
-    assert isinstance(tok.decode(new), str)
+    # oracle: greedy decoding by hand, one full forward per token (no cache)
+    ids = one["input_ids"]
+    with torch.no_grad():
+        for _ in range(new.numel()):
+            step = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            ids = torch.cat([ids, step], dim=1)
+    assert torch.equal(ids[0, one["input_ids"].shape[1]:], new)
+    assert tok.decode(new) == tok.decode(new.tolist())  # decodes to text, and the same from ids or a list
     return logits
 
 

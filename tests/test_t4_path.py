@@ -293,9 +293,8 @@ def test_fit_batch_size_against_a_hand_computed_budget(tiny_model_and_tokenizer)
 
 def test_sweep_lowers_batch_size_with_a_warning_when_memory_is_short(monkeypatch, tiny_model_and_tokenizer):
     from bh_helpers.app import pipeline
-    from bh_helpers.evaluation import scoring as evaluation
 
     model, _ = tiny_model_and_tokenizer
-    monkeypatch.setattr(evaluation, "fit_batch_size", lambda model, window, requested: 3)
+    monkeypatch.setattr(pipeline, "fit_batch_size", lambda model, window, requested: 3)
     with pytest.warns(UserWarning, match=r"batch_size=8 windows of 256 tokens does not fit.*--batch-size 3"):
         assert pipeline._room_for(model, 256, 8) == 3

@@ -6,7 +6,6 @@ something to find and the number of experts per token moves with alpha.
 
 from __future__ import annotations
 
-import statistics
 
 import numpy as np
 import pytest
@@ -98,17 +97,20 @@ def test_bad_settings_raise(explorer):
         explorer.update(alpha=0.0)
 
 
-def test_update_time(explorer):
-    """Each slider move must recompute in well under 100 ms; asserted against 1 s (shared CPUs)."""
+def test_every_update_is_timed_and_correct(explorer):
+    """Each slider move records its own time (the speed promise, well under 100 ms per move, is a
+    benchmark figure: ``python benchmarks/bench_widgets.py``); every move's counts are the oracle's."""
     explorer.timings_ms.clear()
-    alphas = np.geomspace(1e-4, 0.9, 25)
+    assert np.isnan(explorer.median_update_ms())
+    alphas = np.geomspace(1e-4, 0.9, 9)
     for i, alpha in enumerate(alphas):
-        explorer.update(alpha=float(alpha), kernel=("gaussian", "empirical")[i % 2], layer=i % LAYERS, max_k=8, min_k=1)
-    median = statistics.median(explorer.timings_ms)
-    print(f"AlphaExplorer.update median {median:.2f} ms over {len(explorer.timings_ms)} updates "
-          f"({TOKENS} tokens x {LAYERS} layers x {EXPERTS} experts); max {max(explorer.timings_ms):.2f} ms")
-    assert median == explorer.median_update_ms()
-    assert median < 1000.0
+        kernel, layer = ("gaussian", "empirical")[i % 2], i % LAYERS
+        state = explorer.update(alpha=float(alpha), kernel=kernel, layer=layer, max_k=8, min_k=1, method="bh")
+        assert explorer.timings_ms[-1] == state.elapsed_ms > 0.0
+        p = explorer.banks[kernel].pvalues(explorer.logits[layer], layer)
+        assert torch.equal(state.counts[:, layer], fdr_counts(p, float(alpha), "bh").clamp(1, 8))
+    assert len(explorer.timings_ms) == len(alphas)
+    assert explorer.median_update_ms() == sorted(explorer.timings_ms)[len(alphas) // 2]  # odd count: the middle one
 
 
 def test_alpha_table_and_restores_settings(explorer):

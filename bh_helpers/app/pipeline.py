@@ -37,7 +37,6 @@ import contextlib
 import datetime as _dt
 import functools
 import json
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -50,14 +49,20 @@ import numpy as np
 from bh_helpers._locks import exclusive
 from bh_helpers._validate import check_int
 from bh_helpers.app.paths import sweep_grid_id
-from bh_helpers.capture import CapturedLogits
-from bh_helpers.models.texts import (
-    calibration_token_ids,
-    check_datasets,
-    dataset_description,
-    encode,
-    evaluation_texts,
-)
+from bh_helpers.app.report_step import report_step
+from bh_helpers.capture import CapturedLogits, capture_router_logits
+from bh_helpers.evaluation.scoring import fit_batch_size, perplexity
+from bh_helpers.evaluation.speed import compute_summary
+from bh_helpers.experiments.frontier import compute_frontier
+from bh_helpers.experiments.sweep import expand_grid, run_sweep
+from bh_helpers.models.families import router_fingerprint
+from bh_helpers.models.loading import load_model
+from bh_helpers.models.texts import calibration_token_ids, check_datasets, evaluation_texts
+from bh_helpers.nulls.bank import NullBank
+from bh_helpers.nulls.fit import fit_null_bank
+from bh_helpers.routing.patch import route
+from bh_helpers.selection.reference import WEIGHT_MODES
+from bh_helpers.selection.selectors import NativeSelector
 
 __all__ = [
     "DEFAULT_OUTPUT_DIR",
@@ -127,7 +132,6 @@ def capture_step(model, tokenizer, *, max_tokens: int = 4096, window: int = 256,
     """
     import torch
 
-    from bh_helpers.capture import capture_router_logits
 
     window, batch_size = check_int("window", window, 1), check_int("batch_size", batch_size, 1)
     batch_size = _room_for(model, window, batch_size)
@@ -148,7 +152,6 @@ def capture_step(model, tokenizer, *, max_tokens: int = 4096, window: int = 256,
     captured = capture_router_logits(model, batches, progress=progress)
     if out_path is not None:
         source = str(text_file) if text_file is not None else "embedded corpus, calibration slice (half prose, half code)"
-        from bh_helpers.models.families import router_fingerprint
 
         captured.save(out_path, metadata={
             "model_id": model_id, "calibration": f"{source}, {len(ids)} tokens, windows of {window}",
@@ -160,7 +163,6 @@ def _room_for(model, window: int, batch_size: int) -> int:
     """``batch_size``, lowered (with a warning naming ``--batch-size``) when the GPU has no room for it."""
     import warnings
 
-    from bh_helpers.evaluation.scoring import fit_batch_size
 
     fitted = fit_batch_size(model, window, batch_size)
     if fitted < batch_size:
@@ -196,7 +198,6 @@ def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192
     -------
     NullBank
     """
-    from bh_helpers.nulls.fit import fit_null_bank
 
     meta: dict = {}
     if isinstance(captured, (str, os.PathLike)):
@@ -217,12 +218,6 @@ def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192
 # ----------------------------------------------------------------------------------------------
 
 
-def _native_k(model) -> int:
-    from bh_helpers.selection.selectors import NativeSelector
-
-    return int(NativeSelector.for_model(model).k)
-
-
 def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank, window: int = 256,
                      stride: int = 256, batch_size: int = 8, weights: str = "softmax"):
     """The ``evaluate_fn(config, dataset)`` of :func:`bh_helpers.experiments.sweep.run_sweep`.
@@ -233,11 +228,8 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
     ``per_layer_mean_k`` (``{layer: mean k}``) and ``k_hist`` (token-layer pairs with
     0, 1, 2, ... experts).
     """
-    from bh_helpers.evaluation.scoring import perplexity
-    from bh_helpers.evaluation.speed import compute_summary
-    from bh_helpers.routing.patch import route
 
-    native_k = _native_k(model)
+    native_k = NativeSelector.for_model(model).k
     # A NullBank is itself a Mapping (layer -> null): wrap it so to_selector indexes by kernel.
     banks = {null_bank.metadata.kernel: null_bank} if null_bank is not None else None
 
@@ -295,8 +287,6 @@ def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.P
     -------
     pandas.DataFrame
     """
-    from bh_helpers.experiments.sweep import run_sweep
-    from bh_helpers.selection.reference import WEIGHT_MODES
 
     if weights not in WEIGHT_MODES:
         raise ValueError(f"`weights` must be one of {WEIGHT_MODES}, got {weights!r}.")
@@ -311,184 +301,6 @@ def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.P
     evaluate = make_evaluate_fn(model, tokenizer, data, null_bank=null_bank, window=window, stride=stride,
                                 batch_size=batch_size, weights=weights)
     return run_sweep(configs, datasets, evaluate, results_path, grid_id=grid_id, progress=progress)
-
-
-# ----------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------
-
-
-def _protocol_from_results(results) -> dict:
-    header = results.attrs.get("header", {}) or {}
-    try:
-        grid = json.loads(header.get("grid_id") or "{}")
-    except (TypeError, json.JSONDecodeError):
-        grid = {}
-    proto: dict[str, Any] = {
-        "metric": "perplexity = exp(token-weighted mean NLL); documents joined with EOS, sliding windows",
-        "window": grid.get("window"),
-        "stride": grid.get("stride"),
-        "weighting": "token",
-        "tokens_per_dataset_cap": grid.get("max_tokens"),
-        "datasets": {name: dataset_description(name) for name in header.get("datasets", [])},
-        "weights_of_selected_experts": _WEIGHT_NOTES.get(grid.get("weights"), grid.get("weights")),
-        "compute": "mean experts per token over all routed tokens and layers (routing recorder)",
-        "weights": grid.get("weights"),
-    }
-    if len(results) and "n_tokens" in results.columns:
-        proto["tokens_scored"] = {d: int(g["n_tokens"].iloc[0]) for d, g in results.groupby("dataset", sort=False)}
-    if len(results) and "protocol.tokenizer" in results.columns:
-        proto["tokenizer"] = str(results["protocol.tokenizer"].iloc[0])
-    return proto
-
-
-_WEIGHT_NOTES = {
-    "softmax": "softmax (router probabilities over all experts, not renormalised: OLMoE's norm_topk_prob=False)",
-    "renorm": "renorm (router probabilities renormalised over the selected experts)",
-    "uniform": "uniform (1/k per selected expert)",
-}
-
-
-def _featured(frontier):
-    """The BH-family row with the best (lowest) relative difference on the first data set."""
-    ok = frontier[frontier["status"] == "ok"]
-    if not len(ok):
-        return None
-    first = ok[ok["dataset"] == ok["dataset"].iloc[0]]
-    return first.loc[first["relative"].idxmin()]
-
-
-def _model_info(model, model_id: str) -> dict:
-    import torch
-    import transformers
-
-    cfg = model.config
-    return {
-        "model": model_id,
-        "model_type": getattr(cfg, "model_type", None),
-        "layers": getattr(cfg, "num_hidden_layers", None),
-        "experts": getattr(cfg, "num_experts", getattr(cfg, "num_local_experts", None)),
-        "native_k": _native_k(model),
-        "norm_topk_prob": getattr(cfg, "norm_topk_prob", None),
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "dtype": str(next(model.parameters()).dtype),
-        "device": str(next(model.parameters()).device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
-def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=None, null_bank=None,
-                model_id: str = "tiny", categories: bool = True, prompt_sets=None, seed: int = 0,
-                weights: str | None = None, extra_notes: str | None = None, progress: bool = True) -> Path:
-    """Frontier, figures, optional category analysis and token view, then ``report.md``.
-
-    Parameters
-    ----------
-    out_dir : path-like
-    results : pandas.DataFrame or path-like
-        Sweep results or the JSONL file.
-    model, tokenizer, null_bank : optional
-        Needed for the category analysis and the per-token view (skipped without them).
-    model_id : str
-    categories : bool, default True
-        Run the per-prompt-category analysis (BH-family configuration with the best relative
-        difference vs static top-k at the nearest integer k).
-    prompt_sets : None, mapping or path
-        See :func:`bh_helpers.experiments.categories.load_prompt_sets`.
-    seed : int
-        Bootstrap seed.
-    weights : str, optional
-        Weight convention of the category analysis and token view (default: the sweep's).
-    extra_notes : str, optional
-    progress : bool
-
-    Returns
-    -------
-    Path
-        ``report.md``.
-    """
-    from bh_helpers.report import plots
-    from bh_helpers.experiments.sweep import load_results
-    from bh_helpers.experiments.frontier import compute_frontier
-    from bh_helpers.report.write import write_report
-
-    if isinstance(results, (str, os.PathLike)):
-        results = load_results(results)
-    if not len(results):
-        raise ValueError("`results` has no rows; run the sweep first.")
-    frontier = compute_frontier(results)
-    if weights is None:
-        weights = _protocol_from_results(results).get("weights") or "softmax"
-    figures: dict[str, Any] = {}
-    for name in dict.fromkeys(results["dataset"]):
-        figures[f"frontier {name}"] = plots.plot_frontier(results, dataset=name)
-    if any(str(c).startswith("per_layer_mean_k.") for c in results.columns):
-        figures["mean k per layer"] = plots.plot_layer_heatmap(plots.layer_matrix(results))
-    featured = _featured(frontier) if len(frontier) else None
-    config = _config_of(results, featured["key"]) if featured is not None else None
-    k_match = None
-    if featured is not None:
-        k_match = int(min(max(round(float(featured["mean_k"])), 1), int(results["k"].max())))
-    tables: dict[str, Any] = {}
-    notes = [extra_notes] if extra_notes else []
-    if "k_hist" in results.columns:
-        first = results[results["dataset"] == results["dataset"].iloc[0]]
-        wanted = ["native"] + ([f"top-{k_match}", config.label()] if config is not None else [])
-        hist = {r["label"]: {"hist": r["k_hist"]} for _, r in first.iterrows()
-                if r["label"] in wanted and isinstance(r["k_hist"], list)}
-        if hist:
-            figures["experts per token"] = plots.plot_k_histogram(hist)
-    if config is not None and model is not None and tokenizer is not None and null_bank is not None:
-        import torch
-
-        from bh_helpers.capture import _model_device
-        from bh_helpers.experiments.categories import analyze_categories, load_prompt_sets
-        from bh_helpers.selection.selectors import TopKSelector
-        from bh_helpers.routing.patch import route
-
-        selector = config.to_selector(model, null_bank={null_bank.metadata.kernel: null_bank}, weights=weights)
-        if categories:
-            analysis = analyze_categories(
-                model, tokenizer, adaptive=selector, baseline=TopKSelector(k_match, weights=weights),
-                prompt_sets=prompt_sets,
-                adaptive_label=config.label(), baseline_label=f"top-{k_match}", seed=seed, progress=progress)
-            tables.update(analysis.tables())
-            notes.append(
-                f"Category analysis: {config.label()} (the configuration with the best relative difference on "
-                f"{featured['dataset']}) against static top-{k_match} (its mean k rounded), per prompt.")
-        sample = list(load_prompt_sets(prompt_sets).values())[-1][0]
-        ids = encode(tokenizer, sample)
-        with torch.no_grad(), route(model, selector) as rec:
-            model(input_ids=torch.tensor([ids], device=_model_device(model)), use_cache=False)
-        k = rec.per_token_counts().matrix().double().mean(dim=1).numpy()
-        tokens = [tokenizer.decode([i]) for i in ids]
-        figures[f"per-token experts, {config.label()}"] = plots.plot_token_view(
-            tokens, k, vmin=1, vmax=config.max_k, title=f"experts per token (mean over layers), {config.label()}")
-    path = write_report(
-        out_dir, results=results, frontier=frontier, figures=figures, protocol=_protocol_from_results(results),
-        model_info=_model_info(model, model_id) if model is not None else {"model": model_id},
-        null_metadata=null_bank.metadata if null_bank is not None else None, tables=tables,
-        notes="\n\n".join(notes) if notes else None,
-    )
-    for fig in figures.values():
-        fig.clf()
-    return path
-
-
-def _none(value):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return value
-
-
-def _config_of(results, key: str):
-    from dataclasses import fields as dc_fields
-
-    from bh_helpers.experiments.sweep import SweepConfig
-
-    row = results[results["key"] == key].iloc[0]
-    return SweepConfig.from_dict({f.name: _none(row.get(f.name)) for f in dc_fields(SweepConfig)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,7 +342,6 @@ class DemoSettings:
             check_int(name, getattr(self, name), 1)
         if self.stride > self.window:
             raise ValueError(f"`stride` ({self.stride}) must not exceed `window` ({self.window}).")
-        from bh_helpers.selection.reference import WEIGHT_MODES
 
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"`weights` must be one of {WEIGHT_MODES}, got {self.weights!r}.")
@@ -550,7 +361,6 @@ class DemoSettings:
 
     def configs(self):
         """The sweep grid (:func:`bh_helpers.experiments.sweep.expand_grid`)."""
-        from bh_helpers.experiments.sweep import expand_grid
 
         return expand_grid(methods=self.methods, alphas=self.alphas, max_ks=self.max_ks, min_ks=(self.min_k,),
                            kernels=(self.kernel,), topk=list(range(1, self.topk_max + 1)), top_ps=self.top_ps,
@@ -661,7 +471,6 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
     """
     import torch
 
-    from bh_helpers.models.loading import load_model
 
     settings = settings or DemoSettings()
     out = Path(out_dir)
@@ -681,7 +490,6 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
 def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resumed: bool, step, timings: dict,
                      peaks: dict, progress: bool) -> DemoResult:
     """:func:`run_demo` once it holds the output folder's lock: capture, fit, sweep, report."""
-    from bh_helpers.nulls.bank import NullBank
 
     configs = settings.configs()
     if not resumed:
@@ -715,7 +523,6 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
         report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=bank,
                              model_id=settings.model, categories=settings.categories, seed=settings.seed,
                              weights=settings.weights, progress=progress)
-    from bh_helpers.experiments.frontier import compute_frontier
 
     (out / STEPS_NAME).write_text(json.dumps({
         "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),

@@ -106,11 +106,9 @@ def measure_speed(
     """
     texts = _as_text_list(texts)
     check_int("batch_size", batch_size, 1)
-    for name, value in (("max_new_tokens", max_new_tokens), ("prompt_tokens", prompt_tokens)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"`warmup` must be a non-negative integer, got {warmup!r}.")
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("prompt_tokens", prompt_tokens, 1)
+    check_int("warmup", warmup, 0)
     prompts = [ids[:prompt_tokens] for ids in (encode(tokenizer, t) for t in texts if t) if ids]
     if not prompts:
         raise ValueError("`texts` is empty: no prompt has any tokens.")

@@ -1,0 +1,192 @@
+"""The report step of the pipeline: frontier, figures, category analysis and token view -> ``report.md``.
+
+Reads sweep results (a DataFrame or the JSONL file of :func:`bh_helpers.experiments.sweep.run_sweep`),
+compares every adaptive configuration with static top-k at the same compute
+(:func:`bh_helpers.experiments.frontier.compute_frontier`), draws the figures, and with a model
+runs the per-category analysis and the per-token view of the featured configuration; then
+:func:`bh_helpers.report.write.write_report` writes it all down with its protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from bh_helpers.capture import _model_device
+from bh_helpers.experiments.categories import analyze_categories, load_prompt_sets
+from bh_helpers.experiments.frontier import compute_frontier
+from bh_helpers.experiments.sweep import SweepConfig, load_results
+from bh_helpers.models.texts import dataset_description, encode
+from bh_helpers.report import plots
+from bh_helpers.report.write import write_report
+from bh_helpers.routing.patch import route
+from bh_helpers.selection.selectors import NativeSelector, TopKSelector
+
+__all__ = ["report_step"]
+
+
+def _protocol_from_results(results) -> dict:
+    header = results.attrs.get("header", {}) or {}
+    try:
+        grid = json.loads(header.get("grid_id") or "{}")
+    except (TypeError, json.JSONDecodeError):
+        grid = {}
+    proto: dict[str, Any] = {
+        "metric": "perplexity = exp(token-weighted mean NLL); documents joined with EOS, sliding windows",
+        "window": grid.get("window"),
+        "stride": grid.get("stride"),
+        "weighting": "token",
+        "tokens_per_dataset_cap": grid.get("max_tokens"),
+        "datasets": {name: dataset_description(name) for name in header.get("datasets", [])},
+        "weights_of_selected_experts": _WEIGHT_NOTES.get(grid.get("weights"), grid.get("weights")),
+        "compute": "mean experts per token over all routed tokens and layers (routing recorder)",
+        "weights": grid.get("weights"),
+    }
+    if len(results) and "n_tokens" in results.columns:
+        proto["tokens_scored"] = {d: int(g["n_tokens"].iloc[0]) for d, g in results.groupby("dataset", sort=False)}
+    if len(results) and "protocol.tokenizer" in results.columns:
+        proto["tokenizer"] = str(results["protocol.tokenizer"].iloc[0])
+    return proto
+
+
+_WEIGHT_NOTES = {
+    "softmax": "softmax (router probabilities over all experts, not renormalised: OLMoE's norm_topk_prob=False)",
+    "renorm": "renorm (router probabilities renormalised over the selected experts)",
+    "uniform": "uniform (1/k per selected expert)",
+}
+
+
+def _featured(frontier):
+    """The BH-family row with the best (lowest) relative difference on the first data set."""
+    ok = frontier[frontier["status"] == "ok"]
+    if not len(ok):
+        return None
+    first = ok[ok["dataset"] == ok["dataset"].iloc[0]]
+    return first.loc[first["relative"].idxmin()]
+
+
+def _model_info(model, model_id: str) -> dict:
+    import torch
+    import transformers
+
+    cfg = model.config
+    return {
+        "model": model_id,
+        "model_type": getattr(cfg, "model_type", None),
+        "layers": getattr(cfg, "num_hidden_layers", None),
+        "experts": getattr(cfg, "num_experts", getattr(cfg, "num_local_experts", None)),
+        "native_k": NativeSelector.for_model(model).k,
+        "norm_topk_prob": getattr(cfg, "norm_topk_prob", None),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "dtype": str(next(model.parameters()).dtype),
+        "device": str(next(model.parameters()).device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=None, null_bank=None,
+                model_id: str = "tiny", categories: bool = True, prompt_sets=None, seed: int = 0,
+                weights: str | None = None, extra_notes: str | None = None, progress: bool = True) -> Path:
+    """Frontier, figures, optional category analysis and token view, then ``report.md``.
+
+    Parameters
+    ----------
+    out_dir : path-like
+    results : pandas.DataFrame or path-like
+        Sweep results or the JSONL file.
+    model, tokenizer, null_bank : optional
+        Needed for the category analysis and the per-token view (skipped without them).
+    model_id : str
+    categories : bool, default True
+        Run the per-prompt-category analysis (BH-family configuration with the best relative
+        difference vs static top-k at the nearest integer k).
+    prompt_sets : None, mapping or path
+        See :func:`bh_helpers.experiments.categories.load_prompt_sets`.
+    seed : int
+        Bootstrap seed.
+    weights : str, optional
+        Weight convention of the category analysis and token view (default: the sweep's).
+    extra_notes : str, optional
+    progress : bool
+
+    Returns
+    -------
+    Path
+        ``report.md``.
+    """
+
+    if isinstance(results, (str, os.PathLike)):
+        results = load_results(results)
+    if not len(results):
+        raise ValueError("`results` has no rows; run the sweep first.")
+    frontier = compute_frontier(results)
+    if weights is None:
+        weights = _protocol_from_results(results).get("weights") or "softmax"
+    figures: dict[str, Any] = {}
+    for name in dict.fromkeys(results["dataset"]):
+        figures[f"frontier {name}"] = plots.plot_frontier(results, dataset=name)
+    if any(str(c).startswith("per_layer_mean_k.") for c in results.columns):
+        figures["mean k per layer"] = plots.plot_layer_heatmap(plots.layer_matrix(results))
+    featured = _featured(frontier) if len(frontier) else None
+    config = _config_of(results, featured["key"]) if featured is not None else None
+    k_match = None
+    if featured is not None:
+        k_match = int(min(max(round(float(featured["mean_k"])), 1), int(results["k"].max())))
+    tables: dict[str, Any] = {}
+    notes = [extra_notes] if extra_notes else []
+    if "k_hist" in results.columns:
+        first = results[results["dataset"] == results["dataset"].iloc[0]]
+        wanted = ["native"] + ([f"top-{k_match}", config.label()] if config is not None else [])
+        hist = {r["label"]: {"hist": r["k_hist"]} for _, r in first.iterrows()
+                if r["label"] in wanted and isinstance(r["k_hist"], list)}
+        if hist:
+            figures["experts per token"] = plots.plot_k_histogram(hist)
+    if config is not None and model is not None and tokenizer is not None and null_bank is not None:
+        import torch
+
+
+        selector = config.to_selector(model, null_bank={null_bank.metadata.kernel: null_bank}, weights=weights)
+        if categories:
+            analysis = analyze_categories(
+                model, tokenizer, adaptive=selector, baseline=TopKSelector(k_match, weights=weights),
+                prompt_sets=prompt_sets,
+                adaptive_label=config.label(), baseline_label=f"top-{k_match}", seed=seed, progress=progress)
+            tables.update(analysis.tables())
+            notes.append(
+                f"Category analysis: {config.label()} (the configuration with the best relative difference on "
+                f"{featured['dataset']}) against static top-{k_match} (its mean k rounded), per prompt.")
+        sample = list(load_prompt_sets(prompt_sets).values())[-1][0]
+        ids = encode(tokenizer, sample)
+        with torch.no_grad(), route(model, selector) as rec:
+            model(input_ids=torch.tensor([ids], device=_model_device(model)), use_cache=False)
+        k = rec.per_token_counts().matrix().double().mean(dim=1).numpy()
+        tokens = [tokenizer.decode([i]) for i in ids]
+        figures[f"per-token experts, {config.label()}"] = plots.plot_token_view(
+            tokens, k, vmin=1, vmax=config.max_k, title=f"experts per token (mean over layers), {config.label()}")
+    path = write_report(
+        out_dir, results=results, frontier=frontier, figures=figures, protocol=_protocol_from_results(results),
+        model_info=_model_info(model, model_id) if model is not None else {"model": model_id},
+        null_metadata=null_bank.metadata if null_bank is not None else None, tables=tables,
+        notes="\n\n".join(notes) if notes else None,
+    )
+    for fig in figures.values():
+        fig.clf()
+    return path
+
+
+def _none(value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def _config_of(results, key: str):
+    from dataclasses import fields as dc_fields
+
+
+    row = results[results["key"] == key].iloc[0]
+    return SweepConfig.from_dict({f.name: _none(row.get(f.name)) for f in dc_fields(SweepConfig)})

@@ -1,0 +1,112 @@
+"""The package's shape: small modules and functions, the README's module table current, the public
+contract importable from ``bh_helpers`` and from the modules that define it (read with ``ast``
+where possible; nothing here times anything)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "bh_helpers"
+MAX_MODULE_LINES = 620  # "about 600"
+MAX_FUNCTION_CODE_LINES = 80  # without a reason: a comment starting "# long:" inside the function
+
+#: DESIGN.md's public contract: name -> the module that defines it.
+CONTRACT = {
+    "fdr_counts": "bh_helpers.selection.reference",
+    "select_experts": "bh_helpers.selection.reference",
+    "Selection": "bh_helpers.selection.reference",
+    "fit_null": "bh_helpers.nulls.fit",
+    "fit_null_bank": "bh_helpers.nulls.fit",
+    "NullModel": "bh_helpers.nulls.model",
+    "NullBank": "bh_helpers.nulls.bank",
+    "load_model": "bh_helpers.models.loading",
+    "capture_router_logits": "bh_helpers.capture",
+    "route": "bh_helpers.routing.patch",
+    "BHSelector": "bh_helpers.selection.selectors",
+    "TopKSelector": "bh_helpers.selection.selectors",
+    "TopPSelector": "bh_helpers.selection.selectors",
+    "NativeSelector": "bh_helpers.selection.selectors",
+    "RoutingRecorder": "bh_helpers.routing.recorder",
+}
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "data" not in p.relative_to(PACKAGE).parts)
+
+
+def _code_lines(path: Path, node: ast.AST) -> list[str]:
+    lines = path.read_text(encoding="utf-8").split("\n")[node.lineno - 1:node.end_lineno]
+    doc = ast.get_docstring(node)
+    code = [line for line in lines if line.strip() and not line.strip().startswith("#")]
+    return code[: len(code) - (len(doc.split("\n")) if doc else 0)] if doc else code
+
+
+def test_no_module_is_crowded():
+    long = {str(p.relative_to(ROOT)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by concern): {long}"
+
+
+def _long_functions(path: Path) -> list[str]:
+    """Functions of ``path`` over the limit (lines of code: the ``def`` and body, no docstring,
+    comment or blank line) without a ``# long:`` reason inside."""
+    text = path.read_text(encoding="utf-8")
+    out = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = len(_code_lines(path, node))
+            if n > MAX_FUNCTION_CODE_LINES and "# long:" not in "\n".join(text.split("\n")[node.lineno - 1:node.end_lineno]):
+                out.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
+    return out
+
+
+def test_no_long_function_without_a_reason():
+    long = [f for path in _modules() for f in _long_functions(path)]
+    assert not long, "functions over 80 lines of code without a '# long:' reason:\n" + "\n".join(long)
+
+
+def test_the_long_function_check_can_fail(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    \"\"\"Doc.\"\"\"\n    # a comment\n\n" + "    x = 1\n" * 79)
+    assert _long_functions(path) == []  # def + 79 lines = 80: at the limit
+    path.write_text("def f():\n    \"\"\"Doc.\"\"\"\n" + "    x = 1\n" * 80)
+    assert _long_functions(path) == ["m.py:1 f (81 lines)"]
+    path.write_text("def f():\n    # long: one table, read top to bottom\n" + "    x = 1\n" * 80)
+    assert _long_functions(path) == []
+
+
+def test_readme_module_table_is_current():
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "module_table.py"), "--check"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    table = subprocess.run([sys.executable, str(ROOT / "scripts" / "module_table.py")],
+                           capture_output=True, text=True).stdout
+    listed = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
+    on_disk = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in _modules() if p.name != "__init__.py"}
+    assert listed == on_disk  # every module has its row, no row without a module
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_public_contract_is_importable_from_bh_helpers_and_its_module(name):
+    import bh_helpers
+
+    defined = getattr(importlib.import_module(CONTRACT[name]), name)
+    assert getattr(bh_helpers, name) is defined
+    assert name in dir(bh_helpers)
+
+
+def test_import_bh_helpers_stays_light():
+    """``import bh_helpers`` loads no torch, transformers or matplotlib (public names load on use)."""
+    code = "import sys, bh_helpers; print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import bh_helpers
+
+        bh_helpers.nope  # noqa: B018
