@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bh_helpers._validate import check_int
 from bh_helpers.models.families import LayerSpec, find_moe_blocks, router_logits, select_layers
 
 __all__ = ["CAPTURE_FORMAT", "CapturedLogits", "capture_router_logits", "header_value"]
@@ -358,10 +359,8 @@ def capture_router_logits(
     torch.Size([3, 64])
     """
     # Input validation
-    if max_tokens_per_layer is not None and (
-        isinstance(max_tokens_per_layer, bool) or not isinstance(max_tokens_per_layer, int) or max_tokens_per_layer < 1
-    ):
-        raise ValueError(f"`max_tokens_per_layer` must be a positive int or None; got {max_tokens_per_layer!r}.")
+    if max_tokens_per_layer is not None:
+        check_int("max_tokens_per_layer", max_tokens_per_layer, 1)  # or None: keep every token
     blocks = select_layers(find_moe_blocks(model), layers)
     from tqdm.auto import tqdm  # only where used
 

@@ -231,8 +231,6 @@ def test_wikitext2_is_the_real_one_and_the_fixture_says_what_it_is(tmp_path, cap
                                                                   tiny_model_and_tokenizer):
     """`--datasets wikitext2` ran on an embedded WikiText-style sample and every table called it
     wikitext2; offline it now says so and points to `wikitext2-fixture`."""
-    from bh_helpers.app import pipeline
-
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert cli.main(["demo", "--out", str(tmp_path / "run"), *TINY, "--datasets", "wikitext2"]) == 2
@@ -244,3 +242,22 @@ def test_wikitext2_is_the_real_one_and_the_fixture_says_what_it_is(tmp_path, cap
     assert dataset_description("wikitext2-fixture").startswith("embedded WikiText-style fixture (a sample, not WikiText-2)")
     docs = evaluation_texts("wikitext2-fixture", tiny_model_and_tokenizer[1], max_tokens=64)
     assert docs and all(isinstance(d, str) and d.strip() for d in docs)
+
+
+def test_sweep_with_a_bank_of_another_kernel(demo_dir, tmp_path, capsys):
+    """`bh-routing sweep` built its own grid with the gaussian kernel whatever the bank was: an
+    empirical bank failed at its first BH row. The grid now comes from the bank (one builder with
+    the demo's, `pipeline.sweep_grid`)."""
+    from bh_helpers.experiments.sweep import load_results
+
+    bank_dir = tmp_path / "empirical"
+    assert cli.main(["fit", "--captured", str(demo_dir / "captured_logits.safetensors"), "--kernel", "empirical",
+                     "--out", str(bank_dir)]) == 0
+    results = tmp_path / "s.jsonl"
+    rc = cli.main(["sweep", "--nulls", str(bank_dir), "--results", str(results), "--methods", "bh", "--alphas", "0.5",
+                   "--topk-max", "1", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64", "--window", "64",
+                   "--stride", "64", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    df = load_results(results)
+    bh = df[df["method"] == "bh"]
+    assert len(bh) == 1 and bh["kernel"].tolist() == ["empirical"] and bh["mean_experts_per_token"].iloc[0] > 0

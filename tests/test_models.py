@@ -389,3 +389,22 @@ def test_auto_map_code_never_runs_without_trust_remote_code(tmp_path):
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert not marker.exists(), "the folder's code ran"
     assert "REFUSED" in res.stdout and "trust_remote_code=True" in res.stdout, res.stdout + res.stderr
+
+
+def test_one_registry_of_families():
+    """models.SUPPORTED_MOE_BLOCKS and families.ADAPTERS were two lists; now the adapters are the registry
+    and each adapter's ``family`` is a real transformers ``model_type`` whose model it finds."""
+    import transformers
+
+    from bh_helpers.models.families import ADAPTERS, SUPPORTED_MODEL_TYPES, find_moe_blocks
+
+    assert list(SUPPORTED_MODEL_TYPES) == [a.family for a in ADAPTERS]
+    for adapter in ADAPTERS:
+        config = transformers.AutoConfig.for_model(
+            adapter.family, vocab_size=64, hidden_size=16, intermediate_size=16, moe_intermediate_size=16,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_experts=4,
+            num_local_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=16,
+        )
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        assert [b.adapter for b in find_moe_blocks(model)] == [adapter]
+        assert models.check_supported_moe(model) == [b.name for b in find_moe_blocks(model)]

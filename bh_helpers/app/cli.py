@@ -245,14 +245,13 @@ def _cmd_fit(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from bh_helpers.experiments.sweep import expand_grid
     from bh_helpers.nulls.bank import NullBank
 
-    configs = expand_grid(methods=args.methods, alphas=args.alphas, max_ks=args.max_ks, min_ks=(args.min_k,),
-                          topk=list(range(1, args.topk_max + 1)), top_ps=args.top_ps, native=True)
     texts.check_datasets(args.datasets)  # unknown names fail before the model loads
     nulls = args.nulls or paths.default_null_bank_dir(args.model)
     bank = NullBank.load(nulls)
+    configs = pipeline.sweep_grid(methods=args.methods, alphas=args.alphas, max_ks=args.max_ks, min_k=args.min_k,
+                                  kernel=bank.metadata.kernel, topk_max=args.topk_max, top_ps=args.top_ps)
     source = "--nulls" if args.nulls else f"the committed bank of --model {args.model} (pass --nulls to choose)"
     print(f"null bank: {nulls} ({source}; {bank.metadata.kernel} kernel, {len(list(bank))} layers)")
     model, tok = _load(args)

@@ -76,6 +76,7 @@ __all__ = [
     "capture_step",
     "fit_step",
     "make_evaluate_fn",
+    "sweep_grid",
     "sweep_step",
     "report_step",
     "run_demo",
@@ -254,6 +255,15 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
     return evaluate
 
 
+def sweep_grid(*, methods: Sequence[str], alphas: Sequence[float], max_ks: Sequence[int], min_k: int, kernel: str,
+               topk_max: int, top_ps: Sequence[float]):
+    """The grid of the demo and of ``bh-routing sweep``: native, static top-1..``topk_max``, top-p,
+    and every (method, alpha, max_k) with the null bank's ``kernel``
+    (:func:`bh_helpers.experiments.sweep.expand_grid`)."""
+    return expand_grid(methods=methods, alphas=alphas, max_ks=max_ks, min_ks=(min_k,), kernels=(kernel,),
+                       topk=list(range(1, topk_max + 1)), top_ps=top_ps, native=True)
+
+
 def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.PathLike,
                datasets: Sequence[str] = ("prose", "code"), max_tokens: int = 2048, window: int = 256,
                stride: int = 256, batch_size: int = 8, weights: str = "softmax", model_id: str = "tiny",
@@ -360,11 +370,9 @@ class DemoSettings:
                                  f"{self.model!r}; pass {flag} {experts} or lower.")
 
     def configs(self):
-        """The sweep grid (:func:`bh_helpers.experiments.sweep.expand_grid`)."""
-
-        return expand_grid(methods=self.methods, alphas=self.alphas, max_ks=self.max_ks, min_ks=(self.min_k,),
-                           kernels=(self.kernel,), topk=list(range(1, self.topk_max + 1)), top_ps=self.top_ps,
-                           native=True)
+        """The sweep grid (:func:`sweep_grid`)."""
+        return sweep_grid(methods=self.methods, alphas=self.alphas, max_ks=self.max_ks, min_k=self.min_k,
+                          kernel=self.kernel, topk_max=self.topk_max, top_ps=self.top_ps)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bh_helpers._validate import check_int
 from bh_helpers.selection.reference import FDR_METHODS, Selection, fdr_counts, select_experts
 
 __all__ = ["EXPLORER_METHODS", "AlphaExplorer", "ExplorerSettings", "ExplorerState"]
@@ -192,8 +193,7 @@ class AlphaExplorer:
             raise ValueError("`cached_logits` is empty: capture router logits first.")
         if not null_banks_by_kernel:
             raise ValueError("`null_banks_by_kernel` is empty: fit at least one NullBank.")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"`max_tokens` must be a positive int; got {max_tokens!r}.")
+        check_int("max_tokens", max_tokens, 1)
         self.layers = sorted(int(layer) for layer in cached_logits)
         rows = {int(cached_logits[layer].shape[0]) for layer in self.layers}
         if len(rows) != 1:

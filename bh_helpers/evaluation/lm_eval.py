@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from bh_helpers._validate import check_int
 from bh_helpers.routing.patch import route
 
 __all__ = [
@@ -190,8 +191,7 @@ def make_lm(model, tokenizer, *, batch_size: int = DEFAULT_BATCH_SIZE, **hflm_kw
     ValueError
         For a ``batch_size`` that is not a positive int.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int; got {batch_size!r}.")
+    check_int("batch_size", batch_size, 1)
     _require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 

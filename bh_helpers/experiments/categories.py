@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from bh_helpers._validate import check_int
+
 __all__ = [
     "DEFAULT_PROMPTS_PATH",
     "load_prompt_sets",
@@ -162,8 +164,7 @@ class BootstrapCI:
 def _check_ci(ci: float, n_boot: int) -> None:
     if not 0.0 < float(ci) < 1.0:
         raise ValueError(f"`ci` must be in (0, 1), e.g. 0.95; got {ci!r}.")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"`n_boot` must be a positive integer, e.g. 2000; got {n_boot!r}.")
+    check_int("n_boot", n_boot, 1)
 
 
 def _as_1d(values, name: str) -> np.ndarray:
@@ -393,8 +394,7 @@ def measure_prompts(model, tokenizer, prompt_sets: Mapping[str, Sequence[str]], 
     from bh_helpers.routing.patch import route
 
     sets = _validate_sets(prompt_sets, "`prompt_sets`")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+    check_int("batch_size", batch_size, 1)
     items = [(cat, rank, i, p) for rank, (cat, ps) in enumerate(sets.items()) for i, p in enumerate(ps)]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for _, _, _, p in items]
     short = [items[j][0] + f"[{items[j][2]}]" for j, ids in enumerate(encoded) if len(ids) < 2]

@@ -31,11 +31,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bh_helpers._validate import is_int
+
 __all__ = [
     "fingerprints_differ",
     "router_fingerprint",
     "ADAPTERS",
     "SUPPORTED_FAMILIES",
+    "SUPPORTED_MODEL_TYPES",
     "LayerSpec",
     "MoEAdapter",
     "MoEBlock",
@@ -59,11 +62,13 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 class MoEAdapter:
     """What the patcher needs to know about one architecture family.
 
-    Subclasses set ``family`` and ``block_classes`` (class names of the sparse MoE block) and
-    override :meth:`native_weights` / :meth:`shared_output` where the family differs.
+    Subclasses set ``family`` (the transformers ``config.model_type``, checked before any weights
+    are downloaded), ``display_name`` (for messages) and ``block_classes`` (class names of the sparse
+    MoE block), and override :meth:`native_weights` / :meth:`shared_output` where the family differs.
     """
 
     family: str = ""
+    display_name: str = ""
     block_classes: tuple[str, ...] = ()
 
     def matches(self, block: nn.Module) -> bool:
@@ -94,6 +99,7 @@ class OlmoeAdapter(MoEAdapter):
     """OLMoE: softmax over all experts, then top-k; ``norm_topk_prob`` (False for OLMoE-1B-7B)."""
 
     family = "olmoe"
+    display_name = "OLMoE"
     block_classes = ("OlmoeSparseMoeBlock",)
 
 
@@ -104,6 +110,7 @@ class MixtralAdapter(MoEAdapter):
     """
 
     family = "mixtral"
+    display_name = "Mixtral"
     block_classes = ("MixtralSparseMoeBlock",)
 
     def native_weights(self, block: nn.Module) -> str:
@@ -115,6 +122,7 @@ class Qwen2MoeAdapter(MoEAdapter):
     """Qwen2-MoE: routed experts as OLMoE plus one shared expert behind a sigmoid gate."""
 
     family = "qwen2_moe"
+    display_name = "Qwen2-MoE"
     block_classes = ("Qwen2MoeSparseMoeBlock",)
 
     def shared_output(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -128,13 +136,16 @@ class Qwen3MoeAdapter(MoEAdapter):
     """Qwen3-MoE: as OLMoE (softmax, top-k, ``norm_topk_prob``, True for released checkpoints)."""
 
     family = "qwen3_moe"
+    display_name = "Qwen3-MoE"
     block_classes = ("Qwen3MoeSparseMoeBlock",)
 
 
 #: One adapter instance per supported family, tried in this order.
 ADAPTERS: tuple[MoEAdapter, ...] = (OlmoeAdapter(), MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter())
-#: Family names, for error messages and documentation.
+#: Family names (transformers ``model_type``), for error messages and documentation.
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(a.family for a in ADAPTERS)
+#: ``config.model_type`` -> display name of every supported family (the one registry of families).
+SUPPORTED_MODEL_TYPES: dict[str, str] = {a.family: a.display_name for a in ADAPTERS}
 
 
 @dataclass(frozen=True)
@@ -257,7 +268,7 @@ def select_layers(blocks: Iterable[MoEBlock], layers: LayerSpec) -> list[MoEBloc
         chosen = [b for b in blocks if layers(b.layer)]
     else:
         wanted = [layers] if isinstance(layers, int) else list(layers)
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in wanted):
+        if not all(is_int(i) for i in wanted):
             raise ValueError(f"`layers` must be ints, a list of ints or a predicate; got {layers!r}.")
         missing = sorted(set(wanted) - set(available))
         if missing:

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import torch
 
 from bh_helpers._cuda import device_capability
+from bh_helpers.models.families import SUPPORTED_MODEL_TYPES, find_moe_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ __all__ = [
     "EMBEDDED_CORPUS_DIR",
     "EMBEDDED_MODEL_DIR",
     "OLMOE_HUB_ID",
-    "SUPPORTED_MODEL_TYPES",
-    "SUPPORTED_MOE_BLOCKS",
     "check_supported_moe",
     "default_dtype",
     "embedded_model_available",
@@ -42,16 +41,6 @@ __all__ = [
 ]
 
 OLMOE_HUB_ID = "allenai/OLMoE-1B-7B-0924"
-# MoE block class name -> family. A block qualifies when it holds a router `gate` with a
-# weight [num_experts, hidden] and an `experts` module (the transformers v5 layout).
-SUPPORTED_MOE_BLOCKS = {
-    "OlmoeSparseMoeBlock": "OLMoE",
-    "MixtralSparseMoeBlock": "Mixtral",
-    "Qwen2MoeSparseMoeBlock": "Qwen2-MoE",
-    "Qwen3MoeSparseMoeBlock": "Qwen3-MoE",
-}
-# config.model_type of the supported families: checked before any weights are downloaded.
-SUPPORTED_MODEL_TYPES = {"olmoe": "OLMoE", "mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE"}
 CORPUS_SLICES = ("calibration", "evaluation")
 CORPUS_DOMAINS = ("prose", "code")
 _HUB_TIMEOUT_S = 2.0
@@ -192,21 +181,14 @@ def check_supported_moe(model: torch.nn.Module) -> list[str]:
         When no supported MoE block (router ``gate`` with a weight [num_experts, hidden] plus
         ``experts``) is found; the message lists the supported families.
     """
-    blocks = []
-    for name, module in model.named_modules():
-        if type(module).__name__ not in SUPPORTED_MOE_BLOCKS:
-            continue
-        gate = getattr(module, "gate", None)
-        weight = getattr(gate, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(module, "experts"):
-            blocks.append(name)
-    if not blocks:
-        raise _unsupported(f"{type(model).__name__} has no MoE block with a router `gate` [num_experts, hidden] and `experts`")
-    return blocks
+    try:
+        return [block.name for block in find_moe_blocks(model)]
+    except ValueError as err:
+        raise _unsupported(f"{type(model).__name__}: {err}") from None
 
 
 def _unsupported(what: str) -> ValueError:
-    families = ", ".join(dict.fromkeys(SUPPORTED_MOE_BLOCKS.values()))
+    families = ", ".join(SUPPORTED_MODEL_TYPES.values())
     return ValueError(
         f"`name` must point to a supported mixture-of-experts model ({families}); {what}. "
         "Load one of the supported families, e.g. 'tiny' or 'allenai/OLMoE-1B-7B-0924'."
@@ -286,7 +268,7 @@ def load_model(
     FileNotFoundError
         ``name="tiny"`` but the embedded weights are missing.
     ValueError
-        The model is not a supported MoE (see :data:`SUPPORTED_MOE_BLOCKS`).
+        The model is not a supported MoE (see :data:`bh_helpers.models.families.SUPPORTED_MODEL_TYPES`).
 
     Examples
     --------

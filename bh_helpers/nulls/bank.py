@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bh_helpers._validate import is_int
 from bh_helpers.nulls.kernels import _LEGACY_KERNEL
 from bh_helpers.nulls.legacy import LEGACY_PATTERN, _null_from_legacy, _read_legacy_pickle
 from bh_helpers.nulls.model import NullModel
@@ -483,7 +484,7 @@ def _read_metadata(path: Path) -> NullBankMetadata:
     if not isinstance(raw, dict):
         raise ValueError(f"`{path}` must hold a JSON object, got {type(raw).__name__}")
     version = raw.get("schema_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+    if not is_int(version) or version < 1:
         raise ValueError(f"`{path}` has an invalid `schema_version` {version!r}; save or fit the bank again")
     if version > SCHEMA_VERSION:
         raise ValueError(

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from bh_helpers._validate import check_int
 from bh_helpers.nulls.model import NullModel
 
 __all__ = ["GoodnessOfFit", "goodness_of_fit"]
@@ -95,10 +96,8 @@ def goodness_of_fit(
     # Input Validation and Special Cases
     if not isinstance(null, NullModel):
         raise ValueError(f"`null` must be a NullModel, got {type(null).__name__}")
-    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
-        raise ValueError(f"`bins` must be a positive integer, got {bins!r}")
-    if isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer)) or max_samples < 1:
-        raise ValueError(f"`max_samples` must be a positive integer, got {max_samples!r}")
+    check_int("bins", bins, 1)
+    check_int("max_samples", max_samples, 1)
     x = torch.as_tensor(held_out_logits).detach().to("cpu", torch.float64)
     if x.numel() == 0:
         raise ValueError("`held_out_logits` is empty")

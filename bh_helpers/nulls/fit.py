@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from bh_helpers._validate import check_int, is_int
 from bh_helpers.nulls.kernels import (
     VALID_BANDWIDTHS,
     VALID_KERNELS,
@@ -332,10 +333,8 @@ def fit_null(
     bandwidth = _check_bandwidth(bandwidth, kernel)
     if not isinstance(per_expert, bool):
         raise ValueError(f"`per_expert` must be True or False, got {per_expert!r}")
-    if grid_size is not None and (
-        isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 16
-    ):
-        raise ValueError(f"`grid_size` must be an integer >= 16 or None, got {grid_size!r}")
+    if grid_size is not None:
+        check_int("grid_size", grid_size, 16)  # or None: the default
     data = _as_float64(logits, per_expert=per_expert)
 
     # Main Algorithm
@@ -448,7 +447,7 @@ def fit_null_bank(
     if not isinstance(logits_by_layer, Mapping) or not logits_by_layer:
         raise ValueError("`logits_by_layer` must be a non-empty dict {layer index: logits [N, E]}")
     for layer in logits_by_layer:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
+        if not is_int(layer) or layer < 0:
             raise ValueError(f"`logits_by_layer` keys must be layer indices >= 0, got {layer!r}")
     experts = set()
     for layer, logits in logits_by_layer.items():
@@ -461,7 +460,7 @@ def fit_null_bank(
     top = max(int(k) for k in logits_by_layer)
     if num_layers is None:
         num_layers = top + 1
-    elif isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= top:
+    elif not is_int(num_layers) or num_layers <= top:
         raise ValueError(
             f"`num_layers` must be an integer > the highest layer index {top}, got {num_layers!r}"
         )
