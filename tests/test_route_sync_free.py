@@ -111,6 +111,26 @@ def test_block_graphs_not_used_on_cpu(model, monkeypatch):
     assert not calls
 
 
+def test_grouped_dispatch_graphs_do_not_outlive_route(model):
+    """The grouped dispatch's decode graphs were a module cache that outlived ``route``; now route
+    drops those of its blocks on exit (and only those)."""
+    import bh_helpers.routing.grouped as grouped
+
+    blocks = find_moe_blocks(model)
+    other = torch.nn.Linear(2, 2)  # stands for another model's experts bank
+    for experts in [b.module.experts for b in blocks] + [other]:
+        grouped._GRAPHS[experts] = {("shape",): object()}
+        grouped._POOLS[experts] = {"cuda:0": object()}
+    try:
+        with torch.no_grad(), route(model, TopKSelector(2), layers=[blocks[0].layer]):
+            assert blocks[0].module.experts in grouped._GRAPHS  # kept while the context is open
+        assert blocks[0].module.experts not in grouped._GRAPHS and blocks[0].module.experts not in grouped._POOLS
+        assert all(b.module.experts in grouped._GRAPHS for b in blocks[1:])  # not routed: untouched
+        assert other in grouped._GRAPHS and other in grouped._POOLS
+    finally:
+        grouped.clear_graphs()
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -203,10 +203,18 @@ _GRAPHS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _GraphedDispatch]] = w
 _POOLS: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def clear_graphs() -> None:
-    """Forget every captured dispatch graph (frees their memory once unreferenced)."""
-    _GRAPHS.clear()
-    _POOLS.clear()
+def clear_graphs(experts: nn.Module | None = None) -> None:
+    """Forget the captured dispatch graphs of ``experts`` (all of them when None), and their pools.
+
+    ``route`` calls this for every routed block on exit, so graphs captured inside a ``route`` do
+    not outlive it (their memory is freed once unreferenced).
+    """
+    if experts is None:
+        _GRAPHS.clear()
+        _POOLS.clear()
+    else:
+        _GRAPHS.pop(experts, None)
+        _POOLS.pop(experts, None)
 
 
 def _graphed(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor) -> _GraphedDispatch:

@@ -65,6 +65,7 @@ from bh_helpers.models.families import (
 from bh_helpers.nulls import NullBank
 from bh_helpers.routing.auto import fast_dispatch_experts, sync_free_dispatch
 from bh_helpers.routing.graphs import BlockGraphs
+from bh_helpers.routing.grouped import clear_graphs
 from bh_helpers.routing.recorder import DEFAULT_MAX_TOKENS, RoutingRecorder, aggregate
 from bh_helpers.selection.reference import Selection
 from bh_helpers.selection.selectors import Selector
@@ -394,3 +395,5 @@ def route(
             gate_cache.clear()
         for block_graphs in graph_sets:
             block_graphs.clear()  # the graphs and their pool go with the context
+        for block in blocks:
+            clear_graphs(block.module.experts)  # and the grouped dispatch's decode graphs
