@@ -67,8 +67,22 @@ def _protocol_line(protocol: Mapping[str, Any]) -> str:
     )
 
 
+class _WindowedResult:
+    """What the results of windowed scoring share: their protocol line and a flat dict."""
+
+    protocol: dict
+
+    def protocol_str(self) -> str:
+        """One line describing the protocol, for table captions."""
+        return _protocol_line(self.protocol)
+
+    def to_dict(self) -> dict:
+        """Flat ``dict`` (metrics plus ``protocol``) for sweeps and tables."""
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class PerplexityResult:
+class PerplexityResult(_WindowedResult):
     """Token-weighted perplexity under the sliding-window protocol (see the module docstring).
 
     Attributes
@@ -88,17 +102,9 @@ class PerplexityResult:
     n_tokens: int
     protocol: dict = field(default_factory=dict)
 
-    def protocol_str(self) -> str:
-        """One line describing the protocol, for table captions."""
-        return _protocol_line(self.protocol)
-
-    def to_dict(self) -> dict:
-        """Flat ``dict`` (metrics plus ``protocol``) for sweeps and tables."""
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class AccuracyResult:
+class AccuracyResult(_WindowedResult):
     """Greedy next-token accuracy under the sliding-window protocol.
 
     Attributes
@@ -115,14 +121,6 @@ class AccuracyResult:
     n_correct: int
     n_tokens: int
     protocol: dict = field(default_factory=dict)
-
-    def protocol_str(self) -> str:
-        """One line describing the protocol, for table captions."""
-        return _protocol_line(self.protocol)
-
-    def to_dict(self) -> dict:
-        """Flat ``dict`` for sweeps and tables."""
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------
