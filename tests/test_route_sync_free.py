@@ -11,7 +11,7 @@ import bh_helpers.routing.patch as patching
 from bh_helpers.models.families import find_moe_blocks, router_logits
 from bh_helpers import BHSelector, TopKSelector, TopPSelector, route
 
-from test_patching import batch, random_model
+from test_route import batch, random_model
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of bh_helpers.routing.patch (route, selectors, recorder), .dispatch and .moe_adapters.
+"""Tests of bh_helpers.routing (route, recorder, dispatch), bh_helpers.selection.selectors and bh_helpers.models.families.
 
 Runs on the embedded tiny OLMoE when ``bh_helpers/data/tiny_olmoe/model.safetensors`` exists,
 otherwise on a random tiny OLMoE; Mixtral, Qwen2-MoE and Qwen3-MoE are random tiny configs.
