@@ -185,6 +185,24 @@ def test_grid_id_is_part_of_identity(tmp_path):
     assert grid_hash(configs, ["a"], "run-1") != grid_hash(configs, ["a"], "run-2")
 
 
+def test_protocol_is_its_own_header_field(tmp_path):
+    """The report read the perplexity protocol back out of a JSON string packed into ``grid_id``;
+    it is now a header field of its own, which the report states, whatever ``grid_id`` is."""
+    from bh_helpers.app.report_step import _protocol_from_results
+
+    path = tmp_path / "r.jsonl"
+    protocol = {"window": 64, "stride": 32, "max_tokens": 128, "weights": "softmax"}
+    df = run_sweep([SweepConfig("native")], ["prose"], _metric, path, grid_id="an opaque label", protocol=protocol,
+                   progress=False)
+    assert df.attrs["header"]["protocol"] == protocol and df.attrs["header"]["grid_id"] == "an opaque label"
+    stated = _protocol_from_results(load_results(path))
+    assert (stated["window"], stated["stride"], stated["tokens_per_dataset_cap"]) == (64, 32, 128)
+    assert stated["weights"] == "softmax" and stated["weights_of_selected_experts"].startswith("softmax (router")
+    # the protocol is not the grid's identity: another protocol with the same grid_id resumes the same file
+    run_sweep([SweepConfig("native")], ["prose"], _metric, path, grid_id="an opaque label",
+              protocol={**protocol, "window": 128}, progress=False)
+
+
 def test_sweep_config_keys_and_validation():
     a = SweepConfig("bh", alpha=0.05, max_k=8, min_k=1, kernel="gaussian")
     assert a.key() == SweepConfig("bh", alpha=0.05, max_k=8.0, min_k=1, kernel="gaussian").key()

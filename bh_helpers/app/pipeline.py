@@ -310,7 +310,8 @@ def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.P
     batch_size = _room_for(model, window, batch_size)
     evaluate = make_evaluate_fn(model, tokenizer, data, null_bank=null_bank, window=window, stride=stride,
                                 batch_size=batch_size, weights=weights)
-    return run_sweep(configs, datasets, evaluate, results_path, grid_id=grid_id, progress=progress)
+    protocol = {"window": int(window), "stride": int(stride), "max_tokens": int(max_tokens), "weights": weights}
+    return run_sweep(configs, datasets, evaluate, results_path, grid_id=grid_id, protocol=protocol, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------

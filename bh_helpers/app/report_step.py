@@ -30,10 +30,12 @@ __all__ = ["report_step"]
 
 def _protocol_from_results(results) -> dict:
     header = results.attrs.get("header", {}) or {}
-    try:
-        grid = json.loads(header.get("grid_id") or "{}")
-    except (TypeError, json.JSONDecodeError):
-        grid = {}
+    grid = header.get("protocol")
+    if not isinstance(grid, dict):  # results written before the header held the protocol: read grid_id
+        try:
+            grid = json.loads(header.get("grid_id") or "{}")
+        except (TypeError, json.JSONDecodeError):
+            grid = {}
     proto: dict[str, Any] = {
         "metric": "perplexity = exp(token-weighted mean NLL); documents joined with EOS, sliding windows",
         "window": grid.get("window"),

@@ -402,6 +402,7 @@ def run_sweep(
     results_path: str | os.PathLike,
     *,
     grid_id: str | None = None,
+    protocol: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ):
@@ -421,6 +422,9 @@ def run_sweep(
         JSON Lines results file; created (with its header) when missing.
     grid_id : str, optional
         A label that becomes part of the grid's identity.
+    protocol : mapping, optional
+        How the metrics were measured (e.g. window, stride, tokens per data set), written to the
+        header as it is for reports to state; not part of the identity (``grid_id`` is).
     overwrite : bool
         When the file belongs to a different grid (or is not a results file): ``False`` raises
         ``ValueError`` and leaves it untouched; ``True`` renames it to
@@ -478,11 +482,12 @@ def run_sweep(
     path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(path.with_name(path.name + ".lock"), what=f"results file {str(path)!r}",
                    flag="results file (--results)"):
-        return _run_sweep_locked(configs, keys, names, evaluate_fn, path, identity, grid_id, overwrite, progress)
+        return _run_sweep_locked(configs, keys, names, evaluate_fn, path, identity, grid_id, protocol, overwrite,
+                                 progress)
 
 
-def _run_sweep_locked(configs, keys, names, evaluate_fn, path: Path, identity: str, grid_id, overwrite: bool,
-                      progress: bool):
+def _run_sweep_locked(configs, keys, names, evaluate_fn, path: Path, identity: str, grid_id, protocol,
+                      overwrite: bool, progress: bool):
     """:func:`run_sweep` once it holds the results file's lock (checks done)."""
     done: set[tuple[str, str]] = set()
     if path.exists():
@@ -525,6 +530,7 @@ def _run_sweep_locked(configs, keys, names, evaluate_fn, path: Path, identity: s
                     "format": FORMAT_VERSION,
                     "grid_hash": identity,
                     "grid_id": grid_id,
+                    "protocol": dict(protocol) if protocol is not None else None,
                     "datasets": names,
                     "configs": [c.to_dict() for c in configs],
                     "created": _now(),
