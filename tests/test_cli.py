@@ -240,6 +240,8 @@ def test_wikitext2_is_the_real_one_and_the_fixture_says_what_it_is(tmp_path, cap
     from bh_helpers.models.texts import dataset_description, evaluation_texts
 
     assert dataset_description("wikitext2-fixture").startswith("embedded WikiText-style fixture (a sample, not WikiText-2)")
+    # describing a data set reads none of it (the report described each by loading it, wikitext2 from the hub)
+    assert dataset_description("wikitext2") == "WikiText-2 (raw), test split, from the Hugging Face hub"
     docs = evaluation_texts("wikitext2-fixture", tiny_model_and_tokenizer[1], max_tokens=64)
     assert docs and all(isinstance(d, str) and d.strip() for d in docs)
 

@@ -84,12 +84,21 @@ def calibration_token_ids(tokenizer, *, max_tokens: int, text_file: str | os.Pat
     return out
 
 
+#: What each data-set name stands for, as reports state it.
+_DESCRIPTIONS = {
+    "prose": "embedded corpus, evaluation slice, prose",
+    "code": "embedded corpus, evaluation slice, code",
+    "wikitext2": "WikiText-2 (raw), test split, from the Hugging Face hub",
+    "wikitext2-fixture": "embedded WikiText-style fixture (a sample, not WikiText-2)",
+}
+
+
 def _dataset_documents(name: str) -> tuple[list[str], str]:
     if name in ("prose", "code"):
-        return [r["text"] for r in load_corpus_slice("evaluation", domain=name)], f"embedded corpus, evaluation slice, {name}"
+        return [r["text"] for r in load_corpus_slice("evaluation", domain=name)], _DESCRIPTIONS[name]
     if name == "wikitext2":
         try:
-            return load_wikitext2("test"), "WikiText-2 (raw), test split, from the Hugging Face hub"
+            return load_wikitext2("test"), _DESCRIPTIONS[name]
         except (ImportError, RuntimeError) as err:
             reason = str(err).splitlines()[0]
             raise ValueError(
@@ -98,21 +107,22 @@ def _dataset_documents(name: str) -> tuple[list[str], str]:
                 "WikiText-style sample, not WikiText-2)."
             ) from None
     if name == "wikitext2-fixture":
-        return list(embedded_fixture("wikitext2")), "embedded WikiText-style fixture (a sample, not WikiText-2)"
+        return list(embedded_fixture("wikitext2")), _DESCRIPTIONS[name]
     path = Path(name)
     if path.suffix == ".txt" and path.exists():
-        return [_read_text_file(path)], f"file {name}"
+        return [_read_text_file(path)], dataset_description(name)
     raise ValueError(
         f"unknown data set {name!r}; use one of {list(EVAL_DATASETS)} or a path to an existing .txt file."
     )
 
 
 def dataset_description(name: str) -> str:
-    """What a data-set name stands for, as reports state it (the name itself when unknown)."""
-    try:
-        return _dataset_documents(name)[1]
-    except ValueError:
-        return name
+    """What a data-set name stands for, as reports state it (no data is read; a ``.txt`` path is
+    "file <path>", anything else unknown its own name)."""
+    if name in _DESCRIPTIONS:
+        return _DESCRIPTIONS[name]
+    path = Path(name)
+    return f"file {name}" if path.suffix == ".txt" and path.exists() else name
 
 
 def check_datasets(names: Sequence[str]) -> None:
