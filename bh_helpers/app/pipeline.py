@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from bh_helpers._locks import exclusive
-from bh_helpers._validate import check_int
+from bh_helpers._validate import check_choice, check_int
 from bh_helpers.app.paths import sweep_grid_id
 from bh_helpers.app.report_step import report_step
 from bh_helpers.capture import CapturedLogits, capture_router_logits
@@ -298,8 +298,7 @@ def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.P
     pandas.DataFrame
     """
 
-    if weights not in WEIGHT_MODES:
-        raise ValueError(f"`weights` must be one of {WEIGHT_MODES}, got {weights!r}.")
+    check_choice("weights", weights, WEIGHT_MODES)
     datasets = list(datasets)
     if not datasets:
         raise ValueError("`datasets` is empty; pass e.g. ['prose', 'code'].")
@@ -354,8 +353,7 @@ class DemoSettings:
         if self.stride > self.window:
             raise ValueError(f"`stride` ({self.stride}) must not exceed `window` ({self.window}).")
 
-        if self.weights not in WEIGHT_MODES:
-            raise ValueError(f"`weights` must be one of {WEIGHT_MODES}, got {self.weights!r}.")
+        check_choice("weights", self.weights, WEIGHT_MODES)
         check_datasets(self.datasets)  # unknown names raise here, before anything runs
 
     def check_model(self, model) -> None:

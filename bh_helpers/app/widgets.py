@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bh_helpers._validate import check_int
+from bh_helpers._validate import check_choice, check_int, check_level
 from bh_helpers.selection.reference import FDR_METHODS, Selection, fdr_counts, select_experts
 
 __all__ = ["EXPLORER_METHODS", "AlphaExplorer", "ExplorerSettings", "ExplorerState"]
@@ -244,14 +244,10 @@ class AlphaExplorer:
     # -- computation ------------------------------------------------------------------------
 
     def _check(self, s: ExplorerSettings) -> None:
-        if s.method not in EXPLORER_METHODS:
-            raise ValueError(f"`method` must be one of {EXPLORER_METHODS}; got {s.method!r}.")
-        if s.kernel not in self.banks:
-            raise ValueError(f"`kernel` must be one of {self.kernels}; got {s.kernel!r}.")
-        if s.layer not in self.logits:
-            raise ValueError(f"`layer` must be one of {self.layers}; got {s.layer!r}.")
-        if not 0.0 < float(s.alpha) <= 1.0:
-            raise ValueError(f"`alpha` must be in (0, 1]; got {s.alpha!r}.")
+        check_choice("method", s.method, EXPLORER_METHODS)
+        check_choice("kernel", s.kernel, self.kernels)
+        check_choice("layer", s.layer, self.layers)
+        check_level("alpha", s.alpha)
         if not 1 <= s.max_k <= self.num_experts:
             raise ValueError(f"`max_k` must be in [1, {self.num_experts}]; got {s.max_k!r}.")
         if not 0 <= s.min_k <= s.max_k:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bh_helpers._validate import check_choice
 from bh_helpers.experiments.sweep import FDR_METHODS
 
 __all__ = [
@@ -85,8 +86,7 @@ class TopKCurve:
 
 
 def _check_interpolation(interpolation: str) -> None:
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"`interpolation` must be one of {INTERPOLATIONS}, got {interpolation!r}.")
+    check_choice("interpolation", interpolation, INTERPOLATIONS)
 
 
 def _check_columns(results, columns: Sequence[str]) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from bh_helpers._validate import check_choice
 from bh_helpers._locks import exclusive
 from bh_helpers.selection.reference import FDR_METHODS
 
@@ -96,8 +97,7 @@ class SweepConfig:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r}.")
+        check_choice("method", self.method, METHODS)
         uses = {
             "alpha": self.method in FDR_METHODS,
             "kernel": self.method in FDR_METHODS,

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from bh_helpers._validate import check_choice
 from bh_helpers._cuda import device_capability
 from bh_helpers.models.families import SUPPORTED_MODEL_TYPES, find_moe_blocks
 
@@ -93,8 +94,7 @@ def load_corpus_slice(name: str, domain: str | None = None) -> list[dict]:
     >>> {r["domain"] for r in code}
     {'code'}
     """
-    if name not in CORPUS_SLICES:
-        raise ValueError(f"`name` must be one of {CORPUS_SLICES}, got {name!r}.")
+    check_choice("name", name, CORPUS_SLICES)
     if domain is not None and domain not in CORPUS_DOMAINS:
         raise ValueError(f"`domain` must be one of {CORPUS_DOMAINS} or None, got {domain!r}.")
     path = EMBEDDED_CORPUS_DIR / f"{name}.jsonl"

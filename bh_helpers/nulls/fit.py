@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from bh_helpers._validate import check_int, is_int
+from bh_helpers._validate import check_choice, check_int, is_int
 from bh_helpers.nulls.kernels import (
     VALID_BANDWIDTHS,
     VALID_KERNELS,
@@ -43,9 +43,7 @@ __all__ = ["fit_null", "fit_null_bank"]
 
 
 def _check_kernel(kernel: Any) -> str:
-    if not isinstance(kernel, str) or kernel not in VALID_KERNELS:
-        raise ValueError(f"`kernel` must be one of {VALID_KERNELS}, got {kernel!r}")
-    return kernel
+    return check_choice("kernel", kernel, VALID_KERNELS)
 
 
 def _check_bandwidth(bandwidth: Any, kernel: str) -> str | float:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from bh_helpers._cuda import on_device
-from bh_helpers._validate import check_int, check_level
+from bh_helpers._validate import check_choice, check_int, check_level
 from bh_helpers.selection.fused_kernels import HAS_TRITON
 from bh_helpers.selection.reference import (
     FDR_METHODS,
@@ -528,8 +528,7 @@ def select_with_null(
     alpha, min_k, max_k, weights, temperature, validate
         As in :func:`~bh_helpers.selection.reference.select_experts`.
     """
-    if method not in FDR_METHODS:
-        raise ValueError(f"`method` must be one of {FDR_METHODS}; got {method!r}.")
+    check_choice("method", method, FDR_METHODS)
     if not _fusable(logits, method):
         pvalues = null.sf(logits, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
         return select_experts(logits, pvalues, method=method, alpha=alpha, min_k=min_k, max_k=max_k,

@@ -33,7 +33,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from bh_helpers._validate import check_int, check_level
+from bh_helpers._validate import check_choice, check_int, check_level
 
 __all__ = [
     "FDR_METHODS",
@@ -97,8 +97,7 @@ class Selection:
 
 
 def _check_method(method: str, allowed: tuple[str, ...]) -> str:
-    if method not in allowed:
-        raise ValueError(f"`method` must be one of {allowed}; got {method!r}.")
+    check_choice("method", method, allowed)
     return method
 
 
@@ -264,8 +263,7 @@ def _check_selection_args(
     Shared by :func:`select_experts` and the fused CUDA selector so both raise the same errors.
     """
     _check_method(method, SELECTION_METHODS)
-    if weights not in WEIGHT_MODES:
-        raise ValueError(f"`weights` must be one of {WEIGHT_MODES}; got {weights!r}.")
+    check_choice("weights", weights, WEIGHT_MODES)
     temperature = float(temperature)
     if not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"`temperature` must be a positive finite number; got {temperature}.")

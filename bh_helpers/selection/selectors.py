@@ -59,8 +59,7 @@ class BHSelector:
     validate: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.method not in FDR_METHODS:
-            raise ValueError(f"`method` must be one of {FDR_METHODS}; got {self.method!r}.")
+        check_choice("method", self.method, FDR_METHODS)
         check_level("alpha", self.alpha)
         check_int("max_k", self.max_k, 1)
         check_int("min_k", self.min_k, 0)
