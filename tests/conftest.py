@@ -25,3 +25,53 @@ def tiny_model_and_tokenizer():
 
     model, tokenizer = load_model("tiny", device="cpu", dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# The fault battery: tests marked @pytest.mark.fault(group, outcome) are bad inputs and faults.
+# `pytest -m fault --fault-report FILE` writes one JSON record per test (scripts/reliability.py
+# turns them into the README's reliability figure). A test that passes has shown its outcome
+# ("clear error": refused with a message naming the option and the fix; "recovered": the work
+# completed correctly, nothing lost); one that fails is counted as such, never as a success.
+# ----------------------------------------------------------------------------------------------
+
+FAULT_OUTCOMES = ("clear error", "recovered")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fault-report", default=None, help="write the fault battery's outcomes to this JSON file")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marker = item.get_closest_marker("fault")
+        if marker is not None and (len(marker.args) != 2 or marker.args[1] not in FAULT_OUTCOMES):
+            raise pytest.UsageError(f"{item.nodeid}: use @pytest.mark.fault(group, outcome), outcome in {FAULT_OUTCOMES}")
+
+
+_FAULT_RECORDS: dict = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("fault")
+    if marker is None or not item.config.getoption("--fault-report"):
+        return
+    record = _FAULT_RECORDS.setdefault(item.nodeid, {"group": marker.args[0], "expected": marker.args[1],
+                                                      "result": "passed"})
+    if report.skipped and record["result"] == "passed":
+        record["result"] = "skipped"
+    elif report.failed:
+        record["result"] = "failed"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--fault-report")
+    if path:
+        import json
+
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"tests": _FAULT_RECORDS}, fh, indent=1, sort_keys=True)
+            fh.write("\n")

@@ -155,6 +155,7 @@ def test_reservoir_keeps_a_uniform_aligned_subset_over_many_pruning_rounds():
         assert abs(float(part.mean()) - expected) < 0.25 * expected
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_layers_argument_and_validation(model):
     batches = make_batches(model, n=1)
     assert capture_router_logits(model, batches, layers=1, progress=False).layers == [1]
@@ -169,6 +170,7 @@ def test_layers_argument_and_validation(model):
     assert hook_ids(model) == before
 
 
+@pytest.mark.fault("interrupted and resumed runs", "recovered")
 def test_hooks_are_removed_after_an_exception(model):
     good = make_batches(model, n=1)[0]
     before = hook_ids(model)

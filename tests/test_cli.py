@@ -65,6 +65,7 @@ def test_demo_end_to_end(demo_dir, capsys):
     assert df.loc[df["label"] == "top-2", "mean_experts_per_token"].item() == 2.0
 
 
+@pytest.mark.fault("interrupted and resumed runs", "recovered")
 def test_rerun_resumes_without_duplicates(demo_dir, capsys):
     before = (demo_dir / "sweep.jsonl").read_bytes()
     assert cli.main(["demo", "--out", str(demo_dir), *TINY]) == 0
@@ -72,6 +73,7 @@ def test_rerun_resumes_without_duplicates(demo_dir, capsys):
     assert (demo_dir / "sweep.jsonl").read_bytes() == before  # nothing re-run, nothing appended
 
 
+@pytest.mark.fault("interrupted and resumed runs", "recovered")
 def test_rerun_after_capture_reuses_the_captured_logits(demo_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(demo_dir, run)
@@ -83,6 +85,7 @@ def test_rerun_after_capture_reuses_the_captured_logits(demo_dir, tmp_path):
     assert (run / "nulls" / "nulls.npz").read_bytes() == (demo_dir / "nulls" / "nulls.npz").read_bytes()
 
 
+@pytest.mark.fault("command line", "clear error")
 def test_other_grid_is_refused_and_changes_nothing(demo_dir, capsys):
     files = {p: p.read_bytes() for p in demo_dir.rglob("*") if p.is_file()}
     other = [a if a != "0.5,0.9" else "0.5" for a in TINY]
@@ -92,6 +95,7 @@ def test_other_grid_is_refused_and_changes_nothing(demo_dir, capsys):
     assert {p: p.read_bytes() for p in demo_dir.rglob("*") if p.is_file()} == files
 
 
+@pytest.mark.fault("command line", "clear error")
 def test_sweep_into_results_of_another_grid(demo_dir, tmp_path, capsys):
     results = demo_dir / "sweep.jsonl"
     before = results.read_bytes()
@@ -109,6 +113,7 @@ def test_report_subcommand(demo_dir, tmp_path, capsys):
     assert "## Compute-matched frontier" in text and '"window": 128' in text
 
 
+@pytest.mark.fault("command line", "clear error")
 def test_unknown_dataset_fails_before_writing(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["demo", "--out", str(out), "--datasets", "nonsense"]) == 2
@@ -116,6 +121,7 @@ def test_unknown_dataset_fails_before_writing(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.fault("command line", "clear error")
 def test_empty_text_and_existing_outputs(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
@@ -179,6 +185,7 @@ def _one_line_error(capsys, *needles):
     (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "nonsense"],
      ["--device"]),
 ])
+@pytest.mark.fault("command line", "clear error")
 def test_demo_bad_options_fail_before_any_work(tmp_path, capsys, argv, needles):
     out = tmp_path / "run"
     assert cli.main(["demo", "--out", str(out), *TINY, *argv]) == 2
@@ -186,6 +193,7 @@ def test_demo_bad_options_fail_before_any_work(tmp_path, capsys, argv, needles):
     assert not out.exists(), "a refused command leaves no folder behind (the corrected one must run)"
 
 
+@pytest.mark.fault("command line", "clear error")
 def test_binary_text_file_names_the_file(tmp_path, capsys):
     binary = tmp_path / "weights.bin"
     binary.write_bytes(bytes(range(256)) * 4)
@@ -194,6 +202,7 @@ def test_binary_text_file_names_the_file(tmp_path, capsys):
     _one_line_error(capsys, str(binary), "not UTF-8 text")
 
 
+@pytest.mark.fault("command line", "clear error")
 def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
     from bh_helpers.app import pipeline
 
@@ -205,6 +214,7 @@ def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
     _one_line_error(capsys, "Permission denied", "run.json", "writable --out")
 
 
+@pytest.mark.fault("interrupted and resumed runs", "clear error")
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     from bh_helpers.app import pipeline
 
@@ -227,6 +237,7 @@ def test_sweep_says_which_bank_it_uses(tmp_path, capsys):
     assert f"null bank: {default_null_bank_dir('tiny')} (the committed bank of --model tiny" in out
 
 
+@pytest.mark.fault("command line", "clear error")
 def test_wikitext2_is_the_real_one_and_the_fixture_says_what_it_is(tmp_path, capsys, monkeypatch,
                                                                   tiny_model_and_tokenizer):
     """`--datasets wikitext2` ran on an embedded WikiText-style sample and every table called it
@@ -246,6 +257,7 @@ def test_wikitext2_is_the_real_one_and_the_fixture_says_what_it_is(tmp_path, cap
     assert docs and all(isinstance(d, str) and d.strip() for d in docs)
 
 
+@pytest.mark.fault("mismatched null banks", "recovered")
 def test_sweep_with_a_bank_of_another_kernel(demo_dir, tmp_path, capsys):
     """`bh-routing sweep` built its own grid with the gaussian kernel whatever the bank was: an
     empirical bank failed at its first BH row. The grid now comes from the bank (one builder with

@@ -44,6 +44,7 @@ def _evaluate(config, name):
     return {"perplexity": 10.0 + config.alpha, "dataset_name": name}
 
 
+@pytest.mark.fault("concurrency", "clear error")
 def test_second_sweep_on_one_results_file_is_refused_then_runs(tmp_path):
     results = tmp_path / "sweep.jsonl"
     configs = expand_grid(methods=["bh"], alphas=[0.1, 0.2], max_ks=[8], topk=False, native=False)
@@ -61,6 +62,7 @@ def test_second_sweep_on_one_results_file_is_refused_then_runs(tmp_path):
     assert len(df) == 4 and not df.duplicated(["key", "dataset"]).any()
 
 
+@pytest.mark.fault("concurrency", "recovered")
 def test_a_killed_holder_does_not_wedge_the_next_run(tmp_path):
     results = tmp_path / "sweep.jsonl"
     configs = expand_grid(methods=["bh"], alphas=[0.1], max_ks=[8], topk=False, native=False)
@@ -70,6 +72,7 @@ def test_a_killed_holder_does_not_wedge_the_next_run(tmp_path):
     assert len(run_sweep(configs, ["a"], _evaluate, results, progress=False)) == 1
 
 
+@pytest.mark.fault("concurrency", "clear error")
 def test_second_demo_on_one_folder_is_refused_and_writes_nothing(tmp_path, capsys):
     from bh_helpers.app import cli
 
@@ -91,6 +94,7 @@ def test_second_demo_on_one_folder_is_refused_and_writes_nothing(tmp_path, capsy
         holder.wait(timeout=30)
 
 
+@pytest.mark.fault("concurrency", "recovered")
 def test_repeated_rows_are_read_once(tmp_path):
     results = tmp_path / "sweep.jsonl"
     configs = expand_grid(methods=["bh"], alphas=[0.1], max_ks=[8], topk=False, native=False)

@@ -171,6 +171,7 @@ def test_single_string_and_defaults(random_model_tok):
     assert math.isfinite(res.perplexity) and res.perplexity > 1
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 @pytest.mark.parametrize("texts", [[], [""], "", ["", ""]])
 def test_empty_text_raises(random_model_tok, texts):
     model, tok = random_model_tok
@@ -178,12 +179,14 @@ def test_empty_text_raises(random_model_tok, texts):
         ev.perplexity(model, tok, texts, progress=False)
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_window_larger_than_context_raises(random_model_tok):
     model, tok = random_model_tok
     with pytest.raises(ValueError, match=r"`window`=256.*max_position_embeddings=128"):
         ev.perplexity(model, tok, TEXTS, window=256, progress=False)
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 @pytest.mark.parametrize("stride", [0, -3, 33])
 def test_invalid_stride_raises(random_model_tok, stride):
     model, tok = random_model_tok
@@ -298,6 +301,7 @@ def test_multiple_choice_matches_bruteforce(model_tok):
     assert res.acc_per_token == hits["acc_per_token"] / len(MC)
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_multiple_choice_bad_examples(random_model_tok):
     model, tok = random_model_tok
     with pytest.raises(ValueError, match="endings"):

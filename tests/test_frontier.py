@@ -60,6 +60,7 @@ def test_outside_range_is_flagged_not_extrapolated():
     assert table.count("n/a") >= 6 and STATUS_ABOVE in table and STATUS_BELOW in table
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_missing_metric_is_flagged():
     fr = compute_frontier(_results([(1.5, float("nan"))]))
     assert fr.loc[0, "status"] == STATUS_MISSING and math.isnan(fr.loc[0, "delta"])
@@ -90,6 +91,7 @@ def test_higher_is_better_and_top_p_methods():
     assert fr["better"].tolist() == [False, True]
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_errors():
     with pytest.raises(ValueError, match="static top-k"):
         compute_frontier(_results([(1.5, 25.0)], topk=()))

@@ -47,12 +47,14 @@ needs_embedded = pytest.mark.skipif(not EMBEDDED.is_file(), reason="embedded tin
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_import_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
     with pytest.raises(ImportError, match=r"pip install bh-routing\[lmeval\]"):
         lea.make_lm(object(), object())
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_make_lm_rejects_bad_batch_size():
     with pytest.raises(ValueError, match="`batch_size`"):
         lea.make_lm(object(), object(), batch_size=0)

@@ -86,12 +86,14 @@ def test_default_dtype(device, capability, expected):
     assert default_dtype(device, capability=capability) is expected
 
 
+@pytest.mark.fault("models and untrusted code", "clear error")
 def test_hub_unreachable_when_offline_without_network_access(monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub_reachable() is False
     assert no_network == []
 
 
+@pytest.mark.fault("models and untrusted code", "clear error")
 def test_hub_check_handles_refused_connection(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -152,6 +154,7 @@ def _spy_from_pretrained(monkeypatch):
     return calls
 
 
+@pytest.mark.fault("models and untrusted code", "clear error")
 def test_trust_remote_code_false_by_default(monkeypatch):
     assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
     calls = _spy_from_pretrained(monkeypatch)
@@ -179,6 +182,7 @@ def test_tiny_is_loaded_local_files_only(monkeypatch):
     assert calls["config"][1]["local_files_only"] is True
 
 
+@pytest.mark.fault("models and untrusted code", "clear error")
 def test_invalid_name_type():
     with pytest.raises(ValueError, match="`name`"):
         load_model(3, device="cpu")
@@ -250,6 +254,7 @@ def test_local_path_round_trip(tiny, tmp_path):
     assert tok2.decode(x[0]) == tok.decode(x[0])
 
 
+@pytest.mark.fault("models and untrusted code", "clear error")
 def test_unsupported_model_raises(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -284,6 +289,7 @@ def test_corpus_slices_are_held_out(name, lo, hi):
     assert code and all(r["domain"] == "code" for r in code)
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_corpus_slice_bad_arguments():
     with pytest.raises(ValueError, match="`name`"):
         load_corpus_slice("train")
@@ -365,6 +371,7 @@ def test_routing_alive_on_evaluation_text(tiny):
         assert used.tolist() == json.loads(card_path.read_text())["routing"]["experts_used_per_layer"]
 
 
+@pytest.mark.fault("models and untrusted code", "clear error")
 def test_auto_map_code_never_runs_without_trust_remote_code(tmp_path):
     """A folder whose config maps to its own Python: load_model(folder) refuses with a clear error,
     asks nothing, and runs nothing, even with "y" waiting on stdin (before the fix transformers

@@ -413,6 +413,7 @@ def test_compatibility_checks(tmp_path, small_logits):
         NullBank.load(tmp_path, num_experts=64)
 
 
+@pytest.mark.fault("damaged files", "clear error")
 def test_load_rejects_bad_files(tmp_path, small_logits):
     bank = fit_null_bank(small_logits)
     good = tmp_path / "good"
@@ -478,6 +479,7 @@ def write_legacy(directory, layers=2, protocol=pickle.DEFAULT_PROTOCOL):
     return x
 
 
+@pytest.mark.fault("models and untrusted code", "clear error")
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_legacy_reader_needs_trust_and_reads_old_format(tmp_path, protocol):
     write_legacy(tmp_path, protocol=protocol)
@@ -510,6 +512,7 @@ class _CallsEval:
         return (eval, ("1 + 1",))
 
 
+@pytest.mark.fault("models and untrusted code", "clear error")
 @pytest.mark.parametrize("payload", ["system", "eval"])
 def test_legacy_reader_refuses_code_execution(tmp_path, payload):
     marker = tmp_path / "pwned"
@@ -521,6 +524,7 @@ def test_legacy_reader_refuses_code_execution(tmp_path, payload):
     assert not marker.exists()
 
 
+@pytest.mark.fault("damaged files", "clear error")
 def test_legacy_reader_rejects_malformed_content(tmp_path):
     with open(tmp_path / "distribution_model_layer_0.pkl", "wb") as fh:
         pickle.dump({"x": np.array([0.0, 2.0, 1.0]), "cdf": np.array([0.1, 0.5, 0.9])}, fh)
@@ -589,12 +593,14 @@ def test_goodness_of_fit_reports_numbers():
         ({"per_expert": "yes"}, "per_expert"),
     ],
 )
+@pytest.mark.fault("bad arguments", "clear error")
 def test_fit_null_rejects_bad_input(kwargs, match):
     kwargs = {"logits": torch.randn(100, 4, generator=torch.Generator().manual_seed(0)), **kwargs}
     with pytest.raises(ValueError, match=match):
         fit_null(**kwargs)
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_fit_null_bank_rejects_bad_input():
     with pytest.raises(ValueError, match="logits_by_layer"):
         fit_null_bank({})
@@ -659,6 +665,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.fault("damaged files", "clear error")
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_damaged_banks_are_refused_on_load(tmp_path, case):
     g = torch.Generator().manual_seed(0)
@@ -675,6 +682,7 @@ def test_damaged_banks_are_refused_on_load(tmp_path, case):
             NullBank.load(tmp_path / "legacy")
 
 
+@pytest.mark.fault("damaged files", "recovered")
 def test_committed_banks_without_checksums_still_load():
     from bh_helpers.app.paths import default_null_bank_dir
 

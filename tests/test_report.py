@@ -74,6 +74,7 @@ def test_write_report(tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_write_report_errors(tmp_path):
     with pytest.raises(ValueError, match="DataFrame"):
         write_report(tmp_path, results=[{"a": 1}])

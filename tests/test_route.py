@@ -167,6 +167,7 @@ def test_native_selector_reads_k_and_convention(family, weights):
     assert [b.layer for b in find_moe_blocks(model)] == [0, 1]
 
 
+@pytest.mark.fault("models and untrusted code", "clear error")
 def test_unsupported_model_raises_listing_families():
     import transformers as tf
 
@@ -304,6 +305,7 @@ def test_analyze_is_bit_identical_and_records_what_select_experts_chooses(olmoe,
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.fault("route: selector output", "recovered")
 @pytest.mark.parametrize("mode", ["patch", "analyze"])
 def test_restored_after_normal_exit_and_after_exception(olmoe, mode):
     inputs = batch(olmoe, seed=21)
@@ -357,6 +359,7 @@ def test_existing_instance_forward_is_restored_as_the_same_object():
         assert block.forward is wrapper
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_nesting_overlapping_raises_and_disjoint_works():
     model = random_model("olmoe")
     inputs = batch(model)
@@ -503,6 +506,7 @@ def test_top_p_selector_and_recorder_truncation(olmoe):
     assert torch.equal(per_token.token_ids, inputs["input_ids"][inputs["attention_mask"].bool()][:10])
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_selector_reprs_and_validation(olmoe_bank):
     assert repr(TopKSelector(4)) == "TopKSelector(k=4, weights='renorm')"
     assert repr(BHSelector(olmoe_bank, alpha=0.1, max_k=16)) == (
@@ -524,6 +528,7 @@ def test_selector_reprs_and_validation(olmoe_bank):
             pass
 
 
+@pytest.mark.fault("route: selector output", "clear error")
 def test_selector_returning_wrong_shape_is_rejected():
     model = random_model("olmoe")
     before = snapshot(model)
@@ -572,6 +577,7 @@ def test_bfloat16_patched_forward_keeps_dtype_and_is_finite():
     assert rec.summary()["tokens"] == int(inputs["attention_mask"].sum())
 
 
+@pytest.mark.fault("mismatched null banks", "clear error")
 def test_route_refuses_a_bank_of_another_model():
     """A 16-layer bank on the 6-layer tiny model routed silently with mean k 1.0 before; a bank of
     32 experts failed only at forward time."""
@@ -593,6 +599,7 @@ def test_route_refuses_a_bank_of_another_model():
     assert model.model.layers[0].mlp.forward == forward_before  # nothing was installed
 
 
+@pytest.mark.fault("mismatched null banks", "clear error")
 def test_route_refuses_a_bank_missing_routed_layers():
     """A bank without layer 5 failed mid-forward with a KeyError (a traceback from the CLI)."""
     from bh_helpers.models.loading import load_model
@@ -622,6 +629,7 @@ def test_route_refuses_a_bank_missing_routed_layers():
     (float("nan"), None, r"NaN at token 0, expert 3"),
     (None, float("-inf"), r"-inf for every expert at token 0"),
 ])
+@pytest.mark.fault("route: non-finite router logits", "clear error")
 def test_validate_names_layer_and_token_of_non_finite_logits(value, row_fill, match):
     """+inf logits passed even validate=True (NaN weights); a row of -inf too."""
     from bh_helpers.selection.reference import select_experts
@@ -669,6 +677,7 @@ class _BadSelector:
     ("duplicate", "one expert twice at layer 1, token 2"),
     ("out of range", r"expert id outside \[-1, num_experts\) at layer 1, token 2"),
 ])
+@pytest.mark.fault("route: selector output", "clear error")
 def test_validate_checks_selector_output_in_route(tiny_model_and_tokenizer, defect, match):
     """A NaN weight made all-NaN outputs; counts that disagree with indices were recorded as mean k 8."""
     model, tok = tiny_model_and_tokenizer
@@ -679,6 +688,7 @@ def test_validate_checks_selector_output_in_route(tiny_model_and_tokenizer, defe
             model(ids)
 
 
+@pytest.mark.fault("mismatched null banks", "clear error")
 def test_bank_of_another_checkpoint_is_refused_by_its_router_fingerprint(tmp_path, tiny_model_and_tokenizer):
     """Same shape, other weights: routed silently before. The fingerprint travels capture -> fit ->
     save -> load, survives a dtype cast, and only allow_other_model=True overrides it."""

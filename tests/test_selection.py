@@ -126,6 +126,7 @@ def test_fdr_counts_leading_dims_and_dtypes(method):
         (torch.zeros(3, 0), 0.05, "bh", "non-empty"),
     ],
 )
+@pytest.mark.fault("bad arguments", "clear error")
 def test_fdr_counts_bad_input(pvalues, alpha, method, match):
     with pytest.raises(ValueError, match=match):
         fdr_counts(pvalues, alpha, method)
@@ -271,12 +272,14 @@ def test_expert_mask():
         (dict(method="bh", temperature=0.0), "temperature"),
     ],
 )
+@pytest.mark.fault("bad arguments", "clear error")
 def test_select_experts_bad_arguments(kwargs, match):
     logits = torch.randn(3, 64)
     with pytest.raises(ValueError, match=match):
         select_experts(logits, torch.rand(3, 64), **kwargs)
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_select_experts_bad_tensors():
     logits = torch.randn(3, 64)
     with pytest.raises(ValueError, match="needs `pvalues`"):
@@ -380,6 +383,7 @@ def test_cuda_matches_cpu(method):
     torch.testing.assert_close(cpu.weights, gpu.weights.cpu())
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 @pytest.mark.parametrize("bad", [True, "0.05", None, torch.tensor([0.05])])
 def test_alpha_of_the_wrong_type_is_refused_everywhere(bad):
     """``alpha=True`` was taken as 1.0 and ``"0.05"`` accepted; ``None`` failed inside float()."""

@@ -83,6 +83,7 @@ def test_reference_run_is_complete(reference):
     assert df.attrs["header"]["grid_hash"] == header["grid_hash"]
 
 
+@pytest.mark.fault("interrupted and resumed runs", "recovered")
 @pytest.mark.parametrize("kill_after", [0, 3, 17])
 def test_sigkill_and_resume_gives_same_results(sweep_script, reference, tmp_path, kill_after):
     results = tmp_path / "results.jsonl"
@@ -106,6 +107,7 @@ def test_sigkill_and_resume_gives_same_results(sweep_script, reference, tmp_path
     assert _rows(results) == _rows(reference)
 
 
+@pytest.mark.fault("interrupted and resumed runs", "recovered")
 @pytest.mark.parametrize("cut", ["half_line", "newline_only", "half_header"])
 def test_truncated_last_line_is_dropped_safely(sweep_script, reference, tmp_path, cut):
     data = reference.read_bytes()
@@ -128,6 +130,7 @@ def _metric(config, name):
     return {"value": len(config.key()) + len(name), "ok": True}
 
 
+@pytest.mark.fault("damaged files", "clear error")
 def test_different_grid_raises_and_leaves_file_untouched(reference, tmp_path):
     results = tmp_path / "results.jsonl"
     results.write_bytes(reference.read_bytes())
@@ -149,6 +152,7 @@ def test_different_grid_raises_and_leaves_file_untouched(reference, tmp_path):
     assert len(df) == 1 and df["method"].tolist() == ["bh"]
 
 
+@pytest.mark.fault("damaged files", "clear error")
 def test_non_results_file_raises(tmp_path):
     path = tmp_path / "notes.jsonl"
     path.write_text("hello\nworld\n")
@@ -157,6 +161,7 @@ def test_non_results_file_raises(tmp_path):
     assert path.read_text() == "hello\nworld\n"
 
 
+@pytest.mark.fault("interrupted and resumed runs", "recovered")
 def test_failing_evaluation_keeps_finished_rows(tmp_path):
     path = tmp_path / "r.jsonl"
     configs = [SweepConfig("topk", k=k) for k in (1, 2, 3)]
@@ -298,6 +303,7 @@ def test_load_hellaswag_local_file_preprocesses_like_lm_eval(tmp_path):
         bds.load_hellaswag(path=_write_jsonl(tmp_path / "t.jsonl", [unlabeled]))
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_loader_errors(tmp_path):
     with pytest.raises(ValueError, match=r"known names: \['hellaswag', 'lambada', 'wikitext2'\]"):
         bds.load_dataset_by_name("imagenet")

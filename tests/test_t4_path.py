@@ -97,6 +97,7 @@ def test_looped_dispatch_all_slots_unused_and_transposed_layout():
                                dispatch_experts(experts, hidden, idx, w), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_gemv_refuses_what_it_does_not_implement():
     experts = make_experts()
     assert not gemv_supported(experts, torch.device("cpu"))  # no CUDA, no interpreter
@@ -242,6 +243,7 @@ def test_run_demo_end_to_end_on_cuda(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.fault("command line", "clear error")
 def test_demo_step_turns_a_cuda_oom_into_a_clear_error():
     from bh_helpers.app.pipeline import DemoSettings, GPUOutOfMemory, _demo_step
 
@@ -255,6 +257,7 @@ def test_demo_step_turns_a_cuda_oom_into_a_clear_error():
     assert set(timings) == {"fit"}
 
 
+@pytest.mark.fault("command line", "clear error")
 def test_cli_reports_gpu_oom_in_one_line(monkeypatch, capsys):
     from bh_helpers.app import cli, pipeline
 
@@ -291,6 +294,7 @@ def test_fit_batch_size_against_a_hand_computed_budget(tiny_model_and_tokenizer)
         evaluation.fit_batch_size(fake, 256, 0, free_bytes=free)
 
 
+@pytest.mark.fault("interrupted and resumed runs", "recovered")
 def test_sweep_lowers_batch_size_with_a_warning_when_memory_is_short(monkeypatch, tiny_model_and_tokenizer):
     from bh_helpers.app import pipeline
 

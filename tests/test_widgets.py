@@ -86,6 +86,7 @@ def test_max_k_and_kernel_change_outputs(explorer):
     assert other.settings.kernel == "empirical"
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_bad_settings_raise(explorer):
     with pytest.raises(ValueError, match="method"):
         explorer.update(method="nope")
@@ -146,6 +147,7 @@ def test_run_live_needs_model(explorer):
         explorer.run_live("hello")
 
 
+@pytest.mark.fault("bad arguments", "clear error")
 def test_validation_of_inputs():
     cached = _logits(2, 64)
     bank = fit_null_bank({0: cached[0]})

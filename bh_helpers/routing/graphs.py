@@ -57,7 +57,7 @@ class _BlockGraph:
     """
 
     def __init__(self, compute: Callable, hidden: torch.Tensor, valid: torch.Tensor, hist: torch.Tensor,
-                 experts: torch.Tensor, key: tuple, pool: Any) -> None:
+                 experts: torch.Tensor, faults: torch.Tensor, key: tuple, pool: Any) -> None:
         device = hidden.device
         self.key = key
         self.hidden = hidden.detach().clone()  # (T, H)
@@ -66,11 +66,12 @@ class _BlockGraph:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up into scratch aggregates: compilation, tables, handles
-                compute(self.hidden, self.valid, torch.zeros_like(hist), torch.zeros_like(experts))
+                compute(self.hidden, self.valid, torch.zeros_like(hist), torch.zeros_like(experts),
+                        torch.zeros_like(faults))
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out, self.counts = compute(self.hidden, self.valid, hist, experts)
+            self.out, self.counts = compute(self.hidden, self.valid, hist, experts, faults)
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.hidden.copy_(hidden)
@@ -115,7 +116,7 @@ class BlockGraphs:
 
         Captures on first use per row count (and again when an address the graph reads changed);
         anything that cannot be captured turns the graphs of this block off for the rest of the
-        ``route``. ``compute(module, weight, hidden, valid, hist, experts_count)`` is the patched
+        ``route``. ``compute(module, weight, hidden, valid, hist, experts_count, faults)`` is the patched
         forward's device part; its per-token counts go to ``recorder``.
         """
         device = hidden.device
@@ -143,17 +144,17 @@ class BlockGraphs:
         rows = hidden.shape[0]
         inputs = recorder.inputs_for(rows, device)
         valid_long, _ = recorder.valid_for(inputs, device)
-        hist, experts_count = recorder.buffers(layer, width, device)
+        hist, experts_count, faults = recorder.buffers(layer, width, device)
         key = (rows, hidden.dtype, device, torch.is_inference_mode_enabled())
         deps = (weight.data_ptr(), experts.gate_up_proj.data_ptr(), experts.down_proj.data_ptr(),
-                hist.data_ptr(), hist.numel(), experts_count.data_ptr())
+                hist.data_ptr(), hist.numel(), experts_count.data_ptr(), faults.data_ptr())
         valid = self.valid(key, valid_long)  # (T,) static, shared by the route's blocks
         graph = self.graphs.get(key)
         if graph is None or graph.key != deps:
             self.graphs.pop(key, None)
             try:
-                graph = _BlockGraph(lambda h, v, hs, ex: compute(module, weight, h, v, hs, ex), hidden, valid, hist,
-                                    experts_count, deps, self.pool())
+                graph = _BlockGraph(lambda h, v, hs, ex, fa: compute(module, weight, h, v, hs, ex, fa), hidden, valid,
+                                    hist, experts_count, faults, deps, self.pool())
             except Exception:  # noqa: BLE001 - anything not capturable: eager from now on
                 self.disabled = True
                 return None

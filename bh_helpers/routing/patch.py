@@ -129,16 +129,27 @@ def _check_selection_values(selection: Selection, num_experts: int, layer: int) 
 
 
 def _check_selection(selection: Any, rows: int, layer: int) -> None:
-    """A selector's answer must be a Selection of ``[T, K]`` indices and weights."""
+    """A selector's answer must be a Selection of ``[T, K]`` integer indices, float weights, ``T`` counts.
+
+    Host-side checks of shapes and dtypes only (no synchronisation); the values are screened on
+    the device by :func:`~bh_helpers.routing.recorder.aggregate`.
+    """
     if not isinstance(selection, Selection):
         raise TypeError(
             f"the selector returned {type(selection).__name__} for layer {layer}; it must return a Selection."
         )
-    indices, weights = selection.indices, selection.weights
-    if indices.dim() != 2 or indices.shape[0] != rows or weights.shape != indices.shape:
+    indices, weights, counts = selection.indices, selection.weights, selection.counts
+    if indices.dim() != 2 or indices.shape[0] != rows or weights.shape != indices.shape or counts.numel() != rows:
         raise ValueError(
-            f"the selector returned indices {tuple(selection.indices.shape)} / weights "
-            f"{tuple(selection.weights.shape)} for {rows} tokens at layer {layer}; both must be [T, K]."
+            f"the selector returned indices {tuple(indices.shape)} / weights {tuple(weights.shape)} / counts "
+            f"{tuple(counts.shape)} for {rows} tokens at layer {layer}; indices and weights must be [T, K], "
+            "counts [T]."
+        )
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool \
+            or counts.dtype.is_floating_point or counts.dtype == torch.bool or not weights.dtype.is_floating_point:
+        raise TypeError(
+            f"the selector returned indices {indices.dtype}, counts {counts.dtype} and weights {weights.dtype} at "
+            f"layer {layer}; indices and counts must be integer tensors, weights floating point."
         )
 
 
@@ -219,15 +230,16 @@ def _make_forward(
     validate = getattr(selector, "validate", False) is True  # slow, thorough checks only when asked
 
     def compute(module: nn.Module, weight: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor,
-                hist: torch.Tensor, experts_count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                hist: torch.Tensor, experts_count: torch.Tensor,
+                faults: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The device part of the patched forward (no host synchronisation): captured whole."""
         logits = F.linear(hidden.float(), weight)  # (T, E) float32
         selection = selector(logits, layer)
         _check_selection(selection, hidden.shape[0], layer)
         counts = selection.counts.reshape(-1)  # (T,)
-        indices = selection.indices.reshape(counts.shape[0], -1)  # (T, K)
-        aggregate(hist, experts_count, counts, indices, valid, (valid != 0).unsqueeze(-1))
-        out = sync_free_dispatch(module.experts, hidden, selection.indices, selection.weights)  # (T, H)
+        safe = aggregate(hist, experts_count, faults, counts, selection.indices, selection.weights, valid,
+                         (valid != 0).unsqueeze(-1))  # (T, K)
+        out = sync_free_dispatch(module.experts, hidden, safe, selection.weights)  # (T, H)
         shared = adapter.shared_output(module, hidden)  # (T, H) or None
         if shared is not None:
             out = out + shared.to(out.dtype)  # (T, H)
@@ -249,10 +261,10 @@ def _make_forward(
                 raise ValueError(f"layer {layer}: {err}") from None
         else:
             selection = selector(logits, layer)
-        _check_selection(selection, hidden.shape[0], layer)  # shapes only: no host synchronisation
+        _check_selection(selection, hidden.shape[0], layer)  # shapes and dtypes: no host synchronisation
         if validate:
             _check_selection_values(selection, logits.shape[-1], layer)
-        recorder.record(layer, selection)
+        safe = recorder.record(layer, selection)  # (T, K); broken rows counted on the device
         if mode == "analyze":
             return original(hidden_states, *args, **kwargs)
         if router_outputs_requested():
@@ -261,7 +273,7 @@ def _make_forward(
             module.gate(hidden)
         with materialized(module.experts):
             # bh_helpers.routing.auto picks grouped GEMMs, the T4 path or the reference.
-            out = fast_dispatch_experts(module.experts, hidden, selection.indices, selection.weights)  # (T, H)
+            out = fast_dispatch_experts(module.experts, hidden, safe, selection.weights)  # (T, H)
         shared = adapter.shared_output(module, hidden)  # (T, H) or None
         if shared is not None:
             out = out + shared.to(out.dtype)  # (T, H)
@@ -319,16 +331,25 @@ def route(
         also, during the forward pass, non-finite router logits (NaN, +inf, or -inf for every
         expert) and selections with bad values (expert ids outside ``[-1, E)``, an expert twice,
         counts that disagree with the used slots, non-finite or negative weights), naming the
-        layer and the first token.
+        layer and the first token. On a normal exit (after restoring the model), when any
+        token's selection was broken: expert ids outside ``[-1, E)``, NaN, infinite or negative
+        weights (non-finite router logits give these), or counts that disagree with the used
+        slots; naming the layers.
+    TypeError
+        A selector that returns something other than a :class:`Selection` of integer indices and
+        counts and floating-point weights.
     RuntimeError
         When a chosen block is already routed by an enclosing ``route``.
 
     Notes
     -----
-    Validation is a choice made once, on the selector: ``validate=True`` checks values with host
-    synchronisations (for developing selectors and for debugging); the default checks shapes only
-    and never synchronises, so decoding stays fast, and then non-finite logits reach the selector
-    as they are.
+    Every selection is screened on the device at no synchronisation (shapes and dtypes on the
+    host; ids, weights and counts counted into a per-layer buffer that ``route`` reads once when
+    it exits), so a broken selector or non-finite logits never give quietly wrong results. Ids
+    out of range are dropped before the dispatch so that they cannot read past the expert bank.
+    ``validate=True`` on the selector adds the thorough checks with host synchronisations (for
+    developing selectors and for debugging): they stop at the first broken token, also catch an
+    expert chosen twice, and refuse non-finite logits before selection.
     """
     # Input validation (before anything is installed)
     check_choice("mode", mode, MODES)
@@ -382,6 +403,7 @@ def route(
             setattr(module, attr, replacement)
             _ACTIVE.add(module)
         yield recorder
+        recorder.raise_on_invalid()  # one synchronisation, on a normal exit only (after restoring, below)
     finally:
         for module, attr, had_own, previous in reversed(installed):
             if had_own:

@@ -101,13 +101,33 @@ def _hist_stats(hist: torch.Tensor, floor: int | None, ceiling: int | None) -> d
     }
 
 
-def aggregate(hist: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
-               valid_long: torch.Tensor, valid_col: torch.Tensor) -> None:
-    """Exact aggregates of one layer, in place, without a host synchronisation (graph-capturable)."""
-    width = indices.shape[-1]
+def aggregate(hist: torch.Tensor, experts: torch.Tensor, faults: torch.Tensor, counts: torch.Tensor,
+              indices: torch.Tensor, weights: torch.Tensor, valid_long: torch.Tensor,
+              valid_col: torch.Tensor) -> torch.Tensor:
+    """Exact aggregates of one layer, in place, without a host synchronisation (graph-capturable).
+
+    Also the always-on screen of the selection: ``faults (1,)`` counts the valid tokens whose
+    selection is broken (an expert id outside ``[-1, E)``, a used slot with a NaN, infinite or
+    negative weight, or a count that disagrees with the used slots); :func:`route` raises on
+    them when it exits. Repeated experts are found only in validate mode (they need a sort).
+
+    Returns
+    -------
+    torch.Tensor
+        ``indices (T, K)`` with out-of-range ids replaced by ``-1``: safe to dispatch (an id past
+        the expert bank would read out of bounds on the GPU before the error could be raised).
+    """
+    width, num_experts = indices.shape[-1], experts.shape[0]
+    used = indices >= 0  # (T, K)
+    bad_id = (indices < -1) | (indices >= num_experts)  # (T, K)
+    bad_weight = used & ~((weights >= 0) & (weights < float("inf")))  # (T, K): NaN fails both tests
+    broken = (bad_id | bad_weight).any(dim=-1) | (counts != used.sum(dim=-1))  # (T,)
+    faults.add_((broken.long() * valid_long).sum())  # (1,) a device add: no synchronisation
+    safe = indices.masked_fill(bad_id, -1)  # (T, K)
     hist.scatter_add_(0, counts.clamp(0, width), valid_long)  # (K+1,)
-    used = ((indices >= 0) & valid_col).reshape(-1).long()  # (T*K,) 1 at valid slots of kept rows
-    experts.scatter_add_(0, indices.clamp(min=0).reshape(-1), used)  # (E,)
+    used = ((safe >= 0) & valid_col).reshape(-1).long()  # (T*K,) 1 at valid slots of kept rows
+    experts.scatter_add_(0, safe.clamp(min=0).reshape(-1), used)  # (E,)
+    return safe
 
 
 class RoutingRecorder:
@@ -138,6 +158,7 @@ class RoutingRecorder:
         self.forward_calls = 0
         self._hist: dict[int, torch.Tensor | None] = {layer: None for layer in self.layers}  # (K+1,)
         self._experts: dict[int, torch.Tensor | None] = {layer: None for layer in self.layers}  # (E,)
+        self._faults: dict[int, torch.Tensor | None] = {layer: None for layer in self.layers}  # (1,)
         self._ceiling: dict[int, int] = {}
         # Per-token store: per call its kept tokens, per layer per call their counts.
         self._calls: dict[int, ForwardInputs] = {}
@@ -168,7 +189,8 @@ class RoutingRecorder:
         self._valid_cache = (inputs, device, *out)
         return out
 
-    def record(self, layer: int, selection: Selection) -> None:
+    def record(self, layer: int, selection: Selection) -> torch.Tensor:
+        """Add one layer's selection to the aggregates; returns its indices safe to dispatch (T, K)."""
         # No host synchronisation here (once per layer per forward on the hot path): aggregates
         # are accumulated on the counts' device with scatter_add_ (CUDA bincount and boolean
         # indexing both synchronise), per-token counts stay on the device until read or until
@@ -181,9 +203,11 @@ class RoutingRecorder:
         device = counts.device
         inputs = self.inputs_for(rows, device)
         valid_long, valid_col = self.valid_for(inputs, device)  # (T,), (T, 1)
-        hist, experts = self.buffers(layer, width, device)
-        aggregate(hist, experts, counts, indices, valid_long, valid_col)
+        hist, experts, faults = self.buffers(layer, width, device)
+        weights = selection.weights.reshape(rows, width)  # (T, K)
+        safe = aggregate(hist, experts, faults, counts, indices, weights, valid_long, valid_col)
         self.store_tokens(layer, inputs, counts.to(torch.int16))
+        return safe
 
     # -- the pieces of _record (the graphed block forward runs the device part in its graph) ---
 
@@ -203,8 +227,8 @@ class RoutingRecorder:
             )
         return inputs
 
-    def buffers(self, layer: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's aggregate buffers ``hist (>= K+1,)`` and ``experts (E,)`` on ``device``."""
+    def buffers(self, layer: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's aggregate buffers ``hist (>= K+1,)``, ``experts (E,)`` and ``faults (1,)`` on ``device``."""
         self._ceiling[layer] = max(self._ceiling.get(layer, 0), width)
         hist = self._hist[layer]
         if hist is None or hist.device != device or hist.numel() < width + 1:
@@ -216,7 +240,12 @@ class RoutingRecorder:
             fresh = torch.zeros(self.num_experts[layer], dtype=torch.long, device=device)
             experts = fresh if experts is None else _grow_add(fresh, experts)
         self._experts[layer] = experts
-        return hist, experts
+        faults = self._faults[layer]
+        if faults is None or faults.device != device:
+            fresh = torch.zeros(1, dtype=torch.long, device=device)
+            faults = fresh if faults is None else _grow_add(fresh, faults)
+        self._faults[layer] = faults
+        return hist, experts, faults
 
     def store_tokens(self, layer: int, inputs: ForwardInputs, counts16: torch.Tensor) -> None:
         """Keep the per-token counts ``(T,)`` int16 of ``inputs``' call (padding rows included)."""
@@ -277,6 +306,29 @@ class RoutingRecorder:
 
     # -- public -------------------------------------------------------------------------------
 
+    def invalid_tokens(self) -> dict[int, int]:
+        """Per layer, the valid tokens whose selection was broken (one synchronisation).
+
+        See :func:`aggregate` for what counts as broken; :func:`route` raises when any is non-zero.
+        """
+        layers = [layer for layer in self.layers if self._faults[layer] is not None]
+        if not layers:
+            return {}
+        values = torch.cat([self._faults[layer].cpu() for layer in layers]).tolist()
+        return dict(zip(layers, values))
+
+    def raise_on_invalid(self) -> None:
+        """Raise ``ValueError`` naming the layers where the selector returned broken selections."""
+        bad = {layer: n for layer, n in self.invalid_tokens().items() if n}
+        if bad:
+            where = ", ".join(f"layer {layer}: {n}" for layer, n in bad.items())
+            raise ValueError(
+                f"the selector returned broken selections for some tokens ({where}): expert ids outside "
+                "[-1, num_experts), NaN, infinite or negative weights (non-finite router logits give these), "
+                "or counts that disagree with the used slots. The outputs computed inside this `route` are "
+                "wrong. Build the selector with validate=True to stop at the first one, naming layer and token."
+            )
+
     def summary(self) -> dict[str, Any]:
         """Aggregate statistics over every token routed so far (padding excluded).
 
@@ -288,7 +340,8 @@ class RoutingRecorder:
             all layers and tokens, ``floor_rate``/``ceiling_rate`` (share of token-layers at the
             selector's ``min_k`` / at the selection width ``max_k``), ``expert_activations``
             (sum of counts), ``native_activations`` (native k x tokens, summed over layers),
-            ``activation_ratio``, ``truncated``, and ``per_layer``: ``{layer: {...}}`` with the
+            ``activation_ratio``, ``truncated``, ``invalid_tokens`` (tokens whose selection was
+            broken; :func:`route` raises on them), and ``per_layer``: ``{layer: {...}}`` with the
             same statistics plus ``expert_counts`` (activations per expert), ``utilisation_cv``
             (coefficient of variation of ``expert_counts``) and ``unused_share`` (share of experts
             never chosen).
@@ -307,6 +360,7 @@ class RoutingRecorder:
             stats["expert_counts"] = [int(x) for x in experts.tolist()]
             stats["utilisation_cv"] = float(experts.std(correction=0)) / mean_use if mean_use > 0 else float("nan")
             stats["unused_share"] = float((experts == 0).double().mean())
+            stats["invalid_tokens"] = int(self._faults[layer].sum())
             stats["native_activations"] = self.native_k[layer] * stats["tokens"]
             native += stats["native_activations"]
             per_layer[layer] = stats
@@ -330,6 +384,7 @@ class RoutingRecorder:
             "native_activations": native,
             "activation_ratio": activations / native if native else float("nan"),
             "truncated": self.truncated,
+            "invalid_tokens": sum(s["invalid_tokens"] for s in per_layer.values()),
             "per_layer": per_layer,
         }
 
