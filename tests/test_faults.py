@@ -64,13 +64,21 @@ def tiny(tiny_model_and_tokenizer):
     return model, ids, reference
 
 
-def _on(device: str, tiny):
-    model, ids, reference = tiny
-    if device == "cpu":
-        return model, ids, reference
-    import copy
+_ON_DEVICE: dict = {}
 
-    return copy.deepcopy(model).to(device), ids.to(device), reference.to(device)
+
+def _on(device: str, tiny):
+    """The tiny model, its ids and its own unrouted logits on ``device`` (one copy per device)."""
+    if device == "cpu":
+        return tiny
+    if device not in _ON_DEVICE:
+        import copy
+
+        model, ids, _ = tiny
+        model, ids = copy.deepcopy(model).to(device), ids.to(device)
+        with torch.no_grad():
+            _ON_DEVICE[device] = (model, ids, model(ids).logits)  # the reference on that device
+    return _ON_DEVICE[device]
 
 
 @pytest.mark.fault("route: selector output", "clear error")
@@ -149,8 +157,10 @@ def test_sound_selections_pass_the_screen_and_are_not_altered(tiny, olmoe_tiny_b
         with route(model, BHSelector(olmoe_tiny_bank, alpha=0.5, max_k=8)) as bh:
             model(ids)
     assert rec.summary()["invalid_tokens"] == 0 and bh.summary()["invalid_tokens"] == 0
-    tol = 1e-5 if device == "cpu" else 1e-3
-    torch.testing.assert_close(out, reference, rtol=tol, atol=tol)
+    if device == "cpu":
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    else:  # other kernels than transformers' (grouped GEMMs, TF32): the T4 harness's tolerance
+        assert float((out - reference).norm() / reference.norm()) < 5e-3
 
 
 @pytest.mark.fault("route: selector output", "clear error")
