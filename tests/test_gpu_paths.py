@@ -170,6 +170,37 @@ def test_fused_kernel_under_interpreter_matches_reference():
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (interpreter)")
+def test_fused_statistics_under_interpreter_match_reference():
+    """Centred and z-score statistics in the sorted kernel (CPU oracle of the CUDA path)."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from bh_helpers.nulls.fit import fit_null
+        from bh_helpers.nulls.statistics import apply_statistic
+        from bh_helpers.selection.reference import select_experts
+        from bh_helpers.selection.fused import select_with_null
+        g = torch.Generator().manual_seed(0)
+        calib = torch.randn(5000, 64, generator=g) * 1.5 + torch.randn(5000, 1, generator=g)
+        x = torch.randn(40, 64, generator=g) * 2 + torch.randn(40, 1, generator=g) * 3
+        x[0] = 1.0  # constant row: statistic 0 everywhere
+        for statistic in ("centred", "zscore"):
+            null = fit_null(calib, statistic=statistic)
+            p = null.sf(apply_statistic(x, statistic), dtype=torch.float32)
+            for method in ("bh", "holm"):
+                ref = select_experts(x, p, method=method, alpha=0.3, min_k=0, max_k=8)
+                got = select_with_null(x, null, method=method, alpha=0.3, min_k=0, max_k=8)
+                assert torch.equal(got.indices, ref.indices) and torch.equal(got.counts, ref.counts), statistic
+                torch.testing.assert_close(got.weights, ref.weights)
+            assert 0 < int(ref.counts.sum()) < 40 * 8
+        print("OK")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
 @pytest.mark.parametrize("kernel", ["gaussian", "empirical", "tophat"])
 @pytest.mark.parametrize("method", FDR_METHODS)
 def test_logit_cuts_reproduce_pvalue_tests_exactly(kernel, method):
@@ -264,6 +295,29 @@ def test_fused_select_with_null_identical_on_gpu(kind, method):
                 assert torch.equal(sel.counts, ref.counts)
                 assert torch.equal(sel.indices, ref.indices)
                 torch.testing.assert_close(sel.weights, ref.weights, rtol=2e-6, atol=1e-7)
+
+
+@needs_cuda
+@pytest.mark.parametrize("statistic", ["centred", "zscore"])
+@pytest.mark.parametrize("kind", ["gaussian", "empirical", "per_expert"])
+@pytest.mark.parametrize("method", ["bh", "by", "holm"])
+def test_fused_statistics_identical_on_gpu(statistic, kind, method):
+    """The per-token statistic in the fused kernel (shift and scale per row, round-to-nearest
+    float32 ops) selects exactly what the reference selects from NullBank-style p-values."""
+    from bh_helpers.nulls.statistics import apply_statistic
+
+    g = torch.Generator().manual_seed(2)
+    calib = torch.randn(20_000, 64, generator=g) * 1.3 + torch.randn(20_000, 1, generator=g)
+    null = fit_null(calib, kernel="gaussian" if kind == "per_expert" else kind, per_expert=kind == "per_expert",
+                    statistic=statistic)
+    for seed, tokens in ((0, 1), (1, 63), (2, 4099)):
+        x = adversarial_logits(tokens, 64, seed=seed, device="cuda") + torch.randn(tokens, 1, device="cuda")
+        p = null.sf(apply_statistic(x, statistic), dtype=torch.float32)
+        for weights, (min_k, max_k) in (("renorm", (1, 8)), ("softmax", (0, 16))):
+            ref = select_experts(x, p, method=method, alpha=0.2, min_k=min_k, max_k=max_k, weights=weights)
+            got = select_with_null(x, null, method=method, alpha=0.2, min_k=min_k, max_k=max_k, weights=weights)
+            assert torch.equal(got.counts, ref.counts) and torch.equal(got.indices, ref.indices)
+            torch.testing.assert_close(got.weights, ref.weights, rtol=2e-6, atol=1e-7)
 
 
 @needs_cuda

@@ -22,11 +22,12 @@ from bh_helpers._validate import is_int
 from bh_helpers.nulls.kernels import _LEGACY_KERNEL
 from bh_helpers.nulls.legacy import LEGACY_PATTERN, _null_from_legacy, _read_legacy_pickle
 from bh_helpers.nulls.model import NullModel
+from bh_helpers.nulls.statistics import apply_statistic, check_statistic, check_trim
 
 __all__ = ["SCHEMA_VERSION", "NullBankMetadata", "NullBank", "METADATA_NAME", "NPZ_NAME"]
 
 # Version of the on-disk layout written by NullBank.save; bump on any incompatible change.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-token statistic and trim (banks with the defaults are still written as 1)
 
 NPZ_NAME = "nulls.npz"
 METADATA_NAME = "metadata.json"
@@ -70,6 +71,11 @@ class NullBankMetadata:
         :func:`bh_helpers.models.families.router_fingerprint` of the model the logits came from;
         :func:`bh_helpers.routing.patch.route` refuses the bank on a model whose routers differ.
         None for banks fitted without the model at hand (no check then).
+    statistic : {"raw", "centred", "zscore"}
+        Per-token statistic the nulls were fitted on (:mod:`bh_helpers.nulls.statistics`);
+        :meth:`NullBank.pvalues` and every selector compute it from the logits.
+    trim : int
+        Largest values per token left out of the fit.
     """
 
     model_id: str | None
@@ -85,6 +91,13 @@ class NullBankMetadata:
     created: str
     schema_version: int = SCHEMA_VERSION
     router_fingerprint: dict[int, list[float]] | None = None
+    statistic: str = "raw"
+    trim: int = 0
+
+
+def schema_version_for(statistic: str, trim: int) -> int:
+    """The oldest schema that holds a bank: 1 unless it has a statistic or trim (older readers load 1)."""
+    return 1 if statistic == "raw" and trim == 0 else SCHEMA_VERSION
 
 
 def _library_version() -> str:
@@ -139,6 +152,12 @@ class NullBank(Mapping[int, NullModel]):
         for layer, null in nulls.items():
             if not isinstance(null, NullModel):
                 raise ValueError(f"`nulls[{layer}]` must be a NullModel, got {type(null).__name__}")
+            if (null.statistic, null.trim) != (metadata.statistic, metadata.trim):
+                raise ValueError(
+                    f"`nulls[{layer}]` was fitted on statistic={null.statistic!r}, trim={null.trim}, but the "
+                    f"metadata says statistic={metadata.statistic!r}, trim={metadata.trim}; fit them together "
+                    "with fit_null_bank."
+                )
         self._nulls = {int(k): nulls[k] for k in sorted(nulls)}
         self.metadata = metadata
 
@@ -170,8 +189,16 @@ class NullBank(Mapping[int, NullModel]):
     def num_experts(self) -> int | None:
         return self.metadata.num_experts
 
+    @property
+    def statistic(self) -> str:
+        """The per-token statistic of this bank (``metadata.statistic``)."""
+        return self.metadata.statistic
+
     def pvalues(self, logits: Any, layer: int) -> torch.Tensor:
-        """P-values of router logits of one layer: ``self[layer].sf(logits)`` in float32.
+        """P-values of router logits of one layer: the null's sf of the bank's statistic, float32.
+
+        ``self[layer].sf(apply_statistic(logits, self.statistic))``: the raw logits for a
+        ``"raw"`` bank, each token's centred or standardised logits otherwise.
 
         Parameters
         ----------
@@ -189,7 +216,8 @@ class NullBank(Mapping[int, NullModel]):
                 f"`logits` must have {self.num_experts} experts in the last dimension, got shape "
                 f"{tuple(shape) if shape is not None else None}"
             )
-        return null.sf(logits, dtype=torch.float32)
+        values = apply_statistic(torch.as_tensor(logits), self.statistic)  # (..., E)
+        return null.sf(values, dtype=torch.float32)
 
     def check_compatible(self, model_or_config: Any, *, what: str = "`model_or_config`") -> NullBank:
         """Raise ValueError unless layer and expert counts match the model; return self.
@@ -304,7 +332,7 @@ class NullBank(Mapping[int, NullModel]):
         for layer in metadata.layers:
             try:
                 _check_null_arrays(arrays, layer=layer)
-                nulls[layer] = _null_from_arrays(arrays, layer=layer, kernel=metadata.kernel)
+                nulls[layer] = _null_from_arrays(arrays, layer=layer, metadata=metadata)
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(
                     f"`{npz_path}` does not hold a valid null for layer {layer} ({err}); "
@@ -445,7 +473,7 @@ def _check_null_arrays(arrays: Mapping[str, np.ndarray], *, layer: int) -> None:
             raise ValueError(f"{name} must be finite and positive")
 
 
-def _null_from_arrays(arrays: Mapping[str, np.ndarray], *, layer: int, kernel: str) -> NullModel:
+def _null_from_arrays(arrays: Mapping[str, np.ndarray], *, layer: int, metadata: NullBankMetadata) -> NullModel:
     """Rebuild one layer's null from the arrays written by :meth:`NullBank.save`."""
     prefix = f"layer_{layer}."
     per_expert = bool(arrays[prefix + "per_expert"][0])
@@ -462,9 +490,11 @@ def _null_from_arrays(arrays: Mapping[str, np.ndarray], *, layer: int, kernel: s
         pdf=row("pdf"),
         tail_scale_upper=arrays[prefix + "tail_scale_upper"],
         tail_scale_lower=arrays[prefix + "tail_scale_lower"],
-        kernel=kernel,
+        kernel=metadata.kernel,
         bandwidth=row("bandwidth"),
         n_samples=int(arrays[prefix + "n_samples"][0]),
+        statistic=metadata.statistic,
+        trim=metadata.trim,
     )
 
 
@@ -506,6 +536,8 @@ def _read_metadata(path: Path) -> NullBankMetadata:
             created=str(raw["created"]),
             router_fingerprint=_parse_fingerprint(raw.get("router_fingerprint")),
             schema_version=version,
+            statistic=check_statistic(raw.get("statistic", "raw")),
+            trim=check_trim(raw.get("trim", 0)),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(

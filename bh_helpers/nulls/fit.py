@@ -33,7 +33,15 @@ from bh_helpers.nulls.kernels import (
     _kernel_pdf,
 )
 from bh_helpers.nulls.model import NullModel
-from bh_helpers.nulls.bank import NullBank, NullBankMetadata, _library_version, _now, _parse_fingerprint
+from bh_helpers.nulls.statistics import check_statistic, check_trim, fit_values
+from bh_helpers.nulls.bank import (
+    NullBank,
+    NullBankMetadata,
+    _library_version,
+    _now,
+    _parse_fingerprint,
+    schema_version_for,
+)
 
 __all__ = ["fit_null", "fit_null_bank"]
 
@@ -60,9 +68,9 @@ def _check_bandwidth(bandwidth: Any, kernel: str) -> str | float:
     value = float(bandwidth)
     if not (math.isfinite(value) and value > 0.0):
         raise ValueError(f"`bandwidth` must be a positive finite number, got {bandwidth!r}")
-    if kernel == "empirical":
+    if kernel in ("empirical", "efron"):
         raise ValueError(
-            "`bandwidth` must be left at a rule name for kernel='empirical' (it does no "
+            f"`bandwidth` must be left at a rule name for kernel={kernel!r} (it does no "
             f"smoothing), got {bandwidth!r}; pick a smoothing kernel to use a numeric bandwidth"
         )
     return value
@@ -136,7 +144,7 @@ def _bandwidth_value(bandwidth: str | float, *, kernel: str, sigma: float, n: in
     (``ddof=1``). They give the standard deviation of a Gaussian kernel; for the compact kernels the
     scale is widened so the kernel has that same standard deviation.
     """
-    if kernel == "empirical":
+    if kernel in ("empirical", "efron"):
         return 0.0
     if not isinstance(bandwidth, str):
         return float(bandwidth)
@@ -265,6 +273,55 @@ def _fit_empirical_column(a: np.ndarray, *, max_grid: int, sigma: float) -> tupl
     return values, sf, cdf, np.maximum(pdf, 0.0), beta_upper, beta_lower
 
 
+#: Efron's central matching: the central part is within this many robust sigmas of the median,
+#: the Gaussian grid spans this many fitted sigmas on each side (sf there ~1e-23; tails beyond).
+_EFRON_CENTRAL = 1.5
+_EFRON_SPAN = 10.0
+_EFRON_BINS = 120
+
+
+def _efron_centre_scale(a: np.ndarray) -> tuple[float, float]:
+    """Centre and scale of the empirical null by Efron's central matching.
+
+    A quadratic is fitted by least squares to the log of the histogram counts of the central part
+    (within :data:`_EFRON_CENTRAL` robust standard deviations, IQR / 1.349, of the median); a
+    Gaussian ``N(delta, sigma^2)`` has exactly that log density, with ``sigma^2 = -1 / (2 c2)``
+    and ``delta = c1 sigma^2``. (Efron 2004, "Large-scale simultaneous hypothesis testing: the
+    choice of a null hypothesis", JASA 99; ``locfdr``'s "CM" estimate.) Falls back to the median
+    and the robust standard deviation when the central log density is not concave.
+    """
+    q1, median, q3 = np.quantile(a, [0.25, 0.5, 0.75])
+    robust = float(q3 - q1) / 1.349
+    if not robust > 0:
+        raise ValueError("`logits` has no spread in its central half; the empirical null needs a spread")
+    lo, hi = median - _EFRON_CENTRAL * robust, median + _EFRON_CENTRAL * robust
+    counts, edges = np.histogram(a[(a >= lo) & (a <= hi)], bins=_EFRON_BINS, range=(lo, hi))
+    mids = 0.5 * (edges[:-1] + edges[1:]) - median
+    keep = counts > 0
+    if keep.sum() >= 3:
+        c2, c1, _ = np.polyfit(mids[keep], np.log(counts[keep]), 2, w=np.sqrt(counts[keep]))
+        if c2 < 0:
+            var = -1.0 / (2.0 * c2)
+            return float(median + c1 * var), math.sqrt(var)
+    return float(median), robust
+
+
+def _fit_efron_column(a: np.ndarray, *, n_grid: int) -> tuple:
+    """The Gaussian empirical null on a grid of +-:data:`_EFRON_SPAN` sigmas, exponential tails beyond.
+
+    The tail scales equal the Gaussian's inverse hazard at the grid ends (``sigma^2 / (x - delta)``
+    to first order, here exactly ``sf / pdf``), so sf and its slope are continuous there.
+    """
+    from scipy import stats
+
+    delta, sigma = _efron_centre_scale(a)
+    z = np.linspace(-_EFRON_SPAN, _EFRON_SPAN, n_grid)
+    grid = delta + sigma * z
+    sf, cdf, pdf = stats.norm.sf(z), stats.norm.cdf(z), stats.norm.pdf(z) / sigma
+    beta = float(sf[-1] / pdf[-1])  # = cdf[0] / pdf[0] by symmetry
+    return grid, sf, cdf, pdf, beta, beta
+
+
 def fit_null(
     logits: Any,
     kernel: str = "gaussian",
@@ -272,6 +329,8 @@ def fit_null(
     per_expert: bool = False,
     *,
     grid_size: int | None = None,
+    statistic: str = "raw",
+    trim: int = 0,
 ) -> NullModel:
     """Fit a null distribution to calibration router logits of one layer.
 
@@ -281,10 +340,13 @@ def fit_null(
         Router logits logged on calibration text (any float dtype and device; copied to CPU
         float64). Pooled over all experts unless ``per_expert``; a 1-D array is accepted for a
         pooled null.
-    kernel : {"gaussian", "tophat", "epanechnikov", "linear", "empirical"}, default="gaussian"
+    kernel : {"gaussian", "tophat", "epanechnikov", "linear", "empirical", "efron"}, default="gaussian"
         Smoothing kernel (``"linear"`` is the triangular kernel, as in scikit-learn), or
         ``"empirical"`` for no smoothing: the mid-p empirical distribution
-        ``P(X > x) + P(X = x) / 2`` at the distinct calibration values, linearly interpolated.
+        ``P(X > x) + P(X = x) / 2`` at the distinct calibration values, linearly interpolated; or
+        ``"efron"``: an empirical null in Efron's sense, a Gaussian whose centre and scale are
+        estimated from the central part of the values only (central matching), so that the
+        relevant experts in the upper tail do not widen it.
     bandwidth : {"scott", "silverman"} or float, default="scott"
         A positive number is the kernel scale in scikit-learn's ``KernelDensity`` convention
         (Gaussian standard deviation; half-width of tophat, epanechnikov and linear). The rules
@@ -292,7 +354,8 @@ def fit_null(
         ``sigma * (3n/4)**(-1/5)``, ``sigma`` the sample standard deviation (ddof=1) of the pooled
         logits (of each column when ``per_expert``); for the compact kernels that standard
         deviation is converted to the scale of a kernel with the same standard deviation
-        (``* sqrt(3)``, ``* sqrt(5)``, ``* sqrt(6)``). Ignored by ``"empirical"`` (a number is an error).
+        (``* sqrt(3)``, ``* sqrt(5)``, ``* sqrt(6)``). Ignored by ``"empirical"`` and ``"efron"``
+        (a number is an error).
     per_expert : bool, default=False
         Fit one null per expert column; the null then evaluates ``x[..., e]`` with column ``e``.
     grid_size : int, optional
@@ -300,6 +363,12 @@ def fit_null(
         [16384, 65536] ([4096, 65536] per expert, as E grids are stored), the same for every
         expert; for ``"empirical"``: every distinct value, up to 65536 (4096 per expert), else
         evenly spaced distinct values plus the 512 most extreme on each side.
+    statistic : {"raw", "centred", "zscore"}, default="raw"
+        Per-token statistic the null is fitted on and later evaluated with
+        (:mod:`bh_helpers.nulls.statistics`); recorded on the returned null.
+    trim : int, default=0
+        Fit on each token's values without its ``trim`` largest (needs ``[N, E]`` logits and
+        ``trim <= E - 2``).
 
     Returns
     -------
@@ -333,7 +402,19 @@ def fit_null(
         raise ValueError(f"`per_expert` must be True or False, got {per_expert!r}")
     if grid_size is not None:
         check_int("grid_size", grid_size, 16)  # or None: the default
-    data = _as_float64(logits, per_expert=per_expert)
+    statistic = check_statistic(statistic)
+    if per_expert and trim:
+        raise ValueError("`trim` needs a pooled null: with per_expert=True each expert's column would lose "
+                         "different tokens; pass trim=0 or per_expert=False.")
+    if trim:
+        shape = tuple(getattr(logits, "shape", np.shape(logits)))
+        if len(shape) != 2:
+            raise ValueError(f"`trim` needs logits of shape [N, E], got shape {shape}")
+        check_trim(trim, shape[1])
+    else:
+        check_trim(trim)
+    data = _as_float64(fit_values(logits, statistic, trim), per_expert=per_expert)
+    recorded = {"statistic": statistic, "trim": trim}
 
     # Main Algorithm
     if not per_expert:
@@ -349,13 +430,14 @@ def fit_null(
             kernel=kernel,
             bandwidth=col.bandwidth,
             n_samples=data.size,
+            **recorded,
         )
 
     columns = np.ascontiguousarray(data.T)  # (E, N): each expert's logits contiguous
     n = columns.shape[1]
     sigmas = [_check_spread(c, f"in expert column {e}") for e, c in enumerate(columns)]
-    if grid_size is None and kernel == "empirical":
-        grid_size = _GRID_MIN_PER_EXPERT  # at most this many distinct values per expert
+    if grid_size is None and kernel in ("empirical", "efron"):
+        grid_size = _GRID_MIN_PER_EXPERT  # at most this many distinct values (grid points) per expert
     elif grid_size is None:
         # One grid size for all experts (they are stored as one [E, G] array): the finest needed.
         grid_size = max(
@@ -391,6 +473,7 @@ def fit_null(
         kernel=kernel,
         bandwidth=np.array([col.bandwidth for col in fitted]),
         n_samples=n,
+        **recorded,
     )
 
 
@@ -399,6 +482,9 @@ def _fit_column(
 ) -> _Column:
     if kernel == "empirical":
         fitted = _fit_empirical_column(a, max_grid=grid_size or _GRID_MAX, sigma=sigma)
+        h = 0.0
+    elif kernel == "efron":
+        fitted = _fit_efron_column(a, n_grid=grid_size or _GRID_MIN)
         h = 0.0
     else:
         h = _bandwidth_value(bandwidth, kernel=kernel, sigma=sigma, n=a.size)
@@ -418,6 +504,8 @@ def fit_null_bank(
     num_layers: int | None = None,
     grid_size: int | None = None,
     router_fingerprint: Mapping[int, Sequence[float]] | None = None,
+    statistic: str = "raw",
+    trim: int = 0,
 ) -> NullBank:
     """Fit one null per layer (see :func:`fit_null`) and collect them in a :class:`NullBank`.
 
@@ -426,8 +514,9 @@ def fit_null_bank(
     logits_by_layer : mapping of int to Tensor of shape (N, E)
         Calibration router logits per layer, as returned by
         ``bh_helpers.capture.capture_router_logits``; every layer must have the same E.
-    kernel, bandwidth, per_expert, grid_size
-        As in :func:`fit_null`.
+    kernel, bandwidth, per_expert, grid_size, statistic, trim
+        As in :func:`fit_null`; ``statistic`` and ``trim`` are recorded in the bank's metadata and
+        applied by :meth:`NullBank.pvalues` and every selector.
     model_id : str, optional
         Model the logits come from (recorded in the metadata).
     calibration : str
@@ -444,6 +533,7 @@ def fit_null_bank(
     """
     if not isinstance(logits_by_layer, Mapping) or not logits_by_layer:
         raise ValueError("`logits_by_layer` must be a non-empty dict {layer index: logits [N, E]}")
+    statistic = check_statistic(statistic)
     for layer in logits_by_layer:
         if not is_int(layer) or layer < 0:
             raise ValueError(f"`logits_by_layer` keys must be layer indices >= 0, got {layer!r}")
@@ -471,6 +561,8 @@ def fit_null_bank(
                 bandwidth=bandwidth,
                 per_expert=per_expert,
                 grid_size=grid_size,
+                statistic=statistic,
+                trim=trim,
             )
         except ValueError as err:
             raise ValueError(f"layer {layer}: {err}") from err
@@ -487,5 +579,8 @@ def fit_null_bank(
         library_version=_library_version(),
         created=_now(),
         router_fingerprint=_parse_fingerprint(dict(router_fingerprint)) if router_fingerprint is not None else None,
+        statistic=statistic,
+        trim=trim,
+        schema_version=schema_version_for(statistic, trim),
     )
     return NullBank(nulls, metadata)

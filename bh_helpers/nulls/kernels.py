@@ -13,7 +13,7 @@ from scipy import signal, special
 
 __all__ = ["VALID_KERNELS", "VALID_BANDWIDTHS"]
 
-VALID_KERNELS = ("gaussian", "tophat", "epanechnikov", "linear", "empirical")
+VALID_KERNELS = ("gaussian", "tophat", "epanechnikov", "linear", "empirical", "efron")
 VALID_BANDWIDTHS = ("scott", "silverman")
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from bh_helpers.nulls.kernels import VALID_KERNELS, _LEGACY_KERNEL
+from bh_helpers.nulls.statistics import check_statistic, check_trim
 
 __all__ = ["NullModel"]
 
@@ -80,6 +81,12 @@ class NullModel:
         Kernel scale used for fitting (0 for ``"empirical"``, NaN for ``"legacy"``).
     n_samples : int
         Number of calibration logits per fitted distribution.
+    statistic : {"raw", "centred", "zscore"}, default "raw"
+        The per-token statistic the null was fitted on (:mod:`bh_helpers.nulls.statistics`);
+        :meth:`sf` and friends take values of that statistic, and
+        :meth:`bh_helpers.nulls.bank.NullBank.pvalues` and the selectors compute it from logits.
+    trim : int, default 0
+        Largest values per token left out of the fit (recorded, not used by evaluation).
 
     Attributes
     ----------
@@ -121,7 +128,11 @@ class NullModel:
         kernel: str,
         bandwidth: float | np.ndarray,
         n_samples: int,
+        statistic: str = "raw",
+        trim: int = 0,
     ) -> None:
+        self.statistic = check_statistic(statistic)
+        self.trim = check_trim(trim)
         if kernel not in VALID_KERNELS and kernel != _LEGACY_KERNEL:
             raise ValueError(f"`kernel` must be one of {VALID_KERNELS}, got {kernel!r}")
         grid = np.asarray(grid, dtype=np.float64)
@@ -194,7 +205,9 @@ class NullModel:
         bw = np.round(np.mean(self.bandwidth_), 6)
         return (
             f"NullModel(kernel={self.kernel!r}, bandwidth_~{bw}, n_samples_={self.n_samples_}, "
-            f"grid={self._grid.shape[-1]}{experts})"
+            f"grid={self._grid.shape[-1]}{experts}"
+            + (f", statistic={self.statistic!r}" if self.statistic != "raw" else "")
+            + (f", trim={self.trim}" if self.trim else "") + ")"
         )
 
     # -- evaluation -----------------------------------------------------------------------------

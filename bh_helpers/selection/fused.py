@@ -45,6 +45,7 @@ import torch
 
 from bh_helpers._cuda import on_device
 from bh_helpers._validate import check_choice, check_int, check_level
+from bh_helpers.nulls.statistics import STATISTICS, apply_statistic, token_affine
 from bh_helpers.selection.fused_kernels import HAS_TRITON
 from bh_helpers.selection.reference import (
     FDR_METHODS,
@@ -275,10 +276,11 @@ class _SortedPlan(NamedTuple):
 
 
 def _sorted_plan(cut: torch.Tensor | None, *, num_experts: int, step_down: bool, min_k: int, max_k: int,
-                 weights: str, temperature: float) -> _SortedPlan:
+                 weights: str, temperature: float, statistic: str = "raw") -> _SortedPlan:
     ep = _pow2(num_experts)
     constants = dict(E=num_experts, EP=ep, MAX_K=max_k, CUT=cut is not None, STEP_DOWN=step_down, MIN_K=min_k,
-                     WMODE=_WEIGHT_CODE[weights], TEMPERATURE=temperature)
+                     WMODE=_WEIGHT_CODE[weights], TEMPERATURE=temperature, STAT=STATISTICS.index(statistic),
+                     LIBDEV=not _INTERPRET)
     return _SortedPlan(cut, max_k, ep, constants)
 
 
@@ -312,7 +314,11 @@ def _run_sorted(logits: torch.Tensor, plan: _SortedPlan, config: tuple[int, int]
     indices, w, counts = _outputs(n_rows, plan.max_k, x.device)
     if n_rows:
         block_r, warps = config or _sorted_config(n_rows, plan.ep)
-        args = (x, x if plan.cut is None else plan.cut, indices, w, counts, n_rows)
+        stat = plan.constants["STAT"]
+        shift, scale = token_affine(x, STATISTICS[stat]) if stat else (None, None)  # (T, 1) float32 each
+        shift = x if shift is None else shift.reshape(-1)  # (T,); the logits stand in when unused
+        scale = x if scale is None else scale.reshape(-1)  # (T,)
+        args = (x, x if plan.cut is None else plan.cut, shift, scale, indices, w, counts, n_rows)
         with on_device(x.device):
             _launch_sorted_kernel(((n_rows + block_r - 1) // block_r, 1, 1), args, plan, block_r, warps)
     return _as_selection(logits, indices, w, counts)
@@ -516,8 +522,9 @@ def select_with_null(
 ) -> Selection:
     """P-values from ``null`` and a testing-method selection, fused on CUDA.
 
-    Equivalent to ``select_experts(logits, null.sf(logits, dtype=torch.float32), method=method,
-    ...)``, the reference path used on other devices.
+    Equivalent to ``select_experts(logits, null.sf(apply_statistic(logits, null.statistic),
+    dtype=torch.float32), method=method, ...)``, the reference path used on other devices: the
+    null's per-token statistic (:mod:`bh_helpers.nulls.statistics`) is applied here.
 
     Parameters
     ----------
@@ -529,10 +536,13 @@ def select_with_null(
         As in :func:`~bh_helpers.selection.reference.select_experts`.
     """
     check_choice("method", method, FDR_METHODS)
-    if not _fusable(logits, method):
-        pvalues = null.sf(logits, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-        return select_experts(logits, pvalues, method=method, alpha=alpha, min_k=min_k, max_k=max_k,
-                              weights=weights, temperature=temperature, validate=validate)
+    statistic = null.statistic
+    if not _fusable(logits, method) or (null.per_expert and statistic != "raw"):
+        values = apply_statistic(logits, statistic)  # (..., E) the null's scale
+        pvalues = null.sf(values, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        select = select_experts if not _fusable(logits, method) else fused_select_experts
+        return select(logits, pvalues, method=method, alpha=alpha, min_k=min_k, max_k=max_k,
+                      weights=weights, temperature=temperature, validate=validate)
     if not null.per_expert:  # p-value monotone in the logit: one sort and per-rank logit cuts
 
         def build() -> _SortedPlan:
@@ -541,7 +551,7 @@ def select_with_null(
             num_experts = logits.shape[-1]
             cut = _logit_cuts(null, method, level, num_experts, _pow2(num_experts), logits.device)
             return _sorted_plan(cut, num_experts=num_experts, step_down=method == "holm", min_k=checked[0],
-                                max_k=checked[1], weights=weights, temperature=checked[2])
+                                max_k=checked[1], weights=weights, temperature=checked[2], statistic=statistic)
 
         plans = _NULL_PLANS.get(null)
         if plans is None:

@@ -233,17 +233,21 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["T"])  # one compiled variant for every row count (see _launch_sorted_kernel)
     def _sorted_select_kernel(
-        logits_ptr, cut_ptr, idx_ptr, w_ptr, cnt_ptr, T,
+        logits_ptr, cut_ptr, shift_ptr, scale_ptr, idx_ptr, w_ptr, cnt_ptr, T,
         E: tl.constexpr, EP: tl.constexpr, MAX_K: tl.constexpr, BLOCK_R: tl.constexpr,
         CUT: tl.constexpr, STEP_DOWN: tl.constexpr, MIN_K: tl.constexpr, WMODE: tl.constexpr,
-        TEMPERATURE: tl.constexpr,
+        TEMPERATURE: tl.constexpr, STAT: tl.constexpr, LIBDEV: tl.constexpr,
     ):
         """Top-k (CUT=False, MIN_K=k) or a pooled-null test by logit cuts (CUT=True), one sort per row.
 
         Experts are ranked by decreasing logit, ties to the lower id: for a pooled null that is
         exactly the reference's order (smallest p-value, then larger logit, then lower id), since
         the p-value is non-increasing in the logit. One descending sort of 64-bit keys
-        ``(ordered logit bits, EP - 1 - id)`` gives both the order and the ids.
+        ``(ordered logit bits, EP - 1 - id)`` gives both the order and the ids. With a per-token
+        statistic (STAT 1: centred, 2: z-score) the cuts apply to ``(x - shift) / scale`` of each
+        row (shift and scale (T,) float32 from :func:`bh_helpers.nulls.statistics.token_affine`),
+        computed with the same round-to-nearest operations as torch; the statistic is monotone in
+        the logit, so the ranking is unchanged.
         """
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
@@ -263,7 +267,14 @@ if HAS_TRITON:
         if CUT:
             ranks = e2 + 1  # (1, EP)
             cut = tl.load(cut_ptr + e2)  # (1, EP) float32; NaN: never passes
-            ok = xs >= cut
+            if STAT == 0:
+                ok = xs >= cut
+            else:
+                shift = tl.load(shift_ptr + rows, mask=rmask, other=0.0)[:, None]  # (R, 1)
+                ts = _sub(xs, shift, LIBDEV)  # (R, EP) the statistic, as torch computes it
+                if STAT == 2:
+                    ts = _div(ts, tl.load(scale_ptr + rows, mask=rmask, other=1.0)[:, None], LIBDEV)
+                ok = ts >= cut
             if STEP_DOWN:
                 cnt = tl.min(tl.where(ok, E, ranks - 1), axis=1)
             else:
