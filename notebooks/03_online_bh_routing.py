@@ -59,7 +59,6 @@ MAX_NEW_TOKENS = 24 if SMALL else 48
 EVAL_DATASETS = ["prose", "code"]  # held-out evaluation slice of the embedded corpus
 EVAL_TOKENS = 1024 if SMALL else 8192  # tokens per data set
 WINDOW = 256  # perplexity: windows of 256 tokens, stride 256 (no overlap)
-SWEEP_ALPHAS = (0.3, 0.5, 0.9) if SMALL else (0.1, 0.3, 0.5, 0.7, 0.9)
 SWEEP_TOPK = (1, 2, 3, 4, 6, 8) if SMALL else tuple(range(1, 9))
 OUTPUT_ROOT = "outputs"
 print(f"model={MODEL_NAME!r} small={SMALL} alpha={ALPHA} eval tokens={EVAL_TOKENS}")
@@ -143,45 +142,66 @@ pd.DataFrame({label: {"prefill tok/s": s.prefill_tokens_per_s, "decode tok/s": s
                       "device": s.device, "dtype": s.dtype} for label, s in speed.items()}).T
 
 # %% [markdown]
-# ## 4. Sweep: quality against compute, and compute-matched top-k
-# BH at several alpha levels, static top-k at several k, and the native model, all on the same
-# evaluation text. The results file is JSON Lines and resumable: rerunning the cell continues
-# where it stopped (a Colab disconnect loses nothing finished).
+# ## 4. Sweep: quality against compute, against controls that ran at the same compute
+# **Which statistic is tested.** The router's softmax ignores a shift of all of a token's logits,
+# but a null pooled over *raw* logits does not: a token whose logits are all a little higher gets
+# more BH rejections with the same experts. `statistic="centred"` tests each logit minus the
+# token's mean, `"zscore"` also divides by the token's spread (both are shift-invariant, like the
+# router); `trim=m` fits the null without each token's `m` largest values, so the experts the
+# router picks do not inflate it. One bank per statistic, fitted on the same calibration logits.
+#
+# **Compute targets, not hand-picked alphas.** For each target mean k, `alpha_for_mean_k` finds the
+# alpha that reaches it on the calibration logits.
+#
+# **Controls.** The top-k line is interpolated, not a policy anyone ran. Each BH row is followed by
+# two that do run at its compute: *mixed top-k* (each token gets the floor or ceiling of the BH
+# row's per-layer mean k, at random) and *shuffled* (BH's own per-token counts permuted across the
+# tokens). Beating mixed top-k means BH spends the same experts better; beating its shuffle means
+# *which* tokens get more experts carries information. Rerunning the cell resumes the sweep.
 
 # %%
-from bh_helpers.experiments.sweep import expand_grid
-from bh_helpers.experiments.frontier import compute_frontier
-from bh_helpers.report.write import frontier_markdown
+from bh_helpers.experiments.comparison import compare_with_controls
+from bh_helpers.experiments.sweep import bank_name
+from bh_helpers.report.verdict import comparison_markdown, verdict_markdown
 
-configs = expand_grid(methods=(METHOD,), alphas=SWEEP_ALPHAS, max_ks=(MAX_K,), min_ks=(MIN_K,),
-                      kernels=(bank.metadata.kernel,), topk=SWEEP_TOPK, native=True)
+CALIBRATION_TOKENS = 2048 if SMALL else 16384
+STATISTICS = ("raw", "zscore")
+MEAN_KS = (2.0, 4.0) if SMALL else (1.5, 2.0, 3.0, 4.0)
+calibration = pipeline.capture_step(model, tokenizer, max_tokens=CALIBRATION_TOKENS, model_id=MODEL_KEY,
+                                    progress=False)
+banks = {bank_name("gaussian", s): pipeline.fit_step(calibration, statistic=s, model_id=MODEL_KEY)
+         for s in STATISTICS}
+configs = pipeline.sweep_grid(banks=banks, calibration=calibration, methods=(METHOD,), alphas=(), mean_ks=MEAN_KS,
+                              max_ks=(MAX_K,), min_ks=(MIN_K,), topk_max=max(SWEEP_TOPK), top_ps=())
 settings = dict(datasets=EVAL_DATASETS, max_tokens=EVAL_TOKENS, window=WINDOW, stride=WINDOW, weights=WEIGHTS)
-results_path = paths.sweep_results_path(OUT, bank, configs, **settings)
-results = pipeline.sweep_step(model, tokenizer, configs, null_bank=bank, results_path=results_path,
+results_path = paths.sweep_results_path(OUT, banks[bank_name("gaussian")], configs, **settings)
+results = pipeline.sweep_step(model, tokenizer, configs, null_bank=banks, results_path=results_path,
                               model_id=MODEL_KEY, progress=False, **settings)
 print(f"{len(results)} results in {results_path}")
 results[["dataset", "label", "mean_experts_per_token", "perplexity"]].round(3)
 
 # %% [markdown]
-# **The frontier.** Each BH point against static top-k (the line) at the same mean number of
-# experts. **What to look for:** BH points *below* the top-k line are better than spending the
-# same expert compute uniformly; `delta` in the table is BH minus compute-matched top-k
-# perplexity (negative = BH wins). Points outside the top-k range get no baseline.
+# **The answer, from the numbers.** `delta vs mixed` is BH minus its mixed top-k control on the
+# same windows, with a 95% paired-bootstrap interval; an interval entirely below 0 is a win at
+# equal compute. The frontier plot draws each control (hollow) beside its BH point.
 
 # %%
-frontier = compute_frontier(results)
+comparison = compare_with_controls(results)
+display(Markdown(verdict_markdown(comparison)))
+display(Markdown(comparison_markdown(comparison)))
+nbu.show(plots.plot_controls(comparison), OUT / "03_controls.png")
 for name in EVAL_DATASETS:
     nbu.show(plots.plot_frontier(results, dataset=name), OUT / f"03_frontier_{name}.png")
-display(Markdown(frontier_markdown(frontier)))
 
 # %% [markdown]
 # ## 5. Report
-# `report.md` collects the protocol, the model and null-bank metadata, the results and frontier
-# tables and the figures (the prompt-category analysis runs in full mode only).
+# `report.md` opens with the verdict and collects the controls, the protocol, the model and
+# null-bank metadata, the results and frontier tables and the figures (the prompt-category
+# analysis, BH against its mixed control per prompt, runs in full mode only).
 
 # %%
 report_path = pipeline.report_step(
-    OUT / "report", results=results, model=model, tokenizer=tokenizer, null_bank=bank, model_id=MODEL_KEY,
+    OUT / "report", results=results, model=model, tokenizer=tokenizer, null_bank=banks, model_id=MODEL_KEY,
     categories=not SMALL, weights=WEIGHTS, progress=False,
 )
 print(f"report written to {report_path}")

@@ -79,6 +79,8 @@ captured, model, tokenizer = nbu.get_router_logits(
 )
 start = time.perf_counter()
 banks = {kernel: fit_null_bank(captured, kernel=kernel, model_id=MODEL_KEY) for kernel in KERNELS}
+# the same Gaussian null on the per-token z-score (section 3 says why): one more entry of the dropdown
+banks["gaussian/zscore"] = fit_null_bank(captured, kernel="gaussian", statistic="zscore", model_id=MODEL_KEY)
 print(f"{captured}; {len(banks)} null banks fitted in {time.perf_counter() - start:.1f} s")
 
 start = time.perf_counter()
@@ -127,6 +129,24 @@ pd.DataFrame({
     kernel: {f"alpha={a:g}": explorer.update(kernel=kernel, alpha=a).mean_k for a in (0.01, 0.1, 0.5)}
     for kernel in KERNELS
 }).T.round(3)
+
+# %% [markdown]
+# **Test statistic and target compute.** The router's softmax ignores a shift of all of a
+# token's logits; a null pooled over raw logits does not, so with `"raw"` a token whose logits
+# all sit a little higher gets more experts for no reason the router would recognise. The
+# `gaussian/zscore` bank tests each logit minus the token's mean, over the token's spread. The
+# "target k" slider (and `explorer.alpha_for_target`) picks the alpha that reaches a mean number
+# of experts per token, so the two statistics can be compared at equal compute: same mean k,
+# different tokens getting the experts (the floor rate shows how many sit at `min_k`).
+
+# %%
+rows = {}
+for name in ("gaussian", "gaussian/zscore"):
+    for target in (2.0, 4.0):
+        alpha = explorer.alpha_for_target(target, kernel=name, method="bh", min_k=1, max_k=8)
+        st = explorer.update(kernel=name, alpha=alpha, method="bh", min_k=1, max_k=8)
+        rows[(name, target)] = {"alpha": alpha, "mean k": st.mean_k, "at floor": float((st.counts == 1).double().mean())}
+pd.DataFrame(rows).T
 
 # %% [markdown]
 # ## 4. The button, programmatically

@@ -16,6 +16,7 @@ from bh_helpers.experiments.sweep import load_results  # noqa: E402
 
 # A demo small enough for a test: 2 BH configs, top-1..3, native, one top-p; 128 tokens of prose.
 TINY = ["--calibration-tokens", "512", "--grid-size", "1024", "--methods", "bh", "--alphas", "0.5,0.9",
+        "--mean-ks", "", "--statistics", "raw", "--trims", "0", "--min-ks", "1",
         "--topk-max", "3", "--top-ps", "0.8", "--datasets", "prose", "--max-tokens", "128", "--window", "128",
         "--stride", "128", "--no-categories", "--no-progress"]
 
@@ -59,9 +60,11 @@ def test_demo_end_to_end(demo_dir, capsys):
     assert "## Evaluation protocol" in report and "## Null bank" in report
     pngs = list(demo_dir.glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
-    assert (demo_dir / "nulls" / "nulls.npz").is_file() and (demo_dir / "captured_logits.safetensors").is_file()
+    assert (demo_dir / "nulls" / "gaussian" / "nulls.npz").is_file() and (demo_dir / "captured_logits.safetensors").is_file()
     df = load_results(demo_dir / "sweep.jsonl")
-    assert len(df) == 1 + 3 + 1 + 2  # native, top-1..3, top-p, 2 x bh
+    assert len(df) == 1 + 3 + 1 + 2 * 3  # native, top-1..3, top-p, 2 x (bh, its mixed and shuffled controls)
+    assert "## Verdict" in report and "## Against compute-matched controls" in report
+    assert report.index("## Verdict") < report.index("## Compute-matched frontier")
     assert df.loc[df["label"] == "top-2", "mean_experts_per_token"].item() == 2.0
 
 
@@ -82,7 +85,7 @@ def test_rerun_after_capture_reuses_the_captured_logits(demo_dir, tmp_path):
     captured = (run / "captured_logits.safetensors").read_bytes()
     assert cli.main(["demo", "--out", str(run), *TINY]) == 0
     assert (run / "captured_logits.safetensors").read_bytes() == captured  # not captured again
-    assert (run / "nulls" / "nulls.npz").read_bytes() == (demo_dir / "nulls" / "nulls.npz").read_bytes()
+    assert (run / "nulls" / "gaussian" / "nulls.npz").read_bytes() == (demo_dir / "nulls" / "gaussian" / "nulls.npz").read_bytes()
 
 
 @pytest.mark.fault("command line", "clear error")
@@ -99,8 +102,8 @@ def test_other_grid_is_refused_and_changes_nothing(demo_dir, capsys):
 def test_sweep_into_results_of_another_grid(demo_dir, tmp_path, capsys):
     results = demo_dir / "sweep.jsonl"
     before = results.read_bytes()
-    rc = cli.main(["sweep", "--nulls", str(demo_dir / "nulls"), "--results", str(results), "--methods", "by",
-                   "--alphas", "0.5", "--topk-max", "2", "--top-ps", "", "--datasets", "prose", "--max-tokens", "128",
+    rc = cli.main(["sweep", "--nulls", str(demo_dir / "nulls" / "gaussian"), "--results", str(results), "--methods", "by",
+                   "--alphas", "0.5", "--mean-ks", "", "--topk-max", "2", "--top-ps", "", "--datasets", "prose", "--max-tokens", "128",
                    "--window", "128", "--stride", "128", "--no-progress"])
     assert rc == 2 and "different grid" in capsys.readouterr().err
     assert results.read_bytes() == before
@@ -180,6 +183,11 @@ def _one_line_error(capsys, *needles):
 @pytest.mark.parametrize("argv,needles", [
     (["--max-ks", "100"], ["--max-ks 100", "64 experts", "--max-ks 64 or lower"]),
     (["--topk-max", "65"], ["--topk-max 65", "--topk-max 64 or lower"]),
+    (["--min-ks", "1,100"], ["--min-ks 100", "--min-ks 64 or lower"]),
+    (["--trims", "63"], ["--trims 63", "--trims 62 or lower"]),
+    (["--statistics", "raw,median"], ["statistic", "'median'", "zscore"]),
+    (["--statistics", ""], ["--statistics is empty"]),
+    (["--alphas", "", "--mean-ks", ""], ["--mean-ks", "--alphas"]),
     (["--model", "./no/such/folder"], ["--model './no/such/folder'", "--model tiny"]),
     (["--model", "not a model"], ["--model 'not a model'", "org/name"]),
     (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "nonsense"],
@@ -230,7 +238,7 @@ def test_sweep_says_which_bank_it_uses(tmp_path, capsys):
     from bh_helpers.app.paths import default_null_bank_dir
 
     rc = cli.main(["sweep", "--results", str(tmp_path / "s.jsonl"), "--methods", "bh", "--alphas", "0.5",
-                   "--topk-max", "1", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64", "--window", "64",
+                   "--mean-ks", "", "--min-ks", "1", "--topk-max", "1", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64", "--window", "64",
                    "--stride", "64", "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
@@ -269,9 +277,35 @@ def test_sweep_with_a_bank_of_another_kernel(demo_dir, tmp_path, capsys):
                      "--out", str(bank_dir)]) == 0
     results = tmp_path / "s.jsonl"
     rc = cli.main(["sweep", "--nulls", str(bank_dir), "--results", str(results), "--methods", "bh", "--alphas", "0.5",
-                   "--topk-max", "1", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64", "--window", "64",
+                   "--mean-ks", "", "--min-ks", "1", "--topk-max", "1", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64", "--window", "64",
                    "--stride", "64", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     df = load_results(results)
     bh = df[df["method"] == "bh"]
     assert len(bh) == 1 and bh["kernel"].tolist() == ["empirical"] and bh["mean_experts_per_token"].iloc[0] > 0
+
+
+@pytest.mark.fault("command line", "clear error")
+def test_sweep_mean_ks_without_calibration_logits_is_one_line(tmp_path, capsys):
+    assert cli.main(["sweep", "--results", str(tmp_path / "s.jsonl"), "--mean-ks", "2", "--no-progress"]) == 2
+    _one_line_error(capsys, "--mean-ks needs --captured")
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_sweep_chooses_alpha_for_mean_k_and_runs_the_controls(demo_dir, tmp_path, capsys):
+    """--mean-ks with --captured: one BH row per target, each followed by its mixed and shuffled
+    controls; the mixed control's realised mean k is the adaptive row's."""
+    from bh_helpers.experiments.sweep import load_results
+
+    results = tmp_path / "s.jsonl"
+    assert cli.main(["fit", "--captured", str(demo_dir / "captured_logits.safetensors"), "--statistic", "zscore",
+                     "--out", str(tmp_path / "z")]) == 0
+    rc = cli.main(["sweep", "--nulls", str(tmp_path / "z"), "--captured", str(demo_dir / "captured_logits.safetensors"),
+                   "--results", str(results), "--methods", "bh", "--mean-ks", "3", "--min-ks", "1", "--topk-max", "4", "--top-ps", "",
+                   "--datasets", "prose", "--max-tokens", "256", "--window", "128", "--stride", "128", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    df = load_results(results)
+    assert df["method"].tolist() == ["native", "topk", "topk", "topk", "topk", "bh", "mixed", "shuffled"]
+    bh, mixed = df[df["method"] == "bh"].iloc[0], df[df["method"] == "mixed"].iloc[0]
+    assert bh["statistic"] == "zscore" and "zscore" in bh["label"]
+    assert abs(mixed["mean_experts_per_token"] - bh["mean_experts_per_token"]) < 0.1

@@ -358,7 +358,7 @@ def test_to_selector_builds_patching_selectors():
     assert (selector.method, selector.alpha, selector.min_k, selector.max_k) == ("by", 0.1, 1, 4)
     counts = selector(torch.randn(5, 8) * 3, 0).counts
     assert counts.shape == (5,) and bool(((counts >= 1) & (counts <= 4)).all())
-    with pytest.raises(ValueError, match="kernel 'gaussian'"):
+    with pytest.raises(ValueError, match="no bank 'gaussian'"):
         config.to_selector(null_bank={"tophat": bank})
     with pytest.raises(ValueError, match="needs `null_bank`"):
         config.to_selector()

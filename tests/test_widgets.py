@@ -142,6 +142,20 @@ def test_figure_html_and_widget(explorer):
     assert ui.children
 
 
+def test_target_experts_slider_sets_the_alpha_that_reaches_it(explorer):
+    """The "target k" slider: alpha_for_mean_k on the explorer's own tokens, then the alpha slider."""
+    pytest.importorskip("ipywidgets")
+    explorer.widget()
+    controls, target = explorer._ui["controls"], explorer._ui["target"]
+    controls["method"].value, controls["min_k"].value, controls["max_k"].value = "bh", 1, 8
+    target.value = 3.0
+    assert explorer.state.settings.alpha == pytest.approx(explorer.alpha_for_target(3.0), rel=1e-9)
+    assert abs(explorer.state.mean_k - 3.0) < 0.05
+    alpha = explorer.state.settings.alpha
+    target.value = 0.5  # below the floor min_k=1: said in the timing line, alpha unchanged
+    assert "out of reach" in explorer._ui["timing"].value and explorer.state.settings.alpha == alpha
+
+
 def test_run_live_needs_model(explorer):
     with pytest.raises(ValueError, match="model"):
         explorer.run_live("hello")

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from bh_helpers.app import paths, pipeline
 from bh_helpers.capture import CapturedLogits
+from bh_helpers.experiments.configs import bank_name
 from bh_helpers.models import texts
 
 __all__ = ["build_parser", "main"]
@@ -76,10 +77,14 @@ def _add_grid(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", type=_names, default=_D.methods,
                    help=f"multiple-testing methods among bh,by,bonferroni,holm (default: {','.join(_D.methods)})")
     p.add_argument("--alphas", type=_floats, default=_D.alphas,
-                   help=f"levels of the methods (default: {','.join(map(str, _D.alphas))})")
+                   help="explicit levels of the methods, besides those chosen for --mean-ks (default: none)")
+    p.add_argument("--mean-ks", type=_floats, default=_D.mean_ks,
+                   help="compute targets in mean experts per token: for each, the alpha that reaches it on the "
+                        f"calibration logits ('' for none; default: {','.join(map(str, _D.mean_ks))})")
     p.add_argument("--max-ks", type=_ints, default=_D.max_ks,
                    help=f"ceilings on experts per token (default: {','.join(map(str, _D.max_ks))})")
-    p.add_argument("--min-k", type=int, default=_D.min_k, help=f"floor on experts per token (default: {_D.min_k})")
+    p.add_argument("--min-ks", type=_ints, default=_D.min_ks,
+                   help=f"floors on experts per token (default: {','.join(map(str, _D.min_ks))})")
     p.add_argument("--topk-max", type=int, default=_D.topk_max,
                    help=f"static top-k baselines k = 1..N (default: {_D.topk_max})")
     p.add_argument("--top-ps", type=_floats, default=_D.top_ps,
@@ -107,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--calibration-tokens", type=int, default=_D.calibration_tokens,
                       help=f"calibration tokens for the nulls (default: {_D.calibration_tokens})")
     demo.add_argument("--kernel", default=_D.kernel, help=f"null kernel (default: {_D.kernel})")
+    demo.add_argument("--statistics", type=_names, default=_D.statistics,
+                      help="per-token test statistics, one null bank each: raw, centred, zscore "
+                           f"(default: {','.join(_D.statistics)})")
+    demo.add_argument("--trims", type=_ints, default=_D.trims,
+                      help="fit nulls without each token's N largest values, one bank per N "
+                           f"(default: {','.join(map(str, _D.trims))})")
     demo.add_argument("--grid-size", type=int, default=_D.grid_size,
                       help=f"null grid points per layer (default: {_D.grid_size})")
     _add_grid(demo)
@@ -136,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--grid-size", type=int, default=_D.grid_size,
                      help=f"grid points per layer (default: {_D.grid_size})")
     fit.add_argument("--model-id", default=None, help="model id for the metadata (default: the capture's)")
+    fit.add_argument("--statistic", default="raw", help="per-token test statistic: raw, centred or zscore (default: raw)")
+    fit.add_argument("--trim", type=int, default=0, help="fit without each token's N largest values (default: 0)")
 
     sw = sub.add_parser("sweep", help="null bank + grid -> sweep.jsonl (resumable)",
                         description="Evaluate every configuration of the grid on every data set; an existing "
@@ -143,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--nulls", default=None,
                     help="null bank folder (default: the committed one of --model, see default_null_bank_dir)")
     sw.add_argument("--results", required=True, help="results file (.jsonl)")
+    sw.add_argument("--captured", default=None,
+                    help="calibration logits (`bh-routing capture`) on which --mean-ks choose alpha; without it "
+                         "pass --mean-ks '' and --alphas")
+    sw.add_argument("--no-controls", action="store_true",
+                    help="skip the compute-matched controls (mixed and shuffled top-k) of each adaptive row")
     _add_model(sw)
     _add_grid(sw)
     _add_protocol(sw)
@@ -201,7 +219,8 @@ def _load(args):
 def _cmd_demo(args) -> int:
     settings = pipeline.DemoSettings(
         model=args.model, calibration_tokens=args.calibration_tokens, kernel=args.kernel, grid_size=args.grid_size,
-        methods=args.methods, alphas=args.alphas, max_ks=args.max_ks, min_k=args.min_k, topk_max=args.topk_max,
+        methods=args.methods, alphas=args.alphas, mean_ks=args.mean_ks, statistics=args.statistics, trims=args.trims,
+        max_ks=args.max_ks, min_ks=args.min_ks, topk_max=args.topk_max,
         top_ps=args.top_ps, weights=args.weights, datasets=args.datasets, max_tokens=args.max_tokens,
         window=args.window, stride=args.stride, batch_size=args.batch_size, categories=not args.no_categories,
         seed=args.seed,
@@ -212,7 +231,8 @@ def _cmd_demo(args) -> int:
     result = pipeline.run_demo(settings, out_dir=args.out, device=device, progress=not args.no_progress)
     n_bh = int((result.frontier["status"] == "ok").sum())
     print(f"{'resumed' if result.resumed else 'finished'} in {time.perf_counter() - t0:.0f} s: "
-          f"{len(result.frontier)} BH-family rows, {n_bh} compute-matched with static top-k")
+          f"{len(result.frontier)} adaptive rows, {n_bh} inside the static top-k range, each beside its "
+          "compute-matched controls")
     print(f"report:  {result.report_path}")
     print(f"results: {result.results_path}")
     if result.peak_gpu_gib:
@@ -239,8 +259,11 @@ def _cmd_fit(args) -> int:
     captured, meta = CapturedLogits.load(args.captured)
     bank = pipeline.fit_step(captured, kernel=args.kernel, grid_size=args.grid_size,
                              model_id=args.model_id or meta.get("model_id", "unknown"),
-                             calibration=meta.get("calibration"), out_dir=args.out)
-    print(f"fitted {len(bank)} layers ({args.kernel}) -> {args.out}")
+                             calibration=meta.get("calibration"), out_dir=args.out, statistic=args.statistic,
+                             trim=args.trim)
+    extra = f", {args.statistic}" if args.statistic != "raw" else ""
+    extra += f", trim {args.trim}" if args.trim else ""
+    print(f"fitted {len(bank)} layers ({args.kernel}{extra}) -> {args.out}")
     return 0
 
 
@@ -250,10 +273,19 @@ def _cmd_sweep(args) -> int:
     texts.check_datasets(args.datasets)  # unknown names fail before the model loads
     nulls = args.nulls or paths.default_null_bank_dir(args.model)
     bank = NullBank.load(nulls)
-    configs = pipeline.sweep_grid(methods=args.methods, alphas=args.alphas, max_ks=args.max_ks, min_k=args.min_k,
-                                  kernel=bank.metadata.kernel, topk_max=args.topk_max, top_ps=args.top_ps)
+    meta = bank.metadata
+    if args.mean_ks and not args.captured:
+        raise ValueError("--mean-ks needs --captured (calibration logits from `bh-routing capture`) to choose alpha; "
+                         "or pass --mean-ks '' and --alphas.")
+    if not (args.mean_ks or args.alphas):
+        raise ValueError("give --mean-ks (with --captured) or --alphas.")
+    calibration = CapturedLogits.load(args.captured)[0] if args.captured else None
+    name = bank_name(meta.kernel, meta.statistic, meta.trim)
+    configs = pipeline.sweep_grid(banks={name: bank}, calibration=calibration, methods=args.methods,
+                                  alphas=args.alphas, mean_ks=args.mean_ks, max_ks=args.max_ks, min_ks=args.min_ks,
+                                  topk_max=args.topk_max, top_ps=args.top_ps, controls=not args.no_controls)
     source = "--nulls" if args.nulls else f"the committed bank of --model {args.model} (pass --nulls to choose)"
-    print(f"null bank: {nulls} ({source}; {bank.metadata.kernel} kernel, {len(list(bank))} layers)")
+    print(f"null bank: {nulls} ({source}; {meta.kernel} kernel, {meta.statistic} statistic, {len(list(bank))} layers)")
     model, tok = _load(args)
     df = pipeline.sweep_step(model, tok, configs, null_bank=bank, results_path=args.results, datasets=args.datasets,
                              max_tokens=args.max_tokens, window=args.window, stride=args.stride,

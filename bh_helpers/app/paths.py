@@ -115,10 +115,18 @@ def output_dir(key: str, root: str | os.PathLike = "outputs") -> Path:
     return path
 
 
-def _bank_identity(bank) -> dict:
+def _bank_identity(bank) -> dict | list:
+    """What identifies a null bank (or, for a mapping of named banks, each of them) in a grid id."""
+    from bh_helpers.nulls.bank import NullBank
+
+    if not isinstance(bank, NullBank):  # a mapping {bank name: NullBank}
+        return [[name, _bank_identity(b)] for name, b in sorted(bank.items())]
     meta = bank.metadata
-    return {"model_id": meta.model_id, "kernel": meta.kernel, "created": meta.created,
-            "n_samples": {str(k): v for k, v in meta.n_samples.items()}}
+    out = {"model_id": meta.model_id, "kernel": meta.kernel, "created": meta.created,
+           "n_samples": {str(k): v for k, v in meta.n_samples.items()}}
+    if meta.statistic != "raw" or meta.trim:  # raw banks keep the identity they had before statistics
+        out.update(statistic=meta.statistic, trim=meta.trim)
+    return out
 
 
 def sweep_grid_id(*, model_id: str, null_bank, datasets: Sequence[str], max_tokens: int, window: int,

@@ -39,7 +39,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,12 +54,14 @@ from bh_helpers.capture import CapturedLogits, capture_router_logits
 from bh_helpers.evaluation.scoring import fit_batch_size, perplexity
 from bh_helpers.evaluation.speed import compute_summary
 from bh_helpers.experiments.frontier import compute_frontier
-from bh_helpers.experiments.sweep import expand_grid, run_sweep
+from bh_helpers.experiments.configs import SweepConfig, bank_name, expand_grid, with_controls
+from bh_helpers.experiments.sweep import run_sweep
 from bh_helpers.models.families import router_fingerprint
 from bh_helpers.models.loading import load_model
 from bh_helpers.models.texts import calibration_token_ids, check_datasets, evaluation_texts
 from bh_helpers.nulls.bank import NullBank
 from bh_helpers.nulls.fit import fit_null_bank
+from bh_helpers.nulls.statistics import check_statistic
 from bh_helpers.routing.patch import route
 from bh_helpers.selection.reference import WEIGHT_MODES
 from bh_helpers.selection.selectors import NativeSelector
@@ -180,7 +182,8 @@ def _room_for(model, window: int, batch_size: int) -> int:
 
 
 def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192, model_id: str = "tiny",
-             calibration: str | None = None, out_dir: str | os.PathLike | None = None):
+             calibration: str | None = None, out_dir: str | os.PathLike | None = None, statistic: str = "raw",
+             trim: int = 0):
     """Fit one null per layer (:func:`bh_helpers.nulls.fit.fit_null_bank`) and optionally save it.
 
     Parameters
@@ -188,6 +191,8 @@ def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192
     captured : CapturedLogits or path-like
         Logits, or a file written by :meth:`CapturedLogits.save`.
     kernel : str, default "gaussian"
+    statistic, trim
+        Per-token statistic and trim (:func:`~bh_helpers.nulls.fit.fit_null_bank`).
     grid_size : int or None, default 8192
         Grid points per layer (None: the library default, larger files).
     model_id, calibration : str
@@ -206,7 +211,7 @@ def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192
     if calibration is None:
         calibration = meta.get("calibration", f"{captured.num_tokens} captured tokens")
     fingerprint = json.loads(meta["router_fingerprint"]) if "router_fingerprint" in meta else None
-    bank = fit_null_bank(captured, kernel=kernel, grid_size=grid_size, model_id=model_id,
+    bank = fit_null_bank(captured, kernel=kernel, grid_size=grid_size, model_id=model_id, statistic=statistic, trim=trim,
                          calibration=f"{calibration} ({captured.num_tokens} tokens used)",
                          router_fingerprint=None if fingerprint is None else {int(k): v for k, v in fingerprint.items()})
     if out_dir is not None:
@@ -224,44 +229,92 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
     """The ``evaluate_fn(config, dataset)`` of :func:`bh_helpers.experiments.sweep.run_sweep`.
 
     Metrics per row: the :class:`~bh_helpers.evaluation.scoring.PerplexityResult` fields (with
-    ``protocol``), :func:`~bh_helpers.evaluation.speed.compute_summary` (``mean_experts_per_token``,
-    ``relative_compute``, ...), ``std_k``, ``floor_rate``, ``ceiling_rate``,
-    ``per_layer_mean_k`` (``{layer: mean k}``) and ``k_hist`` (token-layer pairs with
-    0, 1, 2, ... experts).
+    ``protocol`` and the per-window NLL the bootstrap pairs on), :func:`~bh_helpers.evaluation.speed.compute_summary`
+    (``mean_experts_per_token``, ``relative_compute``, ...), ``std_k``, ``floor_rate``,
+    ``ceiling_rate``, ``per_layer_mean_k`` (``{layer: mean k}``) and ``k_hist`` (token-layer pairs
+    with 0, 1, 2, ... experts).
+
+    ``null_bank`` is one :class:`~bh_helpers.nulls.bank.NullBank` or a mapping of
+    :func:`~bh_helpers.experiments.sweep.bank_name` to banks. A ``"mixed"`` control runs at the
+    per-layer mean k its adaptive configuration reached on the same data set (evaluated again
+    when a resumed sweep did not evaluate it in this process).
     """
 
     native_k = NativeSelector.for_model(model).k
-    # A NullBank is itself a Mapping (layer -> null): wrap it so to_selector indexes by kernel.
-    banks = {null_bank.metadata.kernel: null_bank} if null_bank is not None else None
+    if isinstance(null_bank, NullBank):  # itself a Mapping (layer -> null): name it
+        meta = null_bank.metadata
+        banks = {bank_name(meta.kernel, meta.statistic, meta.trim): null_bank}
+    else:
+        banks = dict(null_bank) if null_bank is not None else None
+    reached: dict[tuple[str, str], dict[int, float]] = {}  # (adaptive key, data set) -> per-layer mean k
 
-    def evaluate(config, name: str) -> dict:
-        selector = config.to_selector(model, null_bank=banks, weights=weights)
+    def run(config, name: str, **kwargs) -> dict:
+        selector = config.to_selector(model, null_bank=banks, weights=weights, **kwargs)
         with route(model, selector) as rec:
             ppl = perplexity(model, tokenizer, data[name], window=window, stride=stride, batch_size=batch_size,
                              progress=False)
         summary = rec.summary()
         counts = rec.per_token_counts().matrix().reshape(-1)
         counts = counts[counts >= 0]
+        per_layer = {layer: s["mean_k"] for layer, s in summary["per_layer"].items()}
+        reached[(config.key(), name)] = per_layer
         return {
             **ppl.to_dict(),
             **compute_summary(summary, native_k=native_k),
             "std_k": summary["std_k"],
             "floor_rate": summary["floor_rate"],
             "ceiling_rate": summary["ceiling_rate"],
-            "per_layer_mean_k": {str(layer): s["mean_k"] for layer, s in summary["per_layer"].items()},
+            "per_layer_mean_k": {str(layer): k for layer, k in per_layer.items()},
             "k_hist": np.bincount(counts.numpy()).tolist(),
         }
+
+    def evaluate(config, name: str) -> dict:
+        if config.method != "mixed":
+            return run(config, name)
+        adaptive = config.adaptive()
+        if (adaptive.key(), name) not in reached:  # resumed after the adaptive row: measure it again
+            run(adaptive, name)
+        metrics = run(config, name, mean_k=reached[(adaptive.key(), name)])
+        metrics["target_per_layer_mean_k"] = {str(k): v for k, v in reached[(adaptive.key(), name)].items()}
+        return metrics
 
     return evaluate
 
 
-def sweep_grid(*, methods: Sequence[str], alphas: Sequence[float], max_ks: Sequence[int], min_k: int, kernel: str,
-               topk_max: int, top_ps: Sequence[float]):
-    """The grid of the demo and of ``bh-routing sweep``: native, static top-1..``topk_max``, top-p,
-    and every (method, alpha, max_k) with the null bank's ``kernel``
-    (:func:`bh_helpers.experiments.sweep.expand_grid`)."""
-    return expand_grid(methods=methods, alphas=alphas, max_ks=max_ks, min_ks=(min_k,), kernels=(kernel,),
-                       topk=list(range(1, topk_max + 1)), top_ps=top_ps, native=True)
+def sweep_grid(*, banks: Mapping[str, NullBank], calibration: Mapping[int, Any] | None, methods: Sequence[str],
+               alphas: Sequence[float], mean_ks: Sequence[float], max_ks: Sequence[int], min_ks: Sequence[int],
+               topk_max: int, top_ps: Sequence[float], controls: bool = True, seed: int = 0):
+    """The grid of the demo and of ``bh-routing sweep``.
+
+    Native, static top-1..``topk_max``, top-p, then for every null bank (one per statistic and
+    trim), method, ``max_k`` and floor ``min_k``: the explicit ``alphas`` and, for each compute
+    target in ``mean_ks`` above the floor (by at least half an expert; lower targets are skipped
+    for that floor), the alpha that reaches it on ``calibration``
+    (:func:`bh_helpers.selection.budget.alpha_for_mean_k`, rounded to 4 significant digits). With
+    ``controls`` every adaptive configuration is followed by its mixed and shuffled controls.
+    """
+    from bh_helpers.selection.budget import alpha_for_mean_k
+
+    if mean_ks and calibration is None:
+        raise ValueError("compute targets (--mean-ks) need calibration logits (--captured) to choose alpha.")
+    adaptive = []
+    for bank in banks.values():
+        meta = bank.metadata
+        for method in methods:
+            for max_k in max_ks:
+                for min_k in min_ks:
+                    if min_k > max_k:
+                        continue
+                    levels = list(alphas)
+                    for target in mean_ks:
+                        if target >= min_k + 0.5 and target <= max_k:
+                            alpha = alpha_for_mean_k(bank, calibration, target, method=method, min_k=min_k, max_k=max_k)
+                            levels.append(float(f"{alpha:.4g}"))
+                    adaptive += [SweepConfig(method, alpha=a, max_k=max_k, min_k=min_k, kernel=meta.kernel,
+                                             statistic=meta.statistic, trim=meta.trim) for a in dict.fromkeys(levels)]
+    baselines = expand_grid(methods=(), topk=list(range(1, topk_max + 1)), top_ps=top_ps, max_ks=max_ks,
+                            min_ks=min_ks, native=True)
+    return baselines + (with_controls(adaptive, seed=seed) if controls else adaptive)
 
 
 def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.PathLike,
@@ -275,8 +328,9 @@ def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.P
     model, tokenizer
     configs : list of SweepConfig
         E.g. from :func:`bh_helpers.experiments.sweep.expand_grid`.
-    null_bank : NullBank
-        Nulls of ``model`` (for the multiple-testing configurations).
+    null_bank : NullBank or mapping of str to NullBank
+        Nulls of ``model`` (for the multiple-testing configurations); a mapping is keyed by
+        :func:`~bh_helpers.experiments.sweep.bank_name` (one bank per statistic and trim).
     results_path : path-like
         JSON Lines results; an existing file of another grid raises ``ValueError`` untouched.
     datasets : sequence of str
@@ -302,7 +356,8 @@ def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.P
     datasets = list(datasets)
     if not datasets:
         raise ValueError("`datasets` is empty; pass e.g. ['prose', 'code'].")
-    null_bank.check_compatible(model)
+    for bank in ([null_bank] if isinstance(null_bank, NullBank) else list(null_bank.values())):
+        bank.check_compatible(model)
     data = {name: evaluation_texts(name, tokenizer, max_tokens=max_tokens) for name in datasets}
     grid_id = sweep_grid_id(model_id=model_id, null_bank=null_bank, datasets=datasets, max_tokens=max_tokens,
                             window=window, stride=stride, weights=weights)
@@ -330,10 +385,13 @@ class DemoSettings:
     calibration_tokens: int = 16384  # tokens of calibration text for the nulls
     kernel: str = "gaussian"  # null kernel
     grid_size: int = 8192  # null grid points per layer
-    methods: tuple[str, ...] = ("bh", "by")  # multiple-testing methods
-    alphas: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)  # their levels
+    methods: tuple[str, ...] = ("bh",)  # multiple-testing methods (BY at a compute target is BH: same experts)
+    alphas: tuple[float, ...] = ()  # explicit levels (besides those chosen for mean_ks)
+    mean_ks: tuple[float, ...] = (2.0, 5.0)  # compute targets: alpha chosen on the calibration logits
+    statistics: tuple[str, ...] = ("raw", "centred", "zscore")  # per-token test statistics (one bank each)
+    trims: tuple[int, ...] = (0, 8)  # nulls fitted without each token's largest values (one bank each)
     max_ks: tuple[int, ...] = (8,)  # ceilings of the adaptive methods
-    min_k: int = 1  # floor of the adaptive methods
+    min_ks: tuple[int, ...] = (1, 2, 4)  # floors of the adaptive methods
     topk_max: int = 8  # static top-k baselines k = 1 .. topk_max
     top_ps: tuple[float, ...] = (0.5, 0.8)  # top-p baselines
     weights: str = "softmax"  # weights of the selected experts (OLMoE's own convention)
@@ -346,10 +404,20 @@ class DemoSettings:
     seed: int = 0  # bootstrap seed
 
     def __post_init__(self) -> None:
-        for name in ("methods", "alphas", "max_ks", "top_ps", "datasets"):
+        for name in ("methods", "alphas", "mean_ks", "statistics", "trims", "max_ks", "min_ks", "top_ps", "datasets"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("calibration_tokens", "grid_size", "topk_max", "max_tokens", "window", "stride", "batch_size"):
             check_int(name, getattr(self, name), 1)
+        for flag, value in (("--statistics", self.statistics), ("--trims", self.trims), ("--min-ks", self.min_ks),
+                            ("--max-ks", self.max_ks), ("--methods", self.methods)):
+            if not value:
+                raise ValueError(f"{flag} is empty; give at least one value.")
+        for statistic in self.statistics:
+            check_statistic(statistic)
+        for trim in self.trims:
+            check_int("--trims", trim, 0)
+        if not (self.alphas or self.mean_ks):
+            raise ValueError("give --mean-ks (compute targets) or --alphas (levels), or both.")
         if self.stride > self.window:
             raise ValueError(f"`stride` ({self.stride}) must not exceed `window` ({self.window}).")
 
@@ -362,16 +430,24 @@ class DemoSettings:
         experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
         if experts is None:
             return
-        for flag, values in (("--max-ks", self.max_ks), ("--topk-max", (self.topk_max,)), ("--min-k", (self.min_k,))):
+        for flag, values in (("--max-ks", self.max_ks), ("--topk-max", (self.topk_max,)), ("--min-ks", self.min_ks),
+                             ("--trims", tuple(t + 2 for t in self.trims))):
             too_many = [v for v in values if v > experts]
             if too_many:
-                raise ValueError(f"{flag} {','.join(map(str, too_many))} exceeds the {experts} experts per layer of "
-                                 f"{self.model!r}; pass {flag} {experts} or lower.")
+                limit = experts - 2 if flag == "--trims" else experts
+                shown = [v - 2 for v in too_many] if flag == "--trims" else too_many
+                raise ValueError(f"{flag} {','.join(map(str, shown))} is too large for the {experts} experts per layer "
+                                 f"of {self.model!r}; pass {flag} {limit} or lower.")
 
-    def configs(self):
-        """The sweep grid (:func:`sweep_grid`)."""
-        return sweep_grid(methods=self.methods, alphas=self.alphas, max_ks=self.max_ks, min_k=self.min_k,
-                          kernel=self.kernel, topk_max=self.topk_max, top_ps=self.top_ps)
+    def bank_settings(self) -> list[tuple[str, int]]:
+        """(statistic, trim) of each null bank the demo fits."""
+        return [(statistic, trim) for trim in self.trims for statistic in self.statistics]
+
+    def configs(self, banks: Mapping[str, NullBank], calibration: Mapping[int, Any]):
+        """The sweep grid (:func:`sweep_grid`) for these banks, alphas chosen on ``calibration``."""
+        return sweep_grid(banks=banks, calibration=calibration, methods=self.methods, alphas=self.alphas,
+                          mean_ks=self.mean_ks, max_ks=self.max_ks, min_ks=self.min_ks, topk_max=self.topk_max,
+                          top_ps=self.top_ps, seed=self.seed)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -498,7 +574,6 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
                      peaks: dict, progress: bool) -> DemoResult:
     """:func:`run_demo` once it holds the output folder's lock: capture, fit, sweep, report."""
 
-    configs = settings.configs()
     if not resumed:
         tmp = out / (SETTINGS_NAME + ".tmp")
         tmp.write_text(json.dumps({"settings": settings.to_dict(),
@@ -507,27 +582,33 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
         tmp.replace(out / SETTINGS_NAME)
 
     captured_path = out / CAPTURED_NAME
-    nulls_dir = out / NULLS_DIR
-    if not (nulls_dir / "metadata.json").is_file():
-        if not captured_path.is_file():  # a resumed run reuses it; fit_step reads (and checks) it
-            with step("capture"):
-                capture_step(model, tokenizer, max_tokens=settings.calibration_tokens, window=settings.window,
-                             batch_size=settings.batch_size, out_path=captured_path, model_id=settings.model,
-                             progress=progress)
-        with step("fit"):
-            fit_step(captured_path, kernel=settings.kernel, grid_size=settings.grid_size, model_id=settings.model,
-                     out_dir=nulls_dir)
-    bank = NullBank.load(nulls_dir)
+    if not captured_path.is_file():  # a resumed run reuses it; fit_step reads (and checks) it
+        with step("capture"):
+            capture_step(model, tokenizer, max_tokens=settings.calibration_tokens, window=settings.window,
+                         batch_size=settings.batch_size, out_path=captured_path, model_id=settings.model,
+                         progress=progress)
+    banks: dict[str, NullBank] = {}
+    with step("fit"):
+        for statistic, trim in settings.bank_settings():
+            name = bank_name(settings.kernel, statistic, trim)
+            folder = out / NULLS_DIR / name.replace("/", "-")
+            if not (folder / "metadata.json").is_file():
+                fit_step(captured_path, kernel=settings.kernel, grid_size=settings.grid_size, model_id=settings.model,
+                         out_dir=folder, statistic=statistic, trim=trim)
+            banks[name] = NullBank.load(folder)
+    with step("choose alphas"):
+        calibration, _ = CapturedLogits.load(captured_path)
+        configs = settings.configs(banks, calibration)
 
     results_path = out / RESULTS_NAME
     with step("sweep"):
-        results = sweep_step(model, tokenizer, configs, null_bank=bank, results_path=results_path,
+        results = sweep_step(model, tokenizer, configs, null_bank=banks, results_path=results_path,
                              datasets=settings.datasets, max_tokens=settings.max_tokens, window=settings.window,
                              stride=settings.stride, batch_size=settings.batch_size, weights=settings.weights,
                              model_id=settings.model, progress=progress)
 
     with step("report"):
-        report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=bank,
+        report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=banks,
                              model_id=settings.model, categories=settings.categories, seed=settings.seed,
                              weights=settings.weights, progress=progress)
 

@@ -12,18 +12,23 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from bh_helpers.capture import _model_device
 from bh_helpers.experiments.categories import analyze_categories, load_prompt_sets
+from bh_helpers.experiments.comparison import compare_with_controls
 from bh_helpers.experiments.frontier import compute_frontier
-from bh_helpers.experiments.sweep import SweepConfig, load_results
+from bh_helpers.experiments.configs import SweepConfig, bank_name
+from bh_helpers.experiments.sweep import load_results
 from bh_helpers.models.texts import dataset_description, encode
 from bh_helpers.report import plots
 from bh_helpers.report.write import write_report
 from bh_helpers.routing.patch import route
-from bh_helpers.selection.selectors import NativeSelector, TopKSelector
+from bh_helpers.nulls.bank import NullBank
+from bh_helpers.selection.controls import MixedTopKSelector
+from bh_helpers.selection.selectors import NativeSelector
 
 __all__ = ["report_step"]
 
@@ -61,12 +66,22 @@ _WEIGHT_NOTES = {
 }
 
 
-def _featured(frontier):
-    """The BH-family row with the best (lowest) relative difference on the first data set."""
+def _featured(frontier, comparison):
+    """The featured adaptive row of the first data set: the BH row with the best (lowest) difference
+    to its mixed control when controls ran, else the best relative difference to the top-k chord
+    (BH preferred over the other methods)."""
+    if comparison is not None and len(comparison) and comparison["delta_vs_mixed"].notna().any():
+        rows = comparison[comparison["delta_vs_mixed"].notna()]
+        rows = rows[rows["dataset"] == rows["dataset"].iloc[0]]
+        bh = rows[rows["method"] == "bh"]
+        rows = bh if len(bh) else rows
+        return rows.loc[rows["delta_vs_mixed"].idxmin()]
     ok = frontier[frontier["status"] == "ok"]
     if not len(ok):
         return None
     first = ok[ok["dataset"] == ok["dataset"].iloc[0]]
+    bh = first[first["method"] == "bh"]
+    first = bh if len(bh) else first
     return first.loc[first["relative"].idxmin()]
 
 
@@ -126,41 +141,58 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     if not len(results):
         raise ValueError("`results` has no rows; run the sweep first.")
     frontier = compute_frontier(results)
+    has_controls = "control_of" in results.columns and results["method"].isin(["mixed", "shuffled"]).any()
+    comparison = compare_with_controls(results, seed=seed) if has_controls else None
     if weights is None:
         weights = _protocol_from_results(results).get("weights") or "softmax"
     figures: dict[str, Any] = {}
     for name in dict.fromkeys(results["dataset"]):
         figures[f"frontier {name}"] = plots.plot_frontier(results, dataset=name)
+    if comparison is not None and len(comparison):
+        figures["against compute-matched controls"] = plots.plot_controls(comparison)
+    first_set = results["dataset"].iloc[0]
     if any(str(c).startswith("per_layer_mean_k.") for c in results.columns):
-        figures["mean k per layer"] = plots.plot_layer_heatmap(plots.layer_matrix(results))
-    featured = _featured(frontier) if len(frontier) else None
+        figures[f"mean k per layer, {first_set}"] = plots.plot_layer_heatmap(
+            plots.layer_matrix(results[~results["method"].isin(["mixed", "shuffled"])], dataset=first_set),
+            title=f"mean experts per token by layer ({first_set})")
+    featured = _featured(frontier, comparison) if len(frontier) else None
     config = _config_of(results, featured["key"]) if featured is not None else None
-    k_match = None
-    if featured is not None:
-        k_match = int(min(max(round(float(featured["mean_k"])), 1), int(results["k"].max())))
     tables: dict[str, Any] = {}
     notes = [extra_notes] if extra_notes else []
+    mixed_key = None
+    if config is not None and comparison is not None:
+        mixed = results[(results["method"] == "mixed") & (results["dataset"] == featured["dataset"])]
+        mixed = [r for _, r in mixed.iterrows() if _owner_key(r) == featured["key"]]
+        mixed_key = mixed[0]["label"] if mixed else None
     if "k_hist" in results.columns:
-        first = results[results["dataset"] == results["dataset"].iloc[0]]
-        wanted = ["native"] + ([f"top-{k_match}", config.label()] if config is not None else [])
+        first = results[results["dataset"] == first_set]
+        wanted = ["native"] + ([config.label()] if config is not None else []) + ([mixed_key] if mixed_key else [])
         hist = {r["label"]: {"hist": r["k_hist"]} for _, r in first.iterrows()
                 if r["label"] in wanted and isinstance(r["k_hist"], list)}
         if hist:
-            figures["experts per token"] = plots.plot_k_histogram(hist)
+            figures[f"experts per token, {first_set}"] = plots.plot_k_histogram(
+                hist, title=f"experts per token-layer ({first_set})")
     if config is not None and model is not None and tokenizer is not None and null_bank is not None:
         import torch
 
 
-        selector = config.to_selector(model, null_bank={null_bank.metadata.kernel: null_bank}, weights=weights)
+        banks = null_bank if isinstance(null_bank, Mapping) and not isinstance(null_bank, NullBank) else {
+            bank_name(null_bank.metadata.kernel, null_bank.metadata.statistic, null_bank.metadata.trim): null_bank}
+        selector = config.to_selector(model, null_bank=banks, weights=weights)
         if categories:
+            # the compute-matched control: mixed top-k at the featured row's per-layer mean k
+            row = results[(results["key"] == featured["key"]) & (results["dataset"] == featured["dataset"])].iloc[0]
+            per_layer = {int(c.split(".")[-1]): float(row[c]) for c in results.columns
+                         if str(c).startswith("per_layer_mean_k.") and row[c] == row[c]}
+            control = MixedTopKSelector(per_layer, seed=seed, max_k=config.max_k, weights=weights)
             analysis = analyze_categories(
-                model, tokenizer, adaptive=selector, baseline=TopKSelector(k_match, weights=weights),
-                prompt_sets=prompt_sets,
-                adaptive_label=config.label(), baseline_label=f"top-{k_match}", seed=seed, progress=progress)
+                model, tokenizer, adaptive=selector, baseline=control, prompt_sets=prompt_sets,
+                adaptive_label=config.label(), baseline_label="mixed top-k (same per-layer mean k)", seed=seed,
+                progress=progress)
             tables.update(analysis.tables())
             notes.append(
-                f"Category analysis: {config.label()} (the configuration with the best relative difference on "
-                f"{featured['dataset']}) against static top-{k_match} (its mean k rounded), per prompt.")
+                f"Category analysis: {config.label()} (the featured configuration on {featured['dataset']}) against "
+                "mixed top-k at its per-layer mean k on that data set (its compute-matched control), per prompt.")
         sample = list(load_prompt_sets(prompt_sets).values())[-1][0]
         ids = encode(tokenizer, sample)
         with torch.no_grad(), route(model, selector) as rec:
@@ -172,12 +204,29 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     path = write_report(
         out_dir, results=results, frontier=frontier, figures=figures, protocol=_protocol_from_results(results),
         model_info=_model_info(model, model_id) if model is not None else {"model": model_id},
-        null_metadata=null_bank.metadata if null_bank is not None else None, tables=tables,
-        notes="\n\n".join(notes) if notes else None,
+        null_metadata=_bank_metadata(null_bank), tables=tables,
+        notes="\n\n".join(notes) if notes else None, comparison=comparison,
     )
     for fig in figures.values():
         fig.clf()
     return path
+
+
+def _owner_key(row) -> str | None:
+    """The key of the adaptive configuration a control row belongs to."""
+    of = row.get("control_of")
+    return SweepConfig.from_dict(json.loads(of)).key() if isinstance(of, str) else None
+
+
+def _bank_metadata(null_bank):
+    """The bank's metadata, or per bank name for a mapping of banks (None without a bank)."""
+    if null_bank is None:
+        return None
+    if isinstance(null_bank, NullBank):
+        return null_bank.metadata
+    from dataclasses import asdict
+
+    return {name: asdict(bank.metadata) for name, bank in null_bank.items()}
 
 
 def _none(value):

@@ -321,6 +321,18 @@ class AlphaExplorer:
         self.timings_ms.append(elapsed_ms)
         return self.state
 
+    def alpha_for_target(self, target_mean_k: float, **settings: Any) -> float:
+        """The alpha at which the current (or given) settings use ``target_mean_k`` experts per token.
+
+        Mean over every layer's cached tokens (:func:`bh_helpers.selection.budget.alpha_for_mean_k`);
+        a ValueError names the reachable range when the target is outside it.
+        """
+        from bh_helpers.selection.budget import alpha_for_mean_k
+
+        s = replace(self.settings, **settings)
+        return alpha_for_mean_k(self.banks[s.kernel], self.logits, target_mean_k, method=s.method, min_k=s.min_k,
+                                max_k=s.max_k)
+
     def median_update_ms(self) -> float:
         """Median of the recorded update times (NaN before the first update)."""
         return statistics.median(self.timings_ms) if self.timings_ms else float("nan")
@@ -507,14 +519,17 @@ class AlphaExplorer:
         s = self.settings
         k_limit = min(self.num_experts, 2 * self.native_k)
         controls = {
-            "alpha": w.FloatLogSlider(value=s.alpha, base=10, min=-4, max=0, step=0.05, description="alpha",
-                                      readout_format=".4f", continuous_update=True),
+            "alpha": w.FloatLogSlider(value=s.alpha, base=10, min=-12, max=0, step=0.05, description="alpha",
+                                      readout_format=".3g", continuous_update=True),
             "max_k": w.IntSlider(value=s.max_k, min=1, max=k_limit, description="max_k"),
             "min_k": w.IntSlider(value=s.min_k, min=0, max=k_limit, description="min_k"),
             "method": w.Dropdown(options=list(EXPLORER_METHODS), value=s.method, description="method"),
             "kernel": w.Dropdown(options=self.kernels, value=s.kernel, description="kernel"),
             "layer": w.Dropdown(options=self.layers, value=s.layer, description="layer"),
         }
+        target = w.FloatSlider(value=round(self.update().mean_k, 1), min=0.5, max=float(k_limit), step=0.1,
+                               description="target k", tooltip="experts per token to reach: sets alpha",
+                               continuous_update=False)
         image = w.Image(format="png")
         tokens_view = w.HTML()
         timing = w.HTML()
@@ -549,13 +564,22 @@ class AlphaExplorer:
                 finally:
                     button.disabled = False
 
+        def target_moved(change: Any) -> None:
+            try:
+                controls["alpha"].value = self.alpha_for_target(
+                    change["new"], method=controls["method"].value, min_k=controls["min_k"].value,
+                    max_k=controls["max_k"].value, kernel=controls["kernel"].value)
+            except ValueError as err:  # out of reach with these min_k/max_k: say so, change nothing
+                timing.value = f"<b>target k {change['new']:.1f}:</b> {html.escape(str(err))}"
+
         for control in controls.values():
             control.observe(redraw, names="value")
+        target.observe(target_moved, names="value")
         button.on_click(run_clicked)
         redraw()
-        self._ui = {"controls": controls, "image": image, "tokens": tokens_view, "timing": timing, "live": live}
+        self._ui = {"controls": controls, "target": target, "image": image, "tokens": tokens_view, "timing": timing, "live": live}
         return w.VBox([
-            w.HBox([w.VBox([controls["alpha"], controls["max_k"], controls["min_k"]]),
+            w.HBox([w.VBox([target, controls["alpha"], controls["max_k"], controls["min_k"]]),
                     w.VBox([controls["method"], controls["kernel"], controls["layer"]])]),
             timing, image, tokens_view, w.HBox([button]), live,
         ])

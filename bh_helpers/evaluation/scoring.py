@@ -95,12 +95,18 @@ class PerplexityResult(_WindowedResult):
         Number of scored tokens.
     protocol : dict
         ``{"window", "stride", "weighting": "token", "n_windows", "tokenizer"}``.
+    window_nll, window_tokens : list
+        Per window (in order): the summed NLL of its scored tokens and their number; the same
+        windows for every routing of one text, so two results can be compared pair by pair
+        (:func:`bh_helpers.experiments.bootstrap.paired_bootstrap`).
     """
 
     perplexity: float
     nll: float
     n_tokens: int
     protocol: dict = field(default_factory=dict)
+    window_nll: list = field(default_factory=list)
+    window_tokens: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -376,7 +382,7 @@ def _resolve_window(model, window: int | None, stride: int | None) -> tuple[int,
 
 
 def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, progress, desc):
-    """Run the windowed protocol; return (sum NLL float64, n_correct, n_tokens, protocol)."""
+    """Run the windowed protocol; return (per-window NLL sums float64, n_correct, per-window token counts, protocol)."""
     texts = _as_text_list(texts)
     check_int("batch_size", batch_size, 1)
     window, stride = _resolve_window(model, window, stride)
@@ -389,9 +395,9 @@ def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, pro
     spans = _windows(len(stream), window, stride)
     device = _device(model)
     pad_id = _pad_id(tokenizer)
-    nll_sum = 0.0
+    window_nll: list[float] = []  # per window: summed NLL of its scored tokens (float64)
+    window_tokens: list[int] = []  # per window: its scored tokens
     n_correct = 0
-    n_tokens = 0
     model.eval()
     with torch.no_grad():
         for batch in tqdm(list(_batched(spans, batch_size)), desc=desc, disable=not progress):
@@ -402,9 +408,10 @@ def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, pro
             for i, (b, e, first) in enumerate(batch):
                 scored[i, first - b : e - b] = True
             nll, hit = scored_token_nll(model, ids, mask, scored[:, 1:])  # (n,), (n,)
-            nll_sum += float(nll.double().sum())
+            per_row = scored[:, 1:].sum(dim=1).tolist()  # scored tokens per window, row-major as nll
+            window_nll += [float(part.double().sum()) for part in torch.split(nll, per_row)]
+            window_tokens += per_row
             n_correct += int(hit.sum())
-            n_tokens += int(nll.numel())
     protocol = {
         "window": window,
         "stride": stride,
@@ -412,7 +419,7 @@ def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, pro
         "n_windows": len(spans),
         "tokenizer": _tokenizer_name(tokenizer),
     }
-    return nll_sum, n_correct, n_tokens, protocol
+    return window_nll, n_correct, window_tokens, protocol
 
 
 def perplexity(
@@ -458,12 +465,14 @@ def perplexity(
     See the module docstring for the exact protocol. Logits are scored in float32 and the NLL
     is summed in float64.
     """
-    nll_sum, _, n, protocol = _windowed_scores(
+    window_nll, _, window_tokens, protocol = _windowed_scores(
         model, tokenizer, texts, window=window, stride=stride, batch_size=batch_size,
         progress=progress, desc="perplexity",
     )
-    nll = nll_sum / n
-    return PerplexityResult(perplexity=math.exp(nll), nll=nll, n_tokens=n, protocol=protocol)
+    n = sum(window_tokens)
+    nll = math.fsum(window_nll) / n
+    return PerplexityResult(perplexity=math.exp(nll), nll=nll, n_tokens=n, protocol=protocol,
+                            window_nll=window_nll, window_tokens=window_tokens)
 
 
 def next_token_accuracy(
@@ -484,10 +493,11 @@ def next_token_accuracy(
     -------
     AccuracyResult
     """
-    _, n_correct, n, protocol = _windowed_scores(
+    _, n_correct, window_tokens, protocol = _windowed_scores(
         model, tokenizer, texts, window=window, stride=stride, batch_size=batch_size,
         progress=progress, desc="next-token accuracy",
     )
+    n = sum(window_tokens)
     return AccuracyResult(accuracy=n_correct / n, n_correct=n_correct, n_tokens=n, protocol=protocol)
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bh_helpers._validate import check_choice
-from bh_helpers.experiments.sweep import FDR_METHODS
+from bh_helpers.experiments.configs import FDR_METHODS
 
 __all__ = [
     "INTERPOLATIONS",

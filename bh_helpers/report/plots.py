@@ -25,6 +25,7 @@ import numpy as np
 __all__ = [
     "METHOD_COLORS",
     "plot_frontier",
+    "plot_controls",
     "layer_matrix",
     "plot_layer_heatmap",
     "plot_k_histogram",
@@ -95,28 +96,95 @@ def plot_frontier(results, *, dataset: str | None = None, metric: str = "perplex
             k = r["k"] if "k" in r and r["k"] == r["k"] else r[cost]
             ax.annotate(f"k={int(k)}", (r[cost], r[metric]), textcoords="offset points", xytext=(4, 4),
                         fontsize=8, color=METHOD_COLORS["topk"])
+    adaptive = df[df["method"].isin(["bh", "by", "bonferroni", "holm"])]
+    mixed = df[df["method"] == "mixed"]
+    if len(mixed) and "control_of" in df.columns:
+        # each mixed control beside its adaptive point, joined by a thin line (same compute)
+        for _, r in mixed.iterrows():
+            owner = adaptive[adaptive["label"] == _adaptive_label(r["control_of"])]
+            if len(owner):
+                o = owner.iloc[0]
+                ax.plot([o[cost], r[cost]], [o[metric], r[metric]], "-", color="0.6", lw=0.8, zorder=1)
+        ax.scatter(mixed[cost], mixed[metric], facecolors="none", edgecolors="0.25", marker="o", s=36,
+                   label="mixed top-k control (same compute)", zorder=3)
     for method in ("bh", "by", "bonferroni", "holm", "top_p", "native"):
         part = df[df["method"] == method]
         if not len(part):
             continue
         ax.scatter(part[cost], part[metric], color=METHOD_COLORS[method], marker=_MARKERS[method],
                    s=70 if method == "native" else 36, label=method if method != "top_p" else "top-p", zorder=3)
-        for _, r in part.iterrows():
-            if method in ("bh", "by", "bonferroni", "holm"):
-                text = f"a={r['alpha']:g}" + (f",K={int(r['max_k'])}" if "max_k" in r and r["max_k"] != 8 else "")
-            elif method == "top_p":
-                text = f"p={r['top_p']:g}" if "top_p" in r else ""
-            else:
-                text = "native"
-            ax.annotate(text, (r[cost], r[metric]), textcoords="offset points", xytext=(4, -10), fontsize=7,
-                        color=METHOD_COLORS[method])
     if logy:
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("mean experts per token (all layers)")
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} vs compute, {dataset}")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    return fig
+
+
+def _adaptive_label(control_of: str) -> str:
+    import json
+
+    from bh_helpers.experiments.configs import SweepConfig
+
+    return SweepConfig.from_dict(json.loads(control_of)).label()
+
+
+def plot_controls(comparison, *, title: str | None = None):
+    """Each adaptive configuration's perplexity minus its mixed top-k control's, with 95% intervals.
+
+    One panel per data set, one row per configuration (coloured by test statistic); the
+    shuffled control's difference is drawn as a hollow marker on the same row. Left of the
+    dashed zero line: the adaptive rule beat a policy that ran at its compute.
+
+    Parameters
+    ----------
+    comparison : pandas.DataFrame
+        :func:`bh_helpers.experiments.comparison.compare_with_controls` output.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    if comparison is None or not len(comparison):
+        raise ValueError("`comparison` has no rows; run a sweep with controls (with_controls).")
+    names = list(dict.fromkeys(comparison["dataset"]))
+    labels = list(dict.fromkeys(comparison["label"]))
+    statistics = list(dict.fromkeys(comparison["statistic"]))
+    palette = dict(zip(statistics, sns.color_palette("colorblind", len(statistics))))
+    fig = Figure(figsize=(4.2 * len(names) + 2.5, 0.32 * len(labels) + 1.6), layout="constrained")
+    axes = fig.subplots(1, len(names), sharey=True, squeeze=False)[0]
+    y = {label: i for i, label in enumerate(labels)}
+    for ax, name in zip(axes, names):
+        part = comparison[comparison["dataset"] == name]
+        for _, r in part.iterrows():
+            colour = palette[r["statistic"]]
+            yy = y[r["label"]]
+            ax.errorbar(r["delta_vs_mixed"], yy, xerr=[[r["delta_vs_mixed"] - r["ci_low"]], [r["ci_high"] - r["delta_vs_mixed"]]],
+                        fmt="o", color=colour, ms=4, capsize=2, lw=1)
+            ax.plot(r["delta_vs_shuffled"], yy, marker="D", mfc="none", mec=colour, ms=4, ls="none")
+        ax.axvline(0.0, color="0.3", ls="--", lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("perplexity minus control (95% CI)")
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(labels)), labels, fontsize=7)
+    axes[0].invert_yaxis()
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", color=palette[s], ls="none", label=f"{s}: vs mixed top-k") for s in statistics]
+    handles.append(Line2D([], [], marker="D", mfc="none", mec="0.3", ls="none", label="vs its shuffled counts"))
+    axes[-1].legend(handles=handles, fontsize=7, loc="best")
+    fig.suptitle(title or "adaptive routing against compute-matched controls", fontsize=10)
     return fig
 
 

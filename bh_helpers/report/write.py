@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bh_helpers.experiments.frontier import STATUS_OK
+from bh_helpers.report.verdict import comparison_markdown, verdict_markdown
 
 __all__ = ["frontier_markdown", "markdown_table", "results_table", "write_report", "REPORT_NAME"]
 
@@ -170,6 +171,7 @@ def write_report(
     title: str = "BH routing report",
     notes: str | None = None,
     metric: str = "perplexity",
+    comparison=None,
 ) -> Path:
     """Write ``report.md`` (and one PNG per figure) into ``out_dir``.
 
@@ -197,6 +199,10 @@ def write_report(
         Free text placed after the title.
     metric : str, default "perplexity"
         Metric column of the results table.
+    comparison : pandas.DataFrame, optional
+        :func:`bh_helpers.experiments.comparison.compare_with_controls` output: the report then
+        opens with ``## Verdict`` (:func:`bh_helpers.report.verdict.verdict_markdown`) and lists
+        every adaptive row beside its controls.
 
     Returns
     -------
@@ -220,8 +226,17 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
 
     parts = [f"# {title}", "", f"Written {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}."]
+    if comparison is not None:
+        parts += ["", "## Verdict", "", verdict_markdown(comparison).rstrip()]
     if notes:
         parts += ["", notes.strip()]
+    if comparison is not None:
+        parts += ["", "## Against compute-matched controls", "",
+                  "Delta = perplexity minus the control's on the same windows (negative: the adaptive rule is "
+                  f"better); 95% paired-bootstrap intervals over the scoring windows "
+                  f"({comparison.attrs.get('resamples', '?')} resamples). Mixed top-k: each token gets the floor or "
+                  "ceiling of the adaptive row's per-layer mean k at random; shuffled: the adaptive row's own "
+                  "counts permuted across tokens.", "", comparison_markdown(comparison).rstrip()]
     if frontier is not None and len(frontier):
         parts += ["", "## Compute-matched frontier", "", frontier_markdown(frontier).rstrip()]
     parts += ["", "## All results", "", results_table(results, metric=metric) if len(results) else "(no rows yet)"]

@@ -42,6 +42,7 @@ __all__ = [
     "Selection",
     "fdr_counts",
     "select_experts",
+    "select_top_counts",
 ]
 
 #: Multiple-testing procedures understood by :func:`fdr_counts`.
@@ -427,6 +428,12 @@ def select_experts(
         # An expert is needed while the mass before it is still short of top_p.
         counts = (mass_before < top_p).sum(-1).clamp(min_k, max_k)
 
+    return _selection_from_ranked(x, ranked, counts, max_k, weights, temperature)
+
+
+def _selection_from_ranked(x: torch.Tensor, ranked: torch.Tensor, counts: torch.Tensor, max_k: int, weights: str,
+                           temperature: float) -> Selection:
+    """The first ``counts`` experts of ``ranked (..., E)`` per token, ordered by logit, with weights."""
     slot = torch.arange(max_k, device=x.device)  # (max_k,)
     used = slot < counts.unsqueeze(-1)  # (..., max_k)
     chosen = torch.where(used, ranked[..., :max_k], -1)  # (..., max_k)
@@ -436,3 +443,33 @@ def select_experts(
     indices = chosen.gather(-1, order)
     w = _mixing_weights(x, indices, counts, weights, temperature)
     return Selection(indices=indices, weights=w, counts=counts)
+
+
+def select_top_counts(logits: torch.Tensor, counts: torch.Tensor, *, max_k: int, weights: str = "renorm",
+                      temperature: float = 1.0) -> Selection:
+    """Each token's ``counts`` largest logits (ties to the lower id): top-k with a per-token k.
+
+    The selection of the compute-matched controls (:mod:`bh_helpers.selection.controls`).
+
+    Parameters
+    ----------
+    logits : torch.Tensor, shape ``[..., E]``
+    counts : torch.LongTensor, shape ``[...]``
+        Experts per token, in ``[0, max_k]``.
+    max_k : int
+        Slots per token (``indices`` width).
+    weights, temperature
+        As in :func:`select_experts`.
+
+    Returns
+    -------
+    Selection
+    """
+    _, max_k, temperature = _check_selection_args(logits, "topk", 0, max_k, weights, temperature, False)
+    if counts.shape != logits.shape[:-1] or counts.dtype.is_floating_point:
+        raise ValueError(f"`counts` must be integers of shape {tuple(logits.shape[:-1])}; got "
+                         f"{counts.dtype} {tuple(counts.shape)}.")
+    x = logits.to(_stat_dtype(logits))  # (..., E)
+    ranked, _ = _ranked_experts(x, None)
+    return _selection_from_ranked(x, ranked, counts.to(device=x.device, dtype=torch.long), max_k, weights,
+                                  temperature)

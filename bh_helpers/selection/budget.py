@@ -1,0 +1,110 @@
+"""Choosing alpha by compute: the level at which a testing procedure uses a target mean k.
+
+Hand-picked alphas land wherever the null puts them (with a raw pooled null, alpha 0.05 gives
+almost every token ``min_k`` experts). Comparisons are cleaner at chosen compute: a few targets
+of mean experts per token, each turned into the alpha that reaches it on calibration logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from bh_helpers._validate import check_choice, check_int
+from bh_helpers.selection.reference import FDR_METHODS, _counts_from_sorted
+
+__all__ = ["alpha_for_mean_k"]
+
+#: Bisection steps on log(alpha): the bracket [1e-12, 1] shrinks to a factor 1 + 2e-11.
+_STEPS = 60
+_ALPHA_MIN = 1e-12
+
+
+def _sorted_pvalues(bank: Any, logits: Any, layer: int) -> torch.Tensor:
+    """Each token's p-values under ``bank``'s layer, sorted ascending ``(N, E)`` float32."""
+    x = torch.as_tensor(logits).float()
+    return bank.pvalues(x, layer).sort(dim=-1).values
+
+
+def _mean_k(sorted_p: list[torch.Tensor], alpha: float, method: str, min_k: int, max_k: int) -> float:
+    """Mean experts per token over all layers' tokens at ``alpha``."""
+    total = sum(float(_counts_from_sorted(p, alpha, method).clamp(min_k, max_k).double().sum()) for p in sorted_p)
+    return total / sum(p.shape[0] for p in sorted_p)
+
+
+def _bisect(sorted_p: list[torch.Tensor], target: float, method: str, min_k: int, max_k: int, where: str) -> float:
+    """Smallest alpha (to bisection precision) whose mean k reaches ``target``."""
+    low, high = _mean_k(sorted_p, _ALPHA_MIN, method, min_k, max_k), _mean_k(sorted_p, 1.0, method, min_k, max_k)
+    if not low <= target <= high:
+        raise ValueError(
+            f"`target_mean_k`={target:g} is out of reach{where}: {method} with min_k={min_k}, max_k={max_k} "
+            f"gives mean k {low:.3f} at alpha=1e-12 and {high:.3f} at alpha=1; pick a target in that range "
+            "(or change min_k/max_k)."
+        )
+    lo, hi = math.log(_ALPHA_MIN), 0.0  # mean k(exp(lo)) <= target <= mean k(exp(hi))
+    for _ in range(_STEPS):
+        mid = 0.5 * (lo + hi)
+        if _mean_k(sorted_p, math.exp(mid), method, min_k, max_k) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return math.exp(hi)
+
+
+def alpha_for_mean_k(
+    bank: Any,
+    logits_by_layer: Mapping[int, Any],
+    target_mean_k: float,
+    *,
+    method: str = "bh",
+    min_k: int = 1,
+    max_k: int = 8,
+    per_layer: bool = False,
+) -> float | dict[int, float]:
+    """The alpha at which ``method`` gives ``target_mean_k`` experts per token on calibration logits.
+
+    Parameters
+    ----------
+    bank : NullBank
+        Anything with ``.pvalues(logits, layer)`` (its statistic is applied there).
+    logits_by_layer : mapping of int to Tensor of shape (N, E)
+        Calibration router logits (e.g. :class:`~bh_helpers.capture.CapturedLogits`'s ``logits``),
+        ideally not the ones the bank was fitted on.
+    target_mean_k : float
+        Mean experts per token to reach, over all layers and tokens (or in each layer).
+    method : {"bh", "by", "bonferroni", "holm"}, default "bh"
+    min_k, max_k : int, default 1 and 8
+        The selector's floor and ceiling (they shape the reachable range).
+    per_layer : bool, default False
+        One alpha per layer, each reaching the target in its layer, instead of one global alpha.
+
+    Returns
+    -------
+    float or dict of int to float
+        The smallest alpha (within a relative 2e-11) whose mean k is at least the target; as the
+        mean k is a step function of alpha, it exceeds the target by at most one step (with
+        thousands of tokens, a few thousandths of an expert).
+
+    Raises
+    ------
+    ValueError
+        A target outside ``[mean k at alpha=1e-12, mean k at alpha=1]``, bad ``method``,
+        ``min_k``/``max_k``, or empty logits.
+    """
+    check_choice("method", method, FDR_METHODS)
+    check_int("max_k", max_k, 1)
+    check_int("min_k", min_k, 0, max_k)
+    if isinstance(target_mean_k, bool) or not isinstance(target_mean_k, (int, float)) or not math.isfinite(target_mean_k):
+        raise ValueError(f"`target_mean_k` must be a number of experts per token; got {target_mean_k!r}.")
+    if not isinstance(logits_by_layer, Mapping) or not logits_by_layer:
+        raise ValueError("`logits_by_layer` must be a non-empty dict {layer: logits [N, E]}.")
+    sorted_p = {layer: _sorted_pvalues(bank, x, layer) for layer, x in sorted(logits_by_layer.items())}
+    if any(p.shape[0] == 0 for p in sorted_p.values()):
+        raise ValueError("`logits_by_layer` has a layer without tokens.")
+    if per_layer:
+        return {layer: _bisect([p], float(target_mean_k), method, min_k, max_k, f" at layer {layer}")
+                for layer, p in sorted_p.items()}
+    return _bisect(list(sorted_p.values()), float(target_mean_k), method, min_k, max_k, "")
