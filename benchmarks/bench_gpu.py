@@ -256,15 +256,15 @@ def host_costs(logits: torch.Tensor, null) -> dict:
 
     def triton_launch():  # the kernel launch alone, outputs preallocated
         fs._sorted_select_kernel[(triton.cdiv(n, block_r),)](
-            logits, cut, logits, logits, idx, w, cnt, n, E=e, EP=e, MAX_K=8, BLOCK_R=block_r, CUT=True,
+            logits, cut, idx, w, cnt, n, E=e, EP=e, MAX_K=8, BLOCK_R=block_r, CUT=True,
             STEP_DOWN=False, MIN_K=1, WMODE=0, TEMPERATURE=1.0, STAT=0, LIBDEV=True, num_warps=warps)
 
     compiled = fs._sorted_select_kernel[(triton.cdiv(n, block_r),)](
-        logits, cut, logits, logits, idx, w, cnt, n, E=e, EP=e, MAX_K=8, BLOCK_R=block_r, CUT=True,
+        logits, cut, idx, w, cnt, n, E=e, EP=e, MAX_K=8, BLOCK_R=block_r, CUT=True,
         STEP_DOWN=False, MIN_K=1, WMODE=0, TEMPERATURE=1.0, STAT=0, LIBDEV=True, num_warps=warps)
 
     def direct_launch():  # the compiled kernel launched directly (what select_with_null does)
-        compiled[(triton.cdiv(n, block_r), 1, 1)](logits, cut, logits, logits, idx, w, cnt, n, e, e, 8, block_r, True,
+        compiled[(triton.cdiv(n, block_r), 1, 1)](logits, cut, idx, w, cnt, n, e, e, 8, block_r, True,
                                                   False, 1, 0, 1.0, 0, True)
 
     def fused_bh():

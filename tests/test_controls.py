@@ -225,3 +225,9 @@ def test_verdict_says_yes_only_with_an_interval_below_zero():
     assert "? No**" in worse and "0 had lower perplexity" in worse and "1 had higher perplexity" in worse
     tie = compare_with_controls(_rows(3.00, 3.00, 3.00))
     assert tie["delta_vs_mixed"].iloc[0] == 0.0 and "1 were undecided" in verdict_markdown(tie)
+    # 1 win among 41 pairs is what chance gives (41 x 2.5% ~ 1): not a "yes"
+    import pandas as pd
+
+    many = pd.concat([better] + [compare_with_controls(_rows(3.0, 3.0, 3.0))] * 40, ignore_index=True)
+    many.attrs.update(better.attrs)
+    assert "? Not clearly (no more wins than chance would give)**" in verdict_markdown(many)

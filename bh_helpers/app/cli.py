@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--results", required=True, help="results file (.jsonl) of `bh-routing sweep` or `demo`")
     rep.add_argument("--out", required=True, help="report folder (report.md and PNGs in it are replaced)")
     rep.add_argument("--nulls", default=None,
-                     help="null bank folder; with it the model is loaded for the category analysis and token view")
+                     help="null bank folder, or a demo's nulls/ folder of banks; with it the model is loaded for "
+                          "the category analysis and token view")
     _add_model(rep)
     rep.add_argument("--no-categories", action="store_true", help="skip the prompt-category analysis")
     return parser
@@ -297,18 +298,38 @@ def _cmd_sweep(args) -> int:
 
 def _cmd_report(args) -> int:
     from bh_helpers.experiments.sweep import load_results
-    from bh_helpers.nulls.bank import NullBank
 
     results = load_results(args.results)
     model = tok = bank = None
     if args.nulls:
-        bank = NullBank.load(args.nulls)
+        bank = _load_banks(args.nulls)
         model, tok = _load(args)
     path = pipeline.report_step(args.out, results=results, model=model, tokenizer=tok, null_bank=bank,
                                 model_id=args.model, categories=not args.no_categories,
                                 progress=not args.no_progress)
     print(f"report: {path}")
     return 0
+
+
+def _load_banks(folder: str):
+    """``--nulls``: one bank folder, or a folder of banks (the demo's ``nulls/``, one per statistic and trim)."""
+    from pathlib import Path
+
+    from bh_helpers.nulls.bank import METADATA_NAME, NullBank
+
+    root = Path(folder)
+    if (root / METADATA_NAME).is_file():
+        return NullBank.load(root)
+    subs = sorted(p for p in root.glob("*") if (p / METADATA_NAME).is_file()) if root.is_dir() else []
+    if not subs:
+        raise ValueError(f"--nulls {folder!r} holds no null bank (metadata.json) nor folders of banks; pass a folder "
+                         "written by `bh-routing fit`, or the nulls/ folder of a demo.")
+    banks = {}
+    for sub in subs:
+        bank = NullBank.load(sub)
+        meta = bank.metadata
+        banks[bank_name(meta.kernel, meta.statistic, meta.trim)] = bank
+    return banks
 
 
 _COMMANDS = {"demo": _cmd_demo, "capture": _cmd_capture, "fit": _cmd_fit, "sweep": _cmd_sweep, "report": _cmd_report}

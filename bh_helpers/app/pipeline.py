@@ -89,6 +89,8 @@ CAPTURED_NAME = "captured_logits.safetensors"
 NULLS_DIR = "nulls"
 RESULTS_NAME = "sweep.jsonl"
 SETTINGS_NAME = "run.json"
+#: Calibration tokens per layer on which the demo's alphas are chosen (evenly spaced).
+_ALPHA_TOKENS = 4096
 STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last demo run
 
 
@@ -290,26 +292,26 @@ def sweep_grid(*, banks: Mapping[str, NullBank], calibration: Mapping[int, Any] 
     trim), method, ``max_k`` and floor ``min_k``: the explicit ``alphas`` and, for each compute
     target in ``mean_ks`` above the floor (by at least half an expert; lower targets are skipped
     for that floor), the alpha that reaches it on ``calibration``
-    (:func:`bh_helpers.selection.budget.alpha_for_mean_k`, rounded to 4 significant digits). With
+    (:class:`bh_helpers.selection.budget.ComputeBudget` on at most :data:`_ALPHA_TOKENS` evenly spaced
+    tokens per layer, rounded to 4 significant digits). With
     ``controls`` every adaptive configuration is followed by its mixed and shuffled controls.
     """
-    from bh_helpers.selection.budget import alpha_for_mean_k
+    from bh_helpers.selection.budget import ComputeBudget
 
     if mean_ks and calibration is None:
         raise ValueError("compute targets (--mean-ks) need calibration logits (--captured) to choose alpha.")
     adaptive = []
     for bank in banks.values():
         meta = bank.metadata
+        budget = ComputeBudget(bank, calibration, max_tokens=_ALPHA_TOKENS) if mean_ks else None
         for method in methods:
             for max_k in max_ks:
                 for min_k in min_ks:
                     if min_k > max_k:
                         continue
-                    levels = list(alphas)
-                    for target in mean_ks:
-                        if target >= min_k + 0.5 and target <= max_k:
-                            alpha = alpha_for_mean_k(bank, calibration, target, method=method, min_k=min_k, max_k=max_k)
-                            levels.append(float(f"{alpha:.4g}"))
+                    found = [budget.alpha(t, method=method, min_k=min_k, max_k=max_k)
+                             for t in mean_ks if min_k + 0.5 <= t <= max_k]
+                    levels = list(alphas) + [float(f"{alpha:.4g}") for alpha in found]
                     adaptive += [SweepConfig(method, alpha=a, max_k=max_k, min_k=min_k, kernel=meta.kernel,
                                              statistic=meta.statistic, trim=meta.trim) for a in dict.fromkeys(levels)]
     baselines = expand_grid(methods=(), topk=list(range(1, topk_max + 1)), top_ps=top_ps, max_ks=max_ks,
@@ -396,7 +398,7 @@ class DemoSettings:
     top_ps: tuple[float, ...] = (0.5, 0.8)  # top-p baselines
     weights: str = "softmax"  # weights of the selected experts (OLMoE's own convention)
     datasets: tuple[str, ...] = ("prose", "code")  # evaluation data sets
-    max_tokens: int = 8192  # evaluation tokens per data set
+    max_tokens: int = 4096  # evaluation tokens per data set (README: interval width against tokens)
     window: int = 256  # perplexity window
     stride: int = 256  # perplexity stride
     batch_size: int = 8  # windows per forward pass

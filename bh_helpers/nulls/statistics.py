@@ -18,10 +18,10 @@ calibration sample. ``trim=m`` fits the null on each token's values without its 
 (the "trimmed distributions" of the earlier research); p-values are then computed for all values.
 
 Every transform is monotone increasing within a token, so a token's ranking of experts is the
-raw logits' ranking; only the comparison with the null changes. Selection computes the statistic
-in float32 with the torch operations of :func:`token_affine` / :func:`apply_statistic`; the fused
-CUDA kernel receives the same per-token shift and scale and repeats the same IEEE operations, so
-both paths select the same experts.
+raw logits' ranking; only the comparison with the null changes. Selection computes each token's
+shift and scale with float64 sums rounded once to float32 (:func:`token_affine`), then the
+statistic with one float32 subtraction and division (:func:`apply_statistic`); the fused CUDA
+kernel does the same inside its row, so both paths select the same experts.
 """
 
 from __future__ import annotations
@@ -54,20 +54,29 @@ def token_affine(logits: torch.Tensor, statistic: str) -> tuple[torch.Tensor | N
     """Per-token ``(shift, scale)`` of a statistic, float32 ``(..., 1)`` each, or None where unused.
 
     ``statistic = (logits - shift) / scale``; ``"raw"`` gives ``(None, None)``, ``"centred"``
-    ``(mean, None)``. Zero spread (all logits equal) gets scale 1, so the statistic is 0.
+    ``(mean, None)``. Mean and population standard deviation are accumulated in float64 and
+    rounded to float32 once: a float64 sum of float32 logits does not depend on the order of
+    the additions (it is exact for router-sized values), so the fused kernel, which sums in
+    its own order, gets the same shift and scale. Zero spread (all logits equal) gets scale 1.
     """
     if statistic == "raw":
         return None, None
-    x = logits.float()  # (..., E)
-    shift = x.mean(dim=-1, keepdim=True)  # (..., 1)
+    x = logits.double()  # (..., E)
+    mean = x.sum(dim=-1, keepdim=True) / x.shape[-1]  # (..., 1) float64
+    shift = mean.float()
     if statistic == "centred":
         return shift, None
-    scale = x.std(dim=-1, keepdim=True, correction=0)  # (..., 1)
+    var = ((x - mean) ** 2).sum(dim=-1, keepdim=True) / x.shape[-1]  # (..., 1)
+    scale = var.sqrt().float()
     return shift, torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def apply_statistic(logits: torch.Tensor, statistic: str) -> torch.Tensor:
-    """The statistic of every logit, float32 (float64 for float64 logits), same shape ``(..., E)``."""
+    """The statistic of every logit, float32 (float64 for float64 logits), same shape ``(..., E)``.
+
+    ``(logits - shift) / scale`` in float32 with the float32 shift and scale of
+    :func:`token_affine` (what the fused kernel computes); float64 logits stay in float64.
+    """
     if statistic == "raw":
         return logits
     if logits.dtype == torch.float64:  # the float64 reference path stays in float64

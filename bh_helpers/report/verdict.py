@@ -46,13 +46,20 @@ def verdict_markdown(comparison) -> str:
     lines = []
     if not n:
         return "The adaptive rows have no per-window scores to pair with their controls; rerun the sweep."
-    answer = "yes, in some configurations" if len(better) else "no"
+    chance = n * (1 - level / 100) / 2  # intervals below zero expected if nothing differed
+    if len(better) > chance:
+        answer = "yes, in some configurations"
+    elif len(better):
+        answer = "not clearly (no more wins than chance would give)"
+    else:
+        answer = "no"
     lines.append(
         f"**Does calibrated routing keep quality with fewer experts than top-k at the same compute? {answer.capitalize()}** "
         f"on this model and these data: of {n} adaptive (configuration, data set) pairs on {', '.join(sets)}, "
         f"{len(better)} had lower perplexity than mixed top-k run at the same per-layer mean k with a {level}% "
         f"paired-bootstrap interval excluding zero, {len(worse)} had higher perplexity, and {n - len(better) - len(worse)} "
-        "were undecided."
+        f"were undecided. (Each interval is a separate test: if no configuration differed from its control, "
+        f"about {chance:.1f} of {n} would still fall below zero by chance.)"
     )
     if len(better):
         items = [f"- {r['label']} on {r['dataset']} at mean k {r['mean_k']:.2f}: "

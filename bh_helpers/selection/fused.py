@@ -45,7 +45,7 @@ import torch
 
 from bh_helpers._cuda import on_device
 from bh_helpers._validate import check_choice, check_int, check_level
-from bh_helpers.nulls.statistics import STATISTICS, apply_statistic, token_affine
+from bh_helpers.nulls.statistics import STATISTICS, apply_statistic
 from bh_helpers.selection.fused_kernels import HAS_TRITON
 from bh_helpers.selection.reference import (
     FDR_METHODS,
@@ -314,11 +314,7 @@ def _run_sorted(logits: torch.Tensor, plan: _SortedPlan, config: tuple[int, int]
     indices, w, counts = _outputs(n_rows, plan.max_k, x.device)
     if n_rows:
         block_r, warps = config or _sorted_config(n_rows, plan.ep)
-        stat = plan.constants["STAT"]
-        shift, scale = token_affine(x, STATISTICS[stat]) if stat else (None, None)  # (T, 1) float32 each
-        shift = x if shift is None else shift.reshape(-1)  # (T,); the logits stand in when unused
-        scale = x if scale is None else scale.reshape(-1)  # (T,)
-        args = (x, x if plan.cut is None else plan.cut, shift, scale, indices, w, counts, n_rows)
+        args = (x, x if plan.cut is None else plan.cut, indices, w, counts, n_rows)
         with on_device(x.device):
             _launch_sorted_kernel(((n_rows + block_r - 1) // block_r, 1, 1), args, plan, block_r, warps)
     return _as_selection(logits, indices, w, counts)

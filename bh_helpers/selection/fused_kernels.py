@@ -66,6 +66,13 @@ if HAS_TRITON:
             return a / b
 
     @triton.jit
+    def _sqrt64(x, LIBDEV: tl.constexpr):
+        if LIBDEV:
+            return libdevice.sqrt_rn(x)
+        else:
+            return tl.sqrt(x)
+
+    @triton.jit
     def _pvalues_from_null(x, e, emask, gs_ptr, bk_ptr, prm_ptr, G, B,
                            PER_EXPERT: tl.constexpr, ITERS: tl.constexpr, LIBDEV: tl.constexpr):
         """NullModel.sf(x) in float64, rounded to float32 and clipped; x: (R, EP) float32."""
@@ -233,7 +240,7 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["T"])  # one compiled variant for every row count (see _launch_sorted_kernel)
     def _sorted_select_kernel(
-        logits_ptr, cut_ptr, shift_ptr, scale_ptr, idx_ptr, w_ptr, cnt_ptr, T,
+        logits_ptr, cut_ptr, idx_ptr, w_ptr, cnt_ptr, T,
         E: tl.constexpr, EP: tl.constexpr, MAX_K: tl.constexpr, BLOCK_R: tl.constexpr,
         CUT: tl.constexpr, STEP_DOWN: tl.constexpr, MIN_K: tl.constexpr, WMODE: tl.constexpr,
         TEMPERATURE: tl.constexpr, STAT: tl.constexpr, LIBDEV: tl.constexpr,
@@ -245,9 +252,9 @@ if HAS_TRITON:
         the p-value is non-increasing in the logit. One descending sort of 64-bit keys
         ``(ordered logit bits, EP - 1 - id)`` gives both the order and the ids. With a per-token
         statistic (STAT 1: centred, 2: z-score) the cuts apply to ``(x - shift) / scale`` of each
-        row (shift and scale (T,) float32 from :func:`bh_helpers.nulls.statistics.token_affine`),
-        computed with the same round-to-nearest operations as torch; the statistic is monotone in
-        the logit, so the ranking is unchanged.
+        row, shift and scale accumulated in float64 and rounded once to float32, then the same
+        round-to-nearest float32 operations as :func:`bh_helpers.nulls.statistics.apply_statistic`;
+        the statistic is monotone in the logit, so the ranking is unchanged.
         """
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
@@ -270,10 +277,15 @@ if HAS_TRITON:
             if STAT == 0:
                 ok = xs >= cut
             else:
-                shift = tl.load(shift_ptr + rows, mask=rmask, other=0.0)[:, None]  # (R, 1)
-                ts = _sub(xs, shift, LIBDEV)  # (R, EP) the statistic, as torch computes it
+                x64 = tl.where(m2, x.to(tl.float64), 0.0)  # (R, EP) padded lanes out of the sums
+                n64 = tl.zeros([BLOCK_R], dtype=tl.float64) + E  # (R,) the expert count, as a float64 tensor
+                mean = _div(tl.sum(x64, axis=1), n64, LIBDEV)[:, None]  # (R, 1) float64
+                ts = _sub(xs, mean.to(tl.float32), LIBDEV)  # (R, EP) float32, as torch computes it
                 if STAT == 2:
-                    ts = _div(ts, tl.load(scale_ptr + rows, mask=rmask, other=1.0)[:, None], LIBDEV)
+                    dev = tl.where(m2, _sub(x64, mean, LIBDEV), 0.0)
+                    var = _div(tl.sum(_mul(dev, dev, LIBDEV), axis=1), n64, LIBDEV)[:, None]
+                    scale = _sqrt64(var, LIBDEV).to(tl.float32)
+                    ts = _div(ts, tl.where(scale > 0, scale, 1.0), LIBDEV)
                 ok = ts >= cut
             if STEP_DOWN:
                 cnt = tl.min(tl.where(ok, E, ranks - 1), axis=1)
