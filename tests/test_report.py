@@ -116,3 +116,17 @@ def test_token_view():
     assert [t.get_text() for t in fig.axes[0].texts][:3] == ["def", " f", "(x"]
     with pytest.raises(ValueError, match="same length"):
         plots.token_view_html(tokens, counts[:-1])
+
+
+def test_readme_answer_is_the_committed_demo_report():
+    """The README's answer section is generated from docs/demo_report.md (never typed by hand)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "scripts" / "readme_answer.py"), "--check"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    report = (root / "docs" / "demo_report.md").read_text()
+    assert report.index("## Verdict") < report.index("## Against compute-matched controls")

@@ -16,7 +16,6 @@ value, or save it with ``fig.savefig(...)``.
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -237,21 +236,14 @@ def plot_layer_heatmap(matrix, *, title: str = "mean experts per token by layer"
         raise ValueError(f"`matrix` must be a non-empty 2-D table (configurations x layers), got shape {values.shape}.")
     rows = [str(r) for r in getattr(matrix, "index", range(values.shape[0]))]
     cols = [str(c) for c in getattr(matrix, "columns", range(values.shape[1]))]
+    import seaborn as sns
+
     fig, ax = _new_figure(figsize=(1.2 + 0.7 * values.shape[1] + 2.5, 1.0 + 0.32 * values.shape[0]))
-    im = ax.imshow(values, aspect="auto", cmap=cmap)
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    sns.heatmap(values, ax=ax, cmap=cmap, annot=annotate, fmt=".1f", annot_kws={"fontsize": 7},
+                xticklabels=cols, yticklabels=rows, cbar_kws={"label": "mean k"})
+    ax.tick_params(axis="y", labelsize=8)
     ax.set_xlabel("layer")
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="mean k")
-    if annotate:
-        mid = np.nanmean(values)
-        for i in range(values.shape[0]):
-            for j in range(values.shape[1]):
-                v = values[i, j]
-                if math.isfinite(v):
-                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
-                            color="white" if v < mid else "black")
     return fig
 
 
