@@ -161,7 +161,7 @@ pd.DataFrame({label: {"prefill tok/s": s.prefill_tokens_per_s, "decode tok/s": s
 
 # %%
 from bh_helpers.experiments.comparison import compare_with_controls
-from bh_helpers.experiments.sweep import bank_name
+from bh_helpers.experiments.configs import bank_name, sweep_grid
 from bh_helpers.report.verdict import comparison_markdown, verdict_markdown
 
 CALIBRATION_TOKENS = 2048 if SMALL else 16384
@@ -171,8 +171,8 @@ calibration = pipeline.capture_step(model, tokenizer, max_tokens=CALIBRATION_TOK
                                     progress=False)
 banks = {bank_name("gaussian", s): pipeline.fit_step(calibration, statistic=s, model_id=MODEL_KEY)
          for s in STATISTICS}
-configs = pipeline.sweep_grid(banks=banks, calibration=calibration, methods=(METHOD,), alphas=(), mean_ks=MEAN_KS,
-                              max_ks=(MAX_K,), min_ks=(MIN_K,), topk_max=max(SWEEP_TOPK), top_ps=())
+configs = sweep_grid(banks=banks, calibration=calibration, methods=(METHOD,), alphas=(), mean_ks=MEAN_KS,
+                     max_ks=(MAX_K,), min_ks=(MIN_K,), topk_max=max(SWEEP_TOPK), top_ps=())
 settings = dict(datasets=EVAL_DATASETS, max_tokens=EVAL_TOKENS, window=WINDOW, stride=WINDOW, weights=WEIGHTS)
 results_path = paths.sweep_results_path(OUT, banks[bank_name("gaussian")], configs, **settings)
 results = pipeline.sweep_step(model, tokenizer, configs, null_bank=banks, results_path=results_path,

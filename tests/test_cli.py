@@ -269,7 +269,7 @@ def test_wikitext2_is_the_real_one_and_the_fixture_says_what_it_is(tmp_path, cap
 def test_sweep_with_a_bank_of_another_kernel(demo_dir, tmp_path, capsys):
     """`bh-routing sweep` built its own grid with the gaussian kernel whatever the bank was: an
     empirical bank failed at its first BH row. The grid now comes from the bank (one builder with
-    the demo's, `pipeline.sweep_grid`)."""
+    the demo's, `experiments.configs.sweep_grid`)."""
     from bh_helpers.experiments.sweep import load_results
 
     bank_dir = tmp_path / "empirical"

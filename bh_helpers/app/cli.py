@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from bh_helpers.app import paths, pipeline
 from bh_helpers.capture import CapturedLogits
-from bh_helpers.experiments.configs import bank_name
+from bh_helpers.experiments.configs import bank_name, sweep_grid
 from bh_helpers.models import texts
 
 __all__ = ["build_parser", "main"]
@@ -282,9 +282,9 @@ def _cmd_sweep(args) -> int:
         raise ValueError("give --mean-ks (with --captured) or --alphas.")
     calibration = CapturedLogits.load(args.captured)[0] if args.captured else None
     name = bank_name(meta.kernel, meta.statistic, meta.trim)
-    configs = pipeline.sweep_grid(banks={name: bank}, calibration=calibration, methods=args.methods,
-                                  alphas=args.alphas, mean_ks=args.mean_ks, max_ks=args.max_ks, min_ks=args.min_ks,
-                                  topk_max=args.topk_max, top_ps=args.top_ps, controls=not args.no_controls)
+    configs = sweep_grid(banks={name: bank}, calibration=calibration, methods=args.methods, alphas=args.alphas,
+                         mean_ks=args.mean_ks, max_ks=args.max_ks, min_ks=args.min_ks, topk_max=args.topk_max,
+                         top_ps=args.top_ps, controls=not args.no_controls)
     source = "--nulls" if args.nulls else f"the committed bank of --model {args.model} (pass --nulls to choose)"
     print(f"null bank: {nulls} ({source}; {meta.kernel} kernel, {meta.statistic} statistic, {len(list(bank))} layers)")
     model, tok = _load(args)

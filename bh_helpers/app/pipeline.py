@@ -54,7 +54,7 @@ from bh_helpers.capture import CapturedLogits, capture_router_logits
 from bh_helpers.evaluation.scoring import fit_batch_size, perplexity
 from bh_helpers.evaluation.speed import compute_summary
 from bh_helpers.experiments.frontier import compute_frontier
-from bh_helpers.experiments.configs import SweepConfig, bank_name, expand_grid, with_controls
+from bh_helpers.experiments.configs import bank_name, sweep_grid
 from bh_helpers.experiments.sweep import run_sweep
 from bh_helpers.models.families import router_fingerprint
 from bh_helpers.models.loading import load_model
@@ -78,7 +78,6 @@ __all__ = [
     "capture_step",
     "fit_step",
     "make_evaluate_fn",
-    "sweep_grid",
     "sweep_step",
     "report_step",
     "run_demo",
@@ -89,8 +88,6 @@ CAPTURED_NAME = "captured_logits.safetensors"
 NULLS_DIR = "nulls"
 RESULTS_NAME = "sweep.jsonl"
 SETTINGS_NAME = "run.json"
-#: Calibration tokens per layer on which the demo's alphas are chosen (evenly spaced).
-_ALPHA_TOKENS = 4096
 STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last demo run
 
 
@@ -281,42 +278,6 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
         return metrics
 
     return evaluate
-
-
-def sweep_grid(*, banks: Mapping[str, NullBank], calibration: Mapping[int, Any] | None, methods: Sequence[str],
-               alphas: Sequence[float], mean_ks: Sequence[float], max_ks: Sequence[int], min_ks: Sequence[int],
-               topk_max: int, top_ps: Sequence[float], controls: bool = True, seed: int = 0):
-    """The grid of the demo and of ``bh-routing sweep``.
-
-    Native, static top-1..``topk_max``, top-p, then for every null bank (one per statistic and
-    trim), method, ``max_k`` and floor ``min_k``: the explicit ``alphas`` and, for each compute
-    target in ``mean_ks`` above the floor (by at least half an expert; lower targets are skipped
-    for that floor), the alpha that reaches it on ``calibration``
-    (:class:`bh_helpers.selection.budget.ComputeBudget` on at most :data:`_ALPHA_TOKENS` evenly spaced
-    tokens per layer, rounded to 4 significant digits). With
-    ``controls`` every adaptive configuration is followed by its mixed and shuffled controls.
-    """
-    from bh_helpers.selection.budget import ComputeBudget
-
-    if mean_ks and calibration is None:
-        raise ValueError("compute targets (--mean-ks) need calibration logits (--captured) to choose alpha.")
-    adaptive = []
-    for bank in banks.values():
-        meta = bank.metadata
-        budget = ComputeBudget(bank, calibration, max_tokens=_ALPHA_TOKENS) if mean_ks else None
-        for method in methods:
-            for max_k in max_ks:
-                for min_k in min_ks:
-                    if min_k > max_k:
-                        continue
-                    found = [budget.alpha(t, method=method, min_k=min_k, max_k=max_k)
-                             for t in mean_ks if min_k + 0.5 <= t <= max_k]
-                    levels = list(alphas) + [float(f"{alpha:.4g}") for alpha in found]
-                    adaptive += [SweepConfig(method, alpha=a, max_k=max_k, min_k=min_k, kernel=meta.kernel,
-                                             statistic=meta.statistic, trim=meta.trim) for a in dict.fromkeys(levels)]
-    baselines = expand_grid(methods=(), topk=list(range(1, topk_max + 1)), top_ps=top_ps, max_ks=max_ks,
-                            min_ks=min_ks, native=True)
-    return baselines + (with_controls(adaptive, seed=seed) if controls else adaptive)
 
 
 def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.PathLike,

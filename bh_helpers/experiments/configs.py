@@ -1,6 +1,7 @@
 """What a sweep runs: :class:`SweepConfig` (one routing configuration) and the grids built from them.
 
-:func:`expand_grid` crosses methods, levels, ceilings, floors and kernels; :func:`with_controls`
+:func:`expand_grid` crosses methods, levels, ceilings, floors and kernels; :func:`sweep_grid` (the
+demo's and ``bh-routing sweep``'s grid) chooses levels for compute targets; :func:`with_controls`
 follows each adaptive configuration with its compute-matched controls; :func:`bank_name` names the
 null bank (kernel, statistic, trim) a configuration routes with. :mod:`bh_helpers.experiments.sweep`
 runs them and keeps the results.
@@ -15,10 +16,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from bh_helpers._validate import check_choice
+from bh_helpers.selection.budget import ComputeBudget
 from bh_helpers.selection.reference import FDR_METHODS
 
 __all__ = ["CONTROLS", "FDR_METHODS", "METHODS", "SweepConfig", "bank_name", "expand_grid", "grid_hash",
-           "with_controls"]
+           "sweep_grid", "with_controls"]
 
 # FDR_METHODS (p-value based: need alpha and a null kernel) is the selection module's own tuple.
 # "mixed" and "shuffled" are the compute-matched controls of one adaptive configuration.
@@ -364,3 +366,41 @@ def grid_hash(configs: Sequence[SweepConfig], datasets: Sequence[str], grid_id: 
         _canonical_json({"configs": [c.key() for c in configs], "datasets": list(datasets), "grid_id": grid_id}),
         n=16,
     )
+
+
+#: Calibration tokens per layer on which a grid's alphas are chosen (evenly spaced).
+_ALPHA_TOKENS = 4096
+
+
+def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | None, methods: Sequence[str],
+               alphas: Sequence[float], mean_ks: Sequence[float], max_ks: Sequence[int], min_ks: Sequence[int],
+               topk_max: int, top_ps: Sequence[float], controls: bool = True, seed: int = 0):
+    """The grid of the demo and of ``bh-routing sweep``.
+
+    Native, static top-1..``topk_max``, top-p, then for every null bank (one per statistic and
+    trim), method, ``max_k`` and floor ``min_k``: the explicit ``alphas`` and, for each compute
+    target in ``mean_ks`` above the floor (by at least half an expert; lower targets are skipped
+    for that floor), the alpha that reaches it on ``calibration``
+    (:class:`bh_helpers.selection.budget.ComputeBudget` on at most :data:`_ALPHA_TOKENS` evenly spaced
+    tokens per layer, rounded to 4 significant digits). With
+    ``controls`` every adaptive configuration is followed by its mixed and shuffled controls.
+    """
+    if mean_ks and calibration is None:
+        raise ValueError("compute targets (--mean-ks) need calibration logits (--captured) to choose alpha.")
+    adaptive = []
+    for bank in banks.values():
+        meta = bank.metadata
+        budget = ComputeBudget(bank, calibration, max_tokens=_ALPHA_TOKENS) if mean_ks else None
+        for method in methods:
+            for max_k in max_ks:
+                for min_k in min_ks:
+                    if min_k > max_k:
+                        continue
+                    found = [budget.alpha(t, method=method, min_k=min_k, max_k=max_k)
+                             for t in mean_ks if min_k + 0.5 <= t <= max_k]
+                    levels = list(alphas) + [float(f"{alpha:.4g}") for alpha in found]
+                    adaptive += [SweepConfig(method, alpha=a, max_k=max_k, min_k=min_k, kernel=meta.kernel,
+                                             statistic=meta.statistic, trim=meta.trim) for a in dict.fromkeys(levels)]
+    baselines = expand_grid(methods=(), topk=list(range(1, topk_max + 1)), top_ps=top_ps, max_ks=max_ks,
+                            min_ks=min_ks, native=True)
+    return baselines + (with_controls(adaptive, seed=seed) if controls else adaptive)
