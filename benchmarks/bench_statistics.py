@@ -23,23 +23,11 @@ import statistics
 import time
 
 import torch
+from bench_gpu import event_median  # benchmarks/ is on sys.path when a benchmark runs
 
 from bh_helpers.nulls.fit import fit_null_bank
 from bh_helpers.selection.fused import select_with_null
 from bh_helpers.selection.reference import select_experts
-
-
-def _time(fn, reps: int = 30) -> float:
-    """Median seconds per call over ``reps`` calls (CUDA events around each call)."""
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def selector_bench(sizes: list[int], rounds: int) -> dict:
@@ -64,7 +52,7 @@ def selector_bench(sizes: list[int], rounds: int) -> dict:
         per_round = {name: [] for name in variants}
         for _ in range(rounds):
             for name, fn in variants.items():
-                per_round[name].append(_time(fn))
+                per_round[name].append(event_median(fn, warmup=0, reps=30))
         base = per_round["softmax+topk8"]
         out[n] = {name: {"us": 1e6 * statistics.median(t),
                          "x_softmax_topk": statistics.median(a / b for a, b in zip(t, base))}

@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from _readme import replace_section  # scripts/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "bh_helpers"
 FLOORS = ["models", "capture.py", "nulls", "selection", "routing", "evaluation", "experiments", "report", "app"]
@@ -57,8 +59,7 @@ def main(argv: list[str]) -> int:
     if argv == ["--write"]:
         path = ROOT / "README.md"
         readme = path.read_text(encoding="utf-8")
-        head, rest = readme.split(BEGIN, 1)
-        path.write_text(f"{head}{BEGIN}\n{table()}\n{END}{rest.split(END, 1)[1]}", encoding="utf-8")
+        path.write_text(replace_section(readme, BEGIN, END, f"{BEGIN}\n{table()}\n{END}"), encoding="utf-8")
         return 0
     print(table())
     return 0

@@ -18,6 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from _readme import replace_section  # scripts/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 REPORT = ROOT / "docs" / "demo_report.md"
@@ -53,13 +55,6 @@ def render() -> str:
     ])
 
 
-def replace_section(text: str, section: str) -> str:
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    return head + section + rest.split(END, 1)[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", default=None, help="demo output folder to copy from")
@@ -67,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check:
         current = README.read_text(encoding="utf-8")
-        if replace_section(current, render()) != current:
+        if replace_section(current, START, END, render()) != current:
             print("README answer section is stale: run python scripts/readme_answer.py", file=sys.stderr)
             return 1
         return 0
@@ -84,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = json.loads((src / "run.json").read_text(encoding="utf-8"))
         steps = json.loads((src / "steps.json").read_text(encoding="utf-8"))
         RUN.write_text(json.dumps({**steps, "settings": settings["settings"]}, indent=2) + "\n", encoding="utf-8")
-    README.write_text(replace_section(README.read_text(encoding="utf-8"), render()), encoding="utf-8")
+    README.write_text(replace_section(README.read_text(encoding="utf-8"), START, END, render()), encoding="utf-8")
     return 0
 
 

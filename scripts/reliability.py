@@ -23,6 +23,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from _readme import replace_section  # scripts/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "reliability.json"
 FIGURE = ROOT / "docs" / "reliability.png"
@@ -113,13 +115,6 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def replace_section(text: str, section: str) -> str:
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    return head + section + rest.split(END, 1)[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare README with the committed results only")
@@ -127,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         data = json.loads(RESULTS.read_text(encoding="utf-8"))
         current = README.read_text(encoding="utf-8")
-        if replace_section(current, render(data)) != current:
+        if replace_section(current, START, END, render(data)) != current:
             print("README reliability section is stale: run python scripts/reliability.py", file=sys.stderr)
             return 1
         return 0
@@ -138,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     data["when"] = datetime.date.today().isoformat()
     RESULTS.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     plot(data, FIGURE)
-    README.write_text(replace_section(README.read_text(encoding="utf-8"), render(data)), encoding="utf-8")
+    README.write_text(replace_section(README.read_text(encoding="utf-8"), START, END, render(data)), encoding="utf-8")
     print(render(data))
     return 0 if data["exit"] == 0 else 1
 
