@@ -30,7 +30,7 @@ def _one_thread():
     torch.set_num_threads(before)  # main() sets 1 thread
 
 
-@pytest.mark.parametrize("command", [None, "demo", "capture", "fit", "sweep", "report"])
+@pytest.mark.parametrize("command", [None, "demo", "capture", "fit", "sweep", "optimize", "report"])
 def test_help_documents_every_option(command, capsys):
     argv = ([command] if command else []) + ["--help"]
     with pytest.raises(SystemExit) as exit_info:
@@ -64,6 +64,9 @@ def test_demo_end_to_end(demo_dir, capsys):
     df = load_results(demo_dir / "sweep.jsonl")
     assert len(df) == 1 + 3 + 1 + 2 * 3  # native, top-1..3, top-p, 2 x (bh, its mixed and shuffled controls)
     assert "## Verdict" in report and "## Against compute-matched controls" in report
+    assert "## Budget optimiser" in report and "lowest perplexity with mean k <= 2" in report
+    assert "## Load balance" in report and "worst layer CV" in report
+    assert (demo_dir / "load_balance_per_layer_prose.png").is_file()
     assert report.index("## Verdict") < report.index("## Compute-matched frontier")
     assert df.loc[df["label"] == "top-2", "mean_experts_per_token"].item() == 2.0
 

@@ -716,3 +716,30 @@ def test_bank_of_another_checkpoint_is_refused_by_its_router_fingerprint(tmp_pat
         other(ids)
     with torch.no_grad(), route(model, BHSelector(bank, alpha=0.5)):
         model(ids)
+
+
+def test_load_balance_statistics_equal_a_bincount_of_what_was_chosen(tiny_model_and_tokenizer):
+    """utilisation_cv and unused_share (the report's load balance) against numpy on the selections
+    the selector itself returned (issue 16, item 6)."""
+    import numpy as np
+
+    model, tok = tiny_model_and_tokenizer
+    chosen: dict[int, list] = {}
+    inner = TopPSelector(0.5, max_k=8, weights="softmax")
+
+    def recording(logits, layer):
+        sel = inner(logits, layer)
+        chosen.setdefault(layer, []).append(sel.indices.reshape(-1))
+        return sel
+
+    recording.max_k = 8
+    ids = tok("the load of each expert, counted twice: by the recorder and by hand", return_tensors="pt").input_ids
+    with torch.no_grad(), route(model, recording) as rec:
+        model(ids)
+    per_layer = rec.summary()["per_layer"]
+    for layer, parts in chosen.items():
+        idx = torch.cat(parts).numpy()
+        counts = np.bincount(idx[idx >= 0], minlength=model.config.num_experts).astype(float)
+        assert per_layer[layer]["expert_counts"] == counts.astype(int).tolist()
+        assert per_layer[layer]["utilisation_cv"] == pytest.approx(counts.std() / counts.mean(), rel=1e-12)
+        assert per_layer[layer]["unused_share"] == pytest.approx(float((counts == 0).mean()), rel=1e-12)

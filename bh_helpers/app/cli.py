@@ -6,6 +6,7 @@ Subcommands::
     bh-routing capture   router logits on calibration text -> .safetensors
     bh-routing fit       captured logits -> null bank folder (nulls.npz + metadata.json)
     bh-routing sweep     null bank + grid -> sweep.jsonl (resumable)
+    bh-routing optimize  sweep.jsonl -> the best configuration under a compute budget
     bh-routing report    sweep.jsonl (+ null bank) -> report.md with figures
 
 Errors in the input (unknown data set, empty text, a folder or results file of another
@@ -165,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid(sw)
     _add_protocol(sw)
 
+    opt = sub.add_parser("optimize", help="sweep.jsonl -> the best configuration under a compute budget",
+                         description="Per data set, the configuration with the lowest perplexity within --budget mean "
+                                     "experts per token, or the highest weighted quality and speed, with the "
+                                     "compute-matched controls of an adaptive pick beside it.")
+    opt.add_argument("--results", required=True, help="results file (.jsonl) of `bh-routing sweep` or `demo`")
+    opt.add_argument("--budget", type=float, default=None, help="maximum mean experts per token")
+    opt.add_argument("--quality-weight", type=float, default=None, help="weight of (min-max scaled) quality")
+    opt.add_argument("--speed-weight", type=float, default=None, help="weight of (min-max scaled) speed: fewer experts")
+
     rep = sub.add_parser("report", help="sweep.jsonl -> report.md with figures",
                          description="Write report.md (frontier table, results, figures, protocol) into a folder.")
     rep.add_argument("--results", required=True, help="results file (.jsonl) of `bh-routing sweep` or `demo`")
@@ -311,6 +321,20 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_optimize(args) -> int:
+    from bh_helpers.experiments.optimize import optimize
+    from bh_helpers.experiments.sweep import load_results
+    from bh_helpers.report.write import markdown_table
+
+    weights = (args.quality_weight, args.speed_weight)
+    if args.budget is None and None in weights and weights != (None, None):
+        raise ValueError("--quality-weight and --speed-weight go together; give both (or --budget).")
+    picks = optimize(load_results(args.results), budget=args.budget, quality_weight=args.quality_weight,
+                     speed_weight=args.speed_weight)
+    print(markdown_table(picks, floatfmt=".3f"))
+    return 0
+
+
 def _load_banks(folder: str):
     """``--nulls``: one bank folder, or a folder of banks (the demo's ``nulls/``, one per statistic and trim)."""
     from pathlib import Path
@@ -332,7 +356,8 @@ def _load_banks(folder: str):
     return banks
 
 
-_COMMANDS = {"demo": _cmd_demo, "capture": _cmd_capture, "fit": _cmd_fit, "sweep": _cmd_sweep, "report": _cmd_report}
+_COMMANDS = {"demo": _cmd_demo, "capture": _cmd_capture, "fit": _cmd_fit, "sweep": _cmd_sweep,
+             "optimize": _cmd_optimize, "report": _cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -230,7 +230,9 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
     Metrics per row: the :class:`~bh_helpers.evaluation.scoring.PerplexityResult` fields (with
     ``protocol`` and the per-window NLL the bootstrap pairs on), :func:`~bh_helpers.evaluation.speed.compute_summary`
     (``mean_experts_per_token``, ``relative_compute``, ...), ``std_k``, ``floor_rate``,
-    ``ceiling_rate``, ``per_layer_mean_k`` (``{layer: mean k}``) and ``k_hist`` (token-layer pairs
+    ``ceiling_rate``, ``per_layer_mean_k`` (``{layer: mean k}``), the load balance per layer
+    (``per_layer_utilisation_cv``: coefficient of variation of the activations over experts,
+    ``per_layer_unused_share``: share of experts never chosen) and ``k_hist`` (token-layer pairs
     with 0, 1, 2, ... experts).
 
     ``null_bank`` is one :class:`~bh_helpers.nulls.bank.NullBank` or a mapping of
@@ -264,6 +266,9 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
             "floor_rate": summary["floor_rate"],
             "ceiling_rate": summary["ceiling_rate"],
             "per_layer_mean_k": {str(layer): k for layer, k in per_layer.items()},
+            # load balance: spread of activations over experts, and experts never chosen
+            "per_layer_utilisation_cv": {str(layer): s["utilisation_cv"] for layer, s in summary["per_layer"].items()},
+            "per_layer_unused_share": {str(layer): s["unused_share"] for layer, s in summary["per_layer"].items()},
             "k_hist": np.bincount(counts.numpy()).tolist(),
         }
 

@@ -20,6 +20,7 @@ from bh_helpers.capture import _model_device
 from bh_helpers.experiments.categories import analyze_categories, load_prompt_sets
 from bh_helpers.experiments.comparison import compare_with_controls
 from bh_helpers.experiments.frontier import compute_frontier
+from bh_helpers.experiments.optimize import optimize
 from bh_helpers.experiments.configs import SweepConfig, bank_name
 from bh_helpers.experiments.sweep import load_results
 from bh_helpers.models.texts import dataset_description, encode
@@ -155,9 +156,16 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         figures[f"mean k per layer, {first_set}"] = plots.plot_layer_heatmap(
             plots.layer_matrix(results[~results["method"].isin(["mixed", "shuffled"])], dataset=first_set),
             title=f"mean experts per token by layer ({first_set})")
+    if any(str(c).startswith("per_layer_utilisation_cv.") for c in results.columns):
+        balance = plots.layer_matrix(results[~results["method"].isin(["mixed", "shuffled"])], dataset=first_set,
+                                     prefix="per_layer_utilisation_cv.")
+        figures[f"load balance per layer, {first_set}"] = plots.plot_layer_heatmap(
+            balance, title=f"coefficient of variation of expert activations by layer ({first_set})", cmap="magma")
     featured = _featured(frontier, comparison) if len(frontier) else None
     config = _config_of(results, featured["key"]) if featured is not None else None
-    tables: dict[str, Any] = {}
+    tables: dict[str, Any] = {"Budget optimiser": _optimiser_section(results)}
+    if any(str(c).startswith("per_layer_utilisation_cv.") for c in results.columns):
+        tables["Load balance"] = _load_balance_table(results)
     notes = [extra_notes] if extra_notes else []
     mixed_key = None
     if config is not None and comparison is not None:
@@ -210,6 +218,35 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     for fig in figures.values():
         fig.clf()
     return path
+
+
+def _optimiser_section(results) -> str:
+    """The best configuration per data set at two budgets and at the 0.7/0.3 weighting (``bh-routing optimize``)."""
+    import pandas as pd
+
+    from bh_helpers.report.write import markdown_table
+
+    picks = pd.concat([optimize(results, budget=2.0), optimize(results, budget=4.0),
+                       optimize(results, quality_weight=0.7, speed_weight=0.3)], ignore_index=True)
+    return ("Per data set, the configuration with the lowest perplexity within a budget of mean experts per token, "
+            "and the best by 0.7 x quality + 0.3 x speed (each min-max scaled over the configurations that ran); "
+            "an adaptive pick shows its compute-matched controls (`bh-routing optimize --help`).\n\n"
+            + markdown_table(picks, floatfmt=".3f"))
+
+
+def _load_balance_table(results):
+    """Per configuration and data set: the mean and worst layer's coefficient of variation of expert
+    activations, and the mean share of experts never chosen (0 and 0 would be perfectly even)."""
+    import pandas as pd
+
+    cv = [c for c in results.columns if str(c).startswith("per_layer_utilisation_cv.")]
+    unused = [c for c in results.columns if str(c).startswith("per_layer_unused_share.")]
+    rows = results[~results["method"].isin(["mixed", "shuffled"])]
+    return pd.DataFrame({
+        "dataset": rows["dataset"], "configuration": rows["label"], "mean k": rows["mean_experts_per_token"],
+        "mean CV over layers": rows[cv].mean(axis=1), "worst layer CV": rows[cv].max(axis=1),
+        "unused experts (share)": rows[unused].mean(axis=1),
+    }).round(3).to_dict("records")
 
 
 def _owner_key(row) -> str | None:

@@ -1,0 +1,121 @@
+"""A budget optimiser over sweep results: the best configuration under a compute budget or a weighting.
+
+Two questions, per data set, over every configuration that ran (adaptive, static top-k, top-p,
+native; the controls are not candidates but are shown beside an adaptive pick):
+
+- **budget**: the lowest perplexity with mean experts per token ``<= budget``;
+- **weights** (the earlier research's ``optimize --quality-weight 0.7 --speed-weight 0.3``): the
+  highest ``quality_weight * q + speed_weight * s`` where ``q`` and ``s`` are min-max scaled to
+  [0, 1] over the candidates (``q = 1`` at the lowest perplexity, ``s = 1`` at the fewest
+  experts per token).
+
+Ties go to the configuration listed first in the results.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from bh_helpers.experiments.configs import CONTROLS
+
+__all__ = ["OPTIMIZE_COLUMNS", "optimize"]
+
+OPTIMIZE_COLUMNS = ["dataset", "criterion", "label", "method", "mean_k", "perplexity", "score",
+                    "mixed_perplexity", "shuffled_perplexity", "candidates"]
+
+
+def _check(budget: float | None, quality_weight: float | None, speed_weight: float | None) -> None:
+    if (budget is None) == (quality_weight is None and speed_weight is None):
+        raise ValueError("give either --budget (mean experts per token) or --quality-weight and --speed-weight.")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not math.isfinite(budget) or budget <= 0):
+        raise ValueError(f"--budget must be a positive number of experts per token; got {budget!r}.")
+    if budget is None:
+        for flag, w in (("--quality-weight", quality_weight), ("--speed-weight", speed_weight)):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
+                raise ValueError(f"{flag} must be a number >= 0; got {w!r}.")
+        if quality_weight + speed_weight <= 0:
+            raise ValueError("--quality-weight and --speed-weight must not both be 0.")
+
+
+def _controls_of(results) -> dict[tuple[str, str, str], Any]:
+    """(adaptive key, data set, control method) -> control row."""
+    import json
+
+    from bh_helpers.experiments.configs import SweepConfig
+
+    out = {}
+    if "control_of" not in results.columns:
+        return out
+    for _, r in results[results["method"].isin(CONTROLS)].iterrows():
+        key = SweepConfig.from_dict(json.loads(r["control_of"])).key()
+        out[(key, r["dataset"], r["method"])] = r
+    return out
+
+
+def optimize(results, *, budget: float | None = None, quality_weight: float | None = None,
+             speed_weight: float | None = None, metric: str = "perplexity", cost: str = "mean_experts_per_token"):
+    """The best configuration per data set under a compute budget, or by weighted quality and speed.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        Sweep results (:func:`bh_helpers.experiments.sweep.load_results`).
+    budget : float, optional
+        Maximum mean experts per token.
+    quality_weight, speed_weight : float, optional
+        Weights of the scaled quality and speed (instead of ``budget``).
+    metric, cost : str
+        Quality (lower is better) and compute columns.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per data set (:data:`OPTIMIZE_COLUMNS`); ``label`` is None where no configuration
+        fits the budget. ``mixed_perplexity``/``shuffled_perplexity``: the pick's controls (NaN
+        for a static configuration).
+    """
+    import pandas as pd
+
+    _check(budget, quality_weight, speed_weight)
+    for column in ("dataset", "method", "label", metric, cost):
+        if column not in results.columns:
+            raise ValueError(f"`results` lacks column {column!r}; pass bh_helpers.experiments.sweep.load_results output.")
+    controls = _controls_of(results)
+    criterion = (f"lowest {metric} with mean k <= {budget:g}" if budget is not None
+                 else f"max {quality_weight:g} x quality + {speed_weight:g} x speed (min-max scaled)")
+    records = []
+    for name in dict.fromkeys(results["dataset"]):
+        rows = results[(results["dataset"] == name) & ~results["method"].isin(CONTROLS)]
+        rows = rows[rows[metric].notna() & rows[cost].notna()]
+        best, best_score = None, -math.inf
+        if budget is not None:
+            for _, r in rows.iterrows():
+                if r[cost] <= budget + 1e-12 and -r[metric] > best_score:
+                    best, best_score = r, -float(r[metric])
+            score = -best_score if best is not None else math.nan
+        else:
+            q_lo, q_hi = rows[metric].min(), rows[metric].max()
+            c_lo, c_hi = rows[cost].min(), rows[cost].max()
+            for _, r in rows.iterrows():
+                q = 1.0 if q_hi == q_lo else (q_hi - r[metric]) / (q_hi - q_lo)
+                s = 1.0 if c_hi == c_lo else (c_hi - r[cost]) / (c_hi - c_lo)
+                value = quality_weight * q + speed_weight * s
+                if value > best_score:
+                    best, best_score = r, value
+            score = best_score
+        mixed = controls.get((best["key"], name, "mixed")) if best is not None else None
+        shuffled = controls.get((best["key"], name, "shuffled")) if best is not None else None
+        records.append({
+            "dataset": name, "criterion": criterion,
+            "label": best["label"] if best is not None else None,
+            "method": best["method"] if best is not None else None,
+            "mean_k": float(best[cost]) if best is not None else math.nan,
+            "perplexity": float(best[metric]) if best is not None else math.nan,
+            "score": float(score),
+            "mixed_perplexity": float(mixed[metric]) if mixed is not None else math.nan,
+            "shuffled_perplexity": float(shuffled[metric]) if shuffled is not None else math.nan,
+            "candidates": len(rows),
+        })
+    return pd.DataFrame.from_records(records, columns=OPTIMIZE_COLUMNS)
