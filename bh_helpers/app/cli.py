@@ -92,6 +92,17 @@ def _add_grid(p: argparse.ArgumentParser) -> None:
                    help=f"top-p baselines, '' for none (default: {','.join(map(str, _D.top_ps))})")
 
 
+def _add_optimize(sub) -> None:
+    opt = sub.add_parser("optimize", help="sweep.jsonl -> the best configuration under a compute budget",
+                         description="Per data set, the configuration with the lowest perplexity within --budget mean "
+                                     "experts per token, or the highest weighted quality and speed, with the "
+                                     "compute-matched controls of an adaptive pick beside it.")
+    opt.add_argument("--results", required=True, help="results file (.jsonl) of `bh-routing sweep` or `demo`")
+    opt.add_argument("--budget", type=float, default=None, help="maximum mean experts per token")
+    opt.add_argument("--quality-weight", type=float, default=None, help="weight of (min-max scaled) quality")
+    opt.add_argument("--speed-weight", type=float, default=None, help="weight of (min-max scaled) speed: fewer experts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``bh-routing`` (every option documented in ``--help``)."""
     parser = argparse.ArgumentParser(
@@ -166,15 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid(sw)
     _add_protocol(sw)
 
-    opt = sub.add_parser("optimize", help="sweep.jsonl -> the best configuration under a compute budget",
-                         description="Per data set, the configuration with the lowest perplexity within --budget mean "
-                                     "experts per token, or the highest weighted quality and speed, with the "
-                                     "compute-matched controls of an adaptive pick beside it.")
-    opt.add_argument("--results", required=True, help="results file (.jsonl) of `bh-routing sweep` or `demo`")
-    opt.add_argument("--budget", type=float, default=None, help="maximum mean experts per token")
-    opt.add_argument("--quality-weight", type=float, default=None, help="weight of (min-max scaled) quality")
-    opt.add_argument("--speed-weight", type=float, default=None, help="weight of (min-max scaled) speed: fewer experts")
-
+    _add_optimize(sub)
     rep = sub.add_parser("report", help="sweep.jsonl -> report.md with figures",
                          description="Write report.md (frontier table, results, figures, protocol) into a folder.")
     rep.add_argument("--results", required=True, help="results file (.jsonl) of `bh-routing sweep` or `demo`")
