@@ -21,7 +21,7 @@ from bh_helpers.experiments.categories import analyze_categories, load_prompt_se
 from bh_helpers.experiments.comparison import compare_with_controls
 from bh_helpers.experiments.frontier import compute_frontier
 from bh_helpers.experiments.optimize import optimize
-from bh_helpers.experiments.configs import SweepConfig, bank_name
+from bh_helpers.experiments.configs import SweepConfig, bank_name, controls_by_adaptive
 from bh_helpers.experiments.sweep import load_results
 from bh_helpers.models.texts import dataset_description, encode
 from bh_helpers.report import plots
@@ -169,9 +169,8 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     notes = [extra_notes] if extra_notes else []
     mixed_key = None
     if config is not None and comparison is not None:
-        mixed = results[(results["method"] == "mixed") & (results["dataset"] == featured["dataset"])]
-        mixed = [r for _, r in mixed.iterrows() if _owner_key(r) == featured["key"]]
-        mixed_key = mixed[0]["label"] if mixed else None
+        mixed = controls_by_adaptive(results).get((featured["key"], featured["dataset"], "mixed"))
+        mixed_key = mixed["label"] if mixed is not None else None
     if "k_hist" in results.columns:
         first = results[results["dataset"] == first_set]
         wanted = ["native"] + ([config.label()] if config is not None else []) + ([mixed_key] if mixed_key else [])
@@ -247,12 +246,6 @@ def _load_balance_table(results):
         "mean CV over layers": rows[cv].mean(axis=1), "worst layer CV": rows[cv].max(axis=1),
         "unused experts (share)": rows[unused].mean(axis=1),
     }).round(3).to_dict("records")
-
-
-def _owner_key(row) -> str | None:
-    """The key of the adaptive configuration a control row belongs to."""
-    of = row.get("control_of")
-    return SweepConfig.from_dict(json.loads(of)).key() if isinstance(of, str) else None
 
 
 def _bank_metadata(null_bank):

@@ -15,13 +15,12 @@ For every multiple-testing row of a sweep (per data set) this pairs it with its 
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 from bh_helpers.experiments.bootstrap import DEFAULT_RESAMPLES, paired_bootstrap
 from bh_helpers.experiments.frontier import compute_frontier
-from bh_helpers.experiments.configs import FDR_METHODS
+from bh_helpers.experiments.configs import FDR_METHODS, controls_by_adaptive
 
 __all__ = ["COMPARISON_COLUMNS", "compare_with_controls"]
 
@@ -74,14 +73,8 @@ def compare_with_controls(results, *, resamples: int = DEFAULT_RESAMPLES, seed: 
     """
     import pandas as pd
 
-    from bh_helpers.experiments.configs import SweepConfig
-
     rows = {(r["key"], r["dataset"]): r for _, r in results.iterrows()}
-    controls: dict[tuple[str, str, str], Any] = {}
-    for _, r in results.iterrows():
-        if r.get("method") in ("mixed", "shuffled") and isinstance(r.get("control_of"), str):
-            adaptive_key = SweepConfig.from_dict(json.loads(r["control_of"])).key()
-            controls[(adaptive_key, r["dataset"], r["method"])] = r
+    controls = controls_by_adaptive(results)
     chords = {}
     if len(results) and (results["method"] == "topk").any():
         frontier = compute_frontier(results)

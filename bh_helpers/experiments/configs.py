@@ -19,8 +19,8 @@ from bh_helpers._validate import check_choice
 from bh_helpers.selection.budget import ComputeBudget
 from bh_helpers.selection.reference import FDR_METHODS
 
-__all__ = ["CONTROLS", "FDR_METHODS", "METHODS", "SweepConfig", "bank_name", "expand_grid", "grid_hash",
-           "sweep_grid", "with_controls"]
+__all__ = ["CONTROLS", "FDR_METHODS", "METHODS", "SweepConfig", "adaptive_of", "bank_name", "controls_by_adaptive",
+           "expand_grid", "grid_hash", "sweep_grid", "with_controls"]
 
 # FDR_METHODS (p-value based: need alpha and a null kernel) is the selection module's own tuple.
 # "mixed" and "shuffled" are the compute-matched controls of one adaptive configuration.
@@ -154,11 +154,7 @@ class SweepConfig:
         """The adaptive configuration a control belongs to (``control_of``)."""
         if self.control_of is None:
             raise ValueError(f"{self.label()!r} is not a control (no `control_of`).")
-        try:
-            data = json.loads(self.control_of)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"`control_of` must be the JSON of a SweepConfig: {err}") from err
-        return SweepConfig.from_dict(data)
+        return adaptive_of(self.control_of)
 
     def bank_name(self) -> str:
         """Which null bank a multiple-testing configuration uses: :func:`bank_name` of its settings."""
@@ -253,6 +249,23 @@ class SweepConfig:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
+
+
+def adaptive_of(control_of: str) -> SweepConfig:
+    """The adaptive configuration named by a control's ``control_of`` (the JSON of its fields)."""
+    try:
+        data = json.loads(control_of)
+    except (TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"`control_of` must be the JSON of a SweepConfig: {err}") from err
+    return SweepConfig.from_dict(data)
+
+
+def controls_by_adaptive(results) -> dict[tuple[str, str, str], Any]:
+    """Control rows of sweep results by ``(adaptive key, data set, control method)``."""
+    if "control_of" not in results.columns:
+        return {}
+    return {(adaptive_of(r["control_of"]).key(), r["dataset"], r["method"]): r
+            for _, r in results[results["method"].isin(CONTROLS)].iterrows()}
 
 
 def bank_name(kernel: str, statistic: str = "raw", trim: int = 0) -> str:

@@ -15,9 +15,8 @@ Ties go to the configuration listed first in the results.
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from bh_helpers.experiments.configs import CONTROLS
+from bh_helpers.experiments.configs import CONTROLS, controls_by_adaptive
 
 __all__ = ["OPTIMIZE_COLUMNS", "optimize"]
 
@@ -37,21 +36,6 @@ def _check(budget: float | None, quality_weight: float | None, speed_weight: flo
                 raise ValueError(f"{flag} must be a number >= 0; got {w!r}.")
         if quality_weight + speed_weight <= 0:
             raise ValueError("--quality-weight and --speed-weight must not both be 0.")
-
-
-def _controls_of(results) -> dict[tuple[str, str, str], Any]:
-    """(adaptive key, data set, control method) -> control row."""
-    import json
-
-    from bh_helpers.experiments.configs import SweepConfig
-
-    out = {}
-    if "control_of" not in results.columns:
-        return out
-    for _, r in results[results["method"].isin(CONTROLS)].iterrows():
-        key = SweepConfig.from_dict(json.loads(r["control_of"])).key()
-        out[(key, r["dataset"], r["method"])] = r
-    return out
 
 
 def optimize(results, *, budget: float | None = None, quality_weight: float | None = None,
@@ -82,7 +66,7 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
     for column in ("dataset", "method", "label", metric, cost):
         if column not in results.columns:
             raise ValueError(f"`results` lacks column {column!r}; pass bh_helpers.experiments.sweep.load_results output.")
-    controls = _controls_of(results)
+    controls = controls_by_adaptive(results)
     criterion = (f"lowest {metric} with mean k <= {budget:g}" if budget is not None
                  else f"max {quality_weight:g} x quality + {speed_weight:g} x speed (min-max scaled)")
     records = []

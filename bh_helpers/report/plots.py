@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from bh_helpers.experiments.configs import adaptive_of
+
 __all__ = [
     "METHOD_COLORS",
     "plot_frontier",
@@ -100,7 +102,7 @@ def plot_frontier(results, *, dataset: str | None = None, metric: str = "perplex
     if len(mixed) and "control_of" in df.columns:
         # each mixed control beside its adaptive point, joined by a thin line (same compute)
         for _, r in mixed.iterrows():
-            owner = adaptive[adaptive["label"] == _adaptive_label(r["control_of"])]
+            owner = adaptive[adaptive["label"] == adaptive_of(r["control_of"]).label()]
             if len(owner):
                 o = owner.iloc[0]
                 ax.plot([o[cost], r[cost]], [o[metric], r[metric]], "-", color="0.6", lw=0.8, zorder=1)
@@ -125,14 +127,6 @@ def plot_frontier(results, *, dataset: str | None = None, metric: str = "perplex
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return fig
-
-
-def _adaptive_label(control_of: str) -> str:
-    import json
-
-    from bh_helpers.experiments.configs import SweepConfig
-
-    return SweepConfig.from_dict(json.loads(control_of)).label()
 
 
 def plot_controls(comparison, *, title: str | None = None):
