@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 pytest.importorskip("pandas")
@@ -312,3 +313,25 @@ def test_sweep_chooses_alpha_for_mean_k_and_runs_the_controls(demo_dir, tmp_path
     bh, mixed = df[df["method"] == "bh"].iloc[0], df[df["method"] == "mixed"].iloc[0]
     assert bh["statistic"] == "zscore" and "zscore" in bh["label"]
     assert abs(mixed["mean_experts_per_token"] - bh["mean_experts_per_token"]) < 0.1
+
+
+def test_sweep_with_inverse_p_weights_reaches_the_frontier(demo_dir, tmp_path, capsys):
+    """--weights inverse_p: top-k, adaptive and control rows all weigh by 1/p, and the frontier
+    and the control comparison are computed from them like any other convention."""
+    from bh_helpers.experiments.comparison import compare_with_controls
+    from bh_helpers.experiments.frontier import compute_frontier
+    from bh_helpers.experiments.sweep import load_results
+
+    results = tmp_path / "s.jsonl"
+    rc = cli.main(["sweep", "--nulls", str(demo_dir / "nulls" / "gaussian"), "--captured",
+                   str(demo_dir / "captured_logits.safetensors"), "--results", str(results), "--weights", "inverse_p",
+                   "--methods", "bh", "--mean-ks", "3", "--min-ks", "1", "--topk-max", "4", "--top-ps", "",
+                   "--datasets", "prose", "--max-tokens", "256", "--window", "128", "--stride", "128", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    df = load_results(results)
+    assert df["method"].tolist() == ["native", "topk", "topk", "topk", "topk", "bh", "mixed", "shuffled"]
+    assert np.isfinite(df["perplexity"]).all()
+    frontier = compute_frontier(df)
+    assert len(frontier) == 1 and np.isfinite(frontier["value"]).all() and frontier["status"].notna().all()
+    comparison = compare_with_controls(df)  # one row per adaptive configuration, both controls beside it
+    assert len(comparison) == 1 and np.isfinite(comparison[["shuffled_ci_low", "shuffled_ci_high"]]).all(axis=None)

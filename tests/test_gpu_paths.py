@@ -135,6 +135,19 @@ def test_fused_kernel_under_interpreter_matches_reference():
         got = select_with_null(xe, null_e, method="by", alpha=0.3, max_k=6, weights="uniform")
         assert torch.equal(got.indices, ref.indices) and torch.equal(got.counts, ref.counts)
         torch.testing.assert_close(got.weights, ref.weights)
+        # inverse-p weights: p-values of the chosen experts in the kernel (pooled null: the lookup
+        # kernel instead of the cuts), and given p-values with zeros (1/p would overflow)
+        for nl, xx in ((null, x), (null_e, xe)):
+            pp = nl.sf(xx, dtype=torch.float32)
+            ref = select_experts(xx, pp, method="bh", alpha=0.3, max_k=6, weights="inverse_p")
+            got = select_with_null(xx, nl, method="bh", alpha=0.3, max_k=6, weights="inverse_p")
+            assert torch.equal(got.indices, ref.indices) and torch.equal(got.counts, ref.counts)
+            torch.testing.assert_close(got.weights, ref.weights)
+        pz = p.clone(); pz[0, :4] = 0.0; pz[1, :2] = 1e-39
+        ref = select_experts(x, pz, method="holm", alpha=0.3, max_k=6, weights="inverse_p")
+        got = fused_select_experts(x, pz, method="holm", alpha=0.3, max_k=6, weights="inverse_p")
+        assert torch.equal(got.indices, ref.indices) and bool(torch.isfinite(got.weights).all())
+        torch.testing.assert_close(got.weights, ref.weights)
         ref = select_experts(xe.bfloat16(), method="topk", k=8, weights="softmax", temperature=0.7)
         got = fused_select_experts(xe.bfloat16(), method="topk", k=8, weights="softmax", temperature=0.7)
         assert torch.equal(got.indices, ref.indices)
@@ -187,9 +200,9 @@ def test_fused_statistics_under_interpreter_match_reference():
         for statistic in ("centred", "zscore"):
             null = fit_null(calib, statistic=statistic)
             p = null.sf(apply_statistic(x, statistic), dtype=torch.float32)
-            for method in ("bh", "holm"):
-                ref = select_experts(x, p, method=method, alpha=0.3, min_k=0, max_k=8)
-                got = select_with_null(x, null, method=method, alpha=0.3, min_k=0, max_k=8)
+            for method, weights in (("bh", "renorm"), ("holm", "renorm"), ("bh", "inverse_p")):
+                ref = select_experts(x, p, method=method, alpha=0.3, min_k=0, max_k=8, weights=weights)
+                got = select_with_null(x, null, method=method, alpha=0.3, min_k=0, max_k=8, weights=weights)
                 assert torch.equal(got.indices, ref.indices) and torch.equal(got.counts, ref.counts), statistic
                 torch.testing.assert_close(got.weights, ref.weights)
             assert 0 < int(ref.counts.sum()) < 40 * 8
@@ -287,14 +300,17 @@ def test_fused_select_with_null_identical_on_gpu(kind, method):
         # unclamped up to 16 (a max_k of 64 unrolls 64 selection rounds: slow to compile)
         assert torch.equal(select_with_null(x, null, method=method, alpha=0.2, max_k=16, min_k=0).counts,
                            select_experts(x, p, method=method, alpha=0.2, max_k=16, min_k=0).counts)
-        for weights, (min_k, max_k) in (("renorm", (1, 8)), ("softmax", (0, 8)), ("uniform", (2, 5))):
+        for weights, (min_k, max_k) in (("renorm", (1, 8)), ("softmax", (0, 8)), ("uniform", (2, 5)),
+                                        ("inverse_p", (0, 8))):
             ref = select_experts(x, p, method=method, alpha=0.2, min_k=min_k, max_k=max_k, weights=weights)
             got = select_with_null(x, null, method=method, alpha=0.2, min_k=min_k, max_k=max_k, weights=weights)
             got_p = fused_select_experts(x, p, method=method, alpha=0.2, min_k=min_k, max_k=max_k, weights=weights)
+            # inverse_p: float32 log and exp of torch and of the kernel, relative error ~|log p| * eps
+            tol = dict(rtol=1e-5, atol=1e-6) if weights == "inverse_p" else dict(rtol=2e-6, atol=1e-7)
             for sel in (got, got_p):
                 assert torch.equal(sel.counts, ref.counts)
                 assert torch.equal(sel.indices, ref.indices)
-                torch.testing.assert_close(sel.weights, ref.weights, rtol=2e-6, atol=1e-7)
+                torch.testing.assert_close(sel.weights, ref.weights, **tol)
 
 
 @needs_cuda
@@ -313,11 +329,12 @@ def test_fused_statistics_identical_on_gpu(statistic, kind, method):
     for seed, tokens in ((0, 1), (1, 63), (2, 4099)):
         x = adversarial_logits(tokens, 64, seed=seed, device="cuda") + torch.randn(tokens, 1, device="cuda")
         p = null.sf(apply_statistic(x, statistic), dtype=torch.float32)
-        for weights, (min_k, max_k) in (("renorm", (1, 8)), ("softmax", (0, 16))):
+        for weights, (min_k, max_k) in (("renorm", (1, 8)), ("softmax", (0, 16)), ("inverse_p", (1, 8))):
             ref = select_experts(x, p, method=method, alpha=0.2, min_k=min_k, max_k=max_k, weights=weights)
             got = select_with_null(x, null, method=method, alpha=0.2, min_k=min_k, max_k=max_k, weights=weights)
+            tol = dict(rtol=1e-5, atol=1e-6) if weights == "inverse_p" else dict(rtol=2e-6, atol=1e-7)
             assert torch.equal(got.counts, ref.counts) and torch.equal(got.indices, ref.indices)
-            torch.testing.assert_close(got.weights, ref.weights, rtol=2e-6, atol=1e-7)
+            torch.testing.assert_close(got.weights, ref.weights, **tol)
 
 
 @needs_cuda

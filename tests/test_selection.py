@@ -224,6 +224,81 @@ def test_weights_modes_and_temperature():
     assert (hot.weights.amax(-1)[multi] <= renorm.weights.amax(-1)[multi] + 1e-6).all()
 
 
+@pytest.mark.parametrize("method", ["bh", "holm", "topk", "top_p"])
+def test_inverse_p_weights_equal_direct_float64_computation(method):
+    """Oracle: 1/p of the chosen experts over their sum, in float64, from the float32 p-values
+    (p-values under float32's smallest normal number count as it, as documented)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 64, generator=g) * 2
+    p = torch.rand(300, 64, generator=g) ** 6  # many tiny p-values
+    # five p-values near float32's smallest normal: the sum of their 1/p overflows float32
+    p[0, :6] = torch.tensor([1e-38, 2e-38, 3e-39, 1.5e-38, 1.2e-38, 0.5])
+    args = dict(method=method, alpha=0.5, min_k=1, max_k=8, k=8 if method == "topk" else None,
+                top_p=0.8 if method == "top_p" else None)
+    sel = select_experts(logits, p, weights="inverse_p", **args)
+    assert torch.equal(sel.indices, select_experts(logits, p, weights="renorm", **args).indices)
+    tiny = torch.finfo(torch.float32).tiny
+    inv = 1.0 / p.double().clamp(min=tiny).gather(-1, sel.indices.clamp(min=0))  # (300, 8)
+    inv = torch.where(sel.valid(), inv, 0.0)
+    expected = inv / inv.sum(-1, keepdim=True)
+    assert torch.isfinite(sel.weights).all()
+    # float32 log/exp: relative error about |log p| * eps32 (|log p| <= 88)
+    torch.testing.assert_close(sel.weights.double(), expected, rtol=1e-5, atol=1e-6)
+    # float64 input: float64 weights, equal to the oracle to float64 rounding
+    sel64 = select_experts(logits.double(), p.double().clamp(min=tiny), weights="inverse_p", **args)
+    assert sel64.weights.dtype == torch.float64
+    torch.testing.assert_close(sel64.weights, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_inverse_p_weights_zero_pvalues_and_empty_rows():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    p = torch.tensor([[0.0, 0.0, 0.5, 0.9], [0.9, 0.9, 0.9, 0.9]])
+    sel = select_experts(logits, p, method="bh", alpha=0.1, min_k=0, max_k=3, weights="inverse_p")
+    assert sel.counts.tolist() == [2, 0]
+    # two underflowed p-values share the weight; a row with no expert keeps zero weights
+    torch.testing.assert_close(sel.weights, torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]))
+
+
+@pytest.mark.fault("bad arguments", "clear error")
+def test_inverse_p_weights_need_pvalues_everywhere():
+    from bh_helpers.selection.controls import MixedTopKSelector
+    from bh_helpers.selection.reference import select_top_counts
+    from bh_helpers.selection.selectors import TopKSelector, TopPSelector
+
+    logits = torch.randn(3, 8)
+    with pytest.raises(ValueError, match='weights="inverse_p" needs `pvalues`'):
+        select_experts(logits, method="topk", k=2, max_k=2, weights="inverse_p")
+    with pytest.raises(ValueError, match='weights="inverse_p" needs `pvalues`'):
+        select_top_counts(logits, torch.ones(3, dtype=torch.long), max_k=2, weights="inverse_p")
+    for build in (lambda: TopKSelector(k=2, weights="inverse_p"), lambda: TopPSelector(p=0.5, weights="inverse_p"),
+                  lambda: MixedTopKSelector(1.5, weights="inverse_p")):
+        with pytest.raises(ValueError, match="needs `null_bank`"):
+            build()
+
+
+def test_static_and_control_selectors_weigh_by_the_bank():
+    from bh_helpers.nulls import fit_null_bank
+    from bh_helpers.selection.controls import MixedTopKSelector, ShuffledSelector
+    from bh_helpers.selection.reference import select_top_counts
+    from bh_helpers.selection.selectors import BHSelector, TopKSelector
+
+    g = torch.Generator().manual_seed(0)
+    bank = fit_null_bank({0: torch.randn(3000, 16, generator=g)})
+    x = torch.randn(40, 16, generator=g) * 2
+    p = bank.pvalues(x, 0)
+    top = TopKSelector(k=4, weights="inverse_p", null_bank=bank)(x, 0)
+    ref = select_experts(x, p, method="topk", k=4, max_k=4, weights="inverse_p")
+    assert torch.equal(top.indices, ref.indices)
+    torch.testing.assert_close(top.weights, ref.weights)
+    adaptive = BHSelector(bank, alpha=0.3, max_k=6, weights="inverse_p")
+    for control in (MixedTopKSelector(2.5, max_k=6, weights="inverse_p", null_bank=bank),
+                    ShuffledSelector(adaptive, weights="inverse_p")):
+        sel = control(x, 0)
+        expected = select_top_counts(x, sel.counts, max_k=6, weights="inverse_p", pvalues=p)
+        assert torch.equal(sel.indices, expected.indices)
+        torch.testing.assert_close(sel.weights, expected.weights)
+
+
 def test_half_precision_logits_select_like_float32():
     logits = (torch.randn(256, 64) * 2).to(torch.bfloat16)
     p = torch.rand(256, 64)
@@ -335,7 +410,7 @@ def test_counts_ordering_between_methods(rows, alpha):
     st.integers(0, 64),
     alphas,
     st.sampled_from(("bh", "by", "bonferroni", "holm", "top_p")),
-    st.sampled_from(("renorm", "softmax", "uniform")),
+    st.sampled_from(("renorm", "softmax", "uniform", "inverse_p")),
     st.integers(0, 2**31 - 1),
 )
 def test_selection_invariants(e_and_max_k, min_k, alpha, method, weights, seed):
@@ -358,7 +433,7 @@ def test_selection_invariants(e_and_max_k, min_k, alpha, method, weights, seed):
     assert (sel.weights >= 0).all()
     assert (sel.weights[~valid] == 0).all()
     assert (sel.weights[valid] > 0).all()
-    if weights in ("renorm", "uniform"):
+    if weights in ("renorm", "uniform", "inverse_p"):
         nonempty = counts > 0
         torch.testing.assert_close(sel.weights.sum(-1)[nonempty], torch.ones(int(nonempty.sum())))
 

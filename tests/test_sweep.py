@@ -14,6 +14,7 @@ import pytest
 
 from bh_helpers.evaluation import data as bds
 from bh_helpers.experiments.sweep import SweepConfig, expand_grid, grid_hash, load_results, run_sweep
+from bh_helpers.experiments.configs import with_controls
 
 pd = pytest.importorskip("pandas")
 
@@ -364,3 +365,14 @@ def test_to_selector_builds_patching_selectors():
         config.to_selector()
     with pytest.raises(ValueError, match="needs `model`"):
         SweepConfig("native").to_selector()
+    # inverse-p weights: static rows and controls weigh by the bank (a mapping's only raw one)
+    banks = {"gaussian": bank, "gaussian/zscore": bank}
+    top = SweepConfig("topk", k=3).to_selector(null_bank=banks, weights="inverse_p")
+    assert top.null_bank is bank and top.weights == "inverse_p"
+    mixed = [c for c in with_controls([config]) if c.method == "mixed"][0]
+    control = mixed.to_selector(null_bank=banks, weights="inverse_p", mean_k=2.0)
+    assert control.null_bank is bank and float(control(torch.randn(5, 8), 0).weights.sum(-1).mean()) == pytest.approx(1)
+    with pytest.raises(ValueError, match="one raw bank"):
+        SweepConfig("topk", k=3).to_selector(null_bank={"gaussian": bank, "tophat": bank}, weights="inverse_p")
+    with pytest.raises(ValueError, match="needs `null_bank`"):
+        SweepConfig("topk", k=3).to_selector(weights="inverse_p")

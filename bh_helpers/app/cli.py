@@ -26,6 +26,7 @@ from bh_helpers.app import paths, pipeline
 from bh_helpers.capture import CapturedLogits
 from bh_helpers.experiments.configs import bank_name, sweep_grid
 from bh_helpers.models import texts
+from bh_helpers.selection.reference import WEIGHT_MODES
 
 __all__ = ["build_parser", "main"]
 
@@ -70,8 +71,9 @@ def _add_protocol(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=_D.stride, help=f"perplexity stride in tokens (default: {_D.stride})")
     p.add_argument("--batch-size", type=int, default=_D.batch_size,
                    help=f"windows per forward pass (default: {_D.batch_size})")
-    p.add_argument("--weights", choices=("softmax", "renorm", "uniform"), default=_D.weights,
-                   help="weights of the selected experts (default: softmax, OLMoE's own convention)")
+    p.add_argument("--weights", choices=WEIGHT_MODES, default=_D.weights,
+                   help="weights of the selected experts (default: softmax, OLMoE's own convention; inverse_p: "
+                        "1/p under the layer's null, renormalised)")
 
 
 def _add_grid(p: argparse.ArgumentParser) -> None:

@@ -64,6 +64,8 @@ _WEIGHT_NOTES = {
     "softmax": "softmax (router probabilities over all experts, not renormalised: OLMoE's norm_topk_prob=False)",
     "renorm": "renorm (router probabilities renormalised over the selected experts)",
     "uniform": "uniform (1/k per selected expert)",
+    "inverse_p": "inverse_p (1/p of the selected experts under the layer's null, renormalised; static and "
+                 "control rows weigh their experts by the same null)",
 }
 
 
@@ -191,7 +193,8 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
             row = results[(results["key"] == featured["key"]) & (results["dataset"] == featured["dataset"])].iloc[0]
             per_layer = {int(c.split(".")[-1]): float(row[c]) for c in results.columns
                          if str(c).startswith("per_layer_mean_k.") and row[c] == row[c]}
-            control = MixedTopKSelector(per_layer, seed=seed, max_k=config.max_k, weights=weights)
+            control = MixedTopKSelector(per_layer, seed=seed, max_k=config.max_k, weights=weights,
+                                        null_bank=selector.null_bank if weights == "inverse_p" else None)
             analysis = analyze_categories(
                 model, tokenizer, adaptive=selector, baseline=control, prompt_sets=prompt_sets,
                 adaptive_label=config.label(), baseline_label="mixed top-k (same per-layer mean k)", seed=seed,

@@ -156,7 +156,7 @@ class AlphaExplorer:
         Rows kept from the cache.
     native_k : int, optional
         The model's own top-k; read from ``model`` when given, else 8 (OLMoE).
-    weights : {"softmax", "renorm", "uniform"}, default "softmax"
+    weights : {"softmax", "renorm", "uniform", "inverse_p"}, default "softmax"
         Mixing weights of the selected experts in :meth:`run_live`. "softmax" (the raw router
         probabilities) is OLMoE's own convention (``norm_topk_prob=False``) and the sweep's
         default in :mod:`bh_helpers.app.pipeline`, so top-8 equals the native model.
@@ -290,13 +290,14 @@ class AlphaExplorer:
         counts = self._counts(s)  # (N, L)
         # Which experts: only for the rows the per-token view shows (the costly part of a selection).
         logits = self.logits[s.layer][: self.view_rows]  # (V, E)
+        pvalues = self.pvalues[s.kernel][s.layer][: self.view_rows]  # (V, E)
         if s.method == "topk":
             selection = select_experts(
-                logits, method="topk", k=s.max_k, max_k=s.max_k, weights=self.weights, validate=False
+                logits, pvalues, method="topk", k=s.max_k, max_k=s.max_k, weights=self.weights, validate=False
             )
         else:
             selection = select_experts(
-                logits, self.pvalues[s.kernel][s.layer][: self.view_rows], method=s.method, alpha=s.alpha,
+                logits, pvalues, method=s.method, alpha=s.alpha,
                 min_k=s.min_k, max_k=s.max_k, weights=self.weights, validate=False,
             )
         column = self.layers.index(s.layer)
@@ -441,7 +442,8 @@ class AlphaExplorer:
 
         s = settings or self.settings
         if s.method == "topk":
-            return TopKSelector(k=s.max_k, weights=self.weights)
+            return TopKSelector(k=s.max_k, weights=self.weights,
+                                null_bank=self.banks[s.kernel] if self.weights == "inverse_p" else None)
         return BHSelector(null_bank=self.banks[s.kernel], method=s.method, alpha=s.alpha,
                           min_k=s.min_k, max_k=s.max_k, weights=self.weights)
 

@@ -182,11 +182,12 @@ class SweepConfig:
         model : nn.Module, optional
             Needed for ``"native"`` (its own k and weight convention).
         null_bank : NullBank or mapping of str to NullBank, optional
-            Needed for the multiple-testing methods (and the shuffled control); a mapping is
-            indexed by :meth:`bank_name` (the kernel, for raw banks).
+            Needed for the multiple-testing methods (and the controls and static methods with
+            ``weights="inverse_p"``); a mapping is indexed by :meth:`bank_name` (the kernel, for
+            raw banks). A static method's inverse-p weights use the mapping's only raw bank.
         mean_k : float or mapping of int to float, optional
             Needed for ``"mixed"``: the adaptive row's mean k (per layer).
-        weights : {"renorm", "softmax", "uniform"}, optional
+        weights : {"renorm", "softmax", "uniform", "inverse_p"}, optional
             Weight convention of the selected experts (not used by ``"native"``). Default: the
             model's own convention when ``model`` is given (raw softmax for OLMoE, renormalised
             for Mixtral/Qwen), else "renorm". Changing the convention changes what the experts
@@ -199,46 +200,56 @@ class SweepConfig:
             ``MixedTopKSelector`` or ``ShuffledSelector``.
         """
         from bh_helpers.selection import controls, selectors
-        from bh_helpers.nulls.bank import NullBank
-
-        if self.method == "mixed":
-            if mean_k is None:
-                raise ValueError("method 'mixed' needs `mean_k`, the adaptive row's mean k (per layer).")
-            adaptive = self.adaptive()
-            if weights is None:
-                weights = selectors.NativeSelector.for_model(model).weights if model is not None else "renorm"
-            return controls.MixedTopKSelector(mean_k, seed=self.seed, max_k=adaptive.max_k, weights=weights)
-        if self.method == "shuffled":
-            inner = self.adaptive().to_selector(model, null_bank=null_bank, weights=weights)
-            return controls.ShuffledSelector(inner, seed=self.seed, weights=inner.weights)
 
         if self.method == "native":
             if model is None:
                 raise ValueError("method 'native' needs `model` to read its k and weight convention.")
             return selectors.NativeSelector.for_model(model)
+        if self.method == "shuffled":
+            inner = self.adaptive().to_selector(model, null_bank=null_bank, weights=weights)
+            return controls.ShuffledSelector(inner, seed=self.seed, weights=inner.weights)
         if weights is None:
             weights = selectors.NativeSelector.for_model(model).weights if model is not None else "renorm"
-        if self.method == "topk":
-            return selectors.TopKSelector(k=self.k, weights=weights)
-        if self.method == "top_p":
-            return selectors.TopPSelector(p=self.top_p, min_k=self.min_k, max_k=self.max_k, weights=weights)
-        bank = null_bank
+        if self.method == "mixed":
+            if mean_k is None:
+                raise ValueError("method 'mixed' needs `mean_k`, the adaptive row's mean k (per layer).")
+            adaptive = self.adaptive()
+            bank = adaptive._bank(null_bank) if weights == "inverse_p" else None
+            return controls.MixedTopKSelector(mean_k, seed=self.seed, max_k=adaptive.max_k, weights=weights,
+                                              null_bank=bank)
+        if self.method in ("topk", "top_p"):
+            bank = self._bank(null_bank) if weights == "inverse_p" else None
+            if self.method == "topk":
+                return selectors.TopKSelector(k=self.k, weights=weights, null_bank=bank)
+            return selectors.TopPSelector(p=self.top_p, min_k=self.min_k, max_k=self.max_k, weights=weights,
+                                          null_bank=bank)
+        return selectors.BHSelector(self._bank(null_bank), method=self.method, alpha=self.alpha, min_k=self.min_k,
+                                    max_k=self.max_k, weights=weights)
+
+    def _bank(self, null_bank: Any) -> Any:
+        """The NullBank this configuration routes (or, static, weighs) with, out of ``null_bank``."""
+        from bh_helpers.nulls.bank import NullBank
+
+        if null_bank is None:
+            raise ValueError(f"{self.label()!r} needs `null_bank` (a NullBank, or one per kernel).")
         # A NullBank is itself a Mapping (layer -> null): only other mappings are per kernel.
         if isinstance(null_bank, Mapping) and not isinstance(null_bank, NullBank):
+            if self.method not in FDR_METHODS:  # static: the sweep's only raw bank
+                raw = [name for name in null_bank if "/" not in name]
+                if len(raw) != 1:
+                    raise ValueError(f"{self.label()!r} with inverse-p weights needs one raw bank to weigh with; "
+                                     f"`null_bank` has {sorted(null_bank)}: pass a single NullBank.")
+                return null_bank[raw[0]]
             name = self.bank_name()
             if name not in null_bank:
                 raise ValueError(f"`null_bank` has no bank {name!r}; it has {sorted(null_bank)}.")
-            bank = null_bank[name]
-        elif isinstance(null_bank, NullBank) and (null_bank.metadata.statistic, null_bank.metadata.trim) != (
-                self.statistic or "raw", self.trim or 0):
+            return null_bank[name]
+        if isinstance(null_bank, NullBank) and self.method in FDR_METHODS and (
+                null_bank.metadata.statistic, null_bank.metadata.trim) != (self.statistic or "raw", self.trim or 0):
             raise ValueError(f"{self.label()!r} needs a bank fitted with statistic={self.statistic or 'raw'!r}, "
                              f"trim={self.trim or 0}; `null_bank` has statistic={null_bank.metadata.statistic!r}, "
                              f"trim={null_bank.metadata.trim}.")
-        if bank is None:
-            raise ValueError(f"method {self.method!r} needs `null_bank` (a NullBank, or one per kernel).")
-        return selectors.BHSelector(
-            bank, method=self.method, alpha=self.alpha, min_k=self.min_k, max_k=self.max_k, weights=weights
-        )
+        return null_bank
 
     def selector_kwargs(self) -> dict:
         """Keyword arguments for :func:`bh_helpers.selection.reference.select_experts` (``{}`` for native)."""

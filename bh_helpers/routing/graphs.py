@@ -41,7 +41,7 @@ def graph_safe_selector(selector: Any, device: torch.device) -> bool:
     if not fused_available(device) or getattr(selector, "validate", True):
         return False
     if type(selector) in (TopKSelector, NativeSelector):
-        return True
+        return selector.weights != "inverse_p"  # its p-values come from NullBank.pvalues, not the kernel
     if type(selector) is BHSelector:
         return isinstance(selector.null_bank, NullBank)
     return False

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from bh_helpers._validate import check_choice, check_int
-from bh_helpers.selection.reference import WEIGHT_MODES, Selection, select_top_counts
+from bh_helpers._validate import check_int
+from bh_helpers.selection.reference import Selection, select_top_counts
+from bh_helpers.selection.selectors import _check_weights, weight_pvalues
 
 __all__ = ["MixedTopKSelector", "ShuffledSelector"]
 
@@ -50,7 +51,9 @@ class MixedTopKSelector:
     seed : int, default 0
     max_k : int, optional
         Slots per token; default ``ceil(max(mean_k))``.
-    weights : {"renorm", "softmax", "uniform"}, default "renorm"
+    weights : {"renorm", "softmax", "uniform", "inverse_p"}, default "renorm"
+    null_bank : NullBank, optional
+        Needed (and used) only by ``weights="inverse_p"``: the adaptive configuration's bank.
     """
 
     mean_k: float | Mapping[int, float]
@@ -58,6 +61,7 @@ class MixedTopKSelector:
     max_k: int | None = None
     weights: str = "renorm"
     validate: bool = field(default=False, repr=False)
+    null_bank: Any = field(default=None, repr=False)
     _generators: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,7 +78,7 @@ class MixedTopKSelector:
             raise ValueError(f"`mean_k` reaches {max(self._means.values()):g} but `max_k` is {self.max_k}; "
                              "raise max_k.")
         check_int("seed", self.seed, 0)
-        check_choice("weights", self.weights, WEIGHT_MODES)
+        _check_weights(self.weights, self.null_bank)
 
     def target(self, layer: int) -> float:
         """The mean k of ``layer``."""
@@ -93,7 +97,8 @@ class MixedTopKSelector:
         chosen = torch.randperm(rows, generator=gen, device=logits.device)[:n_up]  # (n_up,)
         counts = torch.full((rows,), low, dtype=torch.long, device=logits.device)  # (T,)
         counts[chosen] = low + 1
-        return select_top_counts(logits, counts.reshape(logits.shape[:-1]), max_k=self.max_k, weights=self.weights)
+        return select_top_counts(logits, counts.reshape(logits.shape[:-1]), max_k=self.max_k, weights=self.weights,
+                                 pvalues=weight_pvalues(self.null_bank, logits, layer, self.weights))
 
 
 @dataclass(eq=False)
@@ -105,7 +110,8 @@ class ShuffledSelector:
     inner : Selector
         The adaptive selector whose allocation is shuffled (e.g. a :class:`BHSelector`).
     seed : int, default 0
-    weights : {"renorm", "softmax", "uniform"}, default "renorm"
+    weights : {"renorm", "softmax", "uniform", "inverse_p"}, default "renorm"
+        "inverse_p" takes the p-values from the inner selector's ``null_bank``.
     """
 
     inner: Any
@@ -118,7 +124,7 @@ class ShuffledSelector:
         if not callable(self.inner):
             raise ValueError(f"`inner` must be a selector, callable as inner(logits, layer); got {self.inner!r}.")
         check_int("seed", self.seed, 0)
-        check_choice("weights", self.weights, WEIGHT_MODES)
+        _check_weights(self.weights, self.null_bank)
 
     @property
     def max_k(self) -> int:
@@ -133,4 +139,5 @@ class ShuffledSelector:
         gen = _generator(self._generators, logits.device, self.seed)
         perm = torch.randperm(counts.numel(), generator=gen, device=logits.device)  # (T,)
         shuffled = counts[perm].reshape(logits.shape[:-1])  # (...,) same histogram
-        return select_top_counts(logits, shuffled, max_k=self.max_k, weights=self.weights)
+        return select_top_counts(logits, shuffled, max_k=self.max_k, weights=self.weights,
+                                 pvalues=weight_pvalues(self.null_bank, logits, layer, self.weights))

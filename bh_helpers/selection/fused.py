@@ -24,7 +24,8 @@ the logits several times. Here one Triton program handles a block of token rows,
   ordered by decreasing logit.
 
 Both clamp counts to ``[min_k, max_k]`` and compute the mixing weights (softmax over all experts,
-then "renorm", "softmax" or "uniform"). Selections (indices and counts) are identical to the
+then "renorm", "softmax" or "uniform"; "inverse_p", from the chosen experts' p-values, in
+:func:`_select_kernel` only, which a pooled null then uses too). Selections (indices and counts) are identical to the
 reference; weights agree within float32 rounding (the softmax's ``exp`` differs in the last
 bits). Everything else - other devices, float64 logits, ``top_p``, missing Triton - goes to the
 reference path: :func:`select` picks automatically.
@@ -74,7 +75,7 @@ if HAS_TRITON:
 
 # p-value modes of the kernel
 _P_GIVEN, _P_NULL = 1, 2
-_WEIGHT_CODE = {"renorm": 0, "softmax": 1, "uniform": 2}
+_WEIGHT_CODE = {"renorm": 0, "softmax": 1, "uniform": 2, "inverse_p": 3}  # 3: _select_kernel only
 # Parameters per null row, in this order (float64): see _null_tables.
 _PARAMS = ("x_min", "inv_h", "x_max", "sf_first", "sf_last", "log_sf_last", "log_cdf_first", "beta_upper", "beta_lower")
 _NP = len(_PARAMS)
@@ -464,7 +465,9 @@ def fused_select_experts(
     Same arguments, result and errors as ``select_experts``; falls back to it for "top_p",
     float64 logits, or a device without the kernel (see :func:`fused_available`).
     """
-    if not _fusable(logits, method) or (pvalues is not None and pvalues.dtype == torch.float64):
+    # inverse_p weights need the chosen experts' p-values: only _select_kernel has them (testing methods)
+    if (not _fusable(logits, method) or (pvalues is not None and pvalues.dtype == torch.float64)
+            or (weights == "inverse_p" and method not in FDR_METHODS)):
         return select_experts(
             logits, pvalues, method=method, alpha=alpha, min_k=min_k, max_k=max_k, k=k, top_p=top_p,
             weights=weights, temperature=temperature, validate=validate,
@@ -533,13 +536,15 @@ def select_with_null(
     """
     check_choice("method", method, FDR_METHODS)
     statistic = null.statistic
-    if not _fusable(logits, method) or (null.per_expert and statistic != "raw"):
+    # _select_kernel looks p-values up on the raw logit: other statistics give it their p-values
+    needs_pvalues = null.per_expert or weights == "inverse_p"
+    if not _fusable(logits, method) or (needs_pvalues and statistic != "raw"):
         values = apply_statistic(logits, statistic)  # (..., E) the null's scale
         pvalues = null.sf(values, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
         select = select_experts if not _fusable(logits, method) else fused_select_experts
         return select(logits, pvalues, method=method, alpha=alpha, min_k=min_k, max_k=max_k,
                       weights=weights, temperature=temperature, validate=validate)
-    if not null.per_expert:  # p-value monotone in the logit: one sort and per-rank logit cuts
+    if not needs_pvalues:  # pooled null: p-value monotone in the logit, one sort and per-rank logit cuts
 
         def build() -> _SortedPlan:
             level = check_level("alpha", alpha)
@@ -558,7 +563,7 @@ def select_with_null(
         if validate:
             _check_logits(logits)
         return _run_sorted(logits, plan)
-    if logits.shape[-1] != null.num_experts:
+    if null.per_expert and logits.shape[-1] != null.num_experts:
         raise ValueError(
             f"`logits` must have {null.num_experts} experts in its last dimension for a per-expert null, "
             f"got shape {tuple(logits.shape)}"

@@ -130,10 +130,17 @@ if HAS_TRITON:
         return p
 
     @triton.jit
-    def _slot_weights(used, probs, cnt, WMODE: tl.constexpr):
+    def _slot_weights(used, probs, cnt, WMODE: tl.constexpr, pvals):
         """Weights ``(R, S)`` at the used slots, 0 elsewhere: 1/count (2), the softmax probabilities
-        ``probs`` (1), or those renormalised over the used slots (0)."""
-        if WMODE == 2:
+        ``probs`` (1), those renormalised over the used slots (0), or ``1/p`` of the float32
+        p-values ``pvals`` renormalised, as a softmax of ``-log p`` (3)."""
+        if WMODE == 3:
+            nlp = tl.where(used, -tl.log(tl.maximum(pvals, 1.1754943508222875e-38)), float("-inf"))
+            top = tl.max(nlp, axis=1)[:, None]
+            e = tl.where(used, tl.exp(nlp - tl.where(top > float("-inf"), top, 0.0)), 0.0)
+            total = tl.sum(e, axis=1)[:, None]
+            w = tl.where(total > 0, e / tl.maximum(total, 1.1754943508222875e-38), e)
+        elif WMODE == 2:
             w = tl.where(used, 1.0 / tl.maximum(cnt, 1).to(tl.float32)[:, None], 0.0)
         else:
             w = tl.where(used, probs, 0.0)
@@ -199,7 +206,8 @@ if HAS_TRITON:
         kcols = tl.arange(0, KP)[None, :]  # (1, KP)
         chosen = tl.zeros([BLOCK_R, KP], dtype=tl.int32)
         chosen_x = tl.zeros([BLOCK_R, KP], dtype=tl.float32)
-        chosen_p = tl.zeros([BLOCK_R, KP], dtype=tl.float32)
+        chosen_p = tl.zeros([BLOCK_R, KP], dtype=tl.float32)  # softmax probabilities
+        chosen_pv = tl.zeros([BLOCK_R, KP], dtype=tl.float32)  # p-values (inverse_p weights)
         for r in tl.static_range(MAX_K):
             j = tl.argmin(key, axis=1)  # (R,) first index among equal keys
             hit = e2 == j[:, None]  # (R, EP)
@@ -210,6 +218,8 @@ if HAS_TRITON:
             chosen = tl.where(at, j[:, None], chosen)
             chosen_x = tl.where(at, xj[:, None], chosen_x)
             chosen_p = tl.where(at, pj[:, None], chosen_p)
+            if WMODE == 3:
+                chosen_pv = tl.where(at, tl.sum(tl.where(hit, p, 0.0), axis=1)[:, None], chosen_pv)
 
         used = kcols < cnt[:, None]  # (R, KP) rounds that are selected
         # 4. order the selected by decreasing logit, ties by rank (round)
@@ -223,7 +233,7 @@ if HAS_TRITON:
         slot = tl.where(used, slot, kcols)
 
         # 5. weights
-        w = _slot_weights(used, chosen_p, cnt, WMODE)
+        w = _slot_weights(used, chosen_p, cnt, WMODE, chosen_pv)
 
         out_mask = rmask[:, None] & (kcols < MAX_K)
         dest = r2 * MAX_K + slot
@@ -299,7 +309,8 @@ if HAS_TRITON:
         # weights: softmax over all experts (float32), taken at the sorted positions
         mx = tl.max(x / TEMPERATURE, axis=1)[:, None]  # (R, 1)
         den = tl.sum(tl.where(m2, tl.exp(x / TEMPERATURE - mx), 0.0), axis=1)[:, None]
-        w = _slot_weights(used, tl.exp(xs / TEMPERATURE - mx) / den, cnt, WMODE)
+        probs = tl.exp(xs / TEMPERATURE - mx) / den
+        w = _slot_weights(used, probs, cnt, WMODE, probs)  # no p-values here: WMODE is never 3
 
         out_mask = rmask[:, None] & (e2 < MAX_K)
         dest = r2 * MAX_K + e2

@@ -50,7 +50,7 @@ FDR_METHODS = ("bh", "by", "bonferroni", "holm")
 #: All methods understood by :func:`select_experts`.
 SELECTION_METHODS = FDR_METHODS + ("topk", "top_p")
 #: How the selected experts' outputs are mixed.
-WEIGHT_MODES = ("renorm", "softmax", "uniform")
+WEIGHT_MODES = ("renorm", "softmax", "uniform", "inverse_p")
 
 
 @dataclass(frozen=True)
@@ -295,13 +295,16 @@ def _ranked_experts(logits: torch.Tensor, pvalues: torch.Tensor | None) -> tuple
 
 
 def _mixing_weights(
-    logits: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, mode: str, temperature: float
+    logits: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, mode: str, temperature: float,
+    pvalues: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weights ``[..., max_k]`` (float32 or float64) for the chosen slots, 0 at unused slots."""
     valid = indices >= 0  # (..., max_k)
     if mode == "uniform":
         w = valid.to(logits.dtype) / counts.clamp(min=1).unsqueeze(-1).to(logits.dtype)
         return w
+    if mode == "inverse_p":
+        return _inverse_p_weights(pvalues.to(logits.dtype).gather(-1, indices.clamp(min=0)), valid)
     probs = torch.softmax(logits / temperature, dim=-1)  # (..., E)
     w = probs.gather(-1, indices.clamp(min=0)) * valid  # (..., max_k)
     if mode == "renorm":
@@ -309,6 +312,22 @@ def _mixing_weights(
         # Rows with no chosen expert (only possible with min_k=0) keep all-zero weights.
         w = torch.where(total > 0, w / total.clamp(min=torch.finfo(w.dtype).tiny), w)
     return w
+
+
+def _inverse_p_weights(chosen_p: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(1/p_i) / sum_j (1/p_j)`` over the valid slots of ``chosen_p (..., max_k)``, 0 elsewhere.
+
+    Computed as a softmax of ``-log p``, so that p-values near the dtype's smallest normal number
+    (where the sum of a few ``1/p`` overflows float32) keep finite, exact ratios. A p-value below
+    that number (0: an underflowed tail; subnormals, which GPUs may flush to 0) counts as it: such
+    experts share their weight equally.
+    """
+    tiny = torch.finfo(chosen_p.dtype).tiny
+    neg_log_p = torch.where(valid, -chosen_p.clamp(min=tiny).log(), -torch.inf)  # (..., max_k)
+    top = neg_log_p.amax(-1, keepdim=True)  # (..., 1); -inf for a row with no chosen expert
+    e = torch.exp(neg_log_p - torch.where(torch.isfinite(top), top, 0.0))  # (..., max_k) in [0, 1]
+    total = e.sum(-1, keepdim=True)
+    return torch.where(total > 0, e / total.clamp(min=tiny), e)
 
 
 def select_experts(
@@ -333,7 +352,7 @@ def select_experts(
         Router logits (any float dtype; statistics run in float32, or float64 for float64 input).
     pvalues : torch.Tensor, shape ``[..., E]``, optional
         P-values of the logits under the null (``NullBank.pvalues``). Required by the testing
-        methods, ignored by "topk" and "top_p".
+        methods and by ``weights="inverse_p"``; otherwise ignored by "topk" and "top_p".
     method : {"bh", "by", "bonferroni", "holm", "topk", "top_p"}
         "bh"/"by"/"bonferroni"/"holm": the number of experts is the number of rejections of
         :func:`fdr_counts` at level ``alpha``, clamped to ``[min_k, max_k]``; the experts with the
@@ -351,10 +370,12 @@ def select_experts(
         Number of experts for "topk", in ``[1, E]``.
     top_p : float, optional
         Probability mass for "top_p", in ``(0, 1]``.
-    weights : {"renorm", "softmax", "uniform"}, default "renorm"
+    weights : {"renorm", "softmax", "uniform", "inverse_p"}, default "renorm"
         "renorm": softmax probabilities of the chosen experts, renormalised to sum to 1.
         "softmax": the raw softmax probabilities over all experts (OLMoE's ``norm_topk_prob=False``).
         "uniform": ``1 / count`` each.
+        "inverse_p": ``1 / p`` of the chosen experts, renormalised to sum to 1 (computed as a
+        softmax of ``-log p``; a p-value below the dtype's smallest normal number counts as it).
     temperature : float, default 1.0
         Softmax temperature of the weights only; the selection never depends on it.
     validate : bool, default True
@@ -393,16 +414,10 @@ def select_experts(
     leading = x.shape[:-1]
 
     # Main algorithm: a count per token, then the ranked experts up to that count.
+    p = None
+    if method in FDR_METHODS or weights == "inverse_p":
+        p = _checked_pvalues(logits, pvalues, method, weights, validate).to(device=x.device, dtype=stat_dtype)
     if method in FDR_METHODS:
-        if pvalues is None:
-            raise ValueError(f"method={method!r} needs `pvalues` (e.g. NullBank.pvalues(logits, layer)).")
-        if pvalues.shape != logits.shape:
-            raise ValueError(
-                f"`pvalues` shape {tuple(pvalues.shape)} must equal `logits` shape {tuple(logits.shape)}."
-            )
-        if validate:
-            _check_pvalues(pvalues)
-        p = pvalues.to(device=x.device, dtype=stat_dtype)
         alpha = check_level("alpha", alpha)
         ranked, sorted_p = _ranked_experts(x, p)  # (..., E), (..., E)
         counts = _counts_from_sorted(sorted_p, alpha, method).clamp(min_k, max_k)  # (...)
@@ -428,11 +443,25 @@ def select_experts(
         # An expert is needed while the mass before it is still short of top_p.
         counts = (mass_before < top_p).sum(-1).clamp(min_k, max_k)
 
-    return _selection_from_ranked(x, ranked, counts, max_k, weights, temperature)
+    return _selection_from_ranked(x, ranked, counts, max_k, weights, temperature, p)
+
+
+def _checked_pvalues(logits: torch.Tensor, pvalues: torch.Tensor | None, method: str, weights: str,
+                     validate: bool) -> torch.Tensor:
+    """``pvalues``, refused when missing (a testing method or ``weights="inverse_p"`` needs them),
+    of another shape than ``logits``, or (``validate``) NaN or outside [0, 1]."""
+    if pvalues is None:
+        needs = f"method={method!r}" if method in FDR_METHODS else 'weights="inverse_p"'
+        raise ValueError(f"{needs} needs `pvalues` (e.g. NullBank.pvalues(logits, layer)).")
+    if pvalues.shape != logits.shape:
+        raise ValueError(f"`pvalues` shape {tuple(pvalues.shape)} must equal `logits` shape {tuple(logits.shape)}.")
+    if validate:
+        _check_pvalues(pvalues)
+    return pvalues
 
 
 def _selection_from_ranked(x: torch.Tensor, ranked: torch.Tensor, counts: torch.Tensor, max_k: int, weights: str,
-                           temperature: float) -> Selection:
+                           temperature: float, pvalues: torch.Tensor | None = None) -> Selection:
     """The first ``counts`` experts of ``ranked (..., E)`` per token, ordered by logit, with weights."""
     slot = torch.arange(max_k, device=x.device)  # (max_k,)
     used = slot < counts.unsqueeze(-1)  # (..., max_k)
@@ -441,12 +470,12 @@ def _selection_from_ranked(x: torch.Tensor, ranked: torch.Tensor, counts: torch.
     chosen_logits = torch.where(used, x.gather(-1, chosen.clamp(min=0)), -torch.inf)
     order = chosen_logits.argsort(dim=-1, descending=True, stable=True)  # (..., max_k)
     indices = chosen.gather(-1, order)
-    w = _mixing_weights(x, indices, counts, weights, temperature)
+    w = _mixing_weights(x, indices, counts, weights, temperature, pvalues)
     return Selection(indices=indices, weights=w, counts=counts)
 
 
 def select_top_counts(logits: torch.Tensor, counts: torch.Tensor, *, max_k: int, weights: str = "renorm",
-                      temperature: float = 1.0) -> Selection:
+                      temperature: float = 1.0, pvalues: torch.Tensor | None = None) -> Selection:
     """Each token's ``counts`` largest logits (ties to the lower id): top-k with a per-token k.
 
     The selection of the compute-matched controls (:mod:`bh_helpers.selection.controls`).
@@ -460,6 +489,8 @@ def select_top_counts(logits: torch.Tensor, counts: torch.Tensor, *, max_k: int,
         Slots per token (``indices`` width).
     weights, temperature
         As in :func:`select_experts`.
+    pvalues : torch.Tensor, shape ``[..., E]``, optional
+        Needed by ``weights="inverse_p"`` only (the selection never depends on them).
 
     Returns
     -------
@@ -470,6 +501,8 @@ def select_top_counts(logits: torch.Tensor, counts: torch.Tensor, *, max_k: int,
         raise ValueError(f"`counts` must be integers of shape {tuple(logits.shape[:-1])}; got "
                          f"{counts.dtype} {tuple(counts.shape)}.")
     x = logits.to(_stat_dtype(logits))  # (..., E)
+    if weights == "inverse_p":
+        pvalues = _checked_pvalues(logits, pvalues, "topk", weights, False).to(device=x.device, dtype=x.dtype)
     ranked, _ = _ranked_experts(x, None)
     return _selection_from_ranked(x, ranked, counts.to(device=x.device, dtype=torch.long), max_k, weights,
-                                  temperature)
+                                  temperature, pvalues)

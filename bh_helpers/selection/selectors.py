@@ -21,7 +21,7 @@ from bh_helpers.models.families import find_moe_blocks
 from bh_helpers.selection.fused import fused_select_experts, select_from_bank
 from bh_helpers.selection.reference import FDR_METHODS, WEIGHT_MODES, Selection, select_experts
 
-__all__ = ["BHSelector", "NativeSelector", "Selector", "TopKSelector", "TopPSelector"]
+__all__ = ["BHSelector", "NativeSelector", "Selector", "TopKSelector", "TopPSelector", "weight_pvalues"]
 
 
 class Selector(Protocol):
@@ -30,8 +30,22 @@ class Selector(Protocol):
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection: ...
 
 
-def _check_weights(weights: str) -> None:
+def _check_weights(weights: str, null_bank: Any = None) -> None:
     check_choice("weights", weights, WEIGHT_MODES)
+    if weights == "inverse_p" and not callable(getattr(null_bank, "pvalues", None)):
+        raise ValueError('weights="inverse_p" needs `null_bank` (a NullBank: the p-values of the chosen experts); '
+                         "pass null_bank=..., or another weight mode.")
+
+
+def weight_pvalues(null_bank: Any, logits: torch.Tensor, layer: int, weights: str) -> torch.Tensor | None:
+    """The p-values ``[T, E]`` that ``weights="inverse_p"`` mixes with (None for other modes).
+
+    Static and control selectors choose by logit alone; with inverse-p weights they weigh their
+    experts by the same null's p-values as the adaptive selector they are compared with.
+    """
+    if weights != "inverse_p":
+        return None
+    return null_bank.pvalues(logits, layer).to(logits.device)
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,7 @@ class BHSelector:
         Level of the procedure, in (0, 1].
     min_k, max_k : int, default 1 and 8
         Floor and ceiling on experts per token; ``max_k`` may exceed the model's native k.
-    weights : {"renorm", "softmax", "uniform"}, default "renorm"
+    weights : {"renorm", "softmax", "uniform", "inverse_p"}, default "renorm"
     """
 
     null_bank: Any = field(repr=False)
@@ -65,9 +79,9 @@ class BHSelector:
         check_int("min_k", self.min_k, 0)
         if self.min_k > self.max_k:
             raise ValueError(f"`min_k`={self.min_k} exceeds `max_k`={self.max_k}; pass min_k <= max_k.")
-        _check_weights(self.weights)
         if not callable(getattr(self.null_bank, "pvalues", None)):
             raise ValueError("`null_bank` needs a `.pvalues(logits, layer)` method (bh_helpers.nulls.bank.NullBank).")
+        _check_weights(self.weights, self.null_bank)
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
         # Fused on CUDA (pooled null: logit cuts + one sort; per expert: p-values in the kernel);
@@ -87,15 +101,19 @@ class BHSelector:
 
 @dataclass(frozen=True)
 class TopKSelector:
-    """Static top-k routing with a chosen weight convention (``min_k = max_k = k``)."""
+    """Static top-k routing with a chosen weight convention (``min_k = max_k = k``).
+
+    ``null_bank`` is needed (and used) only by ``weights="inverse_p"``: see :func:`weight_pvalues`.
+    """
 
     k: int
     weights: str = "renorm"
     validate: bool = field(default=False, repr=False)
+    null_bank: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_int("k", self.k, 1)
-        _check_weights(self.weights)
+        _check_weights(self.weights, self.null_bank)
 
     @property
     def min_k(self) -> int:
@@ -107,7 +125,8 @@ class TopKSelector:
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
         return fused_select_experts(
-            logits, method="topk", k=self.k, max_k=self.k, weights=self.weights, validate=self.validate
+            logits, weight_pvalues(self.null_bank, logits, layer, self.weights), method="topk", k=self.k,
+            max_k=self.k, weights=self.weights, validate=self.validate,
         )
 
 
@@ -134,13 +153,17 @@ class NativeSelector(TopKSelector):
 
 @dataclass(frozen=True)
 class TopPSelector:
-    """Top-p routing: the fewest most-probable experts whose softmax mass reaches ``p``."""
+    """Top-p routing: the fewest most-probable experts whose softmax mass reaches ``p``.
+
+    ``null_bank`` is needed (and used) only by ``weights="inverse_p"``: see :func:`weight_pvalues`.
+    """
 
     p: float
     min_k: int = 1
     max_k: int = 8
     weights: str = "renorm"
     validate: bool = field(default=False, repr=False)
+    null_bank: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.p) <= 1.0:
@@ -149,11 +172,11 @@ class TopPSelector:
         check_int("min_k", self.min_k, 0)
         if self.min_k > self.max_k:
             raise ValueError(f"`min_k`={self.min_k} exceeds `max_k`={self.max_k}; pass min_k <= max_k.")
-        _check_weights(self.weights)
+        _check_weights(self.weights, self.null_bank)
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
         return select_experts(
-            logits, method="top_p", top_p=self.p, min_k=self.min_k, max_k=self.max_k, weights=self.weights,
+            logits, weight_pvalues(self.null_bank, logits, layer, self.weights), method="top_p", top_p=self.p, min_k=self.min_k, max_k=self.max_k, weights=self.weights,
             validate=self.validate,
         )
 
