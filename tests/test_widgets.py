@@ -156,6 +156,34 @@ def test_target_experts_slider_sets_the_alpha_that_reaches_it(explorer):
     assert "out of reach" in explorer._ui["timing"].value and explorer.state.settings.alpha == alpha
 
 
+def test_per_layer_alpha_counts_equal_each_layers_own_alpha(explorer):
+    """Oracle: a per-layer alpha gives each layer the counts of that layer's scalar alpha."""
+    levels = {0: 0.5, 1: 1e-3, 2: 0.05, 3: 1e-6}
+    state = explorer.update(alpha=levels, method="bh", min_k=0, max_k=16, kernel="gaussian", layer=2)
+    for i, (layer, level) in enumerate(levels.items()):
+        single = explorer.update(alpha=level).counts[:, i]
+        assert torch.equal(state.counts[:, i], single), layer
+    assert explorer.update(alpha=[0.5, 1e-3, 0.05, 1e-6]).mean_k == pytest.approx(state.mean_k)  # by layer number
+    with pytest.raises(ValueError, match=r"no level for layers \[3\]"):
+        explorer.update(alpha={0: 0.1, 1: 0.1, 2: 0.1})
+    with pytest.raises(ValueError, match=r"alpha\[1\]"):
+        explorer.update(alpha=[0.1, 2.0, 0.1, 0.1])
+
+
+def test_per_layer_target_reaches_the_target_in_every_layer(explorer):
+    pytest.importorskip("ipywidgets")
+    explorer.widget()
+    ui = explorer._ui
+    ui["controls"]["method"].value, ui["controls"]["min_k"].value, ui["controls"]["max_k"].value = "bh", 1, 8
+    ui["target"].value = 3.0
+    ui["per_layer"].value = True  # one alpha per layer, each reaching 3 experts in its layer
+    st = explorer.state
+    assert isinstance(st.settings.alpha, dict) and len(set(st.settings.alpha.values())) == LAYERS
+    assert np.all(np.abs(st.mean_k_per_layer - 3.0) < 0.05), st.mean_k_per_layer
+    ui["controls"]["alpha"].value = 0.2  # a hand-moved alpha slider leaves the per-layer levels
+    assert ui["per_layer"].value is False and explorer.state.settings.alpha == pytest.approx(0.2)
+
+
 def test_run_live_needs_model(explorer):
     with pytest.raises(ValueError, match="model"):
         explorer.run_live("hello")

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from bh_helpers.app import paths, pipeline
 from bh_helpers.capture import CapturedLogits
-from bh_helpers.experiments.configs import bank_name, sweep_grid
+from bh_helpers.experiments.configs import LAYER_TARGETS, bank_name, sweep_grid
 from bh_helpers.models import texts
 from bh_helpers.selection.reference import WEIGHT_MODES
 
@@ -45,6 +45,27 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.replace(",", " ").split())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _layer_alphas_file(path: str) -> tuple[tuple[float, ...], ...]:
+    """--layer-alphas FILE: a JSON list of per-layer levels, or a list of such lists."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r} as JSON: {err}") from None
+    rows = data if isinstance(data, list) and data and all(isinstance(r, list) for r in data) else [data]
+    out = []
+    for row in rows:
+        if not isinstance(row, list) or not row or not all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) and 0 < a <= 1 for a in row):
+            raise argparse.ArgumentTypeError(
+                f"{path!r} must hold a list of levels in (0, 1], one per layer number (e.g. [0.2, 0.1, 0.05]), "
+                f"or a list of such lists; got {row!r}.")
+        out.append(tuple(float(a) for a in row))
+    return tuple(out)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -81,6 +102,12 @@ def _add_grid(p: argparse.ArgumentParser) -> None:
                    help=f"multiple-testing methods among bh,by,bonferroni,holm (default: {','.join(_D.methods)})")
     p.add_argument("--alphas", type=_floats, default=_D.alphas,
                    help="explicit levels of the methods, besides those chosen for --mean-ks (default: none)")
+    p.add_argument("--layer-alphas", type=_layer_alphas_file, default=_D.layer_alphas, metavar="FILE",
+                   help="JSON file of per-layer levels (adaptive FDR): a list with one alpha per layer number, or a "
+                        "list of such lists (one configuration each) (default: none)")
+    p.add_argument("--layer-targets", choices=LAYER_TARGETS, default=_D.layer_targets,
+                   help="reach each --mean-ks target over all layers with one alpha (global), in every layer with "
+                        f"one alpha per layer (per-layer), or both (default: {_D.layer_targets})")
     p.add_argument("--mean-ks", type=_floats, default=_D.mean_ks,
                    help="compute targets in mean experts per token: for each, the alpha that reaches it on the "
                         f"calibration logits ('' for none; default: {','.join(map(str, _D.mean_ks))})")
@@ -236,6 +263,7 @@ def _cmd_demo(args) -> int:
     settings = pipeline.DemoSettings(
         model=args.model, calibration_tokens=args.calibration_tokens, kernel=args.kernel, grid_size=args.grid_size,
         methods=args.methods, alphas=args.alphas, mean_ks=args.mean_ks, statistics=args.statistics, trims=args.trims,
+        layer_alphas=args.layer_alphas, layer_targets=args.layer_targets,
         max_ks=args.max_ks, min_ks=args.min_ks, topk_max=args.topk_max,
         top_ps=args.top_ps, weights=args.weights, datasets=args.datasets, max_tokens=args.max_tokens,
         window=args.window, stride=args.stride, batch_size=args.batch_size, categories=not args.no_categories,
@@ -293,13 +321,14 @@ def _cmd_sweep(args) -> int:
     if args.mean_ks and not args.captured:
         raise ValueError("--mean-ks needs --captured (calibration logits from `bh-routing capture`) to choose alpha; "
                          "or pass --mean-ks '' and --alphas.")
-    if not (args.mean_ks or args.alphas):
-        raise ValueError("give --mean-ks (with --captured) or --alphas.")
+    if not (args.mean_ks or args.alphas or args.layer_alphas):
+        raise ValueError("give --mean-ks (with --captured), --alphas or --layer-alphas.")
     calibration = CapturedLogits.load(args.captured)[0] if args.captured else None
     name = bank_name(meta.kernel, meta.statistic, meta.trim)
     configs = sweep_grid(banks={name: bank}, calibration=calibration, methods=args.methods, alphas=args.alphas,
                          mean_ks=args.mean_ks, max_ks=args.max_ks, min_ks=args.min_ks, topk_max=args.topk_max,
-                         top_ps=args.top_ps, controls=not args.no_controls)
+                         top_ps=args.top_ps, controls=not args.no_controls, layer_alphas=args.layer_alphas,
+                         layer_targets=args.layer_targets)
     source = "--nulls" if args.nulls else f"the committed bank of --model {args.model} (pass --nulls to choose)"
     print(f"null bank: {nulls} ({source}; {meta.kernel} kernel, {meta.statistic} statistic, {len(list(bank))} layers)")
     model, tok = _load(args)

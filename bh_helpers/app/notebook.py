@@ -18,6 +18,7 @@ Nothing here changes what a model computes; routing lives in :mod:`bh_helpers.ro
 from __future__ import annotations
 
 import gc
+import html
 import io
 import os
 import sys
@@ -46,6 +47,7 @@ __all__ = [
     "generate_side_by_side",
     "get_router_logits",
     "goodness_table",
+    "live_run_html",
     "load_notebook_model",
     "model_choice",
     "plot_expert_usage",
@@ -413,6 +415,26 @@ def generate_side_by_side(model: Any, tokenizer: Any, prompts: Sequence[str], se
 # ----------------------------------------------------------------------------------------------
 # Tables about routing (notebook 01)
 # ----------------------------------------------------------------------------------------------
+
+
+def live_run_html(res: Mapping[str, Any]):
+    """The explorer's "run on the model" result (:meth:`AlphaExplorer.run_live`) as an HTML table."""
+    from IPython.display import HTML
+
+    rows = [
+        ("native top-k", res["native_text"], res.get("native_ppl"), res["native_generate_s"], None),
+        ("current setting", res["routed_text"], res.get("routed_ppl"), res["generate_s"], res["routed_mean_k"]),
+    ]
+    body = "".join(
+        f"<tr><td>{name}</td><td style='text-align:left'>{html.escape(text)}</td>"
+        f"<td>{'' if ppl is None else f'{ppl:.2f}'}</td><td>{secs:.2f}</td>"
+        f"<td>{'' if k is None else f'{k:.2f}'}</td></tr>"
+        for name, text, ppl, secs, k in rows
+    )
+    return HTML(
+        "<table><tr><th>routing</th><th>greedy generation</th><th>perplexity</th>"
+        f"<th>generate s</th><th>mean k</th></tr>{body}</table>"
+    )
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> list[str]:

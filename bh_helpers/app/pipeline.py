@@ -54,7 +54,7 @@ from bh_helpers.capture import CapturedLogits, capture_router_logits
 from bh_helpers.evaluation.scoring import fit_batch_size, perplexity
 from bh_helpers.evaluation.speed import compute_summary
 from bh_helpers.experiments.frontier import compute_frontier
-from bh_helpers.experiments.configs import bank_name, sweep_grid
+from bh_helpers.experiments.configs import LAYER_TARGETS, bank_name, sweep_grid
 from bh_helpers.experiments.sweep import run_sweep
 from bh_helpers.models.families import router_fingerprint
 from bh_helpers.models.loading import load_model
@@ -356,6 +356,8 @@ class DemoSettings:
     methods: tuple[str, ...] = ("bh",)  # multiple-testing methods (BY at a compute target is BH: same experts)
     alphas: tuple[float, ...] = ()  # explicit levels (besides those chosen for mean_ks)
     mean_ks: tuple[float, ...] = (2.0, 5.0)  # compute targets: alpha chosen on the calibration logits
+    layer_alphas: tuple[tuple[float, ...], ...] = ()  # explicit per-layer levels (adaptive FDR), one row each
+    layer_targets: str = "global"  # compute targets reached over all layers, per layer, or both
     statistics: tuple[str, ...] = ("raw", "centred", "zscore")  # per-token test statistics (one bank each)
     trims: tuple[int, ...] = (0, 8)  # nulls fitted without each token's largest values (one bank each)
     max_ks: tuple[int, ...] = (8,)  # ceilings of the adaptive methods
@@ -384,8 +386,10 @@ class DemoSettings:
             check_statistic(statistic)
         for trim in self.trims:
             check_int("--trims", trim, 0)
-        if not (self.alphas or self.mean_ks):
-            raise ValueError("give --mean-ks (compute targets) or --alphas (levels), or both.")
+        object.__setattr__(self, "layer_alphas", tuple(tuple(float(a) for a in row) for row in self.layer_alphas))
+        check_choice("--layer-targets", self.layer_targets, LAYER_TARGETS)
+        if not (self.alphas or self.mean_ks or self.layer_alphas):
+            raise ValueError("give --mean-ks (compute targets), --alphas or --layer-alphas (levels).")
         if self.stride > self.window:
             raise ValueError(f"`stride` ({self.stride}) must not exceed `window` ({self.window}).")
 
@@ -415,11 +419,13 @@ class DemoSettings:
         """The sweep grid (:func:`sweep_grid`) for these banks, alphas chosen on ``calibration``."""
         return sweep_grid(banks=banks, calibration=calibration, methods=self.methods, alphas=self.alphas,
                           mean_ks=self.mean_ks, max_ks=self.max_ks, min_ks=self.min_ks, topk_max=self.topk_max,
-                          top_ps=self.top_ps, seed=self.seed)
+                          top_ps=self.top_ps, seed=self.seed, layer_alphas=self.layer_alphas,
+                          layer_targets=self.layer_targets)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return {k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v
+                for k, v in d.items()}
 
 
 @dataclass
@@ -482,7 +488,9 @@ def _check_folder(out: Path, settings: DemoSettings) -> bool:
         except json.JSONDecodeError:
             raise ValueError(f"{str(path)!r} is corrupt; pass another --out folder or delete it.") from None
         new = settings.to_dict()
-        diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
+        # a setting added after the folder was written reads as its default there
+        defaults = DemoSettings().to_dict()
+        diff = {k: (old.get(k, defaults[k]), new[k]) for k in new if old.get(k, defaults[k]) != new[k]}
         if diff:
             text = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
             raise ValueError(

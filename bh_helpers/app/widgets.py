@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bh_helpers._validate import check_choice, check_int, check_level
+from bh_helpers._validate import check_choice, check_int
+from bh_helpers.selection.budget import alpha_at, layer_alphas
 from bh_helpers.selection.reference import FDR_METHODS, Selection, fdr_counts, select_experts
 
 __all__ = ["EXPLORER_METHODS", "AlphaExplorer", "ExplorerSettings", "ExplorerState"]
@@ -52,8 +53,10 @@ class ExplorerSettings:
 
     Attributes
     ----------
-    alpha : float
-        Level of the multiple-testing procedure, in (0, 1] (ignored by "topk").
+    alpha : float, or mapping of int to float
+        Level of the multiple-testing procedure, in (0, 1] (ignored by "topk"); or one per layer
+        (adaptive FDR; a sequence is indexed by layer number, see
+        :func:`~bh_helpers.selection.budget.layer_alphas`).
     max_k, min_k : int
         Ceiling and floor on experts per token ("topk" uses ``k = max_k``).
     method : {"bh", "by", "bonferroni", "holm", "topk"}
@@ -63,7 +66,7 @@ class ExplorerSettings:
         Layer shown in the histogram and the per-token view.
     """
 
-    alpha: float = 0.05
+    alpha: float | Mapping[int, float] = 0.05
     max_k: int = 8
     min_k: int = 1
     method: str = "bh"
@@ -247,7 +250,9 @@ class AlphaExplorer:
         check_choice("method", s.method, EXPLORER_METHODS)
         check_choice("kernel", s.kernel, self.kernels)
         check_choice("layer", s.layer, self.layers)
-        check_level("alpha", s.alpha)
+        missing = set(self.layers) - set(s.alpha) if isinstance(s.alpha, Mapping) else ()
+        if missing:
+            raise ValueError(f"`alpha` has no level for layers {sorted(missing)}; give one per layer {self.layers}.")
         if not 1 <= s.max_k <= self.num_experts:
             raise ValueError(f"`max_k` must be in [1, {self.num_experts}]; got {s.max_k!r}.")
         if not 0 <= s.min_k <= s.max_k:
@@ -258,7 +263,12 @@ class AlphaExplorer:
         if s.method == "topk":
             return torch.full((self.num_tokens, len(self.layers)), s.max_k, dtype=torch.long)
         p = self.sorted_pvalues[s.kernel]  # (L, N, E), sorted per token
-        return fdr_counts(p, s.alpha, s.method, validate=False).clamp(s.min_k, s.max_k).T  # (N, L)
+        if isinstance(s.alpha, Mapping):  # one level per layer: one call per layer
+            counts = torch.stack([fdr_counts(p[i], s.alpha[layer], s.method, validate=False)
+                                  for i, layer in enumerate(self.layers)])  # (L, N)
+        else:
+            counts = fdr_counts(p, s.alpha, s.method, validate=False)  # (L, N)
+        return counts.clamp(s.min_k, s.max_k).T  # (N, L)
 
     def update(self, **settings: Any) -> ExplorerState:
         """Recompute every selection for new settings (the sliders call this).
@@ -280,7 +290,7 @@ class AlphaExplorer:
             raise ValueError(f"unknown settings {sorted(unknown)}; use {list(ExplorerSettings.__dataclass_fields__)}.")
         s = replace(self.settings, **settings)
         max_k = int(s.max_k)
-        s = replace(s, alpha=float(s.alpha), max_k=max_k, min_k=min(int(s.min_k), max_k), layer=int(s.layer))
+        s = replace(s, alpha=layer_alphas(s.alpha), max_k=max_k, min_k=min(int(s.min_k), max_k), layer=int(s.layer))
         self._check(s)
         with _intra_op_threads(self.threads):
             return self._update(s)
@@ -297,7 +307,7 @@ class AlphaExplorer:
             )
         else:
             selection = select_experts(
-                logits, pvalues, method=s.method, alpha=s.alpha,
+                logits, pvalues, method=s.method, alpha=alpha_at(s.alpha, s.layer),
                 min_k=s.min_k, max_k=s.max_k, weights=self.weights, validate=False,
             )
         column = self.layers.index(s.layer)
@@ -322,17 +332,19 @@ class AlphaExplorer:
         self.timings_ms.append(elapsed_ms)
         return self.state
 
-    def alpha_for_target(self, target_mean_k: float, **settings: Any) -> float:
+    def alpha_for_target(self, target_mean_k: float, *, per_layer: bool = False,
+                         **settings: Any) -> float | dict[int, float]:
         """The alpha at which the current (or given) settings use ``target_mean_k`` experts per token.
 
-        Mean over every layer's cached tokens (:func:`bh_helpers.selection.budget.alpha_for_mean_k`);
-        a ValueError names the reachable range when the target is outside it.
+        Mean over every layer's cached tokens, or (``per_layer``) one alpha per layer reaching the
+        target in each layer (:func:`bh_helpers.selection.budget.alpha_for_mean_k`); a ValueError
+        names the reachable range when the target is outside it.
         """
         from bh_helpers.selection.budget import alpha_for_mean_k
 
         s = replace(self.settings, **settings)
         return alpha_for_mean_k(self.banks[s.kernel], self.logits, target_mean_k, method=s.method, min_k=s.min_k,
-                                max_k=s.max_k)
+                                max_k=s.max_k, per_layer=per_layer)
 
     def median_update_ms(self) -> float:
         """Median of the recorded update times (NaN before the first update)."""
@@ -394,7 +406,7 @@ class AlphaExplorer:
                      where="mid", color="black", lw=1.2, label="all layers")
         ax_hist.axvline(self.native_k, color="tab:red", ls="--", lw=1, label=f"native k={self.native_k}")
         ax_hist.set(xlabel="experts per token", ylabel="share of tokens",
-                    title=f"{s.method} alpha={s.alpha:.3g} kernel={s.kernel} k in [{s.min_k}, {s.max_k}]")
+                    title=f"{s.method} alpha={_alpha_text(s.alpha)} kernel={s.kernel} k in [{s.min_k}, {s.max_k}]")
         ax_hist.set_xticks(k)
         ax_hist.legend(fontsize=8)
 
@@ -521,8 +533,9 @@ class AlphaExplorer:
         s = self.settings
         k_limit = min(self.num_experts, 2 * self.native_k)
         controls = {
-            "alpha": w.FloatLogSlider(value=s.alpha, base=10, min=-12, max=0, step=0.05, description="alpha",
-                                      readout_format=".3g", continuous_update=True),
+            "alpha": w.FloatLogSlider(value=min(s.alpha.values()) if isinstance(s.alpha, Mapping) else s.alpha,
+                                      base=10, min=-12, max=0, step=0.05, description="alpha", readout_format=".3g",
+                                      continuous_update=True),
             "max_k": w.IntSlider(value=s.max_k, min=1, max=k_limit, description="max_k"),
             "min_k": w.IntSlider(value=s.min_k, min=0, max=k_limit, description="min_k"),
             "method": w.Dropdown(options=list(EXPLORER_METHODS), value=s.method, description="method"),
@@ -532,6 +545,8 @@ class AlphaExplorer:
         target = w.FloatSlider(value=round(self.update().mean_k, 1), min=0.5, max=float(k_limit), step=0.1,
                                description="target k", tooltip="experts per token to reach: sets alpha",
                                continuous_update=False)
+        per_layer = w.Checkbox(value=isinstance(s.alpha, Mapping), description="target in every layer")
+        layer_levels = dict(s.alpha) if per_layer.value else {}  # per-layer alphas, used while per_layer is ticked
         image = w.Image(format="png")
         tokens_view = w.HTML()
         timing = w.HTML()
@@ -541,7 +556,8 @@ class AlphaExplorer:
         live = w.Output()
 
         def redraw(*_: Any) -> None:
-            st = self.update(**{name: c.value for name, c in controls.items()})
+            values = {name: c.value for name, c in controls.items()}
+            st = self.update(**{**values, "alpha": layer_levels} if per_layer.value and layer_levels else values)
             start = time.perf_counter()
             buf = io.BytesIO()
             self.figure(st).savefig(buf, format="png", dpi=80)
@@ -557,50 +573,48 @@ class AlphaExplorer:
         def run_clicked(_: Any) -> None:
             from IPython.display import display
 
+            from bh_helpers.app.notebook import live_run_html
+
             with live:
                 live.clear_output()
                 button.disabled = True
                 try:
                     res = self.run_live(prompt, eval_texts=eval_texts, max_new_tokens=max_new_tokens)
-                    display(_live_html(res))
+                    display(live_run_html(res))
                 finally:
                     button.disabled = False
 
         def target_moved(change: Any) -> None:
             try:
-                controls["alpha"].value = self.alpha_for_target(
-                    change["new"], method=controls["method"].value, min_k=controls["min_k"].value,
-                    max_k=controls["max_k"].value, kernel=controls["kernel"].value)
+                found = self.alpha_for_target(
+                    change["new"], per_layer=per_layer.value, method=controls["method"].value,
+                    min_k=controls["min_k"].value, max_k=controls["max_k"].value, kernel=controls["kernel"].value)
             except ValueError as err:  # out of reach with these min_k/max_k: say so, change nothing
                 timing.value = f"<b>target k {change['new']:.1f}:</b> {html.escape(str(err))}"
+                return
+            if per_layer.value:
+                layer_levels.clear()
+                layer_levels.update(found)
+                redraw()
+            else:
+                controls["alpha"].value = found
 
+        # moving the alpha slider by hand leaves the per-layer levels (before it redraws)
+        controls["alpha"].observe(lambda _: setattr(per_layer, "value", False), names="value")
         for control in controls.values():
             control.observe(redraw, names="value")
         target.observe(target_moved, names="value")
+        per_layer.observe(lambda c: target_moved({"new": target.value}) if c["new"] else redraw(), names="value")
         button.on_click(run_clicked)
         redraw()
-        self._ui = {"controls": controls, "target": target, "image": image, "tokens": tokens_view, "timing": timing, "live": live}
+        self._ui = {"controls": controls, "target": target, "per_layer": per_layer, "image": image,
+                    "tokens": tokens_view, "timing": timing, "live": live}
         return w.VBox([
-            w.HBox([w.VBox([target, controls["alpha"], controls["max_k"], controls["min_k"]]),
+            w.HBox([w.VBox([target, per_layer, controls["alpha"], controls["max_k"], controls["min_k"]]),
                     w.VBox([controls["method"], controls["kernel"], controls["layer"]])]),
             timing, image, tokens_view, w.HBox([button]), live,
         ])
 
 
-def _live_html(res: Mapping[str, Any]):
-    from IPython.display import HTML
-
-    rows = [
-        ("native top-k", res["native_text"], res.get("native_ppl"), res["native_generate_s"], None),
-        ("current setting", res["routed_text"], res.get("routed_ppl"), res["generate_s"], res["routed_mean_k"]),
-    ]
-    body = "".join(
-        f"<tr><td>{name}</td><td style='text-align:left'>{html.escape(text)}</td>"
-        f"<td>{'' if ppl is None else f'{ppl:.2f}'}</td><td>{secs:.2f}</td>"
-        f"<td>{'' if k is None else f'{k:.2f}'}</td></tr>"
-        for name, text, ppl, secs, k in rows
-    )
-    return HTML(
-        "<table><tr><th>routing</th><th>greedy generation</th><th>perplexity</th>"
-        f"<th>generate s</th><th>mean k</th></tr>{body}</table>"
-    )
+def _alpha_text(a: float | Mapping[int, float]) -> str:
+    return f"{min(a.values()):.3g}..{max(a.values()):.3g} per layer" if isinstance(a, Mapping) else f"{a:.3g}"

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from bh_helpers._validate import check_choice
-from bh_helpers.selection.budget import ComputeBudget
+from bh_helpers.selection.budget import ComputeBudget, layer_alphas
 from bh_helpers.selection.reference import FDR_METHODS
 
-__all__ = ["CONTROLS", "FDR_METHODS", "METHODS", "SweepConfig", "adaptive_of", "bank_name", "controls_by_adaptive",
+__all__ = ["CONTROLS", "FDR_METHODS", "LAYER_TARGETS", "METHODS", "SweepConfig", "adaptive_of", "bank_name", "controls_by_adaptive",
            "expand_grid", "grid_hash", "sweep_grid", "with_controls"]
 
 # FDR_METHODS (p-value based: need alpha and a null kernel) is the selection module's own tuple.
@@ -51,6 +51,9 @@ class SweepConfig:
         ``"top_p"`` (``top_p``, ``min_k``, ``max_k``) or ``"native"`` (the model untouched).
     alpha : float, optional
         Error rate of the multiple-testing procedure, in ``(0, 1]``.
+    layer_alphas : tuple of float, optional
+        Instead of ``alpha``: one level per layer (adaptive FDR), ``layer_alphas[i]`` for layer
+        ``i``; a multiple-testing configuration sets exactly one of the two.
     max_k, min_k : int, optional
         Ceiling and floor on the number of experts per token.
     kernel : str, optional
@@ -81,9 +84,18 @@ class SweepConfig:
     trim: int | None = None
     control_of: str | None = None
     seed: int | None = None
+    layer_alphas: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
+        if self.layer_alphas is not None:
+            if isinstance(self.layer_alphas, (Mapping, str)) or not isinstance(self.layer_alphas, Iterable):
+                raise ValueError(f"`layer_alphas` must be a sequence of levels, one per layer number; "
+                                 f"got {self.layer_alphas!r}.")
+            levels = layer_alphas(list(self.layer_alphas), "layer_alphas")
+            object.__setattr__(self, "layer_alphas", tuple(levels.values()))
+            if self.method in FDR_METHODS and self.alpha is not None:
+                raise ValueError("give `alpha` (one level) or `layer_alphas` (one per layer), not both.")
         # The defaults are stored as None so that configurations written before statistics
         # existed keep their keys (and their results files resume).
         if self.statistic == "raw":
@@ -93,7 +105,7 @@ class SweepConfig:
         if self.statistic is not None:
             check_choice("statistic", self.statistic, ("raw", "centred", "zscore"))
         uses = {
-            "alpha": self.method in FDR_METHODS,
+            "alpha": self.method in FDR_METHODS and self.layer_alphas is None,
             "kernel": self.method in FDR_METHODS,
             "max_k": self.method in FDR_METHODS + ("top_p",),
             "min_k": self.method in FDR_METHODS + ("top_p",),
@@ -102,7 +114,8 @@ class SweepConfig:
             "control_of": self.method in CONTROLS,
             "seed": self.method in CONTROLS,
         }
-        optional = {"statistic": self.method in FDR_METHODS, "trim": self.method in FDR_METHODS}
+        optional = {"statistic": self.method in FDR_METHODS, "trim": self.method in FDR_METHODS,
+                    "layer_alphas": self.method in FDR_METHODS}
         for name, used in uses.items():
             value = getattr(self, name)
             if used and value is None:
@@ -164,7 +177,9 @@ class SweepConfig:
         """Short human-readable name, e.g. ``"bh a=0.05 k=1..8 gaussian"``."""
         if self.method in FDR_METHODS:
             extra = (f" {self.statistic}" if self.statistic else "") + (f" trim={self.trim}" if self.trim else "")
-            return f"{self.method} a={self.alpha:g} k={self.min_k}..{self.max_k} {self.kernel}{extra}"
+            level = f"a={self.alpha:g}" if self.layer_alphas is None else (
+                f"a={min(self.layer_alphas):.3g}..{max(self.layer_alphas):.3g}/layer")
+            return f"{self.method} {level} k={self.min_k}..{self.max_k} {self.kernel}{extra}"
         if self.method in CONTROLS:
             return f"{self.method}[{self.adaptive().label()}]"
         if self.method == "topk":
@@ -223,8 +238,12 @@ class SweepConfig:
                 return selectors.TopKSelector(k=self.k, weights=weights, null_bank=bank)
             return selectors.TopPSelector(p=self.top_p, min_k=self.min_k, max_k=self.max_k, weights=weights,
                                           null_bank=bank)
-        return selectors.BHSelector(self._bank(null_bank), method=self.method, alpha=self.alpha, min_k=self.min_k,
+        return selectors.BHSelector(self._bank(null_bank), method=self.method, alpha=self.level(), min_k=self.min_k,
                                     max_k=self.max_k, weights=weights)
+
+    def level(self) -> float | tuple[float, ...] | None:
+        """The level a selector takes as ``alpha``: ``alpha``, or ``layer_alphas`` (one per layer)."""
+        return self.alpha if self.layer_alphas is None else self.layer_alphas
 
     def _bank(self, null_bank: Any) -> Any:
         """The NullBank this configuration routes (or, static, weighs) with, out of ``null_bank``."""
@@ -255,6 +274,9 @@ class SweepConfig:
         """Keyword arguments for :func:`bh_helpers.selection.reference.select_experts` (``{}`` for native)."""
         if self.method == "native":
             return {}
+        if self.layer_alphas is not None:
+            raise ValueError(f"{self.label()!r} has one alpha per layer: select_experts takes one level; "
+                             "use to_selector(...), whose selector is told the layer.")
         out = {"method": self.method}
         for name in ("alpha", "min_k", "max_k", "k", "top_p"):
             if getattr(self, name) is not None:
@@ -396,19 +418,36 @@ def grid_hash(configs: Sequence[SweepConfig], datasets: Sequence[str], grid_id: 
 _ALPHA_TOKENS = 4096
 
 
+#: Where a grid's compute targets are reached: over all layers (one alpha), in every layer
+#: (one alpha per layer: adaptive FDR at equal per-layer compute), or both.
+LAYER_TARGETS = ("global", "per-layer", "both")
+
+
+def _per_layer_levels(found: Mapping[int, float], where: str) -> tuple[float, ...]:
+    """``{layer: alpha}`` as ``SweepConfig.layer_alphas`` (index = layer number), 4 significant digits."""
+    if sorted(found) != list(range(len(found))):
+        raise ValueError(f"per-layer alphas{where} need calibration logits of layers 0..L-1; got layers "
+                         f"{sorted(found)}.")
+    return tuple(float(f"{found[layer]:.4g}") for layer in range(len(found)))
+
+
 def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | None, methods: Sequence[str],
                alphas: Sequence[float], mean_ks: Sequence[float], max_ks: Sequence[int], min_ks: Sequence[int],
-               topk_max: int, top_ps: Sequence[float], controls: bool = True, seed: int = 0):
+               topk_max: int, top_ps: Sequence[float], controls: bool = True, seed: int = 0,
+               layer_alphas: Sequence[Sequence[float]] = (), layer_targets: str = "global"):
     """The grid of the demo and of ``bh-routing sweep``.
 
     Native, static top-1..``topk_max``, top-p, then for every null bank (one per statistic and
-    trim), method, ``max_k`` and floor ``min_k``: the explicit ``alphas`` and, for each compute
+    trim), method, ``max_k`` and floor ``min_k``: the explicit ``alphas``, the explicit per-layer
+    levels ``layer_alphas`` (each a sequence, one level per layer number) and, for each compute
     target in ``mean_ks`` above the floor (by at least half an expert; lower targets are skipped
-    for that floor), the alpha that reaches it on ``calibration``
-    (:class:`bh_helpers.selection.budget.ComputeBudget` on at most :data:`_ALPHA_TOKENS` evenly spaced
-    tokens per layer, rounded to 4 significant digits). With
+    for that floor), the alpha that reaches it on ``calibration`` over all layers
+    (``layer_targets="global"``), the per-layer alphas that reach it in every layer
+    (``"per-layer"``), or both (:class:`bh_helpers.selection.budget.ComputeBudget` on at most
+    :data:`_ALPHA_TOKENS` evenly spaced tokens per layer, rounded to 4 significant digits). With
     ``controls`` every adaptive configuration is followed by its mixed and shuffled controls.
     """
+    check_choice("layer_targets", layer_targets, LAYER_TARGETS)
     if mean_ks and calibration is None:
         raise ValueError("compute targets (--mean-ks) need calibration logits (--captured) to choose alpha.")
     adaptive = []
@@ -420,11 +459,19 @@ def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | Non
                 for min_k in min_ks:
                     if min_k > max_k:
                         continue
-                    found = [budget.alpha(t, method=method, min_k=min_k, max_k=max_k)
-                             for t in mean_ks if min_k + 0.5 <= t <= max_k]
-                    levels = list(alphas) + [float(f"{alpha:.4g}") for alpha in found]
-                    adaptive += [SweepConfig(method, alpha=a, max_k=max_k, min_k=min_k, kernel=meta.kernel,
-                                             statistic=meta.statistic, trim=meta.trim) for a in dict.fromkeys(levels)]
+                    same = dict(max_k=max_k, min_k=min_k, kernel=meta.kernel, statistic=meta.statistic, trim=meta.trim)
+                    targets = [t for t in mean_ks if min_k + 0.5 <= t <= max_k]
+                    levels = list(alphas)
+                    per_layer = [tuple(row) for row in layer_alphas]
+                    for t in targets:
+                        reach = dict(method=method, min_k=min_k, max_k=max_k)
+                        if layer_targets != "per-layer":
+                            levels.append(float(f"{budget.alpha(t, **reach):.4g}"))
+                        if layer_targets != "global":
+                            found = budget.alpha(t, per_layer=True, **reach)
+                            per_layer.append(_per_layer_levels(found, f" (target {t:g})"))
+                    adaptive += [SweepConfig(method, alpha=a, **same) for a in dict.fromkeys(levels)]
+                    adaptive += [SweepConfig(method, layer_alphas=a, **same) for a in dict.fromkeys(per_layer)]
     baselines = expand_grid(methods=(), topk=list(range(1, topk_max + 1)), top_ps=top_ps, max_ks=max_ks,
                             min_ks=min_ks, native=True)
     return baselines + (with_controls(adaptive, seed=seed) if controls else adaptive)

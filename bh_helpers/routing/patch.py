@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -369,6 +369,12 @@ def route(
                 "pass `layers` to route only those it has, or fit a bank on every layer "
                 "(`bh-routing capture` + `bh-routing fit`)."
             )
+    levels = getattr(selector, "alpha", None)
+    if isinstance(levels, Mapping):  # per-layer alpha (BHSelector): one level per routed layer
+        missing = [b.layer for b in blocks if b.layer not in levels]
+        if missing:
+            raise ValueError(f"the selector's `alpha` has no level for MoE layers {missing} (it has layers "
+                             f"{sorted(levels)}); give one level per routed layer, or pass `layers`.")
     busy = [b.layer for b in blocks if b.module in _ACTIVE]
     if busy:
         raise RuntimeError(

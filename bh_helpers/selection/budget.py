@@ -1,26 +1,72 @@
-"""Choosing alpha by compute: the level at which a testing procedure uses a target mean k.
+"""Levels per layer, and choosing alpha by compute: the level at which a procedure uses a target mean k.
 
 Hand-picked alphas land wherever the null puts them (with a raw pooled null, alpha 0.05 gives
 almost every token ``min_k`` experts). Comparisons are cleaner at chosen compute: a few targets
 of mean experts per token, each turned into the alpha that reaches it on calibration logits.
+
+An alpha may also differ between layers (adaptive FDR: e.g. looser in early layers): a sequence
+indexed by layer number or a mapping ``{layer: alpha}`` (:func:`layer_alphas`, :func:`alpha_at`);
+:meth:`ComputeBudget.alpha` with ``per_layer=True`` (or a target per layer) finds such levels.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from bh_helpers._validate import check_choice, check_int
+from bh_helpers._validate import check_choice, check_int, check_level
 from bh_helpers.selection.reference import FDR_METHODS, _counts_from_sorted
 
-__all__ = ["ComputeBudget", "alpha_for_mean_k"]
+__all__ = ["ComputeBudget", "alpha_at", "alpha_for_mean_k", "layer_alphas"]
 
 #: Bisection steps on log(alpha): the bracket [1e-12, 1] (27.6 in log) shrinks to 2.6e-8 in log.
 _STEPS = 30
 _ALPHA_MIN = 1e-12
+
+
+def layer_alphas(alpha: Any, name: str = "alpha") -> float | dict[int, float]:
+    """``alpha`` checked: one level (a float), or one per layer (a dict ``{layer: level}``).
+
+    Parameters
+    ----------
+    alpha : float, sequence of float, or mapping of int to float
+        A level in ``(0, 1]`` for every layer; a sequence gives layer ``i`` the level
+        ``alpha[i]``; a mapping names its layers.
+    name : str, default "alpha"
+        The argument's name, as the user typed it, for the error messages.
+
+    Raises
+    ------
+    ValueError, TypeError
+        An empty sequence or mapping, a layer that is not an integer >= 0, or a level outside (0, 1].
+    """
+    if isinstance(alpha, Mapping):
+        items = list(alpha.items())
+    elif isinstance(alpha, Sequence) and not isinstance(alpha, str):
+        items = list(enumerate(alpha))
+    else:
+        return check_level(name, alpha)
+    if not items:
+        raise ValueError(f"`{name}` has no level: give one float, or one level per layer.")
+    out = {}
+    for layer, level in items:
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"`{name}` keys must be layer numbers (integers >= 0); got {layer!r}.")
+        out[layer] = check_level(f"{name}[{layer}]", level)
+    return out
+
+
+def alpha_at(alphas: float | Mapping[int, float], layer: int, name: str = "alpha") -> float:
+    """The level of ``layer`` in :func:`layer_alphas`' result."""
+    if not isinstance(alphas, Mapping):
+        return alphas
+    if layer not in alphas:
+        raise ValueError(f"`{name}` has no level for layer {layer} (it has layers {sorted(alphas)}); "
+                         "give one level per routed layer.")
+    return alphas[layer]
 
 
 def _sorted_pvalues(bank: Any, logits: Any, layer: int) -> torch.Tensor:
@@ -83,15 +129,23 @@ class ComputeBudget:
                 raise ValueError(f"`logits_by_layer[{layer}]` has no tokens.")
             self.sorted_p[layer] = _sorted_pvalues(bank, x, layer)
 
-    def alpha(self, target_mean_k: float, *, method: str = "bh", min_k: int = 1, max_k: int = 8,
-              per_layer: bool = False) -> float | dict[int, float]:
+    def alpha(self, target_mean_k: float | Mapping[int, float], *, method: str = "bh", min_k: int = 1,
+              max_k: int = 8, per_layer: bool = False) -> float | dict[int, float]:
         """The alpha reaching ``target_mean_k`` (see :func:`alpha_for_mean_k`)."""
         check_choice("method", method, FDR_METHODS)
         check_int("max_k", max_k, 1)
         check_int("min_k", min_k, 0, max_k)
-        if isinstance(target_mean_k, bool) or not isinstance(target_mean_k, (int, float)) \
-                or not math.isfinite(target_mean_k):
-            raise ValueError(f"`target_mean_k` must be a number of experts per token; got {target_mean_k!r}.")
+        targets = dict(target_mean_k) if isinstance(target_mean_k, Mapping) else None
+        if targets is not None and set(targets) != set(self.sorted_p):
+            raise ValueError(f"`target_mean_k` needs one target for each calibration layer {sorted(self.sorted_p)}; "
+                             f"got layers {sorted(targets)}.")
+        for layer, target in (targets or {None: target_mean_k}).items():
+            if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+                where = "" if layer is None else f"[{layer}]"
+                raise ValueError(f"`target_mean_k{where}` must be a number of experts per token; got {target!r}.")
+        if targets is not None:
+            return {layer: _bisect([p], float(targets[layer]), method, min_k, max_k, f" at layer {layer}")
+                    for layer, p in self.sorted_p.items()}
         if per_layer:
             return {layer: _bisect([p], float(target_mean_k), method, min_k, max_k, f" at layer {layer}")
                     for layer, p in self.sorted_p.items()}
@@ -101,7 +155,7 @@ class ComputeBudget:
 def alpha_for_mean_k(
     bank: Any,
     logits_by_layer: Mapping[int, Any],
-    target_mean_k: float,
+    target_mean_k: float | Mapping[int, float],
     *,
     method: str = "bh",
     min_k: int = 1,
@@ -117,8 +171,9 @@ def alpha_for_mean_k(
     logits_by_layer : mapping of int to Tensor of shape (N, E)
         Calibration router logits (e.g. :class:`~bh_helpers.capture.CapturedLogits`'s ``logits``),
         ideally not the ones the bank was fitted on.
-    target_mean_k : float
-        Mean experts per token to reach, over all layers and tokens (or in each layer).
+    target_mean_k : float or mapping of int to float
+        Mean experts per token to reach, over all layers and tokens (or in each layer); a mapping
+        gives each layer its own target (a per-layer compute budget) and returns per-layer alphas.
     method : {"bh", "by", "bonferroni", "holm"}, default "bh"
     min_k, max_k : int, default 1 and 8
         The selector's floor and ceiling (they shape the reachable range).

@@ -10,14 +10,16 @@ is a pure, sync-free device function may set ``graph_safe = True`` to be capture
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from bh_helpers._validate import check_choice, check_int, check_level
+from bh_helpers._validate import check_choice, check_int
 from bh_helpers.models.families import find_moe_blocks
+from bh_helpers.selection.budget import alpha_at, layer_alphas
 from bh_helpers.selection.fused import fused_select_experts, select_from_bank
 from bh_helpers.selection.reference import FDR_METHODS, WEIGHT_MODES, Selection, select_experts
 
@@ -57,8 +59,10 @@ class BHSelector:
     null_bank : NullBank
         Anything with ``.pvalues(logits[T, E], layer) -> [T, E]``.
     method : {"bh", "by", "bonferroni", "holm"}, default "bh"
-    alpha : float, default 0.05
-        Level of the procedure, in (0, 1].
+    alpha : float, sequence of float, or mapping of int to float, default 0.05
+        Level of the procedure, in (0, 1]; or one per layer (adaptive FDR): a sequence indexed by
+        layer number or a mapping ``{layer: alpha}`` (stored as a dict; see
+        :func:`~bh_helpers.selection.budget.layer_alphas`).
     min_k, max_k : int, default 1 and 8
         Floor and ceiling on experts per token; ``max_k`` may exceed the model's native k.
     weights : {"renorm", "softmax", "uniform", "inverse_p"}, default "renorm"
@@ -66,7 +70,7 @@ class BHSelector:
 
     null_bank: Any = field(repr=False)
     method: str = "bh"
-    alpha: float = 0.05
+    alpha: float | Sequence[float] | Mapping[int, float] = 0.05
     min_k: int = 1
     max_k: int = 8
     weights: str = "renorm"
@@ -74,7 +78,7 @@ class BHSelector:
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, FDR_METHODS)
-        check_level("alpha", self.alpha)
+        object.__setattr__(self, "alpha", layer_alphas(self.alpha))
         check_int("max_k", self.max_k, 1)
         check_int("min_k", self.min_k, 0)
         if self.min_k > self.max_k:
@@ -91,7 +95,7 @@ class BHSelector:
             self.null_bank,
             layer,
             method=self.method,
-            alpha=self.alpha,
+            alpha=alpha_at(self.alpha, layer),
             min_k=self.min_k,
             max_k=self.max_k,
             weights=self.weights,
