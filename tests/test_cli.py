@@ -65,6 +65,9 @@ def test_demo_end_to_end(demo_dir, capsys):
     df = load_results(demo_dir / "sweep.jsonl")
     assert len(df) == 1 + 3 + 1 + 2 * 3  # native, top-1..3, top-p, 2 x (bh, its mixed and shuffled controls)
     assert "## Verdict" in report and "## Against compute-matched controls" in report
+    # max_k saturation (the demo's calibration logits): table of points and the figure
+    assert "## max_k saturation" in report and "saturation_max_k" in report
+    assert (demo_dir / "max_k_saturation.png").is_file()
     assert "## Budget optimiser" in report and "lowest perplexity with mean k <= 2" in report
     assert "## Load balance" in report and "worst layer CV" in report
     assert (demo_dir / "load_balance_per_layer_prose.png").is_file()

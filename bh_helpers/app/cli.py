@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="null bank folder, or a demo's nulls/ folder of banks; with it the model is loaded for "
                           "the category analysis and token view")
     _add_model(rep)
+    rep.add_argument("--captured", default=None,
+                     help="calibration logits (`bh-routing capture`): with --nulls, adds the max_k saturation table")
     rep.add_argument("--no-categories", action="store_true", help="skip the prompt-category analysis")
     return parser
 
@@ -348,7 +350,11 @@ def _cmd_report(args) -> int:
     if args.nulls:
         bank = _load_banks(args.nulls)
         model, tok = _load(args)
+    if args.captured and not args.nulls:
+        raise ValueError("--captured (for the max_k saturation table) needs --nulls, the bank to test with.")
+    calibration = CapturedLogits.load(args.captured)[0] if args.captured else None
     path = pipeline.report_step(args.out, results=results, model=model, tokenizer=tok, null_bank=bank,
+                                calibration=calibration,
                                 model_id=args.model, categories=not args.no_categories,
                                 progress=not args.no_progress)
     print(f"report: {path}")

@@ -586,7 +586,7 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
     with step("report"):
         report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=banks,
                              model_id=settings.model, categories=settings.categories, seed=settings.seed,
-                             weights=settings.weights, progress=progress)
+                             weights=settings.weights, calibration=calibration, progress=progress)
 
     (out / STEPS_NAME).write_text(json.dumps({
         "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),

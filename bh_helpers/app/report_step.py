@@ -16,11 +16,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bh_helpers.capture import _model_device
 from bh_helpers.experiments.categories import analyze_categories, load_prompt_sets
 from bh_helpers.experiments.comparison import compare_with_controls
 from bh_helpers.experiments.frontier import compute_frontier
 from bh_helpers.experiments.optimize import optimize
+from bh_helpers.experiments.saturation import saturation_points, saturation_table
 from bh_helpers.experiments.configs import SweepConfig, bank_name, controls_by_adaptive
 from bh_helpers.experiments.sweep import load_results
 from bh_helpers.models.texts import dataset_description, encode
@@ -110,7 +113,8 @@ def _model_info(model, model_id: str) -> dict:
 
 def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=None, null_bank=None,
                 model_id: str = "tiny", categories: bool = True, prompt_sets=None, seed: int = 0,
-                weights: str | None = None, extra_notes: str | None = None, progress: bool = True) -> Path:
+                weights: str | None = None, extra_notes: str | None = None, calibration=None,
+                progress: bool = True) -> Path:
     """Frontier, figures, optional category analysis and token view, then ``report.md``.
 
     Parameters
@@ -131,6 +135,8 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     weights : str, optional
         Weight convention of the category analysis and token view (default: the sweep's).
     extra_notes : str, optional
+    calibration : mapping of int to Tensor, optional
+        Calibration router logits: with ``null_bank``, the max_k saturation table and figure.
     progress : bool
 
     Returns
@@ -168,6 +174,10 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     tables: dict[str, Any] = {"Budget optimiser": _optimiser_section(results)}
     if any(str(c).startswith("per_layer_utilisation_cv.") for c in results.columns):
         tables["Load balance"] = _load_balance_table(results)
+    if calibration is not None and null_bank is not None:
+        saturation, points = _saturation(results, null_bank, calibration, config)
+        tables["max_k saturation"] = _saturation_section(saturation, points)
+        figures["max_k saturation"] = plots.plot_saturation(saturation, points)
     notes = [extra_notes] if extra_notes else []
     mixed_key = None
     if config is not None and comparison is not None:
@@ -185,9 +195,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         import torch
 
 
-        banks = null_bank if isinstance(null_bank, Mapping) and not isinstance(null_bank, NullBank) else {
-            bank_name(null_bank.metadata.kernel, null_bank.metadata.statistic, null_bank.metadata.trim): null_bank}
-        selector = config.to_selector(model, null_bank=banks, weights=weights)
+        selector = config.to_selector(model, null_bank=_banks_by_name(null_bank), weights=weights)
         if categories:
             # the compute-matched control: mixed top-k at the featured row's per-layer mean k
             row = results[(results["key"] == featured["key"]) & (results["dataset"] == featured["dataset"])].iloc[0]
@@ -234,6 +242,48 @@ def _optimiser_section(results) -> str:
             "and the best by 0.7 x quality + 0.3 x speed (each min-max scaled over the configurations that ran); "
             "an adaptive pick shows its compute-matched controls (`bh-routing optimize --help`).\n\n"
             + markdown_table(picks, floatfmt=".3f"))
+
+
+def _banks_by_name(null_bank) -> dict:
+    """``{bank_name: NullBank}`` from one bank or a mapping of them."""
+    if isinstance(null_bank, Mapping) and not isinstance(null_bank, NullBank):
+        return dict(null_bank)
+    meta = null_bank.metadata
+    return {bank_name(meta.kernel, meta.statistic, meta.trim): null_bank}
+
+
+def _saturation(results, null_bank, calibration, config):
+    """The saturation table and points of the featured configuration's bank, method and floor, at
+    the levels the sweep ran with that bank (at most six), or at 0.01..0.5 without a featured one."""
+    banks = _banks_by_name(null_bank)
+    name = config.bank_name() if config is not None and config.bank_name() in banks else next(iter(banks))
+    method, min_k = (config.method, config.min_k) if config is not None else ("bh", 1)
+    alphas = []
+    if "alpha" in results.columns:
+        rows = results[(results["method"] == method) & results["alpha"].notna()].drop_duplicates("key")
+        alphas = sorted({float(r["alpha"]) for _, r in rows.iterrows()
+                         if _config_of(results, r["key"]).bank_name() == name})
+    if len(alphas) > 6:
+        alphas = [alphas[i] for i in np.linspace(0, len(alphas) - 1, 6).round().astype(int)]
+    table = saturation_table(banks[name], calibration, alphas or [0.01, 0.05, 0.2, 0.5], method=method, min_k=min_k)
+    table.attrs["setting"] = f"{method}, min_k={min_k}, null bank {name}"
+    return table, saturation_points(table)
+
+
+def _saturation_section(table, points) -> str:
+    from bh_helpers.report.write import markdown_table
+
+    wide = table.pivot(index="alpha", columns="max_k", values="mean_k").round(3)
+    wide.columns = [f"mean k, max_k={m}" for m in wide.columns]
+    hits = table.pivot(index="alpha", columns="max_k", values="ceiling_rate").round(3)
+    hits.columns = [f"at ceiling, max_k={m}" for m in hits.columns]
+    return (f"Mean experts per token as the ceiling max_k rises ({table.attrs['setting']}; on the calibration "
+            "logits, native routing upstream), and the share of token-layers whose uncapped count reaches the "
+            "ceiling. The saturation point is the smallest max_k whose mean k is within 5% of the largest "
+            "ceiling's (`bh_helpers.experiments.saturation`).\n\n"
+            + markdown_table(points.round(3), floatfmt=".3f") + "\n\n"
+            + markdown_table(wide.reset_index(), floatfmt=".3f") + "\n\n"
+            + markdown_table(hits.reset_index(), floatfmt=".3f"))
 
 
 def _load_balance_table(results):

@@ -10,6 +10,7 @@ value, or save it with ``fig.savefig(...)``.
   top-p and native points.
 - :func:`plot_layer_heatmap`: mean experts per token per configuration and layer.
 - :func:`plot_k_histogram`: distribution of experts per token (token-layer pairs).
+- :func:`plot_saturation`: mean k and ceiling-hit rate against ``max_k``, per alpha.
 - :func:`token_view_html` / :func:`plot_token_view`: text coloured by experts per token.
 """
 
@@ -30,6 +31,7 @@ __all__ = [
     "layer_matrix",
     "plot_layer_heatmap",
     "plot_k_histogram",
+    "plot_saturation",
     "token_view_html",
     "plot_token_view",
 ]
@@ -286,6 +288,42 @@ def plot_k_histogram(counts: Mapping[str, Any], *, max_k: int | None = None,
     ax.set_ylabel("share of token-layers")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    return fig
+
+
+def plot_saturation(table, points=None, *, title: str = "max_k saturation"):
+    """Mean k (left) and ceiling-hit rate (right) against ``max_k`` (log2 axis), one line per alpha.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        :func:`bh_helpers.experiments.saturation.saturation_table` output.
+    points : pandas.DataFrame, optional
+        :func:`~bh_helpers.experiments.saturation.saturation_points` output: each alpha's
+        saturation point is marked.
+    """
+    from matplotlib.figure import Figure
+
+    _check_columns(table, ["alpha", "max_k", "mean_k", "ceiling_rate"])
+    fig = Figure(figsize=(9.0, 3.8), layout="constrained")
+    ax_k, ax_c = fig.subplots(1, 2)
+    for alpha, group in table.sort_values("max_k").groupby("alpha"):
+        line, = ax_k.plot(group["max_k"], group["mean_k"], marker="o", label=f"alpha={alpha:.3g}")
+        ax_c.plot(group["max_k"], group["ceiling_rate"], marker="o", color=line.get_color())
+        if points is not None:
+            at = points[points["alpha"] == alpha]
+            if len(at):
+                ax_k.scatter(at["saturation_max_k"], at["mean_k_there"], s=140, facecolors="none",
+                             edgecolors=line.get_color(), linewidths=1.5, zorder=3)
+    ticks = sorted(table["max_k"].unique())
+    for ax in (ax_k, ax_c):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.grid(True, alpha=0.3)
+    ax_k.set(xlabel="max_k (ceiling)", ylabel="mean experts per token",
+             title=title + (" (circles: saturation point)" if points is not None else ""))
+    ax_c.set(xlabel="max_k (ceiling)", ylabel="share of token-layers at the ceiling", ylim=(0, 1))
+    ax_k.legend(fontsize=8)
     return fig
 
 
