@@ -121,6 +121,20 @@ def _add_grid(p: argparse.ArgumentParser) -> None:
                    help=f"top-p baselines, '' for none (default: {','.join(map(str, _D.top_ps))})")
 
 
+def _add_report(sub) -> None:
+    rep = sub.add_parser("report", help="sweep.jsonl -> report.md with figures",
+                         description="Write report.md (frontier table, results, figures, protocol) into a folder.")
+    rep.add_argument("--results", required=True, help="results file (.jsonl) of `bh-routing sweep` or `demo`")
+    rep.add_argument("--out", required=True, help="report folder (report.md and PNGs in it are replaced)")
+    rep.add_argument("--nulls", default=None,
+                     help="null bank folder, or a demo's nulls/ folder of banks; with it the model is loaded for "
+                          "the category analysis and token view")
+    _add_model(rep)
+    rep.add_argument("--captured", default=None,
+                     help="calibration logits (`bh-routing capture`): with --nulls, adds the max_k saturation table")
+    rep.add_argument("--no-categories", action="store_true", help="skip the prompt-category analysis")
+
+
 def _add_optimize(sub) -> None:
     opt = sub.add_parser("optimize", help="sweep.jsonl -> the best configuration under a compute budget",
                          description="Per data set, the configuration with the lowest perplexity within --budget mean "
@@ -207,17 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_protocol(sw)
 
     _add_optimize(sub)
-    rep = sub.add_parser("report", help="sweep.jsonl -> report.md with figures",
-                         description="Write report.md (frontier table, results, figures, protocol) into a folder.")
-    rep.add_argument("--results", required=True, help="results file (.jsonl) of `bh-routing sweep` or `demo`")
-    rep.add_argument("--out", required=True, help="report folder (report.md and PNGs in it are replaced)")
-    rep.add_argument("--nulls", default=None,
-                     help="null bank folder, or a demo's nulls/ folder of banks; with it the model is loaded for "
-                          "the category analysis and token view")
-    _add_model(rep)
-    rep.add_argument("--captured", default=None,
-                     help="calibration logits (`bh-routing capture`): with --nulls, adds the max_k saturation table")
-    rep.add_argument("--no-categories", action="store_true", help="skip the prompt-category analysis")
+    _add_report(sub)
     return parser
 
 

@@ -154,21 +154,8 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     comparison = compare_with_controls(results, seed=seed) if has_controls else None
     if weights is None:
         weights = _protocol_from_results(results).get("weights") or "softmax"
-    figures: dict[str, Any] = {}
-    for name in dict.fromkeys(results["dataset"]):
-        figures[f"frontier {name}"] = plots.plot_frontier(results, dataset=name)
-    if comparison is not None and len(comparison):
-        figures["against compute-matched controls"] = plots.plot_controls(comparison)
+    figures = _sweep_figures(results, comparison)
     first_set = results["dataset"].iloc[0]
-    if any(str(c).startswith("per_layer_mean_k.") for c in results.columns):
-        figures[f"mean k per layer, {first_set}"] = plots.plot_layer_heatmap(
-            plots.layer_matrix(results[~results["method"].isin(["mixed", "shuffled"])], dataset=first_set),
-            title=f"mean experts per token by layer ({first_set})")
-    if any(str(c).startswith("per_layer_utilisation_cv.") for c in results.columns):
-        balance = plots.layer_matrix(results[~results["method"].isin(["mixed", "shuffled"])], dataset=first_set,
-                                     prefix="per_layer_utilisation_cv.")
-        figures[f"load balance per layer, {first_set}"] = plots.plot_layer_heatmap(
-            balance, title=f"coefficient of variation of expert activations by layer ({first_set})", cmap="magma")
     featured = _featured(frontier, comparison) if len(frontier) else None
     config = _config_of(results, featured["key"]) if featured is not None else None
     tables: dict[str, Any] = {"Budget optimiser": _optimiser_section(results)}
@@ -242,6 +229,26 @@ def _optimiser_section(results) -> str:
             "and the best by 0.7 x quality + 0.3 x speed (each min-max scaled over the configurations that ran); "
             "an adaptive pick shows its compute-matched controls (`bh-routing optimize --help`).\n\n"
             + markdown_table(picks, floatfmt=".3f"))
+
+
+def _sweep_figures(results, comparison) -> dict[str, Any]:
+    """The figures drawn from the results alone: frontiers, controls, per-layer mean k and load balance."""
+    figures: dict[str, Any] = {}
+    for name in dict.fromkeys(results["dataset"]):
+        figures[f"frontier {name}"] = plots.plot_frontier(results, dataset=name)
+    if comparison is not None and len(comparison):
+        figures["against compute-matched controls"] = plots.plot_controls(comparison)
+    first_set = results["dataset"].iloc[0]
+    if any(str(c).startswith("per_layer_mean_k.") for c in results.columns):
+        figures[f"mean k per layer, {first_set}"] = plots.plot_layer_heatmap(
+            plots.layer_matrix(results[~results["method"].isin(["mixed", "shuffled"])], dataset=first_set),
+            title=f"mean experts per token by layer ({first_set})")
+    if any(str(c).startswith("per_layer_utilisation_cv.") for c in results.columns):
+        balance = plots.layer_matrix(results[~results["method"].isin(["mixed", "shuffled"])], dataset=first_set,
+                                     prefix="per_layer_utilisation_cv.")
+        figures[f"load balance per layer, {first_set}"] = plots.plot_layer_heatmap(
+            balance, title=f"coefficient of variation of expert activations by layer ({first_set})", cmap="magma")
+    return figures
 
 
 def _banks_by_name(null_bank) -> dict:
