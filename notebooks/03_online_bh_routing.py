@@ -194,6 +194,52 @@ for name in EVAL_DATASETS:
     nbu.show(plots.plot_frontier(results, dataset=name), OUT / f"03_frontier_{name}.png")
 
 # %% [markdown]
+# **Where the ceiling stops mattering (max_k saturation).** With `max_k=8` a token never gets more
+# than 8 experts however many BH rejects. Raising the ceiling on the calibration logits shows how
+# many it would choose: the table gives each alpha's saturation point, the smallest `max_k` whose
+# mean k is within 5% of the largest ceiling's, and the share of token-layers at the ceiling.
+
+# %%
+from bh_helpers.experiments.saturation import saturation_points, saturation_table
+
+raw_rows = results[(results["method"] == METHOD) & results["statistic"].isna()]  # the raw bank's BH rows
+sat_alphas = sorted(set(raw_rows["alpha"].dropna().astype(float)))
+saturation = saturation_table(banks[bank_name("gaussian")], calibration, sat_alphas, method=METHOD, min_k=MIN_K)
+sat_points = saturation_points(saturation)
+display(sat_points.round(3))
+nbu.show(plots.plot_saturation(saturation, sat_points), OUT / "03_saturation.png")
+
+# %% [markdown]
+# **Load balance.** How evenly each configuration spreads its tokens over the experts of a layer:
+# the coefficient of variation of expert activations (0 = perfectly even) per configuration and
+# layer, and the share of experts a configuration never chose.
+
+# %%
+static = results[~results["method"].isin(["mixed", "shuffled"])]
+cv_columns = [c for c in results.columns if str(c).startswith("per_layer_utilisation_cv.")]
+unused_columns = [c for c in results.columns if str(c).startswith("per_layer_unused_share.")]
+balance = pd.DataFrame({"dataset": static["dataset"], "configuration": static["label"],
+                        "mean k": static["mean_experts_per_token"], "mean CV": static[cv_columns].mean(axis=1),
+                        "unused share": static[unused_columns].mean(axis=1)})
+display(balance[balance["dataset"] == EVAL_DATASETS[0]].round(3))
+nbu.show(plots.plot_layer_heatmap(plots.layer_matrix(static, dataset=EVAL_DATASETS[0], prefix="per_layer_utilisation_cv."),
+                                  title=f"CV of expert activations by layer ({EVAL_DATASETS[0]})", cmap="magma"),
+         OUT / "03_load_balance.png")
+
+# %% [markdown]
+# **The optimiser's pick.** Per data set, the configuration with the lowest perplexity within a
+# budget of mean experts per token, and the best by 0.7 x quality + 0.3 x speed (both min-max
+# scaled); an adaptive pick shows its compute-matched controls beside it
+# (`bh-routing optimize --results sweep.jsonl --budget 4`).
+
+# %%
+from bh_helpers.experiments.optimize import optimize
+
+BUDGET = 4.0
+pd.concat([optimize(results, budget=BUDGET), optimize(results, quality_weight=0.7, speed_weight=0.3)],
+          ignore_index=True).round(3)
+
+# %% [markdown]
 # ## 5. Report
 # `report.md` opens with the verdict and collects the controls, the protocol, the model and
 # null-bank metadata, the results and frontier tables and the figures (the prompt-category
@@ -202,7 +248,7 @@ for name in EVAL_DATASETS:
 # %%
 report_path = pipeline.report_step(
     OUT / "report", results=results, model=model, tokenizer=tokenizer, null_bank=banks, model_id=MODEL_KEY,
-    categories=not SMALL, weights=WEIGHTS, progress=False,
+    categories=not SMALL, weights=WEIGHTS, calibration=calibration, progress=False,
 )
 print(f"report written to {report_path}")
 display(Markdown(report_path.read_text()[:3000]))

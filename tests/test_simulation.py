@@ -53,3 +53,26 @@ def test_guarantees_hold_within_monte_carlo_error(dependence, rho):
 def test_simulation_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         simulate_router_rows(10, 64, **kwargs)
+
+
+def test_scale_dependence_breaks_bh_conditionally_and_zscore_restores_it():
+    """Tokens of different logit spread: over all tokens the pooled raw null keeps BH's FDR below
+    alpha (the p-values are uniform over tokens), but among the widest tokens it is far above
+    alpha; the per-token z-score brings every spread group back within alpha."""
+    common = dict(alpha=0.2, methods=("bh",), n_tokens=20_000, relevant=1, signal=3.0, dependence="scale", rho=0.5,
+                  spread_groups=4, seed=7)
+    raw = {r.group: r for r in empirical_error_rates(**common)}
+    assert raw["all tokens"].fdr_ci[0] <= 0.2
+    widest = raw["spread group 4/4"]
+    assert widest.tokens == 5000 and widest.fdr_ci[0] > 0.3, widest  # the guarantee broken, far outside MC error
+    assert raw["spread group 1/4"].fdr < 0.05  # and the narrow tokens pay for it with power
+    zscore = {r.group: r for r in empirical_error_rates(**common, statistic="zscore")}
+    for group, r in zscore.items():
+        assert r.fdr_ci[0] <= 0.2, (group, r)
+
+
+def test_scale_rows_have_a_shared_spread():
+    logits, truth = simulate_router_rows(20_000, 64, relevant=0, dependence="scale", rho=0.5, seed=1)
+    log_sd = logits.double().std(dim=1).log()
+    # the log spread per token is rho * z plus the small sampling noise of 64 values
+    assert abs(float(log_sd.std()) - 0.5) < 0.03 and not truth.any()

@@ -11,6 +11,7 @@ value, or save it with ``fig.savefig(...)``.
 - :func:`plot_layer_heatmap`: mean experts per token per configuration and layer.
 - :func:`plot_k_histogram`: distribution of experts per token (token-layer pairs).
 - :func:`plot_saturation`: mean k and ceiling-hit rate against ``max_k``, per alpha.
+- :func:`plot_error_rates`: empirical FDR (with Monte-Carlo intervals) per token group and setting.
 - :func:`token_view_html` / :func:`plot_token_view`: text coloured by experts per token.
 """
 
@@ -32,6 +33,7 @@ __all__ = [
     "plot_layer_heatmap",
     "plot_k_histogram",
     "plot_saturation",
+    "plot_error_rates",
     "token_view_html",
     "plot_token_view",
 ]
@@ -324,6 +326,34 @@ def plot_saturation(table, points=None, *, title: str = "max_k saturation"):
              title=title + (" (circles: saturation point)" if points is not None else ""))
     ax_c.set(xlabel="max_k (ceiling)", ylabel="share of token-layers at the ceiling", ylim=(0, 1))
     ax_k.legend(fontsize=8)
+    return fig
+
+
+def plot_error_rates(frame, *, alpha: float, by: str = "setting", title: str = "empirical FDR on known truth"):
+    """Empirical FDR with its 95% Monte-Carlo interval per token group, one series per ``by`` value.
+
+    Parameters
+    ----------
+    frame : pandas.DataFrame
+        :func:`bh_helpers.experiments.simulation.rates_frame` rows (columns ``group``, ``fdr``,
+        ``fdr_low``, ``fdr_high`` and ``by``).
+    alpha : float
+        The nominal level, drawn as a dashed line.
+    """
+    _check_columns(frame, ["group", "fdr", "fdr_low", "fdr_high", by])
+    fig, ax = _new_figure((7.5, 4.0))
+    groups = list(dict.fromkeys(frame["group"]))
+    series = list(dict.fromkeys(frame[by]))
+    width = 0.8 / max(len(series), 1)
+    for i, name in enumerate(series):
+        part = frame[frame[by] == name].set_index("group").reindex(groups)
+        x = np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width
+        err = np.vstack([part["fdr"] - part["fdr_low"], part["fdr_high"] - part["fdr"]])
+        ax.bar(x, part["fdr"], width, yerr=err, capsize=3, label=str(name))
+    ax.axhline(alpha, color="black", ls="--", lw=1, label=f"alpha = {alpha:g}")
+    ax.set_xticks(np.arange(len(groups)), groups, rotation=15)
+    ax.set(ylabel="empirical FDR (95% Monte-Carlo interval)", title=title)
+    ax.legend(fontsize=8)
     return fig
 
 
