@@ -12,7 +12,8 @@
    (``ComputeBudget.alpha(per_layer=True)``), and BH, mixed top-k and top-8 with inverse-p
    weights: finite perplexity, mean k overall and per layer, wall time.
 
-    python benchmarks/bench_adaptive_fdr.py --json out.json [--model /tmp/t4/olmoe-7b-shaped --dtype bfloat16]
+    python benchmarks/bench_adaptive_fdr.py --json out.json [--model /tmp/t4/model --dtype bfloat16]
+    python benchmarks/bench_adaptive_fdr.py --render BF16.json T4.json   # the README tables
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from bench_gpu import event_median  # benchmarks/ is on sys.path when a benchmark runs
@@ -105,7 +108,31 @@ def model_check(folder: str, dtype: torch.dtype, target: float, tokens: int) -> 
     return out
 
 
+def render(bf16: dict, t4: dict) -> str:
+    """The README's tables of this benchmark, from its JSON files (bfloat16 run, emulated T4 run)."""
+    sel = bf16["selector"]
+    lines = [f"On one {bf16['gpu']} (torch {bf16['torch']}; `benchmarks/results/adaptive_fdr_h200_bf16.json` and "
+             "`adaptive_fdr_h200_t4_emulated.json`, rendered by `python benchmarks/bench_adaptive_fdr.py --render`):",
+             "", "| tokens x 64 | fused BH, renorm weights | inverse-p weights | ratio |", "|---:|---:|---:|---:|"]
+    for n, row in sel.items():
+        lines.append(f"| {int(n):,} | {row['renorm']:.1f} us | {row['inverse_p']:.1f} us | "
+                     f"{row['inverse_p_x_renorm']:.2f}x |")
+    lines += ["", "| OLMoE-1B-7B shape, random weights, 4,096 prose tokens | dtype | perplexity | mean k | "
+              "per-layer mean k (min..max) |", "|---|---|---:|---:|---|"]
+    for run in (bf16["model"], t4["model"]):
+        dtype = "bfloat16" if "bfloat16" in run["dtype"] else "float16, emulated T4"
+        for name, row in run.items():
+            if isinstance(row, dict) and "perplexity" in row:
+                k = row["per_layer_mean_k"].values()
+                lines.append(f"| {name} | {dtype} | {row['perplexity']:,.0f} | {row['mean_k']:.2f} | "
+                             f"{min(k):.2f}..{max(k):.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--render":  # no GPU needed
+        print(render(*(json.loads(Path(p).read_text()) for p in sys.argv[2:])))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 64, 4096, 65536])
     parser.add_argument("--rounds", type=int, default=5)
