@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_gpu import event_median  # benchmarks/ is on sys.path when a benchmark runs
+from bench_gpu import round_medians  # benchmarks/ is on sys.path when a benchmark runs
 
 from bh_helpers.nulls.fit import fit_null_bank
 from bh_helpers.selection.fused import select_with_null
@@ -48,14 +48,7 @@ def selector_bench(sizes: list[int], rounds: int) -> dict:
             torch.testing.assert_close(got.weights, ref.weights, rtol=1e-5, atol=1e-6)
             variants[weights] = lambda x=x, w=weights: select_with_null(x, null, method="bh", alpha=0.2, max_k=8,
                                                                         weights=w, validate=False)
-        for fn in variants.values():
-            for _ in range(5):
-                fn()
-        torch.cuda.synchronize()
-        per_round = {name: [] for name in variants}
-        for _ in range(rounds):
-            for name, fn in variants.items():
-                per_round[name].append(event_median(fn, warmup=0, reps=30))
+        per_round = round_medians(variants, rounds=rounds)  # warm-up: compilation, plans, cuts
         out[n] = {name: 1e6 * statistics.median(t) for name, t in per_round.items()}
         out[n]["inverse_p_x_renorm"] = statistics.median(
             a / b for a, b in zip(per_round["inverse_p"], per_round["renorm"]))

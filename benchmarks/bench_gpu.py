@@ -229,6 +229,20 @@ def event_medians_interleaved(fns: dict, *, warmup: int = 3, reps: int = 20) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def round_medians(fns: dict, *, rounds: int, warmup: int = 5, reps: int = 30) -> dict:
+    """Per variant, the list of per-round median seconds per call: each round times every variant
+    in turn (``event_median`` over ``reps`` calls), after ``warmup`` untimed calls of each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.synchronize()
+    per_round: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per_round[name].append(event_median(fn, warmup=0, reps=reps))
+    return per_round
+
+
 def host_us(fn, n: int = 2000) -> float:
     """Host microseconds per call: ``n`` calls back to back, timed without synchronising (the
     GPU finishes each tiny kernel faster than the host issues the next)."""

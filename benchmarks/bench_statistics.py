@@ -23,7 +23,7 @@ import statistics
 import time
 
 import torch
-from bench_gpu import event_median  # benchmarks/ is on sys.path when a benchmark runs
+from bench_gpu import round_medians  # benchmarks/ is on sys.path when a benchmark runs
 
 from bh_helpers.nulls.fit import fit_null_bank
 from bh_helpers.selection.fused import select_with_null
@@ -45,14 +45,7 @@ def selector_bench(sizes: list[int], rounds: int) -> dict:
             assert torch.equal(got.indices, ref.indices) and torch.equal(got.counts, ref.counts), (s, n)
             variants[f"fused bh {s}"] = lambda x=x, null=null: select_with_null(x, null, method="bh", alpha=0.05,
                                                                                 max_k=8, validate=False)
-        for fn in variants.values():  # warm-up: compilation, plans, cuts
-            for _ in range(5):
-                fn()
-        torch.cuda.synchronize()
-        per_round = {name: [] for name in variants}
-        for _ in range(rounds):
-            for name, fn in variants.items():
-                per_round[name].append(event_median(fn, warmup=0, reps=30))
+        per_round = round_medians(variants, rounds=rounds)  # warm-up: compilation, plans, cuts
         base = per_round["softmax+topk8"]
         out[n] = {name: {"us": 1e6 * statistics.median(t),
                          "x_softmax_topk": statistics.median(a / b for a, b in zip(t, base))}
