@@ -19,7 +19,8 @@ from bh_helpers._validate import check_choice
 from bh_helpers.selection.budget import ComputeBudget, layer_alphas
 from bh_helpers.selection.reference import FDR_METHODS
 
-__all__ = ["CONTROLS", "FDR_METHODS", "LAYER_TARGETS", "METHODS", "SweepConfig", "adaptive_of", "bank_name", "controls_by_adaptive",
+__all__ = ["CONTROLS", "FDR_METHODS", "LAYER_TARGETS", "METHODS", "SweepConfig", "adaptive_of", "bank_name",
+           "controls_by_adaptive",
            "expand_grid", "grid_hash", "sweep_grid", "with_controls"]
 
 # FDR_METHODS (p-value based: need alpha and a null kernel) is the selection module's own tuple.

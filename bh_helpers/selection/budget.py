@@ -143,11 +143,9 @@ class ComputeBudget:
             if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
                 where = "" if layer is None else f"[{layer}]"
                 raise ValueError(f"`target_mean_k{where}` must be a number of experts per token; got {target!r}.")
-        if targets is not None:
+        if targets is not None or per_layer:
+            targets = targets or dict.fromkeys(self.sorted_p, target_mean_k)
             return {layer: _bisect([p], float(targets[layer]), method, min_k, max_k, f" at layer {layer}")
-                    for layer, p in self.sorted_p.items()}
-        if per_layer:
-            return {layer: _bisect([p], float(target_mean_k), method, min_k, max_k, f" at layer {layer}")
                     for layer, p in self.sorted_p.items()}
         return _bisect(list(self.sorted_p.values()), float(target_mean_k), method, min_k, max_k, "")
 
