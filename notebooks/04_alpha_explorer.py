@@ -149,6 +149,25 @@ for name in ("gaussian", "gaussian/zscore"):
 pd.DataFrame(rows).T
 
 # %% [markdown]
+# **One alpha per layer.** One global alpha reaches the target on average; the layers differ.
+# `alpha_for_target(..., per_layer=True)` (the widget's "target in every layer" box) gives each
+# layer the alpha that reaches the target in that layer, and `update(alpha={layer: alpha})` routes
+# with them (adaptive FDR; `BHSelector` and the sweeps take the same per-layer levels).
+
+# %%
+TARGET = 3.0
+previous = explorer.settings  # restored below: the next section runs the current setting
+global_alpha = explorer.alpha_for_target(TARGET, kernel="gaussian", method="bh", min_k=1, max_k=8)
+per_layer_alpha = explorer.alpha_for_target(TARGET, per_layer=True, kernel="gaussian", method="bh", min_k=1, max_k=8)
+per_layer_table = pd.DataFrame({
+    "one alpha": explorer.update(kernel="gaussian", alpha=global_alpha).mean_k_per_layer,
+    "alpha per layer": explorer.update(alpha=per_layer_alpha).mean_k_per_layer,
+    "the per-layer alphas": [per_layer_alpha[layer] for layer in explorer.layers],
+}, index=[f"layer {layer}" for layer in explorer.layers]).round(4)
+explorer.update(**vars(previous))
+per_layer_table
+
+# %% [markdown]
 # ## 4. The button, programmatically
 # What "run on the model" does, for the current setting (BH, alpha 0.5, the last kernel).
 
