@@ -474,3 +474,34 @@ def test_graphed_dispatch_after_a_freed_model_on_gpu():
         assert rel_err(out, ref) < 1e-2
         del experts, out
         gc.collect()
+
+
+@needs_cuda
+def test_inverse_p_and_per_layer_alpha_graphed_route_equals_validated_route_on_gpu():
+    """Few tokens per call take the CUDA-graph path; ``validate=True`` takes the eager one. With
+    inverse-p weights and one alpha per layer both give the same counts and logits."""
+    import dataclasses
+
+    import bh_helpers.routing.patch as patching
+    from bh_helpers import BHSelector
+    from bh_helpers.capture import capture_router_logits
+    from bh_helpers.nulls.fit import fit_null_bank
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    cfg = OlmoeConfig(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    model = OlmoeForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    calib = capture_router_logits(model, [{"input_ids": torch.randint(0, 128, (4, 64), device="cuda")}],
+                                  progress=False)
+    selector = BHSelector(fit_null_bank(calib), alpha={0: 0.6, 1: 0.05}, max_k=8, weights="inverse_p")
+    ids = torch.randint(0, 128, (1, 16), device="cuda")  # 16 rows per call: under GRAPH_MAX_TOKENS
+    with torch.no_grad():
+        runs = []
+        for sel in (selector, selector, dataclasses.replace(selector, validate=True)):  # capture, replay, eager
+            with patching.route(model, sel) as rec:
+                logits = model(ids).logits
+            runs.append((logits, {layer: s["mean_k"] for layer, s in rec.summary()["per_layer"].items()}))
+    (graphed, k1), (replayed, k2), (eager, k3) = runs
+    assert k1 == k2 == k3 and k1[0] > k1[1]
+    assert rel_err(graphed, eager) < 2e-2 and rel_err(replayed, eager) < 2e-2
