@@ -215,15 +215,14 @@ nbu.show(plots.plot_saturation(saturation, sat_points), OUT / "03_saturation.png
 # layer, and the share of experts a configuration never chose.
 
 # %%
-static = results[~results["method"].isin(["mixed", "shuffled"])]
-cv_columns = [c for c in results.columns if str(c).startswith("per_layer_utilisation_cv.")]
-unused_columns = [c for c in results.columns if str(c).startswith("per_layer_unused_share.")]
-balance = pd.DataFrame({"dataset": static["dataset"], "configuration": static["label"],
-                        "mean k": static["mean_experts_per_token"], "mean CV": static[cv_columns].mean(axis=1),
-                        "unused share": static[unused_columns].mean(axis=1)})
+from bh_helpers.experiments.configs import CONTROLS
+from bh_helpers.experiments.sweep import load_balance_table
+
+balance = load_balance_table(results)
 display(balance[balance["dataset"] == EVAL_DATASETS[0]].round(3))
-nbu.show(plots.plot_layer_heatmap(plots.layer_matrix(static, dataset=EVAL_DATASETS[0], prefix="per_layer_utilisation_cv."),
-                                  title=f"CV of expert activations by layer ({EVAL_DATASETS[0]})", cmap="magma"),
+cv = plots.layer_matrix(results[~results["method"].isin(CONTROLS)], dataset=EVAL_DATASETS[0],
+                        prefix="per_layer_utilisation_cv.")
+nbu.show(plots.plot_layer_heatmap(cv, title=f"CV of expert activations by layer ({EVAL_DATASETS[0]})", cmap="magma"),
          OUT / "03_load_balance.png")
 
 # %% [markdown]

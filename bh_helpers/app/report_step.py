@@ -24,8 +24,8 @@ from bh_helpers.experiments.comparison import compare_with_controls
 from bh_helpers.experiments.frontier import compute_frontier
 from bh_helpers.experiments.optimize import optimize
 from bh_helpers.experiments.saturation import saturation_points, saturation_table
-from bh_helpers.experiments.configs import SweepConfig, bank_name, controls_by_adaptive
-from bh_helpers.experiments.sweep import load_results
+from bh_helpers.experiments.configs import CONTROLS, SweepConfig, bank_name, controls_by_adaptive
+from bh_helpers.experiments.sweep import load_balance_table, load_results
 from bh_helpers.models.texts import dataset_description, encode
 from bh_helpers.report import plots
 from bh_helpers.report.write import write_report
@@ -150,7 +150,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     if not len(results):
         raise ValueError("`results` has no rows; run the sweep first.")
     frontier = compute_frontier(results)
-    has_controls = "control_of" in results.columns and results["method"].isin(["mixed", "shuffled"]).any()
+    has_controls = "control_of" in results.columns and results["method"].isin(CONTROLS).any()
     comparison = compare_with_controls(results, seed=seed) if has_controls else None
     if weights is None:
         weights = _protocol_from_results(results).get("weights") or "softmax"
@@ -160,7 +160,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     config = _config_of(results, featured["key"]) if featured is not None else None
     tables: dict[str, Any] = {"Budget optimiser": _optimiser_section(results)}
     if any(str(c).startswith("per_layer_utilisation_cv.") for c in results.columns):
-        tables["Load balance"] = _load_balance_table(results)
+        tables["Load balance"] = load_balance_table(results).round(3).to_dict("records")
     if calibration is not None and null_bank is not None:
         saturation, points = _saturation(results, null_bank, calibration, config)
         tables["max_k saturation"] = _saturation_section(saturation, points)
@@ -241,10 +241,10 @@ def _sweep_figures(results, comparison) -> dict[str, Any]:
     first_set = results["dataset"].iloc[0]
     if any(str(c).startswith("per_layer_mean_k.") for c in results.columns):
         figures[f"mean k per layer, {first_set}"] = plots.plot_layer_heatmap(
-            plots.layer_matrix(results[~results["method"].isin(["mixed", "shuffled"])], dataset=first_set),
+            plots.layer_matrix(results[~results["method"].isin(CONTROLS)], dataset=first_set),
             title=f"mean experts per token by layer ({first_set})")
     if any(str(c).startswith("per_layer_utilisation_cv.") for c in results.columns):
-        balance = plots.layer_matrix(results[~results["method"].isin(["mixed", "shuffled"])], dataset=first_set,
+        balance = plots.layer_matrix(results[~results["method"].isin(CONTROLS)], dataset=first_set,
                                      prefix="per_layer_utilisation_cv.")
         figures[f"load balance per layer, {first_set}"] = plots.plot_layer_heatmap(
             balance, title=f"coefficient of variation of expert activations by layer ({first_set})", cmap="magma")
@@ -291,21 +291,6 @@ def _saturation_section(table, points) -> str:
             + markdown_table(points.round(3), floatfmt=".3f") + "\n\n"
             + markdown_table(wide.reset_index(), floatfmt=".3f") + "\n\n"
             + markdown_table(hits.reset_index(), floatfmt=".3f"))
-
-
-def _load_balance_table(results):
-    """Per configuration and data set: the mean and worst layer's coefficient of variation of expert
-    activations, and the mean share of experts never chosen (0 and 0 would be perfectly even)."""
-    import pandas as pd
-
-    cv = [c for c in results.columns if str(c).startswith("per_layer_utilisation_cv.")]
-    unused = [c for c in results.columns if str(c).startswith("per_layer_unused_share.")]
-    rows = results[~results["method"].isin(["mixed", "shuffled"])]
-    return pd.DataFrame({
-        "dataset": rows["dataset"], "configuration": rows["label"], "mean k": rows["mean_experts_per_token"],
-        "mean CV over layers": rows[cv].mean(axis=1), "worst layer CV": rows[cv].max(axis=1),
-        "unused experts (share)": rows[unused].mean(axis=1),
-    }).round(3).to_dict("records")
 
 
 def _bank_metadata(null_bank):

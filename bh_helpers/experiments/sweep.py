@@ -61,6 +61,7 @@ __all__ = [
     "grid_hash",
     "run_sweep",
     "load_results",
+    "load_balance_table",
 ]
 
 FORMAT_VERSION = 1
@@ -376,3 +377,33 @@ def load_results(path: str | os.PathLike):
         warnings.warn(f"{str(p)!r} holds {duplicates} repeated (configuration, dataset) rows; the first of each "
                       "is used.", stacklevel=2)
     return df
+
+
+def load_balance_table(results):
+    """Per configuration and data set, how evenly its tokens spread over a layer's experts.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        :func:`load_results` output with the routing recorder's ``per_layer_utilisation_cv.*``
+        and ``per_layer_unused_share.*`` columns; the controls' rows are left out.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``dataset``, ``configuration``, ``mean k``, ``mean CV over layers`` and ``worst layer CV``
+        (coefficient of variation of the expert activations; 0 is perfectly even) and
+        ``unused experts (share)`` (mean over layers of the share never chosen).
+    """
+    import pandas as pd
+
+    cv = [c for c in results.columns if str(c).startswith("per_layer_utilisation_cv.")]
+    unused = [c for c in results.columns if str(c).startswith("per_layer_unused_share.")]
+    if not cv:
+        raise ValueError("`results` has no per_layer_utilisation_cv.* columns; rerun the sweep with this version.")
+    rows = results[~results["method"].isin(CONTROLS)]
+    return pd.DataFrame({
+        "dataset": rows["dataset"], "configuration": rows["label"], "mean k": rows["mean_experts_per_token"],
+        "mean CV over layers": rows[cv].mean(axis=1), "worst layer CV": rows[cv].max(axis=1),
+        "unused experts (share)": rows[unused].mean(axis=1),
+    })
