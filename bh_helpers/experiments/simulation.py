@@ -131,17 +131,16 @@ def empirical_error_rates(*, alpha: float = 0.1, methods=FDR_METHODS, n_tokens: 
     logits, truth = simulate_router_rows(n_tokens, num_experts, relevant=relevant, signal=signal,
                                          dependence=dependence, rho=rho, factors=factors, seed=seed)
     pvalues = bank.pvalues(logits, 0)  # (N, E), the bank's statistic applied
-    rank = logits.double().std(dim=1).argsort().argsort().numpy()  # (N,) spread rank of each token
     groups = [("all tokens", np.ones(n_tokens, dtype=bool))]
     if spread_groups > 1:
+        rank = logits.double().std(dim=1).argsort().argsort().numpy()  # (N,) spread rank of each token
         which = rank * spread_groups // n_tokens  # (N,) 0 = narrowest
         groups += [(f"spread group {g + 1}/{spread_groups}", which == g) for g in range(spread_groups)]
-    out = []
-    for group, rows in groups:
-        for method in methods:
-            sel = select_experts(logits[rows], pvalues[rows], method=method, alpha=alpha, min_k=0, max_k=num_experts)
-            out.append(_rates(sel.expert_mask(num_experts), truth[rows], method, alpha, relevant, group))
-    return out
+    # each token's selection depends on its own row only: select once, count per group
+    chosen = {method: select_experts(logits, pvalues, method=method, alpha=alpha, min_k=0,
+                                     max_k=num_experts).expert_mask(num_experts) for method in methods}  # (N, E)
+    return [_rates(chosen[method][rows], truth[rows], method, alpha, relevant, group)
+            for group, rows in groups for method in methods]
 
 
 def _rates(chosen: torch.Tensor, truth: torch.Tensor, method: str, alpha: float, relevant: int,
