@@ -25,9 +25,9 @@ the logits several times. Here one Triton program handles a block of token rows,
 
 Both clamp counts to ``[min_k, max_k]`` and compute the mixing weights (softmax over all experts,
 then "renorm", "softmax" or "uniform"; "inverse_p", from the chosen experts' p-values, in
-:func:`_select_kernel` only, which a pooled null then uses too). Selections (indices and counts) are identical to the
-reference; weights agree within float32 rounding (the softmax's ``exp`` differs in the last
-bits). Everything else - other devices, float64 logits, ``top_p``, missing Triton - goes to the
+:func:`_select_kernel` only, which a pooled null then uses too). Selections (indices and counts)
+are identical to the reference; weights agree within float32 rounding (the softmax's ``exp``
+differs in the last bits). Everything else - other devices, float64 logits, ``top_p``, missing Triton - goes to the
 reference path: :func:`select` picks automatically.
 
 The kernels also run under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which

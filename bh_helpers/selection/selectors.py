@@ -180,7 +180,8 @@ class TopPSelector:
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
         return select_experts(
-            logits, weight_pvalues(self.null_bank, logits, layer, self.weights), method="top_p", top_p=self.p, min_k=self.min_k, max_k=self.max_k, weights=self.weights,
+            logits, weight_pvalues(self.null_bank, logits, layer, self.weights), method="top_p", top_p=self.p,
+            min_k=self.min_k, max_k=self.max_k, weights=self.weights,
             validate=self.validate,
         )
 
