@@ -57,7 +57,7 @@ def selector_bench(sizes: list[int], rounds: int) -> dict:
 
 
 def model_check(folder: str, dtype: torch.dtype, target: float, tokens: int) -> dict:
-    from bh_helpers.app.pipeline import capture_step
+    from bh_helpers.capture import capture_calibration
     from bh_helpers.evaluation.scoring import perplexity
     from bh_helpers.models.loading import load_model
     from bh_helpers.models.texts import evaluation_texts
@@ -67,7 +67,7 @@ def model_check(folder: str, dtype: torch.dtype, target: float, tokens: int) -> 
     from bh_helpers.selection.selectors import BHSelector, TopKSelector
 
     model, tok = load_model(folder, device="cuda", dtype=dtype)
-    captured = capture_step(model, tok, max_tokens=4096, model_id=folder, progress=False)
+    captured = capture_calibration(model, tok, max_tokens=4096, model_id=folder, progress=False)
     texts = evaluation_texts("prose", tok, max_tokens=tokens)
     bank = fit_null_bank(captured, model_id=folder)
     budget = ComputeBudget(bank, captured)

@@ -55,7 +55,7 @@ def selector_bench(sizes: list[int], rounds: int) -> dict:
 
 
 def model_check(folder: str, target: float, tokens: int) -> dict:
-    from bh_helpers.app.pipeline import capture_step
+    from bh_helpers.capture import capture_calibration
     from bh_helpers.evaluation.scoring import perplexity
     from bh_helpers.models.loading import load_model
     from bh_helpers.models.texts import evaluation_texts
@@ -65,7 +65,7 @@ def model_check(folder: str, target: float, tokens: int) -> dict:
     from bh_helpers.selection.selectors import BHSelector
 
     model, tok = load_model(folder, device="cuda", dtype=torch.bfloat16)
-    captured = capture_step(model, tok, max_tokens=4096, model_id=folder, progress=False)
+    captured = capture_calibration(model, tok, max_tokens=4096, model_id=folder, progress=False)
     texts = evaluation_texts("prose", tok, max_tokens=tokens)
     out: dict = {"dtype": "bfloat16", "gpu": torch.cuda.get_device_name(), "target_mean_k": target}
     for statistic in ("raw", "centred", "zscore"):

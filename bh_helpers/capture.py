@@ -29,9 +29,16 @@ import torch
 from torch import nn
 
 from bh_helpers._validate import check_int
-from bh_helpers.models.families import LayerSpec, find_moe_blocks, router_logits, select_layers
+from bh_helpers.models.families import LayerSpec, find_moe_blocks, router_fingerprint, router_logits, select_layers
 
-__all__ = ["CAPTURE_FORMAT", "CapturedLogits", "capture_router_logits", "header_value"]
+__all__ = [
+    "CAPTURE_FORMAT",
+    "CapturedLogits",
+    "capture_calibration",
+    "capture_router_logits",
+    "header_value",
+    "split_by_sequence",
+]
 
 #: ``format`` entry of the header of every capture file (:meth:`CapturedLogits.save`).
 CAPTURE_FORMAT = "bh_helpers.CapturedLogits"
@@ -402,3 +409,109 @@ def capture_router_logits(
         for handle in handles:
             handle.remove()
     return reservoir.result()
+
+
+# ----------------------------------------------------------------------------------------------
+# The calibration capture: the one protocol of the CLI, the demo, the notebooks and benchmarks
+# ----------------------------------------------------------------------------------------------
+
+
+def window_batches(ids: list[int], *, window: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Cut one token stream into rows of ``window`` tokens, ``batch_size`` rows per batch.
+
+    The last row may be shorter; it is right-padded with id 0 and masked out.
+
+    Returns
+    -------
+    list of dict
+        ``input_ids`` and ``attention_mask``, each ``[B, window]`` (the last batch may be narrower).
+    """
+    window, batch_size = check_int("window", window, 1), check_int("batch_size", batch_size, 1)
+    rows = [ids[i: i + window] for i in range(0, len(ids), window)]
+    batches = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s: s + batch_size]
+        width = max(len(r) for r in chunk)
+        input_ids = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
+        for i, r in enumerate(chunk):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        batches.append({"input_ids": input_ids, "attention_mask": mask})
+    return batches
+
+
+def capture_calibration(model: nn.Module, tokenizer: Any, *, max_tokens: int = 4096, window: int = 256,
+                        batch_size: int = 8, text_file: str | os.PathLike | None = None,
+                        out_path: str | os.PathLike | None = None, model_id: str = "tiny",
+                        progress: bool = True) -> CapturedLogits:
+    """Capture router logits on calibration text, the way every null bank of the project is fitted.
+
+    The calibration stream (:func:`bh_helpers.models.texts.calibration_token_ids`: documents
+    joined by EOS) is cut into windows of ``window`` tokens, ``batch_size`` windows per forward
+    pass. The CLI (``capture``, ``demo``), the notebooks and the benchmarks all call this, so
+    every bank is fitted on the same kind of input.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A causal LM of a supported family and its tokenizer.
+    max_tokens : int, default 4096
+        Calibration tokens (half prose, half code from the embedded slice, or the first
+        ``max_tokens`` of ``text_file``).
+    window : int, default 256
+        Tokens per sequence.
+    batch_size : int, default 8
+        Sequences per forward pass (results do not depend on it).
+    text_file : path-like, optional
+        Calibrate on this UTF-8 text instead of the embedded calibration slice.
+    out_path : path-like, optional
+        Save the result there with :meth:`CapturedLogits.save` (with the model id, where the
+        text came from, and the router fingerprint in the header).
+    model_id : str
+        Recorded in the file's metadata.
+    progress : bool
+
+    Returns
+    -------
+    CapturedLogits
+    """
+    from bh_helpers.models.texts import calibration_token_ids
+
+    ids = calibration_token_ids(tokenizer, max_tokens=max_tokens, text_file=text_file)
+    if len(ids) < 2:
+        raise ValueError("the calibration text has fewer than 2 tokens; give it more text.")
+    captured = capture_router_logits(model, window_batches(ids, window=window, batch_size=batch_size),
+                                     progress=progress)
+    if out_path is not None:
+        source = str(text_file) if text_file is not None else "embedded corpus, calibration slice (half prose, half code)"
+        captured.save(out_path, metadata={
+            "model_id": model_id, "calibration": f"{source}, {len(ids)} tokens, windows of {window}",
+            "max_tokens": max_tokens, "window": window,
+            "router_fingerprint": {str(k): v for k, v in router_fingerprint(model).items()}})
+    return captured
+
+
+def split_by_sequence(captured: CapturedLogits, *, held_out_fraction: float = 0.25,
+                      seed: int = 0) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Split captured logits by SEQUENCE (all tokens of a window on one side).
+
+    Tokens of one sequence are correlated, so a split by token would make held-out logits look
+    better fitted than they are.
+
+    Returns
+    -------
+    fit, held_out : dict of int to Tensor ``[n, E]``
+    """
+    if not 0.0 < held_out_fraction < 1.0:
+        raise ValueError(f"`held_out_fraction` must be in (0, 1); got {held_out_fraction}.")
+    sequences = torch.unique(captured.sequence_index)
+    g = torch.Generator().manual_seed(seed)
+    shuffled = sequences[torch.randperm(sequences.numel(), generator=g)]
+    n_held = max(1, int(round(held_out_fraction * sequences.numel())))
+    if n_held >= sequences.numel():
+        raise ValueError("need at least two captured sequences to hold some out.")
+    held = torch.isin(captured.sequence_index, shuffled[:n_held])  # (N,)
+    fit = {layer: captured[layer][~held] for layer in captured}
+    held_out = {layer: captured[layer][held] for layer in captured}
+    return fit, held_out

@@ -50,12 +50,11 @@ MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
 print(nbu.check_runtime(MODEL_NAME))  # GPU or not, and which model "auto" means here
 SMALL = nbu.small_mode()  # BH_NOTEBOOK_SMALL=1/0; default: small without a CUDA GPU
 THREADS = nbu.cpu_threads()  # BH_THREADS; default on CPU: 1 (fastest on a busy 2-core machine)
-N_TEXTS = 24 if SMALL else None  # calibration documents (None: all of the committed slice)
-MAX_LENGTH = 128 if SMALL else 512  # tokens per document
+CALIBRATION_TOKENS = 4096 if SMALL else 131_072  # calibration tokens, half prose, half code (as the demo)
+WINDOW = 256  # tokens per sequence
 BATCH_SIZE = 8
-MAX_TOKENS_PER_LAYER = None if SMALL else 100_000  # uniform subsample cap (same tokens in all layers)
 OUTPUT_ROOT = "outputs"  # relative to this notebook
-print(f"model={MODEL_NAME!r} small={SMALL} texts={N_TEXTS} max_length={MAX_LENGTH}")
+print(f"model={MODEL_NAME!r} small={SMALL} calibration tokens={CALIBRATION_TOKENS} window={WINDOW}")
 
 # %% [markdown]
 # ## 1. Load the model
@@ -69,32 +68,28 @@ import pandas as pd
 import torch
 
 from bh_helpers.app import paths
-from bh_helpers.capture import capture_router_logits
-from bh_helpers.models.texts import corpus_texts
+from bh_helpers.models import describe_model
+from bh_helpers.report import logit_plots, tables
 
 model, tokenizer = nbu.load_notebook_model(MODEL_NAME)
 MODEL_KEY = paths.model_key(model)
 OUT = paths.output_dir(MODEL_KEY, OUTPUT_ROOT)
-pd.DataFrame([nbu.describe_model(model)])
+pd.DataFrame([describe_model(model)])
 
 # %% [markdown]
 # ## 2. Capture router logits on calibration text
 # The calibration slice ships with the package (prose and code, disjoint from the evaluation
-# slice used later). A forward pre-hook on each MoE block recomputes the router logits from the
-# block input in float32; padding tokens are dropped and every layer keeps the same tokens, so
-# row `i` of every layer is one token.
-
-# %%
-texts = corpus_texts("calibration", N_TEXTS)
-batches = nbu.token_batches(tokenizer, texts, batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
-captured = capture_router_logits(model, batches, max_tokens_per_layer=MAX_TOKENS_PER_LAYER)
-captured
+# slice used later). It is captured exactly as the demo and the CLI capture it
+# (`bh_helpers.capture.capture_calibration`): documents joined by EOS, cut into windows of
+# `WINDOW` tokens. A forward pre-hook on each MoE block recomputes the router logits from the
+# block input in float32; every layer keeps the same tokens, so row `i` of every layer is one token.
+# The file is saved beside the notebook's outputs; notebooks 02 and 04 reuse it.
 
 # %%
 LOGITS_PATH = OUT / nbu.LOGITS_NAME
-captured.save(LOGITS_PATH, metadata=nbu.capture_settings(
-    model=MODEL_KEY, n_texts=N_TEXTS, max_length=MAX_LENGTH, max_tokens_per_layer=MAX_TOKENS_PER_LAYER,
-))
+captured, model, tokenizer = nbu.calibration_logits(LOGITS_PATH, model=model, tokenizer=tokenizer,
+                                                    max_tokens=CALIBRATION_TOKENS, window=WINDOW,
+                                                    batch_size=BATCH_SIZE)
 print(f"saved {captured.num_tokens} tokens x {len(captured)} layers to {LOGITS_PATH} "
       f"({LOGITS_PATH.stat().st_size / 1e6:.1f} MB)")
 
@@ -108,7 +103,7 @@ print(f"saved {captured.num_tokens} tokens x {len(captured)} layers to {LOGITS_P
 # distinguishable from "typical" logits, which is exactly the case BH can skip.
 
 # %%
-nbu.show(nbu.plot_logit_distributions(captured), OUT / "01_logit_distributions.png")
+nbu.show(logit_plots.plot_logit_distributions(captured), OUT / "01_logit_distributions.png")
 
 # %%
 stats = pd.DataFrame({
@@ -128,20 +123,20 @@ stats.round(3)
 # per-token adaptive rule will also reflect.
 
 # %%
-nbu.show(nbu.plot_expert_usage(captured), OUT / "01_expert_usage.png")
+nbu.show(logit_plots.plot_expert_usage(captured), OUT / "01_expert_usage.png")
 
 # %% [markdown]
 # ## 5. Which tokens route where
-# First, the top-3 experts of the first tokens of one calibration document in every layer;
+# First, the top-3 experts of the first tokens of one calibration window in every layer;
 # then, for the most used experts of the middle layer, the tokens they receive most often.
 # Experts often specialise on token types (punctuation, whitespace, code keywords).
 
 # %%
-nbu.routing_table(captured, tokenizer, sequence=0, tokens=16)
+tables.routing_table(captured, tokenizer, sequence=0, tokens=16)
 
 # %%
 MIDDLE = captured.layers[len(captured.layers) // 2]
-nbu.top_tokens_per_expert(captured, tokenizer, layer=MIDDLE, experts=8)
+tables.top_tokens_per_expert(captured, tokenizer, layer=MIDDLE, experts=8)
 
 # %% [markdown]
 # **Next:** notebook 02 fits null distributions to these logits and checks them on held-out text.

@@ -11,7 +11,7 @@
 # BH step-up at level alpha. The null decides everything, so this notebook:
 #
 # 1. loads the logits captured in notebook 01 (or captures them if 01 has not run);
-# 2. holds out a quarter of the calibration **documents**;
+# 2. holds out a quarter of the calibration **windows** (256-token sequences);
 # 3. fits the four kernel density estimates (Gaussian, tophat, Epanechnikov, linear) and the
 #    empirical distribution per layer on the rest;
 # 4. checks each against the held-out logits: KS distance, uniformity of the held-out p-values
@@ -51,11 +51,10 @@ MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
 print(nbu.check_runtime(MODEL_NAME))  # GPU or not, and which model "auto" means here
 SMALL = nbu.small_mode()  # BH_NOTEBOOK_SMALL=1/0; default: small without a CUDA GPU
 THREADS = nbu.cpu_threads()  # BH_THREADS; default on CPU: 1 (fastest on a busy 2-core machine)
-N_TEXTS = 24 if SMALL else None  # as in notebook 01
-MAX_LENGTH = 128 if SMALL else 512
-MAX_TOKENS_PER_LAYER = None if SMALL else 100_000
+CALIBRATION_TOKENS = 4096 if SMALL else 131_072  # as in notebook 01
+WINDOW = 256
 KERNELS = ["gaussian", "tophat", "epanechnikov", "linear", "empirical"]
-HELD_OUT_FRACTION = 0.25  # share of calibration documents held out
+HELD_OUT_FRACTION = 0.25  # share of calibration windows held out
 OUTPUT_ROOT = "outputs"
 # The bank goes under outputs/; only BH_UPDATE_COMMITTED_BANK=1 replaces the committed kde_models/ one.
 SAVE_TO_REPOSITORY = nbu.update_committed_bank()
@@ -70,20 +69,22 @@ import time
 import pandas as pd
 
 from bh_helpers.app import paths
+from bh_helpers.capture import split_by_sequence
 from bh_helpers.nulls.bank import NullBank
+from bh_helpers.nulls.diagnostics import choose_kernel, goodness_table
 from bh_helpers.nulls.fit import fit_null_bank
+from bh_helpers.report import logit_plots
 
 MODEL_KEY = paths.resolve_model_key(MODEL_NAME)
 OUT = paths.output_dir(MODEL_KEY, OUTPUT_ROOT)
-captured, model, tokenizer = nbu.get_router_logits(
-    OUT / nbu.LOGITS_NAME, model_name=MODEL_NAME, n_texts=N_TEXTS, max_length=MAX_LENGTH,
-    max_tokens_per_layer=MAX_TOKENS_PER_LAYER,
+captured, model, tokenizer = nbu.calibration_logits(
+    OUT / nbu.LOGITS_NAME, model_name=MODEL_NAME, max_tokens=CALIBRATION_TOKENS, window=WINDOW,
 )
-fit_logits, held_out = nbu.split_by_sequence(captured, held_out_fraction=HELD_OUT_FRACTION)
+fit_logits, held_out = split_by_sequence(captured, held_out_fraction=HELD_OUT_FRACTION)
 first = captured.layers[0]
 print(captured)
 print(f"fit on {fit_logits[first].shape[0]} tokens, held out {held_out[first].shape[0]} tokens "
-      f"(whole documents), {fit_logits[first].shape[1]} experts per layer")
+      f"(whole windows), {fit_logits[first].shape[1]} experts per layer")
 
 # %% [markdown]
 # ## 2. Fit every kernel per layer
@@ -101,7 +102,7 @@ for kernel in KERNELS:
 pd.Series(fit_seconds, name="fit seconds (all layers)").round(2).to_frame()
 
 # %% [markdown]
-# ## 3. Goodness of fit on held-out documents
+# ## 3. Goodness of fit on held-out windows
 # * **KS distance**: the largest gap between a null's CDF and the held-out empirical CDF.
 # * **PIT KS statistic / p-value**: held-out p-values should be Uniform(0, 1) if the null is right
 #   (on a subsample of at most 20 000 values; with more, any misfit is "significant").
@@ -110,7 +111,7 @@ pd.Series(fit_seconds, name="fit seconds (all layers)").round(2).to_frame()
 #   the null's tail is too light and BH will pick too many experts; below t, too few.
 
 # %%
-table = nbu.goodness_table(banks, held_out)
+table = goodness_table(banks, held_out)
 table.round(4)
 
 # %% [markdown]
@@ -136,7 +137,7 @@ summary.round(4)
 
 # %%
 for layer in (captured.layers[0], captured.layers[-1]):
-    nbu.show(nbu.plot_null_fits(banks, held_out, layer=layer), OUT / f"02_null_fits_layer{layer}.png")
+    nbu.show(logit_plots.plot_null_fits(banks, held_out, layer=layer), OUT / f"02_null_fits_layer{layer}.png")
 
 # %% [markdown]
 # ## 5. Choose a kernel, refit on all calibration logits, save
@@ -145,10 +146,10 @@ for layer in (captured.layers[0], captured.layers[-1]):
 # `metadata.json` with the provenance; no pickle anywhere.
 
 # %%
-KERNEL = nbu.choose_kernel(table)
+KERNEL = choose_kernel(table)
 bank = fit_null_bank(
     captured, kernel=KERNEL, model_id=MODEL_KEY,
-    calibration=f"committed calibration slice: {captured.num_tokens} tokens, max_length {MAX_LENGTH}",
+    calibration=f"committed calibration slice: {captured.num_tokens} tokens, windows of {WINDOW}",
 )
 BANK_DIR = paths.default_null_bank_dir(MODEL_KEY, must_exist=False) if SAVE_TO_REPOSITORY else OUT / "null_bank"
 bank.save(BANK_DIR)

@@ -77,7 +77,9 @@ from bh_helpers.app import paths, pipeline
 from bh_helpers.models.texts import evaluation_texts
 from bh_helpers.report import plots
 from bh_helpers.evaluation.scoring import perplexity
+from bh_helpers.evaluation.generate import generate_side_by_side
 from bh_helpers.evaluation.speed import measure_speed
+from bh_helpers.report.assemble import report_step
 from bh_helpers import BHSelector, NativeSelector, route
 
 model, tokenizer = nbu.load_notebook_model(MODEL_NAME)
@@ -96,7 +98,7 @@ print(f"routing with {selector}; native: {native}")
 # drift from the native continuation; **what to look for** is whether it stays fluent.
 
 # %%
-table, views = nbu.generate_side_by_side(model, tokenizer, PROMPTS, selector, max_new_tokens=MAX_NEW_TOKENS)
+table, views = generate_side_by_side(model, tokenizer, PROMPTS, selector, max_new_tokens=MAX_NEW_TOKENS)
 table
 
 # %% [markdown]
@@ -160,23 +162,26 @@ pd.DataFrame({label: {"prefill tok/s": s.prefill_tokens_per_s, "decode tok/s": s
 # *which* tokens get more experts carries information. Rerunning the cell resumes the sweep.
 
 # %%
+from bh_helpers.capture import capture_calibration
 from bh_helpers.experiments.comparison import compare_with_controls
 from bh_helpers.experiments.configs import bank_name, sweep_grid
+from bh_helpers.experiments.evaluate import perplexity_sweep, sweep_results_path
 from bh_helpers.report.verdict import comparison_markdown, verdict_markdown
 
 CALIBRATION_TOKENS = 2048 if SMALL else 16384
 STATISTICS = ("raw", "zscore")
 MEAN_KS = (2.0, 4.0) if SMALL else (1.5, 2.0, 3.0, 4.0)
-calibration = pipeline.capture_step(model, tokenizer, max_tokens=CALIBRATION_TOKENS, model_id=MODEL_KEY,
-                                    progress=False)
+calibration = capture_calibration(model, tokenizer, max_tokens=CALIBRATION_TOKENS, model_id=MODEL_KEY,
+                                  batch_size=pipeline.room_for(model, 256, 8), progress=False)
 banks = {bank_name("gaussian", s): pipeline.fit_step(calibration, statistic=s, model_id=MODEL_KEY)
          for s in STATISTICS}
 configs = sweep_grid(banks=banks, calibration=calibration, methods=(METHOD,), alphas=(), mean_ks=MEAN_KS,
                      max_ks=(MAX_K,), min_ks=(MIN_K,), topk_max=max(SWEEP_TOPK), top_ps=())
 settings = dict(datasets=EVAL_DATASETS, max_tokens=EVAL_TOKENS, window=WINDOW, stride=WINDOW, weights=WEIGHTS)
-results_path = paths.sweep_results_path(OUT, banks[bank_name("gaussian")], configs, **settings)
-results = pipeline.sweep_step(model, tokenizer, configs, null_bank=banks, results_path=results_path,
-                              model_id=MODEL_KEY, progress=False, **settings)
+results_path = sweep_results_path(OUT, banks[bank_name("gaussian")], configs, **settings)
+results = perplexity_sweep(model, tokenizer, configs, null_bank=banks, results_path=results_path,
+                           batch_size=pipeline.room_for(model, WINDOW, 8), model_id=MODEL_KEY, progress=False,
+                           **settings)
 print(f"{len(results)} results in {results_path}")
 results[["dataset", "label", "mean_experts_per_token", "perplexity"]].round(3)
 
@@ -245,7 +250,7 @@ pd.concat([optimize(results, budget=BUDGET), optimize(results, quality_weight=0.
 # analysis, BH against its mixed control per prompt, runs in full mode only).
 
 # %%
-report_path = pipeline.report_step(
+report_path = report_step(
     OUT / "report", results=results, model=model, tokenizer=tokenizer, null_bank=banks, model_id=MODEL_KEY,
     categories=not SMALL, weights=WEIGHTS, calibration=calibration, progress=False,
 )

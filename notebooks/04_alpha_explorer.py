@@ -48,9 +48,8 @@ MODEL_NAME = nbu.model_choice()  # BH_MODEL, default "auto"
 print(nbu.check_runtime(MODEL_NAME))  # GPU or not, and which model "auto" means here
 SMALL = nbu.small_mode()  # BH_NOTEBOOK_SMALL=1/0; default: small without a CUDA GPU
 THREADS = nbu.cpu_threads()  # BH_THREADS; default on CPU: 1 (fastest on a busy 2-core machine)
-N_TEXTS = 24 if SMALL else None  # as in notebook 01 (its saved logits are reused)
-MAX_LENGTH = 128 if SMALL else 512
-MAX_TOKENS_PER_LAYER = None if SMALL else 100_000
+CALIBRATION_TOKENS = 4096 if SMALL else 131_072  # as in notebook 01 (its saved logits are reused)
+WINDOW = 256
 KERNELS = ["gaussian", "tophat", "epanechnikov", "linear", "empirical"]
 EXPLORER_TOKENS = 2048  # cached tokens the sliders work on (the first ones, so they read as text)
 PROMPT = "The"  # for the "run on the model" button
@@ -73,9 +72,8 @@ from bh_helpers.app.widgets import AlphaExplorer
 model, tokenizer = nbu.load_notebook_model(MODEL_NAME)
 MODEL_KEY = paths.model_key(model)
 OUT = paths.output_dir(MODEL_KEY, OUTPUT_ROOT)
-captured, model, tokenizer = nbu.get_router_logits(
-    OUT / nbu.LOGITS_NAME, model=model, tokenizer=tokenizer, n_texts=N_TEXTS,
-    max_length=MAX_LENGTH, max_tokens_per_layer=MAX_TOKENS_PER_LAYER,
+captured, model, tokenizer = nbu.calibration_logits(
+    OUT / nbu.LOGITS_NAME, model=model, tokenizer=tokenizer, max_tokens=CALIBRATION_TOKENS, window=WINDOW,
 )
 start = time.perf_counter()
 banks = {kernel: fit_null_bank(captured, kernel=kernel, model_id=MODEL_KEY) for kernel in KERNELS}

@@ -247,11 +247,11 @@ def test_one_model_slug_for_local_folders(tmp_path):
     assert paths.default_null_bank_dir(str(folder), must_exist=False).name == "my-olmoe"
 
 
-def test_router_logits_round_trip_and_document_split(tmp_path):
+def test_router_logits_round_trip_and_sequence_split(tmp_path):
     import torch
 
     from bh_helpers.app import notebook as nbu
-    from bh_helpers.capture import CapturedLogits
+    from bh_helpers.capture import CapturedLogits, header_value, split_by_sequence
 
     g = torch.Generator().manual_seed(0)
     seq = torch.arange(8).repeat_interleave(5)  # 8 documents of 5 tokens
@@ -259,15 +259,16 @@ def test_router_logits_round_trip_and_document_split(tmp_path):
         logits={0: torch.randn(40, 4, generator=g), 2: torch.randn(40, 4, generator=g)},
         token_ids=torch.arange(40), positions=torch.arange(5).repeat(8), sequence_index=seq, total_tokens=40,
     )
-    settings = nbu.capture_settings(model="tiny", n_texts=8, max_tokens_per_layer=None)
+    settings = {"model_id": "tiny", "max_tokens": 4096, "window": None}
     path = captured.save(tmp_path / "x" / nbu.LOGITS_NAME, metadata=settings)
     loaded, header = CapturedLogits.load(path)
-    assert {k: header[k] for k in settings} == {"model": "tiny", "n_texts": "8", "max_tokens_per_layer": "null"}
+    assert {k: header[k] for k in settings} == {"model_id": "tiny", "max_tokens": "4096", "window": "null"}
+    assert header["max_tokens"] == header_value(4096)
     assert header["format"] == "bh_helpers.CapturedLogits" and header["total_tokens"] == "40"
     assert loaded.layers == [0, 2] and torch.equal(loaded[2], captured[2])
     assert torch.equal(loaded.sequence_index, seq) and loaded.total_tokens == 40
-    fit, held = nbu.split_by_sequence(loaded, held_out_fraction=0.25)
-    assert held[0].shape[0] == 10 and fit[0].shape[0] == 30  # two whole documents held out
+    fit, held = split_by_sequence(loaded, held_out_fraction=0.25)
+    assert held[0].shape[0] == 10 and fit[0].shape[0] == 30  # two whole sequences held out
     rows_held = {tuple(r) for r in held[0].tolist()}
     assert not rows_held & {tuple(r) for r in fit[0].tolist()}
 

@@ -194,7 +194,7 @@ def test_grid_id_is_part_of_identity(tmp_path):
 def test_protocol_is_its_own_header_field(tmp_path):
     """The report read the perplexity protocol back out of a JSON string packed into ``grid_id``;
     it is now a header field of its own, which the report states, whatever ``grid_id`` is."""
-    from bh_helpers.app.report_step import _protocol_from_results
+    from bh_helpers.report.assemble import _protocol_from_results
 
     path = tmp_path / "r.jsonl"
     protocol = {"window": 64, "stride": 32, "max_tokens": 128, "weights": "softmax"}

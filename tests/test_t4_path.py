@@ -301,4 +301,4 @@ def test_sweep_lowers_batch_size_with_a_warning_when_memory_is_short(monkeypatch
     model, _ = tiny_model_and_tokenizer
     monkeypatch.setattr(pipeline, "fit_batch_size", lambda model, window, requested: 3)
     with pytest.warns(UserWarning, match=r"batch_size=8 windows of 256 tokens does not fit.*--batch-size 3"):
-        assert pipeline._room_for(model, 256, 8) == 3
+        assert pipeline.room_for(model, 256, 8) == 3

@@ -1,4 +1,4 @@
-"""``bh-routing``: the command line of bh_helpers (thin: the work is in :mod:`bh_helpers.app.pipeline`).
+"""``bh-routing``: the command line of bh_helpers (thin: argparse over the floors, the demo in :mod:`bh_helpers.app.pipeline`).
 
 Subcommands::
 
@@ -23,9 +23,13 @@ import time
 from collections.abc import Sequence
 
 from bh_helpers.app import paths, pipeline
-from bh_helpers.capture import CapturedLogits
+from bh_helpers.capture import CapturedLogits, capture_calibration
 from bh_helpers.experiments.configs import LAYER_TARGETS, bank_name, sweep_grid
+from bh_helpers.experiments.evaluate import perplexity_sweep
 from bh_helpers.models import texts
+from bh_helpers.nulls.kernels import VALID_KERNELS
+from bh_helpers.nulls.statistics import STATISTICS
+from bh_helpers.report.assemble import report_step
 from bh_helpers.selection.reference import WEIGHT_MODES
 
 __all__ = ["build_parser", "main"]
@@ -166,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(demo)
     demo.add_argument("--calibration-tokens", type=int, default=_D.calibration_tokens,
                       help=f"calibration tokens for the nulls (default: {_D.calibration_tokens})")
-    demo.add_argument("--kernel", default=_D.kernel, help=f"null kernel (default: {_D.kernel})")
+    demo.add_argument("--kernel", choices=VALID_KERNELS, default=_D.kernel,
+                      help=f"null kernel: {', '.join(VALID_KERNELS)} (default: {_D.kernel})")
     demo.add_argument("--statistics", type=_names, default=_D.statistics,
                       help="per-token test statistics, one null bank each: raw, centred, zscore "
                            f"(default: {','.join(_D.statistics)})")
@@ -197,12 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Fit one null per layer and save nulls.npz + metadata.json.")
     fit.add_argument("--captured", required=True, help="file written by `bh-routing capture`")
     fit.add_argument("--out", required=True, help="null bank folder; one that already holds a bank is an error")
-    fit.add_argument("--kernel", default=_D.kernel,
-                     help=f"gaussian, tophat, epanechnikov, linear or empirical (default: {_D.kernel})")
+    fit.add_argument("--kernel", choices=VALID_KERNELS, default=_D.kernel,
+                     help=f"null kernel: {', '.join(VALID_KERNELS)} (default: {_D.kernel})")
     fit.add_argument("--grid-size", type=int, default=_D.grid_size,
                      help=f"grid points per layer (default: {_D.grid_size})")
     fit.add_argument("--model-id", default=None, help="model id for the metadata (default: the capture's)")
-    fit.add_argument("--statistic", default="raw", help="per-token test statistic: raw, centred or zscore (default: raw)")
+    fit.add_argument("--statistic", choices=STATISTICS, default="raw",
+                     help=f"per-token test statistic: {', '.join(STATISTICS)} (default: raw)")
     fit.add_argument("--trim", type=int, default=0, help="fit without each token's N largest values (default: 0)")
 
     sw = sub.add_parser("sweep", help="null bank + grid -> sweep.jsonl (resumable)",
@@ -294,9 +300,10 @@ def _cmd_capture(args) -> int:
     if os.path.exists(args.out):
         raise ValueError(f"--out {args.out!r} exists; pass a new file name (captures are never overwritten).")
     model, tok = _load(args)
-    captured = pipeline.capture_step(model, tok, max_tokens=args.calibration_tokens, window=args.window,
-                                     batch_size=args.batch_size, text_file=args.text_file, out_path=args.out,
-                                     model_id=args.model, progress=not args.no_progress)
+    captured = capture_calibration(model, tok, max_tokens=args.calibration_tokens, window=args.window,
+                                   batch_size=pipeline.room_for(model, args.window, args.batch_size),
+                                   text_file=args.text_file, out_path=args.out, model_id=args.model,
+                                   progress=not args.no_progress)
     print(f"captured {captured.num_tokens} tokens x {len(captured)} layers -> {args.out}")
     return 0
 
@@ -338,10 +345,10 @@ def _cmd_sweep(args) -> int:
     source = "--nulls" if args.nulls else f"the committed bank of --model {args.model} (pass --nulls to choose)"
     print(f"null bank: {nulls} ({source}; {meta.kernel} kernel, {meta.statistic} statistic, {len(list(bank))} layers)")
     model, tok = _load(args)
-    df = pipeline.sweep_step(model, tok, configs, null_bank=bank, results_path=args.results, datasets=args.datasets,
-                             max_tokens=args.max_tokens, window=args.window, stride=args.stride,
-                             batch_size=args.batch_size, weights=args.weights, model_id=args.model,
-                             progress=not args.no_progress)
+    df = perplexity_sweep(model, tok, configs, null_bank=bank, results_path=args.results, datasets=args.datasets,
+                          max_tokens=args.max_tokens, window=args.window, stride=args.stride,
+                          batch_size=pipeline.room_for(model, args.window, args.batch_size), weights=args.weights,
+                          model_id=args.model, progress=not args.no_progress)
     print(f"{len(df)} rows in {args.results}")
     return 0
 
@@ -357,10 +364,9 @@ def _cmd_report(args) -> int:
     if args.captured and not args.nulls:
         raise ValueError("--captured (for the max_k saturation table) needs --nulls, the bank to test with.")
     calibration = CapturedLogits.load(args.captured)[0] if args.captured else None
-    path = pipeline.report_step(args.out, results=results, model=model, tokenizer=tok, null_bank=bank,
-                                calibration=calibration,
-                                model_id=args.model, categories=not args.no_categories,
-                                progress=not args.no_progress)
+    path = report_step(args.out, results=results, model=model, tokenizer=tok, null_bank=bank,
+                       calibration=calibration, model_id=args.model, categories=not args.no_categories,
+                       progress=not args.no_progress)
     print(f"report: {path}")
     return 0
 

@@ -1,18 +1,16 @@
-"""Helpers the notebooks call, so that no notebook defines library logic of its own.
+"""The notebooks' environment: run settings, model loading on Colab, a cached calibration capture, display.
 
-Only what notebooks need beyond :mod:`bh_helpers.app.pipeline`, :mod:`bh_helpers.app.paths`
-(model keys, output and bank folders) and :mod:`bh_helpers.models.texts` (corpus texts). Three groups:
+Everything a notebook computes lives in the floors below (capture, nulls, evaluation, report);
+this module holds only what depends on where a notebook runs:
 
 - run settings: :func:`check_runtime`, :func:`small_mode` (``BH_NOTEBOOK_SMALL``), :func:`model_choice`
-  (``BH_MODEL``), :func:`free_accelerator_memory`, :func:`load_notebook_model` (frees GPU memory
-  first, falls back to ``device_map="auto"`` when the GPU is short);
-- data: token batches, the router logits notebook 01 captures and notebooks 02 and 04 reuse
-  (:data:`LOGITS_NAME`, :func:`get_router_logits`; the file format is :meth:`CapturedLogits.save`),
-  a held-out split by document (:func:`split_by_sequence`), goodness-of-fit tables;
-- figures for notebooks 01 and 02 (matplotlib ``Figure`` objects built without pyplot, shown with
-  :func:`show`, which works under any backend, including ``MPLBACKEND=Agg`` in CI).
-
-Nothing here changes what a model computes; routing lives in :mod:`bh_helpers.routing.patch`.
+  (``BH_MODEL``), :func:`cpu_threads` (``BH_THREADS``), :func:`update_committed_bank`,
+  :func:`free_accelerator_memory`, :func:`load_notebook_model` (frees GPU memory first, falls back to
+  ``device_map="auto"`` when the GPU is short);
+- data: :func:`calibration_logits` (notebook 01's capture, reused by 02 and 04; the demo's
+  protocol, :func:`bh_helpers.capture.capture_calibration`) and :func:`find_null_bank`;
+- display: :func:`show` (a matplotlib figure as PNG under any backend, ``MPLBACKEND=Agg`` in CI
+  included) and :func:`live_run_html`.
 """
 
 from __future__ import annotations
@@ -23,42 +21,30 @@ import io
 import os
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bh_helpers.app.paths import default_null_bank_dir, model_key, resolve_model_key
-from bh_helpers.capture import CapturedLogits, capture_router_logits, header_value
+from bh_helpers.capture import CapturedLogits, capture_calibration
 from bh_helpers.models.loading import OLMOE_HUB_ID, load_model
-from bh_helpers.models.texts import corpus_texts
 
 __all__ = [
     "LOGITS_NAME",
-    "capture_settings",
+    "calibration_logits",
     "check_runtime",
-    "choose_kernel",
     "cpu_threads",
     "describe_model",
     "find_null_bank",
     "free_accelerator_memory",
-    "generate_side_by_side",
-    "get_router_logits",
-    "goodness_table",
     "live_run_html",
     "load_notebook_model",
     "model_choice",
-    "plot_expert_usage",
-    "plot_logit_distributions",
-    "plot_null_fits",
-    "routing_table",
     "show",
     "small_mode",
-    "split_by_sequence",
-    "token_batches",
-    "top_tokens_per_expert",
+    "update_committed_bank",
 ]
 
 #: The router logits notebook 01 captures, in each model's output folder (reused by 02 and 04).
@@ -226,116 +212,41 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def token_batches(tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 256) -> list:
-    """Tokenizer outputs of ``batch_size`` texts each, right-padded and cut to ``max_length``."""
-    tokenizer.padding_side = "right"
-    return [
-        tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                  max_length=max_length)
-        for i in range(0, len(texts), batch_size)
-    ]
-
-
-def get_router_logits(
+def calibration_logits(
     path: str | os.PathLike,
     *,
     model: Any = None,
     tokenizer: Any = None,
     model_name: str = "auto",
-    n_texts: int | None = None,
-    max_length: int = 256,
+    max_tokens: int = 4096,
+    window: int = 256,
     batch_size: int = 8,
-    max_tokens_per_layer: int | None = None,
 ) -> tuple[CapturedLogits, Any, Any]:
-    """Router logits of the calibration texts: from ``path`` when it holds a capture with the
-    same settings (notebook 01 writes it), else captured now (and saved to ``path``).
+    """Router logits of the calibration text, captured as the demo and the CLI capture them.
+
+    Reuses ``path`` when it holds a capture of the same model with the same ``max_tokens`` and
+    ``window`` (notebook 01 writes it; 02 and 04 reuse it), else captures now with
+    :func:`bh_helpers.capture.capture_calibration` and saves to ``path``.
 
     Returns
     -------
     captured : CapturedLogits
     model, tokenizer
-        As passed, or loaded when a capture was needed (None when the cache was used and none
+        As passed, or loaded when a capture was needed (None when the file was reused and none
         was passed).
     """
-    wanted = capture_settings(n_texts=n_texts, max_length=max_length, max_tokens_per_layer=max_tokens_per_layer)
     path = Path(path)
+    wanted = {"model_id": resolve_model_key(model_name) if model is None else model_key(model),
+              "max_tokens": str(max_tokens), "window": str(window)}
     if path.is_file():
         captured, header = CapturedLogits.load(path)
         if all(header.get(k) == v for k, v in wanted.items()):
             return captured, model, tokenizer
     if model is None or tokenizer is None:
         model, tokenizer = load_notebook_model(model_name)
-    texts = corpus_texts("calibration", n_texts)
-    batches = token_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length)
-    captured = capture_router_logits(model, batches, max_tokens_per_layer=max_tokens_per_layer)
-    captured.save(path, metadata={"model": model_key(model), **wanted})
+    captured = capture_calibration(model, tokenizer, max_tokens=max_tokens, window=window, batch_size=batch_size,
+                                   out_path=path, model_id=model_key(model))
     return captured, model, tokenizer
-
-
-def capture_settings(**settings: Any) -> dict[str, str]:
-    """``settings`` as :meth:`CapturedLogits.save` stores them, for comparing with a saved file's header."""
-    return {k: header_value(v) for k, v in settings.items()}
-
-
-def split_by_sequence(
-    captured: CapturedLogits, *, held_out_fraction: float = 0.25, seed: int = 0
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Split captured logits by DOCUMENT (all tokens of a sequence on one side).
-
-    Tokens of one document are correlated, so a split by token would make held-out logits look
-    better fitted than they are.
-
-    Returns
-    -------
-    fit, held_out : dict of int to Tensor ``[n, E]``
-    """
-    if not 0.0 < held_out_fraction < 1.0:
-        raise ValueError(f"`held_out_fraction` must be in (0, 1); got {held_out_fraction}.")
-    sequences = torch.unique(captured.sequence_index)
-    g = torch.Generator().manual_seed(seed)
-    shuffled = sequences[torch.randperm(sequences.numel(), generator=g)]
-    n_held = max(1, int(round(held_out_fraction * sequences.numel())))
-    if n_held >= sequences.numel():
-        raise ValueError("need at least two captured sequences to hold some out.")
-    held = torch.isin(captured.sequence_index, shuffled[:n_held])  # (N,)
-    fit = {layer: captured[layer][~held] for layer in captured}
-    held_out = {layer: captured[layer][held] for layer in captured}
-    return fit, held_out
-
-
-def goodness_table(banks_by_kernel: Mapping[str, Any], held_out: Mapping[int, torch.Tensor]):
-    """Goodness of fit of every kernel's null on held-out logits, per layer.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``kernel``, ``layer``, ``ks_distance``, ``pit_ks_statistic``, ``pit_ks_pvalue``,
-        ``p<=0.001``, ``p<=0.01``, ``p<=0.05`` (observed share of held-out p-values under each
-        level: about the level when calibrated, above it when the null's tail is too light).
-    """
-    import pandas as pd
-
-    from bh_helpers.nulls.diagnostics import goodness_of_fit
-
-    rows = []
-    for kernel, bank in banks_by_kernel.items():
-        for layer, logits in held_out.items():
-            fit = goodness_of_fit(bank[layer], logits)
-            rows.append({
-                "kernel": kernel,
-                "layer": layer,
-                "ks_distance": fit.ks_distance,
-                "pit_ks_statistic": fit.pit_ks_statistic,
-                "pit_ks_pvalue": fit.pit_ks_pvalue,
-                **{f"p<={t:g}": fit.tail_fractions[t] for t in (0.001, 0.01, 0.05)},
-            })
-    return pd.DataFrame(rows)
-
-
-def choose_kernel(table) -> str:
-    """The kernel with the smallest mean KS distance over layers (ties: the first listed)."""
-    means = table.groupby("kernel", sort=False)["ks_distance"].mean()
-    return str(means.idxmin())
 
 
 def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, tokenizer: Any = None,
@@ -353,8 +264,8 @@ def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, token
     bank : NullBank
     source : str
     """
+    from bh_helpers.app.pipeline import fit_step
     from bh_helpers.nulls.bank import NullBank
-    from bh_helpers.app.pipeline import capture_step, fit_step
 
     own = Path(out) / "null_bank"
     if prefer_own and (own / "metadata.json").is_file():
@@ -369,51 +280,14 @@ def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, token
         return NullBank.load(path), f"bank fitted by notebook 02: {path}"
     if model is None or tokenizer is None:
         raise FileNotFoundError(f"no null bank for {key!r}; run notebook 02 or pass model and tokenizer.")
-    captured = capture_step(model, tokenizer, max_tokens=calibration_tokens, model_id=key)
+    captured = capture_calibration(model, tokenizer, max_tokens=calibration_tokens, model_id=key)
     bank = fit_step(captured, model_id=key)
     bank.save(path)
     return bank, f"fitted now on {captured.num_tokens} calibration tokens, saved to {path}"
 
 
-def generate_side_by_side(model: Any, tokenizer: Any, prompts: Sequence[str], selector: Any, *,
-                          max_new_tokens: int = 32):
-    """Greedy continuations of each prompt, native and routed by ``selector``.
-
-    Returns
-    -------
-    table : pandas.DataFrame
-        ``prompt``, ``native``, ``routed`` (continuations only), ``routed mean k``.
-    token_views : list of (list of str, Tensor [T, L])
-        Per prompt, the tokens the routed model read (prompt and generated, in order) and the
-        experts each got in every layer.
-    """
-    import pandas as pd
-
-    from bh_helpers.routing.patch import route
-
-    device = next(model.parameters()).device
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    rows, views = [], []
-    for prompt in prompts:
-        batch = tokenizer([prompt], return_tensors="pt").to(device)
-        n = batch["input_ids"].shape[1]
-        with torch.no_grad():
-            native = model.generate(**batch, **kwargs)[0, n:]
-            with route(model, selector) as rec:
-                routed = model.generate(**batch, **kwargs)[0, n:]
-        counts = rec.per_token_counts()
-        views.append((tokenizer.batch_decode([[int(i)] for i in counts.token_ids]), counts.matrix()))
-        rows.append({
-            "prompt": prompt,
-            "native": tokenizer.decode(native, skip_special_tokens=True),
-            "routed": tokenizer.decode(routed, skip_special_tokens=True),
-            "routed mean k": rec.summary()["mean_k"],
-        })
-    return pd.DataFrame(rows), views
-
-
 # ----------------------------------------------------------------------------------------------
-# Tables about routing (notebook 01)
+# Display
 # ----------------------------------------------------------------------------------------------
 
 
@@ -437,63 +311,6 @@ def live_run_html(res: Mapping[str, Any]):
     )
 
 
-def _decode(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    return [t.replace("\n", "\\n") for t in tokenizer.batch_decode([[int(i)] for i in ids])]
-
-
-def top_tokens_per_expert(captured: CapturedLogits, tokenizer: Any, *, layer: int, k: int = 8,
-                          experts: int = 8, tokens: int = 6):
-    """The tokens each of the most used experts receives most often (native top-k routing).
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row per expert (the ``experts`` most used in ``layer``): ``expert``, ``share`` (of
-        tokens routed to it), and ``top tokens`` with their counts.
-    """
-    import pandas as pd
-
-    logits = captured[layer]  # (N, E)
-    chosen = logits.topk(k, dim=-1).indices  # (N, k)
-    usage = torch.bincount(chosen.reshape(-1), minlength=logits.shape[-1])  # (E,)
-    rows = []
-    for e in usage.argsort(descending=True)[:experts].tolist():
-        hit = (chosen == e).any(-1)  # (N,)
-        ids, counts = torch.unique(captured.token_ids[hit], return_counts=True)
-        order = counts.argsort(descending=True)[:tokens]
-        names = _decode(tokenizer, ids[order].tolist())
-        rows.append({
-            "expert": e,
-            "share of tokens": round(float(hit.double().mean()), 3),
-            "top tokens (count)": ", ".join(f"{n!r} ({c})" for n, c in zip(names, counts[order].tolist())),
-        })
-    return pd.DataFrame(rows)
-
-
-def routing_table(captured: CapturedLogits, tokenizer: Any, *, sequence: int = 0, tokens: int = 20,
-                  k: int = 3):
-    """Where the first tokens of one captured sequence go: the top-``k`` experts per layer.
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row per token; a column per layer with its ``k`` largest-logit experts.
-    """
-    import pandas as pd
-
-    rows = (captured.sequence_index == sequence).nonzero().squeeze(-1)[:tokens]  # (t,)
-    data = {"token": _decode(tokenizer, captured.token_ids[rows].tolist())}
-    for layer in captured.layers:
-        top = captured[layer][rows].topk(k, dim=-1).indices.tolist()
-        data[f"L{layer}"] = [" ".join(str(e) for e in t) for t in top]
-    return pd.DataFrame(data)
-
-
-# ----------------------------------------------------------------------------------------------
-# Figures
-# ----------------------------------------------------------------------------------------------
-
-
 def show(fig, save_as: str | os.PathLike | None = None, *, dpi: int = 90) -> None:
     """Display a matplotlib figure as PNG in the notebook (any backend), optionally saving it."""
     buf = io.BytesIO()
@@ -507,90 +324,3 @@ def show(fig, save_as: str | os.PathLike | None = None, *, dpi: int = 90) -> Non
     except ImportError:  # plain Python: saving is all we can do
         return
     display(Image(data=data, format="png"))
-
-
-def _figure(rows: int, cols: int, *, size: tuple[float, float]):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    return fig, axes
-
-
-def plot_logit_distributions(captured: CapturedLogits, *, k: int = 8, bins: int = 120):
-    """Per layer: histogram of all router logits, and of the top-1 and k-th largest (log y)."""
-    layers = captured.layers
-    cols = min(4, len(layers))
-    rows = -(-len(layers) // cols)
-    fig, axes = _figure(rows, cols, size=(3.4 * cols, 2.6 * rows))
-    for ax, layer in zip(axes.flat, layers):
-        x = captured[layer]  # (N, E)
-        top = x.topk(k, dim=-1).values  # (N, k)
-        edges = np.linspace(float(x.min()), float(x.max()), bins + 1)
-        ax.hist(x.reshape(-1).numpy(), bins=edges, density=True, color="0.6", label="all logits")
-        ax.hist(top[:, 0].numpy(), bins=edges, density=True, histtype="step", color="tab:red", label="top-1")
-        ax.hist(top[:, -1].numpy(), bins=edges, density=True, histtype="step", color="tab:blue", label=f"top-{k}")
-        ax.set_yscale("log")
-        ax.set_title(f"layer {layer}", fontsize=10)
-        ax.set_xlabel("router logit")
-    for ax in list(axes.flat)[len(layers):]:
-        ax.set_visible(False)
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"router logit distributions ({captured.num_tokens} tokens per layer)")
-    return fig
-
-
-def plot_expert_usage(captured: CapturedLogits, *, k: int = 8):
-    """Share of tokens routed to each expert under native top-k, per layer (heatmap), and the
-    sorted usage curve per layer (flat = balanced)."""
-    layers = captured.layers
-    usage = []
-    for layer in layers:
-        chosen = captured[layer].topk(k, dim=-1).indices  # (N, k)
-        hits = torch.bincount(chosen.reshape(-1), minlength=captured[layer].shape[-1])  # (E,)
-        usage.append(hits.double() / captured.num_tokens)
-    mat = torch.stack(usage).numpy()  # (L, E)
-    fig, axes = _figure(1, 2, size=(13, 3.6))
-    ax_map, ax_curve = axes[0]
-    im = ax_map.imshow(mat, aspect="auto", cmap="magma", interpolation="nearest")
-    ax_map.set(xlabel="expert", ylabel="layer", title=f"share of tokens using each expert (top-{k})")
-    ax_map.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    fig.colorbar(im, ax=ax_map)
-    for row, layer in zip(mat, layers):
-        ax_curve.plot(np.sort(row)[::-1], label=f"L{layer}")
-    ax_curve.axhline(k / mat.shape[1], color="k", ls="--", lw=1, label="balanced")
-    ax_curve.set(xlabel="expert rank", ylabel="share of tokens", title="sorted expert usage")
-    ax_curve.legend(fontsize=7, ncol=2)
-    return fig
-
-
-def plot_null_fits(banks_by_kernel: Mapping[str, Any], held_out: Mapping[int, torch.Tensor], *, layer: int):
-    """One layer: CDF of each null vs the held-out ECDF, the upper tail on a log scale (where BH
-    works), and the histogram of held-out p-values (flat when calibrated)."""
-    x = held_out[layer].reshape(-1).double()
-    xs = torch.sort(x).values
-    n = xs.numel()
-    ecdf_sf = 1.0 - torch.arange(1, n + 1, dtype=torch.float64) / n  # P(X > x_(i))
-    lo, hi = float(xs[0]), float(xs[-1])
-    grid = torch.linspace(lo - 0.1 * (hi - lo), hi + 0.25 * (hi - lo), 600, dtype=torch.float64)
-    fig, axes = _figure(1, 3, size=(15, 3.8))
-    ax_cdf, ax_tail, ax_pit = axes[0]
-    step = max(1, n // 4000)
-    ax_cdf.plot(xs[::step], 1 - ecdf_sf[::step], color="k", lw=2.5, alpha=0.35, label="held-out ECDF")
-    ax_tail.plot(xs[::step], ecdf_sf[::step].clamp(min=0.5 / n), color="k", lw=2.5, alpha=0.35, label="held-out")
-    pit_bins = np.linspace(0, 1, 21)
-    for kernel, bank in banks_by_kernel.items():
-        null = bank[layer]
-        ax_cdf.plot(grid, null.cdf(grid).numpy(), lw=1, label=kernel)
-        ax_tail.plot(grid, null.sf(grid).numpy(), lw=1, label=kernel)
-        p = null.sf(x).numpy()
-        ax_pit.hist(p, bins=pit_bins, density=True, histtype="step", lw=1.2, alpha=0.8, label=kernel)
-    ax_cdf.set(xlabel="router logit", ylabel="CDF", title=f"layer {layer}: null CDFs vs held-out")
-    ax_tail.set_yscale("log")
-    ax_tail.set_ylim(0.1 / n, 1.0)
-    ax_tail.set_xlim(float(xs[n // 2]), hi + 0.25 * (hi - lo))  # upper half and beyond the data
-    ax_tail.set(xlabel="router logit", ylabel="P(X > x)  (p-value)", title="upper tail (log scale)")
-    ax_pit.axhline(1.0, color="k", ls="--", lw=1)
-    ax_pit.set(xlabel="held-out p-value", ylabel="density", title="PIT histogram (flat = calibrated)")
-    ax_tail.legend(fontsize=7)
-    return fig

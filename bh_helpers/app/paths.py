@@ -1,4 +1,4 @@
-"""Where things live: model names as folder names, null-bank folders, output folders, sweep identity.
+"""Where things live: model names as folder names, null-bank folders, output folders.
 
 One :func:`model_slug` for every folder named after a model (``kde_models/<slug>/``,
 ``outputs/<slug>/``), so the demo, the CLI and the notebooks find the same banks.
@@ -6,12 +6,8 @@ One :func:`model_slug` for every folder named after a model (``kde_models/<slug>
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -24,8 +20,6 @@ __all__ = [
     "model_slug",
     "output_dir",
     "resolve_model_key",
-    "sweep_grid_id",
-    "sweep_results_path",
 ]
 
 KDE_MODELS_ENV = "BH_ROUTING_KDE_MODELS"
@@ -113,40 +107,3 @@ def output_dir(key: str, root: str | os.PathLike = "outputs") -> Path:
     path = Path(root) / model_slug(key)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _bank_identity(bank) -> dict | list:
-    """What identifies a null bank (or, for a mapping of named banks, each of them) in a grid id."""
-    from bh_helpers.nulls.bank import NullBank
-
-    if not isinstance(bank, NullBank):  # a mapping {bank name: NullBank}
-        return [[name, _bank_identity(b)] for name, b in sorted(bank.items())]
-    meta = bank.metadata
-    out = {"model_id": meta.model_id, "kernel": meta.kernel, "created": meta.created,
-           "n_samples": {str(k): v for k, v in meta.n_samples.items()}}
-    if meta.statistic != "raw" or meta.trim:  # raw banks keep the identity they had before statistics
-        out.update(statistic=meta.statistic, trim=meta.trim)
-    return out
-
-
-def sweep_grid_id(*, model_id: str, null_bank, datasets: Sequence[str], max_tokens: int, window: int,
-                  stride: int, weights: str) -> str:
-    """The ``grid_id`` of a sweep: everything besides the configurations that changes its numbers."""
-    return json.dumps({"model": model_id, "nulls": _bank_identity(null_bank), "datasets": list(datasets),
-                       "max_tokens": int(max_tokens), "window": int(window), "stride": int(stride),
-                       "weights": weights}, sort_keys=True, separators=(",", ":"))
-
-
-def sweep_results_path(out: str | os.PathLike, bank: Any, configs: Sequence[Any], **settings: Any) -> Path:
-    """A results file named after everything that defines a sweep (null bank, configurations,
-    evaluation settings), so changing any of them starts a new file instead of colliding with
-    the old grid (``run_sweep`` refuses another grid's file); rerunning the same sweep resumes."""
-
-    meta = bank.metadata
-    ident = json.dumps(
-        [meta.model_id, meta.kernel, meta.created, sorted(meta.n_samples.items()),
-         [c.key() for c in configs], sorted(settings.items())],
-        default=str,
-    )
-    digest = hashlib.sha256(ident.encode()).hexdigest()[:10]
-    return Path(out) / f"sweep_{meta.kernel}_{digest}.jsonl"

@@ -1,34 +1,24 @@
-"""The end-to-end job as step functions: capture -> fit -> sweep -> report (and ``run_demo``).
+"""The demo's wiring: capture -> fit -> sweep -> report in one folder (``run_demo``).
 
 Each step reads and writes plain files, so the command line (:mod:`bh_helpers.app.cli`) can run
-them one at a time or all at once:
+them one at a time or all at once; the science of each step lives in its floor:
 
-==============  ============================================================================
-step            writes
-==============  ============================================================================
-capture         ``captured_logits.safetensors``: ``layer.<i>`` float32 ``[N, E]``, plus
-                ``token_ids``, ``positions``, ``sequence_index``; metadata in the header
-                (safetensors: no pickle)
-fit             a :class:`~bh_helpers.nulls.bank.NullBank` folder (``nulls.npz`` + ``metadata.json``)
-sweep           ``sweep.jsonl`` (:func:`bh_helpers.experiments.sweep.run_sweep`, resumable)
-report          ``report.md`` + PNG figures (:func:`bh_helpers.report.write.write_report`)
-==============  ============================================================================
+==============  ==================================================================  =========================
+step            writes                                                              done by
+==============  ==================================================================  =========================
+capture         ``captured_logits.safetensors`` (router logits ``[N, E]`` per       :func:`bh_helpers.capture.capture_calibration`
+                layer, token ids, positions, sequence index; safetensors, no pickle)
+fit             a :class:`~bh_helpers.nulls.bank.NullBank` folder                   :func:`fit_step`
+sweep           ``sweep.jsonl`` (resumable)                                         :func:`bh_helpers.experiments.evaluate.perplexity_sweep`
+report          ``report.md`` + PNG figures                                         :func:`bh_helpers.report.assemble.report_step`
+==============  ==================================================================  =========================
 
-Evaluation protocol of the sweep (stated in every report): perplexity with
-:func:`bh_helpers.evaluation.scoring.perplexity` (documents joined by EOS, windows of ``window`` tokens
-with stride ``stride``, token-weighted mean NLL); the text of each data set is cut to its first
-``max_tokens`` tokens (whole documents, the last one truncated). Mean experts per token is
-measured by the routing recorder over every routed token and layer. Selected experts keep
-their softmax router probabilities (``weights="softmax"``, OLMoE's own ``norm_topk_prob=False``
-convention, so static top-8 equals the native model) for BH/BY/top-k/top-p; ``"renorm"`` is
-available but the embedded model was not trained for it (top-8 perplexity 22.3 instead of 15.0
-on 1k prose tokens).
-
-Evaluation data sets (:data:`EVAL_DATASETS`): ``prose`` and ``code`` are the two domains of
-the embedded corpus's evaluation slice (held out from training and from calibration),
-``wikitext2`` the real WikiText-2 test split (through ``datasets``, from the hub),
-``wikitext2-fixture`` the embedded WikiText-style sample (offline; named apart so that no table
-calls it WikiText-2); a path to a UTF-8 ``.txt`` file is used as one document.
+The evaluation protocol is stated in :mod:`bh_helpers.experiments.evaluate`. Selected experts
+keep their softmax router probabilities (``weights="softmax"``, OLMoE's own
+``norm_topk_prob=False`` convention, so static top-8 equals the native model) for
+BH/BY/top-k/top-p; ``"renorm"`` is available but the embedded model was not trained for it
+(top-8 perplexity 22.3 instead of 15.0 on 1k prose tokens). Evaluation data sets are listed in
+:data:`bh_helpers.models.texts.EVAL_DATASETS`.
 """
 
 from __future__ import annotations
@@ -39,32 +29,25 @@ import functools
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bh_helpers._locks import exclusive
 from bh_helpers._validate import check_choice, check_int
-from bh_helpers.app.paths import sweep_grid_id
-from bh_helpers.app.report_step import report_step
-from bh_helpers.capture import CapturedLogits, capture_router_logits
-from bh_helpers.evaluation.scoring import fit_batch_size, perplexity
-from bh_helpers.evaluation.speed import compute_summary
-from bh_helpers.experiments.frontier import compute_frontier
+from bh_helpers.capture import CapturedLogits, capture_calibration
+from bh_helpers.evaluation.scoring import fit_batch_size
 from bh_helpers.experiments.configs import LAYER_TARGETS, bank_name, sweep_grid
-from bh_helpers.experiments.sweep import run_sweep
-from bh_helpers.models.families import router_fingerprint
+from bh_helpers.experiments.evaluate import perplexity_sweep
+from bh_helpers.experiments.frontier import compute_frontier
 from bh_helpers.models.loading import load_model
-from bh_helpers.models.texts import calibration_token_ids, check_datasets, evaluation_texts
+from bh_helpers.models.texts import check_datasets
 from bh_helpers.nulls.bank import NullBank
 from bh_helpers.nulls.fit import fit_null_bank
 from bh_helpers.nulls.statistics import check_statistic
-from bh_helpers.routing.patch import route
+from bh_helpers.report.assemble import report_step
 from bh_helpers.selection.reference import WEIGHT_MODES
-from bh_helpers.selection.selectors import NativeSelector
 
 __all__ = [
     "DEFAULT_OUTPUT_DIR",
@@ -75,11 +58,8 @@ __all__ = [
     "DemoSettings",
     "DemoResult",
     "GPUOutOfMemory",
-    "capture_step",
     "fit_step",
-    "make_evaluate_fn",
-    "sweep_step",
-    "report_step",
+    "room_for",
     "run_demo",
 ]
 
@@ -92,79 +72,13 @@ STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last de
 
 
 # ----------------------------------------------------------------------------------------------
-# Where things live
+# Capture and fit
 # ----------------------------------------------------------------------------------------------
 
 
-# ----------------------------------------------------------------------------------------------
-# Text
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Capture
-# ----------------------------------------------------------------------------------------------
-
-
-def capture_step(model, tokenizer, *, max_tokens: int = 4096, window: int = 256, batch_size: int = 8,
-                 text_file: str | os.PathLike | None = None, out_path: str | os.PathLike | None = None,
-                 model_id: str = "tiny", progress: bool = True):
-    """Capture router logits on calibration text (windows of ``window`` tokens, batched).
-
-    Parameters
-    ----------
-    model, tokenizer
-    max_tokens : int, default 4096
-        Calibration tokens (see :func:`calibration_token_ids`).
-    window : int, default 256
-        Tokens per sequence.
-    batch_size : int, default 8
-        Sequences per forward pass.
-    text_file : path-like, optional
-        Calibrate on this text instead of the embedded calibration slice.
-    out_path : path-like, optional
-        Save the result there with :meth:`CapturedLogits.save`.
-    model_id : str
-        Recorded in the file's metadata.
-    progress : bool
-
-    Returns
-    -------
-    CapturedLogits
-    """
-    import torch
-
-
-    window, batch_size = check_int("window", window, 1), check_int("batch_size", batch_size, 1)
-    batch_size = _room_for(model, window, batch_size)
-    ids = calibration_token_ids(tokenizer, max_tokens=max_tokens, text_file=text_file)
-    if len(ids) < 2:
-        raise ValueError("the calibration text has fewer than 2 tokens; give it more text.")
-    rows = [ids[i: i + window] for i in range(0, len(ids), window)]
-    batches = []
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s: s + batch_size]
-        width = max(len(r) for r in chunk)
-        input_ids = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
-        for i, r in enumerate(chunk):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        batches.append({"input_ids": input_ids, "attention_mask": mask})
-    captured = capture_router_logits(model, batches, progress=progress)
-    if out_path is not None:
-        source = str(text_file) if text_file is not None else "embedded corpus, calibration slice (half prose, half code)"
-
-        captured.save(out_path, metadata={
-            "model_id": model_id, "calibration": f"{source}, {len(ids)} tokens, windows of {window}",
-            "router_fingerprint": {str(k): v for k, v in router_fingerprint(model).items()}})
-    return captured
-
-
-def _room_for(model, window: int, batch_size: int) -> int:
+def room_for(model, window: int, batch_size: int) -> int:
     """``batch_size``, lowered (with a warning naming ``--batch-size``) when the GPU has no room for it."""
     import warnings
-
 
     fitted = fit_batch_size(model, window, batch_size)
     if fitted < batch_size:
@@ -173,11 +87,6 @@ def _room_for(model, window: int, batch_size: int) -> int:
             f"model; running {fitted} windows per forward pass (results do not depend on it; pass --batch-size "
             f"{fitted} or lower to choose yourself).", stacklevel=3)
     return fitted
-
-
-# ----------------------------------------------------------------------------------------------
-# Fit
-# ----------------------------------------------------------------------------------------------
 
 
 def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192, model_id: str = "tiny",
@@ -216,124 +125,6 @@ def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192
     if out_dir is not None:
         bank.save(out_dir)
     return bank
-
-
-# ----------------------------------------------------------------------------------------------
-# Sweep
-# ----------------------------------------------------------------------------------------------
-
-
-def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank, window: int = 256,
-                     stride: int = 256, batch_size: int = 8, weights: str = "softmax"):
-    """The ``evaluate_fn(config, dataset)`` of :func:`bh_helpers.experiments.sweep.run_sweep`.
-
-    Metrics per row: the :class:`~bh_helpers.evaluation.scoring.PerplexityResult` fields (with
-    ``protocol`` and the per-window NLL the bootstrap pairs on), :func:`~bh_helpers.evaluation.speed.compute_summary`
-    (``mean_experts_per_token``, ``relative_compute``, ...), ``std_k``, ``floor_rate``,
-    ``ceiling_rate``, ``per_layer_mean_k`` (``{layer: mean k}``), the load balance per layer
-    (``per_layer_utilisation_cv``: coefficient of variation of the activations over experts,
-    ``per_layer_unused_share``: share of experts never chosen) and ``k_hist`` (token-layer pairs
-    with 0, 1, 2, ... experts).
-
-    ``null_bank`` is one :class:`~bh_helpers.nulls.bank.NullBank` or a mapping of
-    :func:`~bh_helpers.experiments.sweep.bank_name` to banks. A ``"mixed"`` control runs at the
-    per-layer mean k its adaptive configuration reached on the same data set (evaluated again
-    when a resumed sweep did not evaluate it in this process).
-    """
-
-    native_k = NativeSelector.for_model(model).k
-    if isinstance(null_bank, NullBank):  # itself a Mapping (layer -> null): name it
-        meta = null_bank.metadata
-        banks = {bank_name(meta.kernel, meta.statistic, meta.trim): null_bank}
-    else:
-        banks = dict(null_bank) if null_bank is not None else None
-    reached: dict[tuple[str, str], dict[int, float]] = {}  # (adaptive key, data set) -> per-layer mean k
-
-    def run(config, name: str, **kwargs) -> dict:
-        selector = config.to_selector(model, null_bank=banks, weights=weights, **kwargs)
-        with route(model, selector) as rec:
-            ppl = perplexity(model, tokenizer, data[name], window=window, stride=stride, batch_size=batch_size,
-                             progress=False)
-        summary = rec.summary()
-        counts = rec.per_token_counts().matrix().reshape(-1)
-        counts = counts[counts >= 0]
-        per_layer = {layer: s["mean_k"] for layer, s in summary["per_layer"].items()}
-        reached[(config.key(), name)] = per_layer
-        return {
-            **ppl.to_dict(),
-            **compute_summary(summary, native_k=native_k),
-            "std_k": summary["std_k"],
-            "floor_rate": summary["floor_rate"],
-            "ceiling_rate": summary["ceiling_rate"],
-            "per_layer_mean_k": {str(layer): k for layer, k in per_layer.items()},
-            # load balance: spread of activations over experts, and experts never chosen
-            "per_layer_utilisation_cv": {str(layer): s["utilisation_cv"] for layer, s in summary["per_layer"].items()},
-            "per_layer_unused_share": {str(layer): s["unused_share"] for layer, s in summary["per_layer"].items()},
-            "k_hist": np.bincount(counts.numpy()).tolist(),
-        }
-
-    def evaluate(config, name: str) -> dict:
-        if config.method != "mixed":
-            return run(config, name)
-        adaptive = config.adaptive()
-        if (adaptive.key(), name) not in reached:  # resumed after the adaptive row: measure it again
-            run(adaptive, name)
-        metrics = run(config, name, mean_k=reached[(adaptive.key(), name)])
-        metrics["target_per_layer_mean_k"] = {str(k): v for k, v in reached[(adaptive.key(), name)].items()}
-        return metrics
-
-    return evaluate
-
-
-def sweep_step(model, tokenizer, configs, *, null_bank, results_path: str | os.PathLike,
-               datasets: Sequence[str] = ("prose", "code"), max_tokens: int = 2048, window: int = 256,
-               stride: int = 256, batch_size: int = 8, weights: str = "softmax", model_id: str = "tiny",
-               progress: bool = True):
-    """Run (or resume) a perplexity sweep; returns :func:`~bh_helpers.experiments.sweep.load_results`.
-
-    Parameters
-    ----------
-    model, tokenizer
-    configs : list of SweepConfig
-        E.g. from :func:`bh_helpers.experiments.sweep.expand_grid`.
-    null_bank : NullBank or mapping of str to NullBank
-        Nulls of ``model`` (for the multiple-testing configurations); a mapping is keyed by
-        :func:`~bh_helpers.experiments.sweep.bank_name` (one bank per statistic and trim).
-    results_path : path-like
-        JSON Lines results; an existing file of another grid raises ``ValueError`` untouched.
-    datasets : sequence of str
-        Names from :data:`EVAL_DATASETS` or ``.txt`` paths.
-    max_tokens : int, default 2048
-        Tokens per data set.
-    window, stride, batch_size : int
-        Perplexity protocol (:func:`bh_helpers.evaluation.scoring.perplexity`).
-    weights : {"softmax", "renorm", "uniform"}, default "softmax"
-        Weights of the selected experts for BH-family, top-k and top-p configurations.
-        ``"softmax"`` (raw router probabilities) is OLMoE's own convention
-        (``norm_topk_prob=False``), so top-8 equals the native model; ``"renorm"`` rescales the
-        selected probabilities to sum to 1, which the tiny model was not trained for.
-    model_id : str
-    progress : bool
-
-    Returns
-    -------
-    pandas.DataFrame
-    """
-
-    check_choice("weights", weights, WEIGHT_MODES)
-    datasets = list(datasets)
-    if not datasets:
-        raise ValueError("`datasets` is empty; pass e.g. ['prose', 'code'].")
-    for bank in ([null_bank] if isinstance(null_bank, NullBank) else list(null_bank.values())):
-        bank.check_compatible(model)
-    data = {name: evaluation_texts(name, tokenizer, max_tokens=max_tokens) for name in datasets}
-    grid_id = sweep_grid_id(model_id=model_id, null_bank=null_bank, datasets=datasets, max_tokens=max_tokens,
-                            window=window, stride=stride, weights=weights)
-    batch_size = _room_for(model, window, batch_size)
-    evaluate = make_evaluate_fn(model, tokenizer, data, null_bank=null_bank, window=window, stride=stride,
-                                batch_size=batch_size, weights=weights)
-    protocol = {"window": int(window), "stride": int(stride), "max_tokens": int(max_tokens), "weights": weights}
-    return run_sweep(configs, datasets, evaluate, results_path, grid_id=grid_id, protocol=protocol, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,9 +351,9 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
     captured_path = out / CAPTURED_NAME
     if not captured_path.is_file():  # a resumed run reuses it; fit_step reads (and checks) it
         with step("capture"):
-            capture_step(model, tokenizer, max_tokens=settings.calibration_tokens, window=settings.window,
-                         batch_size=settings.batch_size, out_path=captured_path, model_id=settings.model,
-                         progress=progress)
+            capture_calibration(model, tokenizer, max_tokens=settings.calibration_tokens, window=settings.window,
+                                batch_size=room_for(model, settings.window, settings.batch_size),
+                                out_path=captured_path, model_id=settings.model, progress=progress)
     banks: dict[str, NullBank] = {}
     with step("fit"):
         for statistic, trim in settings.bank_settings():
@@ -578,10 +369,10 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
 
     results_path = out / RESULTS_NAME
     with step("sweep"):
-        results = sweep_step(model, tokenizer, configs, null_bank=banks, results_path=results_path,
-                             datasets=settings.datasets, max_tokens=settings.max_tokens, window=settings.window,
-                             stride=settings.stride, batch_size=settings.batch_size, weights=settings.weights,
-                             model_id=settings.model, progress=progress)
+        results = perplexity_sweep(model, tokenizer, configs, null_bank=banks, results_path=results_path,
+                                   datasets=settings.datasets, max_tokens=settings.max_tokens, window=settings.window,
+                                   stride=settings.stride, batch_size=room_for(model, settings.window, settings.batch_size),
+                                   weights=settings.weights, model_id=settings.model, progress=progress)
 
     with step("report"):
         report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=banks,

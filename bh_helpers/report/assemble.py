@@ -1,4 +1,4 @@
-"""The report step of the pipeline: frontier, figures, category analysis and token view -> ``report.md``.
+"""The demo's report, assembled: frontier, figures, category analysis and token view -> ``report.md``.
 
 Reads sweep results (a DataFrame or the JSONL file of :func:`bh_helpers.experiments.sweep.run_sweep`),
 compares every adaptive configuration with static top-k at the same compute

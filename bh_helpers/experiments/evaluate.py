@@ -1,0 +1,184 @@
+"""What one sweep row measures, and the perplexity sweep that writes those rows.
+
+:func:`make_evaluate_fn` is the ``evaluate_fn(config, dataset)`` of
+:func:`bh_helpers.experiments.sweep.run_sweep`: it routes the model with the configuration's
+selector and scores perplexity under one protocol. :func:`perplexity_sweep` wires it to the
+evaluation texts and to a resumable results file whose identity (:func:`sweep_grid_id`) covers
+everything besides the configurations that changes the numbers.
+
+Evaluation protocol (stated in every report): perplexity with
+:func:`bh_helpers.evaluation.scoring.perplexity` (documents joined by EOS, windows of ``window``
+tokens with stride ``stride``, token-weighted mean NLL); the text of each data set is cut to its
+first ``max_tokens`` tokens (whole documents, the last one truncated). Mean experts per token is
+measured by the routing recorder over every routed token and layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bh_helpers._validate import check_choice
+from bh_helpers.evaluation.scoring import perplexity
+from bh_helpers.evaluation.speed import compute_summary
+from bh_helpers.experiments.configs import bank_name
+from bh_helpers.experiments.sweep import run_sweep
+from bh_helpers.models.texts import evaluation_texts
+from bh_helpers.nulls.bank import NullBank
+from bh_helpers.routing.patch import route
+from bh_helpers.selection.reference import WEIGHT_MODES
+from bh_helpers.selection.selectors import NativeSelector
+
+__all__ = ["make_evaluate_fn", "perplexity_sweep", "sweep_grid_id", "sweep_results_path"]
+
+
+def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank, window: int = 256,
+                     stride: int = 256, batch_size: int = 8,
+                     weights: str = "softmax") -> Callable[[Any, str], dict]:
+    """The ``evaluate_fn(config, dataset)`` of :func:`bh_helpers.experiments.sweep.run_sweep`.
+
+    Metrics per row: the :class:`~bh_helpers.evaluation.scoring.PerplexityResult` fields (with
+    ``protocol`` and the per-window NLL the bootstrap pairs on), :func:`~bh_helpers.evaluation.speed.compute_summary`
+    (``mean_experts_per_token``, ``relative_compute``, ...), ``std_k``, ``floor_rate``,
+    ``ceiling_rate``, ``per_layer_mean_k`` (``{layer: mean k}``), the load balance per layer
+    (``per_layer_utilisation_cv``: coefficient of variation of the activations over experts,
+    ``per_layer_unused_share``: share of experts never chosen) and ``k_hist`` (token-layer pairs
+    with 0, 1, 2, ... experts).
+
+    ``null_bank`` is one :class:`~bh_helpers.nulls.bank.NullBank` or a mapping of
+    :func:`~bh_helpers.experiments.configs.bank_name` to banks. A ``"mixed"`` control runs at the
+    per-layer mean k its adaptive configuration reached on the same data set (evaluated again
+    when a resumed sweep did not evaluate it in this process).
+    """
+    native_k = NativeSelector.for_model(model).k
+    if isinstance(null_bank, NullBank):  # itself a Mapping (layer -> null): name it
+        meta = null_bank.metadata
+        banks = {bank_name(meta.kernel, meta.statistic, meta.trim): null_bank}
+    else:
+        banks = dict(null_bank) if null_bank is not None else None
+    reached: dict[tuple[str, str], dict[int, float]] = {}  # (adaptive key, data set) -> per-layer mean k
+
+    def run(config, name: str, **kwargs) -> dict:
+        selector = config.to_selector(model, null_bank=banks, weights=weights, **kwargs)
+        with route(model, selector) as rec:
+            ppl = perplexity(model, tokenizer, data[name], window=window, stride=stride, batch_size=batch_size,
+                             progress=False)
+        summary = rec.summary()
+        counts = rec.per_token_counts().matrix().reshape(-1)
+        counts = counts[counts >= 0]
+        per_layer = {layer: s["mean_k"] for layer, s in summary["per_layer"].items()}
+        reached[(config.key(), name)] = per_layer
+        return {
+            **ppl.to_dict(),
+            **compute_summary(summary, native_k=native_k),
+            "std_k": summary["std_k"],
+            "floor_rate": summary["floor_rate"],
+            "ceiling_rate": summary["ceiling_rate"],
+            "per_layer_mean_k": {str(layer): k for layer, k in per_layer.items()},
+            # load balance: spread of activations over experts, and experts never chosen
+            "per_layer_utilisation_cv": {str(layer): s["utilisation_cv"] for layer, s in summary["per_layer"].items()},
+            "per_layer_unused_share": {str(layer): s["unused_share"] for layer, s in summary["per_layer"].items()},
+            "k_hist": np.bincount(counts.numpy()).tolist(),
+        }
+
+    def evaluate(config, name: str) -> dict:
+        if config.method != "mixed":
+            return run(config, name)
+        adaptive = config.adaptive()
+        if (adaptive.key(), name) not in reached:  # resumed after the adaptive row: measure it again
+            run(adaptive, name)
+        metrics = run(config, name, mean_k=reached[(adaptive.key(), name)])
+        metrics["target_per_layer_mean_k"] = {str(k): v for k, v in reached[(adaptive.key(), name)].items()}
+        return metrics
+
+    return evaluate
+
+
+def perplexity_sweep(model, tokenizer, configs, *, null_bank, results_path: str | os.PathLike,
+                     datasets: Sequence[str] = ("prose", "code"), max_tokens: int = 2048, window: int = 256,
+                     stride: int = 256, batch_size: int = 8, weights: str = "softmax", model_id: str = "tiny",
+                     progress: bool = True):
+    """Run (or resume) a perplexity sweep; returns :func:`~bh_helpers.experiments.sweep.load_results`.
+
+    Parameters
+    ----------
+    model, tokenizer
+    configs : list of SweepConfig
+        E.g. from :func:`bh_helpers.experiments.configs.sweep_grid`.
+    null_bank : NullBank or mapping of str to NullBank
+        Nulls of ``model`` (for the multiple-testing configurations); a mapping is keyed by
+        :func:`~bh_helpers.experiments.configs.bank_name` (one bank per statistic and trim).
+    results_path : path-like
+        JSON Lines results; an existing file of another grid raises ``ValueError`` untouched.
+    datasets : sequence of str
+        Names from :data:`bh_helpers.models.texts.EVAL_DATASETS` or ``.txt`` paths.
+    max_tokens : int, default 2048
+        Tokens per data set.
+    window, stride, batch_size : int
+        Perplexity protocol (:func:`bh_helpers.evaluation.scoring.perplexity`); ``batch_size``
+        is used as given (the caller fits it to the GPU's free memory).
+    weights : {"softmax", "renorm", "uniform", "inverse_p"}, default "softmax"
+        Weights of the selected experts for BH-family, top-k and top-p configurations.
+        ``"softmax"`` (raw router probabilities) is OLMoE's own convention
+        (``norm_topk_prob=False``), so top-8 equals the native model; ``"renorm"`` rescales the
+        selected probabilities to sum to 1, which the tiny model was not trained for.
+    model_id : str
+    progress : bool
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    check_choice("weights", weights, WEIGHT_MODES)
+    datasets = list(datasets)
+    if not datasets:
+        raise ValueError("`datasets` is empty; pass e.g. ['prose', 'code'].")
+    for bank in ([null_bank] if isinstance(null_bank, NullBank) else list(null_bank.values())):
+        bank.check_compatible(model)
+    data = {name: evaluation_texts(name, tokenizer, max_tokens=max_tokens) for name in datasets}
+    grid_id = sweep_grid_id(model_id=model_id, null_bank=null_bank, datasets=datasets, max_tokens=max_tokens,
+                            window=window, stride=stride, weights=weights)
+    evaluate = make_evaluate_fn(model, tokenizer, data, null_bank=null_bank, window=window, stride=stride,
+                                batch_size=batch_size, weights=weights)
+    protocol = {"window": int(window), "stride": int(stride), "max_tokens": int(max_tokens), "weights": weights}
+    return run_sweep(configs, datasets, evaluate, results_path, grid_id=grid_id, protocol=protocol, progress=progress)
+
+
+def _bank_identity(bank) -> dict | list:
+    """What identifies a null bank (or, for a mapping of named banks, each of them) in a grid id."""
+    if not isinstance(bank, NullBank):  # a mapping {bank name: NullBank}
+        return [[name, _bank_identity(b)] for name, b in sorted(bank.items())]
+    meta = bank.metadata
+    out = {"model_id": meta.model_id, "kernel": meta.kernel, "created": meta.created,
+           "n_samples": {str(k): v for k, v in meta.n_samples.items()}}
+    if meta.statistic != "raw" or meta.trim:  # raw banks keep the identity they had before statistics
+        out.update(statistic=meta.statistic, trim=meta.trim)
+    return out
+
+
+def sweep_grid_id(*, model_id: str, null_bank, datasets: Sequence[str], max_tokens: int, window: int,
+                  stride: int, weights: str) -> str:
+    """The ``grid_id`` of a sweep: everything besides the configurations that changes its numbers."""
+    return json.dumps({"model": model_id, "nulls": _bank_identity(null_bank), "datasets": list(datasets),
+                       "max_tokens": int(max_tokens), "window": int(window), "stride": int(stride),
+                       "weights": weights}, sort_keys=True, separators=(",", ":"))
+
+
+def sweep_results_path(out: str | os.PathLike, bank: Any, configs: Sequence[Any], **settings: Any) -> Path:
+    """A results file named after everything that defines a sweep (null bank, configurations,
+    evaluation settings), so changing any of them starts a new file instead of colliding with
+    the old grid (``run_sweep`` refuses another grid's file); rerunning the same sweep resumes."""
+    meta = bank.metadata
+    ident = json.dumps(
+        [meta.model_id, meta.kernel, meta.created, sorted(meta.n_samples.items()),
+         [c.key() for c in configs], sorted(settings.items())],
+        default=str,
+    )
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:10]
+    return Path(out) / f"sweep_{meta.kernel}_{digest}.jsonl"
