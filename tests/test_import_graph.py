@@ -64,3 +64,47 @@ def test_no_import_circle_between_package_modules():
     graph = import_graph()
     assert "bh_helpers.routing.patch" in graph and "bh_helpers.selection.reference" in graph["bh_helpers.routing.patch"]
     assert find_cycles(graph) == []
+
+
+#: The floors of the data flow, bottom to top (the package docstring draws the same line). A module
+#: may import from its own floor and the floors below, never from a floor above.
+FLOORS = (
+    ("bh_helpers._validate", "bh_helpers._cuda", "bh_helpers._locks", "bh_helpers._clock", "bh_helpers.data"),
+    ("bh_helpers.models",),
+    ("bh_helpers.capture",),
+    ("bh_helpers.nulls",),
+    ("bh_helpers.selection",),
+    ("bh_helpers.routing",),
+    ("bh_helpers.engines",),
+    ("bh_helpers.evaluation",),
+    ("bh_helpers.experiments",),
+    ("bh_helpers.report",),
+    ("bh_helpers.app",),
+)
+
+
+def floor_of(module: str) -> int:
+    """The floor number of a module of the package (the package's ``__init__`` sits on top)."""
+    if module == "bh_helpers":
+        return len(FLOORS)
+    for number, prefixes in enumerate(FLOORS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return number
+    raise AssertionError(f"{module} is on no floor of FLOORS; add it there")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """``"a -> b"`` for every import of a module from a floor above its own."""
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if floor_of(d) > floor_of(m))
+
+
+def test_upward_imports_are_found_on_a_hand_made_graph():
+    graph = {"bh_helpers.models.texts": {"bh_helpers.evaluation.data"}, "bh_helpers.app.cli": {"bh_helpers.capture"}}
+    assert upward_imports(graph) == ["bh_helpers.models.texts -> bh_helpers.evaluation.data"]
+
+
+def test_every_module_is_on_a_floor_and_no_module_imports_from_a_floor_above():
+    graph = import_graph()
+    for module in graph:
+        floor_of(module)  # raises for a module on no floor
+    assert upward_imports(graph) == []

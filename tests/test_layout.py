@@ -14,10 +14,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "bh_helpers"
-MAX_MODULE_LINES = 620  # "about 600"
+MAX_MODULE_LINES = 500  # longer only with a "Why one module:" paragraph in the module docstring
+MAX_APP_LINES = 1600  # app/ wires the floors (argparse, the demo, paths, notebook settings, widgets)
 MAX_FUNCTION_CODE_LINES = 80  # without a reason: a comment starting "# long:" inside the function
 
-#: DESIGN.md's public contract: name -> the module that defines it.
+#: The public contract (names other code relies on, listed in README's API section): name -> defining module.
 CONTRACT = {
     "fdr_counts": "bh_helpers.selection.reference",
     "select_experts": "bh_helpers.selection.reference",
@@ -49,21 +50,18 @@ def _code_lines(path: Path, node: ast.AST) -> list[str]:
 
 
 def test_no_module_is_crowded():
-    long = {str(p.relative_to(ROOT)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
-    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by concern): {long}"
+    def justified(path: Path) -> bool:
+        return "Why one module:" in (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "")
+
+    long = {str(p.relative_to(ROOT)): n for p in _modules()
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES and not justified(p)}
+    assert not long, (f"modules over {MAX_MODULE_LINES} lines (split them by concern, or say in the docstring "
+                      f"'Why one module: ...'): {long}")
 
 
-def _long_functions(path: Path) -> list[str]:
-    """Functions of ``path`` over the limit (lines of code: the ``def`` and body, no docstring,
-    comment or blank line) without a ``# long:`` reason inside."""
-    text = path.read_text(encoding="utf-8")
-    out = []
-    for node in ast.walk(ast.parse(text)):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            n = len(_code_lines(path, node))
-            if n > MAX_FUNCTION_CODE_LINES and "# long:" not in "\n".join(text.split("\n")[node.lineno - 1:node.end_lineno]):
-                out.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
-    return out
+def test_app_floor_only_wires():
+    lines = sum(len(p.read_text().splitlines()) for p in (PACKAGE / "app").glob("*.py"))
+    assert lines < MAX_APP_LINES, f"bh_helpers/app/ has {lines} lines; move science down to its floor"
 
 
 def test_no_long_function_without_a_reason():
