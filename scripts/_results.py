@@ -9,7 +9,7 @@ block's files there.
 
 Benchmarks take ``--json`` without a value to write to the scheme's name::
 
-    python benchmarks/bench_statistics.py --json    # benchmarks/results/statistics_h200_1a2b3c4.json
+    python benchmarks/bench_statistics.py --json    # benchmarks/results/statistics_<device>_<commit>.json, e.g. statistics_h200_<hash>.json
 """
 
 from __future__ import annotations
