@@ -12,14 +12,19 @@
    (``ComputeBudget.alpha(per_layer=True)``), and BH, mixed top-k and top-8 with inverse-p
    weights: finite perplexity, mean k overall and per layer, wall time.
 
-    python benchmarks/bench_adaptive_fdr.py --json out.json [--model /tmp/t4/model --dtype bfloat16]
-    python benchmarks/bench_adaptive_fdr.py --render BF16.json T4.json   # the README tables
+    python benchmarks/bench_adaptive_fdr.py --json [--model /tmp/t4/model --dtype bfloat16]
+    BH_T4_EMULATION=1 PYTHONPATH=benchmarks/t4_site:. python benchmarks/bench_adaptive_fdr.py --json \
+        --model /tmp/t4/model --dtype float16      # the emulated T4 run
+
+``--json`` without a value writes ``benchmarks/results/adaptive_fdr_<bf16|fp16|t4_emulated>_<device>_<commit>.json``;
+the README tables are ``render`` of the two files INDEX.md names (``python scripts/render_results.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -31,6 +36,9 @@ from bench_gpu import round_medians  # benchmarks/ is on sys.path when a benchma
 from bh_helpers.nulls.fit import fit_null_bank
 from bh_helpers.selection.fused import select_with_null
 from bh_helpers.selection.reference import select_experts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from _results import output  # noqa: E402  (the results naming of benchmarks/results/INDEX.md)
 
 
 def selector_bench(sizes: list[int], rounds: int) -> dict:
@@ -104,8 +112,7 @@ def model_check(folder: str, dtype: torch.dtype, target: float, tokens: int) -> 
 def render(bf16: dict, t4: dict) -> str:
     """The README's tables of this benchmark, from its JSON files (bfloat16 run, emulated T4 run)."""
     sel = bf16["selector"]
-    lines = [f"On one {bf16['gpu']} (torch {bf16['torch']}; `benchmarks/results/adaptive_fdr_h200_bf16.json` and "
-             "`adaptive_fdr_h200_t4_emulated.json`, rendered by `python benchmarks/bench_adaptive_fdr.py --render`):",
+    lines = [f"On one {bf16['gpu']} (torch {bf16['torch']}):",
              "", "| tokens x 64 | fused BH, renorm weights | inverse-p weights | ratio |", "|---:|---:|---:|---:|"]
     for n, row in sel.items():
         lines.append(f"| {int(n):,} | {row['renorm']:.1f} us | {row['inverse_p']:.1f} us | "
@@ -123,9 +130,6 @@ def render(bf16: dict, t4: dict) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--render":  # no GPU needed
-        print(render(*(json.loads(Path(p).read_text()) for p in sys.argv[2:])))
-        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 64, 4096, 65536])
     parser.add_argument("--rounds", type=int, default=5)
@@ -133,8 +137,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--target", type=float, default=4.0, help="mean k target of the model check")
     parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens of the model check")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", nargs="?", const="scheme", default=None,
+                        help="results JSON; without a value: benchmarks/results/adaptive_fdr_<bf16|fp16|t4_emulated>"
+                             "_<device>_<commit>.json (INDEX.md)")
     args = parser.parse_args()
+    variant = "t4_emulated" if os.environ.get("BH_T4_EMULATION") == "1" else {"bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+    args.json = output(args.json, f"adaptive_fdr_{variant}")
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     if args.sizes:
         report["selector"] = selector_bench(args.sizes, args.rounds)

@@ -14,7 +14,11 @@ with a forced per-token k = 1..8 from a fixed pattern, mean 4.5), static top-4 t
 and patched top-8 through the plain-torch reference selector + dispatch (the pre-issue-8 path).
 Ratios are to native top-8 measured in the same run. CUDA events / synchronize, warm-ups, medians.
 
-    python benchmarks/bench_gpu.py --json benchmarks/results/bench_gpu_h100.json
+    python benchmarks/bench_gpu.py --rounds 5 --json --profile 2>&1 | tee bench_gpu_log.txt
+
+``--json`` / ``--profile`` without a value write ``benchmarks/results/bench_gpu_<device>_<commit>.json``
+and ``bench_gpu_profile_<device>_<commit>.txt``; keep the log as ``bench_gpu_log_<device>_<commit>.txt``
+(``benchmarks/results/INDEX.md``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import contextlib
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,6 +41,9 @@ from bh_helpers.routing.dispatch import dispatch_experts
 from bh_helpers.selection.fused import fused_select_experts, select_with_null
 from bh_helpers.nulls.fit import fit_null
 from bh_helpers.selection.reference import Selection, select_experts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from _results import output  # noqa: E402  (the results naming of benchmarks/results/INDEX.md)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,6 +214,26 @@ def selector_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def model_table(results: dict) -> list[str]:
+    """Markdown table of the route variants; sets each variant's ``<key>_x_native_paired``: the
+    median over rounds of (variant tok/s / native top-8 tok/s) in the same round."""
+    base = results["native top-8"]
+    table = ["| variant | prefill tok/s | x native | decode b1 tok/s | x native | decode b8 tok/s | x native |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        cells = []
+        for key in ("prefill", "decode_b1", "decode_b8"):
+            v = r.get(f"{key}_tok_s")
+            if v is None:
+                cells += ["-", "-"]
+                continue
+            paired = statistics.median(x / y for x, y in zip(r[f"{key}_rounds_tok_s"], base[f"{key}_rounds_tok_s"]))
+            r[f"{key}_x_native_paired"] = paired
+            cells += [f"{v:,.0f}" if v > 1000 else f"{v:.1f}", f"{paired:.2f}"]
+        table.append(f"| {name} | " + " | ".join(cells) + " |")
+    return table
+
+
 def print_selector_table(rows: list[dict], meta: dict) -> None:
     print(f"\n{meta['gpu']}, torch {meta['torch']}, transformers {meta['transformers']}, triton {meta['triton']}")
     print("\n".join(selector_table(rows)))
@@ -363,9 +392,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--selector-sizes", type=int, nargs="+", default=[1, 64, 4096, 65536, 1048576])
     parser.add_argument("--skip-reference", action="store_true", help="skip the slow reference-path variants")
     parser.add_argument("--selector-only", action="store_true", help="only the selector micro-benchmark")
-    parser.add_argument("--profile", default=None, help="write torch.profiler tables of one prefill per variant here")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", nargs="?", const="scheme", default=None,
+                        help="torch.profiler tables of one prefill per variant; without a value: "
+                             "benchmarks/results/bench_gpu_profile_<device>_<commit>.txt")
+    parser.add_argument("--json", nargs="?", const="scheme", default=None, help="results JSON; without a value: benchmarks/results/bench_gpu_<device>_<commit>.json (INDEX.md)")
     args = parser.parse_args(argv)
+    claim = "selector" if args.selector_only else "bench_gpu"
+    args.json = output(args.json, claim)
+    args.profile = output(args.profile, "bench_gpu_profile", ext="txt")
 
     import transformers
 
@@ -477,22 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
                       flush=True)
     set_native_k(model, 8)
 
-    # x native: median over rounds of (native time / variant time) in the same round (paired)
-    base = results["native top-8"]
-    table = ["| variant | prefill tok/s | x native | decode b1 tok/s | x native | decode b8 tok/s | x native |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        cells = []
-        for key in ("prefill", "decode_b1", "decode_b8"):
-            v = r.get(f"{key}_tok_s")
-            if v is None:
-                cells += ["-", "-"]
-                continue
-            paired = statistics.median(x / y for x, y in zip(r[f"{key}_rounds_tok_s"], base[f"{key}_rounds_tok_s"]))
-            r[f"{key}_x_native_paired"] = paired
-            cells += [f"{v:,.0f}" if v > 1000 else f"{v:.1f}", f"{paired:.2f}"]
-        table.append(f"| {name} | " + " | ".join(cells) + " |")
-    table += [""] + selector_table(sel_rows)
+    table = model_table(results) + [""] + selector_table(sel_rows)
     print(f"\n{meta['gpu']}, torch {meta['torch']}, transformers {meta['transformers']}, triton {meta['triton']}")
     print("\n".join(table))
     out = {"meta": meta, "model": results, "selector": sel_rows, "table_md": "\n".join(table)}

@@ -4,7 +4,7 @@ Both run on the same logits in one process, side by side, so the printed ratios 
 even on a noisy shared machine (absolute times are not).
 
     python benchmarks/bench_selection.py                 # CPU, tokens in 1, 64, 4096, 65536
-    python benchmarks/bench_selection.py --device cuda --tokens 1 64 4096 65536 1048576 --json out.json
+    python benchmarks/bench_selection.py --device cuda --tokens 1 64 4096 65536 1048576 --json
 """
 
 from __future__ import annotations
@@ -13,11 +13,16 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from bh_helpers.selection.reference import select_experts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from _results import output  # noqa: E402  (the results naming of benchmarks/results/INDEX.md)
 
 
 def median_time(fn, *, device: torch.device, min_repeats: int = 5, min_seconds: float = 0.5) -> float:
@@ -51,8 +56,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="logit dtype")
     parser.add_argument("--alpha", type=float, default=0.05, help="BH level")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--json", nargs="?", const="scheme", default=None, help="results JSON; without a value: benchmarks/results/bench_selection_<device>_<commit>.json (INDEX.md)")
     args = parser.parse_args(argv)
+    args.json = output(args.json, "bench_selection", args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 

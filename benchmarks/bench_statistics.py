@@ -12,7 +12,9 @@
    fitted, then BH at a compute target, its mixed top-k and shuffled controls routed through the
    model on evaluation text: finite outputs, mean k, perplexity, wall time per forward.
 
-    python benchmarks/bench_statistics.py --json out.json [--model /tmp/t4/olmoe-7b-shaped]
+    python benchmarks/bench_statistics.py --rounds 5 --json [--model /tmp/t4/olmoe-7b-shaped]
+
+``--json`` without a value writes ``benchmarks/results/statistics_<device>_<commit>.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from bench_gpu import round_medians  # benchmarks/ is on sys.path when a benchmark runs
@@ -28,6 +32,9 @@ from bench_gpu import round_medians  # benchmarks/ is on sys.path when a benchma
 from bh_helpers.nulls.fit import fit_null_bank
 from bh_helpers.selection.fused import select_with_null
 from bh_helpers.selection.reference import select_experts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from _results import output  # noqa: E402  (the results naming of benchmarks/results/INDEX.md)
 
 
 def selector_bench(sizes: list[int], rounds: int) -> dict:
@@ -101,8 +108,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="OLMoE-1B-7B-shaped checkpoint folder for the model check")
     parser.add_argument("--target", type=float, default=4.0, help="mean k target of the model check")
     parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens of the model check")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", nargs="?", const="scheme", default=None, help="results JSON; without a value: benchmarks/results/statistics_<device>_<commit>.json (INDEX.md)")
     args = parser.parse_args()
+    args.json = output(args.json, "statistics")
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "selector": selector_bench(args.sizes, args.rounds)}
     if args.model:

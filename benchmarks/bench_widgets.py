@@ -6,7 +6,7 @@ at OLMoE-1B-7B's (16 layers, 64 experts), moves alpha, kernel and layer like a u
 sliders, and prints the median and slowest update against the 100 ms budget. Exit status 1 when
 a median misses it. A benchmark, not a test: shared machines are noisy.
 
-    python benchmarks/bench_widgets.py [--moves 25] [--json out.json]
+    python benchmarks/bench_widgets.py [--moves 25] [--json [PATH]]
 """
 
 from __future__ import annotations
@@ -15,12 +15,16 @@ import argparse
 import json
 import platform
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from bh_helpers.app.widgets import AlphaExplorer
 from bh_helpers.nulls.fit import fit_null_bank
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from _results import output  # noqa: E402  (the results naming of benchmarks/results/INDEX.md)
 
 BUDGET_MS = 100.0
 # notebook 04 caches EXPLORER_TOKENS = 2048 tokens of every MoE layer
@@ -54,8 +58,9 @@ def measure(tokens: int, layers: int, moves: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--moves", type=int, default=25)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", nargs="?", const="scheme", default=None, help="results JSON; without a value: benchmarks/results/bench_widgets_<device>_<commit>.json (INDEX.md)")
     args = parser.parse_args(argv)
+    args.json = output(args.json, "bench_widgets", "cpu")
     results = {name: measure(tokens, layers, args.moves) for name, (tokens, layers) in SHAPES.items()}
     print(f"AlphaExplorer.update on {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; budget {BUDGET_MS:.0f} ms per move")

@@ -21,9 +21,11 @@ Every process runs emulated (``benchmarks/t4_site/sitecustomize.py``: capability
 allocator cap, transformers' sm75 MoE path); its peak memory is recorded per step. One JSON
 (merged into ``--json`` when it exists) holds wall time, peak memory and results per step.
 
-    python benchmarks/t4_emulation.py --work /tmp/t4 --steps build numerics speed \\
-        --json benchmarks/results/t4_emulation.json
-    python benchmarks/t4_emulation.py --render benchmarks/results/t4_emulation_h200.json  # README tables
+    python benchmarks/t4_emulation.py --work /tmp/t4 --json   # all steps
+
+``--json`` without a value writes ``benchmarks/results/t4_emulation_<device>_<commit>.json`` (the host
+GPU, e.g. ``h200``); the README tables are ``render`` of the file INDEX.md names
+(``python scripts/render_results.py``).
 
 Speed is emulated too: an H200 is not a T4 (bandwidth, SDPA and cuBLAS kernels); the ratios
 say how our path compares with transformers' own T4 path under the same conditions.
@@ -377,23 +379,26 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--render":  # no GPU needed
-        print(render(json.loads(Path(sys.argv[2]).read_text())))
-        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/t4_emulation"), help="model folder and outputs")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per subprocess step")
-    parser.add_argument("--json", type=Path, default=None, help="results file (merged into when it exists)")
+    parser.add_argument("--json", nargs="?", const="scheme", default=None,
+                        help="results file, merged into when it exists; without a value: "
+                             "benchmarks/results/t4_emulation_<device>_<commit>.json")
     args = parser.parse_args(argv)
     if os.environ.get("BH_T4_EMULATION") != "1":  # re-run this process emulated (site hook on the path)
         os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *(argv or sys.argv[1:])],
                   _emulated_env(args.work, "harness"))
     sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(REPO / "scripts"))
     import torch
     import transformers
+    from _results import output
+
+    args.json = Path(output(args.json, "t4_emulation")) if args.json else None
 
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir = args.work / "model"

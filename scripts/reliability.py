@@ -10,6 +10,10 @@ Usage::
 
     python scripts/reliability.py           # run the battery, write results, figure, README
     python scripts/reliability.py --check   # README section == rendering of the committed results
+
+The results go to ``benchmarks/results/reliability_cpu_<commit>.json``, which replaces the file
+``benchmarks/results/INDEX.md`` named (INDEX is updated); the README section is rendered by
+``scripts/render_results.py`` like every measurement table.
 """
 
 from __future__ import annotations
@@ -23,13 +27,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from _readme import replace_section  # scripts/ is on sys.path when a script runs
+from _results import block_files, replace_in_index, result_path  # scripts/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "reliability.json"
 FIGURE = ROOT / "docs" / "reliability.png"
-README = ROOT / "README.md"
-START, END = "<!-- reliability: python scripts/reliability.py -->", "<!-- end reliability -->"
 COLUMNS = ("clear error", "recovered", "failed", "skipped")
 
 
@@ -57,14 +58,13 @@ def tally(data: dict) -> dict[str, Counter]:
 
 
 def render(data: dict) -> str:
-    """The README section between the markers (a table and the figure), from ``data``."""
+    """The README section inside its markers (a table and the figure), from ``data``."""
     groups = tally(data)
     total = Counter()
     for counts in groups.values():
         total.update(counts)
     ran = sum(total[c] for c in COLUMNS[:3])
     lines = [
-        START,
         f"{ran} bad inputs and faults tried on CPU ({total['skipped']} more need a GPU), as "
         f"`{data['command']}` on {data['when']}: **{total['clear error']} clear errors, "
         f"{total['recovered']} recovered, {total['failed']} silently wrong or lost**. "
@@ -79,7 +79,6 @@ def render(data: dict) -> str:
     for group, counts in groups.items():
         lines.append(f"| {group} | " + " | ".join(str(counts[c]) for c in COLUMNS) + " |")
     lines.append("| **all** | " + " | ".join(f"**{total[c]}**" for c in COLUMNS) + " |")
-    lines.append(END)
     return "\n".join(lines)
 
 
@@ -119,21 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare README with the committed results only")
     args = parser.parse_args(argv)
+    import render_results
+
     if args.check:
-        data = json.loads(RESULTS.read_text(encoding="utf-8"))
-        current = README.read_text(encoding="utf-8")
-        if replace_section(current, START, END, render(data)) != current:
-            print("README reliability section is stale: run python scripts/reliability.py", file=sys.stderr)
-            return 1
-        return 0
+        return render_results.main(["--check"])
     import datetime
 
     data = run_battery()
     data["command"] = "pytest -m fault"
     data["when"] = datetime.date.today().isoformat()
-    RESULTS.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    old, new = block_files("reliability")[0], result_path("reliability", "cpu")
+    new.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    if old != new:
+        old.unlink(missing_ok=True)
+        replace_in_index(old.name, new.name)
     plot(data, FIGURE)
-    README.write_text(replace_section(README.read_text(encoding="utf-8"), START, END, render(data)), encoding="utf-8")
+    render_results.write(["reliability"])
     print(render(data))
     return 0 if data["exit"] == 0 else 1
 

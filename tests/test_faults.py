@@ -178,7 +178,7 @@ def test_an_error_inside_route_is_not_masked_by_the_screen(tiny):
 
 
 def test_readme_reliability_section_is_the_committed_battery_run():
-    """The README's figure and table are rendered from benchmarks/results/reliability.json, and
+    """The README's figure and table are rendered from benchmarks/results/reliability_cpu_<commit>.json, and
     that run covers exactly the tests marked fault today, with no failure."""
     import json
     import subprocess
@@ -189,7 +189,12 @@ def test_readme_reliability_section_is_the_committed_battery_run():
     check = subprocess.run([sys.executable, str(root / "scripts" / "reliability.py"), "--check"],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    committed = json.loads((root / "benchmarks" / "results" / "reliability.json").read_text())
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        from _results import block_files
+    finally:
+        sys.path.remove(str(root / "scripts"))
+    committed = json.loads(block_files("reliability")[0].read_text())
     collected = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "fault",
                                 "-p", "no:cacheprovider", "tests"], cwd=root, capture_output=True, text=True)
     marked = {line for line in collected.stdout.splitlines() if line.startswith("tests/")}

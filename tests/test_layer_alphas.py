@@ -163,20 +163,3 @@ def test_cli_layer_alphas_file(tmp_path, capsys):
         assert exited.value.code == 2
         err = capsys.readouterr().err
         assert "--layer-alphas" in err and needle in err and "Traceback" not in err
-
-
-def test_readme_adaptive_tables_are_the_committed_measurement():
-    """The README's issue-16 GPU tables are the rendering of the committed benchmark JSONs."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    rendered = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "bench_adaptive_fdr.py"), "--render",
-         str(root / "benchmarks" / "results" / "adaptive_fdr_h200_bf16.json"),
-         str(root / "benchmarks" / "results" / "adaptive_fdr_h200_t4_emulated.json")],
-        capture_output=True, text=True, check=True).stdout.strip()
-    readme = (root / "README.md").read_text(encoding="utf-8")
-    start, end = "<!-- adaptive: python benchmarks/bench_adaptive_fdr.py --render -->", "<!-- end adaptive -->"
-    assert readme.split(start, 1)[1].split(end, 1)[0].strip() == rendered

@@ -90,6 +90,60 @@ def test_readme_module_table_is_current():
     assert listed == on_disk  # every module has its row, no row without a module
 
 
+def _render_results():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import render_results
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return render_results
+
+
+def test_readme_results_blocks_are_the_committed_files():
+    """Every measurement table in README.md is the rendering of the results file INDEX.md names for
+    it; INDEX.md lists exactly the files in benchmarks/results/, named <claim>_<device>_<commit>."""
+    import re
+
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_results.py"), "--check"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr  # names the blocks and the fix: python scripts/render_results.py
+    rr = _render_results()
+    rows = rr.index_rows()
+    listed = [row["file"] for row in rows]
+    on_disk = sorted(p.name for p in (ROOT / "benchmarks" / "results").iterdir() if p.name not in ("INDEX.md", "NOTES.md"))
+    assert sorted(listed) == on_disk and len(set(listed)) == len(listed)
+    scheme = re.compile(r"[a-z0-9_]+_(cpu|[a-z]+\d+[a-z]*(x\d+)?)_[0-9a-f]{7}\.(json|txt)")
+    assert [f for f in listed if not scheme.fullmatch(f)] == []
+    assert {row["block"] for row in rows} - {"-"} == set(rr.BLOCKS)
+    assert all(row["regenerate"] for row in rows)
+
+
+def test_readme_results_check_fails_on_an_edited_cell():
+    rr = _render_results()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert rr.stale(readme) == []
+    assert rr.stale(readme.replace("| native top-8 | 114,554 |", "| native top-8 | 114,555 |")) == ["gpu"]
+    assert rr.stale(readme.replace("<!-- end t4 -->", "")) == ["t4"]
+
+
+def test_no_reference_to_a_missing_results_file():
+    """Code, tests, notebooks and docs name only files that are in benchmarks/results/."""
+    import re
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    missing = set()
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix not in (".py", ".ipynb", ".md", ".toml", ".txt", ".sh", ".yml", ".cfg") or not path.is_file():
+            continue
+        for ref in re.findall(r"(?<![:\w/])benchmarks/results/([\w.-]+\.(?:json|txt|md))", path.read_text(encoding="utf-8", errors="replace")):
+            if not (ROOT / "benchmarks" / "results" / ref).is_file():
+                missing.add(f"{name}: {ref}")
+    assert sorted(missing) == []
+
+
 @pytest.mark.parametrize("name", sorted(CONTRACT))
 def test_public_contract_is_importable_from_bh_helpers_and_its_module(name):
     import bh_helpers

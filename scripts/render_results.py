@@ -1,0 +1,140 @@
+"""The README's measurement tables, rendered from the committed results files (never typed by hand).
+
+Each block sits in README.md between ``<!-- NAME: python scripts/render_results.py -->`` and
+``<!-- end NAME -->`` and names its source file(s) under it. ``benchmarks/results/INDEX.md`` says
+which file backs which block (its ``block`` column) and how to regenerate that file.
+
+Usage::
+
+    python scripts/render_results.py           # rewrite every block of README.md
+    python scripts/render_results.py --check   # exit 1 naming the blocks that differ from the files
+    python scripts/render_results.py --print gpu   # one block to stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from _readme import replace_section  # scripts/ is on sys.path when a script runs
+from _results import INDEX, ROOT, block_files, index_rows  # noqa: F401  (index_rows: for the test)
+
+README = ROOT / "README.md"
+COMMAND = "python scripts/render_results.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' own table code
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def statistics(files: list[Path]) -> str:
+    """Cost of the per-token statistic in the fused selector (``bench_statistics.py``)."""
+    data = _json(files[0])
+    lines = [f"On one {data['gpu']} (torch {data['torch']}, transformers {data['transformers']}):", "",
+             "| tokens x 64 | softmax+topk(8) | fused BH raw | centred | zscore |", "|---:|---:|---:|---:|---:|"]
+    for n, row in data["selector"].items():
+        ratios = " | ".join(f"{row[f'fused bh {s}']['x_softmax_topk']:.2f}x" for s in ("raw", "centred", "zscore"))
+        lines.append(f"| {int(n):,} | {row['softmax+topk8']['us']:.1f} us | {ratios} |")
+    return "\n".join(lines)
+
+
+def adaptive(files: list[Path]) -> str:
+    """Inverse-p weights and alpha per layer (``bench_adaptive_fdr.py``, bfloat16 and emulated T4)."""
+    from bench_adaptive_fdr import render
+
+    return render(*(_json(p) for p in files))
+
+
+def reliability(files: list[Path]) -> str:
+    """The fault battery (``scripts/reliability.py``)."""
+    from reliability import render
+
+    return render(_json(files[0]))
+
+
+def t4(files: list[Path]) -> str:
+    """The Colab T4 emulation (``t4_emulation.py``)."""
+    from t4_emulation import render
+
+    return render(_json(files[0]))
+
+
+def gpu(files: list[Path]) -> str:
+    """Route and selector speed on an H100 (``bench_gpu.py``)."""
+    from bench_gpu import model_table, selector_table
+
+    data = _json(files[0])
+    meta = data["meta"]
+    return "\n".join([
+        f"{meta['gpu']}, torch {meta['torch']}, transformers {meta['transformers']}, triton {meta['triton']}, "
+        f"{meta['layers']} layers, prefill {meta['prefill'][0]} x {meta['prefill'][1]} tokens, decode "
+        f"{meta['new_tokens']} new tokens:", "",
+        *model_table(data["model"]), "",
+        "The selector alone against `softmax + topk(8)` (64 experts, same run; \"identical\": same indices and "
+        "counts as the plain-torch reference BH):", "",
+        *selector_table(data["selector"]),
+    ])
+
+
+BLOCKS: dict[str, Callable[[list[Path]], str]] = {
+    "statistics": statistics, "adaptive": adaptive, "reliability": reliability, "t4": t4, "gpu": gpu,
+}
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}: {COMMAND} -->", f"<!-- end {name} -->"
+
+
+def render(name: str) -> str:
+    """Block ``name`` with its markers and a line naming its source files."""
+    files = block_files(name)
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise SystemExit(f"{INDEX.relative_to(ROOT)} names missing files: {', '.join(map(str, missing))}")
+    sources = " and ".join(f"[`{p.relative_to(ROOT).as_posix()}`]({p.relative_to(ROOT).as_posix()})" for p in files)
+    start, end = markers(name)
+    return "\n".join([start, BLOCKS[name](files), "", f"Source: {sources} (rendered by `{COMMAND}`).", end])
+
+
+def stale(text: str) -> list[str]:
+    """Names of the blocks whose README text differs from their rendering (or whose markers are missing)."""
+    out = []
+    for name in BLOCKS:
+        start, end = markers(name)
+        if start not in text or end not in text or replace_section(text, start, end, render(name)) != text:
+            out.append(name)
+    return out
+
+
+def write(names: list[str] | None = None) -> None:
+    text = README.read_text(encoding="utf-8")
+    for name in names or list(BLOCKS):
+        text = replace_section(text, *markers(name), render(name))
+    README.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare README.md with the committed files")
+    parser.add_argument("--print", dest="show", choices=sorted(BLOCKS), help="print one block")
+    args = parser.parse_args(argv)
+    if args.show:
+        print(render(args.show))
+        return 0
+    if args.check:
+        names = stale(README.read_text(encoding="utf-8"))
+        if names:
+            print(f"README.md blocks {', '.join(names)} differ from the results files named in "
+                  f"{INDEX.relative_to(ROOT)}: run {COMMAND}", file=sys.stderr)
+            return 1
+        return 0
+    write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
