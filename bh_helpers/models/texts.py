@@ -146,6 +146,14 @@ def evaluation_texts(name: str, tokenizer, *, max_tokens: int) -> list[str]:
     """
     max_tokens = check_int("max_tokens", max_tokens, 1)
     docs, _ = _dataset_documents(name)
+    out = _first_tokens(docs, tokenizer, max_tokens)
+    if not out:
+        raise ValueError(f"data set {name!r} holds no text.")
+    return out
+
+
+def _first_tokens(docs, tokenizer, max_tokens: int) -> list[str]:
+    """Whole documents while they fit in ``max_tokens`` (one EOS between them), the last one cut."""
     out, used = [], 0
     for doc in docs:
         if not doc.strip():
@@ -159,8 +167,19 @@ def evaluation_texts(name: str, tokenizer, *, max_tokens: int) -> list[str]:
             if room > 1:
                 out.append(tokenizer.decode(ids[: room - 1]))
             break
-    if not out:
-        raise ValueError(f"data set {name!r} holds no text.")
+    return out
+
+
+def calibration_texts(tokenizer, *, max_tokens: int) -> list[str]:
+    """Documents of the embedded calibration slice, about ``max_tokens`` tokens: half prose, half code.
+
+    The text :func:`calibration_token_ids` tokenises, as documents (for perplexity on calibration
+    text, e.g. when fitting a static per-layer allocation).
+    """
+    max_tokens = check_int("max_tokens", max_tokens, 2)
+    out: list[str] = []
+    for domain, budget in (("prose", max_tokens // 2), ("code", max_tokens - max_tokens // 2)):
+        out += _first_tokens([r["text"] for r in load_corpus_slice("calibration", domain=domain)], tokenizer, budget)
     return out
 
 

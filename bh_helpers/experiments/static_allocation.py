@@ -1,0 +1,328 @@
+"""The strongest static control: an integer number of experts per layer, fitted on calibration text.
+
+Layers differ in what a missing expert costs, so one ``k`` for all layers (uniform top-k) is not
+the best static policy at a compute budget. :func:`static_allocation_path` finds, for every total
+``S`` between ``L * min_k`` and ``L * max_k`` experts per token over the ``L`` MoE layers, an
+allocation ``(k_0, ..., k_{L-1})`` with ``sum k_l = S``, by calibration perplexity:
+
+- ``method="greedy"`` (default; exact, about ``L^2 (max_k - 1) / 2`` perplexity runs): start
+  at ``min_k`` everywhere and repeatedly give one more expert to the layer whose increment lowers
+  the calibration NLL most (ties: the lower layer). At every ``S`` that is a multiple of ``L`` the
+  uniform allocation is also scored and kept when it is better, so the path never loses to
+  uniform top-k on its own calibration text.
+- ``method="separable"`` (the cheaper, stated proxy for large models, ``L (max_k - 1)`` runs):
+  the NLL of each layer at each ``k`` with every other layer at ``max_k``; the cost of an
+  allocation is taken as the sum of the per-layer increases, and the same greedy runs on it.
+
+:func:`fit_static_allocation` is the one-target form. :meth:`StaticAllocationPath.chord` gives the
+runnable control at any realised mean k: the two allocations whose totals bracket ``m L``, mixed
+per window with the probability that matches the compute (:func:`mix_windows` scores its expected
+per-window NLL). Everything is deterministic for a given model and text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bh_helpers._validate import check_choice, check_int
+from bh_helpers.evaluation.scoring import PerplexityResult, perplexity
+from bh_helpers.models.families import find_moe_blocks
+from bh_helpers.models.texts import calibration_texts
+from bh_helpers.routing.patch import route
+from bh_helpers.selection.selectors import NativeSelector
+from bh_helpers.selection.static import StaticLayerSelector
+
+__all__ = [
+    "ALLOCATION_METHODS",
+    "StaticAllocationPath",
+    "fit_static_allocation",
+    "mix_windows",
+    "static_allocation_path",
+]
+
+ALLOCATION_METHODS = ("greedy", "separable")
+_SUM_TOLERANCE = 1e-6  # a target whose total m * L is this close to an integer meets it exactly
+
+
+@dataclass(frozen=True)
+class StaticAllocationPath:
+    """Static per-layer allocations for every total number of experts, with their calibration NLL.
+
+    Attributes
+    ----------
+    layers : tuple of int
+        The MoE layers, in order; ``allocations[S][i]`` is the k of ``layers[i]``.
+    allocations : dict of int to tuple of int
+        Total experts per token (summed over layers) -> experts per layer.
+    nll : dict of int to float
+        Calibration NLL (nats per token) of each allocation; for ``"separable"``, the proxy cost
+        (sum of per-layer increases over the all-``max_k`` NLL) plus that NLL.
+    method : {"greedy", "separable"}
+    protocol : dict
+        Calibration tokens, window, weights, ``min_k``/``max_k`` of the fit.
+    """
+
+    layers: tuple[int, ...]
+    allocations: dict[int, tuple[int, ...]]
+    nll: dict[int, float]
+    method: str
+    protocol: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def total(self, mean_k: float, *, name: str = "target_mean_k") -> float:
+        """``mean_k * L``, checked against the path's range (ValueError naming ``name``)."""
+        if isinstance(mean_k, bool) or not isinstance(mean_k, (int, float)) or not math.isfinite(mean_k):
+            raise ValueError(f"`{name}` must be a finite number of experts per token; got {mean_k!r}.")
+        lo, hi = min(self.allocations), max(self.allocations)
+        total = mean_k * self.num_layers
+        if not lo - _SUM_TOLERANCE <= total <= hi + _SUM_TOLERANCE:
+            raise ValueError(f"`{name}`={mean_k:g} is outside the allocations fitted here: mean k "
+                             f"{lo / self.num_layers:g} to {hi / self.num_layers:g} ({self.num_layers} layers); "
+                             "pass a target in that range (or refit with a larger max_k).")
+        return min(max(total, lo), hi)
+
+    def allocation(self, mean_k: float) -> tuple[int, ...]:
+        """The allocation with exactly ``mean_k * L`` experts (ValueError when that is not an integer)."""
+        total = self.total(mean_k)
+        if abs(total - round(total)) > _SUM_TOLERANCE:
+            low, high = math.floor(total), math.ceil(total)
+            raise ValueError(
+                f"`target_mean_k`={mean_k:g} needs {total:g} experts over {self.num_layers} layers, not a whole "
+                f"number: no integer allocation meets it. Pass {low / self.num_layers:g} or "
+                f"{high / self.num_layers:g}, or use the static chord (StaticAllocationPath.chord), which mixes "
+                "the two per window.")
+        return self.allocations[round(total)]
+
+    def chord(self, mean_k: float) -> list[tuple[tuple[int, ...], float]]:
+        """The static chord at a realised mean k: ``[(allocation, probability), ...]``.
+
+        The allocations whose totals bracket ``mean_k * L`` (one when it is an integer), with the
+        per-window probabilities that make the expected compute exactly ``mean_k``.
+        """
+        total = self.total(mean_k, name="mean_k")
+        low, high = math.floor(total + _SUM_TOLERANCE), math.ceil(total - _SUM_TOLERANCE)
+        if high <= low:
+            return [(self.allocations[low], 1.0)]
+        frac = total - low
+        return [(self.allocations[low], 1.0 - frac), (self.allocations[high], frac)]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["allocations"] = {str(s): list(ks) for s, ks in self.allocations.items()}
+        d["nll"] = {str(s): v for s, v in self.nll.items()}
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StaticAllocationPath:
+        try:
+            return cls(layers=tuple(int(x) for x in data["layers"]),
+                       allocations={int(s): tuple(int(k) for k in ks) for s, ks in data["allocations"].items()},
+                       nll={int(s): float(v) for s, v in data["nll"].items()},
+                       method=check_choice("method", data["method"], ALLOCATION_METHODS),
+                       protocol=dict(data.get("protocol", {})))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"not a static allocation path (missing or bad field: {err}).") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON (through a temporary file, so a reader never sees half of it)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> StaticAllocationPath:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{str(path)!r} is not valid JSON ({err}); delete it to refit.") from None
+        return cls.from_dict(data)
+
+
+def mix_windows(results: Sequence[tuple[PerplexityResult, float]]) -> PerplexityResult:
+    """The expected per-window NLL of a per-window random choice among routings of the same text.
+
+    Parameters
+    ----------
+    results : sequence of (PerplexityResult, probability)
+        Each routing scored on the same windows, and the probability a window runs it.
+
+    Returns
+    -------
+    PerplexityResult
+        ``window_nll`` the probability-weighted sum of the inputs' per-window NLL sums (the mean of
+        the randomised policy, without the noise of one draw); ``perplexity`` and ``nll`` from it.
+    """
+    if not results:
+        raise ValueError("`results` is empty; give at least one (PerplexityResult, probability).")
+    probs = [float(p) for _, p in results]
+    if any(p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-9:
+        raise ValueError(f"the probabilities must be >= 0 and sum to 1; got {probs}.")
+    first = results[0][0]
+    for res, _ in results[1:]:
+        if list(res.window_tokens) != list(first.window_tokens):
+            raise ValueError("the routings were scored on different windows; score them on the same text.")
+    window_nll = [math.fsum(p * res.window_nll[w] for res, p in results) for w in range(len(first.window_nll))]
+    n = sum(first.window_tokens)
+    nll = math.fsum(window_nll) / n
+    return PerplexityResult(perplexity=math.exp(nll), nll=nll, n_tokens=n, protocol=dict(first.protocol),
+                            window_nll=window_nll, window_tokens=list(first.window_tokens))
+
+
+def _scorer(model, tokenizer, texts: Sequence[str], layers: tuple[int, ...], *, window: int, batch_size: int,
+            weights: str) -> Callable[[tuple[int, ...]], float]:
+    """``nll(ks)``: calibration NLL of the model routed top-``ks[i]`` in ``layers[i]`` (memoised)."""
+    memo: dict[tuple[int, ...], float] = {}
+
+    def nll(ks: tuple[int, ...]) -> float:
+        if ks not in memo:
+            selector = StaticLayerSelector(dict(zip(layers, ks)), weights=weights)
+            with route(model, selector):
+                memo[ks] = perplexity(model, tokenizer, texts, window=window, stride=window,
+                                      batch_size=batch_size, progress=False).nll
+        return memo[ks]
+
+    return nll
+
+
+def _greedy_path(cost: Callable[[tuple[int, ...]], float], n_layers: int, min_k: int, max_k: int,
+                 max_total: int, uniform_check: bool, progress: bool) -> tuple[dict, dict]:
+    """Greedy add from ``min_k`` everywhere, one expert per step, up to ``max_total`` experts."""
+    from tqdm.auto import tqdm
+
+    ks = (min_k,) * n_layers
+    allocations, nll = {sum(ks): ks}, {sum(ks): cost(ks)}
+    steps = min(max_total, n_layers * max_k) - n_layers * min_k
+    for _ in tqdm(range(steps), desc="static allocation", disable=not progress):
+        options = [ks[:i] + (ks[i] + 1,) + ks[i + 1:] for i in range(n_layers) if ks[i] < max_k]
+        ks = min(options, key=lambda c: (cost(c), options.index(c)))  # ties: the lower layer
+        total = sum(ks)
+        allocations[total], nll[total] = ks, cost(ks)
+        if uniform_check and total % n_layers == 0:
+            uniform = (total // n_layers,) * n_layers
+            if cost(uniform) < nll[total]:  # never worse than uniform top-k on the calibration text
+                allocations[total], nll[total] = uniform, cost(uniform)
+    return allocations, nll
+
+
+def static_allocation_path(model, tokenizer, *, texts: Sequence[str] | None = None, max_k: int | None = None,
+                           min_k: int = 1, method: str = "greedy", max_tokens: int = 2048, window: int = 256,
+                           batch_size: int = 8, weights: str | None = None, max_mean_k: float | None = None,
+                           progress: bool = False) -> StaticAllocationPath:
+    """Static per-layer allocations for every total from ``L * min_k`` to ``L * max_k`` experts.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A MoE causal LM of a supported family and its tokenizer.
+    texts : sequence of str, optional
+        Calibration documents; default: the package's calibration corpus
+        (:func:`bh_helpers.models.texts.calibration_texts`, ``max_tokens`` tokens, half prose,
+        half code), disjoint from the evaluation data sets.
+    max_k : int, optional
+        Most experts per layer; default the model's native top-k.
+    min_k : int, default 1
+    method : {"greedy", "separable"}, default "greedy"
+        See the module docstring.
+    max_tokens : int, default 2048
+        Calibration tokens when ``texts`` is None.
+    window, batch_size : int
+        Perplexity windows (stride = window) and windows per forward pass.
+    weights : str, optional
+        Weights of the chosen experts; default the model's own convention.
+    max_mean_k : float, optional
+        Stop once the mean reaches this (default: ``max_k``, the whole path).
+    progress : bool
+
+    Returns
+    -------
+    StaticAllocationPath
+    """
+    check_choice("method", method, ALLOCATION_METHODS)
+    native = NativeSelector.for_model(model)
+    max_k = native.k if max_k is None else check_int("max_k", max_k, 1)
+    min_k = check_int("min_k", min_k, 1, max_k)
+    weights = native.weights if weights is None else weights
+    layers = tuple(b.layer for b in find_moe_blocks(model))
+    if texts is None:
+        texts = calibration_texts(tokenizer, max_tokens=max_tokens)
+        calibration = f"embedded calibration slice, {max_tokens} tokens (half prose, half code)"
+    else:
+        calibration = f"{len(texts)} given documents"
+    nll = _scorer(model, tokenizer, list(texts), layers, window=check_int("window", window, 2),
+                  batch_size=check_int("batch_size", batch_size, 1), weights=weights)
+    n = len(layers)
+    max_total = n * max_k if max_mean_k is None else math.ceil(n * float(max_mean_k) - _SUM_TOLERANCE)
+    if method == "greedy":
+        allocations, costs = _greedy_path(nll, n, min_k, max_k, max_total, uniform_check=True, progress=progress)
+    else:
+        full = nll((max_k,) * n)
+        rise = {(i, k): nll((max_k,) * i + (k,) + (max_k,) * (n - i - 1)) - full
+                for i in range(n) for k in range(min_k, max_k)}
+        rise.update({(i, max_k): 0.0 for i in range(n)})
+        allocations, costs = _greedy_path(lambda ks: full + sum(rise[i, k] for i, k in enumerate(ks)), n, min_k,
+                                          max_k, max_total, uniform_check=False, progress=progress)
+    protocol = {"calibration": calibration, "window": int(window), "weights": weights, "min_k": min_k,
+                "max_k": max_k}
+    return StaticAllocationPath(layers=layers, allocations=allocations, nll=costs, method=method, protocol=protocol)
+
+
+def fit_static_allocation(model, tokenizer, target_mean_k: float, *, texts: Sequence[str] | None = None,
+                          max_k: int | None = None, **kwargs: Any) -> tuple[int, ...]:
+    """An integer number of experts per MoE layer whose mean is ``target_mean_k``, fitted on calibration text.
+
+    Parameters
+    ----------
+    model, tokenizer
+    target_mean_k : float
+        Mean experts per token over the MoE layers, in ``[1, max_k]``; ``target_mean_k * L`` must
+        be a whole number (otherwise no integer allocation meets it: use the static chord).
+    texts : sequence of str, optional
+        Calibration documents (default: the package's calibration corpus).
+    max_k : int, optional
+        Most experts in one layer (default: the model's native top-k).
+    **kwargs
+        Passed to :func:`static_allocation_path` (``method``, ``max_tokens``, ``window``, ...).
+
+    Returns
+    -------
+    tuple of int
+        One k per MoE layer, in layer order.
+
+    Raises
+    ------
+    ValueError
+        A target outside ``[1, max_k]`` or one that no integer allocation meets, naming the fix.
+
+    Examples
+    --------
+    >>> ks = fit_static_allocation(model, tokenizer, 2.0)  # doctest: +SKIP
+    >>> ks  # doctest: +SKIP
+    (3, 2, 2, 2, 2, 1)
+    """
+    native_k = NativeSelector.for_model(model).k
+    top = native_k if max_k is None else check_int("max_k", max_k, 1)
+    if isinstance(target_mean_k, bool) or not isinstance(target_mean_k, (int, float)) or not (
+            1 <= target_mean_k <= top):
+        raise ValueError(f"`target_mean_k` must be a number in [1, {top}] (max_k); got {target_mean_k!r}.")
+    n = len(find_moe_blocks(model))
+    total = target_mean_k * n
+    if abs(total - round(total)) > _SUM_TOLERANCE:  # refuse before any perplexity run
+        low, high = math.floor(total), math.ceil(total)
+        raise ValueError(
+            f"`target_mean_k`={target_mean_k:g} needs {total:g} experts over {n} layers, not a whole number: no "
+            f"integer allocation meets it. Pass {low / n:g} or {high / n:g}, or use the static chord "
+            "(static_allocation_path(...).chord(mean_k)), which mixes the two per window.")
+    path = static_allocation_path(model, tokenizer, texts=texts, max_k=top, max_mean_k=target_mean_k, **kwargs)
+    return path.allocation(target_mean_k)
