@@ -7,7 +7,6 @@ bank can route a model.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bh_helpers._clock import utc_timestamp
 from bh_helpers._validate import is_int
 from bh_helpers.nulls.kernels import _LEGACY_KERNEL
 from bh_helpers.nulls.legacy import LEGACY_PATTERN, _null_from_legacy, _read_legacy_pickle
@@ -104,10 +104,6 @@ def _library_version() -> str:
     from bh_helpers import __version__
 
     return __version__
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _config_counts(model_or_config: Any) -> tuple[int, int]:
@@ -409,7 +405,7 @@ class NullBank(Mapping[int, NullModel]):
             n_samples={layer: 0 for layer in nulls},
             calibration=f"converted from legacy pickles in {directory.name}",
             library_version=_library_version(),
-            created=_now(),
+            created=utc_timestamp(),
         )
         bank = cls(nulls, metadata)
         bank._check_counts(num_layers=num_layers, num_experts=None, what="`num_layers`")

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from bh_helpers._clock import utc_timestamp
 from bh_helpers._validate import check_choice, check_int, is_int
 from bh_helpers.nulls.kernels import (
     VALID_BANDWIDTHS,
@@ -38,7 +39,6 @@ from bh_helpers.nulls.bank import (
     NullBank,
     NullBankMetadata,
     _library_version,
-    _now,
     _parse_fingerprint,
     schema_version_for,
 )
@@ -577,7 +577,7 @@ def fit_null_bank(
         n_samples={layer: null.n_samples_ for layer, null in nulls.items()},
         calibration=str(calibration),
         library_version=_library_version(),
-        created=_now(),
+        created=utc_timestamp(),
         router_fingerprint=_parse_fingerprint(dict(router_fingerprint)) if router_fingerprint is not None else None,
         statistic=statistic,
         trim=trim,

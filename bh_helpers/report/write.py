@@ -8,7 +8,6 @@ or with any markdown viewer). Tables are plain GitHub markdown written by
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bh_helpers._clock import utc_timestamp
 from bh_helpers.experiments.frontier import STATUS_OK
 from bh_helpers.report.verdict import comparison_markdown, verdict_markdown
 
@@ -225,7 +225,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    parts = [f"# {title}", "", f"Written {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}."]
+    parts = [f"# {title}", "", f"Written {utc_timestamp()}."]
     if comparison is not None:
         parts += ["", "## Verdict", "", verdict_markdown(comparison).rstrip()]
     if notes:
