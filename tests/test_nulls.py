@@ -400,13 +400,13 @@ def test_bank_is_a_mapping_and_pvalues_is_sf_in_float32(small_logits):
 def test_compatibility_checks(tmp_path, small_logits):
     bank = fit_null_bank(small_logits)
     bank.save(tmp_path)
-    config = types.SimpleNamespace(num_hidden_layers=3, num_experts=8)
+    config = types.SimpleNamespace(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2)
     assert bank.check_compatible(config) is bank
     assert bank.check_compatible(types.SimpleNamespace(config=config)) is bank
     with pytest.raises(ValueError, match="3 layers"):
-        bank.check_compatible(types.SimpleNamespace(num_hidden_layers=16, num_experts=8))
+        bank.check_compatible(types.SimpleNamespace(num_hidden_layers=16, num_experts=8, num_experts_per_tok=2))
     with pytest.raises(ValueError, match="8 experts"):
-        bank.check_compatible(types.SimpleNamespace(num_hidden_layers=3, num_local_experts=64))
+        bank.check_compatible(types.SimpleNamespace(num_hidden_layers=3, num_local_experts=64, num_experts_per_tok=2))
     with pytest.raises(ValueError, match="model_or_config"):
         bank.check_compatible(object())
     with pytest.raises(ValueError, match="num_layers"):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bh_helpers._validate import check_int
+from bh_helpers.models.families import moe_shape
 from bh_helpers.models.texts import encode, eos_id
 
 __all__ = [
@@ -247,8 +248,8 @@ def window_bytes(config, window: int, dtype_bytes: int = 2) -> int:
     """
     hidden = config.hidden_size
     inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    slots = max(int(getattr(config, "num_experts_per_tok", 8) or 8), 8)
-    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 64)
+    shape = moe_shape(config)
+    slots, experts = max(shape.top_k, 8), shape.num_experts
     per_token = (16 * hidden * dtype_bytes + slots * (3 * inter + hidden) * dtype_bytes + experts * 4 * 3
                  + config.num_attention_heads * window * 4)
     return per_token * window

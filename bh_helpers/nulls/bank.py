@@ -19,6 +19,7 @@ import torch
 
 from bh_helpers._clock import utc_timestamp
 from bh_helpers._validate import is_int
+from bh_helpers.models.families import moe_shape
 from bh_helpers.nulls.kernels import _LEGACY_KERNEL
 from bh_helpers.nulls.legacy import LEGACY_PATTERN, _null_from_legacy, _read_legacy_pickle
 from bh_helpers.nulls.model import NullModel
@@ -107,20 +108,11 @@ def _library_version() -> str:
 
 
 def _config_counts(model_or_config: Any) -> tuple[int, int]:
-    config = getattr(model_or_config, "config", model_or_config)
-    layers = getattr(config, "num_hidden_layers", None)
-    experts = None
-    # OLMoE/Qwen-MoE call it num_experts, Mixtral num_local_experts, DeepSeek n_routed_experts.
-    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
-        experts = getattr(config, name, None)
-        if experts is not None:
-            break
-    if not isinstance(layers, int) or not isinstance(experts, int):
-        raise ValueError(
-            "`model_or_config` must be a MoE model or config with `num_hidden_layers` and "
-            f"`num_experts` (or `num_local_experts`), got {type(model_or_config).__name__}"
-        )
-    return layers, experts
+    try:
+        shape = moe_shape(model_or_config)
+    except ValueError as err:
+        raise ValueError(f"`model_or_config` must be a MoE model or config: {err}") from None
+    return shape.num_layers, shape.num_experts
 
 
 class NullBank(Mapping[int, NullModel]):
@@ -221,8 +213,7 @@ class NullBank(Mapping[int, NullModel]):
         Parameters
         ----------
         model_or_config : transformers model or config
-            Anything with ``num_hidden_layers`` and ``num_experts`` / ``num_local_experts`` /
-            ``n_routed_experts`` (directly or under ``.config``).
+            A MoE config or model, read by :func:`bh_helpers.models.families.moe_shape`.
         what : str
             How the message names the model.
         """
