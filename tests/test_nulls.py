@@ -692,6 +692,41 @@ def test_committed_banks_without_checksums_still_load():
     assert bank.num_layers > 0
 
 
+def test_null_arrays_round_trip_on_the_committed_bank():
+    """``to_arrays`` gives back exactly the committed file's arrays, and ``from_arrays`` of them the same p-values."""
+    from bh_helpers.app.paths import default_null_bank_dir
+
+    folder = default_null_bank_dir("tiny")
+    bank = NullBank.load(folder)
+    with np.load(folder / "nulls.npz", allow_pickle=False) as npz:
+        stored = {key: npz[key] for key in npz.files}
+    x = 3 * torch.randn(400, bank.num_experts, generator=torch.Generator().manual_seed(0))
+    for layer, null in bank.items():
+        arrays = null.to_arrays()
+        assert list(arrays) == ["grid", "sf", "cdf", "pdf", "tail_scale_upper", "tail_scale_lower", "bandwidth",
+                                "n_samples", "per_expert"]
+        for name, value in arrays.items():
+            want = stored[f"layer_{layer}.{name}"]
+            assert value.dtype == want.dtype and value.shape == want.shape and np.array_equal(value, want), name
+        again = NullModel.from_arrays(arrays, kernel=bank.metadata.kernel, statistic=bank.statistic,
+                                      trim=bank.metadata.trim)
+        assert torch.equal(again.sf(x), bank.pvalues(x, layer))
+        assert torch.equal(again.logsf(x), null.logsf(x))
+
+
+def test_null_arrays_round_trip_per_expert_and_refuse_bad_arrays():
+    logits = torch.randn(2000, 4, generator=torch.Generator().manual_seed(3))
+    null = fit_null(logits, kernel="empirical", per_expert=True, statistic="centred")
+    again = NullModel.from_arrays(null.to_arrays(), kernel="empirical", statistic="centred")
+    assert again.per_expert and again.num_experts == 4 and again.statistic == "centred"
+    assert torch.equal(again.sf(logits), null.sf(logits))
+    arrays = null.to_arrays()
+    with pytest.raises(ValueError, match="sf \\+ cdf differs from 1"):
+        NullModel.from_arrays({**arrays, "sf": arrays["sf"] / 2}, kernel="empirical", statistic="centred")
+    with pytest.raises(KeyError, match="pdf"):
+        NullModel.from_arrays({k: v for k, v in arrays.items() if k != "pdf"}, kernel="empirical")
+
+
 # ----------------------------------------------------------------------------------------------
 # Efron's empirical null and the per-token statistics
 # ----------------------------------------------------------------------------------------------

@@ -245,16 +245,7 @@ class NullBank(Mapping[int, NullModel]):
         directory.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, np.ndarray] = {}
         for layer, null in self._nulls.items():
-            prefix = f"layer_{layer}."
-            arrays[prefix + "grid"] = null._grid
-            arrays[prefix + "sf"] = null._sf
-            arrays[prefix + "cdf"] = null._cdf
-            arrays[prefix + "pdf"] = null._pdf
-            arrays[prefix + "tail_scale_upper"] = null._beta_upper
-            arrays[prefix + "tail_scale_lower"] = null._beta_lower
-            arrays[prefix + "bandwidth"] = np.atleast_1d(np.asarray(null.bandwidth_, dtype=np.float64))
-            arrays[prefix + "n_samples"] = np.array([null.n_samples_], dtype=np.int64)
-            arrays[prefix + "per_expert"] = np.array([null.per_expert])
+            arrays.update({f"layer_{layer}.{name}": value for name, value in null.to_arrays().items()})
         meta = asdict(self.metadata)
         meta["n_samples"] = {str(k): v for k, v in meta["n_samples"].items()}
         if meta["router_fingerprint"] is not None:
@@ -317,9 +308,12 @@ class NullBank(Mapping[int, NullModel]):
         _check_digests(arrays, _read_digests(meta_path), npz_path)
         nulls = {}
         for layer in metadata.layers:
+            prefix = f"layer_{layer}."
             try:
-                _check_null_arrays(arrays, layer=layer)
-                nulls[layer] = _null_from_arrays(arrays, layer=layer, metadata=metadata)
+                nulls[layer] = NullModel.from_arrays(
+                    {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)},
+                    kernel=metadata.kernel, statistic=metadata.statistic, trim=metadata.trim,
+                )
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(
                     f"`{npz_path}` does not hold a valid null for layer {layer} ({err}); "
@@ -436,53 +430,6 @@ def _check_digests(arrays: Mapping[str, np.ndarray], digests: Mapping[str, str] 
             f"`{npz_path}` was changed after it was saved (checksum mismatch: {', '.join(changed[:6])}"
             f"{' ...' if len(changed) > 6 else ''}); save or fit the bank again"
         )
-
-
-def _check_null_arrays(arrays: Mapping[str, np.ndarray], *, layer: int) -> None:
-    """Invariants of one stored null: float64 grid sorted, sf = 1 - cdf in [0, 1] and
-    monotone, finite positive tail scales. Raises ValueError naming what is wrong."""
-    prefix = f"layer_{layer}."
-    grid, sf, cdf = (arrays[prefix + name] for name in ("grid", "sf", "cdf"))
-    for name, value in (("grid", grid), ("sf", sf), ("cdf", cdf)):
-        if value.dtype != np.float64:
-            raise ValueError(f"{name} must be float64, got {value.dtype}")
-        if not np.isfinite(value).all():
-            raise ValueError(f"{name} has non-finite values")
-    if (np.diff(grid, axis=-1) < 0).any():  # empirical nulls may repeat a value
-        raise ValueError("grid is not sorted")
-    if (sf < 0).any() or (sf > 1).any() or (np.diff(sf, axis=-1) > 0).any() or (np.diff(cdf, axis=-1) < 0).any():
-        raise ValueError("sf / cdf are not probabilities monotone along the grid")
-    if np.abs(sf + cdf - 1.0).max() > 1e-9:
-        raise ValueError(f"sf + cdf differs from 1 by up to {np.abs(sf + cdf - 1.0).max():.3g}")
-    for name in ("tail_scale_upper", "tail_scale_lower"):
-        value = np.asarray(arrays[prefix + name], dtype=np.float64)
-        if not (np.isfinite(value) & (value > 0)).all():
-            raise ValueError(f"{name} must be finite and positive")
-
-
-def _null_from_arrays(arrays: Mapping[str, np.ndarray], *, layer: int, metadata: NullBankMetadata) -> NullModel:
-    """Rebuild one layer's null from the arrays written by :meth:`NullBank.save`."""
-    prefix = f"layer_{layer}."
-    per_expert = bool(arrays[prefix + "per_expert"][0])
-
-    def row(name: str) -> np.ndarray:
-        # Pooled nulls are stored as [1, G] rows like per-expert ones.
-        value = arrays[prefix + name]
-        return value if per_expert else value[0]
-
-    return NullModel(
-        grid=row("grid"),
-        sf=row("sf"),
-        cdf=row("cdf"),
-        pdf=row("pdf"),
-        tail_scale_upper=arrays[prefix + "tail_scale_upper"],
-        tail_scale_lower=arrays[prefix + "tail_scale_lower"],
-        kernel=metadata.kernel,
-        bandwidth=row("bandwidth"),
-        n_samples=int(arrays[prefix + "n_samples"][0]),
-        statistic=metadata.statistic,
-        trim=metadata.trim,
-    )
 
 
 def _parse_fingerprint(raw: Any) -> dict[int, list[float]] | None:
