@@ -820,3 +820,30 @@ def test_bank_round_trip_keeps_statistic_and_trim(tmp_path, statistic, trim):
 def test_statistic_and_trim_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fit_null_bank({0: torch.randn(100, 16)}, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bank folders
+# ----------------------------------------------------------------------------------------------
+
+
+def test_load_bank_folder_single_bank_folder_of_banks_and_empty(tmp_path, small_logits):
+    from bh_helpers.experiments.configs import bank_name as configs_bank_name
+    from bh_helpers.nulls import bank_name, load_bank_folder
+
+    assert configs_bank_name is bank_name
+    assert [bank_name("gaussian"), bank_name("gaussian", "zscore"), bank_name("gaussian", "centred", 8)] == [
+        "gaussian", "gaussian/zscore", "gaussian/centred/trim8"]
+    raw = fit_null_bank(small_logits).save(tmp_path / "banks" / "gaussian")
+    fit_null_bank(small_logits, statistic="zscore", trim=2).save(tmp_path / "banks" / "gaussian-zscore-trim2")
+    (tmp_path / "banks" / "not-a-bank").mkdir()
+    one = load_bank_folder(raw)
+    assert isinstance(one, NullBank) and one.statistic == "raw"
+    many = load_bank_folder(str(tmp_path / "banks"))
+    assert list(many) == ["gaussian", "gaussian/zscore/trim2"]
+    assert many["gaussian/zscore/trim2"].metadata.trim == 2
+    assert torch.equal(many["gaussian"].pvalues(small_logits[0], 0), one.pvalues(small_logits[0], 0))
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(ValueError, match=r"`path` .* holds no null bank \(metadata.json\) nor folders of banks"):
+            load_bank_folder(folder)

@@ -35,13 +35,8 @@ from bh_helpers.nulls.kernels import (
 )
 from bh_helpers.nulls.model import NullModel
 from bh_helpers.nulls.statistics import check_statistic, check_trim, fit_values
-from bh_helpers.nulls.bank import (
-    NullBank,
-    NullBankMetadata,
-    _library_version,
-    _parse_fingerprint,
-    schema_version_for,
-)
+from bh_helpers.nulls.bank import NullBank
+from bh_helpers.nulls.metadata import NullBankMetadata, library_version, parse_fingerprint, schema_version_for
 
 __all__ = ["fit_null", "fit_null_bank"]
 
@@ -576,9 +571,9 @@ def fit_null_bank(
         per_expert=per_expert,
         n_samples={layer: null.n_samples_ for layer, null in nulls.items()},
         calibration=str(calibration),
-        library_version=_library_version(),
+        library_version=library_version(),
         created=utc_timestamp(),
-        router_fingerprint=_parse_fingerprint(dict(router_fingerprint)) if router_fingerprint is not None else None,
+        router_fingerprint=parse_fingerprint(dict(router_fingerprint)) if router_fingerprint is not None else None,
         statistic=statistic,
         trim=trim,
         schema_version=schema_version_for(statistic, trim),
