@@ -847,3 +847,19 @@ def test_load_bank_folder_single_bank_folder_of_banks_and_empty(tmp_path, small_
     for folder in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(ValueError, match=r"`path` .* holds no null bank \(metadata.json\) nor folders of banks"):
             load_bank_folder(folder)
+
+
+def test_goodness_table_and_choose_kernel(small_logits):
+    from bh_helpers.nulls import choose_kernel, goodness_table
+
+    banks = {kernel: fit_null_bank(small_logits, kernel=kernel) for kernel in ("gaussian", "tophat")}
+    held_out = {layer: router_like_logits(1000, 8, seed=99 + layer, layer_seed=layer) for layer in (0, 2)}
+    table = goodness_table(banks, held_out)
+    assert list(table.columns) == ["kernel", "layer", "ks_distance", "pit_ks_statistic", "pit_ks_pvalue",
+                                   "p<=0.001", "p<=0.01", "p<=0.05"]
+    assert list(zip(table["kernel"], table["layer"])) == [("gaussian", 0), ("gaussian", 2), ("tophat", 0), ("tophat", 2)]
+    assert table["ks_distance"].iloc[1] == goodness_of_fit(banks["gaussian"][2], held_out[2]).ks_distance
+    best = table.groupby("kernel")["ks_distance"].mean().idxmin()
+    assert choose_kernel(table) == best
+    tied = table.assign(ks_distance=0.1)
+    assert choose_kernel(tied) == "gaussian"  # ties: the first listed
