@@ -370,7 +370,7 @@ def test_batching_does_not_change_continuation_scores(random_model_tok):
 
 def test_on_embedded_fixtures(model_tok):
     """The fixtures' normalised formats feed the evaluation functions directly."""
-    datasets = pytest.importorskip("bh_helpers.evaluation.data")
+    datasets = pytest.importorskip("bh_helpers.models.datasets")
     try:
         wiki = datasets.embedded_fixture("wikitext2")[:2]
         lambada = datasets.embedded_fixture("lambada")[:6]

@@ -4,7 +4,6 @@
   scoring of token losses, batch sizes that fit
 - :mod:`bh_helpers.evaluation.tasks`    last-word (LAMBADA) and multiple-choice (HellaSwag) accuracy
 - :mod:`bh_helpers.evaluation.speed`    prefill and decode throughput; relative expert compute
-- :mod:`bh_helpers.evaluation.data`     WikiText-2, LAMBADA, HellaSwag (hub, local files, embedded fixtures)
 - :mod:`bh_helpers.evaluation.lm_eval`  an lm-evaluation-harness model that routes (optional extra)
 """
 

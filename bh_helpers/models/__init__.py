@@ -4,6 +4,7 @@ families, and the texts that feed capture and evaluation.
 - :mod:`bh_helpers.models.loading`   ``load_model`` and the embedded model and corpus
 - :mod:`bh_helpers.models.families`  supported MoE families: finding blocks, router logits, fingerprints, ``moe_shape``
 - :mod:`bh_helpers.models.texts`     calibration token ids and evaluation texts by data-set name
+- :mod:`bh_helpers.models.datasets`  WikiText-2, LAMBADA, HellaSwag (hub, local files, embedded fixtures)
 """
 
 from bh_helpers.models.families import SUPPORTED_FAMILIES, MoEShape, find_moe_blocks, moe_shape
