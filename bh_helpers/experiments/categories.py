@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from bh_helpers._markdown import markdown_table
 from bh_helpers._validate import check_int
 
 __all__ = [
@@ -496,8 +497,6 @@ class CategoryAnalysis:
 
     def tables(self) -> dict[str, str]:
         """Markdown sections for :func:`bh_helpers.report.write.write_report` (``tables=``)."""
-        from bh_helpers.report.write import markdown_table
-
         s = self.summary
         ci = [{"category": r["category"], "prompts": r["n"], "mean k": f"{r['mean']:.3f}",
                "95% CI": f"[{r['low']:.3f}, {r['high']:.3f}]"} for _, r in s.iterrows()]
