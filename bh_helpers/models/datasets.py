@@ -163,8 +163,7 @@ def load_lambada(split: str = "test", *, path: str | Path | None = None) -> list
     Returns
     -------
     list of dict
-        ``{"text": passage}``; the target is the passage's last word
-        (:func:`bh_helpers.evaluation.tasks.split_last_word`).
+        ``{"text": passage}``; the target is the passage's last whitespace-separated word.
     """
     if path is not None:
         p = _check_path(path)
