@@ -3,6 +3,7 @@
 - :mod:`bh_helpers.nulls.kernels`      the KDE kernels and the constants of tabulation
 - :mod:`bh_helpers.nulls.model`        ``NullModel``: logit -> p-value (``sf``, ``cdf``, ``logsf``) with exponential tails
 - :mod:`bh_helpers.nulls.fit`          ``fit_null`` (KDE or empirical, pooled or per expert) and ``fit_null_bank``
+- :mod:`bh_helpers.nulls.columns`      the numerics of one fitted column (KDE, empirical, Efron, tails)
 - :mod:`bh_helpers.nulls.bank`         ``NullBank``: one null per layer, safe save and load; bank folders
 - :mod:`bh_helpers.nulls.metadata`     a bank's metadata and the checks of its files
 - :mod:`bh_helpers.nulls.diagnostics`  goodness of fit on held-out logits, per kernel and layer
