@@ -2,17 +2,18 @@
 
 The data flow, one folder per floor::
 
-    models/      load a model (embedded tiny OLMoE, hub id, local folder); its MoE family; texts
+    models/      load a model (embedded tiny OLMoE, hub id, local folder); its MoE family; texts, data sets
     capture.py   router logits per layer [N, E], logged with forward hooks
     nulls/       a null distribution per layer (KDE or empirical) -> NullBank, saved under kde_models/
     selection/   p-values -> BH / BY / Bonferroni / Holm counts, top-k, top-p -> Selection; selectors
     routing/     route(model, selector): patched blocks dispatch only the selected experts; recorder
-    evaluation/  perplexity, task accuracy, speed; evaluation data
+    evaluation/  perplexity, task accuracy, speed
     experiments/ resumable sweeps, the compute-matched frontier, prompt categories
     report/      markdown tables, figures, the written report
     app/         the demo pipeline, the ``bh-routing`` CLI, notebook helpers, widgets
 
-``_validate`` (argument checks) and ``_cuda`` (device capability, streams) serve every floor.
+``_validate`` (argument checks), ``_cuda`` (device capability, streams), ``_clock`` (UTC timestamps) and
+``_markdown`` (plain markdown tables) serve every floor.
 
 The public names are importable from here (``from bh_helpers import route, BHSelector``) and from
 their modules. They load on first use, so ``import bh_helpers`` stays light: heavy imports

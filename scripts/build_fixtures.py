@@ -5,7 +5,7 @@ Deterministic (fixed seed, file order): running it twice gives byte-identical fi
     python scripts/build_fixtures.py [--corpus bh_helpers/data/corpus/evaluation.jsonl]
 
 Outputs, each in the format of the corresponding hub rows so that the ordinary loaders in
-``bh_helpers.evaluation.data`` read them (``path=``):
+``bh_helpers.models.datasets`` read them (``path=``):
 
 - ``wikitext_style.txt``: WikiText raw style, `` = Title = `` heading then the document text, for
   documents of both domains up to about 24 kB.

@@ -84,7 +84,7 @@ def runs():
     import torch
 
     from bh_helpers.capture import capture_router_logits
-    from bh_helpers.evaluation.data import FIXTURE_DIR, load_hellaswag
+    from bh_helpers.models.datasets import FIXTURE_DIR, load_hellaswag
     from bh_helpers.evaluation.tasks import multiple_choice_accuracy
     from bh_helpers.models.loading import load_corpus_slice, load_model
     from bh_helpers.nulls.fit import fit_null_bank

@@ -415,3 +415,50 @@ def test_one_registry_of_families():
         model = transformers.AutoModelForCausalLM.from_config(config)
         assert [b.adapter for b in find_moe_blocks(model)] == [adapter]
         assert models.check_supported_moe(model) == [b.name for b in find_moe_blocks(model)]
+
+
+# --------------------------------------------------------------------------- moe_shape, describe_model
+
+
+def test_moe_shape_of_the_embedded_config_and_of_every_family():
+    import transformers
+
+    from bh_helpers.models.families import ADAPTERS, MoEShape, moe_shape
+
+    config = transformers.AutoConfig.from_pretrained(EMBEDDED_MODEL_DIR, local_files_only=True)
+    shape = moe_shape(config)
+    assert shape == MoEShape(num_layers=config.num_hidden_layers, num_experts=config.num_experts,
+                             top_k=config.num_experts_per_tok)
+    assert moe_shape(type("Model", (), {"config": config})()) == shape  # a model's .config is read
+    for adapter in ADAPTERS:  # Mixtral names its count num_local_experts
+        cfg = transformers.AutoConfig.for_model(adapter.family, num_hidden_layers=3, num_experts=6,
+                                                num_local_experts=6, num_experts_per_tok=2)
+        assert moe_shape(cfg) == MoEShape(3, 6, 2)
+
+
+def test_moe_shape_refuses_a_dense_config():
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from bh_helpers.models.families import moe_shape
+
+    with pytest.raises(ValueError, match=r"`config` must be a mixture-of-experts config.*LlamaConfig has num_experts=None"):
+        moe_shape(LlamaConfig(num_hidden_layers=2))
+    with pytest.raises(ValueError, match="num_experts_per_tok=None"):
+        moe_shape(SimpleNamespace(num_hidden_layers=2, num_experts=8))
+    with pytest.raises(ValueError, match="num_hidden_layers=0"):
+        moe_shape(SimpleNamespace(num_hidden_layers=0, num_experts=8, num_experts_per_tok=2))
+
+
+@needs_tiny
+def test_describe_model_of_the_embedded_model(tiny):
+    from bh_helpers.models.loading import describe_model, model_key
+
+    model, _ = tiny
+    row = describe_model(model)
+    assert model_key(model) == row["model"] == "tiny"
+    assert row["moe_layers"] == model.config.num_hidden_layers
+    assert (row["experts"], row["native_top_k"]) == (model.config.num_experts, model.config.num_experts_per_tok)
+    assert list(row) == ["model", "class", "moe_layers", "experts", "native_top_k", "weights", "parameters_M",
+                         "dtype", "device", "experts_implementation"]

@@ -400,13 +400,13 @@ def test_bank_is_a_mapping_and_pvalues_is_sf_in_float32(small_logits):
 def test_compatibility_checks(tmp_path, small_logits):
     bank = fit_null_bank(small_logits)
     bank.save(tmp_path)
-    config = types.SimpleNamespace(num_hidden_layers=3, num_experts=8)
+    config = types.SimpleNamespace(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2)
     assert bank.check_compatible(config) is bank
     assert bank.check_compatible(types.SimpleNamespace(config=config)) is bank
     with pytest.raises(ValueError, match="3 layers"):
-        bank.check_compatible(types.SimpleNamespace(num_hidden_layers=16, num_experts=8))
+        bank.check_compatible(types.SimpleNamespace(num_hidden_layers=16, num_experts=8, num_experts_per_tok=2))
     with pytest.raises(ValueError, match="8 experts"):
-        bank.check_compatible(types.SimpleNamespace(num_hidden_layers=3, num_local_experts=64))
+        bank.check_compatible(types.SimpleNamespace(num_hidden_layers=3, num_local_experts=64, num_experts_per_tok=2))
     with pytest.raises(ValueError, match="model_or_config"):
         bank.check_compatible(object())
     with pytest.raises(ValueError, match="num_layers"):
@@ -692,6 +692,41 @@ def test_committed_banks_without_checksums_still_load():
     assert bank.num_layers > 0
 
 
+def test_null_arrays_round_trip_on_the_committed_bank():
+    """``to_arrays`` gives back exactly the committed file's arrays, and ``from_arrays`` of them the same p-values."""
+    from bh_helpers.app.paths import default_null_bank_dir
+
+    folder = default_null_bank_dir("tiny")
+    bank = NullBank.load(folder)
+    with np.load(folder / "nulls.npz", allow_pickle=False) as npz:
+        stored = {key: npz[key] for key in npz.files}
+    x = 3 * torch.randn(400, bank.num_experts, generator=torch.Generator().manual_seed(0))
+    for layer, null in bank.items():
+        arrays = null.to_arrays()
+        assert list(arrays) == ["grid", "sf", "cdf", "pdf", "tail_scale_upper", "tail_scale_lower", "bandwidth",
+                                "n_samples", "per_expert"]
+        for name, value in arrays.items():
+            want = stored[f"layer_{layer}.{name}"]
+            assert value.dtype == want.dtype and value.shape == want.shape and np.array_equal(value, want), name
+        again = NullModel.from_arrays(arrays, kernel=bank.metadata.kernel, statistic=bank.statistic,
+                                      trim=bank.metadata.trim)
+        assert torch.equal(again.sf(x), bank.pvalues(x, layer))
+        assert torch.equal(again.logsf(x), null.logsf(x))
+
+
+def test_null_arrays_round_trip_per_expert_and_refuse_bad_arrays():
+    logits = torch.randn(2000, 4, generator=torch.Generator().manual_seed(3))
+    null = fit_null(logits, kernel="empirical", per_expert=True, statistic="centred")
+    again = NullModel.from_arrays(null.to_arrays(), kernel="empirical", statistic="centred")
+    assert again.per_expert and again.num_experts == 4 and again.statistic == "centred"
+    assert torch.equal(again.sf(logits), null.sf(logits))
+    arrays = null.to_arrays()
+    with pytest.raises(ValueError, match="sf \\+ cdf differs from 1"):
+        NullModel.from_arrays({**arrays, "sf": arrays["sf"] / 2}, kernel="empirical", statistic="centred")
+    with pytest.raises(KeyError, match="pdf"):
+        NullModel.from_arrays({k: v for k, v in arrays.items() if k != "pdf"}, kernel="empirical")
+
+
 # ----------------------------------------------------------------------------------------------
 # Efron's empirical null and the per-token statistics
 # ----------------------------------------------------------------------------------------------
@@ -785,3 +820,46 @@ def test_bank_round_trip_keeps_statistic_and_trim(tmp_path, statistic, trim):
 def test_statistic_and_trim_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fit_null_bank({0: torch.randn(100, 16)}, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bank folders
+# ----------------------------------------------------------------------------------------------
+
+
+def test_load_bank_folder_single_bank_folder_of_banks_and_empty(tmp_path, small_logits):
+    from bh_helpers.experiments.configs import bank_name as configs_bank_name
+    from bh_helpers.nulls import bank_name, load_bank_folder
+
+    assert configs_bank_name is bank_name
+    assert [bank_name("gaussian"), bank_name("gaussian", "zscore"), bank_name("gaussian", "centred", 8)] == [
+        "gaussian", "gaussian/zscore", "gaussian/centred/trim8"]
+    raw = fit_null_bank(small_logits).save(tmp_path / "banks" / "gaussian")
+    fit_null_bank(small_logits, statistic="zscore", trim=2).save(tmp_path / "banks" / "gaussian-zscore-trim2")
+    (tmp_path / "banks" / "not-a-bank").mkdir()
+    one = load_bank_folder(raw)
+    assert isinstance(one, NullBank) and one.statistic == "raw"
+    many = load_bank_folder(str(tmp_path / "banks"))
+    assert list(many) == ["gaussian", "gaussian/zscore/trim2"]
+    assert many["gaussian/zscore/trim2"].metadata.trim == 2
+    assert torch.equal(many["gaussian"].pvalues(small_logits[0], 0), one.pvalues(small_logits[0], 0))
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(ValueError, match=r"`path` .* holds no null bank \(metadata.json\) nor folders of banks"):
+            load_bank_folder(folder)
+
+
+def test_goodness_table_and_choose_kernel(small_logits):
+    from bh_helpers.nulls import choose_kernel, goodness_table
+
+    banks = {kernel: fit_null_bank(small_logits, kernel=kernel) for kernel in ("gaussian", "tophat")}
+    held_out = {layer: router_like_logits(1000, 8, seed=99 + layer, layer_seed=layer) for layer in (0, 2)}
+    table = goodness_table(banks, held_out)
+    assert list(table.columns) == ["kernel", "layer", "ks_distance", "pit_ks_statistic", "pit_ks_pvalue",
+                                   "p<=0.001", "p<=0.01", "p<=0.05"]
+    assert list(zip(table["kernel"], table["layer"])) == [("gaussian", 0), ("gaussian", 2), ("tophat", 0), ("tophat", 2)]
+    assert table["ks_distance"].iloc[1] == goodness_of_fit(banks["gaussian"][2], held_out[2]).ks_distance
+    best = table.groupby("kernel")["ks_distance"].mean().idxmin()
+    assert choose_kernel(table) == best
+    tied = table.assign(ks_distance=0.1)
+    assert choose_kernel(tied) == "gaussian"  # ties: the first listed

@@ -1,4 +1,4 @@
-"""Tests for bh_helpers.experiments.sweep (resumable sweeps) and bh_helpers.evaluation.data (loaders)."""
+"""Tests for bh_helpers.experiments.sweep (resumable sweeps) and bh_helpers.models.datasets (loaders)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bh_helpers.evaluation import data as bds
+from bh_helpers.models import datasets as bds
 from bh_helpers.experiments.sweep import SweepConfig, expand_grid, grid_hash, load_results, run_sweep
 from bh_helpers.experiments.configs import with_controls
 
@@ -307,7 +307,7 @@ def test_load_hellaswag_local_file_preprocesses_like_lm_eval(tmp_path):
 @pytest.mark.fault("bad arguments", "clear error")
 def test_loader_errors(tmp_path):
     with pytest.raises(ValueError, match=r"known names: \['hellaswag', 'lambada', 'wikitext2'\]"):
-        bds.load_dataset_by_name("imagenet")
+        bds.embedded_fixture("imagenet")
     with pytest.raises(ValueError, match="`path`"):
         bds.load_lambada(path=tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
@@ -316,11 +316,6 @@ def test_loader_errors(tmp_path):
         bds.load_lambada(path=bad)
     with pytest.raises(ValueError, match="unknown data set"):
         bds.embedded_fixture("imagenet")
-
-
-def test_load_dataset_by_name_with_path(tmp_path):
-    path = _write_jsonl(tmp_path / "l.jsonl", [{"text": "a b c"}])
-    assert bds.load_dataset_by_name("lambada_openai", path=path) == [{"text": "a b c"}]
 
 
 FIXTURES_BUILT = all((bds.FIXTURE_DIR / f).is_file() for f in bds.FIXTURES.values())

@@ -1,10 +1,9 @@
-"""Evaluation of a (routed) model: perplexity, task accuracy, speed, and the data they read.
+"""Evaluation of a (routed) model: perplexity, task accuracy, speed (the data sets: :mod:`bh_helpers.models.datasets`).
 
-- :mod:`bh_helpers.evaluation.scoring`  perplexity and next-token accuracy (windowed), memory-bounded
+- :mod:`bh_helpers.evaluation.scoring`  perplexity (windowed), memory-bounded
   scoring of token losses, batch sizes that fit
-- :mod:`bh_helpers.evaluation.tasks`    last-word (LAMBADA) and multiple-choice (HellaSwag) accuracy
+- :mod:`bh_helpers.evaluation.tasks`    multiple-choice (HellaSwag) accuracy, the check of the lm-eval model
 - :mod:`bh_helpers.evaluation.speed`    prefill and decode throughput; relative expert compute
-- :mod:`bh_helpers.evaluation.data`     WikiText-2, LAMBADA, HellaSwag (hub, local files, embedded fixtures)
 - :mod:`bh_helpers.evaluation.lm_eval`  an lm-evaluation-harness model that routes (optional extra)
 """
 

@@ -1,4 +1,4 @@
-"""Windowed scoring of a (possibly re-routed) causal language model: perplexity, next-token accuracy.
+"""Windowed scoring of a (possibly re-routed) causal language model: perplexity, memory-bounded token losses.
 
 Every function takes ``model, tokenizer`` and plain Python data, runs under
 :func:`torch.no_grad` with the model in eval mode, and changes nothing about the routing:
@@ -10,7 +10,7 @@ the caller wraps the call with :func:`bh_helpers.routing.patch.route` to evaluat
 
 Protocols (state them next to every number; perplexities are only comparable under one):
 
-- **Windowed scoring** (:func:`perplexity`, :func:`next_token_accuracy`). Documents are
+- **Windowed scoring** (:func:`perplexity`). Documents are
   tokenized without special tokens and concatenated with one EOS token *between* consecutive
   documents, giving one stream of ``N`` tokens. Window ``i`` covers tokens
   ``[i*S, min(i*S + W, N))`` (window ``W``, stride ``S``); windows stop at the first one that
@@ -29,22 +29,20 @@ Protocols (state them next to every number; perplexities are only comparable und
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bh_helpers._validate import check_int
+from bh_helpers.models.families import moe_shape
 from bh_helpers.models.texts import encode, eos_id
 
 __all__ = [
     "PerplexityResult",
-    "AccuracyResult",
     "perplexity",
-    "next_token_accuracy",
     "scored_token_nll",
     "fit_batch_size",
     "window_bytes",
@@ -59,30 +57,8 @@ DEFAULT_BATCH_SIZE = 8
 # ----------------------------------------------------------------------------------------------
 
 
-def _protocol_line(protocol: Mapping[str, Any]) -> str:
-    return (
-        f"window={protocol['window']} stride={protocol['stride']} "
-        f"weighting={protocol['weighting']} windows={protocol['n_windows']} "
-        f"tokenizer={protocol['tokenizer']}"
-    )
-
-
-class _WindowedResult:
-    """What the results of windowed scoring share: their protocol line and a flat dict."""
-
-    protocol: dict
-
-    def protocol_str(self) -> str:
-        """One line describing the protocol, for table captions."""
-        return _protocol_line(self.protocol)
-
-    def to_dict(self) -> dict:
-        """Flat ``dict`` (metrics plus ``protocol``) for sweeps and tables."""
-        return asdict(self)
-
-
 @dataclass(frozen=True)
-class PerplexityResult(_WindowedResult):
+class PerplexityResult:
     """Token-weighted perplexity under the sliding-window protocol (see the module docstring).
 
     Attributes
@@ -108,35 +84,20 @@ class PerplexityResult(_WindowedResult):
     window_nll: list = field(default_factory=list)
     window_tokens: list = field(default_factory=list)
 
+    def protocol_str(self) -> str:
+        """One line describing the protocol, for table captions."""
+        p = self.protocol
+        return (f"window={p['window']} stride={p['stride']} weighting={p['weighting']} windows={p['n_windows']} "
+                f"tokenizer={p['tokenizer']}")
 
-@dataclass(frozen=True)
-class AccuracyResult(_WindowedResult):
-    """Greedy next-token accuracy under the sliding-window protocol.
-
-    Attributes
-    ----------
-    accuracy : float
-        ``n_correct / n_tokens``.
-    n_correct, n_tokens : int
-        Scored tokens whose argmax prediction equals the token, and all scored tokens.
-    protocol : dict
-        As in :class:`PerplexityResult`.
-    """
-
-    accuracy: float
-    n_correct: int
-    n_tokens: int
-    protocol: dict = field(default_factory=dict)
+    def to_dict(self) -> dict:
+        """Flat ``dict`` (metrics plus ``protocol``) for sweeps and tables."""
+        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def _scalar_fields(result: Any) -> dict:
-    """A result dataclass's fields in order, without the per-example lists."""
-    return {f.name: getattr(result, f.name) for f in fields(result) if not isinstance(getattr(result, f.name), list)}
 
 
 def _device(model) -> torch.device:
@@ -247,8 +208,8 @@ def window_bytes(config, window: int, dtype_bytes: int = 2) -> int:
     """
     hidden = config.hidden_size
     inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    slots = max(int(getattr(config, "num_experts_per_tok", 8) or 8), 8)
-    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 64)
+    shape = moe_shape(config)
+    slots, experts = max(shape.top_k, 8), shape.num_experts
     per_token = (16 * hidden * dtype_bytes + slots * (3 * inter + hidden) * dtype_bytes + experts * 4 * 3
                  + config.num_attention_heads * window * 4)
     return per_token * window
@@ -318,7 +279,7 @@ def scored_token_nll(model, ids: torch.Tensor, mask: torch.Tensor, scored: torch
 
 
 # ----------------------------------------------------------------------------------------------
-# Windowed scoring: perplexity and next-token accuracy
+# Windowed scoring: perplexity
 # ----------------------------------------------------------------------------------------------
 
 
@@ -382,7 +343,7 @@ def _resolve_window(model, window: int | None, stride: int | None) -> tuple[int,
 
 
 def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, progress, desc):
-    """Run the windowed protocol; return (per-window NLL sums float64, n_correct, per-window token counts, protocol)."""
+    """Run the windowed protocol; return (per-window NLL sums float64, per-window token counts, protocol)."""
     texts = _as_text_list(texts)
     check_int("batch_size", batch_size, 1)
     window, stride = _resolve_window(model, window, stride)
@@ -397,7 +358,6 @@ def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, pro
     pad_id = _pad_id(tokenizer)
     window_nll: list[float] = []  # per window: summed NLL of its scored tokens (float64)
     window_tokens: list[int] = []  # per window: its scored tokens
-    n_correct = 0
     model.eval()
     with torch.no_grad():
         for batch in tqdm(list(_batched(spans, batch_size)), desc=desc, disable=not progress):
@@ -407,11 +367,10 @@ def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, pro
             scored = torch.zeros(ids.shape, dtype=torch.bool, device=device)
             for i, (b, e, first) in enumerate(batch):
                 scored[i, first - b : e - b] = True
-            nll, hit = scored_token_nll(model, ids, mask, scored[:, 1:])  # (n,), (n,)
+            nll, _ = scored_token_nll(model, ids, mask, scored[:, 1:])  # (n,)
             per_row = scored[:, 1:].sum(dim=1).tolist()  # scored tokens per window, row-major as nll
             window_nll += [float(part.double().sum()) for part in torch.split(nll, per_row)]
             window_tokens += per_row
-            n_correct += int(hit.sum())
     protocol = {
         "window": window,
         "stride": stride,
@@ -419,7 +378,7 @@ def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, pro
         "n_windows": len(spans),
         "tokenizer": _tokenizer_name(tokenizer),
     }
-    return window_nll, n_correct, window_tokens, protocol
+    return window_nll, window_tokens, protocol
 
 
 def perplexity(
@@ -465,7 +424,7 @@ def perplexity(
     See the module docstring for the exact protocol. Logits are scored in float32 and the NLL
     is summed in float64.
     """
-    window_nll, _, window_tokens, protocol = _windowed_scores(
+    window_nll, window_tokens, protocol = _windowed_scores(
         model, tokenizer, texts, window=window, stride=stride, batch_size=batch_size,
         progress=progress, desc="perplexity",
     )
@@ -473,31 +432,3 @@ def perplexity(
     nll = math.fsum(window_nll) / n
     return PerplexityResult(perplexity=math.exp(nll), nll=nll, n_tokens=n, protocol=protocol,
                             window_nll=window_nll, window_tokens=window_tokens)
-
-
-def next_token_accuracy(
-    model,
-    tokenizer,
-    texts: str | Sequence[str],
-    *,
-    window: int | None = None,
-    stride: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: bool = True,
-) -> AccuracyResult:
-    """Fraction of tokens whose argmax prediction is correct, under :func:`perplexity`'s windows.
-
-    Parameters and errors are those of :func:`perplexity`; the same tokens are scored.
-
-    Returns
-    -------
-    AccuracyResult
-    """
-    _, n_correct, window_tokens, protocol = _windowed_scores(
-        model, tokenizer, texts, window=window, stride=stride, batch_size=batch_size,
-        progress=progress, desc="next-token accuracy",
-    )
-    n = sum(window_tokens)
-    return AccuracyResult(accuracy=n_correct / n, n_correct=n_correct, n_tokens=n, protocol=protocol)
-
-

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from bh_helpers._validate import check_choice
+from bh_helpers.nulls.bank import bank_name
 from bh_helpers.selection.budget import ComputeBudget, layer_alphas
 from bh_helpers.selection.reference import FDR_METHODS
 
@@ -300,11 +301,6 @@ def controls_by_adaptive(results) -> dict[tuple[str, str, str], Any]:
         return {}
     return {(adaptive_of(r["control_of"]).key(), r["dataset"], r["method"]): r
             for _, r in results[results["method"].isin(CONTROLS)].iterrows()}
-
-
-def bank_name(kernel: str, statistic: str = "raw", trim: int = 0) -> str:
-    """The name of a null bank in a sweep: ``"gaussian"``, ``"gaussian/zscore"``, ``"gaussian/centred/trim8"``."""
-    return kernel + ("" if statistic == "raw" else f"/{statistic}") + (f"/trim{trim}" if trim else "")
 
 
 def with_controls(configs: Sequence[SweepConfig], *, seed: int = 0) -> list[SweepConfig]:

@@ -35,6 +35,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from bh_helpers._clock import utc_timestamp
 from bh_helpers._locks import exclusive
 # The configurations and grids live in experiments.configs; they are re-exported here because a
 # sweep is where users meet them (``from bh_helpers.experiments.sweep import SweepConfig``).
@@ -70,10 +71,6 @@ FORMAT_VERSION = 1
 # ----------------------------------------------------------------------------------------------
 # Results file
 # ----------------------------------------------------------------------------------------------
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _to_jsonable(obj: Any) -> Any:
@@ -294,7 +291,7 @@ def _run_sweep_locked(configs, keys, names, evaluate_fn, path: Path, identity: s
                     "protocol": dict(protocol) if protocol is not None else None,
                     "datasets": names,
                     "configs": [c.to_dict() for c in configs],
-                    "created": _now(),
+                    "created": utc_timestamp(),
                 },
             )
         _fsync_dir(path.parent)
@@ -316,7 +313,7 @@ def _run_sweep_locked(configs, keys, names, evaluate_fn, path: Path, identity: s
                     "config": config.to_dict(),
                     "metrics": _to_jsonable(metrics),
                     "elapsed_s": round(elapsed, 6),
-                    "finished": _now(),
+                    "finished": utc_timestamp(),
                 },
             )
             bar.update(1)

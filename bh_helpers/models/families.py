@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "LayerSpec",
     "MoEAdapter",
+    "MoEShape",
     "MoEBlock",
     "MixtralAdapter",
     "OlmoeAdapter",
@@ -48,6 +50,7 @@ __all__ = [
     "Qwen3MoeAdapter",
     "find_moe_blocks",
     "materialized",
+    "moe_shape",
     "router_logits",
     "router_outputs_requested",
     "select_layers",
@@ -146,6 +149,70 @@ ADAPTERS: tuple[MoEAdapter, ...] = (OlmoeAdapter(), MixtralAdapter(), Qwen2MoeAd
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(a.family for a in ADAPTERS)
 #: ``config.model_type`` -> display name of every supported family (the one registry of families).
 SUPPORTED_MODEL_TYPES: dict[str, str] = {a.family: a.display_name for a in ADAPTERS}
+
+
+#: Config attribute naming the routed-expert count, per family: OLMoE and Qwen-MoE ``num_experts``,
+#: Mixtral ``num_local_experts``, DeepSeek ``n_routed_experts`` (the first one present is read).
+_EXPERT_COUNT_NAMES = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """Layer, expert and top-k counts of a mixture-of-experts config (see :func:`moe_shape`).
+
+    Attributes
+    ----------
+    num_layers : int
+        Decoder layers (``num_hidden_layers``; dense layers of a partly dense model included).
+    num_experts : int
+        Routed experts per MoE layer.
+    top_k : int
+        Experts the native router picks per token (``num_experts_per_tok``).
+    """
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+
+
+def moe_shape(config: Any) -> MoEShape:
+    """The layer, expert and top-k counts of a MoE config: the one reader of them in the package.
+
+    Parameters
+    ----------
+    config : transformers config, or a model
+        Anything with ``num_hidden_layers``, ``num_experts_per_tok`` and an expert count
+        (``num_experts``, ``num_local_experts`` or ``n_routed_experts``); a model's ``.config``
+        is read.
+
+    Returns
+    -------
+    MoEShape
+
+    Raises
+    ------
+    ValueError
+        When a count is missing or not a positive integer: ``config`` is not a MoE config.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> moe_shape(SimpleNamespace(num_hidden_layers=16, num_experts=64, num_experts_per_tok=8))
+    MoEShape(num_layers=16, num_experts=64, top_k=8)
+    """
+    config = getattr(config, "config", config)
+    experts = next((getattr(config, n) for n in _EXPERT_COUNT_NAMES if getattr(config, n, None) is not None), None)
+    counts = {"num_hidden_layers": getattr(config, "num_hidden_layers", None), "num_experts": experts,
+              "num_experts_per_tok": getattr(config, "num_experts_per_tok", None)}
+    bad = [name for name, value in counts.items() if not (is_int(value) and value > 0)]
+    if bad:
+        raise ValueError(
+            f"`config` must be a mixture-of-experts config with positive integer `num_hidden_layers`, "
+            f"`num_experts_per_tok` and an expert count ({' / '.join(f'`{n}`' for n in _EXPERT_COUNT_NAMES)}); "
+            f"{type(config).__name__} has {', '.join(f'{n}={counts[n]!r}' for n in bad)}."
+        )
+    return MoEShape(num_layers=int(counts["num_hidden_layers"]), num_experts=int(experts),
+                    top_k=int(counts["num_experts_per_tok"]))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@
 Face hub is reachable, and the embedded model otherwise; any other name is a hub id or a local
 directory and goes through ``AutoModelForCausalLM.from_pretrained`` (the path Colab users hit).
 
-Also the committed corpus slices the notebooks and tests use (``load_corpus_slice``).
+Also the committed corpus slices the notebooks and tests use (``load_corpus_slice``), and what a loaded
+model is: its key (``model_key``) and a one-row summary (``describe_model``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from bh_helpers._validate import check_choice
 from bh_helpers._cuda import device_capability
-from bh_helpers.models.families import SUPPORTED_MODEL_TYPES, find_moe_blocks
+from bh_helpers.models.families import SUPPORTED_MODEL_TYPES, find_moe_blocks, moe_shape
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,13 @@ __all__ = [
     "OLMOE_HUB_ID",
     "check_supported_moe",
     "default_dtype",
+    "describe_model",
     "embedded_model_available",
     "embedded_model_dir",
     "hub_reachable",
     "load_corpus_slice",
     "load_model",
+    "model_key",
 ]
 
 OLMOE_HUB_ID = "allenai/OLMoE-1B-7B-0924"
@@ -332,3 +335,52 @@ def load_model(
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def model_key(model: torch.nn.Module) -> str:
+    """``"tiny"`` for the embedded model, else the hub id or path it was loaded from (``"unknown"``)."""
+    path = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))
+    try:
+        if path and Path(path).resolve() == EMBEDDED_MODEL_DIR.resolve():
+            return "tiny"
+    except OSError:
+        pass
+    return path or "unknown"
+
+
+def describe_model(model: torch.nn.Module) -> dict[str, Any]:
+    """A one-row summary of a loaded MoE model (the first output of notebook 01).
+
+    Parameters
+    ----------
+    model : transformers causal LM
+        Of a supported MoE family.
+
+    Returns
+    -------
+    dict
+        ``model`` (:func:`model_key`), ``class``, ``moe_layers`` (MoE blocks found), ``experts`` and
+        ``native_top_k`` (:func:`~bh_helpers.models.families.moe_shape` of its config), ``weights``
+        (the native mixing convention), ``parameters_M``, ``dtype``, ``device``,
+        ``experts_implementation``.
+
+    Raises
+    ------
+    ValueError
+        When ``model`` has no supported MoE block or its config is not a MoE config.
+    """
+    blocks = find_moe_blocks(model)
+    shape = moe_shape(model.config)
+    param = next(model.parameters())
+    return {
+        "model": model_key(model),
+        "class": type(model).__name__,
+        "moe_layers": len(blocks),
+        "experts": shape.num_experts,
+        "native_top_k": shape.top_k,
+        "weights": blocks[0].native_weights,
+        "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "dtype": str(param.dtype).replace("torch.", ""),
+        "device": str(param.device),
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
+    }

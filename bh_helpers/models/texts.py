@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bh_helpers._validate import check_int
-from bh_helpers.evaluation.data import embedded_fixture, load_wikitext2
+from bh_helpers.models.datasets import embedded_fixture, load_wikitext2
 from bh_helpers.models.loading import load_corpus_slice
 
 __all__ = [

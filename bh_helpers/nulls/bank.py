@@ -2,129 +2,51 @@
 
 ``NullBank.save`` writes ``nulls.npz`` (arrays only) and ``metadata.json`` (kernel, model id and
 shape, router fingerprint, sha256 of every array); ``NullBank.load`` checks all of it before a
-bank can route a model.
+bank can route a model (the metadata and the file checks: :mod:`bh_helpers.nulls.metadata`).
+:func:`load_bank_folder` reads one bank folder or a folder of them, named by :func:`bank_name`.
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bh_helpers._validate import is_int
+from bh_helpers._clock import utc_timestamp
+from bh_helpers.models.families import moe_shape
 from bh_helpers.nulls.kernels import _LEGACY_KERNEL
 from bh_helpers.nulls.legacy import LEGACY_PATTERN, _null_from_legacy, _read_legacy_pickle
 from bh_helpers.nulls.model import NullModel
-from bh_helpers.nulls.statistics import apply_statistic, check_statistic, check_trim
+from bh_helpers.nulls.metadata import (
+    METADATA_NAME,
+    NPZ_NAME,
+    SCHEMA_VERSION,
+    NullBankMetadata,
+    check_digests,
+    library_version,
+    metadata_to_json,
+    read_digests,
+    read_metadata,
+)
+from bh_helpers.nulls.statistics import apply_statistic
 
-__all__ = ["SCHEMA_VERSION", "NullBankMetadata", "NullBank", "METADATA_NAME", "NPZ_NAME"]
-
-# Version of the on-disk layout written by NullBank.save; bump on any incompatible change.
-SCHEMA_VERSION = 2  # 2: per-token statistic and trim (banks with the defaults are still written as 1)
-
-NPZ_NAME = "nulls.npz"
-METADATA_NAME = "metadata.json"
-
+__all__ = ["SCHEMA_VERSION", "NullBankMetadata", "NullBank", "METADATA_NAME", "NPZ_NAME", "bank_name", "load_bank_folder"]
 
 # ---------------------------------------------------------------------------------------------
 # NullBank
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NullBankMetadata:
-    """Provenance of a :class:`NullBank`, written to ``metadata.json``.
-
-    Attributes
-    ----------
-    model_id : str or None
-        Model the logits were captured from (hub id or path).
-    num_layers : int
-        Number of MoE layers of that model (the bank may cover a subset).
-    num_experts : int or None
-        Experts per layer (None only for legacy banks read without ``num_experts``).
-    layers : list of int
-        Layers that have a null.
-    kernel : str
-    bandwidth : str or float
-        The bandwidth argument (rule name or number); per-layer values are in each null's
-        ``bandwidth_``.
-    per_expert : bool
-    n_samples : dict of int to int
-        Calibration logits per fitted distribution, per layer.
-    calibration : str
-        Free-text description of the calibration text.
-    library_version : str
-        ``bh_helpers.__version__`` that fitted the bank.
-    created : str
-        ISO 8601 UTC timestamp.
-    schema_version : int
-        On-disk layout version (:data:`SCHEMA_VERSION`).
-    router_fingerprint : dict of int to list of float, optional
-        :func:`bh_helpers.models.families.router_fingerprint` of the model the logits came from;
-        :func:`bh_helpers.routing.patch.route` refuses the bank on a model whose routers differ.
-        None for banks fitted without the model at hand (no check then).
-    statistic : {"raw", "centred", "zscore"}
-        Per-token statistic the nulls were fitted on (:mod:`bh_helpers.nulls.statistics`);
-        :meth:`NullBank.pvalues` and every selector compute it from the logits.
-    trim : int
-        Largest values per token left out of the fit.
-    """
-
-    model_id: str | None
-    num_layers: int
-    num_experts: int | None
-    layers: list[int]
-    kernel: str
-    bandwidth: str | float
-    per_expert: bool
-    n_samples: dict[int, int]
-    calibration: str
-    library_version: str
-    created: str
-    schema_version: int = SCHEMA_VERSION
-    router_fingerprint: dict[int, list[float]] | None = None
-    statistic: str = "raw"
-    trim: int = 0
-
-
-def schema_version_for(statistic: str, trim: int) -> int:
-    """The oldest schema that holds a bank: 1 unless it has a statistic or trim (older readers load 1)."""
-    return 1 if statistic == "raw" and trim == 0 else SCHEMA_VERSION
-
-
-def _library_version() -> str:
-    from bh_helpers import __version__
-
-    return __version__
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
 def _config_counts(model_or_config: Any) -> tuple[int, int]:
-    config = getattr(model_or_config, "config", model_or_config)
-    layers = getattr(config, "num_hidden_layers", None)
-    experts = None
-    # OLMoE/Qwen-MoE call it num_experts, Mixtral num_local_experts, DeepSeek n_routed_experts.
-    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
-        experts = getattr(config, name, None)
-        if experts is not None:
-            break
-    if not isinstance(layers, int) or not isinstance(experts, int):
-        raise ValueError(
-            "`model_or_config` must be a MoE model or config with `num_hidden_layers` and "
-            f"`num_experts` (or `num_local_experts`), got {type(model_or_config).__name__}"
-        )
-    return layers, experts
+    try:
+        shape = moe_shape(model_or_config)
+    except ValueError as err:
+        raise ValueError(f"`model_or_config` must be a MoE model or config: {err}") from None
+    return shape.num_layers, shape.num_experts
 
 
 class NullBank(Mapping[int, NullModel]):
@@ -225,8 +147,7 @@ class NullBank(Mapping[int, NullModel]):
         Parameters
         ----------
         model_or_config : transformers model or config
-            Anything with ``num_hidden_layers`` and ``num_experts`` / ``num_local_experts`` /
-            ``n_routed_experts`` (directly or under ``.config``).
+            A MoE config or model, read by :func:`bh_helpers.models.families.moe_shape`.
         what : str
             How the message names the model.
         """
@@ -258,24 +179,8 @@ class NullBank(Mapping[int, NullModel]):
         directory.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, np.ndarray] = {}
         for layer, null in self._nulls.items():
-            prefix = f"layer_{layer}."
-            arrays[prefix + "grid"] = null._grid
-            arrays[prefix + "sf"] = null._sf
-            arrays[prefix + "cdf"] = null._cdf
-            arrays[prefix + "pdf"] = null._pdf
-            arrays[prefix + "tail_scale_upper"] = null._beta_upper
-            arrays[prefix + "tail_scale_lower"] = null._beta_lower
-            arrays[prefix + "bandwidth"] = np.atleast_1d(np.asarray(null.bandwidth_, dtype=np.float64))
-            arrays[prefix + "n_samples"] = np.array([null.n_samples_], dtype=np.int64)
-            arrays[prefix + "per_expert"] = np.array([null.per_expert])
-        meta = asdict(self.metadata)
-        meta["n_samples"] = {str(k): v for k, v in meta["n_samples"].items()}
-        if meta["router_fingerprint"] is not None:
-            meta["router_fingerprint"] = {str(k): v for k, v in meta["router_fingerprint"].items()}
-        meta["format"] = "bh_helpers.NullBank"
-        # A checksum per array: a shifted grid or two layers' arrays swapped still satisfy every
-        # invariant and gave p-values off by 0.35-0.55 before; load() now refuses them.
-        meta["array_sha256"] = {name: _array_digest(value) for name, value in sorted(arrays.items())}
+            arrays.update({f"layer_{layer}.{name}": value for name, value in null.to_arrays().items()})
+        meta = metadata_to_json(self.metadata, arrays)
         # Write to temporary names first so an interrupted save never leaves a half-written bank.
         tmp_npz, tmp_json = directory / (NPZ_NAME + ".tmp"), directory / (METADATA_NAME + ".tmp")
         with open(tmp_npz, "wb") as fh:
@@ -316,7 +221,7 @@ class NullBank(Mapping[int, NullModel]):
                 f"`directory` {str(directory)!r} must contain {METADATA_NAME} and {NPZ_NAME} "
                 "(written by NullBank.save)"
             )
-        metadata = _read_metadata(meta_path)
+        metadata = read_metadata(meta_path)
         try:
             with np.load(npz_path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}  # read everything now: errors surface here
@@ -327,12 +232,15 @@ class NullBank(Mapping[int, NullModel]):
                 f"`{npz_path}` is corrupt or truncated ({type(err).__name__}: {err}); "
                 "save or fit the bank again"
             ) from err
-        _check_digests(arrays, _read_digests(meta_path), npz_path)
+        check_digests(arrays, read_digests(meta_path), npz_path)
         nulls = {}
         for layer in metadata.layers:
+            prefix = f"layer_{layer}."
             try:
-                _check_null_arrays(arrays, layer=layer)
-                nulls[layer] = _null_from_arrays(arrays, layer=layer, metadata=metadata)
+                nulls[layer] = NullModel.from_arrays(
+                    {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)},
+                    kernel=metadata.kernel, statistic=metadata.statistic, trim=metadata.trim,
+                )
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(
                     f"`{npz_path}` does not hold a valid null for layer {layer} ({err}); "
@@ -408,141 +316,54 @@ class NullBank(Mapping[int, NullModel]):
             per_expert=False,
             n_samples={layer: 0 for layer in nulls},
             calibration=f"converted from legacy pickles in {directory.name}",
-            library_version=_library_version(),
-            created=_now(),
+            library_version=library_version(),
+            created=utc_timestamp(),
         )
         bank = cls(nulls, metadata)
         bank._check_counts(num_layers=num_layers, num_experts=None, what="`num_layers`")
         return bank
 
 
-def _array_digest(value: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and bytes."""
-    value = np.ascontiguousarray(value)
-    return hashlib.sha256(f"{value.dtype.str}{value.shape}".encode() + value.tobytes()).hexdigest()
+# ---------------------------------------------------------------------------------------------
+# Bank folders
+# ---------------------------------------------------------------------------------------------
 
 
-def _read_digests(meta_path: Path) -> dict[str, str] | None:
-    """The ``array_sha256`` map of ``metadata.json`` (None for banks saved before it existed)."""
-    digests = json.loads(meta_path.read_text()).get("array_sha256")
-    return digests if isinstance(digests, dict) else None
+def bank_name(kernel: str, statistic: str = "raw", trim: int = 0) -> str:
+    """The name of a null bank in a sweep: ``"gaussian"``, ``"gaussian/zscore"``, ``"gaussian/centred/trim8"``."""
+    return kernel + ("" if statistic == "raw" else f"/{statistic}") + (f"/trim{trim}" if trim else "")
 
 
-def _check_digests(arrays: Mapping[str, np.ndarray], digests: Mapping[str, str] | None, npz_path: Path) -> None:
-    if digests is None:
-        return
-    missing, extra = sorted(set(digests) - set(arrays)), sorted(set(arrays) - set(digests))
-    if missing or extra:
+def load_bank_folder(path: str | Path) -> NullBank | dict[str, NullBank]:
+    """The bank in ``path``, or every bank in its sub-folders keyed by :func:`bank_name`.
 
-        def by_layer(names: list[str]) -> str:
-            layers: dict[str, list[str]] = {}
-            for name in names:
-                head, _, field = name.partition(".")
-                layers.setdefault(head.replace("layer_", "layer "), []).append(field)
-            return "; ".join(f"{layer} ({', '.join(fields)})" for layer, fields in layers.items()) or "none"
+    Parameters
+    ----------
+    path : str or Path
+        A bank folder (holds ``metadata.json``, written by :meth:`NullBank.save`), or a folder of
+        bank folders (the demo's ``nulls/``: one per statistic and trim).
 
-        raise ValueError(f"`{npz_path}` does not hold the arrays its metadata lists (missing: {by_layer(missing)}; "
-                         f"unexpected: {by_layer(extra)}); save or fit the bank again")
-    changed = sorted(name for name, value in arrays.items() if _array_digest(value) != digests[name])
-    if changed:
-        raise ValueError(
-            f"`{npz_path}` was changed after it was saved (checksum mismatch: {', '.join(changed[:6])}"
-            f"{' ...' if len(changed) > 6 else ''}); save or fit the bank again"
-        )
+    Returns
+    -------
+    NullBank or dict of str to NullBank
+        The bank of a bank folder; for a folder of banks, ``{bank_name(kernel, statistic, trim):
+        bank}`` over its sub-folders that hold one, in sub-folder name order.
 
-
-def _check_null_arrays(arrays: Mapping[str, np.ndarray], *, layer: int) -> None:
-    """Invariants of one stored null: float64 grid sorted, sf = 1 - cdf in [0, 1] and
-    monotone, finite positive tail scales. Raises ValueError naming what is wrong."""
-    prefix = f"layer_{layer}."
-    grid, sf, cdf = (arrays[prefix + name] for name in ("grid", "sf", "cdf"))
-    for name, value in (("grid", grid), ("sf", sf), ("cdf", cdf)):
-        if value.dtype != np.float64:
-            raise ValueError(f"{name} must be float64, got {value.dtype}")
-        if not np.isfinite(value).all():
-            raise ValueError(f"{name} has non-finite values")
-    if (np.diff(grid, axis=-1) < 0).any():  # empirical nulls may repeat a value
-        raise ValueError("grid is not sorted")
-    if (sf < 0).any() or (sf > 1).any() or (np.diff(sf, axis=-1) > 0).any() or (np.diff(cdf, axis=-1) < 0).any():
-        raise ValueError("sf / cdf are not probabilities monotone along the grid")
-    if np.abs(sf + cdf - 1.0).max() > 1e-9:
-        raise ValueError(f"sf + cdf differs from 1 by up to {np.abs(sf + cdf - 1.0).max():.3g}")
-    for name in ("tail_scale_upper", "tail_scale_lower"):
-        value = np.asarray(arrays[prefix + name], dtype=np.float64)
-        if not (np.isfinite(value) & (value > 0)).all():
-            raise ValueError(f"{name} must be finite and positive")
-
-
-def _null_from_arrays(arrays: Mapping[str, np.ndarray], *, layer: int, metadata: NullBankMetadata) -> NullModel:
-    """Rebuild one layer's null from the arrays written by :meth:`NullBank.save`."""
-    prefix = f"layer_{layer}."
-    per_expert = bool(arrays[prefix + "per_expert"][0])
-
-    def row(name: str) -> np.ndarray:
-        # Pooled nulls are stored as [1, G] rows like per-expert ones.
-        value = arrays[prefix + name]
-        return value if per_expert else value[0]
-
-    return NullModel(
-        grid=row("grid"),
-        sf=row("sf"),
-        cdf=row("cdf"),
-        pdf=row("pdf"),
-        tail_scale_upper=arrays[prefix + "tail_scale_upper"],
-        tail_scale_lower=arrays[prefix + "tail_scale_lower"],
-        kernel=metadata.kernel,
-        bandwidth=row("bandwidth"),
-        n_samples=int(arrays[prefix + "n_samples"][0]),
-        statistic=metadata.statistic,
-        trim=metadata.trim,
-    )
-
-
-def _parse_fingerprint(raw: Any) -> dict[int, list[float]] | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise ValueError(f"`router_fingerprint` must be a mapping of layer to numbers, got {type(raw).__name__}")
-    return {int(layer): [float(v) for v in values] for layer, values in raw.items()}
-
-
-def _read_metadata(path: Path) -> NullBankMetadata:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"`{path}` is corrupt or truncated ({err}); save or fit the bank again") from err
-    if not isinstance(raw, dict):
-        raise ValueError(f"`{path}` must hold a JSON object, got {type(raw).__name__}")
-    version = raw.get("schema_version")
-    if not is_int(version) or version < 1:
-        raise ValueError(f"`{path}` has an invalid `schema_version` {version!r}; save or fit the bank again")
-    if version > SCHEMA_VERSION:
-        raise ValueError(
-            f"`{path}` has `schema_version` {version}, newer than this bh_helpers "
-            f"({_library_version()}, schema {SCHEMA_VERSION}): upgrade bh_helpers to load it"
-        )
-    try:
-        meta = NullBankMetadata(
-            model_id=raw["model_id"],
-            num_layers=int(raw["num_layers"]),
-            num_experts=None if raw["num_experts"] is None else int(raw["num_experts"]),
-            layers=[int(v) for v in raw["layers"]],
-            kernel=str(raw["kernel"]),
-            bandwidth=raw["bandwidth"],
-            per_expert=bool(raw["per_expert"]),
-            n_samples={int(k): int(v) for k, v in raw["n_samples"].items()},
-            calibration=str(raw["calibration"]),
-            library_version=str(raw["library_version"]),
-            created=str(raw["created"]),
-            router_fingerprint=_parse_fingerprint(raw.get("router_fingerprint")),
-            schema_version=version,
-            statistic=check_statistic(raw.get("statistic", "raw")),
-            trim=check_trim(raw.get("trim", 0)),
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(
-            f"`{path}` is missing or has a malformed field ({err!r}); save or fit the bank again"
-        ) from err
-    if not meta.layers:
-        raise ValueError(f"`{path}` lists no layers")
-    return meta
+    Raises
+    ------
+    ValueError
+        When ``path`` is neither, or a bank in it does not load (see :meth:`NullBank.load`).
+    """
+    root = Path(path)
+    if (root / METADATA_NAME).is_file():
+        return NullBank.load(root)
+    subs = sorted(p for p in root.glob("*") if (p / METADATA_NAME).is_file()) if root.is_dir() else []
+    if not subs:
+        raise ValueError(f"`path` {str(path)!r} holds no null bank ({METADATA_NAME}) nor folders of banks; pass a "
+                         "folder written by `bh-routing fit`, or the nulls/ folder of a demo.")
+    banks = {}
+    for sub in subs:
+        bank = NullBank.load(sub)
+        meta = bank.metadata
+        banks[bank_name(meta.kernel, meta.statistic, meta.trim)] = bank
+    return banks

@@ -1,7 +1,12 @@
-"""Goodness of fit of a null on held-out logits: KS distance and calibration of the tail levels."""
+"""Goodness of fit of a null on held-out logits: KS distance and calibration of the tail levels.
+
+:func:`goodness_of_fit` checks one null; :func:`goodness_table` tabulates it for every kernel's bank
+and layer, and :func:`choose_kernel` picks the kernel that fits best.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +17,7 @@ from scipy import stats
 from bh_helpers._validate import check_int
 from bh_helpers.nulls.model import NullModel
 
-__all__ = ["GoodnessOfFit", "goodness_of_fit"]
+__all__ = ["GoodnessOfFit", "choose_kernel", "goodness_of_fit", "goodness_table"]
 
 # ---------------------------------------------------------------------------------------------
 # Diagnostics
@@ -128,3 +133,53 @@ def goodness_of_fit(
         bin_edges=edges,
         tail_fractions={t: float(np.mean(p <= t)) for t in _TAIL_LEVELS},
     )
+
+
+def goodness_table(banks_by_kernel: Mapping[str, Any], held_out: Mapping[int, torch.Tensor]):
+    """Goodness of fit of every kernel's null on held-out logits, per layer.
+
+    Parameters
+    ----------
+    banks_by_kernel : mapping of str to NullBank
+        One bank per kernel name (or any mapping ``layer -> NullModel``).
+    held_out : mapping of int to Tensor
+        Held-out logits ``[N, E]`` per layer (not used for fitting the banks).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``kernel``, ``layer``, ``ks_distance``, ``pit_ks_statistic``, ``pit_ks_pvalue``,
+        ``p<=0.001``, ``p<=0.01``, ``p<=0.05`` (observed share of held-out p-values under each
+        level: about the level when calibrated, above it when the null's tail is too light).
+    """
+    import pandas as pd
+
+    rows = []
+    for kernel, bank in banks_by_kernel.items():
+        for layer, logits in held_out.items():
+            fit = goodness_of_fit(bank[layer], logits)
+            rows.append({
+                "kernel": kernel,
+                "layer": layer,
+                "ks_distance": fit.ks_distance,
+                "pit_ks_statistic": fit.pit_ks_statistic,
+                "pit_ks_pvalue": fit.pit_ks_pvalue,
+                **{f"p<={t:g}": fit.tail_fractions[t] for t in (0.001, 0.01, 0.05)},
+            })
+    return pd.DataFrame(rows)
+
+
+def choose_kernel(table) -> str:
+    """The kernel with the smallest mean KS distance over layers (ties: the first listed).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        From :func:`goodness_table`.
+
+    Returns
+    -------
+    str
+    """
+    means = table.groupby("kernel", sort=False)["ks_distance"].mean()
+    return str(means.idxmin())

@@ -27,6 +27,7 @@ and one discrete convolution with the integrated kernel (cost ``O(n + G log G)``
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -210,6 +211,73 @@ class NullModel:
             + (f", trim={self.trim}" if self.trim else "") + ")"
         )
 
+    # -- serialisation --------------------------------------------------------------------------
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The null's arrays, as :meth:`NullBank.save` stores them (under a ``layer_<i>.`` prefix).
+
+        Returns
+        -------
+        dict of str to ndarray
+            In this order: ``grid``, ``sf``, ``cdf``, ``pdf`` (float64 ``[E', G]``, ``E' = 1`` for a
+            pooled null), ``tail_scale_upper``, ``tail_scale_lower`` (float64 ``[E']``),
+            ``bandwidth`` (float64, ``[E]`` per expert, else ``[1]``), ``n_samples`` (int64 ``[1]``),
+            ``per_expert`` (bool ``[1]``). Kernel, statistic and trim are the bank's metadata.
+        """
+        return {
+            "grid": self._grid,
+            "sf": self._sf,
+            "cdf": self._cdf,
+            "pdf": self._pdf,
+            "tail_scale_upper": self._beta_upper,
+            "tail_scale_lower": self._beta_lower,
+            "bandwidth": np.atleast_1d(np.asarray(self.bandwidth_, dtype=np.float64)),
+            "n_samples": np.array([self.n_samples_], dtype=np.int64),
+            "per_expert": np.array([self.per_expert]),
+        }
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: Mapping[str, np.ndarray], *, kernel: str, statistic: str = "raw", trim: int = 0
+    ) -> NullModel:
+        """Rebuild a null from :meth:`to_arrays`' arrays, checking the stored invariants first.
+
+        Parameters
+        ----------
+        arrays : mapping of str to ndarray
+            The keys of :meth:`to_arrays` (without a layer prefix).
+        kernel, statistic, trim
+            As in the constructor (stored in the bank's metadata, not in the arrays).
+
+        Raises
+        ------
+        KeyError
+            When an array is missing.
+        ValueError
+            A grid, sf or cdf that is not float64 and finite, an unsorted grid, sf / cdf that are not
+            monotone probabilities summing to 1, or tail scales that are not finite and positive.
+        """
+        _check_stored_arrays(arrays)
+        per_expert = bool(arrays["per_expert"][0])
+
+        def row(name: str) -> np.ndarray:
+            # Pooled nulls are stored as [1, G] rows like per-expert ones.
+            return arrays[name] if per_expert else arrays[name][0]
+
+        return cls(
+            grid=row("grid"),
+            sf=row("sf"),
+            cdf=row("cdf"),
+            pdf=row("pdf"),
+            tail_scale_upper=arrays["tail_scale_upper"],
+            tail_scale_lower=arrays["tail_scale_lower"],
+            kernel=kernel,
+            bandwidth=row("bandwidth"),
+            n_samples=int(arrays["n_samples"][0]),
+            statistic=statistic,
+            trim=trim,
+        )
+
     # -- evaluation -----------------------------------------------------------------------------
 
     def _grids(self, device: torch.device) -> _DeviceGrids:
@@ -358,3 +426,24 @@ class NullModel:
     def pdf(self, x: Any, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Density, interpolated linearly between grid points; see :meth:`sf` for the arguments."""
         return self._evaluate(x, "pdf", dtype)
+
+
+def _check_stored_arrays(arrays: Mapping[str, np.ndarray]) -> None:
+    """Invariants of one stored null: float64 grid sorted, sf = 1 - cdf in [0, 1] and
+    monotone, finite positive tail scales. Raises ValueError naming what is wrong."""
+    grid, sf, cdf = (arrays[name] for name in ("grid", "sf", "cdf"))
+    for name, value in (("grid", grid), ("sf", sf), ("cdf", cdf)):
+        if value.dtype != np.float64:
+            raise ValueError(f"{name} must be float64, got {value.dtype}")
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name} has non-finite values")
+    if (np.diff(grid, axis=-1) < 0).any():  # empirical nulls may repeat a value
+        raise ValueError("grid is not sorted")
+    if (sf < 0).any() or (sf > 1).any() or (np.diff(sf, axis=-1) > 0).any() or (np.diff(cdf, axis=-1) < 0).any():
+        raise ValueError("sf / cdf are not probabilities monotone along the grid")
+    if np.abs(sf + cdf - 1.0).max() > 1e-9:
+        raise ValueError(f"sf + cdf differs from 1 by up to {np.abs(sf + cdf - 1.0).max():.3g}")
+    for name in ("tail_scale_upper", "tail_scale_lower"):
+        value = np.asarray(arrays[name], dtype=np.float64)
+        if not (np.isfinite(value) & (value > 0)).all():
+            raise ValueError(f"{name} must be finite and positive")

@@ -3,20 +3,21 @@
 :func:`write_report` writes ``report.md`` into a folder, saves every figure next to it as a PNG
 and links it from the markdown, so the folder is self-contained (view it on GitHub, in VS Code
 or with any markdown viewer). Tables are plain GitHub markdown written by
-:func:`markdown_table` (no ``tabulate`` dependency).
+:func:`markdown_table` (no ``tabulate`` dependency; it lives in :mod:`bh_helpers._markdown`, below every
+floor, and is re-exported here).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bh_helpers._clock import utc_timestamp
+from bh_helpers._markdown import markdown_table
 from bh_helpers.experiments.frontier import STATUS_OK
 from bh_helpers.report.verdict import comparison_markdown, verdict_markdown
 
@@ -24,61 +25,6 @@ __all__ = ["frontier_markdown", "markdown_table", "results_table", "write_report
 
 REPORT_NAME = "report.md"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def _cell(value: Any, floatfmt: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        return format(value, floatfmt)
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        return _cell(value.item(), floatfmt)
-    text = str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(rows, *, columns: Sequence[str] | None = None, floatfmt: str = ".4g") -> str:
-    """A GitHub-flavoured markdown table.
-
-    Parameters
-    ----------
-    rows : pandas.DataFrame or sequence of mapping
-        The table body; a DataFrame's columns (or the first row's keys) give the header.
-    columns : sequence of str, optional
-        Columns to show, in this order (default: all).
-    floatfmt : str, default ".4g"
-        ``format`` spec of float cells (``NaN`` is written ``n/a``; strings are kept as they are).
-
-    Returns
-    -------
-    str
-        Header line, separator line, one line per row (no trailing newline).
-
-    Examples
-    --------
-    >>> print(markdown_table([{"a": 1, "b": 0.5}, {"a": 2, "b": float("nan")}]))
-    | a | b |
-    |---|---|
-    | 1 | 0.5 |
-    | 2 | n/a |
-    """
-    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
-        records = rows.to_dict(orient="records")
-        names = list(columns) if columns is not None else [str(c) for c in rows.columns]
-    else:
-        records = [dict(r) for r in rows]
-        names = list(columns) if columns is not None else (list(records[0]) if records else [])
-    if not names:
-        raise ValueError("`rows` has no columns; pass a non-empty table or `columns=`.")
-    missing = [c for c in names if records and c not in records[0]]
-    if missing:
-        raise ValueError(f"`columns` names {missing}, which `rows` does not have.")
-    lines = ["| " + " | ".join(_cell(n, floatfmt) for n in names) + " |", "|" + "|".join("---" for _ in names) + "|"]
-    for rec in records:
-        lines.append("| " + " | ".join(_cell(rec.get(n), floatfmt) for n in names) + " |")
-    return "\n".join(lines)
 
 
 def frontier_markdown(frontier, *, digits: int = 3, caption: bool = True) -> str:
@@ -225,7 +171,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    parts = [f"# {title}", "", f"Written {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}."]
+    parts = [f"# {title}", "", f"Written {utc_timestamp()}."]
     if comparison is not None:
         parts += ["", "## Verdict", "", verdict_markdown(comparison).rstrip()]
     if notes:

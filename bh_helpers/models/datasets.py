@@ -1,5 +1,8 @@
 """Evaluation data sets as plain Python lists in one normalised format.
 
+On the models floor beside the embedded corpus, so that :mod:`bh_helpers.models.texts` (and every floor
+above) can read them.
+
 =============  ===================================  ==========================================
 name           normalised format                    hub source (``datasets.load_dataset``)
 =============  ===================================  ==========================================
@@ -31,7 +34,6 @@ __all__ = [
     "load_wikitext2",
     "load_lambada",
     "load_hellaswag",
-    "load_dataset_by_name",
     "embedded_fixture",
     "hellaswag_preprocess",
 ]
@@ -93,7 +95,7 @@ def _hub_rows(candidates: Iterable[tuple[str, str | None]], split: str) -> list[
         return [dict(row) for row in ds]
     raise RuntimeError(
         "could not load any of the hub sources (offline? pass `path=` to a local file, or use "
-        "bh_helpers.evaluation.data.embedded_fixture):\n  " + "\n  ".join(errors)
+        "bh_helpers.models.datasets.embedded_fixture):\n  " + "\n  ".join(errors)
     )
 
 
@@ -161,8 +163,7 @@ def load_lambada(split: str = "test", *, path: str | Path | None = None) -> list
     Returns
     -------
     list of dict
-        ``{"text": passage}``; the target is the passage's last word
-        (:func:`bh_helpers.evaluation.tasks.split_last_word`).
+        ``{"text": passage}``; the target is the passage's last whitespace-separated word.
     """
     if path is not None:
         p = _check_path(path)
@@ -258,28 +259,6 @@ def _canonical(name: str) -> str:
     if key not in DATASETS:
         raise ValueError(f"unknown data set `name`={name!r}; known names: {sorted(DATASETS)}.")
     return key
-
-
-def load_dataset_by_name(name: str, *, path: str | Path | None = None, split: str | None = None) -> list:
-    """Load one of :data:`DATASETS` by name (``"wikitext2"``, ``"lambada"``, ``"hellaswag"``).
-
-    Parameters
-    ----------
-    name : str
-        Data set name (aliases ``"wikitext"``, ``"lambada_openai"`` accepted).
-    path : str or Path, optional
-        Local file, as for the individual loaders.
-    split : str, optional
-        Hub split; default the loader's own.
-
-    Raises
-    ------
-    ValueError
-        For an unknown ``name`` (the message lists the known names).
-    """
-    key = _canonical(name)
-    loader, default_split = DATASETS[key]
-    return loader(split or default_split, path=path)
 
 
 def embedded_fixture(name: str) -> list:
