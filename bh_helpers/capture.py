@@ -30,6 +30,7 @@ from torch import nn
 
 from bh_helpers._validate import check_int
 from bh_helpers.models.families import LayerSpec, find_moe_blocks, router_fingerprint, router_logits, select_layers
+from bh_helpers.models.texts import calibration_token_ids
 
 __all__ = [
     "CAPTURE_FORMAT",
@@ -476,8 +477,6 @@ def capture_calibration(model: nn.Module, tokenizer: Any, *, max_tokens: int = 4
     -------
     CapturedLogits
     """
-    from bh_helpers.models.texts import calibration_token_ids
-
     ids = calibration_token_ids(tokenizer, max_tokens=max_tokens, text_file=text_file)
     if len(ids) < 2:
         raise ValueError("the calibration text has fewer than 2 tokens; give it more text.")

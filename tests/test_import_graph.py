@@ -69,7 +69,8 @@ def test_no_import_circle_between_package_modules():
 #: The floors of the data flow, bottom to top (the package docstring draws the same line). A module
 #: may import from its own floor and the floors below, never from a floor above.
 FLOORS = (
-    ("bh_helpers._validate", "bh_helpers._cuda", "bh_helpers._locks", "bh_helpers._clock", "bh_helpers.data"),
+    ("bh_helpers._validate", "bh_helpers._cuda", "bh_helpers._locks", "bh_helpers._clock", "bh_helpers._markdown",
+     "bh_helpers.data"),
     ("bh_helpers.models",),
     ("bh_helpers.capture",),
     ("bh_helpers.nulls",),

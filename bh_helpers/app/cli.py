@@ -387,23 +387,12 @@ def _cmd_optimize(args) -> int:
 
 def _load_banks(folder: str):
     """``--nulls``: one bank folder, or a folder of banks (the demo's ``nulls/``, one per statistic and trim)."""
-    from pathlib import Path
+    from bh_helpers.nulls.bank import load_bank_folder
 
-    from bh_helpers.nulls.bank import METADATA_NAME, NullBank
-
-    root = Path(folder)
-    if (root / METADATA_NAME).is_file():
-        return NullBank.load(root)
-    subs = sorted(p for p in root.glob("*") if (p / METADATA_NAME).is_file()) if root.is_dir() else []
-    if not subs:
-        raise ValueError(f"--nulls {folder!r} holds no null bank (metadata.json) nor folders of banks; pass a folder "
-                         "written by `bh-routing fit`, or the nulls/ folder of a demo.")
-    banks = {}
-    for sub in subs:
-        bank = NullBank.load(sub)
-        meta = bank.metadata
-        banks[bank_name(meta.kernel, meta.statistic, meta.trim)] = bank
-    return banks
+    try:
+        return load_bank_folder(folder)
+    except ValueError as err:
+        raise ValueError(str(err).replace("`path`", "--nulls", 1)) from None
 
 
 _COMMANDS = {"demo": _cmd_demo, "capture": _cmd_capture, "fit": _cmd_fit, "sweep": _cmd_sweep,

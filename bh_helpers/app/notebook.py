@@ -36,7 +36,6 @@ __all__ = [
     "calibration_logits",
     "check_runtime",
     "cpu_threads",
-    "describe_model",
     "find_null_bank",
     "free_accelerator_memory",
     "live_run_html",
@@ -185,26 +184,6 @@ def load_notebook_model(name: str = "auto", **kwargs: Any):
             free_accelerator_memory()
             warnings.warn("the model does not fit on the GPU; retrying with device_map='auto'.", stacklevel=2)
             return load_model(name, device_map="auto", **kwargs)
-
-
-def describe_model(model: torch.nn.Module) -> dict[str, Any]:
-    """A one-row summary of a loaded MoE model (shown in the first output of notebook 01)."""
-    from bh_helpers.models.families import find_moe_blocks
-
-    blocks = find_moe_blocks(model)
-    param = next(model.parameters())
-    return {
-        "model": model_key(model),
-        "class": type(model).__name__,
-        "moe_layers": len(blocks),
-        "experts": blocks[0].num_experts,
-        "native_top_k": blocks[0].native_k,
-        "weights": blocks[0].native_weights,
-        "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-        "dtype": str(param.dtype).replace("torch.", ""),
-        "device": str(param.device),
-        "experts_implementation": getattr(model.config, "_experts_implementation", None),
-    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bh_helpers.models.loading import EMBEDDED_MODEL_DIR, OLMOE_HUB_ID, hub_reachable
+from bh_helpers.models.loading import OLMOE_HUB_ID, hub_reachable, model_key
 
 __all__ = [
     "KDE_MODELS_ENV",
@@ -34,17 +34,6 @@ def model_slug(model_name: str) -> str:
     if os.path.isdir(name):
         name = Path(name).resolve().name
     return name.replace("/", "--")
-
-
-def model_key(model: torch.nn.Module) -> str:
-    """``"tiny"`` for the embedded model, else the hub id or path it was loaded from."""
-    path = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))
-    try:
-        if path and Path(path).resolve() == EMBEDDED_MODEL_DIR.resolve():
-            return "tiny"
-    except OSError:
-        pass
-    return path or "unknown"
 
 
 def resolve_model_key(name: str) -> str:

@@ -24,7 +24,6 @@ BH/BY/top-k/top-p; ``"renorm"`` is available but the embedded model was not trai
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import functools
 import json
 import os
@@ -34,16 +33,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bh_helpers._clock import utc_timestamp
 from bh_helpers._locks import exclusive
 from bh_helpers._validate import check_choice, check_int
 from bh_helpers.capture import CapturedLogits, capture_calibration
 from bh_helpers.evaluation.scoring import fit_batch_size
-from bh_helpers.experiments.configs import LAYER_TARGETS, bank_name, sweep_grid
+from bh_helpers.experiments.configs import LAYER_TARGETS, sweep_grid
 from bh_helpers.experiments.evaluate import perplexity_sweep
 from bh_helpers.experiments.frontier import compute_frontier
+from bh_helpers.models.families import moe_shape
 from bh_helpers.models.loading import load_model
 from bh_helpers.models.texts import check_datasets
-from bh_helpers.nulls.bank import NullBank
+from bh_helpers.nulls.bank import NullBank, bank_name
 from bh_helpers.nulls.fit import fit_null_bank
 from bh_helpers.nulls.statistics import check_statistic
 from bh_helpers.report.assemble import report_step
@@ -189,10 +190,7 @@ class DemoSettings:
 
     def check_model(self, model) -> None:
         """Raise ValueError (naming the CLI flag) when the grid asks for more experts than ``model`` has."""
-        cfg = model.config
-        experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
-        if experts is None:
-            return
+        experts = moe_shape(model).num_experts
         for flag, values in (("--max-ks", self.max_ks), ("--topk-max", (self.topk_max,)), ("--min-ks", self.min_ks),
                              ("--trims", tuple(t + 2 for t in self.trims))):
             too_many = [v for v in values if v > experts]
@@ -344,7 +342,7 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
     if not resumed:
         tmp = out / (SETTINGS_NAME + ".tmp")
         tmp.write_text(json.dumps({"settings": settings.to_dict(),
-                                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+                                   "created": utc_timestamp()},
                                   indent=2) + "\n", encoding="utf-8")
         tmp.replace(out / SETTINGS_NAME)
 

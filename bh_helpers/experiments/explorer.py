@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from bh_helpers._validate import check_choice, check_int
+from bh_helpers.models.families import moe_shape
 from bh_helpers.selection.budget import alpha_at, layer_alphas
 from bh_helpers.selection.reference import FDR_METHODS, Selection, fdr_counts, select_experts
 
@@ -222,7 +223,7 @@ class RoutingExplorer:
         self.logits = {layer: cached_logits[layer][:n].detach().to("cpu", torch.float32) for layer in self.layers}
         self.num_experts = int(next(iter(self.logits.values())).shape[-1])
         if native_k is None:
-            native_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", 8) or 8)
+            native_k = moe_shape(model).top_k if model is not None else 8
         self.native_k = int(native_k)
         self.num_tokens = n
         # Precomputed once: p-values per kernel and layer, and the same sorted ascending per

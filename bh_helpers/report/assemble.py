@@ -26,6 +26,7 @@ from bh_helpers.experiments.optimize import optimize
 from bh_helpers.experiments.saturation import saturation_points, saturation_table
 from bh_helpers.experiments.configs import CONTROLS, SweepConfig, bank_name, controls_by_adaptive
 from bh_helpers.experiments.sweep import load_balance_table, load_results
+from bh_helpers.models.families import moe_shape
 from bh_helpers.models.texts import dataset_description, encode
 from bh_helpers.report import plots
 from bh_helpers.report.write import write_report
@@ -96,11 +97,12 @@ def _model_info(model, model_id: str) -> dict:
     import transformers
 
     cfg = model.config
+    shape = moe_shape(cfg)
     return {
         "model": model_id,
         "model_type": getattr(cfg, "model_type", None),
-        "layers": getattr(cfg, "num_hidden_layers", None),
-        "experts": getattr(cfg, "num_experts", getattr(cfg, "num_local_experts", None)),
+        "layers": shape.num_layers,
+        "experts": shape.num_experts,
         "native_k": NativeSelector.for_model(model).k,
         "norm_topk_prob": getattr(cfg, "norm_topk_prob", None),
         "parameters": int(sum(p.numel() for p in model.parameters())),
