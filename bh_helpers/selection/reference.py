@@ -279,6 +279,18 @@ def _check_selection_args(
     return min_k, max_k, temperature
 
 
+def _check_k(k: int | None, num_experts: int, max_k: int) -> int:
+    """``k`` of "topk": given, an int in ``[1, num_experts]`` and at most ``max_k``."""
+    if k is None:
+        raise ValueError("method='topk' needs `k`, the number of experts per token.")
+    checked = check_int("k", k)
+    if not 1 <= checked <= num_experts:
+        raise ValueError(f"`k` must be in [1, {num_experts}] (the number of experts); got {k}.")
+    if checked > max_k:
+        raise ValueError(f"`k`={k} exceeds `max_k`={max_k}; pass max_k >= k.")
+    return checked
+
+
 def _ranked_experts(logits: torch.Tensor, pvalues: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Expert ids ``[..., E]`` in order of preference, and the p-values in that order.
 
@@ -422,13 +434,7 @@ def select_experts(
         ranked, sorted_p = _ranked_experts(x, p)  # (..., E), (..., E)
         counts = _counts_from_sorted(sorted_p, alpha, method).clamp(min_k, max_k)  # (...)
     elif method == "topk":
-        if k is None:
-            raise ValueError("method='topk' needs `k`, the number of experts per token.")
-        k = check_int("k", k)
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"`k` must be in [1, {num_experts}] (the number of experts); got {k}.")
-        if k > max_k:
-            raise ValueError(f"`k`={k} exceeds `max_k`={max_k}; pass max_k >= k.")
+        k = _check_k(k, num_experts, max_k)
         counts = torch.full(leading, k, dtype=torch.long, device=x.device)
         ranked, _ = _ranked_experts(x, None)
     else:  # top_p
