@@ -3,8 +3,9 @@
 This is the plain-torch reference path. transformers' own expert dispatch
 (``config._experts_implementation`` = "eager", "batched_mm", "grouped_mm") expects a fixed
 ``[T, k]`` index with every slot valid; a variable-k selection would need a sentinel index in
-the unused slots, and sentinels are not safe there (DESIGN.md: NaN logits in "grouped_mm", a
-device-side index assert in "batched_mm"). So the selection is flattened to its valid pairs and
+the unused slots, and sentinels are not safe there (measured on an H100 with torch 2.11 and
+transformers 5.23: NaN logits in "grouped_mm", a device-side index assert in "batched_mm"; README.md,
+"Routing in the model"). So the selection is flattened to its valid pairs and
 dispatched here, and no transformers expert code is ever called with it.
 
 Algorithm: flatten the valid (token, slot) pairs, sort them by expert, gather their rows, run

@@ -83,6 +83,10 @@ if HAS_TRITON:
             act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up
             tl.store(act_ptr + s * I + rows, act, mask=rmask)
 
+    # Its loop over a token's K slots looks like grouped._combine_kernel's, but only the loop
+    # header is shared: here each slot's down projection is computed inside the loop (fused for
+    # decode sizes), there each slot reads a finished GEMM row. Kept as two kernels: a shared
+    # jitted helper would take the per-slot body as a constexpr function for three common lines.
     @triton.jit
     def _down_combine_kernel(
         act_ptr, idx_ptr, wt_ptr, d_ptr, out_ptr,

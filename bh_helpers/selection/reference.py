@@ -13,6 +13,10 @@ Two public functions carry the routing statistics:
 The threshold convention is decided once, here: a p-value EQUAL to its threshold is rejected
 (``p <= threshold``), as in statsmodels (since 0.8) and :func:`scipy.stats.false_discovery_control`.
 
+One module on purpose, though past 500 lines: it is the definition every fast path is tested
+against (argument checks, thresholds, counts, ranking, weights), and a reader checks a fast path
+against it top to bottom; the fast paths import its checks rather than repeating them.
+
 References
 ----------
 .. [1] Y. Benjamini and Y. Hochberg, "Controlling the false discovery rate: a practical and
@@ -149,7 +153,8 @@ def _check_logits(logits: torch.Tensor) -> None:
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     # P-value arithmetic never happens in half precision: in bf16 the strongest experts' p-values
-    # collapse onto one value and BH can no longer separate them (see DESIGN.md).
+    # collapse onto one value and BH can no longer separate them (README.md, "Selection: the
+    # statistics"; tests/test_nulls.py::test_top8_of_64_never_tie_in_float32).
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
