@@ -274,7 +274,8 @@ def gemv_dispatch_experts(
 def looped_dispatch_experts(
     experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Per-expert ``torch.mm`` over the selected pairs only, one host synchronisation (prefill).
+    """The per-expert loop (:func:`~bh_helpers.routing.dispatch.expert_mlp`) over the selected pairs
+    only, one host synchronisation, the weighted sum in one Triton kernel (prefill).
 
     Parameters
     ----------

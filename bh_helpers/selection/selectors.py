@@ -130,7 +130,7 @@ def check_null_bank(null_bank: Any, target: RoutedModel) -> None:
 
 
 def _fused_capturable(selector: Any, device: torch.device, call: Callable) -> bool:
-    """The ready-made fused ``call`` (not overridden by a subclass) with validation off, on a device the kernel runs on."""
+    """The ready-made fused ``call`` (not overridden by a subclass), validation off, the kernel on ``device``."""
     return type(selector).__call__ is call and not selector.validate and fused_available(device)
 
 
