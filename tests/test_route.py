@@ -744,3 +744,44 @@ def test_load_balance_statistics_equal_a_bincount_of_what_was_chosen(tiny_model_
         assert per_layer[layer]["expert_counts"] == counts.astype(int).tolist()
         assert per_layer[layer]["utilisation_cv"] == pytest.approx(counts.std() / counts.mean(), rel=1e-12)
         assert per_layer[layer]["unused_share"] == pytest.approx(float((counts == 0).mean()), rel=1e-12)
+
+
+def test_route_asks_the_selector_to_check_the_model_before_installing_anything():
+    """route passes the routed layers, expert count, layer count and a fingerprint callable to
+    Selector.check; a refusal reaches the caller with nothing installed (issue 24, item 1)."""
+    from bh_helpers.selection.selectors import RoutedModel
+
+    model = random_model("olmoe")
+    before = snapshot(model)
+    seen = []
+
+    class Refusing:
+        max_k = 1
+
+        def __call__(self, logits, layer):
+            return TopKSelector(1)(logits, layer)
+
+        def check(self, target):
+            seen.append(target)
+            raise ValueError("refused by the selector")
+
+    with pytest.raises(ValueError, match="refused by the selector"):
+        with route(model, Refusing(), layers=[1], allow_other_model=True):
+            raise AssertionError("route must refuse before the block runs")
+    assert_restored(model, before)
+    (target,) = seen
+    assert isinstance(target, RoutedModel) and target.layers == (1,) and target.allow_other_model
+    assert (target.num_experts, target.num_hidden_layers) == (model.config.num_experts, model.config.num_hidden_layers)
+    assert sorted(target.router_fingerprint([0, 1])) == [0, 1]
+    # built-in selectors without a bank accept any model; a plain function has no check at all
+    assert TopKSelector(1).check(target) is None
+    with torch.no_grad(), route(model, lambda logits, layer: TopKSelector(1)(logits, layer)):
+        model(**batch(model))
+
+
+def test_routing_floor_never_imports_the_nulls_floor():
+    """The selector checks its own null bank (Selector.check): routing/ is selector-agnostic."""
+    import bh_helpers.routing as routing
+
+    for path in Path(routing.__file__).parent.glob("*.py"):
+        assert "bh_helpers.nulls" not in path.read_text(), path.name

@@ -176,3 +176,46 @@ def test_graphed_block_matches_eager_on_gpu(monkeypatch, inference):
         assert torch.equal(pt0.token_ids, pt1.token_ids)
         for layer in pt0.counts:
             assert torch.equal(pt0.counts[layer], pt1.counts[layer])
+
+
+class _EagerGraphs:
+    """Stands in for BlockGraphs on the CPU: runs the captured body (``compute``) without capture."""
+
+    def __init__(self, shared=None):
+        pass
+
+    def clear(self):
+        pass
+
+    runs: list = []
+
+    def run(self, module, hidden, *, layer, selector, recorder, gate_cache, compute):
+        _EagerGraphs.runs.append(layer)
+        device = hidden.device
+        inputs = recorder.inputs_for(hidden.shape[0], device)
+        valid, _ = recorder.valid_for(inputs, device)
+        hist, experts, faults = recorder.buffers(layer, selector.max_k, device)
+        out, counts16 = compute(module, gate_cache.weight_for(module, device), hidden, valid, hist, experts, faults)
+        recorder.store_tokens(layer, inputs, counts16)
+        return out
+
+
+@pytest.mark.parametrize("selector", [TopKSelector(2, weights="softmax"), TopPSelector(0.5, max_k=4)])
+def test_graph_body_equals_the_eager_forward(model, monkeypatch, selector):
+    """The CUDA-graph forward and the eager one run ONE block body (issue 24, item 2): run eagerly
+    on the CPU, the graph path's body gives the eager outputs and statistics exactly."""
+    from bh_helpers.routing.dispatch import dispatch_experts
+
+    inputs = batch(model, rows=2, length=6, seed=2)
+    with torch.no_grad(), route(model, selector) as rec:
+        eager = model(**inputs).logits
+    monkeypatch.setattr(patching, "BlockGraphs", _EagerGraphs)
+    monkeypatch.setattr(patching, "sync_free_dispatch", dispatch_experts)  # the CPU's dispatch
+    _EagerGraphs.runs.clear()
+    with torch.no_grad(), route(model, selector) as rec_graph:
+        graphed = model(**inputs).logits
+    assert sorted(set(_EagerGraphs.runs)) == [b.layer for b in find_moe_blocks(model)]  # the graph body ran
+    assert torch.equal(eager, graphed)
+    assert rec.summary() == rec_graph.summary()
+    for layer, counts in rec.per_token_counts().counts.items():
+        assert torch.equal(counts, rec_graph.per_token_counts().counts[layer])

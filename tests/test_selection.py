@@ -482,3 +482,35 @@ def test_alpha_of_the_wrong_type_is_refused_everywhere(bad):
         with pytest.raises(TypeError, match=r"`alpha` must be a number in \(0, 1\], e.g. alpha=0.05"):
             call()
     assert select_experts(x, p, method="bh", alpha=np.float32(0.5)).counts.shape == (5,)  # numpy reals are numbers
+
+
+def test_kernel_cache_one_eviction_rule_weak_owners_and_unhashable_keys():
+    """The one cache of the fused selection (issue 24, item 4): a full table is emptied before
+    the next entry, an owner's entries go with it, unhashable keys are built every time."""
+    from bh_helpers.selection.fused_tables import KernelCache
+
+    cache = KernelCache(maxsize=3)
+    builds = []
+
+    def build(value):
+        builds.append(value)
+        return value
+
+    for i in range(3):
+        assert cache.get_or_build(("k", i), lambda i=i: build(i)) == i
+    assert cache.get_or_build(("k", 0), lambda: build("again")) == 0 and builds == [0, 1, 2]
+    cache.get_or_build(("k", 3), lambda: build(3))  # the fourth entry empties the full table first
+    assert cache.keys() == [("k", 3)]
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    cache.put("cut", "value", owner=owner)
+    assert cache.get("cut", owner=owner) == "value" and cache.get("cut") is None
+    del owner
+    gc.collect()
+    assert len(cache._owned) == 0
+    assert cache.get_or_build(("k", [1]), lambda: build("unhashable")) == "unhashable"
+    assert cache.get_or_build(("k", [1]), lambda: build("unhashable")) == "unhashable"
+    assert builds[-2:] == ["unhashable", "unhashable"]

@@ -3,15 +3,18 @@
 This is the plain-torch reference path. transformers' own expert dispatch
 (``config._experts_implementation`` = "eager", "batched_mm", "grouped_mm") expects a fixed
 ``[T, k]`` index with every slot valid; a variable-k selection would need a sentinel index in
-the unused slots, and sentinels are not safe there (DESIGN.md: NaN logits in "grouped_mm", a
-device-side index assert in "batched_mm"). So the selection is flattened to its valid pairs and
+the unused slots, and sentinels are not safe there (measured on an H100 with torch 2.11 and
+transformers 5.23: NaN logits in "grouped_mm", a device-side index assert in "batched_mm"; README.md,
+"Routing in the model"). So the selection is flattened to its valid pairs and
 dispatched here, and no transformers expert code is ever called with it.
 
-Algorithm: flatten the valid (token, slot) pairs, sort them by expert, and for every expert that
-received at least one token run ``index_select`` -> up/gate projection -> activation -> down
-projection -> scale by the mixing weight -> ``index_add_`` into a float32 accumulator. The loop is
-over experts (at most E iterations, one host synchronisation for the group sizes), never over
-tokens; a grouped GEMM can replace it without changing the interface.
+Algorithm: flatten the valid (token, slot) pairs, sort them by expert, gather their rows, run
+:func:`expert_mlp` (for every expert that received at least one row: up/gate projection ->
+activation -> down projection), scale by the mixing weights and ``index_add_`` into a float32
+accumulator. The loop is over experts (at most E iterations, one host synchronisation for the
+group sizes), never over tokens. :func:`expert_mlp` is THE per-expert loop of the package: the T4
+path's :func:`~bh_helpers.routing.turing.looped_dispatch_experts` runs it too, with another sort
+and another weighted sum.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["check_dispatch_inputs", "dispatch_experts", "flatten_selection", "needs_autograd"]
+__all__ = ["check_dispatch_inputs", "dispatch_experts", "expert_mlp", "flatten_selection", "needs_autograd"]
 
 
 def flatten_selection(
@@ -84,6 +87,49 @@ def _gate_activation(experts: nn.Module, proj: torch.Tensor) -> torch.Tensor:
     return experts.act_fn(gate) * up  # (S, I)
 
 
+def expert_mlp(experts: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Each expert's MLP on the rows routed to it: the per-expert loop.
+
+    Parameters
+    ----------
+    experts : nn.Module
+        A transformers v5 experts bank (see :func:`dispatch_experts`).
+    hidden : torch.Tensor, shape ``[T, H]``
+        The block input.
+    rows : torch.LongTensor, shape ``[S]``
+        Rows of ``hidden`` grouped by expert in id order: the first ``sizes[0]`` go to expert 0,
+        the next ``sizes[1]`` to expert 1, and so on (entries past ``sum(sizes)`` are ignored).
+    sizes : list of int
+        Rows per expert (a host list: the caller's one synchronisation).
+
+    Returns
+    -------
+    torch.Tensor, shape ``[sum(sizes), H]``
+        The expert outputs, in the order of ``rows``; differentiable (no ``out=``). Each group is
+        gathered on its own, so gradients into ``hidden`` add up expert by expert.
+    """
+    transposed = bool(getattr(experts, "is_transposed", False))
+    has_bias = bool(getattr(experts, "has_bias", False))
+    parts = []
+    start = 0
+    for e, n in enumerate(sizes):
+        if n == 0:
+            continue
+        x = hidden.index_select(0, rows[start : start + n])  # (n, H)
+        w_up = experts.gate_up_proj[e]  # (2I, H) or (H, 2I)
+        proj = x @ w_up if transposed else F.linear(x, w_up)  # (n, 2I)
+        if has_bias:
+            proj = proj + experts.gate_up_proj_bias[e]  # (n, 2I)
+        act = _gate_activation(experts, proj)  # (n, I)
+        w_down = experts.down_proj[e]  # (H, I) or (I, H)
+        y = act @ w_down if transposed else F.linear(act, w_down)  # (n, H)
+        if has_bias:
+            y = y + experts.down_proj_bias[e]  # (n, H)
+        parts.append(y)
+        start += n
+    return torch.cat(parts)  # (S, H)
+
+
 def dispatch_experts(
     experts: nn.Module,
     hidden: torch.Tensor,
@@ -127,8 +173,6 @@ def dispatch_experts(
             "bh_helpers.routing.dispatch does not implement."
         )
     num_experts = experts.gate_up_proj.shape[0]
-    transposed = bool(getattr(experts, "is_transposed", False))
-    has_bias = bool(getattr(experts, "has_bias", False))
 
     # Main algorithm
     token, expert, weight, _ = flatten_selection(indices, weights)  # (S,) each
@@ -138,24 +182,7 @@ def dispatch_experts(
     group_sizes = torch.bincount(expert, minlength=num_experts)  # (E,)
     if group_sizes.numel() > num_experts:
         raise ValueError(f"`indices` contains an expert id >= num_experts={num_experts}.")
-    # One host synchronisation for all group boundaries.
-    sizes = group_sizes.tolist()
-    start = 0
-    for e, n in enumerate(sizes):
-        if n == 0:
-            continue
-        rows = token[start : start + n]  # (n,)
-        x = hidden.index_select(0, rows)  # (n, H)
-        w_up = experts.gate_up_proj[e]  # (2I, H) or (H, 2I)
-        proj = x @ w_up if transposed else F.linear(x, w_up)  # (n, 2I)
-        if has_bias:
-            proj = proj + experts.gate_up_proj_bias[e]  # (n, 2I)
-        act = _gate_activation(experts, proj)  # (n, I)
-        w_down = experts.down_proj[e]  # (H, I) or (I, H)
-        y = act @ w_down if transposed else F.linear(act, w_down)  # (n, H)
-        if has_bias:
-            y = y + experts.down_proj_bias[e]  # (n, H)
-        y = y.float() * weight[start : start + n, None].float()  # (n, H)
-        out.index_add_(0, rows, y)
-        start += n
+    sizes = group_sizes.tolist()  # one host synchronisation for all group boundaries
+    y = expert_mlp(experts, hidden, token, sizes)  # (S, H) grouped by expert
+    out.index_add_(0, token, y.float() * weight[:, None].float())  # in expert order, as the loop runs
     return out.to(hidden.dtype)

@@ -17,11 +17,8 @@ from torch import nn
 
 from bh_helpers._cuda import capture_stream
 from bh_helpers.models.families import router_outputs_requested
-from bh_helpers.nulls import NullBank
 from bh_helpers.routing.auto import sync_free_supported
 from bh_helpers.routing.recorder import RoutingRecorder
-from bh_helpers.selection.fused import fused_available
-from bh_helpers.selection.selectors import BHSelector, NativeSelector, TopKSelector
 
 __all__ = ["GRAPH_MAX_TOKENS", "BlockGraphs", "graph_safe_selector"]
 
@@ -31,20 +28,15 @@ GRAPH_MAX_TOKENS = 64
 def graph_safe_selector(selector: Any, device: torch.device) -> bool:
     """Whether ``selector`` is a pure, sync-free device function of the logits (capturable).
 
-    The ready-made fused selectors are (TopKSelector/NativeSelector, BHSelector over a
-    NullBank) when the Triton kernel runs on ``device`` and validation is off; any other
-    selector may opt in with a ``graph_safe = True`` attribute.
+    The selector says so: :meth:`~bh_helpers.selection.selectors.Selector.capturable` (the
+    ready-made fused selectors, TopKSelector/NativeSelector and BHSelector over a NullBank, when
+    the Triton kernel runs on ``device`` and validation is off), or a ``graph_safe = True``
+    attribute on any other callable.
     """
-
     if getattr(selector, "graph_safe", False) is True:
         return True
-    if not fused_available(device) or getattr(selector, "validate", True):
-        return False
-    if type(selector) in (TopKSelector, NativeSelector):
-        return selector.weights != "inverse_p"  # its p-values come from NullBank.pvalues, not the kernel
-    if type(selector) is BHSelector:
-        return isinstance(selector.null_bank, NullBank)
-    return False
+    capturable = getattr(selector, "capturable", None)
+    return callable(capturable) and capturable(device) is True
 
 
 class _BlockGraph:

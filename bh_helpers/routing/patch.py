@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import types
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -55,20 +55,18 @@ from bh_helpers.models.families import (
     LayerSpec,
     MoEBlock,
     find_moe_blocks,
-    fingerprints_differ,
     materialized,
     router_fingerprint,
     router_logits,
     router_outputs_requested,
     select_layers,
 )
-from bh_helpers.nulls import NullBank
 from bh_helpers.routing.auto import fast_dispatch_experts, sync_free_dispatch
 from bh_helpers.routing.graphs import BlockGraphs
 from bh_helpers.routing.grouped import clear_graphs
 from bh_helpers.routing.recorder import DEFAULT_MAX_TOKENS, RoutingRecorder, aggregate
 from bh_helpers.selection.reference import Selection
-from bh_helpers.selection.selectors import Selector
+from bh_helpers.selection.selectors import RoutedModel, Selector
 
 __all__ = ["MODES", "route"]
 
@@ -82,20 +80,6 @@ _ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 # ----------------------------------------------------------------------------------------------
 # The patched forward
 # ----------------------------------------------------------------------------------------------
-
-
-def _check_fingerprint(bank: Any, model: nn.Module, allow_other_model: bool) -> None:
-    """Refuse a bank fitted on a model whose routers differ from ``model``'s (unless allowed)."""
-    fitted = bank.metadata.router_fingerprint
-    if fitted is None or allow_other_model:
-        return
-    differ = fingerprints_differ(fitted, router_fingerprint(model, layers=list(fitted)))
-    if differ:
-        raise ValueError(
-            f"the selector's null bank was fitted on another model ({bank.metadata.model_id!r}): its router weights "
-            f"differ at layers {differ}. Fit a bank for this model (`bh-routing capture` + `bh-routing fit`), or "
-            "pass route(..., allow_other_model=True) to use it anyway."
-        )
 
 
 def _check_selection_values(selection: Selection, num_experts: int, layer: int) -> None:
@@ -229,21 +213,53 @@ def _make_forward(
     layer, adapter = block.layer, block.adapter
     validate = getattr(selector, "validate", False) is True  # slow, thorough checks only when asked
 
+    def body(module: nn.Module, hidden: torch.Tensor, logits: torch.Tensor, *, checked: bool,
+             record: Callable[[Selection], torch.Tensor],
+             dispatch: Callable[..., torch.Tensor]) -> tuple[torch.Tensor | None, Selection]:
+        """The patched block on ``hidden (T, H)`` with router ``logits (T, E)``: ``(output (T, H), selection)``.
+
+        The one body of the eager and the CUDA-graph forward, which differ only in ``record`` (the
+        recorder, or its aggregates into the graph's buffers), ``dispatch`` and ``checked`` (the
+        validate-mode checks, which synchronise and so never run under capture). The output is
+        None in "analyze" mode (the caller runs the native forward).
+        """
+        if checked:
+            try:
+                selection = selector(logits, layer)
+            except ValueError as err:  # the selector's own checks: say which layer
+                raise ValueError(f"layer {layer}: {err}") from None
+        else:
+            selection = selector(logits, layer)
+        _check_selection(selection, hidden.shape[0], layer)  # shapes and dtypes: no host synchronisation
+        if checked:
+            _check_selection_values(selection, logits.shape[-1], layer)
+        safe = record(selection)  # (T, K); broken rows counted on the device
+        if mode == "analyze":
+            return None, selection
+        if router_outputs_requested():
+            # Only so that transformers' hook on the router records router_logits (and the aux
+            # loss can be computed); its return value is not used.
+            module.gate(hidden)
+        with materialized(module.experts):
+            out = dispatch(module.experts, hidden, safe, selection.weights)  # (T, H)
+        shared = adapter.shared_output(module, hidden)  # (T, H) or None
+        if shared is not None:
+            out = out + shared.to(out.dtype)  # (T, H)
+        return out, selection
+
     def compute(module: nn.Module, weight: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor,
                 hist: torch.Tensor, experts_count: torch.Tensor,
                 faults: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The device part of the patched forward (no host synchronisation): captured whole."""
+        valid_col = (valid != 0).unsqueeze(-1)  # (T, 1)
+
+        def record(selection: Selection) -> torch.Tensor:
+            return aggregate(hist, experts_count, faults, selection.counts.reshape(-1), selection.indices,
+                             selection.weights, valid, valid_col)  # (T, K)
+
         logits = F.linear(hidden.float(), weight)  # (T, E) float32
-        selection = selector(logits, layer)
-        _check_selection(selection, hidden.shape[0], layer)
-        counts = selection.counts.reshape(-1)  # (T,)
-        safe = aggregate(hist, experts_count, faults, counts, selection.indices, selection.weights, valid,
-                         (valid != 0).unsqueeze(-1))  # (T, K)
-        out = sync_free_dispatch(module.experts, hidden, safe, selection.weights)  # (T, H)
-        shared = adapter.shared_output(module, hidden)  # (T, H) or None
-        if shared is not None:
-            out = out + shared.to(out.dtype)  # (T, H)
-        return out, counts.to(torch.int16)
+        out, selection = body(module, hidden, logits, checked=False, record=record, dispatch=sync_free_dispatch)
+        return out, selection.counts.reshape(-1).to(torch.int16)  # (T, H), (T,)
 
     def forward(module: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         shape = hidden_states.shape  # (B, S, H)
@@ -254,32 +270,25 @@ def _make_forward(
             if out is not None:
                 return out.reshape(shape)  # (B, S, H)
         logits = gate_cache.logits(module, hidden)  # (T, E) float32
-        if validate:
-            try:
-                selection = selector(logits, layer)
-            except ValueError as err:  # the selector's own checks: say which layer
-                raise ValueError(f"layer {layer}: {err}") from None
-        else:
-            selection = selector(logits, layer)
-        _check_selection(selection, hidden.shape[0], layer)  # shapes and dtypes: no host synchronisation
-        if validate:
-            _check_selection_values(selection, logits.shape[-1], layer)
-        safe = recorder.record(layer, selection)  # (T, K); broken rows counted on the device
-        if mode == "analyze":
+        # bh_helpers.routing.auto picks grouped GEMMs, the T4 path or the reference.
+        out, _ = body(module, hidden, logits, checked=validate,
+                      record=lambda selection: recorder.record(layer, selection), dispatch=fast_dispatch_experts)
+        if out is None:  # analyze: the native output
             return original(hidden_states, *args, **kwargs)
-        if router_outputs_requested():
-            # Only so that transformers' hook on the router records router_logits (and the aux
-            # loss can be computed); its return value is not used.
-            module.gate(hidden)
-        with materialized(module.experts):
-            # bh_helpers.routing.auto picks grouped GEMMs, the T4 path or the reference.
-            out = fast_dispatch_experts(module.experts, hidden, safe, selection.weights)  # (T, H)
-        shared = adapter.shared_output(module, hidden)  # (T, H) or None
-        if shared is not None:
-            out = out + shared.to(out.dtype)  # (T, H)
         return out.reshape(shape)  # (B, S, H)
 
     return forward
+
+
+def _routed_model(model: nn.Module, blocks: list[MoEBlock], allow_other_model: bool) -> RoutedModel:
+    """What :meth:`Selector.check` sees of ``model`` routed at ``blocks``."""
+    return RoutedModel(
+        layers=tuple(b.layer for b in blocks),
+        num_experts=blocks[0].num_experts,
+        num_hidden_layers=getattr(getattr(model, "config", None), "num_hidden_layers", None),
+        router_fingerprint=lambda layers: router_fingerprint(model, layers=layers),
+        allow_other_model=allow_other_model,
+    )
 
 
 def _patch_target(module: nn.Module) -> str:
@@ -306,7 +315,8 @@ def route(
         A causal LM of a supported family (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE).
     selector : Selector
         ``(logits[T, E] float32, layer) -> Selection``, e.g. :class:`BHSelector`,
-        :class:`TopKSelector`, :class:`TopPSelector`, ``NativeSelector.for_model(model)``.
+        :class:`TopKSelector`, :class:`TopPSelector`, ``NativeSelector.for_model(model)``. Its
+        ``check(RoutedModel)``, where it has one, runs before anything is installed.
     mode : {"patch", "analyze"}, default "patch"
         "patch": the model computes with the selected experts only. "analyze": the model runs
         natively (outputs bit-identical) and the selection is only recorded.
@@ -316,7 +326,8 @@ def route(
         Cap on per-token counts kept by the recorder (aggregates are exact regardless).
     allow_other_model : bool, default False
         Route with a null bank whose recorded router fingerprint differs from this model's
-        (a bank of another checkpoint of the same shape); refused by default.
+        (a bank of another checkpoint of the same shape); refused by default. Passed to the
+        selector's check in :class:`~bh_helpers.selection.selectors.RoutedModel`.
 
     Yields
     ------
@@ -326,8 +337,9 @@ def route(
     Raises
     ------
     ValueError
-        Unknown ``mode``, bad ``layers``, an unsupported model, or a selector whose null bank was
-        fitted for other layers or expert counts. With a selector built with ``validate=True``
+        Unknown ``mode``, bad ``layers``, an unsupported model, or a model the selector's
+        :meth:`~bh_helpers.selection.selectors.Selector.check` refuses (e.g. a null bank fitted
+        for other layers, expert counts or router weights). With a selector built with ``validate=True``
         also, during the forward pass, non-finite router logits (NaN, +inf, or -inf for every
         expert) and selections with bad values (expert ids outside ``[-1, E)``, an expert twice,
         counts that disagree with the used slots, non-finite or negative weights), naming the
@@ -356,25 +368,10 @@ def route(
     if not callable(selector):
         raise ValueError(f"`selector` must be callable as selector(logits, layer); got {selector!r}.")
     check_int("max_tokens_per_layer", max_tokens_per_layer, 0)
-    bank = getattr(selector, "null_bank", None)
-    if isinstance(bank, NullBank):  # a bank of another model routed silently (mean k 1.0) before
-        bank.check_compatible(model, what="the routed model")
-        _check_fingerprint(bank, model, allow_other_model)
     blocks = select_layers(find_moe_blocks(model), layers)
-    if isinstance(bank, NullBank):
-        missing = [b.layer for b in blocks if b.layer not in set(bank)]
-        if missing:
-            raise ValueError(
-                f"the selector's null bank has no null for MoE layers {missing} (it has layers {list(bank)}); "
-                "pass `layers` to route only those it has, or fit a bank on every layer "
-                "(`bh-routing capture` + `bh-routing fit`)."
-            )
-    levels = getattr(selector, "alpha", None)
-    if isinstance(levels, Mapping):  # per-layer alpha (BHSelector): one level per routed layer
-        missing = [b.layer for b in blocks if b.layer not in levels]
-        if missing:
-            raise ValueError(f"the selector's `alpha` has no level for MoE layers {missing} (it has layers "
-                             f"{sorted(levels)}); give one level per routed layer, or pass `layers`.")
+    check = getattr(selector, "check", None)
+    if callable(check):  # the selector's own checks (its null bank, its levels): see Selector.check
+        check(_routed_model(model, blocks, allow_other_model))
     busy = [b.layer for b in blocks if b.module in _ACTIVE]
     if busy:
         raise RuntimeError(

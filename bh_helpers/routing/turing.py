@@ -8,11 +8,11 @@ On such a card transformers' own "grouped_mm" becomes ``_grouped_mm_fallback``: 
 expert, a per-expert ``torch.mm`` loop with a host synchronisation for the group offsets (two per
 layer: one per projection). The two variants here do at most that, over the SELECTED pairs only:
 
-- :func:`looped_dispatch_experts` (prefill, many tokens): slots sorted by expert with unused slots
-  mapped to a sentinel that sorts last, ONE host synchronisation per call for the group sizes,
-  one gather of the valid rows, per-expert ``torch.mm`` on contiguous slices written in place,
-  one activation over all rows, and the weighted per-token sum in one Triton kernel
-  (``grouped_dispatch._combine``: float32 accumulation, no atomics).
+- :func:`looped_dispatch_experts` (prefill, many tokens; the layouts the Triton kernels lack):
+  slots sorted by expert with unused slots mapped to a sentinel that sorts last, ONE host
+  synchronisation per call for the group sizes, the reference's per-expert loop
+  (:func:`bh_helpers.routing.dispatch.expert_mlp`) over the valid rows, and the weighted
+  per-token sum in one Triton kernel (``grouped._combine``: float32 accumulation, no atomics).
 - :func:`gemv_dispatch_experts` (decode, a few tokens): no sort and no host synchronisation, so it
   can be captured in a CUDA graph. Two Triton kernels: (1) per slot, the gate/up rows of its expert
   times the token's hidden state, then ``silu(gate) * up`` (float32); (2) per token, the down rows
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from bh_helpers._cuda import on_device
-from bh_helpers.routing.dispatch import _gate_activation, check_dispatch_inputs, dispatch_experts, needs_autograd
+from bh_helpers.routing.dispatch import check_dispatch_inputs, dispatch_experts, expert_mlp, needs_autograd
 from bh_helpers.routing.grouped import _combine, _sorted_slots
 
 __all__ = [
@@ -83,6 +83,10 @@ if HAS_TRITON:
             act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up
             tl.store(act_ptr + s * I + rows, act, mask=rmask)
 
+    # Its loop over a token's K slots looks like grouped._combine_kernel's, but only the loop
+    # header is shared: here each slot's down projection is computed inside the loop (fused for
+    # decode sizes), there each slot reads a finished GEMM row. Kept as two kernels: a shared
+    # jitted helper would take the per-slot body as a constexpr function for three common lines.
     @triton.jit
     def _down_combine_kernel(
         act_ptr, idx_ptr, wt_ptr, d_ptr, out_ptr,
@@ -270,7 +274,8 @@ def gemv_dispatch_experts(
 def looped_dispatch_experts(
     experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Per-expert ``torch.mm`` over the selected pairs only, one host synchronisation (prefill).
+    """The per-expert loop (:func:`~bh_helpers.routing.dispatch.expert_mlp`) over the selected pairs
+    only, one host synchronisation, the weighted sum in one Triton kernel (prefill).
 
     Parameters
     ----------
@@ -284,38 +289,16 @@ def looped_dispatch_experts(
     check_dispatch_inputs(hidden, indices, weights)
     if (needs_autograd(experts, hidden) or not getattr(experts, "has_gate", True)
             or getattr(experts, "has_post_expert_norm", False)):
-        # in-place matmuls (out=) have no autograd; unsupported layouts get the reference's error
+        # the combine kernel has no backward; unsupported layouts get the reference's error
         return dispatch_experts(experts, hidden, indices, weights)
-    num_experts = experts.gate_up_proj.shape[0]
-    transposed = bool(getattr(experts, "is_transposed", False))
-    has_bias = bool(getattr(experts, "has_bias", False))
     k = indices.shape[1]
-    _, perm, pos, offs = _sorted_slots(indices, num_experts)  # slots by expert, unused last
+    _, perm, pos, offs = _sorted_slots(indices, experts.gate_up_proj.shape[0])  # slots by expert, unused last
     ends = offs.tolist()  # the one host synchronisation: every group boundary
     n_valid = ends[-1] if ends else 0
     if n_valid == 0:
         return torch.zeros_like(hidden)
-    dtype = experts.gate_up_proj.dtype
-    x_g = hidden.index_select(0, perm[:n_valid] // k).to(dtype)  # (S, H) grouped by expert
-    w_up = experts.gate_up_proj if transposed else experts.gate_up_proj.transpose(-2, -1)  # (E, H, 2I)
-    w_down = experts.down_proj if transposed else experts.down_proj.transpose(-2, -1)  # (E, I, H)
-    proj = torch.empty((n_valid, w_up.shape[-1]), dtype=dtype, device=hidden.device)  # (S, 2I)
-    start = 0
-    for e, end in enumerate(ends):
-        if end > start:
-            torch.mm(x_g[start:end], w_up[e], out=proj[start:end])
-            if has_bias:
-                proj[start:end] += experts.gate_up_proj_bias[e]
-        start = end
-    act = _gate_activation(experts, proj)  # (S, I), one launch for all experts
-    y = torch.empty((n_valid, w_down.shape[-1]), dtype=dtype, device=hidden.device)  # (S, H)
-    start = 0
-    for e, end in enumerate(ends):
-        if end > start:
-            torch.mm(act[start:end], w_down[e], out=y[start:end])
-            if has_bias:
-                y[start:end] += experts.down_proj_bias[e]
-        start = end
+    sizes = [end - begin for begin, end in zip([0, *ends[:-1]], ends)]  # rows per expert
+    y = expert_mlp(experts, hidden.to(experts.gate_up_proj.dtype), perm[:n_valid] // k, sizes)  # (S, H)
     return _combine(y, pos.reshape(indices.shape), indices, weights, hidden.dtype)  # (T, H)
 
 

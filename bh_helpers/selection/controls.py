@@ -25,7 +25,7 @@ import torch
 
 from bh_helpers._validate import check_int
 from bh_helpers.selection.reference import Selection, select_top_counts
-from bh_helpers.selection.selectors import _check_weights, weight_pvalues
+from bh_helpers.selection.selectors import RoutedModel, Selector, _check_weights, check_null_bank, weight_pvalues
 
 __all__ = ["MixedTopKSelector", "ShuffledSelector"]
 
@@ -39,7 +39,7 @@ def _generator(cache: dict, device: torch.device, seed: int) -> torch.Generator:
 
 
 @dataclass(eq=False)
-class MixedTopKSelector:
+class MixedTopKSelector(Selector):
     """Top-k with a random per-token k in ``{floor(m), ceil(m)}``, mean ``m`` (per layer).
 
     Parameters
@@ -88,6 +88,10 @@ class MixedTopKSelector:
             raise ValueError(f"`mean_k` has no entry for layer {layer} (it has {sorted(self._means)}).")
         return self._means[layer]
 
+    def check(self, target: RoutedModel) -> None:
+        """A ``null_bank`` (for inverse-p weights) fits the routed model (:func:`check_null_bank`)."""
+        check_null_bank(self.null_bank, target)
+
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
         m = self.target(layer)
         low = math.floor(m)
@@ -102,7 +106,7 @@ class MixedTopKSelector:
 
 
 @dataclass(eq=False)
-class ShuffledSelector:
+class ShuffledSelector(Selector):
     """The inner selector's per-token counts, permuted across the batch's tokens; top ones by logit.
 
     Parameters
@@ -131,8 +135,14 @@ class ShuffledSelector:
         return self.inner.max_k
 
     @property
-    def null_bank(self) -> Any:  # route() checks the inner selector's bank against the model
+    def null_bank(self) -> Any:  # inverse-p weights use the inner selector's bank
         return getattr(self.inner, "null_bank", None)
+
+    def check(self, target: RoutedModel) -> None:
+        """The inner selector's checks (its null bank, its per-layer levels)."""
+        check = getattr(self.inner, "check", None)
+        if callable(check):
+            check(target)
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
         counts = self.inner(logits, layer).counts.reshape(-1)  # (T,)

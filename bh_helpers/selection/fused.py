@@ -10,10 +10,10 @@ the logits several times. Here one Triton program handles a block of token rows,
   p-value, then larger logit, then lower id) is simply "larger logit, then lower id", and each
   rank's test ``p_(i) <= t_i`` is a test ``x_(i) >= c_i`` on the i-th largest logit, with per-rank
   logit cuts ``c_i`` found once per (null, method, alpha) by bisection over float32 values with
-  the reference ``NullModel.sf`` itself (:func:`_logit_cuts`). The kernel sorts 64-bit keys
-  ``(ordered logit bits, inverted id)`` once per row, which yields order and ids together,
-  compares the sorted logits with the cuts, and writes the first ``count`` experts and their
-  weights. No p-value is computed per token at all.
+  the reference ``NullModel.sf`` itself (:func:`~bh_helpers.selection.fused_tables.logit_cuts`).
+  The kernel sorts 64-bit keys ``(ordered logit bits, inverted id)`` once per row, which yields
+  order and ids together, compares the sorted logits with the cuts, and writes the first
+  ``count`` experts and their weights. No p-value is computed per token at all.
 * :func:`_select_kernel`, for a per-expert null or given p-values: the p-value of every logit in
   float64 exactly as ``NullModel.sf`` computes it (searchsorted on the grid through a bucket
   table, linear interpolation clipped to the cell, exponential tails, rounding to float32 and
@@ -27,8 +27,13 @@ Both clamp counts to ``[min_k, max_k]`` and compute the mixing weights (softmax 
 then "renorm", "softmax" or "uniform"; "inverse_p", from the chosen experts' p-values, in
 :func:`_select_kernel` only, which a pooled null then uses too). Selections (indices and counts)
 are identical to the reference; weights agree within float32 rounding (the softmax's ``exp``
-differs in the last bits). Everything else - other devices, float64 logits, ``top_p``, missing Triton - goes to the
-reference path: :func:`select` picks automatically.
+differs in the last bits). Everything else - other devices, float64 logits, ``top_p``, missing
+Triton - goes to the reference path: each entry point (:func:`fused_select_experts`, :func:`select_with_null`,
+:func:`select_from_bank`) falls back to it by itself.
+
+The tables, thresholds and cuts the kernels read, and the one cache of everything derived from
+the arguments, are :mod:`bh_helpers.selection.fused_tables`; the device code is
+:mod:`bh_helpers.selection.fused_kernels`.
 
 The kernels also run under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which
 is how the CPU test-suite checks them; there the float64 special functions come from NumPy.
@@ -36,25 +41,23 @@ is how the CPU test-suite checks them; there the float64 special functions come 
 
 from __future__ import annotations
 
-import math
 import os
-import weakref
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from bh_helpers._cuda import on_device
-from bh_helpers._validate import check_choice, check_int, check_level
+from bh_helpers._validate import check_choice, check_level
 from bh_helpers.nulls.statistics import STATISTICS, apply_statistic
 from bh_helpers.selection.fused_kernels import HAS_TRITON
+from bh_helpers.selection.fused_tables import CACHE, NullTables, logit_cuts, null_tables, thresholds_tensor
 from bh_helpers.selection.reference import (
     FDR_METHODS,
     Selection,
+    _check_k,
     _check_logits,
-    _check_pvalues,
     _check_selection_args,
-    _thresholds_np,
+    _checked_pvalues,
     select_experts,
 )
 
@@ -76,11 +79,6 @@ if HAS_TRITON:
 # p-value modes of the kernel
 _P_GIVEN, _P_NULL = 1, 2
 _WEIGHT_CODE = {"renorm": 0, "softmax": 1, "uniform": 2, "inverse_p": 3}  # 3: _select_kernel only
-# Parameters per null row, in this order (float64): see _null_tables.
-_PARAMS = ("x_min", "inv_h", "x_max", "sf_first", "sf_last", "log_sf_last", "log_cdf_first", "beta_upper", "beta_lower")
-_NP = len(_PARAMS)
-# Most distinct argument sets (per null) whose logit cuts and launch plans are kept.
-_PLAN_CACHE_SIZE = 256
 
 
 def fused_available(device: torch.device | str) -> bool:
@@ -96,163 +94,6 @@ def fused_available(device: torch.device | str) -> bool:
         return not _INTERPRET
     return device.type == "cpu" and _INTERPRET
 
-
-# ----------------------------------------------------------------------------------------------
-# Host-side tables
-# ----------------------------------------------------------------------------------------------
-
-
-class _NullTables(NamedTuple):
-    """One null, laid out for the kernel on one device."""
-
-    grid_sf: torch.Tensor  # (E', G, 2) float64: grid point and sf there, interleaved
-    buckets: torch.Tensor  # (E', B, 2) int32: [lo, hi] bounds on searchsorted(right) per bucket
-    params: torch.Tensor  # (E', _NP) float64
-    n_grid: int
-    n_buckets: int
-    iters: int  # binary-search steps that always suffice inside one bucket's bounds
-    per_expert: bool
-
-
-_TABLES: weakref.WeakKeyDictionary[Any, dict[str, _NullTables]] = weakref.WeakKeyDictionary()
-
-
-def _bucket_bounds(grid: np.ndarray, n_buckets: int) -> tuple[np.ndarray, float, int]:
-    """``[lo, hi]`` per bucket of a uniform partition of ``[grid[0], grid[-1]]``.
-
-    For ``x`` whose computed bucket is ``b`` (``floor((x - grid[0]) * inv_h)`` clamped, possibly
-    one off by rounding), ``lo[b] <= searchsorted(grid, x, right=True) <= hi[b]``: the bounds are
-    the counts at the edges one bucket wider on each side, 0 and G at the ends.
-    """
-    n = grid.size
-    x0, x1 = float(grid[0]), float(grid[-1])
-    h = (x1 - x0) / n_buckets
-    edges = x0 + h * np.arange(n_buckets + 1, dtype=np.float64)  # (B+1,)
-    counts = np.searchsorted(grid, edges, side="right")  # (B+1,) counts at the edges
-    b = np.arange(n_buckets)
-    lo = np.where(b >= 1, counts[np.maximum(b - 1, 0)], 0)
-    hi = np.where(b + 2 <= n_buckets - 1, counts[np.minimum(b + 2, n_buckets)], n)
-    return np.stack([lo, hi], axis=-1).astype(np.int32), 1.0 / h, int((hi - lo).max())
-
-
-def _null_tables(null: Any, device: torch.device) -> _NullTables:
-    """Kernel tables of a :class:`~bh_helpers.nulls.model.NullModel` on ``device`` (cached per null)."""
-    per_device = _TABLES.setdefault(null, {})
-    key = str(device)
-    if key in per_device:
-        return per_device[key]
-    g = null._grids(torch.device("cpu"))  # float64 tensors exactly as NullModel.sf uses them
-    grid = g.x.numpy()  # (E', G)
-    rows, n_grid = grid.shape
-    n_buckets = max(n_grid - 1, 1)
-    bounds, params, widest = [], [], 0
-    for r in range(rows):
-        bk, inv_h, width = _bucket_bounds(grid[r], n_buckets)
-        bounds.append(bk)
-        widest = max(widest, width)
-        params.append(
-            [
-                float(g.x_min[r, 0]),
-                inv_h,
-                float(g.x_max[r, 0]),
-                float(g.sf_first[r, 0]),
-                float(g.sf_last[r, 0]),
-                float(g.log_sf_last[r, 0]),
-                float(g.log_cdf_first[r, 0]),
-                float(g.beta_upper[r, 0]),
-                float(g.beta_lower[r, 0]),
-            ]
-        )
-    grid_sf = torch.stack([g.x, g.sf], dim=-1).contiguous()  # (E', G, 2)
-    tables = _NullTables(
-        grid_sf=grid_sf.to(device),
-        buckets=torch.from_numpy(np.stack(bounds)).contiguous().to(device),
-        params=torch.tensor(params, dtype=torch.float64).to(device),
-        n_grid=n_grid,
-        n_buckets=n_buckets,
-        iters=max(1, math.ceil(math.log2(widest + 1))),
-        per_expert=bool(null.per_expert),
-    )
-    per_device[key] = tables
-    return tables
-
-
-def _thresholds32(method: str, alpha: float, m: int, padded: int) -> np.ndarray:
-    """Float32 thresholds ``t32`` with ``p <= t32  <=>  float64(p) <= t64`` for float32 ``p``.
-
-    ``t32`` is the largest float32 not above the float64 threshold of ``fdr_counts``. Padded
-    ranks (beyond ``m``) get -1: never rejected.
-    """
-    t64 = _thresholds_np(method, alpha, m)
-    t32 = t64.astype(np.float32)
-    too_big = t32.astype(np.float64) > t64
-    t32[too_big] = np.nextafter(t32[too_big], np.float32(-np.inf))
-    out = np.full(padded, -1.0, dtype=np.float32)
-    out[:m] = t32
-    return out
-
-
-_THRESHOLDS: dict[tuple, torch.Tensor] = {}
-
-
-def _thresholds_tensor(method: str, alpha: float, m: int, padded: int, device: torch.device) -> torch.Tensor:
-    """:func:`_thresholds32` on ``device``, cached like the plans (cleared past ``_PLAN_CACHE_SIZE`` keys)."""
-    key = (method, alpha, m, padded, str(device))
-    return _cached_plan(_THRESHOLDS, key, lambda: torch.from_numpy(_thresholds32(method, alpha, m, padded)).to(device))
-
-
-def _ordered_from_float(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> int64, strictly increasing in the value (-0.0 just below +0.0); NaN-free input."""
-    b = x.view(torch.int32).to(torch.int64)
-    return torch.where(b >= 0, b, b ^ 0x7FFFFFFF)
-
-
-def _float_from_ordered(s: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_ordered_from_float`."""
-    return torch.where(s >= 0, s, s ^ 0x7FFFFFFF).to(torch.int32).view(torch.float32)
-
-
-_CUTS: weakref.WeakKeyDictionary[Any, dict[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
-
-
-def _logit_cuts(null: Any, method: str, alpha: float, m: int, padded: int, device: torch.device) -> torch.Tensor:
-    """Per-rank logit cuts ``c`` (float32, ``(padded,)``) of a POOLED null: ``sf(x) <= t_i  <=>  x >= c_i``.
-
-    A pooled null's float32 p-value is non-increasing in the logit (the interpolation is clipped
-    to each grid cell, the tails are monotone), so each rank's test "p <= t_i" is a test
-    "logit >= c_i", where ``c_i`` is the smallest float32 whose p-value passes. It is found by
-    bisection over the ordered float32 values (33 steps), evaluating the reference
-    ``null.sf(..., dtype=float32)`` on ``device`` itself, so the cut reproduces exactly the
-    p-values the reference path computes there. NaN where no logit passes (and at padded ranks):
-    every comparison with it is False. Cached per (null, method, alpha, m, device).
-    """
-    per_null = _CUTS.get(null)
-    if per_null is None:
-        per_null = _CUTS[null] = {}
-    key = (method, alpha, m, padded, device)
-    cut = per_null.get(key)
-    if cut is not None:
-        return cut
-    t32 = torch.from_numpy(_thresholds32(method, alpha, m, m)).to(device)  # (m,)
-    inf = torch.tensor(float("inf"), device=device)
-
-    def passes(s: torch.Tensor) -> torch.Tensor:
-        return null.sf(_float_from_ordered(s), dtype=torch.float32) <= t32
-
-    hi = _ordered_from_float(inf).expand(m).clone()  # +inf: passes, or nothing does
-    lo = _ordered_from_float(-inf).expand(m) - 1  # below -inf: treated as failing
-    for _ in range(33):  # the ordered range spans < 2**33 values
-        open_ = hi - lo > 1
-        mid = torch.where(open_, torch.div(lo + hi, 2, rounding_mode="floor"), hi)
-        ok = passes(mid)
-        hi = torch.where(open_ & ok, mid, hi)
-        lo = torch.where(open_ & ~ok, mid, lo)
-    cut = torch.full((padded,), float("nan"), dtype=torch.float32, device=device)
-    cut[:m] = torch.where(passes(hi), _float_from_ordered(hi), float("nan"))
-    if len(per_null) >= _PLAN_CACHE_SIZE:  # e.g. an alpha slider: keep memory bounded
-        per_null.clear()
-    per_null[key] = cut
-    return cut
 
 
 
@@ -285,29 +126,6 @@ def _sorted_plan(cut: torch.Tensor | None, *, num_experts: int, step_down: bool,
     return _SortedPlan(cut, max_k, ep, constants)
 
 
-_TOPK_PLANS: dict[tuple, _SortedPlan] = {}
-_NULL_PLANS: weakref.WeakKeyDictionary[Any, dict[tuple, _SortedPlan]] = weakref.WeakKeyDictionary()
-
-
-def _cached_plan(cache: dict, key: tuple, build: Any) -> _SortedPlan:
-    """``cache[key]``, built (which validates the arguments) on first use.
-
-    At decode sizes the selector is bound by host time, so the argument checks and the null's cuts
-    are done once per distinct set of arguments rather than once per call. Unhashable arguments
-    are never cached; the cache is cleared when it grows past ``_PLAN_CACHE_SIZE`` keys.
-    """
-    try:
-        plan = cache.get(key)
-    except TypeError:
-        return build()
-    if plan is None:
-        plan = build()
-        if len(cache) >= _PLAN_CACHE_SIZE:
-            cache.clear()
-        cache[key] = plan
-    return plan
-
-
 def _run_sorted(logits: torch.Tensor, plan: _SortedPlan, config: tuple[int, int] | None = None) -> Selection:
     """:func:`_sorted_select_kernel` on ``logits [..., E]``; ``config`` overrides (rows per program, warps)."""
     x = _as_rows(logits)  # (T, E)
@@ -322,7 +140,6 @@ def _run_sorted(logits: torch.Tensor, plan: _SortedPlan, config: tuple[int, int]
 
 
 _DIRECT_LAUNCH = not _INTERPRET
-_COMPILED_SORTED: dict[tuple, tuple[Any, tuple]] = {}
 
 
 def _launch_sorted_kernel(grid: tuple[int, int, int], args: tuple, plan: _SortedPlan, block_r: int, warps: int) -> None:
@@ -338,10 +155,10 @@ def _launch_sorted_kernel(grid: tuple[int, int, int], args: tuple, plan: _Sorted
     """
     x, cut = args[0], args[1]
     constants = plan.constants
-    key = (tuple(constants.values()), block_r, warps, x.dtype, cut.dtype, x.device)
+    key = ("launch", tuple(constants.values()), block_r, warps, x.dtype, cut.dtype, x.device)
     aligned = x.data_ptr() % 16 == 0
     if _DIRECT_LAUNCH and aligned:
-        entry = _COMPILED_SORTED.get(key)
+        entry = CACHE.get(key)
         if entry is not None:
             compiled, tail = entry
             compiled[grid](*args, *tail)
@@ -350,7 +167,7 @@ def _launch_sorted_kernel(grid: tuple[int, int, int], args: tuple, plan: _Sorted
     if _DIRECT_LAUNCH and aligned and hasattr(compiled, "__getitem__"):
         values = {**constants, "BLOCK_R": block_r}
         tail = tuple(values[name] for name in _sorted_select_kernel.arg_names[len(args):])  # after T, in order
-        _COMPILED_SORTED[key] = (compiled, tail)
+        CACHE.put(key, (compiled, tail))
 
 
 def _pow2(n: int) -> int:
@@ -386,7 +203,7 @@ def _launch_pvalues(
     logits: torch.Tensor,
     *,
     pvalues: torch.Tensor | None,
-    tables: _NullTables | None,
+    tables: NullTables | None,
     method: str,
     alpha: float,
     min_k: int,
@@ -404,7 +221,7 @@ def _launch_pvalues(
     if n_rows == 0:
         return _as_selection(logits, indices, w, counts)
     pmode = _P_NULL if tables is not None else _P_GIVEN
-    thr = _thresholds_tensor(method, alpha, num_experts, ep, device)
+    thr = thresholds_tensor(method, alpha, num_experts, ep, device)
     pv, stride_p = x, 0
     if pmode == _P_GIVEN:
         pv = _as_rows(pvalues)
@@ -478,31 +295,20 @@ def fused_select_experts(
             _, checked_max_k, checked_temperature = _check_selection_args(
                 logits, method, min_k, max_k, weights, temperature, False
             )
-            if k is None:
-                raise ValueError("method='topk' needs `k`, the number of experts per token.")
-            checked_k = check_int("k", k)
-            if not 1 <= checked_k <= logits.shape[-1]:
-                raise ValueError(f"`k` must be in [1, {logits.shape[-1]}] (the number of experts); got {k}.")
-            if checked_k > checked_max_k:
-                raise ValueError(f"`k`={k} exceeds `max_k`={checked_max_k}; pass max_k >= k.")
+            checked_k = _check_k(k, logits.shape[-1], checked_max_k)
             return _sorted_plan(None, num_experts=logits.shape[-1], step_down=False, min_k=checked_k,
                                 max_k=checked_max_k, weights=weights, temperature=checked_temperature)
 
         # types in the key: True == 1 and 8.0 == 8 hash alike but are refused by the checks
-        key = (k, type(k), max_k, type(max_k), weights, temperature, logits.shape[-1], logits.device)
-        plan = _cached_plan(_TOPK_PLANS, key, build)
+        key = ("topk_plan", k, type(k), max_k, type(max_k), weights, temperature, logits.shape[-1], logits.device)
+        plan = CACHE.get_or_build(key, build)  # built (and the arguments checked) once per key
         if validate:
             _check_logits(logits)
         return _run_sorted(logits, plan)
     # a testing method from here on: _check_selection_args refuses unknown ones, _fusable "top_p"
     min_k, max_k, temperature = _check_selection_args(logits, method, min_k, max_k, weights, temperature, validate)
-    if pvalues is None:
-        raise ValueError(f"method={method!r} needs `pvalues` (e.g. NullBank.pvalues(logits, layer)).")
-    if pvalues.shape != logits.shape:
-        raise ValueError(f"`pvalues` shape {tuple(pvalues.shape)} must equal `logits` shape {tuple(logits.shape)}.")
+    pvalues = _checked_pvalues(logits, pvalues, method, weights, validate)
     alpha = check_level("alpha", alpha)
-    if validate:
-        _check_pvalues(pvalues)
     return _launch_pvalues(logits, pvalues=pvalues.to(logits.device), tables=None, method=method,
                            alpha=alpha, min_k=min_k, max_k=max_k, weights=weights, temperature=temperature)
 
@@ -550,16 +356,13 @@ def select_with_null(
             level = check_level("alpha", alpha)
             checked = _check_selection_args(logits, method, min_k, max_k, weights, temperature, False)
             num_experts = logits.shape[-1]
-            cut = _logit_cuts(null, method, level, num_experts, _pow2(num_experts), logits.device)
+            cut = logit_cuts(null, method, level, num_experts, _pow2(num_experts), logits.device)
             return _sorted_plan(cut, num_experts=num_experts, step_down=method == "holm", min_k=checked[0],
                                 max_k=checked[1], weights=weights, temperature=checked[2], statistic=statistic)
 
-        plans = _NULL_PLANS.get(null)
-        if plans is None:
-            plans = _NULL_PLANS[null] = {}
-        key = (method, alpha, type(alpha), min_k, type(min_k), max_k, type(max_k), weights, temperature, logits.shape[-1],
-               logits.device)
-        plan = _cached_plan(plans, key, build)
+        key = ("null_plan", method, alpha, type(alpha), min_k, type(min_k), max_k, type(max_k), weights, temperature,
+               logits.shape[-1], logits.device)
+        plan = CACHE.get_or_build(key, build, owner=null)
         if validate:
             _check_logits(logits)
         return _run_sorted(logits, plan)
@@ -570,7 +373,7 @@ def select_with_null(
         )
     alpha = check_level("alpha", alpha)
     min_k, max_k, temperature = _check_selection_args(logits, method, min_k, max_k, weights, temperature, validate)
-    tables = _null_tables(null, logits.device)
+    tables = null_tables(null, logits.device)
     return _launch_pvalues(logits, pvalues=None, tables=tables, method=method, alpha=alpha, min_k=min_k,
                            max_k=max_k, weights=weights, temperature=temperature)
 

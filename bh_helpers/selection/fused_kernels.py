@@ -22,6 +22,11 @@ if HAS_TRITON:
     import triton.language as tl
     from triton.language.extra import libdevice
 
+    # One wrapper per float64 operation, alike in shape on purpose: each picks at COMPILE time
+    # (constexpr LIBDEV) between the libdevice intrinsic (GPU, correctly rounded, no FMA
+    # contraction) and the plain operator (the interpreter has no libdevice). Folding them into
+    # one helper would need a constexpr operation code and a branch per operation: the same
+    # lines, less readable at the call sites.
     @triton.jit
     def _exp64(x, LIBDEV: tl.constexpr):
         if LIBDEV:

@@ -13,6 +13,10 @@ Two public functions carry the routing statistics:
 The threshold convention is decided once, here: a p-value EQUAL to its threshold is rejected
 (``p <= threshold``), as in statsmodels (since 0.8) and :func:`scipy.stats.false_discovery_control`.
 
+One module on purpose, though past 500 lines: it is the definition every fast path is tested
+against (argument checks, thresholds, counts, ranking, weights), and a reader checks a fast path
+against it top to bottom; the fast paths import its checks rather than repeating them.
+
 References
 ----------
 .. [1] Y. Benjamini and Y. Hochberg, "Controlling the false discovery rate: a practical and
@@ -149,7 +153,8 @@ def _check_logits(logits: torch.Tensor) -> None:
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     # P-value arithmetic never happens in half precision: in bf16 the strongest experts' p-values
-    # collapse onto one value and BH can no longer separate them (see DESIGN.md).
+    # collapse onto one value and BH can no longer separate them (README.md, "Selection: the
+    # statistics"; tests/test_nulls.py::test_top8_of_64_never_tie_in_float32).
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -277,6 +282,18 @@ def _check_selection_args(
     if method != "topk" and not 0 <= min_k <= max_k:
         raise ValueError(f"`min_k` must be in [0, max_k={max_k}]; got {min_k}.")
     return min_k, max_k, temperature
+
+
+def _check_k(k: int | None, num_experts: int, max_k: int) -> int:
+    """``k`` of "topk": given, an int in ``[1, num_experts]`` and at most ``max_k``."""
+    if k is None:
+        raise ValueError("method='topk' needs `k`, the number of experts per token.")
+    checked = check_int("k", k)
+    if not 1 <= checked <= num_experts:
+        raise ValueError(f"`k` must be in [1, {num_experts}] (the number of experts); got {k}.")
+    if checked > max_k:
+        raise ValueError(f"`k`={k} exceeds `max_k`={max_k}; pass max_k >= k.")
+    return checked
 
 
 def _ranked_experts(logits: torch.Tensor, pvalues: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -422,13 +439,7 @@ def select_experts(
         ranked, sorted_p = _ranked_experts(x, p)  # (..., E), (..., E)
         counts = _counts_from_sorted(sorted_p, alpha, method).clamp(min_k, max_k)  # (...)
     elif method == "topk":
-        if k is None:
-            raise ValueError("method='topk' needs `k`, the number of experts per token.")
-        k = check_int("k", k)
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"`k` must be in [1, {num_experts}] (the number of experts); got {k}.")
-        if k > max_k:
-            raise ValueError(f"`k`={k} exceeds `max_k`={max_k}; pass max_k >= k.")
+        k = _check_k(k, num_experts, max_k)
         counts = torch.full(leading, k, dtype=torch.long, device=x.device)
         ranked, _ = _ranked_experts(x, None)
     else:  # top_p

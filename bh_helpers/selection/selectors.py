@@ -6,11 +6,16 @@ layer's null (p-values from a :class:`~bh_helpers.nulls.NullBank`) and keeps wha
 procedure rejects; :class:`TopKSelector`, :class:`NativeSelector` and :class:`TopPSelector` are the
 static baselines. Any callable with the :class:`Selector` signature works with ``route``; one that
 is a pure, sync-free device function may set ``graph_safe = True`` to be captured in CUDA graphs.
+
+Before it installs anything, ``route`` describes the routed model in a :class:`RoutedModel` and
+hands it to the selector's :meth:`Selector.check`, so a selector refuses a model it cannot route
+(a null bank of another model, an ``alpha`` without a level for a routed layer) without ``route``
+knowing what a null bank is. An engine's routing callback gets the same description.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,18 +23,115 @@ import torch
 from torch import nn
 
 from bh_helpers._validate import check_choice, check_int
-from bh_helpers.models.families import find_moe_blocks
+from bh_helpers.models.families import find_moe_blocks, fingerprints_differ
+from bh_helpers.nulls.bank import NullBank
 from bh_helpers.selection.budget import alpha_at, layer_alphas
-from bh_helpers.selection.fused import fused_select_experts, select_from_bank
+from bh_helpers.selection.fused import fused_available, fused_select_experts, select_from_bank
 from bh_helpers.selection.reference import FDR_METHODS, WEIGHT_MODES, Selection, select_experts
 
-__all__ = ["BHSelector", "NativeSelector", "Selector", "TopKSelector", "TopPSelector", "weight_pvalues"]
+__all__ = [
+    "BHSelector",
+    "NativeSelector",
+    "RoutedModel",
+    "Selector",
+    "TopKSelector",
+    "TopPSelector",
+    "check_null_bank",
+    "weight_pvalues",
+]
+
+
+@dataclass(frozen=True)
+class RoutedModel:
+    """The model a selector is about to route, as :meth:`Selector.check` sees it.
+
+    Built by :func:`bh_helpers.routing.patch.route` (or an engine's routing plugin) before
+    anything is installed.
+
+    Attributes
+    ----------
+    layers : tuple of int
+        The MoE layers that will be routed, increasing.
+    num_experts : int
+        Experts per MoE layer (the width ``E`` of the router logits).
+    num_hidden_layers : int or None
+        Decoder layers of the whole model (``config.num_hidden_layers``); None when unknown.
+    router_fingerprint : callable or None, default None
+        ``layers -> {layer: [float]}``, the routed model's
+        :func:`~bh_helpers.models.families.router_fingerprint` at those layers; None where it
+        cannot be computed, which skips the fingerprint check.
+    allow_other_model : bool, default False
+        Accept a null bank whose router fingerprint differs (``route(..., allow_other_model=True)``).
+    """
+
+    layers: tuple[int, ...]
+    num_experts: int
+    num_hidden_layers: int | None
+    router_fingerprint: Callable[[list[int]], Mapping[int, Sequence[float]]] | None = field(default=None, repr=False)
+    allow_other_model: bool = False
 
 
 class Selector(Protocol):
-    """A routing rule: ``(logits[T, E] float32, layer) -> Selection`` (``indices`` ``[T, K]``)."""
+    """A routing rule: ``(logits[T, E] float32, layer) -> Selection`` (``indices`` ``[T, K]``).
+
+    Any callable with this signature routes; the ready-made selectors subclass this class and
+    inherit the defaults of the two optional hooks below, which ``route`` calls where present.
+    """
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection: ...
+
+    def check(self, target: RoutedModel) -> None:
+        """Raise ValueError when this selector cannot route ``target``; default: accept any model.
+
+        ``route`` calls it once, after choosing the layers and before installing anything.
+        """
+        return None
+
+    def capturable(self, device: torch.device) -> bool:
+        """Whether a call on ``device`` is a pure, sync-free device function (CUDA-graph capturable).
+
+        Default False; a plain callable may opt in with a ``graph_safe = True`` attribute instead.
+        """
+        return False
+
+
+def check_null_bank(null_bank: Any, target: RoutedModel) -> None:
+    """Refuse a :class:`~bh_helpers.nulls.bank.NullBank` that does not fit the routed model.
+
+    Layer and expert counts, the router fingerprint (unless ``target.allow_other_model``) and a
+    null for every routed layer. Anything else (None, a duck-typed bank with ``.pvalues`` only)
+    is not checked. Used by the :meth:`Selector.check` of every selector that holds a bank.
+
+    Raises
+    ------
+    ValueError
+        Naming what differs and how to fit a matching bank.
+    """
+    if not isinstance(null_bank, NullBank):
+        return
+    # a bank of another model routed silently (mean k 1.0) before these checks
+    null_bank.check_compatible(target, what="the routed model")
+    fitted = null_bank.metadata.router_fingerprint
+    if fitted is not None and not target.allow_other_model and target.router_fingerprint is not None:
+        differ = fingerprints_differ(fitted, target.router_fingerprint(list(fitted)))
+        if differ:
+            raise ValueError(
+                f"the selector's null bank was fitted on another model ({null_bank.metadata.model_id!r}): its router "
+                f"weights differ at layers {differ}. Fit a bank for this model (`bh-routing capture` + "
+                "`bh-routing fit`), or pass route(..., allow_other_model=True) to use it anyway."
+            )
+    missing = [layer for layer in target.layers if layer not in set(null_bank)]
+    if missing:
+        raise ValueError(
+            f"the selector's null bank has no null for MoE layers {missing} (it has layers {list(null_bank)}); "
+            "pass `layers` to route only those it has, or fit a bank on every layer "
+            "(`bh-routing capture` + `bh-routing fit`)."
+        )
+
+
+def _fused_capturable(selector: Any, device: torch.device, call: Callable) -> bool:
+    """The ready-made fused ``call`` (not overridden by a subclass), validation off, the kernel on ``device``."""
+    return type(selector).__call__ is call and not selector.validate and fused_available(device)
 
 
 def _check_weights(weights: str, null_bank: Any = None) -> None:
@@ -51,7 +153,7 @@ def weight_pvalues(null_bank: Any, logits: torch.Tensor, layer: int, weights: st
 
 
 @dataclass(frozen=True)
-class BHSelector:
+class BHSelector(Selector):
     """Multiple-testing routing: p-values from a null bank, then BH (or BY, Bonferroni, Holm).
 
     Parameters
@@ -102,9 +204,24 @@ class BHSelector:
             validate=self.validate,
         )
 
+    def check(self, target: RoutedModel) -> None:
+        """The null bank fits the routed model (:func:`check_null_bank`); a per-layer ``alpha`` has
+        a level for every routed layer."""
+        check_null_bank(self.null_bank, target)
+        if isinstance(self.alpha, Mapping):
+            missing = [layer for layer in target.layers if layer not in self.alpha]
+            if missing:
+                raise ValueError(f"the selector's `alpha` has no level for MoE layers {missing} (it has layers "
+                                 f"{sorted(self.alpha)}); give one level per routed layer, or pass `layers`.")
+
+    def capturable(self, device: torch.device) -> bool:
+        """The fused kernel runs on ``device``, validation is off and the bank is a NullBank."""
+        # the kernel looks the p-values up itself only in a NullBank
+        return _fused_capturable(self, device, BHSelector.__call__) and isinstance(self.null_bank, NullBank)
+
 
 @dataclass(frozen=True)
-class TopKSelector:
+class TopKSelector(Selector):
     """Static top-k routing with a chosen weight convention (``min_k = max_k = k``).
 
     ``null_bank`` is needed (and used) only by ``weights="inverse_p"``: see :func:`weight_pvalues`.
@@ -133,6 +250,15 @@ class TopKSelector:
             max_k=self.k, weights=self.weights, validate=self.validate,
         )
 
+    def check(self, target: RoutedModel) -> None:
+        """A ``null_bank`` (for inverse-p weights) fits the routed model (:func:`check_null_bank`)."""
+        check_null_bank(self.null_bank, target)
+
+    def capturable(self, device: torch.device) -> bool:
+        """The fused kernel runs on ``device``, validation is off and the weights are not inverse-p."""
+        # inverse-p weights take their p-values from NullBank.pvalues, not from the kernel
+        return _fused_capturable(self, device, TopKSelector.__call__) and self.weights != "inverse_p"
+
 
 @dataclass(frozen=True)
 class NativeSelector(TopKSelector):
@@ -156,7 +282,7 @@ class NativeSelector(TopKSelector):
 
 
 @dataclass(frozen=True)
-class TopPSelector:
+class TopPSelector(Selector):
     """Top-p routing: the fewest most-probable experts whose softmax mass reaches ``p``.
 
     ``null_bank`` is needed (and used) only by ``weights="inverse_p"``: see :func:`weight_pvalues`.
@@ -184,4 +310,8 @@ class TopPSelector:
             min_k=self.min_k, max_k=self.max_k, weights=self.weights,
             validate=self.validate,
         )
+
+    def check(self, target: RoutedModel) -> None:
+        """A ``null_bank`` (for inverse-p weights) fits the routed model (:func:`check_null_bank`)."""
+        check_null_bank(self.null_bank, target)
 
