@@ -291,9 +291,10 @@ def host_costs(logits: torch.Tensor, null) -> dict:
     import triton
 
     from bh_helpers.selection import fused as fs
+    from bh_helpers.selection.fused_tables import logit_cuts
 
     n, e = logits.shape
-    cut = fs._logit_cuts(null, "bh", 0.05, e, e, logits.device)
+    cut = logit_cuts(null, "bh", 0.05, e, e, logits.device)
     idx, w, cnt = fs._outputs(n, 8, logits.device)
     block_r, warps = fs._sorted_config(n, e)
 

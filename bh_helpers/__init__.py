@@ -5,12 +5,14 @@ The data flow, one folder per floor::
     models/      load a model (embedded tiny OLMoE, hub id, local folder); its MoE family; texts, data sets
     capture.py   router logits per layer [N, E], logged with forward hooks
     nulls/       a null distribution per layer (KDE or empirical) -> NullBank, saved under kde_models/
-    selection/   p-values -> BH / BY / Bonferroni / Holm counts, top-k, top-p -> Selection; selectors
+    selection/   p-values -> BH / BY / Bonferroni / Holm counts, top-k, top-p, static per layer -> Selection
     routing/     route(model, selector): patched blocks dispatch only the selected experts; recorder
-    evaluation/  perplexity, task accuracy, speed
-    experiments/ resumable sweeps, the compute-matched frontier, prompt categories
-    report/      markdown tables, figures, the written report
-    app/         the demo pipeline, the ``bh-routing`` CLI, notebook helpers, widgets
+    engines/     the same selectors inside serving engines (vLLM), without transformers
+    evaluation/  perplexity, task accuracy, speed, side-by-side generation
+    experiments/ what a sweep row measures, resumable sweeps, controls (static allocation), the frontier,
+                 the explorer's engine, prompt categories
+    report/      markdown tables, figures, the assembled report
+    app/         wiring only: the demo, the ``bh-routing`` CLI, paths, notebook settings, widgets
 
 ``_validate`` (argument checks), ``_cuda`` (device capability, streams), ``_clock`` (UTC timestamps) and
 ``_markdown`` (plain markdown tables) serve every floor.
@@ -43,6 +45,10 @@ _PUBLIC = {
     "NativeSelector": "bh_helpers.selection.selectors",
     "TopKSelector": "bh_helpers.selection.selectors",
     "TopPSelector": "bh_helpers.selection.selectors",
+    "RoutedModel": "bh_helpers.selection.selectors",
+    "StaticLayerSelector": "bh_helpers.selection.static",
+    "fit_static_allocation": "bh_helpers.experiments.static_allocation",
+    "static_allocation_path": "bh_helpers.experiments.static_allocation",
     "route": "bh_helpers.routing.patch",
     "RoutingRecorder": "bh_helpers.routing.recorder",
 }

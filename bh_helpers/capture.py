@@ -13,6 +13,10 @@ caps per layer.
 
 Hooks are GLOBAL state on the model: they are installed and removed inside one ``try/finally``,
 so an exception in the forward pass never leaves them behind.
+
+Why one module: the hooks, the file format (:class:`CapturedLogits`) and the calibration protocol
+(:func:`capture_calibration`: the one input every null bank is fitted on) are one contract; a
+reader checking what a bank was fitted on reads them together.
 """
 
 from __future__ import annotations

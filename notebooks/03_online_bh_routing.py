@@ -164,7 +164,8 @@ pd.DataFrame({label: {"prefill tok/s": s.prefill_tokens_per_s, "decode tok/s": s
 # %%
 from bh_helpers.capture import capture_calibration
 from bh_helpers.experiments.comparison import compare_with_controls
-from bh_helpers.experiments.configs import bank_name, sweep_grid
+from bh_helpers.experiments.configs import bank_name
+from bh_helpers.experiments.grids import sweep_grid
 from bh_helpers.experiments.evaluate import perplexity_sweep, sweep_results_path
 from bh_helpers.report.verdict import comparison_markdown, verdict_markdown
 

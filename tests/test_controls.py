@@ -227,7 +227,15 @@ def test_verdict_says_yes_only_with_an_interval_below_zero():
     assert tie["delta_vs_mixed"].iloc[0] == 0.0 and "1 were undecided" in verdict_markdown(tie)
     # 1 win among 41 pairs is what chance gives (41 x 2.5% ~ 1): not a "yes"
     import pandas as pd
+    from scipy.stats import binom
 
     many = pd.concat([better] + [compare_with_controls(_rows(3.0, 3.0, 3.0))] * 40, ignore_index=True)
     many.attrs.update(better.attrs)
-    assert "? Not clearly (no more wins than chance would give)**" in verdict_markdown(many)
+    assert "? Not clearly (no more wins than chance would plausibly give)**" in verdict_markdown(many)
+    assert f"1 or more with probability {binom.sf(0, 41, 0.025):.2g}" in verdict_markdown(many)
+    # 3 wins among 41 (p = 0.08) are still not a "yes"; 4 (p = 0.02) are
+    for wins, answer in ((3, "Not clearly"), (4, "Yes, in some configurations")):
+        mixed = pd.concat([better] * wins + [compare_with_controls(_rows(3.0, 3.0, 3.0))] * (41 - wins),
+                          ignore_index=True)
+        mixed.attrs.update(better.attrs)
+        assert f"? {answer}" in verdict_markdown(mixed), wins

@@ -13,7 +13,8 @@ import pytest
 import torch
 from statsmodels.stats.multitest import multipletests
 
-from bh_helpers.experiments.configs import SweepConfig, sweep_grid
+from bh_helpers.experiments.configs import SweepConfig
+from bh_helpers.experiments.grids import sweep_grid
 from bh_helpers.routing.patch import route
 from bh_helpers.selection.budget import ComputeBudget, alpha_at, layer_alphas
 from bh_helpers.selection.reference import fdr_counts

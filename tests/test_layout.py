@@ -35,6 +35,8 @@ CONTRACT = {
     "TopPSelector": "bh_helpers.selection.selectors",
     "NativeSelector": "bh_helpers.selection.selectors",
     "RoutingRecorder": "bh_helpers.routing.recorder",
+    "StaticLayerSelector": "bh_helpers.selection.static",
+    "fit_static_allocation": "bh_helpers.experiments.static_allocation",
 }
 
 

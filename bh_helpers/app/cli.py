@@ -24,7 +24,8 @@ from collections.abc import Sequence
 
 from bh_helpers.app import paths, pipeline
 from bh_helpers.capture import CapturedLogits, capture_calibration
-from bh_helpers.experiments.configs import LAYER_TARGETS, bank_name, sweep_grid
+from bh_helpers.experiments.configs import bank_name
+from bh_helpers.experiments.grids import LAYER_TARGETS, sweep_grid
 from bh_helpers.experiments.evaluate import perplexity_sweep
 from bh_helpers.models import texts
 from bh_helpers.nulls.kernels import VALID_KERNELS
@@ -125,6 +126,18 @@ def _add_grid(p: argparse.ArgumentParser) -> None:
                    help=f"top-p baselines, '' for none (default: {','.join(map(str, _D.top_ps))})")
 
 
+def _add_controls(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--static-allocation", choices=("greedy", "separable", "none"), default=_D.static_allocation,
+                   help="the static per-layer control (one k per layer fitted on calibration text, run as the "
+                        "static chord at each adaptive row's compute): greedy by calibration perplexity, the "
+                        f"cheaper separable proxy, or none (default: {_D.static_allocation})")
+    p.add_argument("--allocation-tokens", type=int, default=_D.allocation_tokens,
+                   help=f"calibration tokens for the static allocation (default: {_D.allocation_tokens})")
+    p.add_argument("--no-split", action="store_true",
+                   help="evaluate the whole grid on whole data sets (default: choose configurations on the "
+                        "even-numbered documents of each data set, state the verdict on the odd-numbered ones)")
+
+
 def _add_report(sub) -> None:
     rep = sub.add_parser("report", help="sweep.jsonl -> report.md with figures",
                          description="Write report.md (frontier table, results, figures, protocol) into a folder.")
@@ -182,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"null grid points per layer (default: {_D.grid_size})")
     _add_grid(demo)
     _add_protocol(demo)
+    _add_controls(demo)
     demo.add_argument("--no-categories", action="store_true", help="skip the prompt-category analysis")
     demo.add_argument("--seed", type=int, default=_D.seed, help=f"bootstrap seed (default: {_D.seed})")
 
@@ -279,7 +293,8 @@ def _cmd_demo(args) -> int:
         max_ks=args.max_ks, min_ks=args.min_ks, topk_max=args.topk_max,
         top_ps=args.top_ps, weights=args.weights, datasets=args.datasets, max_tokens=args.max_tokens,
         window=args.window, stride=args.stride, batch_size=args.batch_size, categories=not args.no_categories,
-        seed=args.seed,
+        seed=args.seed, static_allocation=args.static_allocation, allocation_tokens=args.allocation_tokens,
+        split=not args.no_split,
     )
     _check_model_name(args.model)
     device = _device(args.device)

@@ -38,12 +38,20 @@ from bh_helpers._locks import exclusive
 from bh_helpers._validate import check_choice, check_int
 from bh_helpers.capture import CapturedLogits, capture_calibration
 from bh_helpers.evaluation.scoring import fit_batch_size
-from bh_helpers.experiments.configs import LAYER_TARGETS, sweep_grid
+from bh_helpers.experiments.comparison import compare_with_controls
+from bh_helpers.experiments.configs import CONTROLS, FDR_METHODS, with_controls
+from bh_helpers.experiments.grids import LAYER_TARGETS, sweep_grid
 from bh_helpers.experiments.evaluate import perplexity_sweep
 from bh_helpers.experiments.frontier import compute_frontier
+from bh_helpers.experiments.tune_confirm import pick_on_tuning
+from bh_helpers.experiments.static_allocation import (
+    ALLOCATION_METHODS,
+    StaticAllocationPath,
+    static_allocation_path,
+)
 from bh_helpers.models.families import moe_shape
 from bh_helpers.models.loading import load_model
-from bh_helpers.models.texts import check_datasets
+from bh_helpers.models.texts import check_datasets, split_name
 from bh_helpers.nulls.bank import NullBank, bank_name
 from bh_helpers.nulls.fit import fit_null_bank
 from bh_helpers.nulls.statistics import check_statistic
@@ -67,8 +75,10 @@ __all__ = [
 DEFAULT_OUTPUT_DIR = "bh_routing_output"
 CAPTURED_NAME = "captured_logits.safetensors"
 NULLS_DIR = "nulls"
-RESULTS_NAME = "sweep.jsonl"
+RESULTS_NAME = "sweep.jsonl"  # the whole grid (on the tuning halves when the data sets are split)
+CONFIRM_NAME = "confirm.jsonl"  # the configurations chosen on the tuning halves, on the confirmation halves
 SETTINGS_NAME = "run.json"
+STATIC_NAME = "static_allocation.json"  # the static per-layer allocations (the static chord control)
 STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last demo run
 
 
@@ -147,13 +157,13 @@ class DemoSettings:
     grid_size: int = 8192  # null grid points per layer
     methods: tuple[str, ...] = ("bh",)  # multiple-testing methods (BY at a compute target is BH: same experts)
     alphas: tuple[float, ...] = ()  # explicit levels (besides those chosen for mean_ks)
-    mean_ks: tuple[float, ...] = (2.0, 5.0)  # compute targets: alpha chosen on the calibration logits
+    mean_ks: tuple[float, ...] = (2.0, 4.0)  # compute targets: alpha chosen on the calibration logits
     layer_alphas: tuple[tuple[float, ...], ...] = ()  # explicit per-layer levels (adaptive FDR), one row each
     layer_targets: str = "global"  # compute targets reached over all layers, per layer, or both
-    statistics: tuple[str, ...] = ("raw", "centred", "zscore")  # per-token test statistics (one bank each)
+    statistics: tuple[str, ...] = ("raw", "zscore")  # per-token test statistics (one bank each)
     trims: tuple[int, ...] = (0, 8)  # nulls fitted without each token's largest values (one bank each)
     max_ks: tuple[int, ...] = (8,)  # ceilings of the adaptive methods
-    min_ks: tuple[int, ...] = (1, 2, 4)  # floors of the adaptive methods
+    min_ks: tuple[int, ...] = (1,)  # floors of the adaptive methods
     topk_max: int = 8  # static top-k baselines k = 1 .. topk_max
     top_ps: tuple[float, ...] = (0.5, 0.8)  # top-p baselines
     weights: str = "softmax"  # weights of the selected experts (OLMoE's own convention)
@@ -164,12 +174,17 @@ class DemoSettings:
     batch_size: int = 8  # windows per forward pass
     categories: bool = True  # run the prompt-category analysis
     seed: int = 0  # bootstrap seed
+    static_allocation: str = "greedy"  # the static per-layer control: "greedy", "separable" (cheaper) or "none"
+    allocation_tokens: int = 2048  # calibration tokens on which the static allocation is fitted
+    split: bool = True  # choose configurations on even-numbered documents, state the verdict on odd-numbered ones
 
     def __post_init__(self) -> None:
         for name in ("methods", "alphas", "mean_ks", "statistics", "trims", "max_ks", "min_ks", "top_ps", "datasets"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("calibration_tokens", "grid_size", "topk_max", "max_tokens", "window", "stride", "batch_size"):
+        for name in ("calibration_tokens", "grid_size", "topk_max", "max_tokens", "window", "stride", "batch_size",
+                     "allocation_tokens"):
             check_int(name, getattr(self, name), 1)
+        check_choice("--static-allocation", self.static_allocation, (*ALLOCATION_METHODS, "none"))
         for flag, value in (("--statistics", self.statistics), ("--trims", self.trims), ("--min-ks", self.min_ks),
                             ("--max-ks", self.max_ks), ("--methods", self.methods)):
             if not value:
@@ -204,12 +219,18 @@ class DemoSettings:
         """(statistic, trim) of each null bank the demo fits."""
         return [(statistic, trim) for trim in self.trims for statistic in self.statistics]
 
-    def configs(self, banks: Mapping[str, NullBank], calibration: Mapping[int, Any]):
+    def configs(self, banks: Mapping[str, NullBank], calibration: Mapping[int, Any], static_path=None):
         """The sweep grid (:func:`sweep_grid`) for these banks, alphas chosen on ``calibration``."""
         return sweep_grid(banks=banks, calibration=calibration, methods=self.methods, alphas=self.alphas,
                           mean_ks=self.mean_ks, max_ks=self.max_ks, min_ks=self.min_ks, topk_max=self.topk_max,
                           top_ps=self.top_ps, seed=self.seed, layer_alphas=self.layer_alphas,
-                          layer_targets=self.layer_targets)
+                          layer_targets=self.layer_targets, static_path=static_path)
+
+    def confirmation_configs(self, configs, picks, static_path=None) -> list:
+        """The confirmation grid: the baselines of ``configs`` and the ``picks`` with their controls."""
+        controls = CONTROLS if static_path is not None else tuple(c for c in CONTROLS if c != "static_chord")
+        baselines = [c for c in configs if c.method not in FDR_METHODS + CONTROLS]
+        return baselines + with_controls(picks, seed=self.seed, controls=controls)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -335,6 +356,18 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
         return _run_demo_locked(settings, out, model, tokenizer, resumed, step, timings, peaks, progress)
 
 
+def _static_path(path: Path, model, tokenizer, settings: DemoSettings, progress: bool) -> StaticAllocationPath:
+    """The demo's static allocation path: read back from ``path`` (a resumed run), else fitted and saved."""
+    if path.is_file():
+        return StaticAllocationPath.load(path)
+    fitted = static_allocation_path(model, tokenizer, method=settings.static_allocation, max_k=settings.topk_max,
+                                    max_tokens=settings.allocation_tokens, window=settings.window,
+                                    batch_size=room_for(model, settings.window, settings.batch_size),
+                                    weights=settings.weights, progress=progress)
+    fitted.save(path)
+    return fitted
+
+
 def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resumed: bool, step, timings: dict,
                      peaks: dict, progress: bool) -> DemoResult:
     """:func:`run_demo` once it holds the output folder's lock: capture, fit, sweep, report."""
@@ -361,21 +394,34 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
                 fit_step(captured_path, kernel=settings.kernel, grid_size=settings.grid_size, model_id=settings.model,
                          out_dir=folder, statistic=statistic, trim=trim)
             banks[name] = NullBank.load(folder)
+    static_path = None
+    if settings.static_allocation != "none":
+        with step("static allocation"):
+            static_path = _static_path(out / STATIC_NAME, model, tokenizer, settings, progress)
     with step("choose alphas"):
         calibration, _ = CapturedLogits.load(captured_path)
-        configs = settings.configs(banks, calibration)
+        configs = settings.configs(banks, calibration, static_path)
 
-    results_path = out / RESULTS_NAME
+    sweep = functools.partial(
+        perplexity_sweep, model, tokenizer, null_bank=banks, max_tokens=settings.max_tokens, window=settings.window,
+        stride=settings.stride, batch_size=room_for(model, settings.window, settings.batch_size),
+        weights=settings.weights, model_id=settings.model, static_path=static_path, progress=progress)
+    results_path, tuning = out / RESULTS_NAME, None
+    datasets = [split_name(d, "tune") for d in settings.datasets] if settings.split else list(settings.datasets)
     with step("sweep"):
-        results = perplexity_sweep(model, tokenizer, configs, null_bank=banks, results_path=results_path,
-                                   datasets=settings.datasets, max_tokens=settings.max_tokens, window=settings.window,
-                                   stride=settings.stride, batch_size=room_for(model, settings.window, settings.batch_size),
-                                   weights=settings.weights, model_id=settings.model, progress=progress)
+        results = sweep(configs, results_path=results_path, datasets=datasets)
+    if settings.split:  # the verdict is read on documents never used for choosing
+        with step("confirm"):
+            tuning, results_path = results, out / CONFIRM_NAME
+            picks = pick_on_tuning(compare_with_controls(tuning, seed=settings.seed), tuning,
+                                   targets=settings.mean_ks or tuple(range(1, settings.topk_max + 1)))
+            results = sweep(settings.confirmation_configs(configs, picks, static_path), results_path=results_path,
+                            datasets=[split_name(d, "confirm") for d in settings.datasets])
 
     with step("report"):
         report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=banks,
                              model_id=settings.model, categories=settings.categories, seed=settings.seed,
-                             weights=settings.weights, calibration=calibration, progress=progress)
+                             weights=settings.weights, calibration=calibration, tuning=tuning, progress=progress)
 
     (out / STEPS_NAME).write_text(json.dumps({
         "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),

@@ -32,6 +32,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -75,6 +76,9 @@ class PerplexityResult:
         Per window (in order): the summed NLL of its scored tokens and their number; the same
         windows for every routing of one text, so two results can be compared pair by pair
         (:func:`bh_helpers.experiments.bootstrap.paired_bootstrap`).
+    window_docs : list of int
+        Per window: the index (in ``texts``) of the document holding most of its scored tokens,
+        the clusters of a document-level bootstrap (windows of one document are correlated).
     """
 
     perplexity: float
@@ -83,6 +87,7 @@ class PerplexityResult:
     protocol: dict = field(default_factory=dict)
     window_nll: list = field(default_factory=list)
     window_tokens: list = field(default_factory=list)
+    window_docs: list = field(default_factory=list)
 
     def protocol_str(self) -> str:
         """One line describing the protocol, for table captions."""
@@ -292,18 +297,25 @@ def _as_text_list(texts) -> list[str]:
     return texts
 
 
-def _token_stream(tokenizer, texts: list[str]) -> list[int]:
-    """Tokenize documents and join them with one EOS between consecutive documents."""
+def _token_stream(tokenizer, texts: list[str]) -> tuple[list[int], list[int]]:
+    """Tokenize documents and join them with one EOS between consecutive documents.
+
+    Returns the stream and, per stream position, the index in ``texts`` of its document (an EOS
+    belongs to the document it ends).
+    """
     eos = eos_id(tokenizer)
     stream: list[int] = []
-    for text in texts:
+    docs: list[int] = []
+    for index, text in enumerate(texts):
         ids = encode(tokenizer, text) if text else []
         if not ids:
             continue
         if stream:
             stream.append(eos)
+            docs.append(docs[-1])
         stream.extend(ids)
-    return stream
+        docs += [index] * len(ids)
+    return stream, docs
 
 
 def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -347,7 +359,7 @@ def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, pro
     texts = _as_text_list(texts)
     check_int("batch_size", batch_size, 1)
     window, stride = _resolve_window(model, window, stride)
-    stream = _token_stream(tokenizer, texts)
+    stream, stream_docs = _token_stream(tokenizer, texts)
     if len(stream) < 2:
         raise ValueError(
             "`texts` is empty: need at least 2 tokens of text to score "
@@ -358,6 +370,8 @@ def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, pro
     pad_id = _pad_id(tokenizer)
     window_nll: list[float] = []  # per window: summed NLL of its scored tokens (float64)
     window_tokens: list[int] = []  # per window: its scored tokens
+    # per window: the document holding most of its scored tokens (the cluster of a document-level bootstrap)
+    window_docs = [int(np.bincount(stream_docs[first:e]).argmax()) for _, e, first in spans]
     model.eval()
     with torch.no_grad():
         for batch in tqdm(list(_batched(spans, batch_size)), desc=desc, disable=not progress):
@@ -378,7 +392,7 @@ def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, pro
         "n_windows": len(spans),
         "tokenizer": _tokenizer_name(tokenizer),
     }
-    return window_nll, window_tokens, protocol
+    return window_nll, window_tokens, window_docs, protocol
 
 
 def perplexity(
@@ -424,11 +438,11 @@ def perplexity(
     See the module docstring for the exact protocol. Logits are scored in float32 and the NLL
     is summed in float64.
     """
-    window_nll, window_tokens, protocol = _windowed_scores(
+    window_nll, window_tokens, window_docs, protocol = _windowed_scores(
         model, tokenizer, texts, window=window, stride=stride, batch_size=batch_size,
         progress=progress, desc="perplexity",
     )
     n = sum(window_tokens)
     nll = math.fsum(window_nll) / n
     return PerplexityResult(perplexity=math.exp(nll), nll=nll, n_tokens=n, protocol=protocol,
-                            window_nll=window_nll, window_tokens=window_tokens)
+                            window_nll=window_nll, window_tokens=window_tokens, window_docs=window_docs)

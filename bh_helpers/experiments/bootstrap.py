@@ -4,6 +4,11 @@ Both arms are scored on the same sliding windows (:class:`~bh_helpers.evaluation
 keeps each window's summed NLL and token count), so the windows are resampled together: one
 draw of window indices serves both arms, and the interval reflects how much the difference
 depends on which text was scored, not the (much larger) spread of perplexity across windows.
+
+Windows of one document are correlated, so resampling windows treats a few long documents as
+many independent samples and gives intervals that are too narrow. With ``clusters`` (the
+document of each window, ``PerplexityResult.window_docs``) whole documents are resampled instead:
+the cluster bootstrap (each draw takes all windows of the drawn documents).
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ class BootstrapDelta:
     level : float
     resamples : int
     windows : int
+    unit : {"window", "document"}
+        What was resampled.
+    units : int
+        How many of them (windows, or distinct documents).
     """
 
     delta: float
@@ -42,6 +51,8 @@ class BootstrapDelta:
     level: float
     resamples: int
     windows: int
+    unit: str = "window"
+    units: int = 0
 
     @property
     def excludes_zero(self) -> bool:
@@ -69,6 +80,7 @@ def paired_bootstrap(
     resamples: int = DEFAULT_RESAMPLES,
     level: float = 0.95,
     seed: int = 0,
+    clusters: Sequence[int] | None = None,
 ) -> BootstrapDelta:
     """Paired percentile bootstrap of ``perplexity(A) - perplexity(B)`` over scoring windows.
 
@@ -84,6 +96,9 @@ def paired_bootstrap(
         Coverage of the interval, in (0, 1).
     seed : int, default 0
         Seed of the window draws (the interval is reproducible).
+    clusters : sequence of int, length W, optional
+        The document of each window: resample whole documents (cluster bootstrap) instead of
+        windows. Needs at least 2 distinct documents.
 
     Returns
     -------
@@ -108,11 +123,24 @@ def paired_bootstrap(
     if not (isinstance(level, float) and 0.0 < level < 1.0):
         raise ValueError(f"`level` must be a float in (0, 1), e.g. 0.95; got {level!r}.")
     windows = a_nll.size
+    unit = "window"
+    if clusters is not None:
+        cluster_ids = np.asarray(clusters)
+        if cluster_ids.shape != a_nll.shape:
+            raise ValueError(f"`clusters` needs one document id per window ({windows}); got {cluster_ids.shape}.")
+        _, inverse = np.unique(cluster_ids, return_inverse=True)
+        if inverse.max() < 1:
+            raise ValueError("`clusters` names a single document: a document-level interval needs at least 2; "
+                             "score more documents or pass clusters=None (window-level).")
+        # a cluster draw takes all its windows: resample the per-document sums
+        a_nll, b_nll, a_tok = (np.bincount(inverse, weights=x) for x in (a_nll, b_nll, a_tok))
+        unit = "document"
+    units = a_nll.size
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, windows, size=(resamples, windows))  # (R, W) shared by both arms
+    idx = rng.integers(0, units, size=(resamples, units))  # (R, U) shared by both arms
     tok = a_tok[idx].sum(axis=1)  # (R,)
     diffs = np.exp(a_nll[idx].sum(axis=1) / tok) - np.exp(b_nll[idx].sum(axis=1) / tok)  # (R,)
-    delta = float(np.exp(a_nll.sum() / a_tok.sum()) - np.exp(b_nll.sum() / b_tok.sum()))
+    delta = float(np.exp(a_nll.sum() / a_tok.sum()) - np.exp(b_nll.sum() / a_tok.sum()))
     low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
     return BootstrapDelta(delta=delta, low=float(low), high=float(high), level=level, resamples=resamples,
-                          windows=windows)
+                          windows=windows, unit=unit, units=units)

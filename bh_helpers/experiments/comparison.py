@@ -4,12 +4,19 @@ For every multiple-testing row of a sweep (per data set) this pairs it with its 
 (:func:`bh_helpers.experiments.sweep.with_controls`):
 
 - ``delta_vs_mixed`` = perplexity(adaptive) - perplexity(mixed top-k at the same per-layer mean
-  k), with a paired bootstrap interval over the scoring windows (``ci_low``, ``ci_high``):
+  k), with a paired bootstrap interval over documents or windows (``ci_low``, ``ci_high``):
   negative and excluding 0 means the adaptive rule is better than a policy that really ran at its
   compute;
 - ``delta_vs_shuffled`` (and its interval): the same against the adaptive rule's own counts
   shuffled across tokens; negative means *which* tokens get more experts carries information;
-- ``delta_vs_chord``: against the interpolated static top-k curve (the earlier guide), for
+- ``delta_vs_static`` (and its interval): against the static chord, the per-window mixture of the
+  two static per-layer allocations that brackets the adaptive row's realised mean k
+  (:mod:`bh_helpers.experiments.static_allocation`), the strongest static policy;
+- ``strongest`` (``delta_vs_strongest``, ``strongest_ci_low``, ``strongest_ci_high``): the control
+  of the three with the lowest perplexity on that data set; a verdict reads against it;
+  ``compute_matched`` says whether the adaptive row used at most the control's mean k (plus
+  :data:`COMPUTE_TOLERANCE`): a row that used more is never called better;
+- ``delta_vs_chord``: against the interpolated uniform top-k curve (the earlier guide), for
   reference.
 """
 
@@ -18,17 +25,29 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bh_helpers._validate import check_choice
 from bh_helpers.experiments.bootstrap import DEFAULT_RESAMPLES, paired_bootstrap
 from bh_helpers.experiments.frontier import compute_frontier
 from bh_helpers.experiments.configs import FDR_METHODS, controls_by_adaptive
 
-__all__ = ["COMPARISON_COLUMNS", "compare_with_controls"]
+__all__ = ["COMPARISON_COLUMNS", "UNITS", "compare_with_controls", "interval_unit"]
+
+#: What a paired bootstrap may resample.
+UNITS = ("document", "window")
 
 COMPARISON_COLUMNS = [
     "dataset", "key", "label", "method", "statistic", "trim", "min_k", "alpha", "mean_k", "perplexity",
     "mixed_mean_k", "mixed_perplexity", "delta_vs_mixed", "ci_low", "ci_high",
-    "shuffled_perplexity", "delta_vs_shuffled", "shuffled_ci_low", "shuffled_ci_high", "delta_vs_chord",
+    "shuffled_perplexity", "delta_vs_shuffled", "shuffled_ci_low", "shuffled_ci_high",
+    "static_mean_k", "static_perplexity", "delta_vs_static", "static_ci_low", "static_ci_high",
+    "strongest", "strongest_mean_k", "strongest_perplexity", "delta_vs_strongest", "strongest_ci_low",
+    "strongest_ci_high", "compute_matched", "delta_vs_chord",
 ]
+#: Mean experts per token by which an adaptive row may exceed its control and still count as
+#: compute-matched (the mixed control rounds ``frac * T`` per call).
+COMPUTE_TOLERANCE = 0.01
+#: Control method -> column prefix in the comparison table.
+_PREFIX = {"mixed": "mixed", "shuffled": "shuffled", "static_chord": "static"}
 
 
 def _int_or(value: Any, default: int) -> int:
@@ -43,16 +62,32 @@ def _windows(row: Any) -> tuple[list, list] | None:
     return nll, tok
 
 
-def _interval(a: Any, b: Any, resamples: int, seed: int) -> tuple[float, float, float]:
+def _documents(row: Any) -> list | None:
+    """The document of each window, when the row has them and they name at least two documents."""
+    docs = row.get("window_docs")
+    return docs if isinstance(docs, list) and len(set(docs)) >= 2 else None
+
+
+def _interval(a: Any, b: Any, resamples: int, seed: int, unit: str) -> tuple[float, float, float]:
     """(delta, low, high) of perplexity(a) - perplexity(b); NaNs when either lacks its windows."""
     wa, wb = _windows(a), _windows(b)
     if wa is None or wb is None:
         return math.nan, math.nan, math.nan
-    result = paired_bootstrap(*wa, *wb, resamples=resamples, seed=seed)
+    clusters = _documents(a) if unit == "document" else None
+    result = paired_bootstrap(*wa, *wb, resamples=resamples, seed=seed, clusters=clusters)
     return result.delta, result.low, result.high
 
 
-def compare_with_controls(results, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0):
+def interval_unit(results, unit: str = "document") -> str:
+    """``unit``, or "window" when some row of ``results`` lacks the documents of its windows."""
+    check_choice("unit", unit, UNITS)
+    if unit == "document" and "window_docs" in results.columns:
+        if all(_documents(r) is not None for _, r in results.iterrows() if _windows(r) is not None):
+            return "document"
+    return "window"
+
+
+def compare_with_controls(results, *, resamples: int = DEFAULT_RESAMPLES, seed: int = 0, unit: str = "document"):
     """One row per (adaptive configuration, data set) with its controls and paired intervals.
 
     Parameters
@@ -65,6 +100,11 @@ def compare_with_controls(results, *, resamples: int = DEFAULT_RESAMPLES, seed: 
         Bootstrap resamples per interval.
     seed : int, default 0
         Seed of the window draws (the same for every row: comparable intervals).
+    unit : {"document", "window"}, default "document"
+        What the paired bootstrap resamples: whole documents (the cluster bootstrap; windows of
+        one document are correlated) or windows. "document" falls back to "window" when a row has
+        no per-window documents or fewer than two (results written before they were recorded);
+        ``attrs["unit"]`` says which ran.
 
     Returns
     -------
@@ -72,6 +112,8 @@ def compare_with_controls(results, *, resamples: int = DEFAULT_RESAMPLES, seed: 
         Columns :data:`COMPARISON_COLUMNS`; a control that did not run leaves its columns NaN.
     """
     import pandas as pd
+
+    unit = interval_unit(results, unit) if len(results) else "window"
 
     rows = {(r["key"], r["dataset"]): r for _, r in results.iterrows()}
     controls = controls_by_adaptive(results)
@@ -83,23 +125,32 @@ def compare_with_controls(results, *, resamples: int = DEFAULT_RESAMPLES, seed: 
     for (key, name), row in rows.items():
         if row.get("method") not in FDR_METHODS:
             continue
-        mixed = controls.get((key, name, "mixed"))
-        shuffled = controls.get((key, name, "shuffled"))
-        d_mixed = _interval(row, mixed, resamples, seed) if mixed is not None else (math.nan,) * 3
-        d_shuf = _interval(row, shuffled, resamples, seed) if shuffled is not None else (math.nan,) * 3
-        records.append({
+        record = {
             "dataset": name, "key": key, "label": row.get("label"), "method": row.get("method"),
             "statistic": row.get("statistic") if isinstance(row.get("statistic"), str) else "raw",
             "trim": _int_or(row.get("trim"), 0),
             "min_k": row.get("min_k"), "alpha": row.get("alpha"),
             "mean_k": float(row["mean_experts_per_token"]), "perplexity": float(row["perplexity"]),
-            "mixed_mean_k": float(mixed["mean_experts_per_token"]) if mixed is not None else math.nan,
-            "mixed_perplexity": float(mixed["perplexity"]) if mixed is not None else math.nan,
-            "delta_vs_mixed": d_mixed[0], "ci_low": d_mixed[1], "ci_high": d_mixed[2],
-            "shuffled_perplexity": float(shuffled["perplexity"]) if shuffled is not None else math.nan,
-            "delta_vs_shuffled": d_shuf[0], "shuffled_ci_low": d_shuf[1], "shuffled_ci_high": d_shuf[2],
             "delta_vs_chord": chords.get((key, name), math.nan),
-        })
+        }
+        ran = {}
+        for method, prefix in _PREFIX.items():
+            control = controls.get((key, name, method))
+            delta = _interval(row, control, resamples, seed, unit) if control is not None else (math.nan,) * 3
+            low, high = ("ci_low", "ci_high") if method == "mixed" else (f"{prefix}_ci_low", f"{prefix}_ci_high")
+            record.update({f"{prefix}_mean_k": float(control["mean_experts_per_token"]) if control is not None
+                           else math.nan,
+                           f"{prefix}_perplexity": float(control["perplexity"]) if control is not None else math.nan,
+                           f"delta_vs_{prefix}": delta[0], low: delta[1], high: delta[2]})
+            if control is not None and not math.isnan(delta[0]):
+                ran[method] = (float(control["perplexity"]), float(control["mean_experts_per_token"]), delta)
+        if ran:  # the strongest control: the lowest perplexity (ties: mixed, shuffled, static chord order)
+            method = min(ran, key=lambda m: ran[m][0])
+            ppl, mean_k, delta = ran[method]
+            record.update(strongest=method, strongest_mean_k=mean_k, strongest_perplexity=ppl,
+                          delta_vs_strongest=delta[0], strongest_ci_low=delta[1], strongest_ci_high=delta[2],
+                          compute_matched=bool(record["mean_k"] <= mean_k + COMPUTE_TOLERANCE))
+        records.append(record)
     out = pd.DataFrame.from_records(records, columns=COMPARISON_COLUMNS)
-    out.attrs.update(resamples=resamples, seed=seed, level=0.95)
+    out.attrs.update(resamples=resamples, seed=seed, level=0.95, unit=unit)
     return out

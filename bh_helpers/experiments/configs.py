@@ -1,33 +1,36 @@
-"""What a sweep runs: :class:`SweepConfig` (one routing configuration) and the grids built from them.
+"""What a sweep runs: :class:`SweepConfig`, one routing configuration, and its controls.
 
-:func:`expand_grid` crosses methods, levels, ceilings, floors and kernels; :func:`sweep_grid` (the
-demo's and ``bh-routing sweep``'s grid) chooses levels for compute targets; :func:`with_controls`
-follows each adaptive configuration with its compute-matched controls; :func:`bank_name` names the
-null bank (kernel, statistic, trim) a configuration routes with. :mod:`bh_helpers.experiments.sweep`
-runs them and keeps the results.
+:func:`with_controls` follows each adaptive configuration with its compute-matched controls;
+:func:`bank_name` names the null bank (kernel, statistic, trim) a configuration routes with;
+:func:`config_of` reads a configuration back from results. The grids built from configurations are
+in :mod:`bh_helpers.experiments.grids`; :mod:`bh_helpers.experiments.sweep` runs them and keeps the
+results.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from bh_helpers._validate import check_choice
 from bh_helpers.nulls.bank import bank_name
-from bh_helpers.selection.budget import ComputeBudget, layer_alphas
+from bh_helpers.selection.budget import layer_alphas
 from bh_helpers.selection.reference import FDR_METHODS
 
-__all__ = ["CONTROLS", "FDR_METHODS", "LAYER_TARGETS", "METHODS", "SweepConfig", "adaptive_of", "bank_name",
-           "controls_by_adaptive",
-           "expand_grid", "grid_hash", "sweep_grid", "with_controls"]
+__all__ = ["BUDGETS", "CONTROLS", "FDR_METHODS", "METHODS", "SweepConfig", "adaptive_of", "bank_name", "config_of",
+           "controls_by_adaptive", "grid_hash", "with_controls"]
 
 # FDR_METHODS (p-value based: need alpha and a null kernel) is the selection module's own tuple.
-# "mixed" and "shuffled" are the compute-matched controls of one adaptive configuration.
-CONTROLS = ("mixed", "shuffled")
-METHODS = FDR_METHODS + ("topk", "top_p", "native") + CONTROLS
+# "mixed", "shuffled" and "static_chord" are the compute-matched controls of one adaptive
+# configuration; "static" is a fixed per-layer allocation (experiments.static_allocation).
+CONTROLS = ("mixed", "shuffled", "static_chord")
+METHODS = FDR_METHODS + ("topk", "top_p", "native", "static") + CONTROLS
+#: Where a configuration's per-layer levels come from: compute targets of a static allocation.
+BUDGETS = ("static",)
 
 
 def _canonical_json(obj: Any) -> str:
@@ -69,10 +72,16 @@ class SweepConfig:
     trim : int, optional
         Largest values per token left out of the null's fit (None is 0).
     control_of : str, optional
-        For ``"mixed"`` and ``"shuffled"``: the adaptive configuration they control, as the
+        For the controls (:data:`CONTROLS`): the adaptive configuration they control, as the
         canonical JSON of its :meth:`to_dict` (see :func:`with_controls`).
     seed : int, optional
         Seed of a control's random draws.
+    ks : tuple of int, optional
+        For ``"static"``: experts per MoE layer, in layer order.
+    budget : {"static"}, optional
+        For a multiple-testing configuration with ``layer_alphas``: the levels were solved so that
+        each layer's mean k equals a static allocation's k in that layer ("per-layer budgets +
+        BH within each layer").
     """
 
     method: str
@@ -87,6 +96,8 @@ class SweepConfig:
     control_of: str | None = None
     seed: int | None = None
     layer_alphas: tuple[float, ...] | None = None
+    ks: tuple[int, ...] | None = None
+    budget: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -115,9 +126,11 @@ class SweepConfig:
             "top_p": self.method == "top_p",
             "control_of": self.method in CONTROLS,
             "seed": self.method in CONTROLS,
+            "ks": self.method == "static",
         }
         optional = {"statistic": self.method in FDR_METHODS, "trim": self.method in FDR_METHODS,
-                    "layer_alphas": self.method in FDR_METHODS}
+                    "layer_alphas": self.method in FDR_METHODS,
+                    "budget": self.method in FDR_METHODS and self.layer_alphas is not None}
         for name, used in uses.items():
             value = getattr(self, name)
             if used and value is None:
@@ -147,6 +160,15 @@ class SweepConfig:
                 object.__setattr__(self, name, int(value))
         if self.min_k is not None and self.max_k is not None and self.min_k > self.max_k:
             raise ValueError(f"`min_k` ({self.min_k}) must not exceed `max_k` ({self.max_k}).")
+        if self.ks is not None:
+            if isinstance(self.ks, (str, Mapping)) or not isinstance(self.ks, Iterable):
+                raise ValueError(f"`ks` must be a sequence of experts per layer; got {self.ks!r}.")
+            ks = tuple(self.ks)
+            if not ks or any(isinstance(k, (bool, str)) or int(k) != k or int(k) < 1 for k in ks):
+                raise ValueError(f"`ks` must be integers >= 1, one per MoE layer; got {self.ks!r}.")
+            object.__setattr__(self, "ks", tuple(int(k) for k in ks))
+        if self.budget is not None:
+            check_choice("budget", self.budget, BUDGETS)
 
     def to_dict(self) -> dict:
         """All fields, ``None`` included."""
@@ -181,11 +203,16 @@ class SweepConfig:
             extra = (f" {self.statistic}" if self.statistic else "") + (f" trim={self.trim}" if self.trim else "")
             level = f"a={self.alpha:g}" if self.layer_alphas is None else (
                 f"a={min(self.layer_alphas):.3g}..{max(self.layer_alphas):.3g}/layer")
+            extra += f" {self.budget}-budget" if self.budget else ""
             return f"{self.method} {level} k={self.min_k}..{self.max_k} {self.kernel}{extra}"
+        if self.method == "static_chord":
+            return f"static chord[{self.adaptive().label()}]"
         if self.method in CONTROLS:
             return f"{self.method}[{self.adaptive().label()}]"
         if self.method == "topk":
             return f"top-{self.k}"
+        if self.method == "static":
+            return "static " + "/".join(map(str, self.ks))
         if self.method == "top_p":
             return f"top-p {self.top_p:g} k={self.min_k}..{self.max_k}"
         return "native"
@@ -222,6 +249,10 @@ class SweepConfig:
             if model is None:
                 raise ValueError("method 'native' needs `model` to read its k and weight convention.")
             return selectors.NativeSelector.for_model(model)
+        if self.method == "static_chord":
+            raise ValueError("the static chord is a per-window mixture of two static allocations, not one selector: "
+                             "score it with StaticAllocationPath.chord and mix_windows "
+                             "(bh_helpers.experiments.static_allocation).")
         if self.method == "shuffled":
             inner = self.adaptive().to_selector(model, null_bank=null_bank, weights=weights)
             return controls.ShuffledSelector(inner, seed=self.seed, weights=inner.weights)
@@ -234,6 +265,16 @@ class SweepConfig:
             bank = adaptive._bank(null_bank) if weights == "inverse_p" else None
             return controls.MixedTopKSelector(mean_k, seed=self.seed, max_k=adaptive.max_k, weights=weights,
                                               null_bank=bank)
+        if self.method == "static":
+            from bh_helpers.models.families import find_moe_blocks
+            from bh_helpers.selection.static import StaticLayerSelector
+
+            layers = [b.layer for b in find_moe_blocks(model)] if model is not None else range(len(self.ks))
+            if len(layers) != len(self.ks):
+                raise ValueError(f"{self.label()!r} has {len(self.ks)} per-layer ks for a model of {len(layers)} MoE "
+                                 "layers; fit the allocation on this model.")
+            bank = self._bank(null_bank) if weights == "inverse_p" else None
+            return StaticLayerSelector(dict(zip(layers, self.ks)), weights=weights, null_bank=bank)
         if self.method in ("topk", "top_p"):
             bank = self._bank(null_bank) if weights == "inverse_p" else None
             if self.method == "topk":
@@ -295,6 +336,20 @@ def adaptive_of(control_of: str) -> SweepConfig:
     return SweepConfig.from_dict(data)
 
 
+def config_of(results, key: str) -> SweepConfig:
+    """The configuration of the rows of ``results`` (sweep results) whose ``key`` is ``key``."""
+    rows = results[results["key"] == key]
+    if not len(rows):
+        raise ValueError(f"no row of `results` has key {key!r}.")
+    row = rows.iloc[0]
+
+    def value(name: str) -> Any:
+        v = row.get(name)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    return SweepConfig.from_dict({f.name: value(f.name) for f in fields(SweepConfig)})
+
+
 def controls_by_adaptive(results) -> dict[tuple[str, str, str], Any]:
     """Control rows of sweep results by ``(adaptive key, data set, control method)``."""
     if "control_of" not in results.columns:
@@ -303,104 +358,26 @@ def controls_by_adaptive(results) -> dict[tuple[str, str, str], Any]:
             for _, r in results[results["method"].isin(CONTROLS)].iterrows()}
 
 
-def with_controls(configs: Sequence[SweepConfig], *, seed: int = 0) -> list[SweepConfig]:
-    """``configs`` with each multiple-testing configuration followed by its two controls.
+def with_controls(configs: Sequence[SweepConfig], *, seed: int = 0,
+                  controls: Sequence[str] = CONTROLS) -> list[SweepConfig]:
+    """``configs`` with each multiple-testing configuration followed by its controls.
 
     The mixed top-k control runs at the adaptive row's per-layer mean k on the same data set; the
-    shuffled control permutes its per-token counts (:mod:`bh_helpers.selection.controls`). Each
+    shuffled control permutes its per-token counts (:mod:`bh_helpers.selection.controls`); the
+    static chord mixes, per window, the two static per-layer allocations whose totals bracket the
+    adaptive row's realised mean k (:mod:`bh_helpers.experiments.static_allocation`). Each
     control comes right after its adaptive configuration, which :func:`run_sweep` evaluates first.
     """
+    bad = [c for c in controls if c not in CONTROLS]
+    if bad:
+        raise ValueError(f"`controls` must be among {list(CONTROLS)}; got {bad}.")
     out: list[SweepConfig] = []
     for config in configs:
         out.append(config)
         if config.method in FDR_METHODS:
             of = _canonical_json({k: v for k, v in config.to_dict().items() if v is not None})
-            out += [SweepConfig(method, control_of=of, seed=seed) for method in CONTROLS]
+            out += [SweepConfig(method, control_of=of, seed=seed) for method in controls]
     return out
-
-
-def _as_tuple(values) -> tuple:
-    if values is None:
-        return ()
-    if isinstance(values, (str, int, float)):
-        return (values,)
-    return tuple(values)
-
-
-def expand_grid(
-    *,
-    methods: Iterable[str] = ("bh",),
-    alphas: Iterable[float] = (0.01, 0.05, 0.1, 0.2),
-    max_ks: Iterable[int] = (8,),
-    min_ks: Iterable[int] = (1,),
-    kernels: Iterable[str] = ("gaussian",),
-    topk: Iterable[int] | bool = True,
-    top_ps: Iterable[float] = (),
-    native: bool = True,
-) -> list[SweepConfig]:
-    """The configurations of a grid, in a fixed order.
-
-    Parameters
-    ----------
-    methods : iterable of str
-        Multiple-testing methods (subset of :data:`FDR_METHODS`), crossed with
-        ``alphas x max_ks x min_ks x kernels``.
-    alphas, max_ks, min_ks, kernels : iterables
-        Grid axes of the multiple-testing methods (pairs with ``min_k > max_k`` are skipped).
-    topk : iterable of int or bool
-        Static top-k baselines: ``True`` for ``k = 1 .. max(max_ks)``, ``False`` for none, or
-        the ``k`` values.
-    top_ps : iterable of float
-        Top-p baselines, each with ``min_k = min(min_ks)`` and ``max_k = max(max_ks)``.
-    native : bool
-        Include the unmodified model.
-
-    Returns
-    -------
-    list of SweepConfig
-        Native first, then the static top-k, top-p, and the multiple-testing configurations
-        (method, alpha, max_k, min_k, kernel varying slowest to fastest).
-
-    Examples
-    --------
-    >>> len(expand_grid(methods=["bh", "by"], alphas=[0.05, 0.1], max_ks=[8], topk=True))
-    13
-    """
-    methods, alphas = _as_tuple(methods), _as_tuple(alphas)
-    max_ks, min_ks = _as_tuple(max_ks), _as_tuple(min_ks)
-    kernels, top_ps = _as_tuple(kernels), _as_tuple(top_ps)
-    bad = [m for m in methods if m not in FDR_METHODS]
-    if bad:
-        raise ValueError(f"`methods` must be among {list(FDR_METHODS)} (baselines have their own options), got {bad}.")
-    if methods and not (alphas and max_ks and min_ks and kernels):
-        raise ValueError("`alphas`, `max_ks`, `min_ks` and `kernels` must be non-empty when `methods` is.")
-    if topk is True:
-        if not max_ks:
-            raise ValueError("`topk=True` needs `max_ks` to know the largest k; pass the k values instead.")
-        ks: tuple = tuple(range(1, max(max_ks) + 1))
-    elif topk is False:
-        ks = ()
-    else:
-        ks = _as_tuple(topk)
-    configs: list[SweepConfig] = []
-    if native:
-        configs.append(SweepConfig("native"))
-    configs += [SweepConfig("topk", k=k) for k in ks]
-    if top_ps:
-        if not (max_ks and min_ks):
-            raise ValueError("`top_ps` needs non-empty `max_ks` and `min_ks`.")
-        configs += [SweepConfig("top_p", top_p=p, min_k=min(min_ks), max_k=max(max_ks)) for p in top_ps]
-    for method in methods:
-        for alpha in alphas:
-            for max_k in max_ks:
-                for min_k in min_ks:
-                    if min_k > max_k:
-                        continue
-                    for kernel in kernels:
-                        configs.append(
-                            SweepConfig(method, alpha=alpha, max_k=max_k, min_k=min_k, kernel=kernel)
-                        )
-    return configs
 
 
 def grid_hash(configs: Sequence[SweepConfig], datasets: Sequence[str], grid_id: str | None = None) -> str:
@@ -409,66 +386,3 @@ def grid_hash(configs: Sequence[SweepConfig], datasets: Sequence[str], grid_id: 
         _canonical_json({"configs": [c.key() for c in configs], "datasets": list(datasets), "grid_id": grid_id}),
         n=16,
     )
-
-
-#: Calibration tokens per layer on which a grid's alphas are chosen (evenly spaced).
-_ALPHA_TOKENS = 4096
-
-
-#: Where a grid's compute targets are reached: over all layers (one alpha), in every layer
-#: (one alpha per layer: adaptive FDR at equal per-layer compute), or both.
-LAYER_TARGETS = ("global", "per-layer", "both")
-
-
-def _per_layer_levels(found: Mapping[int, float], where: str) -> tuple[float, ...]:
-    """``{layer: alpha}`` as ``SweepConfig.layer_alphas`` (index = layer number), 4 significant digits."""
-    if sorted(found) != list(range(len(found))):
-        raise ValueError(f"per-layer alphas{where} need calibration logits of layers 0..L-1; got layers "
-                         f"{sorted(found)}.")
-    return tuple(float(f"{found[layer]:.4g}") for layer in range(len(found)))
-
-
-def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | None, methods: Sequence[str],
-               alphas: Sequence[float], mean_ks: Sequence[float], max_ks: Sequence[int], min_ks: Sequence[int],
-               topk_max: int, top_ps: Sequence[float], controls: bool = True, seed: int = 0,
-               layer_alphas: Sequence[Sequence[float]] = (), layer_targets: str = "global"):
-    """The grid of the demo and of ``bh-routing sweep``.
-
-    Native, static top-1..``topk_max``, top-p, then for every null bank (one per statistic and
-    trim), method, ``max_k`` and floor ``min_k``: the explicit ``alphas``, the explicit per-layer
-    levels ``layer_alphas`` (each a sequence, one level per layer number) and, for each compute
-    target in ``mean_ks`` above the floor (by at least half an expert; lower targets are skipped
-    for that floor), the alpha that reaches it on ``calibration`` over all layers
-    (``layer_targets="global"``), the per-layer alphas that reach it in every layer
-    (``"per-layer"``), or both (:class:`bh_helpers.selection.budget.ComputeBudget` on at most
-    :data:`_ALPHA_TOKENS` evenly spaced tokens per layer, rounded to 4 significant digits). With
-    ``controls`` every adaptive configuration is followed by its mixed and shuffled controls.
-    """
-    check_choice("layer_targets", layer_targets, LAYER_TARGETS)
-    if mean_ks and calibration is None:
-        raise ValueError("compute targets (--mean-ks) need calibration logits (--captured) to choose alpha.")
-    adaptive = []
-    for bank in banks.values():
-        meta = bank.metadata
-        budget = ComputeBudget(bank, calibration, max_tokens=_ALPHA_TOKENS) if mean_ks else None
-        for method in methods:
-            for max_k in max_ks:
-                for min_k in min_ks:
-                    if min_k > max_k:
-                        continue
-                    same = dict(max_k=max_k, min_k=min_k, kernel=meta.kernel, statistic=meta.statistic, trim=meta.trim)
-                    targets = [t for t in mean_ks if min_k + 0.5 <= t <= max_k]
-                    levels = list(alphas)
-                    per_layer = [tuple(row) for row in layer_alphas]
-                    for t in targets:
-                        reach = dict(method=method, min_k=min_k, max_k=max_k)
-                        if layer_targets != "per-layer":
-                            levels.append(float(f"{budget.alpha(t, **reach):.4g}"))
-                        if layer_targets != "global":
-                            found = budget.alpha(t, per_layer=True, **reach)
-                            per_layer.append(_per_layer_levels(found, f" (target {t:g})"))
-                    adaptive += [SweepConfig(method, alpha=a, **same) for a in dict.fromkeys(levels)]
-                    adaptive += [SweepConfig(method, layer_alphas=a, **same) for a in dict.fromkeys(per_layer)]
-    baselines = expand_grid(methods=(), topk=list(range(1, topk_max + 1)), top_ps=top_ps, max_ks=max_ks,
-                            min_ks=min_ks, native=True)
-    return baselines + (with_controls(adaptive, seed=seed) if controls else adaptive)

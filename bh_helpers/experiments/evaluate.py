@@ -25,22 +25,24 @@ from typing import Any
 import numpy as np
 
 from bh_helpers._validate import check_choice
-from bh_helpers.evaluation.scoring import perplexity
+from bh_helpers.evaluation.scoring import PerplexityResult, perplexity
 from bh_helpers.evaluation.speed import compute_summary
 from bh_helpers.experiments.configs import bank_name
+from bh_helpers.experiments.static_allocation import mix_windows
 from bh_helpers.experiments.sweep import run_sweep
 from bh_helpers.models.texts import evaluation_texts
 from bh_helpers.nulls.bank import NullBank
 from bh_helpers.routing.patch import route
 from bh_helpers.selection.reference import WEIGHT_MODES
 from bh_helpers.selection.selectors import NativeSelector
+from bh_helpers.selection.static import StaticLayerSelector
 
 __all__ = ["make_evaluate_fn", "perplexity_sweep", "sweep_grid_id", "sweep_results_path"]
 
 
 def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank, window: int = 256,
-                     stride: int = 256, batch_size: int = 8,
-                     weights: str = "softmax") -> Callable[[Any, str], dict]:
+                     stride: int = 256, batch_size: int = 8, weights: str = "softmax",
+                     static_path: Any = None) -> Callable[[Any, str], dict]:
     """The ``evaluate_fn(config, dataset)`` of :func:`bh_helpers.experiments.sweep.run_sweep`.
 
     Metrics per row: the :class:`~bh_helpers.evaluation.scoring.PerplexityResult` fields (with
@@ -54,7 +56,11 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
     ``null_bank`` is one :class:`~bh_helpers.nulls.bank.NullBank` or a mapping of
     :func:`~bh_helpers.experiments.configs.bank_name` to banks. A ``"mixed"`` control runs at the
     per-layer mean k its adaptive configuration reached on the same data set (evaluated again
-    when a resumed sweep did not evaluate it in this process).
+    when a resumed sweep did not evaluate it in this process). A ``"static_chord"`` control
+    (needs ``static_path``) scores the two static allocations whose totals bracket the adaptive
+    row's realised mean k and mixes their per-window NLL with the probabilities that match that
+    compute (:func:`~bh_helpers.experiments.static_allocation.mix_windows`: the expected NLL of
+    the per-window random policy); each allocation is scored once per data set.
     """
     native_k = NativeSelector.for_model(model).k
     if isinstance(null_bank, NullBank):  # itself a Mapping (layer -> null): name it
@@ -87,14 +93,39 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
             "k_hist": np.bincount(counts.numpy()).tolist(),
         }
 
+    static_scores: dict[tuple[tuple[int, ...], str], PerplexityResult] = {}
+
+    def static_score(ks: tuple[int, ...], name: str) -> PerplexityResult:
+        if (ks, name) not in static_scores:
+            selector = StaticLayerSelector(dict(zip(static_path.layers, ks)), weights=weights)
+            with route(model, selector):
+                static_scores[ks, name] = perplexity(model, tokenizer, data[name], window=window, stride=stride,
+                                                     batch_size=batch_size, progress=False)
+        return static_scores[ks, name]
+
+    def chord(per_layer: dict[int, float], name: str) -> dict:
+        if static_path is None:
+            raise ValueError("the static chord control needs `static_path` (a StaticAllocationPath of this model).")
+        mean_k = sum(per_layer.values()) / len(per_layer)
+        parts = static_path.chord(mean_k)
+        mixed = mix_windows([(static_score(ks, name), p) for ks, p in parts])
+        return {
+            **mixed.to_dict(),
+            **compute_summary({"mean_k": mean_k}, native_k=native_k),
+            "per_layer_mean_k": {str(layer): sum(p * ks[i] for ks, p in parts)
+                                 for i, layer in enumerate(static_path.layers)},
+            "chord": [{"ks": list(ks), "probability": p} for ks, p in parts],
+        }
+
     def evaluate(config, name: str) -> dict:
-        if config.method != "mixed":
+        if config.method not in ("mixed", "static_chord"):
             return run(config, name)
         adaptive = config.adaptive()
         if (adaptive.key(), name) not in reached:  # resumed after the adaptive row: measure it again
             run(adaptive, name)
-        metrics = run(config, name, mean_k=reached[(adaptive.key(), name)])
-        metrics["target_per_layer_mean_k"] = {str(k): v for k, v in reached[(adaptive.key(), name)].items()}
+        target = reached[(adaptive.key(), name)]
+        metrics = run(config, name, mean_k=target) if config.method == "mixed" else chord(target, name)
+        metrics["target_per_layer_mean_k"] = {str(k): v for k, v in target.items()}
         return metrics
 
     return evaluate
@@ -103,14 +134,14 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
 def perplexity_sweep(model, tokenizer, configs, *, null_bank, results_path: str | os.PathLike,
                      datasets: Sequence[str] = ("prose", "code"), max_tokens: int = 2048, window: int = 256,
                      stride: int = 256, batch_size: int = 8, weights: str = "softmax", model_id: str = "tiny",
-                     progress: bool = True):
+                     static_path: Any = None, progress: bool = True):
     """Run (or resume) a perplexity sweep; returns :func:`~bh_helpers.experiments.sweep.load_results`.
 
     Parameters
     ----------
     model, tokenizer
     configs : list of SweepConfig
-        E.g. from :func:`bh_helpers.experiments.configs.sweep_grid`.
+        E.g. from :func:`bh_helpers.experiments.grids.sweep_grid`.
     null_bank : NullBank or mapping of str to NullBank
         Nulls of ``model`` (for the multiple-testing configurations); a mapping is keyed by
         :func:`~bh_helpers.experiments.configs.bank_name` (one bank per statistic and trim).
@@ -129,6 +160,8 @@ def perplexity_sweep(model, tokenizer, configs, *, null_bank, results_path: str 
         (``norm_topk_prob=False``), so top-8 equals the native model; ``"renorm"`` rescales the
         selected probabilities to sum to 1, which the tiny model was not trained for.
     model_id : str
+    static_path : StaticAllocationPath, optional
+        Needed when ``configs`` hold static-chord controls (see :func:`make_evaluate_fn`).
     progress : bool
 
     Returns
@@ -143,9 +176,9 @@ def perplexity_sweep(model, tokenizer, configs, *, null_bank, results_path: str 
         bank.check_compatible(model)
     data = {name: evaluation_texts(name, tokenizer, max_tokens=max_tokens) for name in datasets}
     grid_id = sweep_grid_id(model_id=model_id, null_bank=null_bank, datasets=datasets, max_tokens=max_tokens,
-                            window=window, stride=stride, weights=weights)
+                            window=window, stride=stride, weights=weights, static_path=static_path)
     evaluate = make_evaluate_fn(model, tokenizer, data, null_bank=null_bank, window=window, stride=stride,
-                                batch_size=batch_size, weights=weights)
+                                batch_size=batch_size, weights=weights, static_path=static_path)
     protocol = {"window": int(window), "stride": int(stride), "max_tokens": int(max_tokens), "weights": weights}
     return run_sweep(configs, datasets, evaluate, results_path, grid_id=grid_id, protocol=protocol, progress=progress)
 
@@ -163,11 +196,17 @@ def _bank_identity(bank) -> dict | list:
 
 
 def sweep_grid_id(*, model_id: str, null_bank, datasets: Sequence[str], max_tokens: int, window: int,
-                  stride: int, weights: str) -> str:
-    """The ``grid_id`` of a sweep: everything besides the configurations that changes its numbers."""
-    return json.dumps({"model": model_id, "nulls": _bank_identity(null_bank), "datasets": list(datasets),
-                       "max_tokens": int(max_tokens), "window": int(window), "stride": int(stride),
-                       "weights": weights}, sort_keys=True, separators=(",", ":"))
+                  stride: int, weights: str, static_path: Any = None) -> str:
+    """The ``grid_id`` of a sweep: everything besides the configurations that changes its numbers.
+
+    A static allocation path (the static chord's allocations) enters by the digest of its JSON.
+    """
+    ident = {"model": model_id, "nulls": _bank_identity(null_bank), "datasets": list(datasets),
+             "max_tokens": int(max_tokens), "window": int(window), "stride": int(stride), "weights": weights}
+    if static_path is not None:
+        text = json.dumps(static_path.to_dict(), sort_keys=True)
+        ident["static_path"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json.dumps(ident, sort_keys=True, separators=(",", ":"))
 
 
 def sweep_results_path(out: str | os.PathLike, bank: Any, configs: Sequence[Any], **settings: Any) -> Path:

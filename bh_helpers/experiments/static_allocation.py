@@ -177,7 +177,8 @@ def mix_windows(results: Sequence[tuple[PerplexityResult, float]]) -> Perplexity
     n = sum(first.window_tokens)
     nll = math.fsum(window_nll) / n
     return PerplexityResult(perplexity=math.exp(nll), nll=nll, n_tokens=n, protocol=dict(first.protocol),
-                            window_nll=window_nll, window_tokens=list(first.window_tokens))
+                            window_nll=window_nll, window_tokens=list(first.window_tokens),
+                            window_docs=list(first.window_docs))
 
 
 def _scorer(model, tokenizer, texts: Sequence[str], layers: tuple[int, ...], *, window: int, batch_size: int,

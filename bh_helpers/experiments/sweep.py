@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 
 from bh_helpers._clock import utc_timestamp
 from bh_helpers._locks import exclusive
-# The configurations and grids live in experiments.configs; they are re-exported here because a
-# sweep is where users meet them (``from bh_helpers.experiments.sweep import SweepConfig``).
+# The configurations and grids live in experiments.configs and experiments.grids; they are
+# re-exported here because a sweep is where users meet them
+# (``from bh_helpers.experiments.sweep import SweepConfig``).
 from bh_helpers.experiments.configs import (
     CONTROLS,
     FDR_METHODS,
@@ -46,10 +47,10 @@ from bh_helpers.experiments.configs import (
     SweepConfig,
     _canonical_json,
     bank_name,
-    expand_grid,
     grid_hash,
     with_controls,
 )
+from bh_helpers.experiments.grids import expand_grid
 
 __all__ = [
     "METHODS",

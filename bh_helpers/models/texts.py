@@ -13,12 +13,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from bh_helpers._validate import check_int
+from bh_helpers._validate import check_choice, check_int
 from bh_helpers.models.datasets import embedded_fixture, load_wikitext2
 from bh_helpers.models.loading import load_corpus_slice
 
 __all__ = [
     "EVAL_DATASETS",
+    "SPLITS",
+    "calibration_texts",
     "calibration_token_ids",
     "check_datasets",
     "corpus_texts",
@@ -26,6 +28,7 @@ __all__ = [
     "encode",
     "eos_id",
     "evaluation_texts",
+    "split_name",
 ]
 
 EVAL_DATASETS = ("prose", "code", "wikitext2", "wikitext2-fixture")
@@ -93,7 +96,28 @@ _DESCRIPTIONS = {
 }
 
 
+#: Suffixes that split a data set by document: ``"prose:tune"`` holds documents 0, 2, 4, ... of
+#: ``"prose"``, ``"prose:confirm"`` documents 1, 3, 5, ... (configurations are chosen on the tuning
+#: half and the verdict is stated on the confirmation half, never used for choosing).
+SPLITS = ("tune", "confirm")
+
+
+def split_name(name: str, split: str) -> str:
+    """``name`` restricted to one half of its documents: ``split_name("prose", "tune") == "prose:tune"``."""
+    check_choice("split", split, SPLITS)
+    return f"{name}:{split}"
+
+
 def _dataset_documents(name: str) -> tuple[list[str], str]:
+    base, sep, split = name.rpartition(":")
+    if sep and split in SPLITS:
+        docs, description = _dataset_documents(base)
+        half = docs[SPLITS.index(split)::2]
+        if not half:
+            raise ValueError(f"data set {base!r} has too few documents to split into tuning and confirmation halves; "
+                             f"use {base!r} itself.")
+        which = "even" if split == "tune" else "odd"
+        return half, f"{description}, {split} half ({which}-numbered documents, {len(half)} of {len(docs)})"
     if name in ("prose", "code"):
         return [r["text"] for r in load_corpus_slice("evaluation", domain=name)], _DESCRIPTIONS[name]
     if name == "wikitext2":
@@ -119,6 +143,9 @@ def _dataset_documents(name: str) -> tuple[list[str], str]:
 def dataset_description(name: str) -> str:
     """What a data-set name stands for, as reports state it (no data is read; a ``.txt`` path is
     "file <path>", anything else unknown its own name)."""
+    base, sep, split = name.rpartition(":")
+    if sep and split in SPLITS:
+        return f"{dataset_description(base)}, {split} half ({'even' if split == 'tune' else 'odd'}-numbered documents)"
     if name in _DESCRIPTIONS:
         return _DESCRIPTIONS[name]
     path = Path(name)

@@ -152,10 +152,12 @@ class NullBank(Mapping[int, NullModel]):
             How the message names the model.
         """
         layers, experts = _config_counts(model_or_config)
-        self._check_counts(num_layers=layers, num_experts=experts, what=what)
+        self.check_counts(num_layers=layers, num_experts=experts, what=what)
         return self
 
-    def _check_counts(self, *, num_layers: int | None, num_experts: int | None, what: str) -> None:
+    def check_counts(self, *, num_layers: int | None, num_experts: int | None, what: str) -> None:
+        """Raise ValueError unless the bank covers ``num_layers`` layers of ``num_experts`` experts
+        (None skips that count); ``what`` names the model in the message."""
         if num_layers is not None and (self.num_layers != num_layers or max(self) >= num_layers):
             raise ValueError(
                 f"null bank was fitted for a model with {self.num_layers} layers (layers "
@@ -247,7 +249,7 @@ class NullBank(Mapping[int, NullModel]):
                     "save or fit the bank again"
                 ) from err
         bank = cls(nulls, metadata)
-        bank._check_counts(
+        bank.check_counts(
             num_layers=num_layers, num_experts=num_experts, what="the model (`num_layers`/`num_experts`)"
         )
         return bank
@@ -320,7 +322,7 @@ class NullBank(Mapping[int, NullModel]):
             created=utc_timestamp(),
         )
         bank = cls(nulls, metadata)
-        bank._check_counts(num_layers=num_layers, num_experts=None, what="`num_layers`")
+        bank.check_counts(num_layers=num_layers, num_experts=None, what="`num_layers`")
         return bank
 
 

@@ -10,7 +10,6 @@ runs the per-category analysis and the per-token view of the featured configurat
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,11 +23,12 @@ from bh_helpers.experiments.comparison import compare_with_controls
 from bh_helpers.experiments.frontier import compute_frontier
 from bh_helpers.experiments.optimize import optimize
 from bh_helpers.experiments.saturation import saturation_points, saturation_table
-from bh_helpers.experiments.configs import CONTROLS, SweepConfig, bank_name, controls_by_adaptive
+from bh_helpers.experiments.configs import CONTROLS, bank_name, config_of, controls_by_adaptive
 from bh_helpers.experiments.sweep import load_balance_table, load_results
 from bh_helpers.models.families import moe_shape
 from bh_helpers.models.texts import dataset_description, encode
 from bh_helpers.report import plots
+from bh_helpers.report.verdict import comparison_markdown
 from bh_helpers.report.write import write_report
 from bh_helpers.routing.patch import route
 from bh_helpers.nulls.bank import NullBank
@@ -75,14 +75,14 @@ _WEIGHT_NOTES = {
 
 def _featured(frontier, comparison):
     """The featured adaptive row of the first data set: the BH row with the best (lowest) difference
-    to its mixed control when controls ran, else the best relative difference to the top-k chord
+    to its strongest control when controls ran, else the best relative difference to the top-k chord
     (BH preferred over the other methods)."""
-    if comparison is not None and len(comparison) and comparison["delta_vs_mixed"].notna().any():
-        rows = comparison[comparison["delta_vs_mixed"].notna()]
+    if comparison is not None and len(comparison) and comparison["delta_vs_strongest"].notna().any():
+        rows = comparison[comparison["delta_vs_strongest"].notna()]
         rows = rows[rows["dataset"] == rows["dataset"].iloc[0]]
         bh = rows[rows["method"] == "bh"]
         rows = bh if len(bh) else rows
-        return rows.loc[rows["delta_vs_mixed"].idxmin()]
+        return rows.loc[rows["delta_vs_strongest"].idxmin()]
     ok = frontier[frontier["status"] == "ok"]
     if not len(ok):
         return None
@@ -116,7 +116,7 @@ def _model_info(model, model_id: str) -> dict:
 def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=None, null_bank=None,
                 model_id: str = "tiny", categories: bool = True, prompt_sets=None, seed: int = 0,
                 weights: str | None = None, extra_notes: str | None = None, calibration=None,
-                progress: bool = True) -> Path:
+                tuning=None, progress: bool = True) -> Path:
     """Frontier, figures, optional category analysis and token view, then ``report.md``.
 
     Parameters
@@ -139,6 +139,10 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     extra_notes : str, optional
     calibration : mapping of int to Tensor, optional
         Calibration router logits: with ``null_bank``, the max_k saturation table and figure.
+    tuning : pandas.DataFrame, optional
+        The tuning sweep whose picks ``results`` confirms (``results`` then holds the
+        confirmation split only, and the verdict is read there); its comparison goes into a
+        "Tuning split" section.
     progress : bool
 
     Returns
@@ -159,7 +163,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     figures = _sweep_figures(results, comparison)
     first_set = results["dataset"].iloc[0]
     featured = _featured(frontier, comparison) if len(frontier) else None
-    config = _config_of(results, featured["key"]) if featured is not None else None
+    config = config_of(results, featured["key"]) if featured is not None else None
     tables: dict[str, Any] = {"Budget optimiser": _optimiser_section(results)}
     if any(str(c).startswith("per_layer_utilisation_cv.") for c in results.columns):
         tables["Load balance"] = load_balance_table(results).round(3).to_dict("records")
@@ -168,6 +172,15 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         tables["max_k saturation"] = _saturation_section(saturation, points)
         figures["max_k saturation"] = plots.plot_saturation(saturation, points)
     notes = [extra_notes] if extra_notes else []
+    if tuning is not None and len(tuning):
+        tuned = compare_with_controls(tuning, seed=seed)
+        tables["Tuning split (the whole grid; configurations were chosen here)"] = comparison_markdown(tuned)
+        notes.append(
+            "Tune, then confirm: every data set is split by document. The whole grid ran on the tuning halves "
+            f"({', '.join(sorted(set(tuning['dataset'])))}); per family and compute target the configuration with the "
+            "lowest mean difference to its strongest control there was kept, and only those ran again, beside their "
+            f"controls, on the confirmation halves ({', '.join(sorted(set(results['dataset'])))}), which nothing was "
+            "chosen on. The verdict above is read on the confirmation halves.")
     mixed_key = None
     if config is not None and comparison is not None:
         mixed = controls_by_adaptive(results).get((featured["key"], featured["dataset"], "mixed"))
@@ -271,7 +284,7 @@ def _saturation(results, null_bank, calibration, config):
     if "alpha" in results.columns:
         rows = results[(results["method"] == method) & results["alpha"].notna()].drop_duplicates("key")
         alphas = sorted({float(r["alpha"]) for _, r in rows.iterrows()
-                         if _config_of(results, r["key"]).bank_name() == name})
+                         if config_of(results, r["key"]).bank_name() == name})
     if len(alphas) > 6:
         alphas = [alphas[i] for i in np.linspace(0, len(alphas) - 1, 6).round().astype(int)]
     table = saturation_table(banks[name], calibration, alphas or [0.01, 0.05, 0.2, 0.5], method=method, min_k=min_k)
@@ -304,17 +317,3 @@ def _bank_metadata(null_bank):
     from dataclasses import asdict
 
     return {name: asdict(bank.metadata) for name, bank in null_bank.items()}
-
-
-def _none(value):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return value
-
-
-def _config_of(results, key: str):
-    from dataclasses import fields as dc_fields
-
-
-    row = results[results["key"] == key].iloc[0]
-    return SweepConfig.from_dict({f.name: _none(row.get(f.name)) for f in dc_fields(SweepConfig)})

@@ -179,10 +179,14 @@ def write_report(
     if comparison is not None:
         parts += ["", "## Against compute-matched controls", "",
                   "Delta = perplexity minus the control's on the same windows (negative: the adaptive rule is "
-                  f"better); 95% paired-bootstrap intervals over the scoring windows "
+                  f"better); 95% paired-bootstrap intervals resampling whole "
+                  f"{'documents' if comparison.attrs.get('unit') == 'document' else 'scoring windows'} "
                   f"({comparison.attrs.get('resamples', '?')} resamples). Mixed top-k: each token gets the floor or "
                   "ceiling of the adaptive row's per-layer mean k at random; shuffled: the adaptive row's own "
-                  "counts permuted across tokens.", "", comparison_markdown(comparison).rstrip()]
+                  "counts permuted across tokens; static chord: per window, one of the two static per-layer "
+                  "allocations (fitted on calibration text) whose totals bracket the adaptive row's realised mean "
+                  "k, with the probability that matches its compute (its expected per-window NLL).", "",
+                  comparison_markdown(comparison).rstrip()]
     if frontier is not None and len(frontier):
         parts += ["", "## Compute-matched frontier", "", frontier_markdown(frontier).rstrip()]
     parts += ["", "## All results", "", results_table(results, metric=metric) if len(results) else "(no rows yet)"]

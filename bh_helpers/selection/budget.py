@@ -145,7 +145,10 @@ class ComputeBudget:
                 raise ValueError(f"`target_mean_k{where}` must be a number of experts per token; got {target!r}.")
         if targets is not None or per_layer:
             targets = targets or dict.fromkeys(self.sorted_p, target_mean_k)
-            return {layer: _bisect([p], float(targets[layer]), method, min_k, max_k, f" at layer {layer}")
+            # a layer whose target is the floor itself gets the smallest level (every token at min_k
+            # but for p-values below 1e-12 k/m): a static budget may leave a layer at min_k
+            return {layer: _ALPHA_MIN if targets[layer] == min_k else
+                    _bisect([p], float(targets[layer]), method, min_k, max_k, f" at layer {layer}")
                     for layer, p in self.sorted_p.items()}
         return _bisect(list(self.sorted_p.values()), float(target_mean_k), method, min_k, max_k, "")
 
@@ -171,7 +174,8 @@ def alpha_for_mean_k(
         ideally not the ones the bank was fitted on.
     target_mean_k : float or mapping of int to float
         Mean experts per token to reach, over all layers and tokens (or in each layer); a mapping
-        gives each layer its own target (a per-layer compute budget) and returns per-layer alphas.
+        gives each layer its own target (a per-layer compute budget) and returns per-layer alphas;
+        a layer's target equal to ``min_k`` gets alpha 1e-12 (the floor).
     method : {"bh", "by", "bonferroni", "holm"}, default "bh"
     min_k, max_k : int, default 1 and 8
         The selector's floor and ceiling (they shape the reachable range).

@@ -13,7 +13,7 @@ Two public functions carry the routing statistics:
 The threshold convention is decided once, here: a p-value EQUAL to its threshold is rejected
 (``p <= threshold``), as in statsmodels (since 0.8) and :func:`scipy.stats.false_discovery_control`.
 
-One module on purpose, though past 500 lines: it is the definition every fast path is tested
+Why one module: past 500 lines on purpose, it is the definition every fast path is tested
 against (argument checks, thresholds, counts, ranking, weights), and a reader checks a fast path
 against it top to bottom; the fast paths import its checks rather than repeating them.
 

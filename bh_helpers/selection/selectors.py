@@ -110,7 +110,8 @@ def check_null_bank(null_bank: Any, target: RoutedModel) -> None:
     if not isinstance(null_bank, NullBank):
         return
     # a bank of another model routed silently (mean k 1.0) before these checks
-    null_bank.check_compatible(target, what="the routed model")
+    null_bank.check_counts(num_layers=target.num_hidden_layers, num_experts=target.num_experts,
+                           what="the routed model")
     fitted = null_bank.metadata.router_fingerprint
     if fitted is not None and not target.allow_other_model and target.router_fingerprint is not None:
         differ = fingerprints_differ(fitted, target.router_fingerprint(list(fitted)))

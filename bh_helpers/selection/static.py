@@ -18,13 +18,20 @@ import torch
 from bh_helpers._validate import check_int
 from bh_helpers.selection.fused import fused_select_experts
 from bh_helpers.selection.reference import Selection
-from bh_helpers.selection.selectors import _check_weights, weight_pvalues
+from bh_helpers.selection.selectors import (
+    RoutedModel,
+    Selector,
+    _check_weights,
+    _fused_capturable,
+    check_null_bank,
+    weight_pvalues,
+)
 
 __all__ = ["StaticLayerSelector"]
 
 
 @dataclass(frozen=True)
-class StaticLayerSelector:
+class StaticLayerSelector(Selector):
     """Top-``ks[layer]`` routing: a fixed number of experts per layer (per-layer static allocation).
 
     Parameters
@@ -48,8 +55,6 @@ class StaticLayerSelector:
     weights: str = "renorm"
     validate: bool = field(default=False, repr=False)
     null_bank: Any = field(default=None, repr=False)
-
-    graph_safe = True  # top-k per layer: pure, sync-free device work
 
     def __post_init__(self) -> None:
         if isinstance(self.ks, (str, bytes)) or not isinstance(self.ks, (Sequence, Mapping)):
@@ -82,6 +87,22 @@ class StaticLayerSelector:
             raise ValueError(f"`ks` has no entry for layer {layer} (it has layers {sorted(self.ks)}); "
                              "give one k per routed MoE layer.")
         return self.ks[layer]
+
+    def check(self, target: RoutedModel) -> None:
+        """A k for every routed layer, none above the model's experts; a ``null_bank`` fits the model."""
+        missing = [layer for layer in target.layers if layer not in self.ks]
+        if missing:
+            raise ValueError(f"`ks` has no k for MoE layers {missing} (it has layers {sorted(self.ks)}); give one k "
+                             "per routed layer, or pass `layers` to route.")
+        too_many = {layer: k for layer, k in self.ks.items() if k > target.num_experts}
+        if too_many:
+            raise ValueError(f"`ks` asks for more experts than the {target.num_experts} per layer: {too_many}; "
+                             f"pass ks of at most {target.num_experts}.")
+        check_null_bank(self.null_bank, target)
+
+    def capturable(self, device: torch.device) -> bool:
+        """Top-k per layer through the fused kernel (validation off, weights not inverse-p)."""
+        return _fused_capturable(self, device, StaticLayerSelector.__call__) and self.weights != "inverse_p"
 
     def __call__(self, logits: torch.Tensor, layer: int) -> Selection:
         k = self.k_at(layer)

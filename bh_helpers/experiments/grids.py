@@ -1,0 +1,197 @@
+"""The grids a sweep runs: :func:`expand_grid` (methods x levels x ceilings x floors x kernels) and
+:func:`sweep_grid` (the demo's and ``bh-routing sweep``'s grid: levels chosen for compute
+targets, baselines, static allocations, and each adaptive configuration's controls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from bh_helpers._validate import check_choice
+from bh_helpers.experiments.configs import CONTROLS, FDR_METHODS, SweepConfig, with_controls
+from bh_helpers.selection.budget import ComputeBudget
+
+__all__ = ["LAYER_TARGETS", "expand_grid", "sweep_grid"]
+
+
+def _as_tuple(values) -> tuple:
+    if values is None:
+        return ()
+    if isinstance(values, (str, int, float)):
+        return (values,)
+    return tuple(values)
+
+
+def expand_grid(
+    *,
+    methods: Iterable[str] = ("bh",),
+    alphas: Iterable[float] = (0.01, 0.05, 0.1, 0.2),
+    max_ks: Iterable[int] = (8,),
+    min_ks: Iterable[int] = (1,),
+    kernels: Iterable[str] = ("gaussian",),
+    topk: Iterable[int] | bool = True,
+    top_ps: Iterable[float] = (),
+    native: bool = True,
+) -> list[SweepConfig]:
+    """The configurations of a grid, in a fixed order.
+
+    Parameters
+    ----------
+    methods : iterable of str
+        Multiple-testing methods (subset of :data:`FDR_METHODS`), crossed with
+        ``alphas x max_ks x min_ks x kernels``.
+    alphas, max_ks, min_ks, kernels : iterables
+        Grid axes of the multiple-testing methods (pairs with ``min_k > max_k`` are skipped).
+    topk : iterable of int or bool
+        Static top-k baselines: ``True`` for ``k = 1 .. max(max_ks)``, ``False`` for none, or
+        the ``k`` values.
+    top_ps : iterable of float
+        Top-p baselines, each with ``min_k = min(min_ks)`` and ``max_k = max(max_ks)``.
+    native : bool
+        Include the unmodified model.
+
+    Returns
+    -------
+    list of SweepConfig
+        Native first, then the static top-k, top-p, and the multiple-testing configurations
+        (method, alpha, max_k, min_k, kernel varying slowest to fastest).
+
+    Examples
+    --------
+    >>> len(expand_grid(methods=["bh", "by"], alphas=[0.05, 0.1], max_ks=[8], topk=True))
+    13
+    """
+    methods, alphas = _as_tuple(methods), _as_tuple(alphas)
+    max_ks, min_ks = _as_tuple(max_ks), _as_tuple(min_ks)
+    kernels, top_ps = _as_tuple(kernels), _as_tuple(top_ps)
+    bad = [m for m in methods if m not in FDR_METHODS]
+    if bad:
+        raise ValueError(f"`methods` must be among {list(FDR_METHODS)} (baselines have their own options), got {bad}.")
+    if methods and not (alphas and max_ks and min_ks and kernels):
+        raise ValueError("`alphas`, `max_ks`, `min_ks` and `kernels` must be non-empty when `methods` is.")
+    if topk is True:
+        if not max_ks:
+            raise ValueError("`topk=True` needs `max_ks` to know the largest k; pass the k values instead.")
+        ks: tuple = tuple(range(1, max(max_ks) + 1))
+    elif topk is False:
+        ks = ()
+    else:
+        ks = _as_tuple(topk)
+    configs: list[SweepConfig] = []
+    if native:
+        configs.append(SweepConfig("native"))
+    configs += [SweepConfig("topk", k=k) for k in ks]
+    if top_ps:
+        if not (max_ks and min_ks):
+            raise ValueError("`top_ps` needs non-empty `max_ks` and `min_ks`.")
+        configs += [SweepConfig("top_p", top_p=p, min_k=min(min_ks), max_k=max(max_ks)) for p in top_ps]
+    for method in methods:
+        for alpha in alphas:
+            for max_k in max_ks:
+                for min_k in min_ks:
+                    if min_k > max_k:
+                        continue
+                    for kernel in kernels:
+                        configs.append(
+                            SweepConfig(method, alpha=alpha, max_k=max_k, min_k=min_k, kernel=kernel)
+                        )
+    return configs
+
+
+#: Calibration tokens per layer on which a grid's alphas are chosen (evenly spaced).
+_ALPHA_TOKENS = 4096
+
+
+#: Where a grid's compute targets are reached: over all layers (one alpha), in every layer
+#: (one alpha per layer: adaptive FDR at equal per-layer compute), or both.
+LAYER_TARGETS = ("global", "per-layer", "both")
+
+
+def _per_layer_levels(found: Mapping[int, float], where: str) -> tuple[float, ...]:
+    """``{layer: alpha}`` as ``SweepConfig.layer_alphas`` (index = layer number), 4 significant digits."""
+    if sorted(found) != list(range(len(found))):
+        raise ValueError(f"per-layer alphas{where} need calibration logits of layers 0..L-1; got layers "
+                         f"{sorted(found)}.")
+    return tuple(float(f"{found[layer]:.4g}") for layer in range(len(found)))
+
+
+def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | None, methods: Sequence[str],
+               alphas: Sequence[float], mean_ks: Sequence[float], max_ks: Sequence[int], min_ks: Sequence[int],
+               topk_max: int, top_ps: Sequence[float], controls: bool = True, seed: int = 0,
+               layer_alphas: Sequence[Sequence[float]] = (), layer_targets: str = "global",
+               static_path: Any = None, static_budgets: bool = True):
+    """The grid of the demo and of ``bh-routing sweep``.
+
+    Native, static top-1..``topk_max``, top-p, then for every null bank (one per statistic and
+    trim), method, ``max_k`` and floor ``min_k``: the explicit ``alphas``, the explicit per-layer
+    levels ``layer_alphas`` (each a sequence, one level per layer number) and, for each compute
+    target in ``mean_ks`` above the floor (by at least half an expert; lower targets are skipped
+    for that floor), the alpha that reaches it on ``calibration`` over all layers
+    (``layer_targets="global"``), the per-layer alphas that reach it in every layer
+    (``"per-layer"``), or both (:class:`bh_helpers.selection.budget.ComputeBudget` on at most
+    :data:`_ALPHA_TOKENS` evenly spaced tokens per layer, rounded to 4 significant digits). With
+    ``controls`` every adaptive configuration is followed by its mixed and shuffled controls.
+
+    With a ``static_path`` (:class:`~bh_helpers.experiments.static_allocation.StaticAllocationPath`)
+    the grid also holds the static per-layer allocations at mean k 1..``topk_max`` (where the
+    path has them), every adaptive configuration gets the static chord as a third control, and
+    (``static_budgets``) each target whose total is a whole number of experts gets "per-layer
+    budgets + BH": per-layer levels solved so that layer ``l`` reaches the allocation's ``k_l``
+    (a layer whose ``k_l`` is at the floor ``min_k`` gets the smallest level, 1e-12; a floor
+    above some ``k_l`` skips the configuration).
+    """
+    check_choice("layer_targets", layer_targets, LAYER_TARGETS)
+    if mean_ks and calibration is None:
+        raise ValueError("compute targets (--mean-ks) need calibration logits (--captured) to choose alpha.")
+    adaptive = []
+    for bank in banks.values():
+        meta = bank.metadata
+        budget = ComputeBudget(bank, calibration, max_tokens=_ALPHA_TOKENS) if mean_ks else None
+        for method in methods:
+            for max_k in max_ks:
+                for min_k in min_ks:
+                    if min_k > max_k:
+                        continue
+                    same = dict(max_k=max_k, min_k=min_k, kernel=meta.kernel, statistic=meta.statistic, trim=meta.trim)
+                    targets = [t for t in mean_ks if min_k + 0.5 <= t <= max_k]
+                    levels = list(alphas)
+                    per_layer = [tuple(row) for row in layer_alphas]
+                    for t in targets:
+                        reach = dict(method=method, min_k=min_k, max_k=max_k)
+                        if layer_targets != "per-layer":
+                            levels.append(float(f"{budget.alpha(t, **reach):.4g}"))
+                        if layer_targets != "global":
+                            found = budget.alpha(t, per_layer=True, **reach)
+                            per_layer.append(_per_layer_levels(found, f" (target {t:g})"))
+                    adaptive += [SweepConfig(method, alpha=a, **same) for a in dict.fromkeys(levels)]
+                    adaptive += [SweepConfig(method, layer_alphas=a, **same) for a in dict.fromkeys(per_layer)]
+                    if static_path is not None and static_budgets:
+                        adaptive += _static_budget_configs(static_path, budget, targets, method, same)
+    baselines = expand_grid(methods=(), topk=list(range(1, topk_max + 1)), top_ps=top_ps, max_ks=max_ks,
+                            min_ks=min_ks, native=True)
+    chosen = CONTROLS
+    if static_path is not None:
+        totals = static_path.allocations
+        baselines += [SweepConfig("static", ks=totals[k * static_path.num_layers])
+                      for k in range(1, topk_max + 1) if k * static_path.num_layers in totals]
+    else:
+        chosen = tuple(c for c in CONTROLS if c != "static_chord")
+    return baselines + (with_controls(adaptive, seed=seed, controls=chosen) if controls else adaptive)
+
+
+def _static_budget_configs(path: Any, budget: Any, targets: Sequence[float], method: str,
+                           same: Mapping[str, Any]) -> list[SweepConfig]:
+    """BH with one level per layer, solved to reach a static allocation's k in every layer."""
+    out = []
+    for t in targets:
+        total = t * path.num_layers
+        if abs(total - round(total)) > 1e-6 or round(total) not in path.allocations:
+            continue  # no integer allocation at this target (the chord control still covers it)
+        ks = dict(zip(path.layers, path.allocations[round(total)]))
+        if min(ks.values()) < same["min_k"]:
+            continue  # the floor alone exceeds the budget of some layer
+        levels = budget.alpha(ks, method=method, min_k=same["min_k"], max_k=same["max_k"])
+        out.append(SweepConfig(method, layer_alphas=_per_layer_levels(levels, f" (static budget, target {t:g})"),
+                               budget="static", **same))
+    return out
