@@ -127,10 +127,12 @@ def _add_grid(p: argparse.ArgumentParser) -> None:
 
 
 def _add_controls(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--static-allocation", choices=("greedy", "separable", "none"), default=_D.static_allocation,
+    p.add_argument("--static-allocation", choices=("greedy", "separable", "auto", "none"),
+                   default=_D.static_allocation,
                    help="the static per-layer control (one k per layer fitted on calibration text, run as the "
                         "static chord at each adaptive row's compute): greedy by calibration perplexity, the "
-                        f"cheaper separable proxy, or none (default: {_D.static_allocation})")
+                        f"cheaper separable proxy, auto (greedy up to {pipeline.AUTO_GREEDY_LAYERS} MoE layers, "
+                        f"else separable), or none (default: {_D.static_allocation})")
     p.add_argument("--allocation-tokens", type=int, default=_D.allocation_tokens,
                    help=f"calibration tokens for the static allocation (default: {_D.allocation_tokens})")
     p.add_argument("--no-split", action="store_true",

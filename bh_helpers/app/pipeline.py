@@ -78,6 +78,7 @@ NULLS_DIR = "nulls"
 RESULTS_NAME = "sweep.jsonl"  # the whole grid (on the tuning halves when the data sets are split)
 CONFIRM_NAME = "confirm.jsonl"  # the configurations chosen on the tuning halves, on the confirmation halves
 SETTINGS_NAME = "run.json"
+AUTO_GREEDY_LAYERS = 8  # --static-allocation auto: greedy up to this many MoE layers, else the separable proxy
 STATIC_NAME = "static_allocation.json"  # the static per-layer allocations (the static chord control)
 STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last demo run
 
@@ -174,7 +175,7 @@ class DemoSettings:
     batch_size: int = 8  # windows per forward pass
     categories: bool = True  # run the prompt-category analysis
     seed: int = 0  # bootstrap seed
-    static_allocation: str = "greedy"  # the static per-layer control: "greedy", "separable" (cheaper) or "none"
+    static_allocation: str = "auto"  # the static per-layer control: greedy, separable (cheaper), auto, none
     allocation_tokens: int = 2048  # calibration tokens on which the static allocation is fitted
     split: bool = True  # choose configurations on even-numbered documents, state the verdict on odd-numbered ones
 
@@ -184,7 +185,7 @@ class DemoSettings:
         for name in ("calibration_tokens", "grid_size", "topk_max", "max_tokens", "window", "stride", "batch_size",
                      "allocation_tokens"):
             check_int(name, getattr(self, name), 1)
-        check_choice("--static-allocation", self.static_allocation, (*ALLOCATION_METHODS, "none"))
+        check_choice("--static-allocation", self.static_allocation, (*ALLOCATION_METHODS, "auto", "none"))
         for flag, value in (("--statistics", self.statistics), ("--trims", self.trims), ("--min-ks", self.min_ks),
                             ("--max-ks", self.max_ks), ("--methods", self.methods)):
             if not value:
@@ -360,7 +361,10 @@ def _static_path(path: Path, model, tokenizer, settings: DemoSettings, progress:
     """The demo's static allocation path: read back from ``path`` (a resumed run), else fitted and saved."""
     if path.is_file():
         return StaticAllocationPath.load(path)
-    fitted = static_allocation_path(model, tokenizer, method=settings.static_allocation, max_k=settings.topk_max,
+    method = settings.static_allocation
+    if method == "auto":  # greedy costs about L^2 (max_k - 1) / 2 perplexity runs: the proxy on deep models
+        method = "greedy" if moe_shape(model).num_layers <= AUTO_GREEDY_LAYERS else "separable"
+    fitted = static_allocation_path(model, tokenizer, method=method, max_k=settings.topk_max,
                                     max_tokens=settings.allocation_tokens, window=settings.window,
                                     batch_size=room_for(model, settings.window, settings.batch_size),
                                     weights=settings.weights, progress=progress)
