@@ -19,7 +19,8 @@ from bh_helpers.experiments.sweep import load_results  # noqa: E402
 TINY = ["--calibration-tokens", "512", "--grid-size", "1024", "--methods", "bh", "--alphas", "0.5,0.9",
         "--mean-ks", "", "--statistics", "raw", "--trims", "0", "--min-ks", "1",
         "--topk-max", "3", "--top-ps", "0.8", "--datasets", "prose", "--max-tokens", "128", "--window", "128",
-        "--stride", "128", "--no-categories", "--no-progress"]
+        "--stride", "128", "--no-categories", "--no-progress", "--static-allocation", "separable",
+        "--allocation-tokens", "128", "--no-split"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,7 +64,8 @@ def test_demo_end_to_end(demo_dir, capsys):
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
     assert (demo_dir / "nulls" / "gaussian" / "nulls.npz").is_file() and (demo_dir / "captured_logits.safetensors").is_file()
     df = load_results(demo_dir / "sweep.jsonl")
-    assert len(df) == 1 + 3 + 1 + 2 * 3  # native, top-1..3, top-p, 2 x (bh, its mixed and shuffled controls)
+    # native, top-1..3, top-p, static allocations at mean k 1..3, 2 x (bh, its mixed, shuffled and static chord)
+    assert len(df) == 1 + 3 + 1 + 3 + 2 * 4
     assert "## Verdict" in report and "## Against compute-matched controls" in report
     # max_k saturation (the demo's calibration logits): table of points and the figure
     assert "## max_k saturation" in report and "saturation_max_k" in report
@@ -338,3 +340,22 @@ def test_sweep_with_inverse_p_weights_reaches_the_frontier(demo_dir, tmp_path, c
     assert len(frontier) == 1 and np.isfinite(frontier["value"]).all() and frontier["status"].notna().all()
     comparison = compare_with_controls(df)  # one row per adaptive configuration, both controls beside it
     assert len(comparison) == 1 and np.isfinite(comparison[["shuffled_ci_low", "shuffled_ci_high"]]).all(axis=None)
+
+
+def test_demo_tunes_on_one_half_and_states_the_verdict_on_the_other(tmp_path):
+    from bh_helpers.experiments.sweep import load_results
+
+    out = tmp_path / "split"
+    assert cli.main(["demo", "--out", str(out), *[a for a in TINY if a != "--no-split"]]) == 0
+    tune, confirm = load_results(out / "sweep.jsonl"), load_results(out / "confirm.jsonl")
+    assert set(tune["dataset"]) == {"prose:tune"} and set(confirm["dataset"]) == {"prose:confirm"}
+    tuned, confirmed = set(tune.loc[tune["method"] == "bh", "key"]), set(confirm.loc[confirm["method"] == "bh", "key"])
+    assert confirmed and confirmed <= tuned
+    assert {"mixed", "shuffled", "static_chord", "static", "topk", "native"} <= set(confirm["method"])
+    chord = confirm[confirm["method"] == "static_chord"].iloc[0]
+    adaptive = confirm[(confirm["method"] == "bh")].iloc[0]
+    assert chord["mean_experts_per_token"] == pytest.approx(adaptive["mean_experts_per_token"], abs=1e-9)
+    report = (out / "report.md").read_text()
+    verdict = report.split("## Verdict")[1].split("\n## ")[0]
+    assert "prose:confirm" in verdict and "prose:tune" not in verdict.split("Tune, then confirm")[0]
+    assert "## Tuning split" in report and (out / "static_allocation.json").is_file()

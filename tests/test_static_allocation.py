@@ -258,3 +258,29 @@ def test_static_sweep_configs_validate():
         SweepConfig("bh", alpha=0.1, max_k=8, min_k=1, kernel="gaussian", budget="static")
     with pytest.raises(ValueError, match="`budget` must be one of"):
         SweepConfig("bh", layer_alphas=(0.1,), max_k=8, min_k=1, kernel="gaussian", budget="dynamic")
+
+
+def test_document_jackknife_against_a_hand_computation():
+    from scipy.stats import t as student_t
+
+    from bh_helpers.experiments.bootstrap import paired_jackknife
+
+    rng = np.random.default_rng(5)
+    nll_a, nll_b = rng.uniform(1, 3, 9), rng.uniform(1, 3, 9)
+    tok = rng.integers(5, 20, 9).astype(float)
+    docs = [4, 4, 1, 1, 1, 7, 7, 9, 9]
+    got = paired_jackknife(nll_a, tok, nll_b, tok, clusters=docs)
+
+    def delta(keep):
+        t = tok[keep].sum()
+        return math.exp(nll_a[keep].sum() / t) - math.exp(nll_b[keep].sum() / t)
+
+    everything = np.ones(9, bool)
+    leave = [delta(np.asarray(docs) != d) for d in (1, 4, 7, 9)]
+    se = math.sqrt(3 / 4 * sum((x - np.mean(leave)) ** 2 for x in leave))
+    half = student_t.ppf(0.975, 3) * se
+    assert got.delta == pytest.approx(delta(everything), rel=1e-12)
+    assert (got.low, got.high) == pytest.approx((delta(everything) - half, delta(everything) + half), rel=1e-12)
+    assert (got.unit, got.units) == ("document", 4)
+    with pytest.raises(ValueError, match="needs at least 3"):
+        paired_jackknife(nll_a, tok, nll_b, tok, clusters=[0] * 5 + [1] * 4)

@@ -364,7 +364,7 @@ def _static_path(path: Path, model, tokenizer, settings: DemoSettings, progress:
     method = settings.static_allocation
     if method == "auto":  # greedy costs about L^2 (max_k - 1) / 2 perplexity runs: the proxy on deep models
         method = "greedy" if moe_shape(model).num_layers <= AUTO_GREEDY_LAYERS else "separable"
-    fitted = static_allocation_path(model, tokenizer, method=method, max_k=settings.topk_max,
+    fitted = static_allocation_path(model, tokenizer, method=method, max_k=max(settings.topk_max, *settings.max_ks),
                                     max_tokens=settings.allocation_tokens, window=settings.window,
                                     batch_size=room_for(model, settings.window, settings.batch_size),
                                     weights=settings.weights, progress=progress)

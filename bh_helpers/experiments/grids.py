@@ -170,14 +170,25 @@ def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | Non
                         adaptive += _static_budget_configs(static_path, budget, targets, method, same)
     baselines = expand_grid(methods=(), topk=list(range(1, topk_max + 1)), top_ps=top_ps, max_ks=max_ks,
                             min_ks=min_ks, native=True)
-    chosen = CONTROLS
-    if static_path is not None:
-        totals = static_path.allocations
-        baselines += [SweepConfig("static", ks=totals[k * static_path.num_layers])
-                      for k in range(1, topk_max + 1) if k * static_path.num_layers in totals]
-    else:
-        chosen = tuple(c for c in CONTROLS if c != "static_chord")
-    return baselines + (with_controls(adaptive, seed=seed, controls=chosen) if controls else adaptive)
+    if not controls:
+        return baselines + adaptive
+    if static_path is None:
+        return baselines + with_controls(adaptive, seed=seed, controls=_NO_CHORD)
+    totals = static_path.allocations
+    if max_ks and max(totals) < static_path.num_layers * max(max_ks):
+        raise ValueError(f"the static allocations reach mean k {max(totals) / static_path.num_layers:g}, below the "
+                         f"largest max_k {max(max_ks)}: fit the static allocation path with max_k={max(max_ks)}.")
+    baselines += [SweepConfig("static", ks=totals[k * static_path.num_layers])
+                  for k in range(1, topk_max + 1) if k * static_path.num_layers in totals]
+    # a floor of 0 can route below one expert per token, where no static allocation reaches
+    out = baselines
+    for config in adaptive:
+        out += with_controls([config], seed=seed, controls=CONTROLS if config.min_k >= 1 else _NO_CHORD)
+    return out
+
+
+#: The controls of a grid without a static allocation path (or of a configuration it cannot reach).
+_NO_CHORD = tuple(c for c in CONTROLS if c != "static_chord")
 
 
 def _static_budget_configs(path: Any, budget: Any, targets: Sequence[float], method: str,
