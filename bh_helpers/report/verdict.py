@@ -73,7 +73,7 @@ def verdict_markdown(comparison) -> str:
         f"**Does calibrated routing keep quality with fewer experts than top-k at the same compute? {answer.capitalize()}** "
         f"on this model and these data: of {n} adaptive (configuration, data set) pairs on {', '.join(sets)}, "
         f"{len(better)} had lower perplexity than their strongest control at the same compute with a {level}% "
-        f"paired-bootstrap interval excluding zero, {len(worse)} had higher perplexity, and "
+        f"paired interval excluding zero, {len(worse)} had higher perplexity, and "
         f"{n - len(better) - len(worse) - len(more_compute)} were undecided"
         + (f" ({len(more_compute)} more were better but used more experts than the control, so they do not count)"
            if len(more_compute) else "")

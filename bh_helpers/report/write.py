@@ -179,9 +179,12 @@ def write_report(
     if comparison is not None:
         parts += ["", "## Against compute-matched controls", "",
                   "Delta = perplexity minus the control's on the same windows (negative: the adaptive rule is "
-                  f"better); 95% paired-bootstrap intervals resampling whole "
-                  f"{'documents' if comparison.attrs.get('unit') == 'document' else 'scoring windows'} "
-                  f"({comparison.attrs.get('resamples', '?')} resamples). Mixed top-k: each token gets the floor or "
+                  "better); 95% paired intervals: "
+                  + ("delete-one-document jackknife with Student's t (the interval that held its level in the A/A "
+                     "benchmark, benchmarks/aa_intervals.py)" if comparison.attrs.get("unit") == "document" else
+                     f"percentile bootstrap over scoring windows ({comparison.attrs.get('resamples', '?')} "
+                     "resamples)")
+                  + ". Mixed top-k: each token gets the floor or "
                   "ceiling of the adaptive row's per-layer mean k at random; shuffled: the adaptive row's own "
                   "counts permuted across tokens; static chord: per window, one of the two static per-layer "
                   "allocations (fitted on calibration text) whose totals bracket the adaptive row's realised mean "
