@@ -56,7 +56,7 @@ WINDOW = 256
 KERNELS = ["gaussian", "tophat", "epanechnikov", "linear", "empirical"]
 HELD_OUT_FRACTION = 0.25  # share of calibration windows held out
 OUTPUT_ROOT = "outputs"
-# The bank goes under outputs/; only BH_UPDATE_COMMITTED_BANK=1 replaces the committed kde_models/ one.
+# The bank goes under outputs/; only BH_UPDATE_COMMITTED_BANK=1 replaces the committed one (bh_helpers/data/kde_models/).
 SAVE_TO_REPOSITORY = nbu.update_committed_bank()
 print(f"model={MODEL_NAME!r} small={SMALL} save_to_repository={SAVE_TO_REPOSITORY}")
 
@@ -204,4 +204,4 @@ nbu.show(plots.plot_error_rates(spread, alpha=0.2, title="BH's FDR by token spre
 
 # %% [markdown]
 # **Next:** notebook 03 routes the model with BH using this bank (for the embedded model it uses
-# the bank committed under `kde_models/`).
+# the bank committed under `bh_helpers/data/kde_models/`).

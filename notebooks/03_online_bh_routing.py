@@ -65,7 +65,7 @@ print(f"model={MODEL_NAME!r} small={SMALL} alpha={ALPHA} eval tokens={EVAL_TOKEN
 
 # %% [markdown]
 # ## 1. Model and null bank
-# For the embedded model the null bank committed under `kde_models/tiny-olmoe/` is used; for
+# For the embedded model the null bank committed under `bh_helpers/data/kde_models/tiny-olmoe/` (installed with the package) is used; for
 # another model, the bank notebook 02 saved (or, failing that, one fitted here on 4096
 # calibration tokens).
 

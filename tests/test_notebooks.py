@@ -300,7 +300,7 @@ def test_notebook_02_full_mode_leaves_committed_banks_byte_identical(tmp_path, m
     but only under its output folder: every file under ``kde_models/`` keeps its bytes (before
     the fix it replaced ``kde_models/tiny-olmoe/``, 1.4 MB -> 6.0 MB)."""
     nbclient = pytest.importorskip("nbclient")
-    before = _tree_digest(REPO / "kde_models")
+    before = _tree_digest(REPO / "bh_helpers" / "data" / "kde_models")
     assert before, "kde_models/ should hold the committed banks"
     work = tmp_path / "notebooks"
     work.mkdir()
@@ -311,7 +311,7 @@ def test_notebook_02_full_mode_leaves_committed_banks_byte_identical(tmp_path, m
     nb = nbformat.read(work / "02_fit_null_kdes.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3",
                             resources={"metadata": {"path": str(work)}}).execute()
-    assert _tree_digest(REPO / "kde_models") == before
+    assert _tree_digest(REPO / "bh_helpers" / "data" / "kde_models") == before
     saved = work / "outputs" / "tiny-olmoe" / "null_bank" / "metadata.json"
     assert saved.is_file(), "the full-mode bank belongs under the notebook's outputs/"
 
