@@ -17,6 +17,7 @@ results are never overwritten.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -79,7 +80,8 @@ def _names(text: str) -> tuple[str, ...]:
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=_D.model,
                    help="'tiny' (embedded tiny OLMoE, default), 'auto', a hub id or a local model folder")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu; 'auto' picks cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="torch device: auto (cuda when available, else cpu; the default), cpu, cuda, cuda:1")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default: 1; on a shared or small CPU more threads are often much "
@@ -157,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benjamini-Hochberg expert routing for mixture-of-experts language models.",
         epilog="Start with `bh-routing demo`; each step also runs on its own.",
     )
+    from bh_helpers import __version__
+
+    parser.add_argument("--version", action="version", version=f"bh-routing {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = sub.add_parser(
@@ -231,11 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(text: str):
-    """``--device``: ``auto`` (CUDA when available), or a torch device that exists here."""
-    if text == "auto":
-        return None
+def _device(text: str) -> str:
+    """``--device``: ``auto`` (CUDA when available, else CPU), or a torch device that exists here."""
     import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     try:
         device = torch.device(text)
@@ -261,12 +267,30 @@ def _check_model_name(name: str) -> None:
         )
 
 
+def _model_config(name: str):
+    """The config of ``--model`` without loading its weights (so grid checks run before the load)."""
+    from transformers import AutoConfig
+
+    from bh_helpers.models.loading import EMBEDDED_MODEL_DIR
+
+    _check_model_name(name)
+    key = paths.resolve_model_key(name)
+    try:
+        return AutoConfig.from_pretrained(EMBEDDED_MODEL_DIR if key == "tiny" else key)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--model {name!r} cannot be found ({first}); check the hub id or folder, or use --model tiny "
+                         "(the embedded model).") from None
+    except ValueError:  # configs that need trust_remote_code: load_model says what to do
+        return None
+
+
 def _load(args):
     import torch
 
     from bh_helpers.models.loading import load_model
 
-    _check_model_name(args.model)
+    _model_config(args.model)
     device = _device(args.device)
     return load_model(args.model, device=device, dtype=torch.float32 if device == "cpu" else None)
 
@@ -281,8 +305,13 @@ def _cmd_demo(args) -> int:
         window=args.window, stride=args.stride, batch_size=args.batch_size, categories=not args.no_categories,
         seed=args.seed,
     )
-    _check_model_name(args.model)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a file; pass a folder (a new one, or the folder of an earlier run "
+                         "to resume it).")
     device = _device(args.device)
+    config = _model_config(args.model)
+    if config is not None:
+        settings.check_model(config)  # before the weights load and before anything is written
     t0 = time.perf_counter()
     result = pipeline.run_demo(settings, out_dir=args.out, device=device, progress=not args.no_progress)
     n_bh = int((result.frontier["status"] == "ok").sum())
@@ -425,24 +454,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar too
+    options = _options_of(parser, args.command)
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, MemoryError) as err:
-        print(f"bh-routing: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(in_flags(str(err), options))
     except KeyboardInterrupt:
         # Every step writes whole files or fsynced lines: what finished is kept and resumed.
         print("bh-routing: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
-    except OSError as err:  # disk full, read-only folder, permissions
+    except OSError as err:
         where = f" ({err.filename})" if err.filename else ""
-        print(f"bh-routing: error: {err.strerror or err}{where}; free space or choose a writable --out.",
-              file=sys.stderr)
-        return 2
+        fix = _OS_FIXES.get(err.errno, "")
+        return _fail(f"{err.strerror or err}{where}{fix}")
     except ImportError as err:  # pandas / matplotlib are optional dependencies of the package
-        print(f"bh-routing: error: {err}; install the extras with `pip install 'bh-routing[notebooks]'`.",
-              file=sys.stderr)
-        return 2
+        return _fail(f"{err}; install the extras with `pip install 'bh-routing[notebooks]'`.")
+    except Exception as err:  # never a traceback: one line, and how to get the details
+        if os.environ.get("BH_ROUTING_DEBUG"):
+            raise
+        return _fail(f"{type(err).__name__}: {in_flags(str(err), options).splitlines()[0] if str(err) else ''} "
+                     "(an unexpected failure; rerun with BH_ROUTING_DEBUG=1 for the traceback and report it)")
+
+
+def _fail(message: str) -> int:
+    print(f"bh-routing: error: {message}", file=sys.stderr)
+    return 2
+
+
+_OS_FIXES = {errno.ENOSPC: "; free space or choose another --out.", errno.EDQUOT: "; free space or choose another --out.",
+             errno.EROFS: "; choose a writable --out.", errno.EACCES: "; choose a writable --out.",
+             errno.EPERM: "; choose a writable --out."}
+
+#: API names whose flag is not simply ``--name`` or its plural (``alpha`` -> ``--alphas`` is found by itself).
+_IRREGULAR_FLAGS = {"mean_k": "--mean-ks", "target_mean_k": "--mean-ks", "out_dir": "--out", "results_path": "--results",
+                    "text_file": "--text-file", "num_threads": "--threads", "null_bank": "--nulls"}
+
+
+def _options_of(parser: argparse.ArgumentParser, command: str) -> set[str]:
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return set(sub._option_string_actions)
+
+
+def in_flags(message: str, options: set[str]) -> str:
+    """``message`` with each backticked API name (`alpha`, `min_k`) replaced by the flag the user types.
+
+    The checks of the library name their Python parameters; the command line reports the option of the
+    running subcommand that sets it: ``--name``, its plural ``--names`` (``alpha`` -> ``--alphas``), or
+    :data:`_IRREGULAR_FLAGS`. Names with no option stay as they are.
+    """
+    import re
+
+    def flag(match: "re.Match[str]") -> str:
+        name = match.group(1)
+        dashed = "--" + name.replace("_", "-")
+        for candidate in (dashed, dashed + "s", _IRREGULAR_FLAGS.get(name)):
+            if candidate in options:
+                return candidate
+        return match.group(0)
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,7 +34,7 @@ from bh_helpers.nulls.bank import NullBank
 from bh_helpers.selection.controls import MixedTopKSelector
 from bh_helpers.selection.selectors import NativeSelector
 
-__all__ = ["report_step"]
+__all__ = ["SUMMARY_NAME", "report_step", "write_summary"]
 
 
 def _protocol_from_results(results) -> dict:
@@ -152,6 +152,10 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     frontier = compute_frontier(results)
     has_controls = "control_of" in results.columns and results["method"].isin(CONTROLS).any()
     comparison = compare_with_controls(results, seed=seed) if has_controls else None
+    if comparison is not None and "window_nll" in results.columns:
+        counts = [len(w) for w in results["window_nll"] if isinstance(w, list)]
+        if counts:
+            comparison.attrs["windows"] = min(counts)  # the verdict refuses to speak below MIN_WINDOWS
     if weights is None:
         weights = _protocol_from_results(results).get("weights") or "softmax"
     figures = _sweep_figures(results, comparison)
@@ -214,6 +218,73 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     )
     for fig in figures.values():
         fig.clf()
+    write_summary(out_dir, results=results, comparison=comparison, protocol=_protocol_from_results(results),
+                  model_info=_model_info(model, model_id) if model is not None else {"model": model_id})
+    return path
+
+
+SUMMARY_NAME = "summary.json"
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe scalars: NaN and infinities become None, numpy scalars plain Python."""
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_summary(out_dir: str | os.PathLike, *, results, comparison=None, protocol: Mapping[str, Any] | None = None,
+                  model_info: Mapping[str, Any] | None = None) -> Path:
+    """``summary.json`` beside ``report.md``: the verdict, every row's numbers, versions and settings.
+
+    The machine-readable twin of the report (as lm-eval's ``results.json``): ``verdict`` (the
+    report's answer, the counts of adaptive rows better / worse / undecided against mixed top-k
+    at their compute, and the smallest number of scoring windows), ``comparison`` (each adaptive
+    row beside its controls, with 95% intervals), ``rows`` (every configuration and data set:
+    perplexity and mean experts per token), ``versions`` and ``settings`` (the protocol, the
+    model, and the demo's ``run.json`` settings when the folder has one).
+
+    Returns
+    -------
+    Path
+    """
+    import platform
+
+    import torch
+    import transformers
+
+    from bh_helpers import __version__
+    from bh_helpers.report.verdict import verdict_markdown
+
+    out = Path(out_dir)
+    verdict: dict[str, Any] = {"answer": None, "better": 0, "worse": 0, "undecided": 0, "pairs": 0,
+                               "windows": None, "text": None}
+    records: list[dict] = []
+    if comparison is not None and len(comparison):
+        text = verdict_markdown(comparison)
+        bold = text.split("**")
+        verdict.update(text=text, answer=bold[1].split("? ")[-1].strip() if len(bold) > 2 else None,
+                       windows=_finite(comparison.attrs.get("windows")))
+        valid = comparison[comparison["ci_low"].notna() & comparison["ci_high"].notna()]
+        better, worse = int((valid["ci_high"] < 0).sum()), int((valid["ci_low"] > 0).sum())
+        verdict.update(better=better, worse=worse, undecided=len(valid) - better - worse, pairs=len(valid))
+        records = [{k: _finite(v) for k, v in r.items()} for r in comparison.to_dict("records")]
+    keep = [c for c in ("dataset", "label", "method", "alpha", "min_k", "max_k", "statistic", "trim",
+                        "mean_experts_per_token", "perplexity", "control_of") if c in results.columns]
+    rows = [{k: _finite(v) for k, v in r.items()} for r in results[keep].to_dict("records")]
+    settings: dict[str, Any] = {"protocol": dict(protocol or {}), "model": dict(model_info or {})}
+    run = out / "run.json"
+    if run.is_file():
+        settings["demo"] = json.loads(run.read_text(encoding="utf-8")).get("settings")
+    summary = {"verdict": verdict, "comparison": records, "rows": rows, "settings": settings,
+               "versions": {"bh-routing": __version__, "torch": torch.__version__,
+                            "transformers": transformers.__version__, "python": platform.python_version()}}
+    path = out / SUMMARY_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
     return path
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bh_helpers.experiments.bootstrap import MIN_WINDOWS
+
 __all__ = ["comparison_markdown", "verdict_markdown"]
 
 
@@ -41,6 +43,12 @@ def verdict_markdown(comparison) -> str:
     if comparison is None or not len(comparison):
         return "No adaptive configuration ran with its compute-matched controls, so there is no verdict."
     level = int(round(100 * comparison.attrs.get("level", 0.95)))
+    windows = comparison.attrs.get("windows")
+    if windows is not None and windows < MIN_WINDOWS:
+        return (f"**No verdict: too few scoring windows.** The smallest data set was scored in {windows} window"
+                f"{'s' * (windows != 1)}; a paired-bootstrap interval over windows needs at least {MIN_WINDOWS} (with "
+                "one window every interval has zero width). Rerun with more evaluation tokens (`--max-tokens`) or a "
+                "smaller `--window`.")
     better, worse, valid = _decided(comparison, "ci_low", "ci_high")
     n, sets = len(valid), sorted(set(valid["dataset"]))
     lines = []
