@@ -126,12 +126,13 @@ def test_install_cell_on_colab(name, cloned, tmp_path, monkeypatch):
     cell = _install_cell(name)
     calls = []
 
-    def fake_run(cmd, cwd=None, check=False):
+    def fake_run(cmd, cwd=None, **kwargs):
         calls.append((list(cmd), cwd))
         if cmd[:2] == ["git", "clone"]:
             dest = Path(cmd[-1])
             (dest / "notebooks").mkdir(parents=True)
             (dest / "pyproject.toml").write_text("")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
 
     repo = tmp_path / "bh-routing"
     if cloned:
@@ -154,6 +155,49 @@ def test_install_cell_on_colab(name, cloned, tmp_path, monkeypatch):
     calls.clear()
     exec(compile(cell, "install-cell", "exec"), {})
     assert not [c for c in calls if c[0][:2] == ["git", "clone"]]
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_install_cell_with_an_unreachable_repository_says_how_to_get_in(name, tmp_path, monkeypatch, capsys):
+    """A real ``git clone`` of a URL that does not exist: one message (SystemExit, which IPython shows
+    without a traceback) naming the URL and the three ways in; nothing is pip-installed."""
+    cell = _install_cell(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BH_ROUTING_REPO", "file:///nonexistent")
+    monkeypatch.delenv("BH_ROUTING_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(SystemExit) as stop:
+        exec(compile(cell, "install-cell", "exec"), {})
+    message = str(stop.value)
+    assert "\n" not in message and message.startswith("Cannot install bh-routing: cloning file:///nonexistent failed")
+    for way in ("set BH_ROUTING_REPO", "python -m pip wheel --no-deps -w dist .", "bh_routing-*.whl",
+                "BH_ROUTING_DIR", "section 'Colab'"):
+        assert way in message
+    assert Path.cwd() == tmp_path and not (tmp_path / "bh-routing").exists()
+
+
+def test_install_cell_installs_an_uploaded_wheel(tmp_path, monkeypatch):
+    cell = _install_cell(EXPECTED[0])
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bh_routing-0.1.0-py3-none-any.whl").write_bytes(b"")
+    monkeypatch.delenv("BH_ROUTING_DIR", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, cwd=None, **k: calls.append(list(cmd)) or
+                        subprocess.CompletedProcess(cmd, 0, "", ""))
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    exec(compile(cell, "install-cell", "exec"), {})
+    assert not [c for c in calls if c[:2] == ["git", "clone"]]
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q",
+                      f"{tmp_path / 'bh_routing-0.1.0-py3-none-any.whl'}[notebooks]", "transformers>=5.23,<6"]]
+    assert Path.cwd() == tmp_path
+
+
+def test_install_cells_are_the_one_template():
+    sync = _sync_script()
+    for name in EXPECTED:
+        assert _install_cell(name).strip() == sync.install_cell().strip(), f"{name}: run scripts/sync_colab_cells.py"
 
 
 @pytest.mark.slow
