@@ -354,7 +354,7 @@ def render(report: dict) -> str:
         rows.append(f"| notebook {name}, full mode (nbmake) | {nb['wall_s']:.0f} | "
                     f"{peak:.2f}{' (no model on the GPU)' if peak < 0.01 else ''} | exit {nb['returncode']} |")
     if "notebooks" in steps:
-        rows.append(f"| `kde_models/` byte-identical after the notebooks | | | "
+        rows.append(f"| committed null banks (`bh_helpers/data/kde_models/`) byte-identical after the notebooks | | | "
                     f"{steps['notebooks'].get('kde_models_byte_identical')} |")
     out += rows + [""]
     speed = steps.get("speed")

@@ -2,7 +2,7 @@
 
 ``[tool.bh-routing] repository`` (and ``branch``) is the one place that says where Colab opens
 the notebooks from and where their install cells clone the package from. This script rewrites
-the badge line and the whole install cell of every ``notebooks/NN_name.py`` (one template, so the
+the badge line and the whole install cell of every ``notebooks/NN_name.py`` and README.md's badges (one template, so the
 four copies cannot drift) and re-pairs the ``.ipynb`` files with jupytext. ``tests/test_notebooks.py``
 fails when they disagree.
 
@@ -97,6 +97,12 @@ def main() -> int:
         if not found:
             raise SystemExit(f"{path.name}: no install cell (a code cell with IN_COLAB = ...) to rewrite")
         path.write_text(text, encoding="utf-8")
+    readme = REPO / "README.md"  # its Colab badges, one per notebook
+    text = readme.read_text(encoding="utf-8")
+    for path in sources:
+        text = re.sub(rf"\(https://colab\.research\.google\.com/github/[^)]*/notebooks/{path.stem}\.ipynb\)",
+                      f"({badge_url(path.stem)})", text)
+    readme.write_text(text, encoding="utf-8")
     subprocess.run([sys.executable, "-m", "jupytext", "--sync", *map(str, sources)], check=True)
     return 0
 

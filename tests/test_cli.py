@@ -277,9 +277,9 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
 def test_library_names_become_the_flags_typed():
     demo = cli._options_of(cli.build_parser(), "demo")
     fit = cli._options_of(cli.build_parser(), "fit")
-    assert cli.in_flags("`alpha` 2; `min_k` (9) > `max_k`; `top_p`; `statistic`", demo) == \
+    assert cli.as_flags("`alpha` 2; `min_k` (9) > `max_k`; `top_p`; `statistic`", demo) == \
         "--alphas 2; --min-ks (9) > --max-ks; --top-ps; --statistics"
-    assert cli.in_flags("`statistic` and `kernel` and `bandwidth`", fit) == "--statistic and --kernel and `bandwidth`"
+    assert cli.as_flags("`statistic` and `kernel` and `bandwidth`", fit) == "--statistic and --kernel and `bandwidth`"
 
 
 def test_version(capsys):

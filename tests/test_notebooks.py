@@ -194,6 +194,13 @@ def test_install_cell_installs_an_uploaded_wheel(tmp_path, monkeypatch):
     assert Path.cwd() == tmp_path
 
 
+def test_readme_opens_every_notebook_in_colab_near_the_top():
+    sync = _sync_script()
+    head = "\n".join((REPO / "README.md").read_text(encoding="utf-8").splitlines()[:30])
+    for name in EXPECTED:
+        assert f"({sync.badge_url(name)})" in head, f"README's first screen lacks the Colab badge of {name}"
+
+
 def test_install_cells_are_the_one_template():
     sync = _sync_script()
     for name in EXPECTED:

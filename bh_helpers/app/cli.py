@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from bh_helpers._validate import as_flags
 from bh_helpers.app import paths, pipeline
 from bh_helpers.capture import CapturedLogits, capture_calibration
 from bh_helpers.experiments.configs import LAYER_TARGETS, bank_name, sweep_grid
@@ -33,7 +34,7 @@ from bh_helpers.nulls.statistics import STATISTICS
 from bh_helpers.report.assemble import report_step
 from bh_helpers.selection.reference import WEIGHT_MODES
 
-__all__ = ["build_parser", "main"]
+__all__ = ["as_flags", "build_parser", "main"]
 
 _D = pipeline.DemoSettings()  # defaults shown in --help
 
@@ -458,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, MemoryError) as err:
-        return _fail(in_flags(str(err), options))
+        return _fail(as_flags(str(err), options))
     except KeyboardInterrupt:
         # Every step writes whole files or fsynced lines: what finished is kept and resumed.
         print("bh-routing: interrupted; rerun the same command to resume.", file=sys.stderr)
@@ -472,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # never a traceback: one line, and how to get the details
         if os.environ.get("BH_ROUTING_DEBUG"):
             raise
-        return _fail(f"{type(err).__name__}: {in_flags(str(err), options).splitlines()[0] if str(err) else ''} "
+        return _fail(f"{type(err).__name__}: {as_flags(str(err), options).splitlines()[0] if str(err) else ''} "
                      "(an unexpected failure; rerun with BH_ROUTING_DEBUG=1 for the traceback and report it)")
 
 
@@ -485,34 +486,9 @@ _OS_FIXES = {errno.ENOSPC: "; free space or choose another --out.", errno.EDQUOT
              errno.EROFS: "; choose a writable --out.", errno.EACCES: "; choose a writable --out.",
              errno.EPERM: "; choose a writable --out."}
 
-#: API names whose flag is not simply ``--name`` or its plural (``alpha`` -> ``--alphas`` is found by itself).
-_IRREGULAR_FLAGS = {"mean_k": "--mean-ks", "target_mean_k": "--mean-ks", "out_dir": "--out", "results_path": "--results",
-                    "text_file": "--text-file", "num_threads": "--threads", "null_bank": "--nulls"}
-
-
 def _options_of(parser: argparse.ArgumentParser, command: str) -> set[str]:
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
     return set(sub._option_string_actions)
-
-
-def in_flags(message: str, options: set[str]) -> str:
-    """``message`` with each backticked API name (`alpha`, `min_k`) replaced by the flag the user types.
-
-    The checks of the library name their Python parameters; the command line reports the option of the
-    running subcommand that sets it: ``--name``, its plural ``--names`` (``alpha`` -> ``--alphas``), or
-    :data:`_IRREGULAR_FLAGS`. Names with no option stay as they are.
-    """
-    import re
-
-    def flag(match: "re.Match[str]") -> str:
-        name = match.group(1)
-        dashed = "--" + name.replace("_", "-")
-        for candidate in (dashed, dashed + "s", _IRREGULAR_FLAGS.get(name)):
-            if candidate in options:
-                return candidate
-        return match.group(0)
-
-    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
 
 
 if __name__ == "__main__":  # pragma: no cover
