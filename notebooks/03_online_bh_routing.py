@@ -249,7 +249,8 @@ balance = load_balance_table(results)
 display(balance[balance["dataset"] == EVAL_DATASETS[0]].round(3))
 cv = plots.layer_matrix(results[~results["method"].isin(CONTROLS)], dataset=EVAL_DATASETS[0],
                         prefix="per_layer_utilisation_cv.")
-nbu.show(plots.plot_layer_heatmap(cv, title=f"CV of expert activations by layer ({EVAL_DATASETS[0]})", cmap="magma"),
+nbu.show(plots.plot_layer_heatmap(cv, title=f"CV of expert activations by layer ({EVAL_DATASETS[0]})", cmap="magma",
+                                  label="coefficient of variation", fmt=".2f"),
          OUT / "03_load_balance.png")
 
 # %% [markdown]

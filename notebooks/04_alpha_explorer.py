@@ -189,9 +189,11 @@ per_layer_table
 
 # %% [markdown]
 # ## 4. The button, programmatically
-# What "run on the model" does, for the current setting (BH, alpha 0.5, the last kernel).
+# What "run on the model" does, for the explorer's current setting: the last one set above,
+# printed first (the cells above leave it wherever their last `update` put it).
 
 # %%
+print(f"current setting: {explorer.settings}")
 result = explorer.run_live(PROMPT, eval_texts=corpus_texts("evaluation", EVAL_TEXTS), max_new_tokens=MAX_NEW_TOKENS)
 pd.DataFrame({
     "native top-k": {"text": result["native_text"], "perplexity": result.get("native_ppl"),

@@ -318,7 +318,8 @@ def _sweep_figures(results, comparison) -> dict[str, Any]:
         balance = plots.layer_matrix(results[~results["method"].isin(CONTROLS)], dataset=first_set,
                                      prefix="per_layer_utilisation_cv.")
         figures[f"load balance per layer, {first_set}"] = plots.plot_layer_heatmap(
-            balance, title=f"coefficient of variation of expert activations by layer ({first_set})", cmap="magma")
+            balance, title=f"coefficient of variation of expert activations by layer ({first_set})", cmap="magma",
+            label="coefficient of variation", fmt=".2f")
     return figures
 
 
