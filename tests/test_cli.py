@@ -197,6 +197,12 @@ def test_default_null_bank_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bank_dir = default_null_bank_dir("tiny")  # the committed bank, found from any working directory
     assert bank_dir.name == "tiny-olmoe"
+    from pathlib import Path
+
+    import bh_helpers
+    from bh_helpers.app.paths import PACKAGED_KDE_MODELS
+
+    assert bank_dir.parent == PACKAGED_KDE_MODELS and PACKAGED_KDE_MODELS.is_relative_to(Path(bh_helpers.__file__).parent)
     bank = NullBank.load(bank_dir, num_layers=6, num_experts=64)
     assert bank.metadata.kernel == "gaussian" and bank.metadata.model_id == "tiny"
     with pytest.raises(FileNotFoundError, match="bh-routing capture"):

@@ -21,6 +21,7 @@ import errno
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 from bh_helpers._validate import as_flags
@@ -32,6 +33,7 @@ from bh_helpers.models import texts
 from bh_helpers.nulls.kernels import VALID_KERNELS
 from bh_helpers.nulls.statistics import STATISTICS
 from bh_helpers.report.assemble import report_step
+from bh_helpers.routing.recorder import BoundWarning
 from bh_helpers.selection.reference import WEIGHT_MODES
 
 __all__ = ["as_flags", "build_parser", "main"]
@@ -457,7 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar too
     options = _options_of(parser, args.command)
     try:
-        return _COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # one per routed configuration: the report lists the rows at a bound
+            warnings.filterwarnings("ignore", category=BoundWarning)
+            return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, MemoryError) as err:
         return _fail(as_flags(str(err), options))
     except KeyboardInterrupt:

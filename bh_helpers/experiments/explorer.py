@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from bh_helpers._validate import check_choice, check_int, check_level
+from bh_helpers.routing.recorder import bound_warning
 from bh_helpers.selection.budget import alpha_at, layer_alphas
 from bh_helpers.selection.reference import FDR_METHODS, Selection, _counts_from_sorted, select_experts
 
@@ -97,6 +98,9 @@ class ExplorerState:
         view; ``indices`` ``[view_rows, max_k]``).
     elapsed_ms : float
         Wall time of the computation (not of any drawing), in milliseconds.
+    bound_warning : str or None
+        :func:`~bh_helpers.routing.recorder.bound_warning` of this setting: which layers have most of
+        their tokens at ``min_k`` or ``max_k`` (that setting is the bound, not BH), and how to choose alpha.
     """
 
     settings: ExplorerSettings
@@ -109,6 +113,7 @@ class ExplorerState:
     relative_compute: float
     selection: Selection
     elapsed_ms: float
+    bound_warning: str | None = None  # most tokens of a layer at min_k or max_k: the bound, not BH
 
 
 @contextmanager
@@ -315,6 +320,10 @@ class RoutingExplorer:
         histogram = torch.bincount(counts[:, column], minlength=s.max_k + 1).numpy()  # (max_k+1,)
         histogram_all = torch.bincount(counts.reshape(-1), minlength=s.max_k + 1).numpy()  # (max_k+1,)
         mean_per_layer = counts.double().mean(0).numpy()  # (L,)
+        bound = None if s.method == "topk" else bound_warning(
+            {layer: (float(f), float(c)) for layer, f, c in zip(self.layers, (counts == s.min_k).double().mean(0),
+                                                                (counts == s.max_k).double().mean(0))},
+            s.min_k, s.max_k)
         elapsed_ms = (time.perf_counter() - start) * 1e3
         mean_k = float(mean_per_layer.mean())
         self.settings = s
@@ -329,6 +338,7 @@ class RoutingExplorer:
             relative_compute=mean_k / self.native_k,
             selection=selection,
             elapsed_ms=elapsed_ms,
+            bound_warning=bound,
         )
         self.timings_ms.append(elapsed_ms)
         return self.state

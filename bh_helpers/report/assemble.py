@@ -170,6 +170,9 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         tables["max_k saturation"] = _saturation_section(saturation, points)
         figures["max_k saturation"] = plots.plot_saturation(saturation, points)
     notes = [extra_notes] if extra_notes else []
+    at_bound = _bound_note(results)
+    if at_bound:
+        notes.append(at_bound)
     mixed_key = None
     if config is not None and comparison is not None:
         mixed = controls_by_adaptive(results).get((featured["key"], featured["dataset"], "mixed"))
@@ -199,9 +202,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
                 adaptive_label=config.label(), baseline_label="mixed top-k (same per-layer mean k)", seed=seed,
                 progress=progress)
             tables.update(analysis.tables())
-            notes.append(
-                f"Category analysis: {config.label()} (the featured configuration on {featured['dataset']}) against "
-                "mixed top-k at its per-layer mean k on that data set (its compute-matched control), per prompt.")
+            notes.append(_category_finding(analysis, config.label(), featured["dataset"]))
         sample = list(load_prompt_sets(prompt_sets).values())[-1][0]
         ids = encode(tokenizer, sample)
         with torch.no_grad(), route(model, selector) as rec:
@@ -288,6 +289,43 @@ def write_summary(out_dir: str | os.PathLike, *, results, comparison=None, proto
     return path
 
 
+def _category_finding(analysis, label: str, dataset: str) -> str:
+    """What the category analysis found, in one paragraph (the tables follow in their sections)."""
+    t, p = analysis.trend, analysis.paired
+    means = {r["category"]: r["mean"] for _, r in analysis.summary.iterrows()}
+    spread = (f"mean experts per token from {min(means.values()):.2f} ({min(means, key=means.get)}) to "
+              f"{max(means.values()):.2f} ({max(means, key=means.get)})") if means else "no categories"
+    trend = ("rises with the category order" if t.spearman_rho > 0 else "falls with the category order") \
+        if t.spearman_pvalue < 0.05 else "shows no trend across categories"
+    nll = (f"{'lower' if p.mean_diff < 0 else 'higher'} per-prompt NLL than the control "
+           f"({p.mean_diff:+.4f} nats, Wilcoxon p = {p.wilcoxon_pvalue:.3g})" if p.wilcoxon_pvalue < 0.05 else
+           f"no per-prompt NLL difference from the control at the 5% level ({p.mean_diff:+.4f} nats, "
+           f"Wilcoxon p = {p.wilcoxon_pvalue:.3g})")
+    return (f"Category analysis ({label}, the featured configuration on {dataset}, against mixed top-k at its "
+            f"per-layer mean k, {p.n} prompts): {spread}; the allocation {trend} (Spearman rho = "
+            f"{t.spearman_rho:.2f}, p = {t.spearman_pvalue:.3g}); {nll}.")
+
+
+def _bound_note(results) -> str | None:
+    """The adaptive rows most of whose token-layers sat at ``min_k`` or ``max_k`` (the bound, not BH)."""
+    from bh_helpers.routing.recorder import BOUND_ADVICE, bound_warning
+    from bh_helpers.selection.reference import FDR_METHODS
+
+    if not {"floor_rate", "ceiling_rate", "min_k", "max_k"} <= set(results.columns):
+        return None
+    lines = []
+    for _, r in results[results["method"].isin(FDR_METHODS)].iterrows():
+        text = bound_warning({"all layers pooled": (float(r["floor_rate"]), float(r["ceiling_rate"]))},
+                             *(None if _none(r[c]) is None else int(r[c]) for c in ("min_k", "max_k")),
+                             what="", advice=False)
+        if text:
+            lines.append(f"- {r['label']} on {r['dataset']}: {text.replace('most tokens sit', 'most token-layers sit')}")
+    if not lines:
+        return None
+    return "\n".join(["**Warning: configurations at a bound.** In these rows more than half of the token-layers sat "
+                      "at the floor or the ceiling:", "", *lines, "", BOUND_ADVICE[0].upper() + BOUND_ADVICE[1:]])
+
+
 def _optimiser_section(results) -> str:
     """The best configuration per data set at two budgets and at the 0.7/0.3 weighting (``bh-routing optimize``)."""
     import pandas as pd
@@ -360,9 +398,16 @@ def _saturation_section(table, points) -> str:
             "logits, native routing upstream), and the share of token-layers whose uncapped count reaches the "
             "ceiling. The saturation point is the smallest max_k whose mean k is within 5% of the largest "
             "ceiling's (`bh_helpers.experiments.saturation`).\n\n"
-            + markdown_table(points.round(3), floatfmt=".3f") + "\n\n"
-            + markdown_table(wide.reset_index(), floatfmt=".3f") + "\n\n"
-            + markdown_table(hits.reset_index(), floatfmt=".3f"))
+            + markdown_table(_alpha_text(points), floatfmt=".3f") + "\n\n"
+            + markdown_table(_alpha_text(wide.reset_index()), floatfmt=".3f") + "\n\n"
+            + markdown_table(_alpha_text(hits.reset_index()), floatfmt=".3f"))
+
+
+def _alpha_text(table):
+    """``table`` with its ``alpha`` column as text to 3 significant digits (2.4e-06, not 0.000)."""
+    out = table.round({c: 3 for c in table.columns if c != "alpha"})
+    out["alpha"] = [f"{a:.3g}" for a in table["alpha"]]
+    return out
 
 
 def _bank_metadata(null_bank):

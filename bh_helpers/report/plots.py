@@ -8,7 +8,7 @@ value, or save it with ``fig.savefig(...)``.
 - :func:`plot_frontier`: metric against mean experts per token: the static top-k curve with
   its k labels, multiple-testing configurations coloured by method and sized/labelled by alpha,
   top-p and native points.
-- :func:`plot_layer_heatmap`: mean experts per token per configuration and layer.
+- :func:`plot_layer_heatmap`: a per-layer quantity (mean k, load balance) per configuration and layer.
 - :func:`plot_k_histogram`: distribution of experts per token (token-layer pairs).
 - :func:`plot_saturation`: mean k and ceiling-hit rate against ``max_k``, per alpha.
 - :func:`plot_error_rates`: empirical FDR (with Monte-Carlo intervals) per token group and setting.
