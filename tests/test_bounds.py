@@ -36,7 +36,7 @@ def test_bh_at_a_tiny_alpha_is_the_floor_and_says_so(tiny):
     summary, caught = _summary(model, BHSelector(bank, alpha=1e-9, min_k=1, max_k=8, weights="softmax"), ids)
     assert summary["floor_rate"] > 0.5
     text = summary["bound_warning"]
-    assert text and "most tokens sit at min_k=1 in layer 0 (" in text and "not BH" in text
+    assert text and "most tokens sit at min_k=1 in layer 0 (" in text and "not BH" in text and "static top-k" in text
     assert "alpha_for_mean_k" in text and "--mean-ks" in text and "target k" in text
     assert len(caught) == 1 and text in str(caught[0].message)
 

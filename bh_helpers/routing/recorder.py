@@ -81,8 +81,9 @@ class BoundWarning(UserWarning):
 
 
 #: What to do about a configuration at its bound (the end of :func:`bound_warning`).
-BOUND_ADVICE = ("there this configuration is the bound, not BH (at this alpha the test rejects almost nothing, or "
-                "almost everything). Pick alpha for a target number of experts instead: "
+BOUND_ADVICE = ("there the configuration is its bound (static top-k at that k for most tokens), not BH: at this "
+                "alpha the test rejects almost nothing beyond the floor, or almost everything up to the ceiling. To "
+                "route by BH, choose a number of experts well between min_k and max_k and the alpha that reaches it: "
                 "alpha_for_mean_k(bank, calibration_logits, target_mean_k), `--mean-ks` on the command line, the "
                 "'target k' slider in the explorer.")
 
