@@ -271,6 +271,33 @@ def test_demo_bad_options_fail_before_any_work(tmp_path, capsys, argv, needles):
     assert not out.exists(), "a refused command leaves no folder behind (the corrected one must run)"
 
 
+@pytest.mark.parametrize("argv,needles", [
+    (["sweep", "--alphas", "2"], ["--alphas must be in (0, 1]"]),
+    (["sweep", "--alphas", "0.5", "--max-ks", "100"], ["--max-ks 100 is too large", "--max-ks 64 or lower"]),
+    (["sweep", "--alphas", "0.5", "--window", "0"], ["--window must be a positive integer"]),
+    (["sweep", "--alphas", "0.5", "--stride", "512", "--window", "256"], ["--stride (512) must not exceed --window"]),
+    (["sweep", "--alphas", "0.5", "--model", "nope/nope"], ["--model 'nope/nope' cannot be found"]),
+    (["capture", "--calibration-tokens", "0"], ["--calibration-tokens must be a positive integer"]),
+    (["capture", "--batch-size", "0"], ["--batch-size must be a positive integer"]),
+    (["fit", "--grid-size", "1"], ["--grid-size must be an integer >= 16"]),
+    (["fit", "--trim", "-1"], ["--trim must be an integer >= 0"]),
+    (["report"], ["--results", "does not exist"]),
+    (["optimize", "--budget", "4"], ["--results", "does not exist"]),
+])
+@pytest.mark.fault("command line", "clear error")
+def test_step_commands_name_the_flag_before_writing(tmp_path, capsys, argv, needles):
+    """The same mistakes on `capture`, `fit`, `sweep`, `report`, `optimize`: the flag typed, nothing written."""
+    files = {"sweep": ["--results", str(tmp_path / "s.jsonl"), "--mean-ks", "", "--no-progress"],
+             "capture": ["--out", str(tmp_path / "c.safetensors"), "--no-progress"],
+             "fit": ["--captured", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "bank")],
+             "report": ["--results", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "rep")],
+             "optimize": ["--results", str(tmp_path / "none.jsonl")]}[argv[0]]
+    assert cli.main([argv[0], *files, *argv[1:]]) == 2
+    err = _one_line_error(capsys, *needles)
+    assert "`" not in err.split("(")[0], err  # no Python parameter name where a flag belongs
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.fault("command line", "clear error")
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     existing = tmp_path / "report.md"

@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from bh_helpers._validate import as_flags
+from bh_helpers._validate import as_flags, check_int
 from bh_helpers.app import paths, pipeline
 from bh_helpers.capture import CapturedLogits, capture_calibration
 from bh_helpers.experiments.configs import LAYER_TARGETS, bank_name, sweep_grid
@@ -328,9 +328,18 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _check_sizes(args, *names: str) -> None:
+    """Positive integers among ``names`` (``window``, ``batch_size``, ...), before anything loads."""
+    for name in names:
+        check_int(name, getattr(args, name), 1)
+    if "stride" in names and args.stride > args.window:
+        raise ValueError(f"`stride` ({args.stride}) must not exceed `window` ({args.window}).")
+
+
 def _cmd_capture(args) -> int:
     if os.path.exists(args.out):
         raise ValueError(f"--out {args.out!r} exists; pass a new file name (captures are never overwritten).")
+    _check_sizes(args, "calibration_tokens", "window", "batch_size")
     model, tok = _load(args)
     captured = capture_calibration(model, tok, max_tokens=args.calibration_tokens, window=args.window,
                                    batch_size=pipeline.room_for(model, args.window, args.batch_size),
@@ -345,6 +354,8 @@ def _cmd_fit(args) -> int:
 
     if os.path.exists(os.path.join(args.out, METADATA_NAME)):
         raise ValueError(f"--out {args.out!r} already holds a null bank; pass another folder.")
+    check_int("grid_size", args.grid_size, 16)
+    check_int("trim", args.trim, 0)
     captured, meta = CapturedLogits.load(args.captured)
     bank = pipeline.fit_step(captured, kernel=args.kernel, grid_size=args.grid_size,
                              model_id=args.model_id or meta.get("model_id", "unknown"),
@@ -360,6 +371,11 @@ def _cmd_sweep(args) -> int:
     from bh_helpers.nulls.bank import NullBank
 
     texts.check_datasets(args.datasets)  # unknown names fail before the model loads
+    _check_sizes(args, "max_tokens", "window", "stride", "batch_size")
+    config = _model_config(args.model)
+    if config is not None:  # the expert counts of the grid against the model's, before it loads
+        pipeline.DemoSettings.check_model(argparse.Namespace(max_ks=args.max_ks, min_ks=args.min_ks, trims=(),
+                                                             topk_max=args.topk_max, model=args.model), config)
     nulls = args.nulls or paths.default_null_bank_dir(args.model)
     bank = NullBank.load(nulls)
     meta = bank.metadata
@@ -391,7 +407,7 @@ def _cmd_report(args) -> int:
     results = load_results(args.results)
     model = tok = bank = None
     if args.nulls:
-        bank = _load_banks(args.nulls)
+        bank = pipeline.load_banks(args.nulls)
         model, tok = _load(args)
     if args.captured and not args.nulls:
         raise ValueError("--captured (for the max_k saturation table) needs --nulls, the bank to test with.")
@@ -415,27 +431,6 @@ def _cmd_optimize(args) -> int:
                      speed_weight=args.speed_weight)
     print(markdown_table(picks, floatfmt=".3f"))
     return 0
-
-
-def _load_banks(folder: str):
-    """``--nulls``: one bank folder, or a folder of banks (the demo's ``nulls/``, one per statistic and trim)."""
-    from pathlib import Path
-
-    from bh_helpers.nulls.bank import METADATA_NAME, NullBank
-
-    root = Path(folder)
-    if (root / METADATA_NAME).is_file():
-        return NullBank.load(root)
-    subs = sorted(p for p in root.glob("*") if (p / METADATA_NAME).is_file()) if root.is_dir() else []
-    if not subs:
-        raise ValueError(f"--nulls {folder!r} holds no null bank (metadata.json) nor folders of banks; pass a folder "
-                         "written by `bh-routing fit`, or the nulls/ folder of a demo.")
-    banks = {}
-    for sub in subs:
-        bank = NullBank.load(sub)
-        meta = bank.metadata
-        banks[bank_name(meta.kernel, meta.statistic, meta.trim)] = bank
-    return banks
 
 
 _COMMANDS = {"demo": _cmd_demo, "capture": _cmd_capture, "fit": _cmd_fit, "sweep": _cmd_sweep,

@@ -60,6 +60,7 @@ __all__ = [
     "DemoResult",
     "GPUOutOfMemory",
     "fit_step",
+    "load_banks",
     "room_for",
     "run_demo",
     "scoring_windows",
@@ -97,6 +98,25 @@ def room_for(model, window: int, batch_size: int) -> int:
             f"model; running {fitted} windows per forward pass (results do not depend on it; pass --batch-size "
             f"{fitted} or lower to choose yourself).", stacklevel=3)
     return fitted
+
+
+def load_banks(folder: str):
+    """``--nulls``: one bank folder, or a folder of banks (the demo's ``nulls/``, one per statistic and trim)."""
+    from bh_helpers.nulls.bank import METADATA_NAME
+
+    root = Path(folder)
+    if (root / METADATA_NAME).is_file():
+        return NullBank.load(root)
+    subs = sorted(p for p in root.glob("*") if (p / METADATA_NAME).is_file()) if root.is_dir() else []
+    if not subs:
+        raise ValueError(f"--nulls {folder!r} holds no null bank (metadata.json) nor folders of banks; pass a folder "
+                         "written by `bh-routing fit`, or the nulls/ folder of a demo.")
+    banks = {}
+    for sub in subs:
+        bank = NullBank.load(sub)
+        meta = bank.metadata
+        banks[bank_name(meta.kernel, meta.statistic, meta.trim)] = bank
+    return banks
 
 
 def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192, model_id: str = "tiny",
