@@ -352,6 +352,19 @@ def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
     _one_line_error(capsys, "Permission denied", "run.json", "writable --out")
 
 
+@pytest.mark.fault("command line", "clear error")
+def test_an_unexpected_failure_is_one_line_too(tmp_path, capsys, monkeypatch):
+    from bh_helpers.app import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke\nwith a second line")
+
+    monkeypatch.setattr(pipeline, "run_demo", broken)
+    monkeypatch.delenv("BH_ROUTING_DEBUG", raising=False)
+    assert cli.main(["demo", "--out", str(tmp_path / "run"), *TINY]) == 2
+    _one_line_error(capsys, "RuntimeError: something inside broke", "BH_ROUTING_DEBUG=1")
+
+
 @pytest.mark.fault("interrupted and resumed runs", "clear error")
 def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     from bh_helpers.app import pipeline
