@@ -91,4 +91,6 @@ def as_flags(message: str, options: set[str]) -> str:
                 return candidate
         return match.group(0)
 
-    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
+    flagged = re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
+    # a setting checked layer by layer applies to every layer: "layer 0: --grid-size ..." names no layer
+    return re.sub(r"^layer \d+: (?=--)", "", flagged)

@@ -313,6 +313,8 @@ def test_library_names_become_the_flags_typed():
     assert cli.as_flags("`alpha` 2; `min_k` (9) > `max_k`; `top_p`; `statistic`", demo) == \
         "--alphas 2; --min-ks (9) > --max-ks; --top-ps; --statistics"
     assert cli.as_flags("`statistic` and `kernel` and `bandwidth`", fit) == "--statistic and --kernel and `bandwidth`"
+    assert cli.as_flags("layer 0: `kernel` must be one of", fit) == "--kernel must be one of"
+    assert cli.as_flags("layer 0: `bandwidth` is too small", fit) == "layer 0: `bandwidth` is too small"
 
 
 def test_version(capsys):
