@@ -315,7 +315,7 @@ def demo(work: Path, model_dir: Path, timeout: int) -> dict:
 
 
 def notebooks(work: Path, model_dir: Path, timeout: int, save=lambda partial: None) -> dict:
-    before = _digest(REPO / "kde_models")
+    before = _digest(REPO / "bh_helpers" / "data" / "kde_models")
     rows: dict = {}
     for nb in sorted((REPO / "notebooks").glob("0*.ipynb")):
         step = f"notebook {nb.stem}"
@@ -326,7 +326,7 @@ def notebooks(work: Path, model_dir: Path, timeout: int, save=lambda partial: No
         res.update(_peaks(work, step))
         rows[nb.stem] = res
         save({"notebooks": rows})  # a run stopped between notebooks keeps what finished
-    return {"notebooks": rows, "kde_models_byte_identical": _digest(REPO / "kde_models") == before}
+    return {"notebooks": rows, "kde_models_byte_identical": _digest(REPO / "bh_helpers" / "data" / "kde_models") == before}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def render(report: dict) -> str:
         rows.append(f"| notebook {name}, full mode (nbmake) | {nb['wall_s']:.0f} | "
                     f"{peak:.2f}{' (no model on the GPU)' if peak < 0.01 else ''} | exit {nb['returncode']} |")
     if "notebooks" in steps:
-        rows.append(f"| `kde_models/` byte-identical after the notebooks | | | "
+        rows.append(f"| committed null banks (`bh_helpers/data/kde_models/`) byte-identical after the notebooks | | | "
                     f"{steps['notebooks'].get('kde_models_byte_identical')} |")
     out += rows + [""]
     speed = steps.get("speed")

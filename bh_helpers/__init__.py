@@ -4,7 +4,7 @@ The data flow, one folder per floor::
 
     models/      load a model (embedded tiny OLMoE, hub id, local folder); its MoE family; texts, data sets
     capture.py   router logits per layer [N, E], logged with forward hooks
-    nulls/       a null distribution per layer (KDE or empirical) -> NullBank, saved under kde_models/
+    nulls/       a null distribution per layer (KDE or empirical) -> NullBank, saved under data/kde_models/
     selection/   p-values -> BH / BY / Bonferroni / Holm counts, top-k, top-p, static per layer -> Selection
     routing/     route(model, selector): patched blocks dispatch only the selected experts; recorder
     engines/     the same selectors inside serving engines (vLLM), without transformers

@@ -10,12 +10,13 @@ either keep working; a value of the right type out of range raises ``ValueError`
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Collection
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ArgumentTypeError", "check_choice", "check_int", "check_level", "is_int"]
+__all__ = ["ArgumentTypeError", "as_flags", "check_choice", "check_int", "check_level", "is_int"]
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -67,3 +68,29 @@ def check_level(name: str, value: Any, *, example: str = "0.05") -> float:
     if not 0.0 < value <= 1.0:  # also rejects NaN
         raise ValueError(f"`{name}` must be in (0, 1]; got {value}.")
     return value
+
+
+#: API names whose flag is not simply ``--name`` or its plural (``alpha`` -> ``--alphas`` is found by itself).
+_IRREGULAR_FLAGS = {"mean_k": "--mean-ks", "target_mean_k": "--mean-ks", "out_dir": "--out", "results_path": "--results",
+                    "text_file": "--text-file", "num_threads": "--threads", "null_bank": "--nulls", "path": "--results"}
+
+
+def as_flags(message: str, options: set[str]) -> str:
+    """``message`` with each backticked parameter name (`alpha`, `min_k`) replaced by the flag the user typed.
+
+    The checks here name Python parameters; a command line reports the option among ``options`` that
+    sets it: ``--name``, its plural ``--names`` (``alpha`` -> ``--alphas``), or :data:`_IRREGULAR_FLAGS`.
+    Names with no option stay as they are. The one mapping from API names to ``bh-routing`` flags.
+    """
+
+    def flag(match: "re.Match[str]") -> str:
+        name = match.group(1)
+        dashed = "--" + name.replace("_", "-")
+        for candidate in (dashed, dashed + "s", _IRREGULAR_FLAGS.get(name)):
+            if candidate in options:
+                return candidate
+        return match.group(0)
+
+    flagged = re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
+    # a setting checked layer by layer applies to every layer: "layer 0: --grid-size ..." names no layer
+    return re.sub(r"^layer \d+: (?=--)", "", flagged)

@@ -18,11 +18,14 @@
 #    (PIT), and the tail, where BH actually operates;
 # 5. refits the chosen kernel on all logits and saves the `NullBank` for notebook 03.
 # %% [markdown]
-# **Setup.** On Colab the next cell clones the repository and installs it with its notebook
-# extras and transformers v5 (Colab preinstalls an older transformers). Anywhere else (your
-# machine, CI) it does nothing: install the package yourself with `pip install -e ".[notebooks]"`.
+# **Setup.** On Colab the next cell installs the package with its notebook extras and
+# transformers v5 (Colab preinstalls an older transformers), from the first of: a checkout around
+# this notebook, `BH_ROUTING_DIR` (e.g. a Google Drive folder), a `bh_routing-*.whl` uploaded next to
+# the notebook, a clone of `REPO_URL`. When none works it stops with one message saying how to get
+# in. Anywhere else (your machine, CI) it does nothing: `pip install -e ".[notebooks]"` yourself.
 
 # %%
+import importlib
 import os
 import subprocess
 import sys
@@ -31,14 +34,33 @@ from pathlib import Path
 IN_COLAB = "google.colab" in sys.modules
 REPO_URL = os.environ.get("BH_ROUTING_REPO") or "https://github.com/bh-routing/bh-routing.git"  # see pyproject.toml [tool.bh-routing]
 PIP_INSTALL = ["-m", "pip", "install", "-q", "-e", ".[notebooks]", "transformers>=5.23,<6"]
+WAYS_IN = (
+    "Ways in: (1) set BH_ROUTING_REPO to a repository Colab can clone (your fork's URL: "
+    "os.environ['BH_ROUTING_REPO'] = '<git URL>') and rerun this cell; "
+    "(2) build a wheel with `python -m pip wheel --no-deps -w dist .` in a checkout, upload "
+    "dist/bh_routing-*.whl with the Files panel and rerun; (3) put a checkout in Google Drive, mount it "
+    "and set BH_ROUTING_DIR to its folder. README.md, section 'Colab', says the same."
+)
 if IN_COLAB:
     here = Path.cwd()
-    repo = here.parent if (here.parent / "pyproject.toml").is_file() else here / "bh-routing"
-    if not (repo / "pyproject.toml").is_file():
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(repo)], check=True)
-    subprocess.run([sys.executable, *PIP_INSTALL], cwd=repo, check=True)
-    sys.path.insert(0, str(repo))  # the editable install is only seen by new processes
-    os.chdir(repo / "notebooks")  # outputs/ then lands next to the notebooks, as locally
+    repo = here.parent if (here.parent / "pyproject.toml").is_file() else Path(
+        os.environ.get("BH_ROUTING_DIR") or here / "bh-routing")
+    wheels = sorted(here.glob("bh_routing-*.whl"))
+    if not (repo / "pyproject.toml").is_file() and not wheels:
+        clone = subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(repo)], capture_output=True, text=True)
+        if clone.returncode != 0:
+            reason = (clone.stderr or "").strip().splitlines()[-1:] or ["git failed"]
+            raise SystemExit(f"Cannot install bh-routing: cloning {REPO_URL} failed ({reason[0]}). {WAYS_IN}")
+    if (repo / "pyproject.toml").is_file():
+        install = subprocess.run([sys.executable, *PIP_INSTALL], cwd=repo)
+        sys.path.insert(0, str(repo))  # the editable install is only seen by new processes
+    else:
+        install = subprocess.run([sys.executable, *PIP_INSTALL[:4], f"{wheels[-1]}[notebooks]", PIP_INSTALL[-1]])
+    if install.returncode != 0:
+        raise SystemExit(f"Cannot install bh-routing: pip failed (its output is above). {WAYS_IN}")
+    importlib.invalidate_caches()
+    if (repo / "notebooks").is_dir():
+        os.chdir(repo / "notebooks")  # outputs/ then lands next to the notebooks, as locally
 
 # %% [markdown]
 # **Parameters** (`BH_MODEL`, `BH_NOTEBOOK_SMALL` as in notebook 01; the capture settings must
@@ -56,7 +78,7 @@ WINDOW = 256
 KERNELS = ["gaussian", "tophat", "epanechnikov", "linear", "empirical"]
 HELD_OUT_FRACTION = 0.25  # share of calibration windows held out
 OUTPUT_ROOT = "outputs"
-# The bank goes under outputs/; only BH_UPDATE_COMMITTED_BANK=1 replaces the committed kde_models/ one.
+# The bank goes under outputs/; only BH_UPDATE_COMMITTED_BANK=1 replaces the committed one (bh_helpers/data/kde_models/).
 SAVE_TO_REPOSITORY = nbu.update_committed_bank()
 print(f"model={MODEL_NAME!r} small={SMALL} save_to_repository={SAVE_TO_REPOSITORY}")
 
@@ -204,4 +226,4 @@ nbu.show(plots.plot_error_rates(spread, alpha=0.2, title="BH's FDR by token spre
 
 # %% [markdown]
 # **Next:** notebook 03 routes the model with BH using this bank (for the embedded model it uses
-# the bank committed under `kde_models/`).
+# the bank committed under `bh_helpers/data/kde_models/`).

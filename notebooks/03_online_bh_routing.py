@@ -18,11 +18,14 @@
 #    the same mean number of experts, interpolated between integer k), the fair baseline;
 # 4. writes a markdown report with the tables and figures.
 # %% [markdown]
-# **Setup.** On Colab the next cell clones the repository and installs it with its notebook
-# extras and transformers v5 (Colab preinstalls an older transformers). Anywhere else (your
-# machine, CI) it does nothing: install the package yourself with `pip install -e ".[notebooks]"`.
+# **Setup.** On Colab the next cell installs the package with its notebook extras and
+# transformers v5 (Colab preinstalls an older transformers), from the first of: a checkout around
+# this notebook, `BH_ROUTING_DIR` (e.g. a Google Drive folder), a `bh_routing-*.whl` uploaded next to
+# the notebook, a clone of `REPO_URL`. When none works it stops with one message saying how to get
+# in. Anywhere else (your machine, CI) it does nothing: `pip install -e ".[notebooks]"` yourself.
 
 # %%
+import importlib
 import os
 import subprocess
 import sys
@@ -31,14 +34,33 @@ from pathlib import Path
 IN_COLAB = "google.colab" in sys.modules
 REPO_URL = os.environ.get("BH_ROUTING_REPO") or "https://github.com/bh-routing/bh-routing.git"  # see pyproject.toml [tool.bh-routing]
 PIP_INSTALL = ["-m", "pip", "install", "-q", "-e", ".[notebooks]", "transformers>=5.23,<6"]
+WAYS_IN = (
+    "Ways in: (1) set BH_ROUTING_REPO to a repository Colab can clone (your fork's URL: "
+    "os.environ['BH_ROUTING_REPO'] = '<git URL>') and rerun this cell; "
+    "(2) build a wheel with `python -m pip wheel --no-deps -w dist .` in a checkout, upload "
+    "dist/bh_routing-*.whl with the Files panel and rerun; (3) put a checkout in Google Drive, mount it "
+    "and set BH_ROUTING_DIR to its folder. README.md, section 'Colab', says the same."
+)
 if IN_COLAB:
     here = Path.cwd()
-    repo = here.parent if (here.parent / "pyproject.toml").is_file() else here / "bh-routing"
-    if not (repo / "pyproject.toml").is_file():
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(repo)], check=True)
-    subprocess.run([sys.executable, *PIP_INSTALL], cwd=repo, check=True)
-    sys.path.insert(0, str(repo))  # the editable install is only seen by new processes
-    os.chdir(repo / "notebooks")  # outputs/ then lands next to the notebooks, as locally
+    repo = here.parent if (here.parent / "pyproject.toml").is_file() else Path(
+        os.environ.get("BH_ROUTING_DIR") or here / "bh-routing")
+    wheels = sorted(here.glob("bh_routing-*.whl"))
+    if not (repo / "pyproject.toml").is_file() and not wheels:
+        clone = subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(repo)], capture_output=True, text=True)
+        if clone.returncode != 0:
+            reason = (clone.stderr or "").strip().splitlines()[-1:] or ["git failed"]
+            raise SystemExit(f"Cannot install bh-routing: cloning {REPO_URL} failed ({reason[0]}). {WAYS_IN}")
+    if (repo / "pyproject.toml").is_file():
+        install = subprocess.run([sys.executable, *PIP_INSTALL], cwd=repo)
+        sys.path.insert(0, str(repo))  # the editable install is only seen by new processes
+    else:
+        install = subprocess.run([sys.executable, *PIP_INSTALL[:4], f"{wheels[-1]}[notebooks]", PIP_INSTALL[-1]])
+    if install.returncode != 0:
+        raise SystemExit(f"Cannot install bh-routing: pip failed (its output is above). {WAYS_IN}")
+    importlib.invalidate_caches()
+    if (repo / "notebooks").is_dir():
+        os.chdir(repo / "notebooks")  # outputs/ then lands next to the notebooks, as locally
 
 # %% [markdown]
 # **Parameters** (`BH_MODEL`, `BH_NOTEBOOK_SMALL` as in notebook 01). `WEIGHTS="softmax"`
@@ -58,14 +80,14 @@ PROMPTS = ["The history of the", "def read_config(path):"]
 MAX_NEW_TOKENS = 24 if SMALL else 48
 EVAL_DATASETS = ["prose", "code"]  # held-out evaluation slice of the embedded corpus
 EVAL_TOKENS = 1024 if SMALL else 8192  # tokens per data set
-WINDOW = 256  # perplexity: windows of 256 tokens, stride 256 (no overlap)
+WINDOW = 128 if SMALL else 256  # perplexity windows, stride = window (no overlap): 8 windows per data set when small
 SWEEP_TOPK = (1, 2, 3, 4, 6, 8) if SMALL else tuple(range(1, 9))
 OUTPUT_ROOT = "outputs"
 print(f"model={MODEL_NAME!r} small={SMALL} alpha={ALPHA} eval tokens={EVAL_TOKENS}")
 
 # %% [markdown]
 # ## 1. Model and null bank
-# For the embedded model the null bank committed under `kde_models/tiny-olmoe/` is used; for
+# For the embedded model the null bank committed under `bh_helpers/data/kde_models/tiny-olmoe/` (installed with the package) is used; for
 # another model, the bank notebook 02 saved (or, failing that, one fitted here on 4096
 # calibration tokens).
 
@@ -193,6 +215,11 @@ results[["dataset", "label", "mean_experts_per_token", "perplexity"]].round(3)
 
 # %%
 comparison = compare_with_controls(results)
+if SMALL:  # say why a small run rarely finds a difference, before the verdict does
+    print(f"Small mode (no CUDA GPU, or BH_NOTEBOOK_SMALL=1): {EVAL_TOKENS:,} tokens per data set in "
+          f"{EVAL_TOKENS // WINDOW} windows of {WINDOW}, so the intervals are wide and 'No' or 'Not clearly' below "
+          "means 'not shown at this size', not 'BH loses'. For an answer: BH_NOTEBOOK_SMALL=0 on a GPU, or "
+          "`bh-routing demo` (4,096 tokens per data set on the embedded model).")
 display(Markdown(verdict_markdown(comparison)))
 display(Markdown(comparison_markdown(comparison)))
 nbu.show(plots.plot_controls(comparison), OUT / "03_controls.png")
@@ -228,7 +255,8 @@ balance = load_balance_table(results)
 display(balance[balance["dataset"] == EVAL_DATASETS[0]].round(3))
 cv = plots.layer_matrix(results[~results["method"].isin(CONTROLS)], dataset=EVAL_DATASETS[0],
                         prefix="per_layer_utilisation_cv.")
-nbu.show(plots.plot_layer_heatmap(cv, title=f"CV of expert activations by layer ({EVAL_DATASETS[0]})", cmap="magma"),
+nbu.show(plots.plot_layer_heatmap(cv, title=f"CV of expert activations by layer ({EVAL_DATASETS[0]})", cmap="magma",
+                                  label="coefficient of variation", fmt=".2f"),
          OUT / "03_load_balance.png")
 
 # %% [markdown]
@@ -256,4 +284,5 @@ report_path = report_step(
     categories=not SMALL, weights=WEIGHTS, calibration=calibration, progress=False,
 )
 print(f"report written to {report_path}")
-display(Markdown(report_path.read_text()[:3000]))
+report_head = report_path.read_text().split("\n## All results")[0]  # whole sections: never cut mid-table
+display(Markdown(report_head + f"\n\n*The rest (all results, figures, protocol, model) is in `{report_path}`.*"))

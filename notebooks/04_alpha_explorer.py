@@ -16,11 +16,14 @@
 # token), `method` (BH, Benjamini-Yekutieli, Bonferroni, Holm, or static top-k with k = max_k),
 # `kernel` (which null's p-values), `layer` (the layer in the histogram and the token view).
 # %% [markdown]
-# **Setup.** On Colab the next cell clones the repository and installs it with its notebook
-# extras and transformers v5 (Colab preinstalls an older transformers). Anywhere else (your
-# machine, CI) it does nothing: install the package yourself with `pip install -e ".[notebooks]"`.
+# **Setup.** On Colab the next cell installs the package with its notebook extras and
+# transformers v5 (Colab preinstalls an older transformers), from the first of: a checkout around
+# this notebook, `BH_ROUTING_DIR` (e.g. a Google Drive folder), a `bh_routing-*.whl` uploaded next to
+# the notebook, a clone of `REPO_URL`. When none works it stops with one message saying how to get
+# in. Anywhere else (your machine, CI) it does nothing: `pip install -e ".[notebooks]"` yourself.
 
 # %%
+import importlib
 import os
 import subprocess
 import sys
@@ -29,14 +32,33 @@ from pathlib import Path
 IN_COLAB = "google.colab" in sys.modules
 REPO_URL = os.environ.get("BH_ROUTING_REPO") or "https://github.com/bh-routing/bh-routing.git"  # see pyproject.toml [tool.bh-routing]
 PIP_INSTALL = ["-m", "pip", "install", "-q", "-e", ".[notebooks]", "transformers>=5.23,<6"]
+WAYS_IN = (
+    "Ways in: (1) set BH_ROUTING_REPO to a repository Colab can clone (your fork's URL: "
+    "os.environ['BH_ROUTING_REPO'] = '<git URL>') and rerun this cell; "
+    "(2) build a wheel with `python -m pip wheel --no-deps -w dist .` in a checkout, upload "
+    "dist/bh_routing-*.whl with the Files panel and rerun; (3) put a checkout in Google Drive, mount it "
+    "and set BH_ROUTING_DIR to its folder. README.md, section 'Colab', says the same."
+)
 if IN_COLAB:
     here = Path.cwd()
-    repo = here.parent if (here.parent / "pyproject.toml").is_file() else here / "bh-routing"
-    if not (repo / "pyproject.toml").is_file():
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(repo)], check=True)
-    subprocess.run([sys.executable, *PIP_INSTALL], cwd=repo, check=True)
-    sys.path.insert(0, str(repo))  # the editable install is only seen by new processes
-    os.chdir(repo / "notebooks")  # outputs/ then lands next to the notebooks, as locally
+    repo = here.parent if (here.parent / "pyproject.toml").is_file() else Path(
+        os.environ.get("BH_ROUTING_DIR") or here / "bh-routing")
+    wheels = sorted(here.glob("bh_routing-*.whl"))
+    if not (repo / "pyproject.toml").is_file() and not wheels:
+        clone = subprocess.run(["git", "clone", "--depth", "1", REPO_URL, str(repo)], capture_output=True, text=True)
+        if clone.returncode != 0:
+            reason = (clone.stderr or "").strip().splitlines()[-1:] or ["git failed"]
+            raise SystemExit(f"Cannot install bh-routing: cloning {REPO_URL} failed ({reason[0]}). {WAYS_IN}")
+    if (repo / "pyproject.toml").is_file():
+        install = subprocess.run([sys.executable, *PIP_INSTALL], cwd=repo)
+        sys.path.insert(0, str(repo))  # the editable install is only seen by new processes
+    else:
+        install = subprocess.run([sys.executable, *PIP_INSTALL[:4], f"{wheels[-1]}[notebooks]", PIP_INSTALL[-1]])
+    if install.returncode != 0:
+        raise SystemExit(f"Cannot install bh-routing: pip failed (its output is above). {WAYS_IN}")
+    importlib.invalidate_caches()
+    if (repo / "notebooks").is_dir():
+        os.chdir(repo / "notebooks")  # outputs/ then lands next to the notebooks, as locally
 
 # %% [markdown]
 # **Parameters** (`BH_MODEL`, `BH_NOTEBOOK_SMALL` as in notebook 01).
@@ -167,9 +189,11 @@ per_layer_table
 
 # %% [markdown]
 # ## 4. The button, programmatically
-# What "run on the model" does, for the current setting (BH, alpha 0.5, the last kernel).
+# What "run on the model" does, for the explorer's current setting: the last one set above,
+# printed first (the cells above leave it wherever their last `update` put it).
 
 # %%
+print(f"current setting: {explorer.settings}")
 result = explorer.run_live(PROMPT, eval_texts=corpus_texts("evaluation", EVAL_TEXTS), max_new_tokens=MAX_NEW_TOKENS)
 pd.DataFrame({
     "native top-k": {"text": result["native_text"], "perplexity": result.get("native_ppl"),

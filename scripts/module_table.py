@@ -1,7 +1,7 @@
-"""Print the README's module table from the package itself: one row per module, its docstring's first line.
+"""Print the module table of docs/development.md from the package itself: one row per module, its docstring's first line.
 
     python scripts/module_table.py            # print the table
-    python scripts/module_table.py --check    # exit 1 when README.md's table differs
+    python scripts/module_table.py --check    # exit 1 when the table on its page (docs/development.md) differs
 
 Read with ``ast`` (nothing is imported), in data-flow order: the floors listed in
 ``bh_helpers/__init__.py``'s docstring, then the shared helpers.
@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from _readme import replace_section  # scripts/ is on sys.path when a script runs
+from _readme import page_with, replace_section  # scripts/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "bh_helpers"
@@ -50,14 +50,16 @@ def table() -> str:
 
 def main(argv: list[str]) -> int:
     if argv == ["--check"]:
-        readme = (ROOT / "README.md").read_text(encoding="utf-8")
-        current = readme.split(BEGIN, 1)[1].split(END, 1)[0].strip() if BEGIN in readme else ""
+        page = page_with(BEGIN)  # docs/development.md (or wherever the table's markers are)
+        text = page.read_text(encoding="utf-8")
+        current = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
         if current != table():
-            print("README.md's module table is out of date: python scripts/module_table.py --write", file=sys.stderr)
+            print(f"{page.relative_to(ROOT)}'s module table is out of date: python scripts/module_table.py --write",
+                  file=sys.stderr)
             return 1
         return 0
     if argv == ["--write"]:
-        path = ROOT / "README.md"
+        path = page_with(BEGIN)
         readme = path.read_text(encoding="utf-8")
         path.write_text(replace_section(readme, BEGIN, END, f"{BEGIN}\n{table()}\n{END}"), encoding="utf-8")
         return 0

@@ -1,10 +1,10 @@
-"""The README's answer section, regenerated from a demo report (never written by hand).
+"""The answer section of docs/results.md, regenerated from a demo report (never written by hand).
 
 Usage::
 
     bh-routing demo --out bh_routing_output             # the numbers (about 5 minutes on 2 CPU cores)
-    python scripts/readme_answer.py --from bh_routing_output   # copy report + figure to docs/, rewrite README
-    python scripts/readme_answer.py --check                     # README == rendering of docs/demo_report.md
+    python scripts/readme_answer.py --from bh_routing_output   # copy report + figure to docs/, rewrite the section
+    python scripts/readme_answer.py --check                     # the section == rendering of docs/demo_report.md
 
 The section holds the report's ``## Verdict`` and ``## Against compute-matched controls`` as the
 demo wrote them, the controls figure, and the run's settings and wall time (``steps.json``).
@@ -18,10 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from _readme import replace_section  # scripts/ is on sys.path when a script runs
+from _readme import page_with, relative_links, replace_section  # scripts/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
 REPORT = ROOT / "docs" / "demo_report.md"
 FIGURE = ROOT / "docs" / "demo_controls.png"
 RUN = ROOT / "docs" / "demo_run.json"
@@ -48,11 +47,11 @@ def render() -> str:
                 f"targets mean k {', '.join(map(str, s['mean_ks']))}, {s['max_tokens']:,} evaluation tokens per data set "
                 f"({', '.join(s['datasets'])}), windows of {s['window']} tokens. The full report is "
                 f"[docs/demo_report.md](docs/demo_report.md).")
-    return "\n".join([
+    return relative_links("\n".join([
         START, settings, "", _section(report, SECTIONS[0]), "",
         f"![adaptive rows against their compute-matched controls]({FIGURE.relative_to(ROOT).as_posix()})", "",
         _section(report, SECTIONS[1]), END,
-    ])
+    ]), page_with(START))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="source", default=None, help="demo output folder to copy from")
     parser.add_argument("--check", action="store_true", help="only compare README with docs/demo_report.md")
     args = parser.parse_args(argv)
+    page = page_with(START)  # README.md or the docs/ page that holds the answer block
     if args.check:
-        current = README.read_text(encoding="utf-8")
+        current = page.read_text(encoding="utf-8")
         if replace_section(current, START, END, render()) != current:
-            print("README answer section is stale: run python scripts/readme_answer.py", file=sys.stderr)
+            print(f"the answer section of {page.relative_to(ROOT)} is stale: run python scripts/readme_answer.py",
+                  file=sys.stderr)
             return 1
         return 0
     if args.source:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = json.loads((src / "run.json").read_text(encoding="utf-8"))
         steps = json.loads((src / "steps.json").read_text(encoding="utf-8"))
         RUN.write_text(json.dumps({**steps, "settings": settings["settings"]}, indent=2) + "\n", encoding="utf-8")
-    README.write_text(replace_section(README.read_text(encoding="utf-8"), START, END, render()), encoding="utf-8")
+    page.write_text(replace_section(page.read_text(encoding="utf-8"), START, END, render()), encoding="utf-8")
     return 0
 
 

@@ -1,12 +1,13 @@
-"""The README's measurement tables, rendered from the committed results files (never typed by hand).
+"""The measurement tables of README.md and docs/*.md, rendered from the committed results files (never typed by hand).
 
-Each block sits in README.md between ``<!-- NAME: python scripts/render_results.py -->`` and
-``<!-- end NAME -->`` and names its source file(s) under it. ``benchmarks/results/INDEX.md`` says
-which file backs which block (its ``block`` column) and how to regenerate that file.
+Each block sits on one page (README.md or a page under ``docs/``, found by its markers) between
+``<!-- NAME: python scripts/render_results.py -->`` and ``<!-- end NAME -->`` and names its source
+file(s) under it, linked relative to that page. ``benchmarks/results/INDEX.md`` says which file
+backs which block (its ``block`` column) and how to regenerate that file.
 
 Usage::
 
-    python scripts/render_results.py           # rewrite every block of README.md
+    python scripts/render_results.py           # rewrite every block, on whichever page holds it
     python scripts/render_results.py --check   # exit 1 naming the blocks that differ from the files
     python scripts/render_results.py --print gpu   # one block to stdout
 """
@@ -19,10 +20,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from _readme import replace_section  # scripts/ is on sys.path when a script runs
+from _readme import page_with, pages, relative_links, replace_section  # scripts/ is on sys.path when a script runs
 from _results import INDEX, ROOT, block_files, index_rows  # noqa: F401  (index_rows: for the test)
 
-README = ROOT / "README.md"
 COMMAND = "python scripts/render_results.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' own table code
 
@@ -89,32 +89,42 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}: {COMMAND} -->", f"<!-- end {name} -->"
 
 
-def render(name: str) -> str:
-    """Block ``name`` with its markers and a line naming its source files."""
+def render(name: str, page: Path | None = None) -> str:
+    """Block ``name`` with its markers and a line naming its source files, linked relative to ``page``."""
     files = block_files(name)
     missing = [p for p in files if not p.is_file()]
     if missing:
         raise SystemExit(f"{INDEX.relative_to(ROOT)} names missing files: {', '.join(map(str, missing))}")
     sources = " and ".join(f"[`{p.relative_to(ROOT).as_posix()}`]({p.relative_to(ROOT).as_posix()})" for p in files)
     start, end = markers(name)
-    return "\n".join([start, BLOCKS[name](files), "", f"Source: {sources} (rendered by `{COMMAND}`).", end])
+    block = "\n".join([start, BLOCKS[name](files), "", f"Source: {sources} (rendered by `{COMMAND}`).", end])
+    return relative_links(block, page or ROOT / "README.md")
 
 
-def stale(text: str) -> list[str]:
-    """Names of the blocks whose README text differs from their rendering (or whose markers are missing)."""
+def read_pages() -> dict[Path, str]:
+    """Every page that may hold a block, with its text."""
+    return {p: p.read_text(encoding="utf-8") for p in pages()}
+
+
+def stale(texts: dict[Path, str] | None = None) -> list[str]:
+    """Names of the blocks whose text differs from their rendering, or that are not on exactly one page."""
+    texts = read_pages() if texts is None else texts
     out = []
     for name in BLOCKS:
         start, end = markers(name)
-        if start not in text or end not in text or replace_section(text, start, end, render(name)) != text:
+        holders = [p for p, t in texts.items() if start in t and end in t]
+        if len(holders) != 1 or replace_section(texts[holders[0]], start, end, render(name, holders[0])) != \
+                texts[holders[0]]:
             out.append(name)
     return out
 
 
 def write(names: list[str] | None = None) -> None:
-    text = README.read_text(encoding="utf-8")
     for name in names or list(BLOCKS):
-        text = replace_section(text, *markers(name), render(name))
-    README.write_text(text, encoding="utf-8")
+        start, end = markers(name)
+        page = page_with(start)
+        text = page.read_text(encoding="utf-8")
+        page.write_text(replace_section(text, start, end, render(name, page)), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         print(render(args.show))
         return 0
     if args.check:
-        names = stale(README.read_text(encoding="utf-8"))
+        names = stale()
         if names:
-            print(f"README.md blocks {', '.join(names)} differ from the results files named in "
+            print(f"blocks {', '.join(names)} of README.md / docs/*.md differ from the results files named in "
                   f"{INDEX.relative_to(ROOT)}: run {COMMAND}", file=sys.stderr)
             return 1
         return 0

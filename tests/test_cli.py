@@ -15,11 +15,12 @@ matplotlib.use("Agg")
 from bh_helpers.app import cli  # noqa: E402
 from bh_helpers.experiments.sweep import load_results  # noqa: E402
 
-# A demo small enough for a test: 2 BH configs, top-1..3, native, one top-p; 128 tokens of prose.
+# A demo small enough for a test: 2 BH configs, top-1..3, native, one top-p; 128 tokens of prose in the
+# 8 windows of 16 tokens an interval needs (MIN_WINDOWS).
 TINY = ["--calibration-tokens", "512", "--grid-size", "1024", "--methods", "bh", "--alphas", "0.5,0.9",
         "--mean-ks", "", "--statistics", "raw", "--trims", "0", "--min-ks", "1",
-        "--topk-max", "3", "--top-ps", "0.8", "--datasets", "prose", "--max-tokens", "128", "--window", "128",
-        "--stride", "128", "--no-categories", "--no-progress", "--static-allocation", "separable",
+        "--topk-max", "3", "--top-ps", "0.8", "--datasets", "prose", "--max-tokens", "128", "--window", "16",
+        "--stride", "16", "--no-categories", "--no-progress", "--static-allocation", "separable",
         "--allocation-tokens", "128", "--no-split"]
 
 
@@ -77,6 +78,23 @@ def test_demo_end_to_end(demo_dir, capsys):
     assert df.loc[df["label"] == "top-2", "mean_experts_per_token"].item() == 2.0
 
 
+def test_demo_writes_a_machine_readable_summary(demo_dir):
+    from bh_helpers import __version__
+
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    verdict = summary["verdict"]
+    assert verdict["pairs"] == 2 and verdict["better"] + verdict["worse"] + verdict["undecided"] == 2
+    assert verdict["windows"] == 8 and verdict["answer"] in verdict["text"]
+    report = (demo_dir / "report.md").read_text()
+    assert verdict["text"] in report  # the same verdict as the report's
+    assert summary["versions"]["bh-routing"] == __version__ and summary["settings"]["demo"]["window"] == 16
+    by_label = {(r["label"], r["dataset"]): r for r in summary["rows"]}
+    df = load_results(demo_dir / "sweep.jsonl")
+    for _, row in df.iterrows():
+        assert by_label[(row["label"], row["dataset"])]["perplexity"] == row["perplexity"]
+    assert {r["label"] for r in summary["comparison"]} == {"bh a=0.5 k=1..8 gaussian", "bh a=0.9 k=1..8 gaussian"}
+
+
 @pytest.mark.fault("interrupted and resumed runs", "recovered")
 def test_rerun_resumes_without_duplicates(demo_dir, capsys):
     before = (demo_dir / "sweep.jsonl").read_bytes()
@@ -118,11 +136,24 @@ def test_sweep_into_results_of_another_grid(demo_dir, tmp_path, capsys):
     assert results.read_bytes() == before
 
 
+def test_a_run_with_one_window_gets_no_verdict(tmp_path, capsys):
+    """The sweep step runs what it is given; the report states that one window decides nothing."""
+    results = tmp_path / "s.jsonl"
+    assert cli.main(["sweep", "--results", str(results), "--methods", "bh", "--alphas", "0.5", "--mean-ks", "",
+                     "--min-ks", "1", "--topk-max", "1", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64",
+                     "--window", "64", "--stride", "64", "--no-progress"]) == 0
+    assert cli.main(["report", "--results", str(results), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    verdict = text.split("## Verdict", 1)[1].split("\n## ", 1)[0]
+    assert "No verdict: too few scoring windows" in verdict and "in 1 window;" in verdict
+    assert "Yes" not in verdict
+
+
 def test_report_subcommand(demo_dir, tmp_path, capsys):
     assert cli.main(["report", "--results", str(demo_dir / "sweep.jsonl"), "--out", str(tmp_path / "rep"),
                      "--no-progress"]) == 0
     text = (tmp_path / "rep" / "report.md").read_text()
-    assert "## Compute-matched frontier" in text and '"window": 128' in text
+    assert "## Compute-matched frontier" in text and '"window": 16' in text
 
 
 @pytest.mark.fault("command line", "clear error")
@@ -168,6 +199,12 @@ def test_default_null_bank_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     bank_dir = default_null_bank_dir("tiny")  # the committed bank, found from any working directory
     assert bank_dir.name == "tiny-olmoe"
+    from pathlib import Path
+
+    import bh_helpers
+    from bh_helpers.app.paths import PACKAGED_KDE_MODELS
+
+    assert bank_dir.parent == PACKAGED_KDE_MODELS and PACKAGED_KDE_MODELS.is_relative_to(Path(bh_helpers.__file__).parent)
     bank = NullBank.load(bank_dir, num_layers=6, num_experts=64)
     assert bank.metadata.kernel == "gaussian" and bank.metadata.model_id == "tiny"
     with pytest.raises(FileNotFoundError, match="bh-routing capture"):
@@ -192,7 +229,7 @@ def _one_line_error(capsys, *needles):
 @pytest.mark.parametrize("argv,needles", [
     (["--max-ks", "100"], ["--max-ks 100", "64 experts", "--max-ks 64 or lower"]),
     (["--topk-max", "65"], ["--topk-max 65", "--topk-max 64 or lower"]),
-    (["--min-ks", "1,100"], ["--min-ks 100", "--min-ks 64 or lower"]),
+    (["--min-ks", "1,100"], ["--min-ks 100 exceeds every --max-ks (8)"]),
     (["--trims", "63"], ["--trims 63", "--trims 62 or lower"]),
     (["--statistics", "raw,median"], ["statistic", "'median'", "zscore"]),
     (["--statistics", ""], ["--statistics is empty"]),
@@ -201,6 +238,32 @@ def _one_line_error(capsys, *needles):
     (["--model", "not a model"], ["--model 'not a model'", "org/name"]),
     (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "nonsense"],
      ["--device"]),
+    # the newcomer's mistakes (issue 26): each names the flag as typed, before the model loads
+    (["--alphas", "2"], ["--alphas must be in (0, 1]"]),
+    (["--alphas", "0"], ["--alphas must be in (0, 1]"]),
+    (["--min-ks", "9"], ["--min-ks 9 exceeds every --max-ks (8)", "floors of 8 or lower"]),
+    (["--min-ks", "4", "--max-ks", "2"], ["--min-ks 4 exceeds every --max-ks (2)"]),
+    (["--max-ks", "0"], ["--max-ks must be a positive integer"]),
+    (["--mean-ks", "0"], ["--mean-ks 0 is not reachable", "[1.5, 8]"]),
+    (["--mean-ks", "100"], ["--mean-ks 100 is not reachable"]),
+    (["--top-ps", "1.5"], ["--top-ps must be in (0, 1]"]),
+    (["--top-ps", "0"], ["--top-ps must be in (0, 1]"]),
+    (["--topk-max", "0"], ["--topk-max must be a positive integer"]),
+    (["--window", "0"], ["--window must be"]),
+    (["--stride", "0"], ["--stride must be"]),
+    (["--stride", "300", "--window", "256"], ["--stride (300) must not exceed --window (256)"]),
+    (["--batch-size", "0"], ["--batch-size must be"]),
+    (["--max-tokens", "0"], ["--max-tokens must be"]),
+    (["--max-tokens", "10", "--window", "256", "--stride", "256"],
+     ["--max-tokens 10 gives 1 scoring window", "at least 8", "--max-tokens 2048 or more"]),
+    (["--grid-size", "1"], ["--grid-size must be an integer >= 16"]),
+    (["--methods", "xx"], ["--methods must be one of"]),
+    (["--methods", ""], ["--methods is empty"]),
+    (["--trims", "-1"], ["--trims must be an integer >= 0"]),
+    (["--seed", "-1"], ["--seed must be an integer >= 0"]),
+    (["--statistics", "foo"], ["--statistics must be one of"]),
+    (["--datasets", "foo"], ["unknown data set 'foo'"]),
+    (["--model", "nope/nope"], ["--model 'nope/nope' cannot be found", "--model tiny"]),
 ])
 @pytest.mark.fault("command line", "clear error")
 def test_demo_bad_options_fail_before_any_work(tmp_path, capsys, argv, needles):
@@ -208,6 +271,68 @@ def test_demo_bad_options_fail_before_any_work(tmp_path, capsys, argv, needles):
     assert cli.main(["demo", "--out", str(out), *TINY, *argv]) == 2
     _one_line_error(capsys, *needles)
     assert not out.exists(), "a refused command leaves no folder behind (the corrected one must run)"
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["sweep", "--alphas", "2"], ["--alphas must be in (0, 1]"]),
+    (["sweep", "--alphas", "0.5", "--max-ks", "100"], ["--max-ks 100 is too large", "--max-ks 64 or lower"]),
+    (["sweep", "--alphas", "0.5", "--window", "0"], ["--window must be a positive integer"]),
+    (["sweep", "--alphas", "0.5", "--stride", "512", "--window", "256"], ["--stride (512) must not exceed --window"]),
+    (["sweep", "--alphas", "0.5", "--model", "nope/nope"], ["--model 'nope/nope' cannot be found"]),
+    (["capture", "--calibration-tokens", "0"], ["--calibration-tokens must be a positive integer"]),
+    (["capture", "--batch-size", "0"], ["--batch-size must be a positive integer"]),
+    (["fit", "--grid-size", "1"], ["--grid-size must be an integer >= 16"]),
+    (["fit", "--trim", "-1"], ["--trim must be an integer >= 0"]),
+    (["report"], ["--results", "does not exist"]),
+    (["optimize", "--budget", "4"], ["--results", "does not exist"]),
+])
+@pytest.mark.fault("command line", "clear error")
+def test_step_commands_name_the_flag_before_writing(tmp_path, capsys, argv, needles):
+    """The same mistakes on `capture`, `fit`, `sweep`, `report`, `optimize`: the flag typed, nothing written."""
+    files = {"sweep": ["--results", str(tmp_path / "s.jsonl"), "--mean-ks", "", "--no-progress"],
+             "capture": ["--out", str(tmp_path / "c.safetensors"), "--no-progress"],
+             "fit": ["--captured", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "bank")],
+             "report": ["--results", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "rep")],
+             "optimize": ["--results", str(tmp_path / "none.jsonl")]}[argv[0]]
+    assert cli.main([argv[0], *files, *argv[1:]]) == 2
+    err = _one_line_error(capsys, *needles)
+    assert "`" not in err.split("(")[0], err  # no Python parameter name where a flag belongs
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.fault("command line", "clear error")
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    existing = tmp_path / "report.md"
+    existing.write_text("mine")
+    assert cli.main(["demo", "--out", str(existing), *TINY]) == 2
+    err = _one_line_error(capsys, f"--out {str(existing)!r} is a file", "pass a folder")
+    assert "writable" not in err and existing.read_text() == "mine"
+
+
+def test_library_names_become_the_flags_typed():
+    demo = cli._options_of(cli.build_parser(), "demo")
+    fit = cli._options_of(cli.build_parser(), "fit")
+    assert cli.as_flags("`alpha` 2; `min_k` (9) > `max_k`; `top_p`; `statistic`", demo) == \
+        "--alphas 2; --min-ks (9) > --max-ks; --top-ps; --statistics"
+    assert cli.as_flags("`statistic` and `kernel` and `bandwidth`", fit) == "--statistic and --kernel and `bandwidth`"
+    assert cli.as_flags("layer 0: `kernel` must be one of", fit) == "--kernel must be one of"
+    assert cli.as_flags("layer 0: `bandwidth` is too small", fit) == "layer 0: `bandwidth` is too small"
+
+
+def test_version(capsys):
+    from bh_helpers import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"bh-routing {__version__}"
+
+
+def test_device_defaults_to_auto():
+    import torch
+
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.device == "auto"
+    assert cli._device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.fault("command line", "clear error")
@@ -229,6 +354,19 @@ def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pipeline, "run_demo", read_only)
     assert cli.main(["demo", "--out", str(tmp_path / "ro"), *TINY]) == 2
     _one_line_error(capsys, "Permission denied", "run.json", "writable --out")
+
+
+@pytest.mark.fault("command line", "clear error")
+def test_an_unexpected_failure_is_one_line_too(tmp_path, capsys, monkeypatch):
+    from bh_helpers.app import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke\nwith a second line")
+
+    monkeypatch.setattr(pipeline, "run_demo", broken)
+    monkeypatch.delenv("BH_ROUTING_DEBUG", raising=False)
+    assert cli.main(["demo", "--out", str(tmp_path / "run"), *TINY]) == 2
+    _one_line_error(capsys, "RuntimeError: something inside broke", "BH_ROUTING_DEBUG=1")
 
 
 @pytest.mark.fault("interrupted and resumed runs", "clear error")

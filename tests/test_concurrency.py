@@ -83,7 +83,7 @@ def test_second_demo_on_one_folder_is_refused_and_writes_nothing(tmp_path, capsy
     try:
         argv = ["demo", "--out", str(out), "--calibration-tokens", "256", "--grid-size", "256", "--methods", "bh",
                 "--alphas", "0.5", "--topk-max", "1", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64",
-                "--window", "64", "--stride", "64", "--no-categories", "--no-progress"]
+                "--window", "8", "--stride", "8", "--no-categories", "--no-progress"]
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err == (f"bh-routing: error: output folder '{out}' is being written by another bh-routing process "

@@ -134,11 +134,55 @@ def test_readme_results_blocks_are_the_committed_files():
 
 
 def test_readme_results_check_fails_on_an_edited_cell():
+    """The blocks live on the docs/ pages; an edited cell, a lost marker or a block on two pages is stale."""
     rr = _render_results()
+    pages = rr.read_pages()
+    assert rr.stale(pages) == []
+    gpu, t4 = ROOT / "docs" / "gpu.md", ROOT / "docs" / "t4.md"
+    assert rr.stale({**pages, gpu: pages[gpu].replace("| native top-8 | 114,554 |", "| native top-8 | 114,555 |")}) \
+        == ["gpu"]
+    assert rr.stale({**pages, t4: pages[t4].replace("<!-- end t4 -->", "")}) == ["t4"]
+    readme = ROOT / "README.md"
+    assert rr.stale({**pages, readme: pages[readme] + "\n" + rr.render("gpu", readme)}) == ["gpu"]
+
+
+def test_generated_blocks_check_fails_when_stale(tmp_path):
+    """readme_answer.py and module_table.py --check fail on a changed block, wherever it lives."""
+    import shutil
+
+    for script, page, needle in (("readme_answer.py", "docs/results.md", "| prose | bh a=0.4197"),
+                                 ("module_table.py", "docs/development.md", "| `bh_helpers.capture` |")):
+        path = ROOT / page
+        text = path.read_text(encoding="utf-8")
+        assert needle in text
+        backup = tmp_path / path.name
+        shutil.copyfile(path, backup)
+        try:
+            path.write_text(text.replace(needle, needle + " edited", 1), encoding="utf-8")
+            res = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--check"],
+                                 capture_output=True, text=True)
+            assert res.returncode == 1 and page in res.stderr, (script, res.stderr)
+        finally:
+            shutil.copyfile(backup, path)
+
+
+def test_readme_is_a_users_document():
+    """README: what it is, Colab, the two commands and how to read the answer on the first screen;
+    the detailed pages under docs/ it links to exist; under 120 lines."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert rr.stale(readme) == []
-    assert rr.stale(readme.replace("| native top-8 | 114,554 |", "| native top-8 | 114,555 |")) == ["gpu"]
-    assert rr.stale(readme.replace("<!-- end t4 -->", "")) == ["t4"]
+    lines = readme.splitlines()
+    assert len(lines) < 120
+    first = "\n".join(lines[:45])
+    for needle in ("colab-badge.svg", "pip install torch==2.13.0 -r requirements.txt -e . && bh-routing demo",
+                   "python -m pytest -q tests notebooks --nbmake", "**Reading the answer.**", "## Verdict"):
+        assert needle in first, needle
+    import re
+
+    for target in re.findall(r"\]\((docs/[\w.-]+\.md)\)", readme):
+        assert (ROOT / target).is_file(), target
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    command = next(line for line in ci.splitlines() if line.startswith("pip install"))
+    assert f"```bash\n{command}\n```" in readme, ".ci/run runs the README's second command verbatim"
 
 
 def test_no_reference_to_a_missing_results_file():

@@ -126,12 +126,13 @@ def test_install_cell_on_colab(name, cloned, tmp_path, monkeypatch):
     cell = _install_cell(name)
     calls = []
 
-    def fake_run(cmd, cwd=None, check=False):
+    def fake_run(cmd, cwd=None, **kwargs):
         calls.append((list(cmd), cwd))
         if cmd[:2] == ["git", "clone"]:
             dest = Path(cmd[-1])
             (dest / "notebooks").mkdir(parents=True)
             (dest / "pyproject.toml").write_text("")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
 
     repo = tmp_path / "bh-routing"
     if cloned:
@@ -154,6 +155,56 @@ def test_install_cell_on_colab(name, cloned, tmp_path, monkeypatch):
     calls.clear()
     exec(compile(cell, "install-cell", "exec"), {})
     assert not [c for c in calls if c[0][:2] == ["git", "clone"]]
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_install_cell_with_an_unreachable_repository_says_how_to_get_in(name, tmp_path, monkeypatch, capsys):
+    """A real ``git clone`` of a URL that does not exist: one message (SystemExit, which IPython shows
+    without a traceback) naming the URL and the three ways in; nothing is pip-installed."""
+    cell = _install_cell(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BH_ROUTING_REPO", "file:///nonexistent")
+    monkeypatch.delenv("BH_ROUTING_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(SystemExit) as stop:
+        exec(compile(cell, "install-cell", "exec"), {})
+    message = str(stop.value)
+    assert "\n" not in message and message.startswith("Cannot install bh-routing: cloning file:///nonexistent failed")
+    for way in ("set BH_ROUTING_REPO", "python -m pip wheel --no-deps -w dist .", "bh_routing-*.whl",
+                "BH_ROUTING_DIR", "section 'Colab'"):
+        assert way in message
+    assert Path.cwd() == tmp_path and not (tmp_path / "bh-routing").exists()
+
+
+def test_install_cell_installs_an_uploaded_wheel(tmp_path, monkeypatch):
+    cell = _install_cell(EXPECTED[0])
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bh_routing-0.1.0-py3-none-any.whl").write_bytes(b"")
+    monkeypatch.delenv("BH_ROUTING_DIR", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, cwd=None, **k: calls.append(list(cmd)) or
+                        subprocess.CompletedProcess(cmd, 0, "", ""))
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    exec(compile(cell, "install-cell", "exec"), {})
+    assert not [c for c in calls if c[:2] == ["git", "clone"]]
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q",
+                      f"{tmp_path / 'bh_routing-0.1.0-py3-none-any.whl'}[notebooks]", "transformers>=5.23,<6"]]
+    assert Path.cwd() == tmp_path
+
+
+def test_readme_opens_every_notebook_in_colab_near_the_top():
+    sync = _sync_script()
+    head = "\n".join((REPO / "README.md").read_text(encoding="utf-8").splitlines()[:30])
+    for name in EXPECTED:
+        assert f"({sync.badge_url(name)})" in head, f"README's first screen lacks the Colab badge of {name}"
+
+
+def test_install_cells_are_the_one_template():
+    sync = _sync_script()
+    for name in EXPECTED:
+        assert _install_cell(name).strip() == sync.install_cell().strip(), f"{name}: run scripts/sync_colab_cells.py"
 
 
 @pytest.mark.slow
@@ -300,7 +351,7 @@ def test_notebook_02_full_mode_leaves_committed_banks_byte_identical(tmp_path, m
     but only under its output folder: every file under ``kde_models/`` keeps its bytes (before
     the fix it replaced ``kde_models/tiny-olmoe/``, 1.4 MB -> 6.0 MB)."""
     nbclient = pytest.importorskip("nbclient")
-    before = _tree_digest(REPO / "kde_models")
+    before = _tree_digest(REPO / "bh_helpers" / "data" / "kde_models")
     assert before, "kde_models/ should hold the committed banks"
     work = tmp_path / "notebooks"
     work.mkdir()
@@ -311,7 +362,7 @@ def test_notebook_02_full_mode_leaves_committed_banks_byte_identical(tmp_path, m
     nb = nbformat.read(work / "02_fit_null_kdes.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3",
                             resources={"metadata": {"path": str(work)}}).execute()
-    assert _tree_digest(REPO / "kde_models") == before
+    assert _tree_digest(REPO / "bh_helpers" / "data" / "kde_models") == before
     saved = work / "outputs" / "tiny-olmoe" / "null_bank" / "metadata.json"
     assert saved.is_file(), "the full-mode bank belongs under the notebook's outputs/"
 

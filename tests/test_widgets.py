@@ -80,8 +80,10 @@ def test_max_k_and_kernel_change_outputs(explorer):
     narrow = explorer.update(max_k=2)
     assert narrow.mean_k < wide.mean_k
     assert narrow.histogram.shape == (3,)
-    # min_k above max_k is lowered to max_k, never an error (sliders move independently).
-    assert explorer.update(min_k=5, max_k=3).settings.min_k == 3
+    # min_k above max_k is an error naming both (nothing is clamped silently); the widget's floor slider
+    # ends at the ceiling, so it cannot ask for it
+    with pytest.raises(ValueError, match=r"`min_k` must be in \[0, max_k=3\]; got 5"):
+        explorer.update(min_k=5, max_k=3)
     other = explorer.update(kernel="empirical", max_k=16, min_k=1)
     assert other.settings.kernel == "empirical"
 
@@ -140,6 +142,42 @@ def test_figure_html_and_widget(explorer):
     assert explorer._ui["image"].value[:4] == b"\x89PNG"
     assert "update" in explorer._ui["timing"].value
     assert ui.children
+
+
+def test_floor_slider_follows_a_lowered_ceiling(explorer):
+    """Issue 26: min_k 6 then max_k 4 left the slider at 6, the state at 4 and later moves failing."""
+    pytest.importorskip("ipywidgets")
+    explorer.widget()
+    controls = explorer._ui["controls"]
+    controls["method"].value, controls["max_k"].value, controls["min_k"].value = "bh", 8, 6
+    assert explorer.state.settings.min_k == 6
+    controls["max_k"].value = 4
+    assert controls["min_k"].value == explorer.state.settings.min_k == 4 and controls["min_k"].max == 4
+    for alpha in (0.01, 0.3):  # later moves keep working, slider and state agreeing
+        controls["alpha"].value = alpha
+        assert explorer.state.settings.alpha == pytest.approx(alpha)
+        assert (controls["min_k"].value, controls["max_k"].value) == (explorer.state.settings.min_k,
+                                                                      explorer.state.settings.max_k) == (4, 4)
+    controls["max_k"].value = 8
+    assert controls["min_k"].max == 8 and explorer.state.settings.min_k == 4
+
+
+def test_fast_png_is_the_figure(explorer):
+    """The widget's blitted PNG shows exactly what a fresh :meth:`figure` shows, move after move."""
+    import io
+
+    from PIL import Image
+
+    for settings in ({"alpha": 0.05, "layer": 0, "max_k": 8, "min_k": 1}, {"alpha": 0.4, "layer": 2},
+                     {"max_k": 4, "kernel": "empirical"}):
+        state = explorer.update(**settings)
+        fast = np.asarray(Image.open(io.BytesIO(explorer.png(state))).convert("RGBA"))
+        buf = io.BytesIO()
+        explorer.figure(state).savefig(buf, format="png", dpi=80)
+        slow = np.asarray(Image.open(buf).convert("RGBA"))
+        assert fast.shape == slow.shape
+        differ = np.abs(fast.astype(int) - slow.astype(int)).max(axis=-1) > 2  # (H, W)
+        assert differ.mean() < 1e-4, settings  # a few antialiased pixels at the image's edge, nothing else
 
 
 def test_target_experts_slider_sets_the_alpha_that_reaches_it(explorer):

@@ -17,11 +17,14 @@ results are never overwritten.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
+from bh_helpers._validate import as_flags, check_int
 from bh_helpers.app import paths, pipeline
 from bh_helpers.capture import CapturedLogits, capture_calibration
 from bh_helpers.experiments.configs import bank_name
@@ -31,9 +34,10 @@ from bh_helpers.models import texts
 from bh_helpers.nulls.kernels import VALID_KERNELS
 from bh_helpers.nulls.statistics import STATISTICS
 from bh_helpers.report.assemble import report_step
+from bh_helpers.routing.recorder import BoundWarning
 from bh_helpers.selection.reference import WEIGHT_MODES
 
-__all__ = ["build_parser", "main"]
+__all__ = ["as_flags", "build_parser", "main"]
 
 _D = pipeline.DemoSettings()  # defaults shown in --help
 
@@ -80,7 +84,8 @@ def _names(text: str) -> tuple[str, ...]:
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=_D.model,
                    help="'tiny' (embedded tiny OLMoE, default), 'auto', a hub id or a local model folder")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu; 'auto' picks cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="torch device: auto (cuda when available, else cpu; the default), cpu, cuda, cuda:1")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default: 1; on a shared or small CPU more threads are often much "
@@ -172,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benjamini-Hochberg expert routing for mixture-of-experts language models.",
         epilog="Start with `bh-routing demo`; each step also runs on its own.",
     )
+    from bh_helpers import __version__
+
+    parser.add_argument("--version", action="version", version=f"bh-routing {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = sub.add_parser(
@@ -247,11 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(text: str):
-    """``--device``: ``auto`` (CUDA when available), or a torch device that exists here."""
-    if text == "auto":
-        return None
+def _device(text: str) -> str:
+    """``--device``: ``auto`` (CUDA when available, else CPU), or a torch device that exists here."""
     import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     try:
         device = torch.device(text)
@@ -277,12 +286,30 @@ def _check_model_name(name: str) -> None:
         )
 
 
+def _model_config(name: str):
+    """The config of ``--model`` without loading its weights (so grid checks run before the load)."""
+    from transformers import AutoConfig
+
+    from bh_helpers.models.loading import EMBEDDED_MODEL_DIR
+
+    _check_model_name(name)
+    key = paths.resolve_model_key(name)
+    try:
+        return AutoConfig.from_pretrained(EMBEDDED_MODEL_DIR if key == "tiny" else key)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--model {name!r} cannot be found ({first}); check the hub id or folder, or use --model tiny "
+                         "(the embedded model).") from None
+    except ValueError:  # configs that need trust_remote_code: load_model says what to do
+        return None
+
+
 def _load(args):
     import torch
 
     from bh_helpers.models.loading import load_model
 
-    _check_model_name(args.model)
+    _model_config(args.model)
     device = _device(args.device)
     return load_model(args.model, device=device, dtype=torch.float32 if device == "cpu" else None)
 
@@ -298,8 +325,13 @@ def _cmd_demo(args) -> int:
         seed=args.seed, static_allocation=args.static_allocation, allocation_tokens=args.allocation_tokens,
         split=not args.no_split,
     )
-    _check_model_name(args.model)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a file; pass a folder (a new one, or the folder of an earlier run "
+                         "to resume it).")
     device = _device(args.device)
+    config = _model_config(args.model)
+    if config is not None:
+        settings.check_model(config)  # before the weights load and before anything is written
     t0 = time.perf_counter()
     result = pipeline.run_demo(settings, out_dir=args.out, device=device, progress=not args.no_progress)
     n_bh = int((result.frontier["status"] == "ok").sum())
@@ -313,9 +345,18 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _check_sizes(args, *names: str) -> None:
+    """Positive integers among ``names`` (``window``, ``batch_size``, ...), before anything loads."""
+    for name in names:
+        check_int(name, getattr(args, name), 1)
+    if "stride" in names and args.stride > args.window:
+        raise ValueError(f"`stride` ({args.stride}) must not exceed `window` ({args.window}).")
+
+
 def _cmd_capture(args) -> int:
     if os.path.exists(args.out):
         raise ValueError(f"--out {args.out!r} exists; pass a new file name (captures are never overwritten).")
+    _check_sizes(args, "calibration_tokens", "window", "batch_size")
     model, tok = _load(args)
     captured = capture_calibration(model, tok, max_tokens=args.calibration_tokens, window=args.window,
                                    batch_size=pipeline.room_for(model, args.window, args.batch_size),
@@ -330,6 +371,8 @@ def _cmd_fit(args) -> int:
 
     if os.path.exists(os.path.join(args.out, METADATA_NAME)):
         raise ValueError(f"--out {args.out!r} already holds a null bank; pass another folder.")
+    check_int("grid_size", args.grid_size, 16)
+    check_int("trim", args.trim, 0)
     captured, meta = CapturedLogits.load(args.captured)
     bank = pipeline.fit_step(captured, kernel=args.kernel, grid_size=args.grid_size,
                              model_id=args.model_id or meta.get("model_id", "unknown"),
@@ -345,6 +388,11 @@ def _cmd_sweep(args) -> int:
     from bh_helpers.nulls.bank import NullBank
 
     texts.check_datasets(args.datasets)  # unknown names fail before the model loads
+    _check_sizes(args, "max_tokens", "window", "stride", "batch_size")
+    config = _model_config(args.model)
+    if config is not None:  # the expert counts of the grid against the model's, before it loads
+        pipeline.DemoSettings.check_model(argparse.Namespace(max_ks=args.max_ks, min_ks=args.min_ks, trims=(),
+                                                             topk_max=args.topk_max, model=args.model), config)
     nulls = args.nulls or paths.default_null_bank_dir(args.model)
     bank = NullBank.load(nulls)
     meta = bank.metadata
@@ -376,7 +424,7 @@ def _cmd_report(args) -> int:
     results = load_results(args.results)
     model = tok = bank = None
     if args.nulls:
-        bank = _load_banks(args.nulls)
+        bank = pipeline.load_banks(args.nulls)
         model, tok = _load(args)
     if args.captured and not args.nulls:
         raise ValueError("--captured (for the max_k saturation table) needs --nulls, the bank to test with.")
@@ -402,16 +450,6 @@ def _cmd_optimize(args) -> int:
     return 0
 
 
-def _load_banks(folder: str):
-    """``--nulls``: one bank folder, or a folder of banks (the demo's ``nulls/``, one per statistic and trim)."""
-    from bh_helpers.nulls.bank import load_bank_folder
-
-    try:
-        return load_bank_folder(folder)
-    except ValueError as err:
-        raise ValueError(str(err).replace("`path`", "--nulls", 1)) from None
-
-
 _COMMANDS = {"demo": _cmd_demo, "capture": _cmd_capture, "fit": _cmd_fit, "sweep": _cmd_sweep,
              "optimize": _cmd_optimize, "report": _cmd_report}
 
@@ -431,24 +469,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar too
+    options = _options_of(parser, args.command)
     try:
-        return _COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # one per routed configuration: the report lists the rows at a bound
+            warnings.filterwarnings("ignore", category=BoundWarning)
+            return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, MemoryError) as err:
-        print(f"bh-routing: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(as_flags(str(err), options))
     except KeyboardInterrupt:
         # Every step writes whole files or fsynced lines: what finished is kept and resumed.
         print("bh-routing: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
-    except OSError as err:  # disk full, read-only folder, permissions
+    except OSError as err:
         where = f" ({err.filename})" if err.filename else ""
-        print(f"bh-routing: error: {err.strerror or err}{where}; free space or choose a writable --out.",
-              file=sys.stderr)
-        return 2
+        fix = _OS_FIXES.get(err.errno, "")
+        return _fail(f"{err.strerror or err}{where}{fix}")
     except ImportError as err:  # pandas / matplotlib are optional dependencies of the package
-        print(f"bh-routing: error: {err}; install the extras with `pip install 'bh-routing[notebooks]'`.",
-              file=sys.stderr)
-        return 2
+        return _fail(f"{err}; install the extras with `pip install 'bh-routing[notebooks]'`.")
+    except Exception as err:  # never a traceback: one line, and how to get the details
+        if os.environ.get("BH_ROUTING_DEBUG"):
+            raise
+        return _fail(f"{type(err).__name__}: {as_flags(str(err), options).splitlines()[0] if str(err) else ''} "
+                     "(an unexpected failure; rerun with BH_ROUTING_DEBUG=1 for the traceback and report it)")
+
+
+def _fail(message: str) -> int:
+    print(f"bh-routing: error: {message}", file=sys.stderr)
+    return 2
+
+
+_OS_FIXES = {errno.ENOSPC: "; free space or choose another --out.", errno.EDQUOT: "; free space or choose another --out.",
+             errno.EROFS: "; choose a writable --out.", errno.EACCES: "; choose a writable --out.",
+             errno.EPERM: "; choose a writable --out."}
+
+def _options_of(parser: argparse.ArgumentParser, command: str) -> set[str]:
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return set(sub._option_string_actions)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -77,7 +77,7 @@ def small_mode(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def update_committed_bank(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether notebook 02 may replace the committed bank under ``kde_models/``.
+    """Whether notebook 02 may replace the committed bank under the package's ``data/kde_models/``.
 
     Only when asked: ``BH_UPDATE_COMMITTED_BANK=1``. Otherwise (the default, also in full mode)
     every notebook writes only under its output folder.
@@ -232,7 +232,7 @@ def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, token
                    calibration_tokens: int = 4096, prefer_own: bool = False):
     """The null bank to route ``key`` with, and where it came from.
 
-    In order: the bank committed under ``kde_models/<model>/`` (or written there by notebook 02
+    In order: the bank committed under ``bh_helpers/data/kde_models/<model>/`` (or written there by notebook 02
     with ``BH_UPDATE_COMMITTED_BANK=1``), the one notebook 02 wrote to ``<out>/null_bank``, else a
     Gaussian bank fitted now on ``calibration_tokens`` tokens (needs ``model`` and ``tokenizer``)
     and saved to ``<out>/null_bank``. ``prefer_own=True`` (full mode) puts ``<out>/null_bank``

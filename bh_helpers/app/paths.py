@@ -1,7 +1,9 @@
 """Where things live: model names as folder names, null-bank folders, output folders.
 
 One :func:`model_slug` for every folder named after a model (``kde_models/<slug>/``,
-``outputs/<slug>/``), so the demo, the CLI and the notebooks find the same banks.
+``outputs/<slug>/``), so the demo, the CLI and the notebooks find the same banks. The committed banks
+ship inside the package (:data:`PACKAGED_KDE_MODELS`, ``bh_helpers/data/kde_models/``), so an installed
+package finds them from any working directory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from bh_helpers.models.loading import OLMOE_HUB_ID, hub_reachable, model_key
 
 __all__ = [
     "KDE_MODELS_ENV",
+    "PACKAGED_KDE_MODELS",
     "default_null_bank_dir",
     "model_key",
     "model_slug",
@@ -23,7 +26,8 @@ __all__ = [
 ]
 
 KDE_MODELS_ENV = "BH_ROUTING_KDE_MODELS"
-_REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (kde_models/ beside bh_helpers/)
+#: The committed null banks, one folder per model slug, installed with the package (package data).
+PACKAGED_KDE_MODELS = Path(__file__).resolve().parents[1] / "data" / "kde_models"
 
 
 def model_slug(model_name: str) -> str:
@@ -49,16 +53,18 @@ def resolve_model_key(name: str) -> str:
 def default_null_bank_dir(model_name: str = "tiny", *, must_exist: bool = True) -> Path:
     """The committed (or user-fitted) null bank folder of a model.
 
-    Looks for ``<root>/kde_models/<model_slug(model_name)>/metadata.json`` with ``<root>`` in
+    Looks for ``<kde_models>/<model_slug(model_name)>/metadata.json`` with ``<kde_models>`` in
     this order: the ``BH_ROUTING_KDE_MODELS`` environment variable (a ``kde_models`` folder
-    itself), the current directory, the repository that holds this package.
+    itself), ``./kde_models`` in the current directory, the banks installed with the package
+    (:data:`PACKAGED_KDE_MODELS`).
 
     Parameters
     ----------
     model_name : str, default "tiny"
         ``"tiny"``, a hub id or a local model path.
     must_exist : bool, default True
-        Raise when no bank is found; with False return the first candidate (a place to save one).
+        Raise when no bank is found; with False return a place to save one: the environment
+        variable's folder when set, else the package's own (where notebook 02 updates the committed bank).
 
     Returns
     -------
@@ -78,7 +84,7 @@ def default_null_bank_dir(model_name: str = "tiny", *, must_exist: bool = True) 
     roots = []
     if os.environ.get(KDE_MODELS_ENV):
         roots.append(Path(os.environ[KDE_MODELS_ENV]))
-    roots += [Path.cwd() / "kde_models", _REPO_ROOT / "kde_models"]
+    roots += [Path.cwd() / "kde_models", PACKAGED_KDE_MODELS]
     candidates = list(dict.fromkeys(r / slug for r in roots))
     for c in candidates:
         if (c / "metadata.json").is_file():

@@ -35,11 +35,12 @@ from typing import Any
 
 from bh_helpers._clock import utc_timestamp
 from bh_helpers._locks import exclusive
-from bh_helpers._validate import check_choice, check_int
+from bh_helpers._validate import check_choice, check_int, check_level
 from bh_helpers.capture import CapturedLogits, capture_calibration
 from bh_helpers.evaluation.scoring import fit_batch_size
+from bh_helpers.experiments.bootstrap import MIN_WINDOWS
 from bh_helpers.experiments.comparison import compare_with_controls
-from bh_helpers.experiments.configs import CONTROLS, FDR_METHODS, with_controls
+from bh_helpers.experiments.configs import CONTROLS, with_controls
 from bh_helpers.experiments.grids import LAYER_TARGETS, sweep_grid
 from bh_helpers.experiments.evaluate import perplexity_sweep
 from bh_helpers.experiments.frontier import compute_frontier
@@ -52,11 +53,11 @@ from bh_helpers.experiments.static_allocation import (
 from bh_helpers.models.families import moe_shape
 from bh_helpers.models.loading import load_model
 from bh_helpers.models.texts import check_datasets, split_name
-from bh_helpers.nulls.bank import NullBank, bank_name
+from bh_helpers.nulls.bank import NullBank, bank_name, load_bank_folder
 from bh_helpers.nulls.fit import fit_null_bank
 from bh_helpers.nulls.statistics import check_statistic
 from bh_helpers.report.assemble import report_step
-from bh_helpers.selection.reference import WEIGHT_MODES
+from bh_helpers.selection.reference import FDR_METHODS, WEIGHT_MODES
 
 __all__ = [
     "DEFAULT_OUTPUT_DIR",
@@ -68,8 +69,10 @@ __all__ = [
     "DemoResult",
     "GPUOutOfMemory",
     "fit_step",
+    "load_banks",
     "room_for",
     "run_demo",
+    "scoring_windows",
 ]
 
 DEFAULT_OUTPUT_DIR = "bh_routing_output"
@@ -81,6 +84,14 @@ SETTINGS_NAME = "run.json"
 AUTO_GREEDY_LAYERS = 8  # --static-allocation auto: greedy up to this many MoE layers, else the separable proxy
 STATIC_NAME = "static_allocation.json"  # the static per-layer allocations (the static chord control)
 STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last demo run
+
+
+MIN_GRID_SIZE = 16  # null grid points per layer (the nulls' own lower bound)
+
+
+def scoring_windows(tokens: int, window: int, stride: int) -> int:
+    """Number of perplexity windows over ``tokens`` tokens (the protocol of :mod:`bh_helpers.evaluation.scoring`)."""
+    return 1 + max(0, -(-(tokens - window) // stride))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,6 +110,14 @@ def room_for(model, window: int, batch_size: int) -> int:
             f"model; running {fitted} windows per forward pass (results do not depend on it; pass --batch-size "
             f"{fitted} or lower to choose yourself).", stacklevel=3)
     return fitted
+
+
+def load_banks(folder: str):
+    """``--nulls``: one bank folder, or a folder of banks (the demo's ``nulls/``, one per statistic and trim)."""
+    try:
+        return load_bank_folder(folder)
+    except ValueError as err:
+        raise ValueError(str(err).replace("`path`", "--nulls", 1)) from None
 
 
 def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192, model_id: str = "tiny",
@@ -193,19 +212,57 @@ class DemoSettings:
         for statistic in self.statistics:
             check_statistic(statistic)
         for trim in self.trims:
-            check_int("--trims", trim, 0)
+            check_int("trim", trim, 0)
         object.__setattr__(self, "layer_alphas", tuple(tuple(float(a) for a in row) for row in self.layer_alphas))
         check_choice("--layer-targets", self.layer_targets, LAYER_TARGETS)
         if not (self.alphas or self.mean_ks or self.layer_alphas):
             raise ValueError("give --mean-ks (compute targets), --alphas or --layer-alphas (levels).")
         if self.stride > self.window:
             raise ValueError(f"`stride` ({self.stride}) must not exceed `window` ({self.window}).")
-
+        self._check_grid()
         check_choice("weights", self.weights, WEIGHT_MODES)
         check_datasets(self.datasets)  # unknown names raise here, before anything runs
+        windows = scoring_windows(self.max_tokens, self.window, self.stride)
+        if windows < MIN_WINDOWS:
+            need = self.window + (MIN_WINDOWS - 1) * self.stride
+            raise ValueError(
+                f"`max_tokens` {self.max_tokens} gives {windows} scoring window{'s' * (windows != 1)} of {self.window} "
+                f"tokens per data set; a paired-bootstrap interval needs at least {MIN_WINDOWS}: pass `max_tokens` "
+                f"{need} or more (or a smaller `window`).")
+
+    def _check_grid(self) -> None:
+        """Every level, floor, ceiling and compute target of the grid, before a model is loaded."""
+        for method in self.methods:
+            check_choice("method", method, FDR_METHODS)
+        for alpha in self.alphas:
+            check_level("alpha", alpha)
+        for row in self.layer_alphas:
+            for alpha in row:
+                check_level("layer_alphas", alpha)
+        for top_p in self.top_ps:
+            check_level("top_p", top_p, example="0.8")
+        for min_k in self.min_ks:
+            check_int("min_k", min_k, 0)
+        for max_k in self.max_ks:
+            check_int("max_k", max_k, 1)
+        check_int("grid_size", self.grid_size, MIN_GRID_SIZE)
+        check_int("seed", self.seed, 0)
+        if max(self.min_ks) > max(self.max_ks):  # pairs with floor > ceiling are skipped; none at all is an error
+            raise ValueError(f"`min_k` {max(self.min_ks)} exceeds every `max_k` ({','.join(map(str, self.max_ks))}): "
+                             f"pass floors of {max(self.max_ks)} or lower, or a larger `max_k`.")
+        for target in self.mean_ks:
+            if not any(lo + 0.5 <= target <= hi for lo in self.min_ks for hi in self.max_ks):
+                raise ValueError(
+                    f"`mean_k` {target:g} is not reachable: a compute target must lie between a floor plus half an "
+                    f"expert and a ceiling (`min_k` {','.join(map(str, self.min_ks))}, `max_k` "
+                    f"{','.join(map(str, self.max_ks))}); pass targets in [{min(self.min_ks) + 0.5:g}, "
+                    f"{max(self.max_ks)}].")
 
     def check_model(self, model) -> None:
-        """Raise ValueError (naming the CLI flag) when the grid asks for more experts than ``model`` has."""
+        """Raise ValueError (naming the CLI flag) when the grid asks for more experts than ``model`` has.
+
+        ``model`` may also be its config (``transformers.AutoConfig``), so the check runs before loading.
+        """
         experts = moe_shape(model).num_experts
         for flag, values in (("--max-ks", self.max_ks), ("--topk-max", (self.topk_max,)), ("--min-ks", self.min_ks),
                              ("--trims", tuple(t + 2 for t in self.trims))):

@@ -20,7 +20,11 @@ import numpy as np
 
 from bh_helpers._validate import check_int
 
-__all__ = ["BootstrapDelta", "paired_bootstrap", "paired_jackknife"]
+__all__ = ["MIN_WINDOWS", "BootstrapDelta", "paired_bootstrap", "paired_jackknife"]
+
+#: Fewest scoring windows for an interval: with fewer, resampling windows says nothing about the text
+#: (one window gives an interval of zero width). Runs with fewer are refused (CLI) or get no verdict (report).
+MIN_WINDOWS = 8
 
 #: Resamples per interval (Monte-Carlo error of a 95% percentile end: about 0.5% of the width).
 DEFAULT_RESAMPLES = 2000

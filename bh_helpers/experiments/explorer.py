@@ -9,7 +9,7 @@ and scripts (no widget needed).
 
 Why an update is cheap: the number of rejections of BH, BY, Bonferroni and Holm depends only on
 the multiset of a token's p-values, so the p-values are stored sorted per token (ascending) and an
-update is one vectorised :func:`~bh_helpers.selection.reference.fdr_counts` over ``[L, N, E]`` plus
+update is one vectorised count over ``[L, N, E]`` (the step-up of :func:`~bh_helpers.selection.reference.fdr_counts` on the cached sorted p-values) plus
 one :func:`~bh_helpers.selection.reference.select_experts` on the displayed layer. Nothing touches the model
 until the "run on the model" button (or :meth:`AlphaExplorer.run_live`) is used.
 
@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from bh_helpers._validate import check_choice, check_int
+from bh_helpers._validate import check_choice, check_int, check_level
 from bh_helpers.models.families import moe_shape
+from bh_helpers.routing.recorder import bound_warning
 from bh_helpers.selection.budget import alpha_at, layer_alphas
-from bh_helpers.selection.reference import FDR_METHODS, Selection, fdr_counts, select_experts
+from bh_helpers.selection.reference import FDR_METHODS, Selection, _counts_from_sorted, select_experts
 
 __all__ = ["EXPLORER_METHODS", "ExplorerSettings", "ExplorerState", "RoutingExplorer"]
 
@@ -98,6 +99,9 @@ class ExplorerState:
         view; ``indices`` ``[view_rows, max_k]``).
     elapsed_ms : float
         Wall time of the computation (not of any drawing), in milliseconds.
+    bound_warning : str or None
+        :func:`~bh_helpers.routing.recorder.bound_warning` of this setting: which layers have most of
+        their tokens at ``min_k`` or ``max_k`` (that setting is the bound, not BH), and how to choose alpha.
     """
 
     settings: ExplorerSettings
@@ -110,6 +114,7 @@ class ExplorerState:
     relative_compute: float
     selection: Selection
     elapsed_ms: float
+    bound_warning: str | None = None  # most tokens of a layer at min_k or max_k: the bound, not BH
 
 
 @contextmanager
@@ -236,7 +241,8 @@ class RoutingExplorer:
                 for layer in self.layers
             }
             stacked = torch.stack([self.pvalues[kernel][layer] for layer in self.layers])  # (L, N, E)
-            self.sorted_pvalues[kernel] = stacked.sort(dim=-1).values.contiguous()  # (L, N, E)
+            # float64 once here, not at every move (the thresholds are float64: the same comparisons)
+            self.sorted_pvalues[kernel] = stacked.sort(dim=-1).values.double().contiguous()  # (L, N, E)
         self.settings = ExplorerSettings(
             kernel=self.kernels[0], layer=self.layers[0], max_k=min(8, self.num_experts)
         )
@@ -255,18 +261,20 @@ class RoutingExplorer:
         if not 1 <= s.max_k <= self.num_experts:
             raise ValueError(f"`max_k` must be in [1, {self.num_experts}]; got {s.max_k!r}.")
         if not 0 <= s.min_k <= s.max_k:
-            raise ValueError(f"`min_k` must be in [0, max_k={s.max_k}]; got {s.min_k!r}.")
+            raise ValueError(f"`min_k` must be in [0, max_k={s.max_k}]; got {s.min_k!r} (lower min_k first, or raise "
+                             "max_k).")
 
     def _counts(self, s: ExplorerSettings) -> torch.Tensor:
         """Experts per token in every layer, ``[N, L]``: one vectorised call over all layers."""
         if s.method == "topk":
             return torch.full((self.num_tokens, len(self.layers)), s.max_k, dtype=torch.long)
         p = self.sorted_pvalues[s.kernel]  # (L, N, E), sorted per token
+        # the cached p-values are sorted already: count from them directly (fdr_counts would sort again)
         if isinstance(s.alpha, Mapping):  # one level per layer: one call per layer
-            counts = torch.stack([fdr_counts(p[i], s.alpha[layer], s.method, validate=False)
+            counts = torch.stack([_counts_from_sorted(p[i], check_level("alpha", s.alpha[layer]), s.method)
                                   for i, layer in enumerate(self.layers)])  # (L, N)
         else:
-            counts = fdr_counts(p, s.alpha, s.method, validate=False)  # (L, N)
+            counts = _counts_from_sorted(p, check_level("alpha", s.alpha), s.method)  # (L, N)
         return counts.clamp(s.min_k, s.max_k).T  # (N, L)
 
     def update(self, **settings: Any) -> ExplorerState:
@@ -277,7 +285,7 @@ class RoutingExplorer:
         **settings
             Any fields of :class:`ExplorerSettings` (``alpha``, ``max_k``, ``min_k``, ``method``,
             ``kernel``, ``layer``); the others keep their current values. A ``min_k`` above
-            ``max_k`` is lowered to ``max_k`` (the sliders move independently).
+            ``max_k`` is an error (nothing is clamped; the widget's floor slider ends at the ceiling).
 
         Returns
         -------
@@ -289,7 +297,7 @@ class RoutingExplorer:
             raise ValueError(f"unknown settings {sorted(unknown)}; use {list(ExplorerSettings.__dataclass_fields__)}.")
         s = replace(self.settings, **settings)
         max_k = int(s.max_k)
-        s = replace(s, alpha=layer_alphas(s.alpha), max_k=max_k, min_k=min(int(s.min_k), max_k), layer=int(s.layer))
+        s = replace(s, alpha=layer_alphas(s.alpha), max_k=max_k, min_k=int(s.min_k), layer=int(s.layer))
         self._check(s)
         with _intra_op_threads(self.threads):
             return self._update(s)
@@ -313,6 +321,10 @@ class RoutingExplorer:
         histogram = torch.bincount(counts[:, column], minlength=s.max_k + 1).numpy()  # (max_k+1,)
         histogram_all = torch.bincount(counts.reshape(-1), minlength=s.max_k + 1).numpy()  # (max_k+1,)
         mean_per_layer = counts.double().mean(0).numpy()  # (L,)
+        bound = None if s.method == "topk" else bound_warning(
+            {layer: (float(f), float(c)) for layer, f, c in zip(self.layers, (counts == s.min_k).double().mean(0),
+                                                                (counts == s.max_k).double().mean(0))},
+            s.min_k, s.max_k)
         elapsed_ms = (time.perf_counter() - start) * 1e3
         mean_k = float(mean_per_layer.mean())
         self.settings = s
@@ -327,6 +339,7 @@ class RoutingExplorer:
             relative_compute=mean_k / self.native_k,
             selection=selection,
             elapsed_ms=elapsed_ms,
+            bound_warning=bound,
         )
         self.timings_ms.append(elapsed_ms)
         return self.state

@@ -10,6 +10,7 @@ runs the per-category analysis and the per-token view of the featured configurat
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +36,7 @@ from bh_helpers.nulls.bank import NullBank
 from bh_helpers.selection.controls import MixedTopKSelector
 from bh_helpers.selection.selectors import NativeSelector
 
-__all__ = ["report_step"]
+__all__ = ["SUMMARY_NAME", "report_step", "write_summary"]
 
 
 def _protocol_from_results(results) -> dict:
@@ -158,6 +159,10 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     frontier = compute_frontier(results)
     has_controls = "control_of" in results.columns and results["method"].isin(CONTROLS).any()
     comparison = compare_with_controls(results, seed=seed) if has_controls else None
+    if comparison is not None and "window_nll" in results.columns:
+        counts = [len(w) for w in results["window_nll"] if isinstance(w, list)]
+        if counts:
+            comparison.attrs["windows"] = min(counts)  # the verdict refuses to speak below MIN_WINDOWS
     if weights is None:
         weights = _protocol_from_results(results).get("weights") or "softmax"
     figures = _sweep_figures(results, comparison)
@@ -181,6 +186,9 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
             "lowest mean difference to its strongest control there was kept, and only those ran again, beside their "
             f"controls, on the confirmation halves ({', '.join(sorted(set(results['dataset'])))}), which nothing was "
             "chosen on. The verdict above is read on the confirmation halves.")
+    at_bound = _bound_note(results)
+    if at_bound:
+        notes.append(at_bound)
     mixed_key = None
     if config is not None and comparison is not None:
         mixed = controls_by_adaptive(results).get((featured["key"], featured["dataset"], "mixed"))
@@ -210,9 +218,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
                 adaptive_label=config.label(), baseline_label="mixed top-k (same per-layer mean k)", seed=seed,
                 progress=progress)
             tables.update(analysis.tables())
-            notes.append(
-                f"Category analysis: {config.label()} (the featured configuration on {featured['dataset']}) against "
-                "mixed top-k at its per-layer mean k on that data set (its compute-matched control), per prompt.")
+            notes.append(_category_finding(analysis, config.label(), featured["dataset"]))
         sample = list(load_prompt_sets(prompt_sets).values())[-1][0]
         ids = encode(tokenizer, sample)
         with torch.no_grad(), route(model, selector) as rec:
@@ -229,7 +235,111 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     )
     for fig in figures.values():
         fig.clf()
+    write_summary(out_dir, results=results, comparison=comparison, protocol=_protocol_from_results(results),
+                  model_info=_model_info(model, model_id) if model is not None else {"model": model_id})
     return path
+
+
+SUMMARY_NAME = "summary.json"
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe scalars: NaN and infinities become None, numpy scalars plain Python."""
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_summary(out_dir: str | os.PathLike, *, results, comparison=None, protocol: Mapping[str, Any] | None = None,
+                  model_info: Mapping[str, Any] | None = None) -> Path:
+    """``summary.json`` beside ``report.md``: the verdict, every row's numbers, versions and settings.
+
+    The machine-readable twin of the report (as lm-eval's ``results.json``): ``verdict`` (the
+    report's answer, the counts of adaptive rows better / worse / undecided against mixed top-k
+    at their compute, and the smallest number of scoring windows), ``comparison`` (each adaptive
+    row beside its controls, with 95% intervals), ``rows`` (every configuration and data set:
+    perplexity and mean experts per token), ``versions`` and ``settings`` (the protocol, the
+    model, and the demo's ``run.json`` settings when the folder has one).
+
+    Returns
+    -------
+    Path
+    """
+    import platform
+
+    import torch
+    import transformers
+
+    from bh_helpers import __version__
+    from bh_helpers.report.verdict import verdict_markdown
+
+    out = Path(out_dir)
+    verdict: dict[str, Any] = {"answer": None, "better": 0, "worse": 0, "undecided": 0, "pairs": 0,
+                               "windows": None, "text": None}
+    records: list[dict] = []
+    if comparison is not None and len(comparison):
+        text = verdict_markdown(comparison)
+        bold = text.split("**")
+        verdict.update(text=text, answer=bold[1].split("? ")[-1].strip() if len(bold) > 2 else None,
+                       windows=_finite(comparison.attrs.get("windows")))
+        valid = comparison[comparison["ci_low"].notna() & comparison["ci_high"].notna()]
+        better, worse = int((valid["ci_high"] < 0).sum()), int((valid["ci_low"] > 0).sum())
+        verdict.update(better=better, worse=worse, undecided=len(valid) - better - worse, pairs=len(valid))
+        records = [{k: _finite(v) for k, v in r.items()} for r in comparison.to_dict("records")]
+    keep = [c for c in ("dataset", "label", "method", "alpha", "min_k", "max_k", "statistic", "trim",
+                        "mean_experts_per_token", "perplexity", "control_of") if c in results.columns]
+    rows = [{k: _finite(v) for k, v in r.items()} for r in results[keep].to_dict("records")]
+    settings: dict[str, Any] = {"protocol": dict(protocol or {}), "model": dict(model_info or {})}
+    run = out / "run.json"
+    if run.is_file():
+        settings["demo"] = json.loads(run.read_text(encoding="utf-8")).get("settings")
+    summary = {"verdict": verdict, "comparison": records, "rows": rows, "settings": settings,
+               "versions": {"bh-routing": __version__, "torch": torch.__version__,
+                            "transformers": transformers.__version__, "python": platform.python_version()}}
+    path = out / SUMMARY_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _category_finding(analysis, label: str, dataset: str) -> str:
+    """What the category analysis found, in one paragraph (the tables follow in their sections)."""
+    t, p = analysis.trend, analysis.paired
+    means = {r["category"]: r["mean"] for _, r in analysis.summary.iterrows()}
+    spread = (f"mean experts per token from {min(means.values()):.2f} ({min(means, key=means.get)}) to "
+              f"{max(means.values()):.2f} ({max(means, key=means.get)})") if means else "no categories"
+    trend = ("rises with the category order" if t.spearman_rho > 0 else "falls with the category order") \
+        if t.spearman_pvalue < 0.05 else "shows no trend across categories"
+    nll = (f"{'lower' if p.mean_diff < 0 else 'higher'} per-prompt NLL than the control "
+           f"({p.mean_diff:+.4f} nats, Wilcoxon p = {p.wilcoxon_pvalue:.3g})" if p.wilcoxon_pvalue < 0.05 else
+           f"no per-prompt NLL difference from the control at the 5% level ({p.mean_diff:+.4f} nats, "
+           f"Wilcoxon p = {p.wilcoxon_pvalue:.3g})")
+    return (f"Category analysis ({label}, the featured configuration on {dataset}, against mixed top-k at its "
+            f"per-layer mean k, {p.n} prompts): {spread}; the allocation {trend} (Spearman rho = "
+            f"{t.spearman_rho:.2f}, p = {t.spearman_pvalue:.3g}); {nll}.")
+
+
+def _bound_note(results) -> str | None:
+    """The adaptive rows most of whose token-layers sat at ``min_k`` or ``max_k`` (the bound, not BH)."""
+    from bh_helpers.routing.recorder import BOUND_ADVICE, bound_warning
+    from bh_helpers.selection.reference import FDR_METHODS
+
+    if not {"floor_rate", "ceiling_rate", "min_k", "max_k"} <= set(results.columns):
+        return None
+    lines = []
+    for _, r in results[results["method"].isin(FDR_METHODS)].iterrows():
+        text = bound_warning({"all layers pooled": (float(r["floor_rate"]), float(r["ceiling_rate"]))},
+                             *(None if _none(r[c]) is None else int(r[c]) for c in ("min_k", "max_k")),
+                             what="", advice=False)
+        if text:
+            lines.append(f"- {r['label']} on {r['dataset']}: {text.replace('most tokens sit', 'most token-layers sit')}")
+    if not lines:
+        return None
+    return "\n".join(["**Warning: configurations at a bound.** In these rows more than half of the token-layers sat "
+                      "at the floor or the ceiling:", "", *lines, "", BOUND_ADVICE[0].upper() + BOUND_ADVICE[1:]])
 
 
 def _optimiser_section(results) -> str:
@@ -262,7 +372,8 @@ def _sweep_figures(results, comparison) -> dict[str, Any]:
         balance = plots.layer_matrix(results[~results["method"].isin(CONTROLS)], dataset=first_set,
                                      prefix="per_layer_utilisation_cv.")
         figures[f"load balance per layer, {first_set}"] = plots.plot_layer_heatmap(
-            balance, title=f"coefficient of variation of expert activations by layer ({first_set})", cmap="magma")
+            balance, title=f"coefficient of variation of expert activations by layer ({first_set})", cmap="magma",
+            label="coefficient of variation", fmt=".2f")
     return figures
 
 
@@ -303,9 +414,16 @@ def _saturation_section(table, points) -> str:
             "logits, native routing upstream), and the share of token-layers whose uncapped count reaches the "
             "ceiling. The saturation point is the smallest max_k whose mean k is within 5% of the largest "
             "ceiling's (`bh_helpers.experiments.saturation`).\n\n"
-            + markdown_table(points.round(3), floatfmt=".3f") + "\n\n"
-            + markdown_table(wide.reset_index(), floatfmt=".3f") + "\n\n"
-            + markdown_table(hits.reset_index(), floatfmt=".3f"))
+            + markdown_table(_alpha_text(points), floatfmt=".3f") + "\n\n"
+            + markdown_table(_alpha_text(wide.reset_index()), floatfmt=".3f") + "\n\n"
+            + markdown_table(_alpha_text(hits.reset_index()), floatfmt=".3f"))
+
+
+def _alpha_text(table):
+    """``table`` with its ``alpha`` column as text to 3 significant digits (2.4e-06, not 0.000)."""
+    out = table.round({c: 3 for c in table.columns if c != "alpha"})
+    out["alpha"] = [f"{a:.3g}" for a in table["alpha"]]
+    return out
 
 
 def _bank_metadata(null_bank):
@@ -317,3 +435,10 @@ def _bank_metadata(null_bank):
     from dataclasses import asdict
 
     return {name: asdict(bank.metadata) for name, bank in null_bank.items()}
+
+
+def _none(value):
+    """A results cell: None for a missing (None or NaN) value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value

@@ -8,7 +8,7 @@ value, or save it with ``fig.savefig(...)``.
 - :func:`plot_frontier`: metric against mean experts per token: the static top-k curve with
   its k labels, multiple-testing configurations coloured by method and sized/labelled by alpha,
   top-p and native points.
-- :func:`plot_layer_heatmap`: mean experts per token per configuration and layer.
+- :func:`plot_layer_heatmap`: a per-layer quantity (mean k, load balance) per configuration and layer.
 - :func:`plot_k_histogram`: distribution of experts per token (token-layer pairs).
 - :func:`plot_saturation`: mean k and ceiling-hit rate against ``max_k``, per alpha.
 - :func:`plot_error_rates`: empirical FDR (with Monte-Carlo intervals) per token group and setting.
@@ -214,8 +214,8 @@ def layer_matrix(results, *, dataset: str | None = None, prefix: str = "per_laye
 
 
 def plot_layer_heatmap(matrix, *, title: str = "mean experts per token by layer", cmap: str = "viridis",
-                       annotate: bool = True):
-    """Heatmap of mean experts per token, configurations (rows) x layers (columns).
+                       annotate: bool = True, label: str = "mean k", fmt: str = ".1f"):
+    """Heatmap of a per-layer quantity (mean experts per token by default), configurations x layers.
 
     Parameters
     ----------
@@ -224,6 +224,10 @@ def plot_layer_heatmap(matrix, *, title: str = "mean experts per token by layer"
     title, cmap : str
     annotate : bool, default True
         Write the value in each cell.
+    label : str, default "mean k"
+        What the values are (the colour bar's label), e.g. "coefficient of variation".
+    fmt : str, default ".1f"
+        Format of the cell values.
 
     Returns
     -------
@@ -237,8 +241,8 @@ def plot_layer_heatmap(matrix, *, title: str = "mean experts per token by layer"
     import seaborn as sns
 
     fig, ax = _new_figure(figsize=(1.2 + 0.7 * values.shape[1] + 2.5, 1.0 + 0.32 * values.shape[0]))
-    sns.heatmap(values, ax=ax, cmap=cmap, annot=annotate, fmt=".1f", annot_kws={"fontsize": 7},
-                xticklabels=cols, yticklabels=rows, cbar_kws={"label": "mean k"})
+    sns.heatmap(values, ax=ax, cmap=cmap, annot=annotate, fmt=fmt, annot_kws={"fontsize": 7},
+                xticklabels=cols, yticklabels=rows, cbar_kws={"label": label})
     ax.tick_params(axis="y", labelsize=8)
     ax.set_xlabel("layer")
     ax.set_title(title)

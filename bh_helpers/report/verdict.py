@@ -13,6 +13,8 @@ from typing import Any
 
 from scipy.stats import binom
 
+from bh_helpers.experiments.bootstrap import MIN_WINDOWS
+
 __all__ = ["comparison_markdown", "verdict_markdown"]
 
 
@@ -52,6 +54,11 @@ def verdict_markdown(comparison) -> str:
     if comparison is None or not len(comparison):
         return "No adaptive configuration ran with its compute-matched controls, so there is no verdict."
     level = int(round(100 * comparison.attrs.get("level", 0.95)))
+    windows = comparison.attrs.get("windows")
+    if windows is not None and windows < MIN_WINDOWS:
+        return (f"**No verdict: too few scoring windows.** The smallest data set was scored in {windows} window"
+                f"{'s' * (windows != 1)}; a paired interval needs at least {MIN_WINDOWS} (with one window every "
+                "interval has zero width). Rerun with more evaluation tokens (`--max-tokens`) or a smaller `--window`.")
     better, worse, valid = _decided(comparison, "strongest_ci_low", "strongest_ci_high")
     more_compute = better[~better["compute_matched"].astype(bool)]
     better = better[better["compute_matched"].astype(bool)]

@@ -9,6 +9,7 @@ never synchronise; per-token counts are copied to the CPU in large batches, up t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from bh_helpers.models.families import MoEBlock
 from bh_helpers.selection.reference import Selection
 from bh_helpers.selection.selectors import Selector
 
-__all__ = ["DEFAULT_MAX_TOKENS", "RoutingRecorder", "TokenCounts", "aggregate"]
+__all__ = ["BOUND_ADVICE", "BOUND_SHARE", "DEFAULT_MAX_TOKENS", "BoundWarning", "RoutingRecorder", "TokenCounts", "aggregate", "bound_warning"]
 
 #: Default cap on per-token counts kept per layer (exact aggregates are always kept).
 DEFAULT_MAX_TOKENS = 1_000_000
@@ -69,6 +70,56 @@ def _grow_add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     out[: total.numel()] += total
     out[: part.numel()] += part.to(total.device)
     return out
+
+
+#: Share of a layer's tokens at ``min_k`` (or ``max_k``) above which a configuration is its bound, not BH.
+BOUND_SHARE = 0.5
+
+
+class BoundWarning(UserWarning):
+    """Most tokens of a layer sit at the floor ``min_k`` or the ceiling ``max_k`` of an adaptive selector."""
+
+
+#: What to do about a configuration at its bound (the end of :func:`bound_warning`).
+BOUND_ADVICE = ("there the configuration is its bound (static top-k at that k for most tokens), not BH: at this "
+                "alpha the test rejects almost nothing beyond the floor, or almost everything up to the ceiling. To "
+                "route by BH, choose a number of experts well between min_k and max_k and the alpha that reaches it: "
+                "alpha_for_mean_k(bank, calibration_logits, target_mean_k), `--mean-ks` on the command line, the "
+                "'target k' slider in the explorer.")
+
+
+def bound_warning(rates: Mapping[Any, tuple[float, float]], min_k: int | None, max_k: int | None, *,
+                  what: str = "layer", advice: bool = True) -> str | None:
+    """One sentence when more than :data:`BOUND_SHARE` of the tokens of some layer sit at a bound.
+
+    Parameters
+    ----------
+    rates : mapping of layer (or any label) to (floor rate, ceiling rate)
+        Shares of tokens at ``min_k`` and at ``max_k``.
+    min_k, max_k : int or None
+        The bounds; nothing is said when either is unknown or they are equal (static top-k).
+    what : str, default "layer"
+        What the keys of ``rates`` are, for the sentence.
+    advice : bool, default True
+        End with :data:`BOUND_ADVICE`.
+
+    Returns
+    -------
+    str or None
+        Which keys sit at which bound, that the configuration is then the bound and not BH, and how
+        to choose alpha for a target number of experts instead; None when no key passes the share.
+    """
+    if min_k is None or max_k is None or min_k >= max_k:
+        return None
+    parts = []
+    for bound, index, name in ((min_k, 0, "min_k"), (max_k, 1, "max_k")):
+        hits = {key: r[index] for key, r in rates.items() if r[index] == r[index] and r[index] > BOUND_SHARE}
+        if hits:
+            where = ", ".join(f"{key} ({share:.0%})" for key, share in hits.items())
+            parts.append(f"most tokens sit at {name}={bound} in {what + ' ' if what else ''}{where}")
+    if not parts:
+        return None
+    return "; ".join(parts) + (": " + BOUND_ADVICE if advice else "")
 
 
 def _hist_stats(hist: torch.Tensor, floor: int | None, ceiling: int | None) -> dict[str, float]:
@@ -341,7 +392,9 @@ class RoutingRecorder:
             selector's ``min_k`` / at the selection width ``max_k``), ``expert_activations``
             (sum of counts), ``native_activations`` (native k x tokens, summed over layers),
             ``activation_ratio``, ``truncated``, ``invalid_tokens`` (tokens whose selection was
-            broken; :func:`route` raises on them), and ``per_layer``: ``{layer: {...}}`` with the
+            broken; :func:`route` raises on them), ``bound_warning`` (:func:`bound_warning`: a sentence
+            when most tokens of a layer sit at ``min_k`` or ``max_k``, also issued as a
+            :class:`BoundWarning`; else None), and ``per_layer``: ``{layer: {...}}`` with the
             same statistics plus ``expert_counts`` (activations per expert), ``utilisation_cv``
             (coefficient of variation of ``expert_counts``) and ``unused_share`` (share of experts
             never chosen).
@@ -385,8 +438,22 @@ class RoutingRecorder:
             "activation_ratio": activations / native if native else float("nan"),
             "truncated": self.truncated,
             "invalid_tokens": sum(s["invalid_tokens"] for s in per_layer.values()),
+            "bound_warning": self._bound_warning(per_layer),
             "per_layer": per_layer,
         }
+
+    def _bound_warning(self, per_layer: dict[int, dict[str, Any]]) -> str | None:
+        """:func:`bound_warning` of the routed layers (also issued as a :class:`BoundWarning`)."""
+        if not hasattr(self.selector, "alpha"):  # BH and its relatives only: top-k and top-p sit at k by design
+            return None
+        ceilings = set(self._ceiling.values())
+        text = bound_warning({layer: (s["floor_rate"], s["ceiling_rate"]) for layer, s in per_layer.items()},
+                             self.floor, ceilings.pop() if len(ceilings) == 1 else None)
+        if text:
+            import warnings
+
+            warnings.warn(f"{self.selector!r}: {text}", BoundWarning, stacklevel=3)
+        return text
 
     def per_token_counts(self) -> TokenCounts:
         """Per-token counts aligned with the forwarded tokens, in call order.
