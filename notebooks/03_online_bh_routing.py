@@ -185,6 +185,7 @@ pd.DataFrame({label: {"prefill tok/s": s.prefill_tokens_per_s, "decode tok/s": s
 
 # %%
 from bh_helpers.capture import capture_calibration
+from bh_helpers.nulls.fit import fit_captured
 from bh_helpers.experiments.comparison import compare_with_controls
 from bh_helpers.experiments.configs import bank_name
 from bh_helpers.experiments.grids import sweep_grid
@@ -196,7 +197,7 @@ STATISTICS = ("raw", "zscore")
 MEAN_KS = (2.0, 4.0) if SMALL else (1.5, 2.0, 3.0, 4.0)
 calibration = capture_calibration(model, tokenizer, max_tokens=CALIBRATION_TOKENS, model_id=MODEL_KEY,
                                   batch_size=pipeline.room_for(model, 256, 8), progress=False)
-banks = {bank_name("gaussian", s): pipeline.fit_step(calibration, statistic=s, model_id=MODEL_KEY)
+banks = {bank_name("gaussian", s): fit_captured(calibration, statistic=s, model_id=MODEL_KEY)
          for s in STATISTICS}
 configs = sweep_grid(banks=banks, calibration=calibration, methods=(METHOD,), alphas=(), mean_ks=MEAN_KS,
                      max_ks=(MAX_K,), min_ks=(MIN_K,), topk_max=max(SWEEP_TOPK), top_ps=())

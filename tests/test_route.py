@@ -696,12 +696,12 @@ def test_bank_of_another_checkpoint_is_refused_by_its_router_fingerprint(tmp_pat
 
     from bh_helpers.models.families import fingerprints_differ, router_fingerprint
     from bh_helpers.nulls.bank import NullBank
-    from bh_helpers.app.pipeline import fit_step
+    from bh_helpers.nulls.fit import fit_captured
     from bh_helpers.capture import capture_calibration
 
     model, tok = tiny_model_and_tokenizer
     capture_calibration(model, tok, max_tokens=256, window=64, out_path=tmp_path / "c.safetensors", progress=False)
-    fit_step(tmp_path / "c.safetensors", grid_size=256, out_dir=tmp_path / "bank")
+    fit_captured(tmp_path / "c.safetensors", grid_size=256, out_dir=tmp_path / "bank")
     bank = NullBank.load(tmp_path / "bank")
     assert bank.metadata.router_fingerprint == router_fingerprint(model)
     assert fingerprints_differ(router_fingerprint(model), router_fingerprint(copy.deepcopy(model).half())) == []

@@ -12,6 +12,9 @@ Subcommands::
 Errors in the input (unknown data set, empty text, a folder or results file of another
 configuration grid) print one line ``bh-routing: error: ...`` and exit with status 2; existing
 results are never overwritten.
+
+Why one module: every flag, its help and the check that names it in an error are read together
+(a user's flag maps to one line here); the work itself is in the floors below.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from bh_helpers.experiments.configs import bank_name
 from bh_helpers.experiments.grids import LAYER_TARGETS, sweep_grid
 from bh_helpers.experiments.evaluate import perplexity_sweep
 from bh_helpers.models import texts
+from bh_helpers.nulls.fit import fit_captured
 from bh_helpers.nulls.kernels import VALID_KERNELS
 from bh_helpers.nulls.statistics import STATISTICS
 from bh_helpers.report.assemble import report_step
@@ -374,7 +378,7 @@ def _cmd_fit(args) -> int:
     check_int("grid_size", args.grid_size, 16)
     check_int("trim", args.trim, 0)
     captured, meta = CapturedLogits.load(args.captured)
-    bank = pipeline.fit_step(captured, kernel=args.kernel, grid_size=args.grid_size,
+    bank = fit_captured(captured, kernel=args.kernel, grid_size=args.grid_size,
                              model_id=args.model_id or meta.get("model_id", "unknown"),
                              calibration=meta.get("calibration"), out_dir=args.out, statistic=args.statistic,
                              trim=args.trim)

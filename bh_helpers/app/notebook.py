@@ -243,7 +243,7 @@ def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, token
     bank : NullBank
     source : str
     """
-    from bh_helpers.app.pipeline import fit_step
+    from bh_helpers.nulls.fit import fit_captured
     from bh_helpers.nulls.bank import NullBank
 
     own = Path(out) / "null_bank"
@@ -260,7 +260,7 @@ def find_null_bank(key: str, out: str | os.PathLike, *, model: Any = None, token
     if model is None or tokenizer is None:
         raise FileNotFoundError(f"no null bank for {key!r}; run notebook 02 or pass model and tokenizer.")
     captured = capture_calibration(model, tokenizer, max_tokens=calibration_tokens, model_id=key)
-    bank = fit_step(captured, model_id=key)
+    bank = fit_captured(captured, model_id=key)
     bank.save(path)
     return bank, f"fitted now on {captured.num_tokens} calibration tokens, saved to {path}"
 

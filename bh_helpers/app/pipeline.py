@@ -8,7 +8,7 @@ step            writes                                                          
 ==============  ==================================================================  =========================
 capture         ``captured_logits.safetensors`` (router logits ``[N, E]`` per       :func:`bh_helpers.capture.capture_calibration`
                 layer, token ids, positions, sequence index; safetensors, no pickle)
-fit             a :class:`~bh_helpers.nulls.bank.NullBank` folder                   :func:`fit_step`
+fit             a :class:`~bh_helpers.nulls.bank.NullBank` folder                   :func:`bh_helpers.nulls.fit.fit_captured`
 sweep           ``sweep.jsonl`` (resumable)                                         :func:`bh_helpers.experiments.evaluate.perplexity_sweep`
 report          ``report.md`` + PNG figures                                         :func:`bh_helpers.report.assemble.report_step`
 ==============  ==================================================================  =========================
@@ -54,7 +54,7 @@ from bh_helpers.models.families import moe_shape
 from bh_helpers.models.loading import load_model
 from bh_helpers.models.texts import check_datasets, split_name
 from bh_helpers.nulls.bank import NullBank, bank_name, load_bank_folder
-from bh_helpers.nulls.fit import fit_null_bank
+from bh_helpers.nulls.fit import fit_captured
 from bh_helpers.nulls.statistics import check_statistic
 from bh_helpers.report.assemble import report_step
 from bh_helpers.selection.reference import FDR_METHODS, WEIGHT_MODES
@@ -68,7 +68,6 @@ __all__ = [
     "DemoSettings",
     "DemoResult",
     "GPUOutOfMemory",
-    "fit_step",
     "load_banks",
     "room_for",
     "run_demo",
@@ -118,44 +117,6 @@ def load_banks(folder: str):
         return load_bank_folder(folder)
     except ValueError as err:
         raise ValueError(str(err).replace("`path`", "--nulls", 1)) from None
-
-
-def fit_step(captured, *, kernel: str = "gaussian", grid_size: int | None = 8192, model_id: str = "tiny",
-             calibration: str | None = None, out_dir: str | os.PathLike | None = None, statistic: str = "raw",
-             trim: int = 0):
-    """Fit one null per layer (:func:`bh_helpers.nulls.fit.fit_null_bank`) and optionally save it.
-
-    Parameters
-    ----------
-    captured : CapturedLogits or path-like
-        Logits, or a file written by :meth:`CapturedLogits.save`.
-    kernel : str, default "gaussian"
-    statistic, trim
-        Per-token statistic and trim (:func:`~bh_helpers.nulls.fit.fit_null_bank`).
-    grid_size : int or None, default 8192
-        Grid points per layer (None: the library default, larger files).
-    model_id, calibration : str
-        Provenance for the bank's metadata (``calibration`` defaults to the capture file's).
-    out_dir : path-like, optional
-        Save the bank there.
-
-    Returns
-    -------
-    NullBank
-    """
-
-    meta: dict = {}
-    if isinstance(captured, (str, os.PathLike)):
-        captured, meta = CapturedLogits.load(captured)
-    if calibration is None:
-        calibration = meta.get("calibration", f"{captured.num_tokens} captured tokens")
-    fingerprint = json.loads(meta["router_fingerprint"]) if "router_fingerprint" in meta else None
-    bank = fit_null_bank(captured, kernel=kernel, grid_size=grid_size, model_id=model_id, statistic=statistic, trim=trim,
-                         calibration=f"{calibration} ({captured.num_tokens} tokens used)",
-                         router_fingerprint=None if fingerprint is None else {int(k): v for k, v in fingerprint.items()})
-    if out_dir is not None:
-        bank.save(out_dir)
-    return bank
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +402,7 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
         tmp.replace(out / SETTINGS_NAME)
 
     captured_path = out / CAPTURED_NAME
-    if not captured_path.is_file():  # a resumed run reuses it; fit_step reads (and checks) it
+    if not captured_path.is_file():  # a resumed run reuses it; fit_captured reads (and checks) it
         with step("capture"):
             capture_calibration(model, tokenizer, max_tokens=settings.calibration_tokens, window=settings.window,
                                 batch_size=room_for(model, settings.window, settings.batch_size),
@@ -452,7 +413,7 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
             name = bank_name(settings.kernel, statistic, trim)
             folder = out / NULLS_DIR / name.replace("/", "-")
             if not (folder / "metadata.json").is_file():
-                fit_step(captured_path, kernel=settings.kernel, grid_size=settings.grid_size, model_id=settings.model,
+                fit_captured(captured_path, kernel=settings.kernel, grid_size=settings.grid_size, model_id=settings.model,
                          out_dir=folder, statistic=statistic, trim=trim)
             banks[name] = NullBank.load(folder)
     static_path = None

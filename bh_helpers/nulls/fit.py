@@ -8,7 +8,9 @@ fits one per layer into a :class:`~bh_helpers.nulls.bank.NullBank`. The numerics
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -330,3 +332,43 @@ def fit_null_bank(
         schema_version=schema_version_for(statistic, trim),
     )
     return NullBank(nulls, metadata)
+
+
+def fit_captured(captured: Any, *, kernel: str = "gaussian", grid_size: int | None = 8192, model_id: str = "tiny",
+                 calibration: str | None = None, out_dir: str | os.PathLike | None = None, statistic: str = "raw",
+                 trim: int = 0) -> NullBank:
+    """Fit one null per layer on a calibration capture, with its provenance, and optionally save it.
+
+    Parameters
+    ----------
+    captured : CapturedLogits or path-like
+        Logits, or a file written by :meth:`~bh_helpers.capture.CapturedLogits.save` (its header's
+        calibration text and router fingerprint go into the bank's metadata).
+    kernel : str, default "gaussian"
+    statistic, trim
+        Per-token statistic and trim (:func:`fit_null_bank`).
+    grid_size : int or None, default 8192
+        Grid points per layer (None: the library default, larger files).
+    model_id, calibration : str
+        Provenance for the bank's metadata (``calibration`` defaults to the capture file's).
+    out_dir : path-like, optional
+        Save the bank there.
+
+    Returns
+    -------
+    NullBank
+    """
+    from bh_helpers.capture import CapturedLogits
+
+    meta: dict = {}
+    if isinstance(captured, (str, os.PathLike)):
+        captured, meta = CapturedLogits.load(captured)
+    if calibration is None:
+        calibration = meta.get("calibration", f"{captured.num_tokens} captured tokens")
+    fingerprint = json.loads(meta["router_fingerprint"]) if "router_fingerprint" in meta else None
+    bank = fit_null_bank(captured, kernel=kernel, grid_size=grid_size, model_id=model_id, statistic=statistic, trim=trim,
+                         calibration=f"{calibration} ({captured.num_tokens} tokens used)",
+                         router_fingerprint=None if fingerprint is None else {int(k): v for k, v in fingerprint.items()})
+    if out_dir is not None:
+        bank.save(out_dir)
+    return bank
