@@ -284,3 +284,34 @@ def test_document_jackknife_against_a_hand_computation():
     assert (got.unit, got.units) == ("document", 4)
     with pytest.raises(ValueError, match="needs at least 3"):
         paired_jackknife(nll_a, tok, nll_b, tok, clusters=[0] * 5 + [1] * 4)
+
+
+def test_alpha_solved_on_routed_logits_reaches_the_target(tiny_model_and_tokenizer):
+    import warnings
+
+    from bh_helpers.app.paths import default_null_bank_dir
+    from bh_helpers.capture import capture_router_logits, window_batches
+    from bh_helpers.experiments.k_matching import match_alpha_routed
+    from bh_helpers.models.texts import calibration_token_ids
+    from bh_helpers.nulls.bank import NullBank
+    from bh_helpers.selection.budget import ComputeBudget
+    from bh_helpers.selection.selectors import BHSelector
+
+    model, tok = tiny_model_and_tokenizer
+    bank = NullBank.load(default_null_bank_dir("tiny"))
+    batches = window_batches(calibration_token_ids(tok, max_tokens=1024), window=128, batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        matched = match_alpha_routed(model, bank, batches, 3.0, tolerance=0.03, steps=6)
+        # the native-logit solve misses the target once routed; the routed solve does not
+        first_alpha, first_realised = matched.history[0]
+        assert first_alpha == ComputeBudget(bank, capture_router_logits(model, batches, progress=False)).alpha(3.0)
+        with route(model, BHSelector(bank, alpha=matched.alpha, weights="softmax")) as rec:
+            capture_router_logits(model, batches, progress=False)
+        assert abs(rec.summary()["mean_k"] - 3.0) <= 0.03
+        assert abs(matched.realised - 3.0) <= 0.03 < abs(first_realised - 3.0)
+        per_layer = match_alpha_routed(model, bank, batches, {layer: 2.0 + (layer % 2) for layer in range(6)},
+                                       tolerance=0.05, steps=6)
+        assert all(abs(per_layer.realised[layer] - (2.0 + layer % 2)) <= 0.05 for layer in range(6))
+        with pytest.raises(ValueError, match="did not settle within 1e-06"):
+            match_alpha_routed(model, bank, batches, 3.0, tolerance=1e-6, steps=1)

@@ -144,6 +144,9 @@ def _add_controls(p: argparse.ArgumentParser) -> None:
                         f"else separable), or none (default: {_D.static_allocation})")
     p.add_argument("--allocation-tokens", type=int, default=_D.allocation_tokens,
                    help=f"calibration tokens for the static allocation (default: {_D.allocation_tokens})")
+    p.add_argument("--no-k-matching", action="store_true",
+                   help="choose each compute target's alpha on the native model's calibration logits (default: on "
+                        "the routed model's own logits, so that the realised mean k matches the target)")
     p.add_argument("--no-split", action="store_true",
                    help="evaluate the whole grid on whole data sets (default: choose configurations on the "
                         "even-numbered documents of each data set, state the verdict on the odd-numbered ones)")
@@ -327,7 +330,7 @@ def _cmd_demo(args) -> int:
         top_ps=args.top_ps, weights=args.weights, datasets=args.datasets, max_tokens=args.max_tokens,
         window=args.window, stride=args.stride, batch_size=args.batch_size, categories=not args.no_categories,
         seed=args.seed, static_allocation=args.static_allocation, allocation_tokens=args.allocation_tokens,
-        split=not args.no_split,
+        split=not args.no_split, k_matching=not args.no_k_matching,
     )
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a file; pass a folder (a new one, or the folder of an earlier run "

@@ -36,7 +36,7 @@ from typing import Any
 from bh_helpers._clock import utc_timestamp
 from bh_helpers._locks import exclusive
 from bh_helpers._validate import check_choice, check_int, check_level
-from bh_helpers.capture import CapturedLogits, capture_calibration
+from bh_helpers.capture import CapturedLogits, capture_calibration, window_batches
 from bh_helpers.evaluation.scoring import fit_batch_size
 from bh_helpers.experiments.bootstrap import MIN_WINDOWS
 from bh_helpers.experiments.comparison import compare_with_controls
@@ -44,6 +44,7 @@ from bh_helpers.experiments.configs import CONTROLS, with_controls
 from bh_helpers.experiments.grids import LAYER_TARGETS, sweep_grid
 from bh_helpers.experiments.evaluate import perplexity_sweep
 from bh_helpers.experiments.frontier import compute_frontier
+from bh_helpers.experiments.k_matching import RoutedBudget
 from bh_helpers.experiments.tune_confirm import pick_on_tuning
 from bh_helpers.experiments.static_allocation import (
     ALLOCATION_METHODS,
@@ -52,7 +53,7 @@ from bh_helpers.experiments.static_allocation import (
 )
 from bh_helpers.models.families import moe_shape
 from bh_helpers.models.loading import load_model
-from bh_helpers.models.texts import check_datasets, split_name
+from bh_helpers.models.texts import calibration_token_ids, check_datasets, split_name
 from bh_helpers.nulls.bank import NullBank, bank_name, load_bank_folder
 from bh_helpers.nulls.fit import fit_captured
 from bh_helpers.nulls.statistics import check_statistic
@@ -80,6 +81,7 @@ NULLS_DIR = "nulls"
 RESULTS_NAME = "sweep.jsonl"  # the whole grid (on the tuning halves when the data sets are split)
 CONFIRM_NAME = "confirm.jsonl"  # the configurations chosen on the tuning halves, on the confirmation halves
 SETTINGS_NAME = "run.json"
+K_MATCHING_TOKENS = 4096  # calibration tokens on which alpha is solved routed (--k-matching)
 AUTO_GREEDY_LAYERS = 8  # --static-allocation auto: greedy up to this many MoE layers, else the separable proxy
 STATIC_NAME = "static_allocation.json"  # the static per-layer allocations (the static chord control)
 STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last demo run
@@ -158,6 +160,7 @@ class DemoSettings:
     static_allocation: str = "auto"  # the static per-layer control: greedy, separable (cheaper), auto, none
     allocation_tokens: int = 2048  # calibration tokens on which the static allocation is fitted
     split: bool = True  # choose configurations on even-numbered documents, state the verdict on odd-numbered ones
+    k_matching: bool = True  # solve each compute target's alpha on the routed model's own logits
 
     def __post_init__(self) -> None:
         for name in ("methods", "alphas", "mean_ks", "statistics", "trims", "max_ks", "min_ks", "top_ps", "datasets"):
@@ -238,12 +241,14 @@ class DemoSettings:
         """(statistic, trim) of each null bank the demo fits."""
         return [(statistic, trim) for trim in self.trims for statistic in self.statistics]
 
-    def configs(self, banks: Mapping[str, NullBank], calibration: Mapping[int, Any], static_path=None):
-        """The sweep grid (:func:`sweep_grid`) for these banks, alphas chosen on ``calibration``."""
+    def configs(self, banks: Mapping[str, NullBank], calibration: Mapping[int, Any], static_path=None,
+                budget_for=None):
+        """The sweep grid (:func:`sweep_grid`) for these banks, alphas chosen on ``calibration`` (or by
+        ``budget_for``, e.g. on the routed model's logits)."""
         return sweep_grid(banks=banks, calibration=calibration, methods=self.methods, alphas=self.alphas,
                           mean_ks=self.mean_ks, max_ks=self.max_ks, min_ks=self.min_ks, topk_max=self.topk_max,
                           top_ps=self.top_ps, seed=self.seed, layer_alphas=self.layer_alphas,
-                          layer_targets=self.layer_targets, static_path=static_path)
+                          layer_targets=self.layer_targets, static_path=static_path, budget_for=budget_for)
 
     def confirmation_configs(self, configs, picks, static_path=None) -> list:
         """The confirmation grid: the baselines of ``configs`` and the ``picks`` with their controls."""
@@ -422,7 +427,12 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
             static_path = _static_path(out / STATIC_NAME, model, tokenizer, settings, progress)
     with step("choose alphas"):
         calibration, _ = CapturedLogits.load(captured_path)
-        configs = settings.configs(banks, calibration, static_path)
+        budget_for = None
+        if settings.k_matching:  # solve each target on the routed model's logits (realised k = target)
+            ids = calibration_token_ids(tokenizer, max_tokens=K_MATCHING_TOKENS)
+            batches = window_batches(ids, window=settings.window, batch_size=settings.batch_size)
+            budget_for = functools.partial(RoutedBudget, model, batches=batches, weights=settings.weights)
+        configs = settings.configs(banks, calibration, static_path, budget_for)
 
     sweep = functools.partial(
         perplexity_sweep, model, tokenizer, null_bank=banks, max_tokens=settings.max_tokens, window=settings.window,

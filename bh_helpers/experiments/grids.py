@@ -120,7 +120,7 @@ def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | Non
                alphas: Sequence[float], mean_ks: Sequence[float], max_ks: Sequence[int], min_ks: Sequence[int],
                topk_max: int, top_ps: Sequence[float], controls: bool = True, seed: int = 0,
                layer_alphas: Sequence[Sequence[float]] = (), layer_targets: str = "global",
-               static_path: Any = None, static_budgets: bool = True):
+               static_path: Any = None, static_budgets: bool = True, budget_for: Any = None):
     """The grid of the demo and of ``bh-routing sweep``.
 
     Native, static top-1..``topk_max``, top-p, then for every null bank (one per statistic and
@@ -140,6 +140,11 @@ def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | Non
     budgets + BH": per-layer levels solved so that layer ``l`` reaches the allocation's ``k_l``
     (a layer whose ``k_l`` is at the floor ``min_k`` gets the smallest level, 1e-12; a floor
     above some ``k_l`` skips the configuration).
+
+    ``budget_for(bank)`` may give another solver of compute targets (anything with
+    ``.alpha(target, method=, min_k=, max_k=, per_layer=)``), e.g.
+    :class:`bh_helpers.experiments.k_matching.RoutedBudget`, which solves on the routed model's
+    own logits so that the realised mean k matches the target once routed.
     """
     check_choice("layer_targets", layer_targets, LAYER_TARGETS)
     if mean_ks and calibration is None:
@@ -147,7 +152,12 @@ def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | Non
     adaptive = []
     for bank in banks.values():
         meta = bank.metadata
-        budget = ComputeBudget(bank, calibration, max_tokens=_ALPHA_TOKENS) if mean_ks else None
+        if not mean_ks:
+            budget = None
+        elif budget_for is not None:
+            budget = budget_for(bank)
+        else:
+            budget = ComputeBudget(bank, calibration, max_tokens=_ALPHA_TOKENS)
         for method in methods:
             for max_k in max_ks:
                 for min_k in min_ks:

@@ -360,7 +360,7 @@ def _sweep_figures(results, comparison) -> dict[str, Any]:
     """The figures drawn from the results alone: frontiers, controls, per-layer mean k and load balance."""
     figures: dict[str, Any] = {}
     for name in dict.fromkeys(results["dataset"]):
-        figures[f"frontier {name}"] = plots.plot_frontier(results, dataset=name)
+        figures[f"frontier {name}"] = plots.plot_frontier(results, dataset=name, comparison=comparison)
     if comparison is not None and len(comparison):
         figures["against compute-matched controls"] = plots.plot_controls(comparison)
     first_set = results["dataset"].iloc[0]

@@ -64,14 +64,19 @@ def _check_columns(df, columns) -> None:
 
 
 def plot_frontier(results, *, dataset: str | None = None, metric: str = "perplexity",
-                  cost: str = "mean_experts_per_token", logy: bool = True, title: str | None = None):
-    """Quality against mean experts per token for one data set.
+                  cost: str = "mean_experts_per_token", logy: bool = True, title: str | None = None,
+                  comparison=None):
+    """Quality against mean experts per token for one data set: every policy at its realised compute.
+
+    Native, uniform top-k (a line), static per-layer allocations (a line), the controls that ran at
+    each adaptive row's compute (mixed top-k, static chord; joined to their row by a thin line),
+    top-p, and the multiple-testing rows by family (one alpha, one alpha per layer, static budget).
 
     Parameters
     ----------
     results : pandas.DataFrame
-        Sweep results (columns ``dataset``, ``method``, ``cost``, ``metric``; ``k``, ``alpha``
-        and ``label`` used when present).
+        Sweep results (columns ``dataset``, ``method``, ``cost``, ``metric``; ``k``, ``alpha``,
+        ``label``, ``layer_alphas``, ``budget`` and ``control_of`` used when present).
     dataset : str, optional
         Required when ``results`` holds several data sets.
     metric, cost : str
@@ -79,6 +84,10 @@ def plot_frontier(results, *, dataset: str | None = None, metric: str = "perplex
     logy : bool, default True
         Log-scale y axis (natural for perplexity).
     title : str, optional
+    comparison : pandas.DataFrame, optional
+        :func:`~bh_helpers.experiments.comparison.compare_with_controls` of ``results``: each
+        adaptive point gets the 95% paired interval of its difference to its strongest control
+        as an error bar (placed on the point).
 
     Returns
     -------
@@ -96,23 +105,40 @@ def plot_frontier(results, *, dataset: str | None = None, metric: str = "perplex
     fig, ax = _new_figure()
     topk = df[df["method"] == "topk"].sort_values(cost)
     if len(topk):
-        ax.plot(topk[cost], topk[metric], "-", color=METHOD_COLORS["topk"], marker=".", label="static top-k", zorder=2)
+        ax.plot(topk[cost], topk[metric], "-", color=METHOD_COLORS["topk"], marker=".", label="uniform top-k", zorder=2)
         for _, r in topk.iterrows():
             k = r["k"] if "k" in r and r["k"] == r["k"] else r[cost]
             ax.annotate(f"k={int(k)}", (r[cost], r[metric]), textcoords="offset points", xytext=(4, 4),
                         fontsize=8, color=METHOD_COLORS["topk"])
+    static = df[df["method"] == "static"].sort_values(cost)
+    if len(static):
+        ax.plot(static[cost], static[metric], "--", color="tab:brown", marker="s", ms=4,
+                label="static per-layer allocation", zorder=2)
     adaptive = df[df["method"].isin(["bh", "by", "bonferroni", "holm"])]
-    mixed = df[df["method"] == "mixed"]
-    if len(mixed) and "control_of" in df.columns:
-        # each mixed control beside its adaptive point, joined by a thin line (same compute)
-        for _, r in mixed.iterrows():
+    for control, marker, name in (("mixed", "o", "mixed top-k"), ("static_chord", "s", "static chord")):
+        part = df[df["method"] == control]
+        if not len(part) or "control_of" not in df.columns:
+            continue
+        # each control beside its adaptive point, joined by a thin line (same compute)
+        for _, r in part.iterrows():
             owner = adaptive[adaptive["label"] == adaptive_of(r["control_of"]).label()]
             if len(owner):
                 o = owner.iloc[0]
                 ax.plot([o[cost], r[cost]], [o[metric], r[metric]], "-", color="0.6", lw=0.8, zorder=1)
-        ax.scatter(mixed[cost], mixed[metric], facecolors="none", edgecolors="0.25", marker="o", s=36,
-                   label="mixed top-k control (same compute)", zorder=3)
-    for method in ("bh", "by", "bonferroni", "holm", "top_p", "native"):
+        ax.scatter(part[cost], part[metric], facecolors="none", edgecolors="0.25", marker=marker, s=36,
+                   label=f"{name} control (same compute)", zorder=3)
+    if len(adaptive) and comparison is not None and len(comparison):
+        rows = comparison[(comparison["dataset"] == dataset) & comparison["strongest_ci_low"].notna()]
+        err = rows.merge(adaptive[["key", cost, metric]], on="key", suffixes=("_c", ""))
+        if len(err):
+            ax.errorbar(err[cost], err[metric], yerr=[err["delta_vs_strongest"] - err["strongest_ci_low"],
+                                                      err["strongest_ci_high"] - err["delta_vs_strongest"]],
+                        fmt="none", ecolor="0.4", elinewidth=0.8, capsize=2, zorder=2,
+                        label="95% paired interval vs strongest control")
+    for label, kind, part in _families(adaptive):
+        ax.scatter(part[cost], part[metric], color=METHOD_COLORS[part["method"].iloc[0]], marker=_FAMILY_MARKERS[kind],
+                   s=36, label=label, zorder=3)
+    for method in ("top_p", "native"):
         part = df[df["method"] == method]
         if not len(part):
             continue
@@ -131,6 +157,25 @@ def plot_frontier(results, *, dataset: str | None = None, metric: str = "perplex
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return fig
+
+
+#: Marker of each family of multiple-testing rows in :func:`plot_frontier`.
+_FAMILY_MARKERS = {"one alpha": "o", "one alpha per layer": "v", "static budget": "P"}
+
+
+def _families(adaptive):
+    """``(label, family, rows)`` per method and family: one alpha, one alpha per layer, per-layer static budget."""
+    def family(r) -> str:
+        if isinstance(r.get("budget"), str):
+            return "static budget"
+        levels = r.get("layer_alphas")
+        return "one alpha per layer" if isinstance(levels, (list, tuple)) else "one alpha"
+
+    if not len(adaptive):
+        return []
+    kinds = adaptive.apply(family, axis=1)
+    return [(f"{method}, {kind}" if kind != "one alpha" else method, kind, part)
+            for (method, kind), part in adaptive.groupby([adaptive["method"], kinds], sort=False)]
 
 
 def plot_controls(comparison, *, title: str | None = None):
