@@ -27,7 +27,7 @@ def _frame(seed: int) -> pd.DataFrame:
 
 def _brute(df, name, budget=None, weights=None):
     """Every candidate scored by hand; the first of the best (the results' order breaks ties)."""
-    cand = [r for _, r in df.iterrows() if r["dataset"] == name and r["method"] not in ("mixed", "shuffled")]
+    cand = [r for _, r in df.iterrows() if r["dataset"] == name and r["method"] not in ("mixed", "shuffled", "static_chord")]
     if budget is not None:
         fits = [r for r in cand if r["mean_experts_per_token"] <= budget]
         return min(fits, key=lambda r: r["perplexity"])["label"] if fits else None

@@ -89,7 +89,7 @@ def test_plots_return_figures():
     labels = [t.get_text() for t in fig.axes[0].texts]
     assert labels == ["k=1", "k=2", "k=3", "k=4"]  # adaptive points are not annotated (labels overlapped)
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert "static top-k" in legend and "native" in legend and any(m in legend for m in ("bh", "by"))
+    assert "uniform top-k" in legend and "native" in legend and any(m in legend for m in ("bh", "by"))
     fig = plots.plot_frontier(results, dataset="prose")  # log axis: more than two labelled ticks
     fig.canvas.draw() if hasattr(fig.canvas, "draw") else None
     ticks = [t for t in fig.axes[0].get_yticklabels() if t.get_text()]

@@ -91,6 +91,7 @@ class AlphaExplorer(RoutingExplorer):
             Display it (last expression of a cell). Every slider move calls :meth:`update` and
             redraws; the timing label shows the computation time of the last update.
         """
+        # long: one UI, its controls and the callbacks that join them, read together
         import ipywidgets as w
 
         s = self.settings

@@ -178,17 +178,10 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         figures["max_k saturation"] = plots.plot_saturation(saturation, points)
     notes = [extra_notes] if extra_notes else []
     if tuning is not None and len(tuning):
-        tuned = compare_with_controls(tuning, seed=seed)
-        tables["Tuning split (the whole grid; configurations were chosen here)"] = comparison_markdown(tuned)
-        notes.append(
-            "Tune, then confirm: every data set is split by document. The whole grid ran on the tuning halves "
-            f"({', '.join(sorted(set(tuning['dataset'])))}); per family and compute target the configuration with the "
-            "lowest mean difference to its strongest control there was kept, and only those ran again, beside their "
-            f"controls, on the confirmation halves ({', '.join(sorted(set(results['dataset'])))}), which nothing was "
-            "chosen on. The verdict above is read on the confirmation halves.")
-    at_bound = _bound_note(results)
-    if at_bound:
-        notes.append(at_bound)
+        tables["Tuning split (the whole grid; configurations were chosen here)"] = comparison_markdown(
+            compare_with_controls(tuning, seed=seed))
+        notes.append(_tuning_note(tuning, results))
+    notes += [note for note in (_bound_note(results),) if note]
     mixed_key = None
     if config is not None and comparison is not None:
         mixed = controls_by_adaptive(results).get((featured["key"], featured["dataset"], "mixed"))
@@ -340,6 +333,14 @@ def _bound_note(results) -> str | None:
         return None
     return "\n".join(["**Warning: configurations at a bound.** In these rows more than half of the token-layers sat "
                       "at the floor or the ceiling:", "", *lines, "", BOUND_ADVICE[0].upper() + BOUND_ADVICE[1:]])
+
+
+def _tuning_note(tuning, results) -> str:
+    return ("Tune, then confirm: every data set is split by document. The whole grid ran on the tuning halves "
+            f"({', '.join(sorted(set(tuning['dataset'])))}); per family and compute target the configuration with the "
+            "lowest mean difference to its strongest control there was kept, and only those ran again, beside their "
+            f"controls, on the confirmation halves ({', '.join(sorted(set(results['dataset'])))}), which nothing was "
+            "chosen on. The verdict above is read on the confirmation halves.")
 
 
 def _optimiser_section(results) -> str:

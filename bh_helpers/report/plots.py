@@ -13,6 +13,10 @@ value, or save it with ``fig.savefig(...)``.
 - :func:`plot_saturation`: mean k and ceiling-hit rate against ``max_k``, per alpha.
 - :func:`plot_error_rates`: empirical FDR (with Monte-Carlo intervals) per token group and setting.
 - :func:`token_view_html` / :func:`plot_token_view`: text coloured by experts per token.
+
+Why one module: every figure of a sweep's results, sharing one colour and marker code per method
+and family, so a reader finds any figure of the report here (figures of captured logits and nulls
+are in :mod:`bh_helpers.report.logit_plots`, the explorer's in :mod:`bh_helpers.report.explorer_figure`).
 """
 
 from __future__ import annotations
