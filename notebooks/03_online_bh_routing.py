@@ -78,7 +78,8 @@ METHOD, ALPHA, MIN_K, MAX_K = "bh", 0.5, 1, 8  # the BH setting shown first
 WEIGHTS = "softmax"
 PROMPTS = ["The history of the", "def read_config(path):"]
 MAX_NEW_TOKENS = 24 if SMALL else 48
-EVAL_DATASETS = ["prose", "code"]  # held-out evaluation slice of the embedded corpus
+# held-out evaluation slice of the embedded corpus; on OLMoE in full mode WikiText-2 (test split, through `datasets`)
+EVAL_DATASETS = ["prose", "code"] if SMALL or MODEL_NAME == "tiny" else ["wikitext2"]
 EVAL_TOKENS = 1024 if SMALL else 8192  # tokens per data set
 WINDOW = 128 if SMALL else 256  # perplexity windows, stride = window (no overlap): 8 windows per data set when small
 SWEEP_TOPK = (1, 2, 3, 4, 6, 8) if SMALL else tuple(range(1, 9))
@@ -174,45 +175,77 @@ pd.DataFrame({label: {"prefill tok/s": s.prefill_tokens_per_s, "decode tok/s": s
 # router); `trim=m` fits the null without each token's `m` largest values, so the experts the
 # router picks do not inflate it. One bank per statistic, fitted on the same calibration logits.
 #
-# **Compute targets, not hand-picked alphas.** For each target mean k, `alpha_for_mean_k` finds the
-# alpha that reaches it on the calibration logits.
+# **Compute targets, not hand-picked alphas, matched once routed.** For each target mean k, the
+# alpha that reaches it is solved on the *routed* model's own router logits (route, capture,
+# solve again, until the realised mean k on calibration text is within 0.02 of the target): a
+# routed layer sees routed inputs, and an alpha solved on the native logits overshoots.
 #
-# **Controls.** The top-k line is interpolated, not a policy anyone ran. Each BH row is followed by
-# two that do run at its compute: *mixed top-k* (each token gets the floor or ceiling of the BH
-# row's per-layer mean k, at random) and *shuffled* (BH's own per-token counts permuted across the
-# tokens). Beating mixed top-k means BH spends the same experts better; beating its shuffle means
-# *which* tokens get more experts carries information. Rerunning the cell resumes the sweep.
+# **The strongest controls.** The top-k line is interpolated, not a policy anyone ran. Each BH row
+# is followed by three that do run at its realised compute: *mixed top-k* (each token gets the
+# floor or ceiling of the BH row's per-layer mean k, at random), *shuffled* (BH's own per-token
+# counts permuted across the tokens) and the *static chord*: per window, one of the two static
+# per-layer allocations (an integer k per layer, fitted on calibration text) whose totals bracket
+# the row's mean k. Layers differ in what a missing expert costs, so the static allocation is the
+# strongest static policy; the verdict reads each row against its strongest control. Beside the
+# one-alpha family runs "per-layer budgets + BH": per-layer alphas that give each layer the static
+# allocation's k.
+#
+# **Tune, then confirm.** Every data set is split by document: the whole grid runs on the
+# even-numbered documents, the best configuration of each family (against its strongest control)
+# is kept, and only those run again, with their controls, on the odd-numbered documents. The
+# verdict is read there, on text nothing was chosen on. Rerunning the cell resumes both sweeps.
 
 # %%
-from bh_helpers.capture import capture_calibration
-from bh_helpers.nulls.fit import fit_captured
+from bh_helpers.capture import capture_calibration, window_batches
 from bh_helpers.experiments.comparison import compare_with_controls
 from bh_helpers.experiments.configs import bank_name
-from bh_helpers.experiments.grids import sweep_grid
 from bh_helpers.experiments.evaluate import perplexity_sweep, sweep_results_path
+from bh_helpers.experiments.grids import sweep_grid
+from bh_helpers.experiments.k_matching import RoutedBudget
+from bh_helpers.experiments.static_allocation import static_allocation_path
+from bh_helpers.experiments.tune_confirm import confirmation_configs, pick_on_tuning
+from bh_helpers.models.texts import calibration_token_ids, split_name
+from bh_helpers.nulls.fit import fit_captured
 from bh_helpers.report.verdict import comparison_markdown, verdict_markdown
 
 CALIBRATION_TOKENS = 2048 if SMALL else 16384
 STATISTICS = ("raw", "zscore")
-MEAN_KS = (2.0, 4.0) if SMALL else (1.5, 2.0, 3.0, 4.0)
+MEAN_KS = (2.0, 4.0) if SMALL else (2.0, 4.0, 5.0)
+BATCH = pipeline.room_for(model, WINDOW, 8)
 calibration = capture_calibration(model, tokenizer, max_tokens=CALIBRATION_TOKENS, model_id=MODEL_KEY,
                                   batch_size=pipeline.room_for(model, 256, 8), progress=False)
 banks = {bank_name("gaussian", s): fit_captured(calibration, statistic=s, model_id=MODEL_KEY)
          for s in STATISTICS}
+# the static per-layer allocations (greedy by calibration perplexity on the embedded model, the
+# separable proxy on 16-layer OLMoE), and the routed solve of each target's alpha
+static_path = static_allocation_path(model, tokenizer, method="separable" if SMALL else "auto", max_k=MAX_K,
+                                     max_tokens=512 if SMALL else 2048, window=WINDOW, batch_size=BATCH,
+                                     weights=WEIGHTS)
+routed_batches = window_batches(calibration_token_ids(tokenizer, max_tokens=1024 if SMALL else 4096),
+                                window=WINDOW, batch_size=BATCH)
 configs = sweep_grid(banks=banks, calibration=calibration, methods=(METHOD,), alphas=(), mean_ks=MEAN_KS,
-                     max_ks=(MAX_K,), min_ks=(MIN_K,), topk_max=max(SWEEP_TOPK), top_ps=())
-settings = dict(datasets=EVAL_DATASETS, max_tokens=EVAL_TOKENS, window=WINDOW, stride=WINDOW, weights=WEIGHTS)
-results_path = sweep_results_path(OUT, banks[bank_name("gaussian")], configs, **settings)
-results = perplexity_sweep(model, tokenizer, configs, null_bank=banks, results_path=results_path,
-                           batch_size=pipeline.room_for(model, WINDOW, 8), model_id=MODEL_KEY, progress=False,
-                           **settings)
-print(f"{len(results)} results in {results_path}")
+                     max_ks=(MAX_K,), min_ks=(MIN_K,), topk_max=max(SWEEP_TOPK), top_ps=(), static_path=static_path,
+                     budget_for=lambda bank: RoutedBudget(model, bank, routed_batches, weights=WEIGHTS))
+settings = dict(max_tokens=EVAL_TOKENS, window=WINDOW, stride=WINDOW, weights=WEIGHTS)
+sweep = dict(null_bank=banks, batch_size=BATCH, model_id=MODEL_KEY, static_path=static_path, progress=False, **settings)
+tune_sets = [split_name(d, "tune") for d in EVAL_DATASETS]
+tuning = perplexity_sweep(model, tokenizer, configs, datasets=tune_sets,
+                          results_path=sweep_results_path(OUT, banks[bank_name("gaussian")], configs, sets=tune_sets,
+                                                          **settings), **sweep)
+picks = pick_on_tuning(compare_with_controls(tuning), tuning, targets=MEAN_KS)
+confirm = confirmation_configs(configs, picks)
+confirm_sets = [split_name(d, "confirm") for d in EVAL_DATASETS]
+results = perplexity_sweep(model, tokenizer, confirm, datasets=confirm_sets,
+                           results_path=sweep_results_path(OUT, banks[bank_name("gaussian")], confirm,
+                                                           sets=confirm_sets, **settings), **sweep)
+print(f"tuned on {tune_sets} ({len(tuning)} rows); kept {len(picks)}: {[c.label() for c in picks]}")
 results[["dataset", "label", "mean_experts_per_token", "perplexity"]].round(3)
 
 # %% [markdown]
-# **The answer, from the numbers.** `delta vs mixed` is BH minus its mixed top-k control on the
-# same windows, with a 95% paired-bootstrap interval; an interval entirely below 0 is a win at
-# equal compute. The frontier plot draws each control (hollow) beside its BH point.
+# **The answer, from the numbers (confirmation halves).** `delta vs ...` is BH minus each control
+# on the same windows, with a 95% paired interval; the verdict counts a win only below 0 against
+# the row's strongest control. The frontier plot draws uniform top-k, the static per-layer
+# allocations and each control (hollow) beside its BH point.
 
 # %%
 comparison = compare_with_controls(results)
@@ -224,10 +257,28 @@ if SMALL:  # say why a small run rarely finds a difference, before the verdict d
 display(Markdown(verdict_markdown(comparison)))
 display(Markdown(comparison_markdown(comparison)))
 nbu.show(plots.plot_controls(comparison), OUT / "03_controls.png")
-for name in EVAL_DATASETS:
-    nbu.show(plots.plot_frontier(results, dataset=name), OUT / f"03_frontier_{name}.png")
+for name in confirm_sets:
+    nbu.show(plots.plot_frontier(results, dataset=name, comparison=comparison),
+             OUT / f"03_frontier_{name.replace(':', '_')}.png")
 
 # %% [markdown]
+# **Published anchors (quoted, not measured here).** Real OLMoE-1B-7B on WikiText-2 (test split, 16
+# windows of 512 tokens, float32; CocoRoF/moe_optimizer, docs/FINDINGS.md): uniform top-k perplexity,
+# and what the best published training-free rule reached. Your own numbers use this notebook's
+# protocol (another window, other documents), so compare shapes, not values.
+
+# %%
+ANCHORS = pd.DataFrame({
+    "k": [8, 7, 6, 5, 4],
+    "quoted top-k perplexity (OLMoE-1B-7B, WikiText-2)": [11.05, 11.17, 11.53, 12.30, 14.12],
+})
+own = results[(results["method"] == "topk") & (results["dataset"] == confirm_sets[0])][["k", "perplexity"]]
+display(ANCHORS.merge(own.rename(columns={"perplexity": f"your top-k perplexity ({MODEL_KEY}, {confirm_sets[0]})"}),
+                      on="k", how="left"))
+print("Quoted facts, same source: score-only dynamic k lost to static top-k at equal k (+13.8% vs +11.3% at k ~ 5); "
+      "per-layer static budgets alone gave -2.8% at k ~ 4; per-layer budgets plus a contribution-calibrated "
+      "ranking -3.5% [-5.5, -1.6] at k ~ 4 and -0.9% at k ~ 5.")
+
 # **Where the ceiling stops mattering (max_k saturation).** With `max_k=8` a token never gets more
 # than 8 experts however many BH rejects. Raising the ceiling on the calibration logits shows how
 # many it would choose: the table gives each alpha's saturation point, the smallest `max_k` whose
@@ -236,7 +287,7 @@ for name in EVAL_DATASETS:
 # %%
 from bh_helpers.experiments.saturation import saturation_points, saturation_table
 
-raw_rows = results[(results["method"] == METHOD) & results["statistic"].isna()]  # the raw bank's BH rows
+raw_rows = tuning[(tuning["method"] == METHOD) & tuning["statistic"].isna()]  # the raw bank's BH rows (whole grid)
 sat_alphas = sorted(set(raw_rows["alpha"].dropna().astype(float)))
 saturation = saturation_table(banks[bank_name("gaussian")], calibration, sat_alphas, method=METHOD, min_k=MIN_K)
 sat_points = saturation_points(saturation)
@@ -253,10 +304,10 @@ from bh_helpers.experiments.configs import CONTROLS
 from bh_helpers.experiments.sweep import load_balance_table
 
 balance = load_balance_table(results)
-display(balance[balance["dataset"] == EVAL_DATASETS[0]].round(3))
-cv = plots.layer_matrix(results[~results["method"].isin(CONTROLS)], dataset=EVAL_DATASETS[0],
+display(balance[balance["dataset"] == confirm_sets[0]].round(3))
+cv = plots.layer_matrix(results[~results["method"].isin(CONTROLS)], dataset=confirm_sets[0],
                         prefix="per_layer_utilisation_cv.")
-nbu.show(plots.plot_layer_heatmap(cv, title=f"CV of expert activations by layer ({EVAL_DATASETS[0]})", cmap="magma",
+nbu.show(plots.plot_layer_heatmap(cv, title=f"CV of expert activations by layer ({confirm_sets[0]})", cmap="magma",
                                   label="coefficient of variation", fmt=".2f"),
          OUT / "03_load_balance.png")
 
@@ -282,7 +333,7 @@ pd.concat([optimize(results, budget=BUDGET), optimize(results, quality_weight=0.
 # %%
 report_path = report_step(
     OUT / "report", results=results, model=model, tokenizer=tokenizer, null_bank=banks, model_id=MODEL_KEY,
-    categories=not SMALL, weights=WEIGHTS, calibration=calibration, progress=False,
+    categories=not SMALL, weights=WEIGHTS, calibration=calibration, tuning=tuning, progress=False,
 )
 print(f"report written to {report_path}")
 report_head = report_path.read_text().split("\n## All results")[0]  # whole sections: never cut mid-table

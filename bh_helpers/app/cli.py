@@ -33,6 +33,7 @@ from bh_helpers.capture import CapturedLogits, capture_calibration
 from bh_helpers.experiments.configs import bank_name
 from bh_helpers.experiments.grids import LAYER_TARGETS, sweep_grid
 from bh_helpers.experiments.evaluate import perplexity_sweep
+from bh_helpers.experiments.static_allocation import AUTO_GREEDY_LAYERS
 from bh_helpers.models import texts
 from bh_helpers.nulls.fit import fit_captured
 from bh_helpers.nulls.kernels import VALID_KERNELS
@@ -140,7 +141,7 @@ def _add_controls(p: argparse.ArgumentParser) -> None:
                    default=_D.static_allocation,
                    help="the static per-layer control (one k per layer fitted on calibration text, run as the "
                         "static chord at each adaptive row's compute): greedy by calibration perplexity, the "
-                        f"cheaper separable proxy, auto (greedy up to {pipeline.AUTO_GREEDY_LAYERS} MoE layers, "
+                        f"cheaper separable proxy, auto (greedy up to {AUTO_GREEDY_LAYERS} MoE layers, "
                         f"else separable), or none (default: {_D.static_allocation})")
     p.add_argument("--allocation-tokens", type=int, default=_D.allocation_tokens,
                    help=f"calibration tokens for the static allocation (default: {_D.allocation_tokens})")

@@ -40,12 +40,11 @@ from bh_helpers.capture import CapturedLogits, capture_calibration, window_batch
 from bh_helpers.evaluation.scoring import fit_batch_size
 from bh_helpers.experiments.bootstrap import MIN_WINDOWS
 from bh_helpers.experiments.comparison import compare_with_controls
-from bh_helpers.experiments.configs import CONTROLS, with_controls
 from bh_helpers.experiments.grids import LAYER_TARGETS, sweep_grid
 from bh_helpers.experiments.evaluate import perplexity_sweep
 from bh_helpers.experiments.frontier import compute_frontier
 from bh_helpers.experiments.k_matching import RoutedBudget
-from bh_helpers.experiments.tune_confirm import pick_on_tuning
+from bh_helpers.experiments.tune_confirm import confirmation_configs, pick_on_tuning
 from bh_helpers.experiments.static_allocation import (
     ALLOCATION_METHODS,
     StaticAllocationPath,
@@ -82,7 +81,6 @@ RESULTS_NAME = "sweep.jsonl"  # the whole grid (on the tuning halves when the da
 CONFIRM_NAME = "confirm.jsonl"  # the configurations chosen on the tuning halves, on the confirmation halves
 SETTINGS_NAME = "run.json"
 K_MATCHING_TOKENS = 4096  # calibration tokens on which alpha is solved routed (--k-matching)
-AUTO_GREEDY_LAYERS = 8  # --static-allocation auto: greedy up to this many MoE layers, else the separable proxy
 STATIC_NAME = "static_allocation.json"  # the static per-layer allocations (the static chord control)
 STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last demo run
 
@@ -250,12 +248,6 @@ class DemoSettings:
                           top_ps=self.top_ps, seed=self.seed, layer_alphas=self.layer_alphas,
                           layer_targets=self.layer_targets, static_path=static_path, budget_for=budget_for)
 
-    def confirmation_configs(self, configs, picks, static_path=None) -> list:
-        """The confirmation grid: the baselines of ``configs`` and the ``picks`` with their controls."""
-        controls = CONTROLS if static_path is not None else tuple(c for c in CONTROLS if c != "static_chord")
-        baselines = [c for c in configs if c.method not in FDR_METHODS + CONTROLS]
-        return baselines + with_controls(picks, seed=self.seed, controls=controls)
-
     def to_dict(self) -> dict:
         d = asdict(self)
         return {k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v
@@ -384,10 +376,7 @@ def _static_path(path: Path, model, tokenizer, settings: DemoSettings, progress:
     """The demo's static allocation path: read back from ``path`` (a resumed run), else fitted and saved."""
     if path.is_file():
         return StaticAllocationPath.load(path)
-    method = settings.static_allocation
-    if method == "auto":  # greedy costs about L^2 (max_k - 1) / 2 perplexity runs: the proxy on deep models
-        method = "greedy" if moe_shape(model).num_layers <= AUTO_GREEDY_LAYERS else "separable"
-    fitted = static_allocation_path(model, tokenizer, method=method, max_k=max(settings.topk_max, *settings.max_ks),
+    fitted = static_allocation_path(model, tokenizer, method=settings.static_allocation, max_k=max(settings.topk_max, *settings.max_ks),
                                     max_tokens=settings.allocation_tokens, window=settings.window,
                                     batch_size=room_for(model, settings.window, settings.batch_size),
                                     weights=settings.weights, progress=progress)
@@ -447,7 +436,8 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
             tuning, results_path = results, out / CONFIRM_NAME
             picks = pick_on_tuning(compare_with_controls(tuning, seed=settings.seed), tuning,
                                    targets=settings.mean_ks or tuple(range(1, settings.topk_max + 1)))
-            results = sweep(settings.confirmation_configs(configs, picks, static_path), results_path=results_path,
+            results = sweep(confirmation_configs(configs, picks, seed=settings.seed, static=static_path is not None),
+                            results_path=results_path,
                             datasets=[split_name(d, "confirm") for d in settings.datasets])
 
     with step("report"):

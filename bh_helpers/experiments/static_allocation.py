@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 ALLOCATION_METHODS = ("greedy", "separable")
+#: ``method="auto"``: greedy up to this many MoE layers (about L^2 (max_k - 1) / 2 perplexity runs),
+#: the separable proxy (L (max_k - 1) runs) on deeper models such as OLMoE-1B-7B (16 layers).
+AUTO_GREEDY_LAYERS = 8
 _SUM_TOLERANCE = 1e-6  # a target whose total m * L is this close to an integer meets it exactly
 
 
@@ -234,8 +237,9 @@ def static_allocation_path(model, tokenizer, *, texts: Sequence[str] | None = No
     max_k : int, optional
         Most experts per layer; default the model's native top-k.
     min_k : int, default 1
-    method : {"greedy", "separable"}, default "greedy"
-        See the module docstring.
+    method : {"greedy", "separable", "auto"}, default "greedy"
+        See the module docstring; "auto" is greedy up to :data:`AUTO_GREEDY_LAYERS` MoE layers,
+        else separable.
     max_tokens : int, default 2048
         Calibration tokens when ``texts`` is None.
     window, batch_size : int
@@ -250,7 +254,7 @@ def static_allocation_path(model, tokenizer, *, texts: Sequence[str] | None = No
     -------
     StaticAllocationPath
     """
-    check_choice("method", method, ALLOCATION_METHODS)
+    check_choice("method", method, (*ALLOCATION_METHODS, "auto"))
     native = NativeSelector.for_model(model)
     max_k = native.k if max_k is None else check_int("max_k", max_k, 1)
     min_k = check_int("min_k", min_k, 1, max_k)
@@ -264,6 +268,8 @@ def static_allocation_path(model, tokenizer, *, texts: Sequence[str] | None = No
     nll = _scorer(model, tokenizer, list(texts), layers, window=check_int("window", window, 2),
                   batch_size=check_int("batch_size", batch_size, 1), weights=weights)
     n = len(layers)
+    if method == "auto":
+        method = "greedy" if n <= AUTO_GREEDY_LAYERS else "separable"
     max_total = n * max_k if max_mean_k is None else math.ceil(n * float(max_mean_k) - _SUM_TOLERANCE)
     if method == "greedy":
         allocations, costs = _greedy_path(nll, n, min_k, max_k, max_total, uniform_check=True, progress=progress)

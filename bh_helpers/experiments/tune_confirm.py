@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from bh_helpers.experiments.configs import FDR_METHODS, SweepConfig, config_of
+from bh_helpers.experiments.configs import CONTROLS, FDR_METHODS, SweepConfig, config_of, with_controls
 
-__all__ = ["family_of", "pick_on_tuning"]
+__all__ = ["confirmation_configs", "family_of", "pick_on_tuning"]
 
 
 def family_of(config: SweepConfig) -> str:
@@ -69,3 +69,11 @@ def pick_on_tuning(comparison, results, *, targets: Sequence[float]) -> list[Swe
         if slot not in best or row["relative"] < best[slot][0] - 1e-12:
             best[slot] = (float(row["relative"]) if math.isfinite(row["relative"]) else math.inf, config)
     return [best[slot][1] for slot in sorted(best)]
+
+
+def confirmation_configs(configs, picks, *, seed: int = 0, static: bool = True) -> list[SweepConfig]:
+    """The confirmation grid: the baselines of the tuning grid ``configs`` and the ``picks`` with their
+    controls (the static chord only with ``static``, i.e. when a static allocation path is there)."""
+    controls = CONTROLS if static else tuple(c for c in CONTROLS if c != "static_chord")
+    baselines = [c for c in configs if c.method not in FDR_METHODS + CONTROLS]
+    return baselines + with_controls(picks, seed=seed, controls=controls)
