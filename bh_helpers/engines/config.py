@@ -34,7 +34,7 @@ from bh_helpers._validate import check_choice, check_int, check_level
 from bh_helpers.selection.budget import layer_alphas
 from bh_helpers.selection.reference import FDR_METHODS, WEIGHT_MODES
 
-__all__ = ["CONFIG_FORMAT", "CONFIG_VERSION", "SELECTORS", "RoutingConfig"]
+__all__ = ["CONFIG_FORMAT", "CONFIG_VERSION", "SELECTORS", "UNUSED_SLOTS", "RoutingConfig"]
 
 #: The ``format`` tag of a routing config file.
 CONFIG_FORMAT = "bh_helpers.RoutingConfig"
@@ -42,6 +42,8 @@ CONFIG_FORMAT = "bh_helpers.RoutingConfig"
 CONFIG_VERSION = 1
 #: Selector names: the multiple-testing methods (need a bank), static top-k, top-p.
 SELECTORS = (*FDR_METHODS, "topk", "top_p")
+#: What an engine puts in a token's unused slots: valid ids at weight 0, or -1 (skipped compute).
+UNUSED_SLOTS = ("pad", "skip")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,10 @@ class RoutingConfig:
     allow_other_model : bool, default False
         Use a bank whose router fingerprint differs from the served model's (as
         ``route(..., allow_other_model=True)``).
+    unused_slots : {"pad", "skip"}, default "pad"
+        Engines only (``route()`` runs only the chosen experts anyway): "pad" fills a token's unused
+        slots with valid expert ids at weight 0 (exact, saves no compute); "skip" passes ``-1``
+        there (compute saved where the engine's kernel skips such ids; vLLM 0.32 refuses it).
     base_dir : str, optional
         Folder a relative ``bank`` is resolved against (set by :meth:`load`; not written to JSON).
     """
@@ -83,6 +89,7 @@ class RoutingConfig:
     weights: str = "renorm"
     bank: str | None = None
     allow_other_model: bool = False
+    unused_slots: str = "pad"
     base_dir: str | None = field(default=None, compare=False, repr=False)
 
     # -- Input validation ----------------------------------------------------------------------
@@ -90,6 +97,7 @@ class RoutingConfig:
     def __post_init__(self) -> None:
         check_choice("selector", self.selector, SELECTORS)
         check_choice("weights", self.weights, WEIGHT_MODES)
+        check_choice("unused_slots", self.unused_slots, UNUSED_SLOTS)
         alphas = layer_alphas(self.alpha)
         object.__setattr__(self, "alpha", alphas)  # float, or {layer: level}
         check_int("min_k", self.min_k, 0)

