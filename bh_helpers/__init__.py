@@ -10,6 +10,7 @@ The data flow, one folder per floor::
     evaluation/  perplexity, task accuracy, speed; evaluation data
     experiments/ resumable sweeps, the compute-matched frontier, prompt categories
     report/      markdown tables, figures, the written report
+    engines/     serving engines (vLLM): a routing config file, the plugin, perplexity through vLLM
     app/         the demo pipeline, the ``bh-routing`` CLI, notebook helpers, widgets
 
 ``_validate`` (argument checks) and ``_cuda`` (device capability, streams) serve every floor.
@@ -44,6 +45,7 @@ _PUBLIC = {
     "TopPSelector": "bh_helpers.selection.selectors",
     "route": "bh_helpers.routing.patch",
     "RoutingRecorder": "bh_helpers.routing.recorder",
+    "RoutingConfig": "bh_helpers.engines.config",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -18,7 +18,7 @@ from _readme import replace_section  # scripts/ is on sys.path when a script run
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "bh_helpers"
-FLOORS = ["models", "capture.py", "nulls", "selection", "routing", "evaluation", "experiments", "report", "app"]
+FLOORS = ["models", "capture.py", "nulls", "selection", "routing", "evaluation", "experiments", "report", "engines", "app"]
 BEGIN, END = "<!-- module table: python scripts/module_table.py -->", "<!-- end module table -->"
 
 
