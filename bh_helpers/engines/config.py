@@ -246,6 +246,7 @@ class RoutingConfig:
         if self.selector in FDR_METHODS:
             return BHSelector(bank, method=self.selector, alpha=self.alpha, min_k=self.min_k, max_k=self.max_k,
                               weights=self.weights)
+        bank = bank if self.weights == "inverse_p" else None  # static rules read p-values only for weights
         if self.selector == "topk":
             return TopKSelector(self.k, weights=self.weights, null_bank=bank)
         return TopPSelector(self.p, min_k=self.min_k, max_k=self.max_k, weights=self.weights, null_bank=bank)

@@ -96,9 +96,10 @@ def pad_selection(selection: Selection, logits: torch.Tensor, width: int, *,
     if unused != "pad":
         raise ValueError(f"`unused` must be 'pad' or 'skip'; got {unused!r}.")
     # Filler: the best experts the token did not choose (chosen ones pushed to -inf).
-    chosen = torch.zeros_like(logits, dtype=torch.bool)  # (T, E)
-    chosen.scatter_(-1, torch.where(used, indices, 0), used)
-    others = logits.float().masked_fill(chosen, float("-inf"))  # (T, E)
+    experts = logits.shape[-1]
+    chosen = torch.zeros((rows, experts + 1), dtype=torch.bool, device=logits.device)  # (T, E + 1)
+    chosen.scatter_(-1, torch.where(used, indices, experts), True)  # unused slots -> the extra column
+    others = logits.float().masked_fill(chosen[:, :experts], float("-inf"))  # (T, E)
     filler = others.topk(width, dim=-1).indices  # (T, W), the first (W - count) are unchosen
     rank = (~used).cumsum(dim=-1) - 1  # (T, W): j-th unused slot -> filler j
     fill = filler.gather(-1, rank.clamp(min=0))  # (T, W)
