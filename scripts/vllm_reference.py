@@ -3,7 +3,8 @@
 vLLM's environment has an older transformers than bh_helpers needs, so ``route()`` cannot run next
 to vLLM. This script runs in the MAIN environment: the embedded tiny OLMoE in float32 on the CPU,
 greedy decoding of a few prompts under each routing config of ``tests/engines/configs/`` (and
-native routing), and a windowed perplexity under the BH config. ``tests/engines/test_vllm.py``
+native routing), a windowed perplexity and lm-eval's accuracy on the local HellaSwag-style task
+under the BH config. ``tests/engines/test_vllm.py``
 (vLLM's environment) compares vLLM's output with it; ``tests/test_engines.py`` (main environment)
 checks that this file is current.
 
@@ -35,6 +36,7 @@ PROMPTS = [
 ]
 NEW_TOKENS = 24
 PERPLEXITY = {"scenario": "bh", "window": 64, "stride": 32, "max_chars": 1500}
+LM_EVAL = {"scenario": "bh", "task": "bh_hellaswag_style", "limit": 40}
 TOLERANCE = 1e-5  # --check: log-probs may move this much between runs of one environment
 
 
@@ -87,7 +89,19 @@ def reference() -> dict:
                             progress=False)
     out["perplexity"] = {**PERPLEXITY, "text": text, "perplexity": result.perplexity, "nll": result.nll,
                          "n_tokens": result.n_tokens, "window_nll": result.window_nll}
+    out["lm_eval"] = {**LM_EVAL, **_lm_eval(model, tokenizer)}
     return out
+
+
+def _lm_eval(model, tokenizer) -> dict:
+    """lm-eval's accuracy on the local task under the scenario's routing (HFLM on transformers)."""
+    from bh_helpers.engines.config import RoutingConfig
+    from bh_helpers.evaluation.lm_eval import evaluate_routed
+
+    selector = RoutingConfig.load(CONFIGS / SCENARIOS[LM_EVAL["scenario"]]).to_selector()
+    results = evaluate_routed(model, tokenizer, selector, [LM_EVAL["task"]], limit=LM_EVAL["limit"])
+    task = results["results"][LM_EVAL["task"]]
+    return {"acc": task["acc,none"], "acc_norm": task["acc_norm,none"]}
 
 
 def _ppl_text() -> str:
@@ -109,6 +123,8 @@ def stale(current: dict, saved: dict) -> list[str]:
         diff = max(abs(a - b) for xs, ys in zip(run["logprobs"], old["logprobs"]) for a, b in zip(xs, ys))
         if diff > TOLERANCE:
             problems.append(f"scenarios.{name}.logprobs (max diff {diff:.2g})")
+    if current["lm_eval"] != saved.get("lm_eval"):
+        problems.append("lm_eval")
     ppl, old = current["perplexity"], saved.get("perplexity", {})
     if ppl["text"] != old.get("text") or ppl["n_tokens"] != old.get("n_tokens") \
             or abs(ppl["nll"] - old.get("nll", float("nan"))) > TOLERANCE:

