@@ -42,6 +42,7 @@ import torch
 
 from bh_helpers.engines.config import RoutingConfig
 from bh_helpers.engines.routing import LayerRouting
+from bh_helpers.models.families import fingerprints_differ  # torch only: no transformers
 
 __all__ = [
     "ENV_VAR",
@@ -151,12 +152,6 @@ def router_fingerprint_of_weight(weight: torch.Tensor) -> list[float]:
     return [float(w.std()), float(w.abs().mean()), *proj]
 
 
-def _fingerprints_differ(fitted: dict[int, list[float]], model: dict[int, list[float]], rtol: float = 1e-2) -> list[int]:
-    from bh_helpers.models.families import fingerprints_differ  # torch only, no transformers
-
-    return fingerprints_differ(fitted, model, rtol=rtol)
-
-
 # ----------------------------------------------------------------------------------------------
 # The opaque routing op
 # ----------------------------------------------------------------------------------------------
@@ -169,6 +164,13 @@ _LAYERS: dict[int, LayerRouting] = {}
 def _select_op(gating_output: torch.Tensor, key: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     weights, ids = _LAYERS[key].route(gating_output, width, _real_rows(gating_output))
     return weights, ids  # (T, W) float32, (T, W) int32
+
+
+@_select_op.register_fake
+def _(gating_output: torch.Tensor, key: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = gating_output.shape[0]
+    return (gating_output.new_empty((rows, width), dtype=torch.float32),
+            gating_output.new_empty((rows, width), dtype=torch.int32))
 
 
 def _real_rows(gating_output: torch.Tensor) -> torch.Tensor | None:
@@ -190,13 +192,6 @@ def _real_rows(gating_output: torch.Tensor) -> torch.Tensor | None:
     if padding is None or padding.shape[0] < rows:
         return None
     return ~padding[:rows].to(device=gating_output.device, dtype=torch.bool)
-
-
-@_select_op.register_fake
-def _(gating_output: torch.Tensor, key: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = gating_output.shape[0]
-    return (gating_output.new_empty((rows, width), dtype=torch.float32),
-            gating_output.new_empty((rows, width), dtype=torch.int32))
 
 
 def _callback(key: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -392,7 +387,7 @@ def _check_fingerprint(model: torch.nn.Module, state: _PluginState, fitted: dict
             raise ValueError(f"cannot read the router (`gate`) weight beside {prefix!r} to check the routing "
                              "config `bank`'s router fingerprint; set \"allow_other_model\": true to skip the check.")
         current[layer] = router_fingerprint_of_weight(weight)
-    differ = _fingerprints_differ(fitted, current)
+    differ = fingerprints_differ(fitted, current)
     if differ:
         raise ValueError(
             f"routing config `bank` ({state.config.bank_path}) was fitted on another model "
