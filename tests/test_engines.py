@@ -99,7 +99,6 @@ def test_config_builds_the_same_selectors_route_takes(bank):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
 
 
-@pytest.mark.fault("engines", "clear error")
 @pytest.mark.parametrize("raw, message", [
     ({"selector": "bh"}, "`bank` is missing"),
     ({"selector": "topk"}, "`k` is required"),
@@ -120,7 +119,6 @@ def test_bad_configs_name_the_field(raw, message):
         RoutingConfig.from_dict(raw)
 
 
-@pytest.mark.fault("engines", "clear error")
 def test_unreadable_or_mismatched_bank_names_the_field(tmp_path):
     config = RoutingConfig(selector="bh", bank=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="routing config `bank`"):
@@ -164,14 +162,12 @@ def test_skip_slots_keep_minus_one():
     assert torch.equal(ids[:, :3].long(), selection.indices)
 
 
-@pytest.mark.fault("engines", "clear error")
 def test_width_narrower_than_the_selection_is_refused():
     selection = select_experts(_logits(), method="topk", k=8, max_k=8)
     with pytest.raises(ValueError, match="more than the engine's 4"):
         pad_selection(selection, _logits(), 4)
 
 
-@pytest.mark.fault("engines", "clear error")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_router_logits_are_refused(bank, bad):
     logits = _logits()
@@ -198,7 +194,6 @@ def test_layer_routing_builds_the_null_tables_once_at_start(bank):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.fault("engines", "clear error")
 def test_plugin_refuses_other_vllm_versions(monkeypatch):
     assert vllm_plugin.check_vllm_version("0.32.0") == "0.32.0"
     monkeypatch.setattr(vllm_plugin, "_vllm_version", lambda: "0.34.1")
@@ -213,7 +208,6 @@ def test_plugin_is_a_noop_unless_configured(monkeypatch):
     assert vllm_plugin._STATE is None and ("vllm" in sys.modules) == before
 
 
-@pytest.mark.fault("engines", "clear error")
 def test_plugin_refuses_unsupported_families_and_slots():
     class Config:
         model_type, num_hidden_layers, num_experts = "olmoe", 16, 64
@@ -242,7 +236,6 @@ def test_fingerprint_of_a_gate_weight_is_the_banks(tiny_model_and_tokenizer):
         assert vllm_plugin.router_fingerprint_of_weight(block.module.gate.weight) == expected[block.layer]
 
 
-@pytest.mark.fault("engines", "clear error")
 def test_loaded_model_with_another_router_fingerprint_is_refused(monkeypatch, bank):
     model = nn.Module()
     model.layers = nn.ModuleList([nn.Module() for _ in range(2)])
