@@ -32,7 +32,6 @@ def run(request: dict) -> dict:
         enforce_eager=request.get("eager", True),
         tensor_parallel_size=request.get("tp", 1),
         enable_expert_parallel=request.get("ep", False),
-        enable_prefix_caching=False,
     )
     out: dict = {"init_s": time.perf_counter() - start}
     prompts = request.get("prompt_ids")
