@@ -34,6 +34,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,8 +268,8 @@ def install(config: RoutingConfig, *, source: str = "<config>") -> None:
 
 
 def _patch_factory() -> None:
-    from vllm.model_executor.layers.fused_moe import layer as layer_module
     import vllm.model_executor.layers.fused_moe as package
+    from vllm.model_executor.layers.fused_moe import layer as layer_module
 
     original = layer_module.FusedMoEFactory
     if getattr(original, "_bh_routing", False):
@@ -277,8 +278,6 @@ def _patch_factory() -> None:
     layer_module.FusedMoEFactory = wrapped
     package.FusedMoEFactory = wrapped
     # Model modules imported before the plugin ran hold the original by name.
-    import sys
-
     for name in ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe"):
         module = sys.modules.get(f"vllm.model_executor.models.{name}")
         if module is not None and getattr(module, "FusedMoEFactory", None) is original:
@@ -308,7 +307,7 @@ def _route_layer(arguments: dict[str, Any]) -> None:
     assert state is not None, "the factory wrapper runs only after install()"
     vllm_config = get_current_vllm_config()
     hf_config = vllm_config.model_config.hf_text_config
-    family, num_layers, num_experts = check_model_config(hf_config)
+    family, _, num_experts = check_model_config(hf_config)
     if not state.checked_model:
         if state.bank is not None:
             try:
