@@ -39,9 +39,10 @@ def cache_root(tmp_path_factory):
 
 
 def run_engine(tmp_path: Path, cache_root: Path, config: str | Path | None, *, eager: bool = True, tp: int = 1,
-               ep: bool = False, perplexity: bool = False, prompts: bool = True) -> tuple[dict, str]:
+               ep: bool = False, perplexity: bool = False, prompts: bool = True,
+               model: Path | None = None) -> tuple[dict, str]:
     """One engine run in a child process: (its result, its log)."""
-    request = {"eager": eager, "tp": tp, "ep": ep}
+    request = {"eager": eager, "tp": tp, "ep": ep, "model": None if model is None else str(model)}
     if prompts:
         request.update(prompt_ids=REFERENCE["prompt_ids"], new_tokens=REFERENCE["new_tokens"])
     if perplexity:
@@ -206,3 +207,52 @@ def test_bank_with_another_router_fingerprint_is_refused(tmp_path, cache_root):
 def test_skipped_slots_are_refused_on_cpu(tmp_path, cache_root):
     text = _refused(tmp_path, cache_root, {"selector": "topk", "k": 4, "unused_slots": "skip"})
     assert "crashes on -1 expert ids" in text and '"unused_slots": "pad"' in text
+
+
+# ----------------------------------------------------------------------------------------------
+# The other families (random tiny checkpoints; opt-in: six engine runs)
+# ----------------------------------------------------------------------------------------------
+
+FAMILIES = {
+    # model_type: (extra config, the weights convention of the native router)
+    "mixtral": ({"num_local_experts": 8}, "renorm"),
+    "qwen2_moe": ({"num_experts": 8, "norm_topk_prob": False, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 48, "decoder_sparse_step": 1, "mlp_only_layers": []}, "softmax"),
+    "qwen3_moe": ({"num_experts": 8, "norm_topk_prob": True, "moe_intermediate_size": 32, "head_dim": 32,
+                   "decoder_sparse_step": 1, "mlp_only_layers": []}, "renorm"),
+}
+
+
+def _random_checkpoint(folder: Path, model_type: str) -> Path:
+    """A 2-layer, 8-expert, top-2 model of ``model_type`` with random weights and the tiny model's tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM  # vLLM's own transformers: test side only
+
+    extra, _ = FAMILIES[model_type]
+    config = AutoConfig.for_model(model_type, vocab_size=4096, hidden_size=128, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                  num_experts_per_tok=2, max_position_embeddings=256, bos_token_id=0,
+                                  eos_token_id=0, pad_token_id=1, tie_word_embeddings=False, initializer_range=0.3,
+                                  **extra)  # large weights: routing changes the tokens
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder)
+    tiny = ROOT / "bh_helpers" / "data" / "tiny_olmoe"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny / name, folder / name)
+    return folder
+
+
+@pytest.mark.skipif(os.environ.get("BH_VLLM_TEST_FAMILIES") != "1", reason="opt-in (BH_VLLM_TEST_FAMILIES=1)")
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_other_families_native_topk_through_the_hook(tmp_path, cache_root, model_type):
+    model = _random_checkpoint(tmp_path / model_type, model_type)
+    config = tmp_path / "topk.json"
+    config.write_text(json.dumps({"selector": "topk", "k": 2, "weights": FAMILIES[model_type][1]}))
+    native, log_native = run_engine(tmp_path, cache_root, None, model=model)
+    hooked, log = run_engine(tmp_path, cache_root, config, model=model)
+    assert list(routed_processes(log).values()) == [2] and routed_processes(log_native) == {}
+    assert_same_run(hooked, native, log, tol=1e-5)
+    config.write_text(json.dumps({"selector": "topk", "k": 1}))  # and another rule changes them
+    other, log = run_engine(tmp_path, cache_root, config, model=model)
+    assert other["ok"] and other["tokens"] != native["tokens"], log[-2000:]

@@ -24,7 +24,7 @@ def run(request: dict) -> dict:
 
     start = time.perf_counter()
     llm = LLM(
-        model=str(MODEL),
+        model=request.get("model") or str(MODEL),
         dtype="float32",
         seed=0,
         max_model_len=256,
