@@ -51,6 +51,7 @@ _PUBLIC = {
     "static_allocation_path": "bh_helpers.experiments.static_allocation",
     "route": "bh_helpers.routing.patch",
     "RoutingRecorder": "bh_helpers.routing.recorder",
+    "RoutingConfig": "bh_helpers.engines.config",
 }
 
 __all__ = ["__version__", *_PUBLIC]

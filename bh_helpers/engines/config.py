@@ -1,0 +1,252 @@
+"""One routing configuration, one JSON file: which selector, its levels and bounds, which null bank.
+
+:class:`RoutingConfig` is what a serving engine reads at start (the vLLM plugin takes its path from
+the ``BH_ROUTING_CONFIG`` environment variable) and what a ``route()`` user can keep beside a
+model to rebuild the very same selector::
+
+    config = RoutingConfig.load("routing.json")
+    selector = config.to_selector()            # a BHSelector / TopKSelector / TopPSelector
+    with route(model, selector): ...           # the same object the engine's callback calls
+
+The file holds one JSON object (every key optional except where a selector needs it)::
+
+    {"format": "bh_helpers.RoutingConfig", "version": 1,
+     "selector": "bh", "alpha": 0.05, "min_k": 1, "max_k": 8, "weights": "renorm",
+     "bank": "bh_helpers/data/kde_models/tiny-olmoe"}
+
+``alpha`` may also be a list (one level per layer, indexed by layer) or an object
+``{"layer": level}``. A relative ``bank`` path is resolved against the folder of the config file
+(or the working directory for a config read from a string). Unknown keys are refused, so a typo
+never silently falls back to a default.
+
+No transformers here, and no engine: this module imports only the selection and nulls floors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from bh_helpers._validate import check_choice, check_int, check_level
+from bh_helpers.selection.budget import layer_alphas
+from bh_helpers.selection.reference import FDR_METHODS, WEIGHT_MODES
+
+__all__ = ["CONFIG_FORMAT", "CONFIG_VERSION", "SELECTORS", "UNUSED_SLOTS", "RoutingConfig"]
+
+#: The ``format`` tag of a routing config file.
+CONFIG_FORMAT = "bh_helpers.RoutingConfig"
+#: Version of the file layout; bump on any incompatible change.
+CONFIG_VERSION = 1
+#: Selector names: the multiple-testing methods (need a bank), static top-k, top-p.
+SELECTORS = (*FDR_METHODS, "topk", "top_p")
+#: What an engine puts in a token's unused slots: valid ids at weight 0, or -1 (skipped compute).
+UNUSED_SLOTS = ("pad", "skip")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """A routing rule in serialisable form; :meth:`to_selector` builds the selector object.
+
+    Parameters
+    ----------
+    selector : {"bh", "by", "bonferroni", "holm", "topk", "top_p"}, default "bh"
+        The multiple-testing methods build a :class:`~bh_helpers.selection.selectors.BHSelector`;
+        "topk" a ``TopKSelector``; "top_p" a ``TopPSelector``.
+    alpha : float, list of float or dict of int to float, default 0.05
+        Level of the testing procedure (one, or one per layer); used by the testing methods only.
+    min_k, max_k : int, default 1 and 8
+        Floor and ceiling on experts per token (testing methods and top-p). ``max_k`` is also the
+        width an engine must give its routing callback.
+    k : int, optional
+        Experts per token for "topk" (required there).
+    p : float, optional
+        Probability mass for "top_p" (required there).
+    weights : {"renorm", "softmax", "uniform", "inverse_p"}, default "renorm"
+        How the chosen experts are mixed; "softmax" is OLMoE's own ``norm_topk_prob=False``.
+    bank : str, optional
+        Folder of a saved :class:`~bh_helpers.nulls.NullBank` (``NullBank.save``); required by the
+        testing methods and by ``weights="inverse_p"``.
+    allow_other_model : bool, default False
+        Use a bank whose router fingerprint differs from the served model's (as
+        ``route(..., allow_other_model=True)``).
+    unused_slots : {"pad", "skip"}, default "pad"
+        Engines only (``route()`` runs only the chosen experts anyway): "pad" fills a token's unused
+        slots with valid expert ids at weight 0 (exact, saves no compute); "skip" passes ``-1``
+        there (compute saved where the engine's kernel skips such ids; vLLM 0.32 refuses it).
+    base_dir : str, optional
+        Folder a relative ``bank`` is resolved against (set by :meth:`load`; not written to JSON).
+    """
+
+    selector: str = "bh"
+    alpha: float | list[float] | dict[int, float] = 0.05
+    min_k: int = 1
+    max_k: int = 8
+    k: int | None = None
+    p: float | None = None
+    weights: str = "renorm"
+    bank: str | None = None
+    allow_other_model: bool = False
+    unused_slots: str = "pad"
+    base_dir: str | None = field(default=None, compare=False, repr=False)
+
+    # -- Input validation ----------------------------------------------------------------------
+
+    def __post_init__(self) -> None:
+        check_choice("selector", self.selector, SELECTORS)
+        check_choice("weights", self.weights, WEIGHT_MODES)
+        check_choice("unused_slots", self.unused_slots, UNUSED_SLOTS)
+        alphas = layer_alphas(self.alpha)
+        object.__setattr__(self, "alpha", alphas)  # float, or {layer: level}
+        check_int("min_k", self.min_k, 0)
+        check_int("max_k", self.max_k, 1)
+        if self.selector == "topk":
+            if self.k is None:
+                raise ValueError('`k` is required for selector "topk": add "k": 8 (experts per token) to the config.')
+            check_int("k", self.k, 1)
+            # A top-k rule has exactly k experts: its bounds are k, whatever the file said.
+            object.__setattr__(self, "min_k", self.k)
+            object.__setattr__(self, "max_k", self.k)
+        elif self.k is not None:
+            raise ValueError(f'`k` is only used by selector "topk", not {self.selector!r}; remove it from the config.')
+        if self.selector == "top_p":
+            if self.p is None:
+                raise ValueError('`p` is required for selector "top_p": add e.g. "p": 0.9 to the config.')
+            object.__setattr__(self, "p", check_level("p", self.p, example="0.9"))
+        elif self.p is not None:
+            raise ValueError(f'`p` is only used by selector "top_p", not {self.selector!r}; remove it from the config.')
+        if self.min_k > self.max_k:
+            raise ValueError(f"`min_k`={self.min_k} exceeds `max_k`={self.max_k}; give min_k <= max_k.")
+        if self.bank is not None and (not isinstance(self.bank, str) or not self.bank):
+            raise ValueError(f"`bank` must be the path of a NullBank folder (a string); got {self.bank!r}.")
+        if not isinstance(self.allow_other_model, bool):
+            raise ValueError(f"`allow_other_model` must be true or false; got {self.allow_other_model!r}.")
+        if self.needs_bank and self.bank is None:
+            why = f'selector "{self.selector}"' if self.selector in FDR_METHODS else 'weights "inverse_p"'
+            raise ValueError(
+                f"`bank` is missing: {why} needs a null bank. Add \"bank\": \"<folder with metadata.json and "
+                "nulls.npz>\" to the routing config (fit one with `bh-routing capture` + `bh-routing fit`)."
+            )
+
+    @property
+    def needs_bank(self) -> bool:
+        """Whether the selector reads p-values (testing methods, or inverse-p weights)."""
+        return self.selector in FDR_METHODS or self.weights == "inverse_p"
+
+    @property
+    def bank_path(self) -> Path | None:
+        """``bank`` resolved against ``base_dir`` (None without a bank)."""
+        if self.bank is None:
+            return None
+        path = Path(self.bank).expanduser()
+        if not path.is_absolute() and self.base_dir is not None:
+            path = Path(self.base_dir) / path
+        return path
+
+    # -- JSON ----------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this config (``format`` and ``version`` first, unset options left out)."""
+        raw = {k: v for k, v in asdict(self).items() if k != "base_dir"}
+        if isinstance(raw["alpha"], dict):
+            raw["alpha"] = {str(layer): level for layer, level in sorted(raw["alpha"].items())}
+        for name in ("k", "p", "bank"):
+            if raw[name] is None:
+                del raw[name]
+        return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, **raw}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The config as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], *, base_dir: str | Path | None = None) -> RoutingConfig:
+        """Read the JSON object of a config; ``base_dir`` resolves a relative ``bank``."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"a routing config must be a JSON object; got {type(raw).__name__}.")
+        raw = dict(raw)
+        fmt, version = raw.pop("format", CONFIG_FORMAT), raw.pop("version", CONFIG_VERSION)
+        if fmt != CONFIG_FORMAT:
+            raise ValueError(f"`format` must be {CONFIG_FORMAT!r}; got {fmt!r}: is this a routing config?")
+        if version != CONFIG_VERSION:
+            raise ValueError(f"`version` {version!r} is not understood by this bh_helpers (reads {CONFIG_VERSION}).")
+        known = {f.name for f in fields(cls)} - {"base_dir"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown routing config field(s) {unknown}; the fields are {sorted(known)}.")
+        alpha = raw.get("alpha")
+        if isinstance(alpha, Mapping):
+            try:
+                raw["alpha"] = {int(layer): level for layer, level in alpha.items()}
+            except ValueError:
+                raise ValueError(f"`alpha` keys must be layer numbers; got {sorted(alpha)}.") from None
+        return cls(**raw, base_dir=None if base_dir is None else str(base_dir))
+
+    @classmethod
+    def from_json(cls, text: str, *, base_dir: str | Path | None = None) -> RoutingConfig:
+        """Parse JSON text (see :meth:`from_dict`)."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"the routing config is not valid JSON ({err}).") from None
+        return cls.from_dict(raw, base_dir=base_dir)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RoutingConfig:
+        """Read a config file; a relative ``bank`` is resolved against the file's folder."""
+        path = Path(path).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ValueError(f"cannot read the routing config {str(path)!r} ({err.strerror or err}).") from None
+        try:
+            return cls.from_json(text, base_dir=path.resolve().parent)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"routing config {str(path)!r}: {err}") from None
+
+    # -- Building the selector -----------------------------------------------------------------
+
+    def load_bank(self, *, num_layers: int | None = None, num_experts: int | None = None) -> Any:
+        """The :class:`~bh_helpers.nulls.NullBank` at ``bank``, checked against the model's counts.
+
+        Raises
+        ------
+        ValueError
+            Naming the ``bank`` field: no bank configured, an unreadable folder, or a bank fitted
+            for another layer or expert count.
+        """
+        from bh_helpers.nulls.bank import NullBank
+
+        path = self.bank_path
+        if path is None:
+            raise ValueError('`bank` is not set in the routing config; add "bank": "<NullBank folder>".')
+        try:
+            return NullBank.load(path, num_layers=num_layers, num_experts=num_experts)
+        except ValueError as err:
+            raise ValueError(f"routing config `bank` ({str(path)!r}): {err}. Point `bank` at a bank fitted "
+                             "for this model (`bh-routing capture` + `bh-routing fit`).") from None
+
+    def to_selector(self, bank: Any = None) -> Any:
+        """The selector this config describes (the objects ``route()`` takes).
+
+        Parameters
+        ----------
+        bank : NullBank, optional
+            The bank to use; default: :meth:`load_bank` when the selector needs one.
+        """
+        from bh_helpers.selection.selectors import BHSelector, TopKSelector, TopPSelector
+
+        if bank is None and self.needs_bank:
+            bank = self.load_bank()
+        if self.selector in FDR_METHODS:
+            return BHSelector(bank, method=self.selector, alpha=self.alpha, min_k=self.min_k, max_k=self.max_k,
+                              weights=self.weights)
+        bank = bank if self.weights == "inverse_p" else None  # static rules read p-values only for weights
+        if self.selector == "topk":
+            return TopKSelector(self.k, weights=self.weights, null_bank=bank)
+        return TopPSelector(self.p, min_k=self.min_k, max_k=self.max_k, weights=self.weights, null_bank=bank)
