@@ -262,6 +262,23 @@ for name in confirm_sets:
              OUT / f"03_frontier_{name.replace(':', '_')}.png")
 
 # %% [markdown]
+# **Keep the best confirmed configuration as one file.** `routing.json` (a `RoutingConfig`: the
+# selector, its levels, floor and ceiling, weights and the bank folder) is what `route()` users
+# read back (`RoutingConfig.load(path).to_selector()`) and what the vLLM plugin serves with
+# (`BH_ROUTING_CONFIG=routing.json vllm serve ...`, see docs/serving.md).
+
+# %%
+from bh_helpers.engines.config import RoutingConfig
+from bh_helpers.experiments.configs import config_of
+
+best = config_of(results, comparison.loc[comparison["delta_vs_strongest"].idxmin(), "key"])
+bank_dir = OUT / "nulls" / best.bank_name().replace("/", "-")
+banks[best.bank_name()].save(bank_dir)
+best.routing_config(bank=str(bank_dir.resolve()), weights=WEIGHTS).to_json(OUT / "routing.json")
+print(f"{best.label()} -> {OUT / 'routing.json'}")
+print(RoutingConfig.load(OUT / "routing.json").to_selector())
+
+# %% [markdown]
 # **Published anchors (quoted, not measured here).** Real OLMoE-1B-7B on WikiText-2 (test split, 16
 # windows of 512 tokens, float32; CocoRoF/moe_optimizer, docs/FINDINGS.md): uniform top-k perplexity,
 # and what the best published training-free rule reached. Your own numbers use this notebook's

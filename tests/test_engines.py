@@ -266,7 +266,7 @@ def test_engine_windows_and_stream_are_the_scoring_protocol(tiny_model_and_token
             assert windows(n, window, stride) == scoring._windows(n, window, stride)
     _, tokenizer = tiny_model_and_tokenizer
     texts = ["First document.", "", "def f(x):\n    return x"]
-    assert token_stream(tokenizer, texts) == scoring._token_stream(tokenizer, texts)
+    assert token_stream(tokenizer, texts) == scoring._token_stream(tokenizer, texts)[0]
 
 
 @pytest.mark.slow
@@ -276,3 +276,42 @@ def test_vllm_reference_fixture_is_current():
     spec.loader.exec_module(module)
     saved = json.loads(module.FIXTURE.read_text())
     assert module.stale(module.reference(), saved) == [], "rerun: PYTHONPATH=. python scripts/vllm_reference.py"
+
+
+def test_optimize_saves_its_pick_as_a_routing_config_route_reads(tmp_path, tiny_model_and_tokenizer):
+    """``bh-routing optimize --save-config``: the pick as one JSON file; route() with its selector
+    routes exactly as the sweep's own selector of that configuration."""
+    import warnings
+
+    from bh_helpers.app import cli
+    from bh_helpers.engines.config import RoutingConfig
+    from bh_helpers.experiments.configs import SweepConfig
+    from bh_helpers.nulls.bank import NullBank
+    from bh_helpers.routing.patch import route
+
+    from bh_helpers.experiments.sweep import run_sweep
+
+    configs = [SweepConfig("topk", k=4), SweepConfig("bh", alpha=0.5, max_k=8, min_k=1, kernel="gaussian")]
+    metrics = {"topk": {"mean_experts_per_token": 4.0, "perplexity": 20.0},
+               "bh": {"mean_experts_per_token": 2.5, "perplexity": 18.0}}
+    results = tmp_path / "sweep.jsonl"
+    run_sweep(configs, ["prose"], lambda config, name: metrics[config.method], results, progress=False)
+    out = tmp_path / "pick.json"
+    assert cli.main(["optimize", "--results", str(results), "--budget", "3", "--save-config", str(out)]) == 2
+    assert not out.exists()  # a BH pick needs its bank: refused, nothing written
+    assert cli.main(["optimize", "--results", str(results), "--budget", "3", "--save-config", str(out),
+                     "--nulls", str(BANK_DIR)]) == 0
+    loaded = RoutingConfig.load(out)
+    assert (loaded.selector, loaded.alpha, loaded.min_k, loaded.max_k, loaded.weights) == ("bh", 0.5, 1, 8, "softmax")
+    model, tok = tiny_model_and_tokenizer
+    ids = tok(["The river ran past the old mill."], return_tensors="pt")["input_ids"]
+    bank = NullBank.load(BANK_DIR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with route(model, loaded.to_selector()) as rec_a:
+            a = model(ids).logits
+        with route(model, configs[1].to_selector(model, null_bank=bank, weights="softmax")) as rec_b:
+            b = model(ids).logits
+    assert torch.equal(a, b) and rec_a.summary()["mean_k"] == rec_b.summary()["mean_k"]
+    assert cli.main(["optimize", "--results", str(results), "--budget", "3", "--save-config", str(out),
+                     "--nulls", str(BANK_DIR)]) == 2  # an existing file is never overwritten

@@ -176,6 +176,15 @@ def _add_optimize(sub) -> None:
     opt.add_argument("--budget", type=float, default=None, help="maximum mean experts per token")
     opt.add_argument("--quality-weight", type=float, default=None, help="weight of (min-max scaled) quality")
     opt.add_argument("--speed-weight", type=float, default=None, help="weight of (min-max scaled) speed: fewer experts")
+    opt.add_argument("--save-config", default=None, metavar="FILE",
+                     help="write the pick of the first data set as a routing config (JSON) that route() users "
+                          "(RoutingConfig.load(FILE).to_selector()) and the vLLM plugin (BH_ROUTING_CONFIG) read; "
+                          "needs --nulls for a BH-family pick")
+    opt.add_argument("--nulls", default=None,
+                     help="the null bank folder (or the demo's nulls/ folder of banks) the sweep routed with, "
+                          "named in the saved config")
+    opt.add_argument("--weights", choices=WEIGHT_MODES, default="softmax",
+                     help="weights of the chosen experts in the saved config (default: softmax, the sweep's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -452,9 +461,22 @@ def _cmd_optimize(args) -> int:
     weights = (args.quality_weight, args.speed_weight)
     if args.budget is None and None in weights and weights != (None, None):
         raise ValueError("--quality-weight and --speed-weight go together; give both (or --budget).")
-    picks = optimize(load_results(args.results), budget=args.budget, quality_weight=args.quality_weight,
+    if args.save_config and os.path.exists(args.save_config):
+        raise ValueError(f"--save-config {args.save_config!r} exists; pass a new file name (nothing is overwritten).")
+    results = load_results(args.results)
+    picks = optimize(results, budget=args.budget, quality_weight=args.quality_weight,
                      speed_weight=args.speed_weight)
     print(markdown_table(picks, floatfmt=".3f"))
+    if args.save_config:
+        from bh_helpers.experiments.optimize import save_routing_config
+
+        pick = picks.iloc[0]
+        try:
+            config = save_routing_config(results, pick["key"], args.save_config, nulls=args.nulls,
+                                         weights=args.weights)
+        except ValueError as err:
+            raise ValueError(str(err).replace("`nulls`", "--nulls").replace("`key`", "--budget")) from None
+        print(f"routing config of {config.label()!r} ({pick['dataset']}) -> {args.save_config}")
     return 0
 
 

@@ -284,6 +284,36 @@ class SweepConfig:
         return selectors.BHSelector(self._bank(null_bank), method=self.method, alpha=self.level(), min_k=self.min_k,
                                     max_k=self.max_k, weights=weights)
 
+    def routing_config(self, *, bank: str | None = None, weights: str = "softmax"):
+        """This configuration as a :class:`~bh_helpers.engines.config.RoutingConfig` (one JSON file
+        that ``route()`` users, the vLLM plugin and the CLI read).
+
+        Parameters
+        ----------
+        bank : str, optional
+            Folder of the saved null bank it routes with (multiple-testing methods, inverse-p weights).
+        weights : str, default "softmax"
+            Weights of the chosen experts (the sweep's).
+
+        Raises
+        ------
+        ValueError
+            For a configuration a routing config cannot hold (native, static per-layer, controls).
+        """
+        from bh_helpers.engines.config import RoutingConfig
+
+        if self.method in FDR_METHODS:
+            level = list(self.layer_alphas) if self.layer_alphas is not None else self.alpha
+            return RoutingConfig(selector=self.method, alpha=level, min_k=self.min_k, max_k=self.max_k,
+                                 weights=weights, bank=bank)
+        if self.method == "topk":
+            return RoutingConfig(selector="topk", k=self.k, max_k=self.k, weights=weights, bank=bank)
+        if self.method == "top_p":
+            return RoutingConfig(selector="top_p", p=self.top_p, min_k=self.min_k, max_k=self.max_k, weights=weights,
+                                 bank=bank)
+        raise ValueError(f"{self.label()!r} has no routing config (one is written for BH-family, top-k and top-p "
+                         "configurations); pick another configuration.")
+
     def level(self) -> float | tuple[float, ...] | None:
         """The level a selector takes as ``alpha``: ``alpha``, or ``layer_alphas`` (one per layer)."""
         return self.alpha if self.layer_alphas is None else self.layer_alphas

@@ -18,10 +18,10 @@ import math
 
 from bh_helpers.experiments.configs import CONTROLS, controls_by_adaptive
 
-__all__ = ["OPTIMIZE_COLUMNS", "optimize"]
+__all__ = ["OPTIMIZE_COLUMNS", "optimize", "save_routing_config"]
 
 OPTIMIZE_COLUMNS = ["dataset", "criterion", "label", "method", "mean_k", "perplexity", "score",
-                    "mixed_perplexity", "shuffled_perplexity", "candidates"]
+                    "mixed_perplexity", "shuffled_perplexity", "candidates", "key"]
 
 
 def _check(budget: float | None, quality_weight: float | None, speed_weight: float | None) -> None:
@@ -101,5 +101,50 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
             "mixed_perplexity": float(mixed[metric]) if mixed is not None else math.nan,
             "shuffled_perplexity": float(shuffled[metric]) if shuffled is not None else math.nan,
             "candidates": len(rows),
+            "key": best["key"] if best is not None else None,
         })
     return pd.DataFrame.from_records(records, columns=OPTIMIZE_COLUMNS)
+
+
+def save_routing_config(results, key: str | None, path, *, nulls=None, weights: str = "softmax"):
+    """Write the configuration ``key`` of ``results`` as a routing config file (JSON).
+
+    The file is what ``route()`` users (``RoutingConfig.load(path).to_selector()``) and the vLLM
+    plugin (``BH_ROUTING_CONFIG``) read; a BH-family configuration names its bank: ``nulls`` is the
+    bank folder, or a folder of banks (the demo's ``nulls/``) holding the configuration's bank.
+
+    Returns
+    -------
+    SweepConfig
+        The configuration written.
+
+    Raises
+    ------
+    ValueError
+        No configuration (``key`` None: nothing fit the budget), a BH-family configuration without
+        ``nulls``, a folder of banks without its bank, or an existing ``path`` (never overwritten).
+    """
+    from pathlib import Path
+
+    from bh_helpers.experiments.configs import FDR_METHODS, config_of
+    from bh_helpers.nulls.bank import load_bank_folder
+
+    if not isinstance(key, str):
+        raise ValueError("no configuration was picked (`key` is empty: nothing fits the budget); nothing to save.")
+    if Path(path).exists():
+        raise ValueError(f"{str(path)!r} exists; pass a new file name (nothing is overwritten).")
+    config = config_of(results, key)
+    bank = None
+    if config.method in FDR_METHODS or weights == "inverse_p":
+        if nulls is None:
+            raise ValueError(f"{config.label()!r} routes with a null bank: pass `nulls`, the bank folder it used.")
+        folder = Path(nulls)
+        banks = load_bank_folder(folder)
+        if isinstance(banks, dict):  # a folder of banks: the demo's nulls/<bank name>
+            name = config.bank_name()
+            if name not in banks:
+                raise ValueError(f"`nulls` {str(nulls)!r} has no bank {name!r} (it has {sorted(banks)}).")
+            folder = folder / name.replace("/", "-")
+        bank = str(folder.resolve())
+    config.routing_config(bank=bank, weights=weights).to_json(path)
+    return config
