@@ -315,3 +315,22 @@ def test_alpha_solved_on_routed_logits_reaches_the_target(tiny_model_and_tokeniz
         assert all(abs(per_layer.realised[layer] - (2.0 + layer % 2)) <= 0.05 for layer in range(6))
         with pytest.raises(ValueError, match="did not settle within 1e-06"):
             match_alpha_routed(model, bank, batches, 3.0, tolerance=1e-6, steps=1)
+
+
+def test_routed_budget_keeps_the_closest_step_when_a_target_does_not_settle(tiny_model_and_tokenizer):
+    from bh_helpers.app.paths import default_null_bank_dir
+    from bh_helpers.capture import window_batches
+    from bh_helpers.experiments.k_matching import RoutedBudget, match_alpha_routed
+    from bh_helpers.models.texts import calibration_token_ids
+    from bh_helpers.nulls.bank import NullBank
+
+    model, tok = tiny_model_and_tokenizer
+    bank = NullBank.load(default_null_bank_dir("tiny"))
+    batches = window_batches(calibration_token_ids(tok, max_tokens=512), window=128, batch_size=4)
+    with pytest.warns(UserWarning, match="did not settle within 1e-09.*closest step"):
+        got = match_alpha_routed(model, bank, batches, 3.0, tolerance=1e-9, steps=2, strict=False)
+    gaps = [abs(realised - 3.0) for _, realised in got.history]
+    assert len(got.history) == 3 and abs(got.realised - 3.0) == min(gaps)
+    with pytest.warns(UserWarning, match="closest step"):
+        alpha = RoutedBudget(model, bank, batches, steps=1, tolerance=1e-9).alpha(3.0)
+    assert 0 < alpha <= 1

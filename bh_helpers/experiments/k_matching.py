@@ -13,6 +13,7 @@ within ``tolerance`` of the target (a fixed-point iteration; on the embedded mod
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,8 @@ def _gap(realised: Any, target: Any) -> float:
 
 def match_alpha_routed(model, bank, batches: Sequence[Mapping[str, Any]], target_mean_k: float | Mapping[int, float],
                        *, method: str = "bh", min_k: int = 1, max_k: int = 8, per_layer: bool = False,
-                       weights: str = "softmax", steps: int = 4, tolerance: float = 0.02) -> MatchedAlpha:
+                       weights: str = "softmax", steps: int = 4, tolerance: float = 0.02,
+                       strict: bool = True) -> MatchedAlpha:
     """The alpha at which the ROUTED model uses ``target_mean_k`` experts per token on calibration text.
 
     Parameters
@@ -76,6 +78,10 @@ def match_alpha_routed(model, bank, batches: Sequence[Mapping[str, Any]], target
     tolerance : float, default 0.02
         Largest accepted gap between the realised and the target mean k (experts per token; per
         layer the largest gap over layers).
+    strict : bool, default True
+        Raise when no step is within ``tolerance``; with False, return the step with the smallest
+        gap and warn (its realised mean k is in ``realised``: controls run at the realised k, so
+        a miss moves the row along the compute axis, not away from its controls).
 
     Returns
     -------
@@ -107,15 +113,22 @@ def match_alpha_routed(model, bank, batches: Sequence[Mapping[str, Any]], target
         wanted = target if target is not None else dict.fromkeys(realised, target_mean_k)
         if _gap(realised, wanted) <= tolerance:
             return MatchedAlpha(alpha=alpha, realised=realised, history=tuple(history))
-    raise ValueError(
-        f"the routed mean k did not settle within {tolerance:g} of the target {target_mean_k!r} in {steps} routed "
-        f"solves (last gap {_gap(realised, wanted):.3g}); pass a larger `steps` or `tolerance`, or a target further "
-        "from the floor and the ceiling.")
+    message = (f"the routed mean k did not settle within {tolerance:g} of the target {target_mean_k!r} in {steps} "
+               f"routed solves (last gap {_gap(realised, wanted):.3g}); pass a larger `steps` or `tolerance`, or a "
+               "target further from the floor and the ceiling.")
+    if strict:
+        raise ValueError(message)
+    best_alpha, best_realised = min(history, key=lambda step: _gap(step[1], wanted))
+    warnings.warn(f"{message} Using the closest step (gap {_gap(best_realised, wanted):.3g}).", stacklevel=2)
+    return MatchedAlpha(alpha=best_alpha, realised=best_realised, history=tuple(history))
 
 
 @dataclass(frozen=True)
 class RoutedBudget:
     """:meth:`alpha` like :class:`~bh_helpers.selection.budget.ComputeBudget`'s, solved on routed logits.
+
+    Not strict: a target that does not settle within the tolerance (0.02 experts per token over
+    all layers, 0.05 in each layer for per-layer targets) gets the closest step, with a warning.
 
     Give it to :func:`bh_helpers.experiments.grids.sweep_grid` as ``budget_for=lambda bank:
     RoutedBudget(model, bank, batches)``.
@@ -127,10 +140,13 @@ class RoutedBudget:
     weights: str = "softmax"
     steps: int = 4
     tolerance: float = 0.02
+    layer_tolerance: float = 0.05  # per-layer targets: the largest gap over layers
 
     def alpha(self, target_mean_k: float | Mapping[int, float], *, method: str = "bh", min_k: int = 1,
               max_k: int = 8, per_layer: bool = False) -> float | dict[int, float]:
         """The routed alpha of ``target_mean_k`` (see :func:`match_alpha_routed`)."""
+        per_layer_targets = per_layer or isinstance(target_mean_k, Mapping)
         return match_alpha_routed(self.model, self.bank, self.batches, target_mean_k, method=method, min_k=min_k,
                                   max_k=max_k, per_layer=per_layer, weights=self.weights, steps=self.steps,
-                                  tolerance=self.tolerance).alpha
+                                  tolerance=self.layer_tolerance if per_layer_targets else self.tolerance,
+                                  strict=False).alpha
