@@ -86,8 +86,9 @@ def verdict_markdown(comparison) -> str:
            if len(more_compute) else "")
         + f". The strongest control (lowest perplexity at the row's compute) was {strongest}. (Each interval is a "
         f"separate test: if no configuration differed from its control, about {chance:.1f} of {n} would still fall "
-        f"below zero by chance, and {len(better)} or more with probability {p_chance:.2g}; the answer is yes only "
-        "below 0.05.)"
+        "below zero by chance"
+        + (f", and {len(better)} or more with probability {p_chance:.2g}; the answer is yes only below 0.05.)"
+           if len(better) else ".)")
     ]
     if len(better):
         items = [f"- {r['label']} on {r['dataset']} at mean k {r['mean_k']:.2f}: "
