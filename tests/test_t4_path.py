@@ -230,7 +230,7 @@ def test_route_on_t4_path_matches_reference_dispatch(monkeypatch, tiny_model_and
 def test_run_demo_end_to_end_on_cuda(tmp_path):
     from bh_helpers.app.pipeline import DemoSettings, run_demo
 
-    settings = DemoSettings(calibration_tokens=1024, grid_size=512, alphas=(0.5,), max_tokens=512, topk_max=2,
+    settings = DemoSettings(calibration_tokens=1024, grid_size=512, alphas=(0.5,), max_tokens=1024, topk_max=2,
                             top_ps=(0.5,), datasets=("prose",), categories=True, window=128, stride=128)
     result = run_demo(settings, out_dir=tmp_path / "demo", device="cuda", progress=False)
     assert result.report_path.is_file()
