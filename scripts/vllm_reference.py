@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests" / "engines" / "configs"
 FIXTURE = ROOT / "tests" / "engines" / "fixtures" / "tiny_reference.json"
 #: Scenarios: name -> routing config file (None: the model's own routing, no route()).
-SCENARIOS = {"native": None, "native_hook": "native.json", "bh": "bh.json", "topk4": "topk4.json"}
+SCENARIOS = {"native": None, "native_hook": "native.json", "bh": "bh.json", "topk4": "topk4.json",
+             "static": "static.json"}
 PROMPTS = [
     "The history of the city begins",
     "def parse(line):\n    ",

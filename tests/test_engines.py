@@ -315,3 +315,28 @@ def test_optimize_saves_its_pick_as_a_routing_config_route_reads(tmp_path, tiny_
     assert torch.equal(a, b) and rec_a.summary()["mean_k"] == rec_b.summary()["mean_k"]
     assert cli.main(["optimize", "--results", str(results), "--budget", "3", "--save-config", str(out),
                      "--nulls", str(BANK_DIR)]) == 2  # an existing file is never overwritten
+
+
+def test_static_routing_config_round_trip_and_selector(tmp_path, tiny_model_and_tokenizer):
+    from bh_helpers.engines.config import RoutingConfig
+    from bh_helpers.experiments.configs import SweepConfig
+    from bh_helpers.routing.patch import route
+    from bh_helpers.selection.static import StaticLayerSelector
+
+    config = SweepConfig("static", ks=(3, 2, 2, 2, 2, 1)).routing_config(weights="softmax")
+    path = tmp_path / "static.json"
+    config.to_json(path)
+    loaded = RoutingConfig.load(path)
+    assert loaded == config and (loaded.min_k, loaded.max_k) == (1, 3)
+    assert json.loads(path.read_text())["ks"] == [3, 2, 2, 2, 2, 1]
+    model, tok = tiny_model_and_tokenizer
+    ids = tok(["The river ran past the old mill."], return_tensors="pt")["input_ids"]
+    with route(model, loaded.to_selector()) as rec_a:
+        a = model(ids).logits
+    with route(model, StaticLayerSelector((3, 2, 2, 2, 2, 1), weights="softmax")):
+        b = model(ids).logits
+    assert torch.equal(a, b) and [rec_a.summary()["per_layer"][i]["mean_k"] for i in range(6)] == [3, 2, 2, 2, 2, 1]
+    for bad, match in (({"selector": "static"}, "`ks` is required"), ({"selector": "static", "ks": [2, 0]}, r"ks\[1\]"),
+                       ({"selector": "topk", "k": 2, "ks": [1]}, "`ks` is only used")):
+        with pytest.raises(ValueError, match=match):
+            RoutingConfig.from_dict({"format": "bh_helpers.RoutingConfig", "version": 1, **bad})

@@ -41,7 +41,7 @@ CONFIG_FORMAT = "bh_helpers.RoutingConfig"
 #: Version of the file layout; bump on any incompatible change.
 CONFIG_VERSION = 1
 #: Selector names: the multiple-testing methods (need a bank), static top-k, top-p.
-SELECTORS = (*FDR_METHODS, "topk", "top_p")
+SELECTORS = (*FDR_METHODS, "topk", "top_p", "static")
 #: What an engine puts in a token's unused slots: valid ids at weight 0, or -1 (skipped compute).
 UNUSED_SLOTS = ("pad", "skip")
 
@@ -52,9 +52,10 @@ class RoutingConfig:
 
     Parameters
     ----------
-    selector : {"bh", "by", "bonferroni", "holm", "topk", "top_p"}, default "bh"
+    selector : {"bh", "by", "bonferroni", "holm", "topk", "top_p", "static"}, default "bh"
         The multiple-testing methods build a :class:`~bh_helpers.selection.selectors.BHSelector`;
-        "topk" a ``TopKSelector``; "top_p" a ``TopPSelector``.
+        "topk" a ``TopKSelector``; "top_p" a ``TopPSelector``; "static" a
+        :class:`~bh_helpers.selection.static.StaticLayerSelector` (``ks``: one k per MoE layer).
     alpha : float, list of float or dict of int to float, default 0.05
         Level of the testing procedure (one, or one per layer); used by the testing methods only.
     min_k, max_k : int, default 1 and 8
@@ -64,6 +65,9 @@ class RoutingConfig:
         Experts per token for "topk" (required there).
     p : float, optional
         Probability mass for "top_p" (required there).
+    ks : list of int, optional
+        Experts per MoE layer, in layer order, for "static" (required there; e.g. the demo's
+        ``static_allocation.json`` at one total).
     weights : {"renorm", "softmax", "uniform", "inverse_p"}, default "renorm"
         How the chosen experts are mixed; "softmax" is OLMoE's own ``norm_topk_prob=False``.
     bank : str, optional
@@ -86,6 +90,7 @@ class RoutingConfig:
     max_k: int = 8
     k: int | None = None
     p: float | None = None
+    ks: list[int] | None = None
     weights: str = "renorm"
     bank: str | None = None
     allow_other_model: bool = False
@@ -111,6 +116,15 @@ class RoutingConfig:
             object.__setattr__(self, "max_k", self.k)
         elif self.k is not None:
             raise ValueError(f'`k` is only used by selector "topk", not {self.selector!r}; remove it from the config.')
+        if self.selector == "static":
+            if not isinstance(self.ks, (list, tuple)) or not self.ks:
+                raise ValueError('`ks` is required for selector "static": add e.g. "ks": [3, 2, 2, 2, 2, 1] (experts '
+                                 "per MoE layer, in layer order) to the config.")
+            object.__setattr__(self, "ks", [check_int(f"ks[{i}]", k, 1) for i, k in enumerate(self.ks)])
+            object.__setattr__(self, "min_k", min(self.ks))
+            object.__setattr__(self, "max_k", max(self.ks))  # the engine's routing width
+        elif self.ks is not None:
+            raise ValueError(f'`ks` is only used by selector "static", not {self.selector!r}; remove it from the config.')
         if self.selector == "top_p":
             if self.p is None:
                 raise ValueError('`p` is required for selector "top_p": add e.g. "p": 0.9 to the config.')
@@ -152,7 +166,7 @@ class RoutingConfig:
         raw = {k: v for k, v in asdict(self).items() if k != "base_dir"}
         if isinstance(raw["alpha"], dict):
             raw["alpha"] = {str(layer): level for layer, level in sorted(raw["alpha"].items())}
-        for name in ("k", "p", "bank"):
+        for name in ("k", "p", "ks", "bank"):
             if raw[name] is None:
                 del raw[name]
         return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, **raw}
@@ -249,4 +263,8 @@ class RoutingConfig:
         bank = bank if self.weights == "inverse_p" else None  # static rules read p-values only for weights
         if self.selector == "topk":
             return TopKSelector(self.k, weights=self.weights, null_bank=bank)
+        if self.selector == "static":
+            from bh_helpers.selection.static import StaticLayerSelector
+
+            return StaticLayerSelector(list(self.ks), weights=self.weights, null_bank=bank)
         return TopPSelector(self.p, min_k=self.min_k, max_k=self.max_k, weights=self.weights, null_bank=bank)

@@ -298,7 +298,7 @@ class SweepConfig:
         Raises
         ------
         ValueError
-            For a configuration a routing config cannot hold (native, static per-layer, controls).
+            For a configuration a routing config cannot hold (native, controls).
         """
         from bh_helpers.engines.config import RoutingConfig
 
@@ -311,8 +311,10 @@ class SweepConfig:
         if self.method == "top_p":
             return RoutingConfig(selector="top_p", p=self.top_p, min_k=self.min_k, max_k=self.max_k, weights=weights,
                                  bank=bank)
-        raise ValueError(f"{self.label()!r} has no routing config (one is written for BH-family, top-k and top-p "
-                         "configurations); pick another configuration.")
+        if self.method == "static":
+            return RoutingConfig(selector="static", ks=list(self.ks), weights=weights, bank=bank)
+        raise ValueError(f"{self.label()!r} has no routing config (one is written for BH-family, top-k, top-p and "
+                         "static per-layer configurations); pick another configuration.")
 
     def level(self) -> float | tuple[float, ...] | None:
         """The level a selector takes as ``alpha``: ``alpha``, or ``layer_alphas`` (one per layer)."""

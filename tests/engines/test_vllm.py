@@ -121,6 +121,12 @@ def test_topk_equals_route_eager(tmp_path, cache_root):
     assert_same_run(result, REFERENCE["scenarios"]["topk4"], log)
 
 
+def test_static_per_layer_equals_route_eager(tmp_path, cache_root):
+    result, log = run_engine(tmp_path, cache_root, CONFIGS / "static.json")
+    assert list(routed_processes(log).values()) == [6]
+    assert_same_run(result, REFERENCE["scenarios"]["static"], log)
+
+
 def test_bh_equals_route_compiled(tmp_path, cache_root):
     result, log = run_engine(tmp_path, cache_root, CONFIGS / "bh.json", eager=False)
     assert "Warming up model for the compilation" in log or "compil" in log.lower()
