@@ -150,7 +150,7 @@ def test_generated_blocks_check_fails_when_stale(tmp_path):
     """readme_answer.py and module_table.py --check fail on a changed block, wherever it lives."""
     import shutil
 
-    for script, page, needle in (("readme_answer.py", "docs/results.md", "| prose | bh a=0.4197"),
+    for script, page, needle in (("readme_answer.py", "docs/results.md", "| prose:confirm | bh a="),
                                  ("module_table.py", "docs/development.md", "| `bh_helpers.capture` |")):
         path = ROOT / page
         text = path.read_text(encoding="utf-8")
