@@ -97,7 +97,7 @@ def match_alpha_routed(model, bank, batches: Sequence[Mapping[str, Any]], target
     if not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise ValueError(f"`tolerance` must be a positive number of experts per token; got {tolerance!r}.")
     per_layer_view = per_layer or isinstance(target_mean_k, Mapping)
-    target = target_mean_k if not (per_layer and not isinstance(target_mean_k, Mapping)) else None
+    one_target_per_layer = per_layer and not isinstance(target_mean_k, Mapping)  # the same target in every layer
     logits = capture_router_logits(model, batches, progress=False)  # the native model's logits first
     history = []
     for _ in range(steps + 1):
@@ -110,7 +110,7 @@ def match_alpha_routed(model, bank, batches: Sequence[Mapping[str, Any]], target
         realised = ({layer: s["mean_k"] for layer, s in summary["per_layer"].items()} if per_layer_view
                     else summary["mean_k"])
         history.append((alpha, realised))
-        wanted = target if target is not None else dict.fromkeys(realised, target_mean_k)
+        wanted = dict.fromkeys(realised, target_mean_k) if one_target_per_layer else target_mean_k
         if _gap(realised, wanted) <= tolerance:
             return MatchedAlpha(alpha=alpha, realised=realised, history=tuple(history))
     message = (f"the routed mean k did not settle within {tolerance:g} of the target {target_mean_k!r} in {steps} "
