@@ -143,12 +143,12 @@ def reference_dispatch():
 @contextlib.contextmanager
 def eager_blocks():
     """Route without the whole-block CUDA graphs (the v2 path: eager block, graphed dispatch only)."""
-    original = graphs.GRAPH_MAX_TOKENS
-    graphs.GRAPH_MAX_TOKENS = 0
+    original = graphs.GRAPH_MAX_TOKENS, graphs.PREFILL_GRAPH_MAX_TOKENS
+    graphs.GRAPH_MAX_TOKENS = graphs.PREFILL_GRAPH_MAX_TOKENS = 0
     try:
         yield
     finally:
-        graphs.GRAPH_MAX_TOKENS = original
+        graphs.GRAPH_MAX_TOKENS, graphs.PREFILL_GRAPH_MAX_TOKENS = original
 
 
 # ----------------------------------------------------------------------------------------------

@@ -162,6 +162,7 @@ def test_graphed_block_matches_eager_on_gpu(monkeypatch, inference):
         results = {}
         for graphs in (False, True):
             monkeypatch.setattr(block_graphs, "GRAPH_MAX_TOKENS", 64 if graphs else 0)
+            monkeypatch.setattr(block_graphs, "PREFILL_GRAPH_MAX_TOKENS", 4096 if graphs else 0)
             replays.clear()
             with ctx(), route(gpu_model, selector) as rec:
                 out = gpu_model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
@@ -219,3 +220,53 @@ def test_graph_body_equals_the_eager_forward(model, monkeypatch, selector):
     assert rec.summary() == rec_graph.summary()
     for layer, counts in rec.per_token_counts().counts.items():
         assert torch.equal(counts, rec_graph.per_token_counts().counts[layer])
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["bf16", "t4"])
+def test_prefill_blocks_are_graphed_when_the_size_comes_back_on_gpu(monkeypatch, path):
+    """An evaluation-sized prefill (above GRAPH_MAX_TOKENS) runs eagerly the first time, is captured
+    the second time and replayed after; outputs, aggregates and per-token counts equal the eager
+    route's, on the bf16 path and the T4 path (float16, capability switch 7.5)."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    from bh_helpers.nulls.fit import fit_null_bank
+
+    if path == "t4":
+        monkeypatch.setenv("BH_ROUTING_CUDA_CAPABILITY", "7.5")
+    dtype = torch.float16 if path == "t4" else torch.bfloat16
+    cfg = OlmoeConfig(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    gpu_model = OlmoeForCausalLM(cfg).to("cuda", dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    bank = fit_null_bank({0: torch.randn(4000, 16, generator=g), 1: torch.randn(4000, 16, generator=g)})
+    ids = torch.randint(0, 128, (3, 40), device="cuda")  # 120 rows per block call
+    assert block_graphs.GRAPH_MAX_TOKENS < 120 <= block_graphs.PREFILL_GRAPH_MAX_TOKENS
+    replays = []
+    real_call = block_graphs._BlockGraph.__call__
+
+    def counting(self, h):
+        replays.append(1)
+        return real_call(self, h)
+
+    monkeypatch.setattr(block_graphs._BlockGraph, "__call__", counting)
+    for selector in (TopKSelector(4, weights="softmax"), BHSelector(bank, alpha=0.2, max_k=8)):
+        results = {}
+        for graphs in (False, True):
+            monkeypatch.setattr(block_graphs, "PREFILL_GRAPH_MAX_TOKENS", 4096 if graphs else 64)
+            replays.clear()
+            with torch.inference_mode(), route(gpu_model, selector) as rec:
+                outs = []
+                for _ in range(3):
+                    outs.append(gpu_model(ids).logits.float())
+                    if graphs:
+                        assert len(replays) == 2 * (len(outs) - 1)  # call 1 eager, then both layers replayed
+            assert bool(replays) == graphs
+            results[graphs] = (outs, rec.summary(), rec.per_token_counts())
+        (o0, sum0, pt0), (o1, sum1, pt1) = results[False], results[True]
+        for a, b in zip(o0, o1):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)  # same kernels; dtype rounding at most
+        assert sum0 == sum1
+        for layer in pt0.counts:
+            assert torch.equal(pt0.counts[layer], pt1.counts[layer])

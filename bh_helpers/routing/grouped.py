@@ -17,12 +17,14 @@ How it works on CUDA (bf16/fp16 weights, ``torch._grouped_mm`` present, compute 
 
 Two variants of step 1-2:
 
-- ``sync_free`` (decode): every buffer has the static size ``T*K``; no ``.item()``, ``nonzero``
-  or ``tolist`` anywhere, so the whole dispatch is captured once per (layer, T, K) in a CUDA
-  graph and replayed (``use_graphs``): a decode step costs three input copies and one replay per
-  layer instead of a dozen kernel launches.
-- ``compact`` (prefill): one host synchronisation per call reads the number of valid pairs ``S``
-  so the gather, the activation and the intermediate buffers are ``S`` rows, not ``T*K``.
+- ``sync_free`` (decode and evaluation-sized prefill): every buffer has the static size ``T*K``;
+  no ``.item()``, ``nonzero`` or ``tolist`` anywhere, so the dispatch can be captured in a CUDA
+  graph (``use_graphs`` for decode sizes; ``route`` captures whole blocks). The row gather and
+  the ``silu(gate) * up`` activation are Triton kernels whose programs past the valid pairs
+  (``offs[-1]``, read on the device) exit at once, and the grouped GEMMs stop at ``offs[-1]``,
+  so the work follows the selected pairs, not ``T*K``.
+- ``compact`` (large prefill, from ``COMPACT_MIN_PAIRS`` slots): one host synchronisation per
+  call reads the number of valid pairs ``S`` so the intermediate buffers are ``S`` rows, not ``T*K``.
 
 Without grouped GEMMs (Turing T4 sm_75, float16 weights) :mod:`bh_helpers.routing.turing` runs instead,
 and the reference on CPU; :mod:`bh_helpers.routing.auto` makes that choice.
@@ -47,8 +49,11 @@ __all__ = [
     "grouped_mm_supported",
 ]
 
-#: Above this many slots (T*K) the prefill ("compact") variant is used.
-COMPACT_MIN_PAIRS = 2048
+#: From this many slots (T*K) on, the "compact" variant is used: its buffers hold the valid pairs
+#: only (one host synchronisation reads how many); below, the sync-free variant's static
+#: ``T*K``-row buffers (about 12 KiB per slot at OLMoE's shape) are cheap and its work follows the
+#: valid pairs all the same.
+COMPACT_MIN_PAIRS = 65536
 #: Up to this many slots the sync-free variant is captured in a CUDA graph.
 GRAPH_MAX_PAIRS = 1024
 
@@ -89,6 +94,45 @@ if HAS_TRITON:
         tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
+    @triton.jit
+    def _gather_valid_rows_kernel(x_ptr, perm_ptr, n_valid_ptr, out_ptr, H, K: tl.constexpr, BLOCK_H: tl.constexpr):
+        """out[r] = x[perm[r] // K] for the sorted rows r < n_valid (the valid pairs); others untouched."""
+        r = tl.program_id(0).to(tl.int64)
+        if r < tl.load(n_valid_ptr):
+            t = tl.load(perm_ptr + r) // K
+            cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
+            cmask = cols < H
+            row = tl.load(x_ptr + t * H + cols, mask=cmask, other=0.0)
+            tl.store(out_ptr + r * H + cols, row.to(out_ptr.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _silu_gate_valid_rows_kernel(proj_ptr, n_valid_ptr, act_ptr, I, BLOCK_I: tl.constexpr):
+        """act[r] = silu(proj[r, :I]) * proj[r, I:] for the rows r < n_valid (float32 math, one rounding)."""
+        r = tl.program_id(0).to(tl.int64)
+        if r < tl.load(n_valid_ptr):
+            cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # (BLOCK_I,)
+            cmask = cols < I
+            gate = tl.load(proj_ptr + r * 2 * I + cols, mask=cmask, other=0.0).to(tl.float32)
+            up = tl.load(proj_ptr + r * 2 * I + I + cols, mask=cmask, other=0.0).to(tl.float32)
+            act = gate / (1.0 + tl.exp(-gate)) * up
+            tl.store(act_ptr + r * I + cols, act.to(act_ptr.dtype.element_ty), mask=cmask)
+
+
+def is_default_silu_gate(experts: nn.Module) -> bool:
+    """Whether the experts compute ``silu(gate) * up`` on a concatenated ``[gate; up]`` projection."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # pragma: no cover - depends on the transformers version
+        return False
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    act = getattr(experts, "act_fn", None)
+    return (
+        apply_gate is _default_apply_gate
+        and getattr(experts, "is_concatenated", True)
+        and "silu" in type(act).__name__.lower()
+    )
+
+
 def _combine(y: torch.Tensor, pos: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Weighted per-token sum of the rows ``y[pos[t, k]]`` of the valid slots."""
     n_tokens, k = indices.shape
@@ -109,15 +153,28 @@ def _combine(y: torch.Tensor, pos: torch.Tensor, indices: torch.Tensor, weights:
     return (rows * weights.float()[..., None]).sum(1).to(dtype)
 
 
-def _project(experts: nn.Module, x_g: torch.Tensor, ids_g: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """gate-up GEMM -> activation -> down GEMM over the grouped rows ``x_g`` (valid rows first)."""
+def _project(experts: nn.Module, x_g: torch.Tensor, ids_g: torch.Tensor, offs: torch.Tensor,
+             n_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """gate-up GEMM -> activation -> down GEMM over the grouped rows ``x_g`` (valid rows first).
+
+    ``n_valid`` (a device scalar, ``offs[-1:]``) is given when ``x_g`` has rows past the valid ones
+    (the sync-free variant): the default ``silu(gate) * up`` then runs on the valid rows only.
+    """
     transposed = bool(getattr(experts, "is_transposed", False))
     has_bias = bool(getattr(experts, "has_bias", False))
     w_up = experts.gate_up_proj if transposed else experts.gate_up_proj.transpose(-2, -1)  # (E, H, 2I)
-    proj = torch._grouped_mm(x_g, w_up, offs=offs)  # (S, 2I)
+    proj = torch._grouped_mm(x_g, w_up, offs=offs)  # (S, 2I); rows past offs[-1] not computed
     if has_bias:
         proj = proj + experts.gate_up_proj_bias[ids_g.clamp(max=experts.gate_up_proj.shape[0] - 1)]
-    act = _gate_activation(experts, proj)  # (S, I)
+    if n_valid is not None and proj.is_cuda and not has_bias and HAS_TRITON and is_default_silu_gate(experts):
+        inter = proj.shape[-1] // 2
+        act = torch.empty((proj.shape[0], inter), dtype=proj.dtype, device=proj.device)  # (S, I), tail unused
+        block_i = 1024 if inter >= 1024 else triton.next_power_of_2(inter)
+        with on_device(proj.device):
+            _silu_gate_valid_rows_kernel[(proj.shape[0], triton.cdiv(inter, block_i))](
+                proj, n_valid, act, inter, BLOCK_I=block_i, num_warps=4)
+    else:
+        act = _gate_activation(experts, proj)  # (S, I)
     w_down = experts.down_proj if transposed else experts.down_proj.transpose(-2, -1)  # (E, I, H)
     y = torch._grouped_mm(act, w_down, offs=offs)  # (S, H)
     if has_bias:
@@ -140,12 +197,30 @@ def _sorted_slots(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     return ids_g, perm, pos, offs
 
 
+def _gather_valid_rows(hidden: torch.Tensor, perm: torch.Tensor, k: int, n_valid: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """``hidden[perm // k]`` in ``dtype`` for the first ``n_valid`` sorted slots; the tail is left unset.
+
+    The sync-free gather: its cost follows the valid pairs, not ``T*K`` (the tail programs exit).
+    """
+    n_slots, hidden_dim = perm.shape[0], hidden.shape[1]
+    x_g = torch.empty((n_slots, hidden_dim), dtype=dtype, device=hidden.device)  # (T*K, H)
+    if HAS_TRITON and hidden.is_cuda:
+        block_h = 1024 if hidden_dim >= 1024 else triton.next_power_of_2(hidden_dim)
+        with on_device(hidden.device):
+            _gather_valid_rows_kernel[(n_slots, triton.cdiv(hidden_dim, block_h))](
+                hidden.contiguous(), perm, n_valid, x_g, hidden_dim, K=k, BLOCK_H=block_h, num_warps=4)
+        return x_g
+    return hidden.index_select(0, perm // k).to(dtype)  # off CUDA: every row (same values)
+
+
 def _dispatch_sync_free(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     num_experts = experts.gate_up_proj.shape[0]
     k = indices.shape[1]
     ids_g, perm, pos, offs = _sorted_slots(indices, num_experts)
-    x_g = hidden.index_select(0, perm // k).to(experts.gate_up_proj.dtype)  # (T*K, H); tail rows unused
-    y = _project(experts, x_g, ids_g, offs)  # (T*K, H); rows past offs[-1] uninitialised, never read
+    n_valid = offs[-1:]  # (1,) int32 on the device: the valid pairs, no host synchronisation
+    x_g = _gather_valid_rows(hidden, perm, k, n_valid, experts.gate_up_proj.dtype)  # (T*K, H); tail unset
+    y = _project(experts, x_g, ids_g, offs, n_valid)  # (T*K, H); rows past offs[-1] never computed or read
     return _combine(y, pos.reshape(indices.shape), indices, weights, hidden.dtype)
 
 

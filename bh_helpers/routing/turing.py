@@ -31,7 +31,7 @@ from torch import nn
 
 from bh_helpers._cuda import on_device
 from bh_helpers.routing.dispatch import check_dispatch_inputs, dispatch_experts, expert_mlp, needs_autograd
-from bh_helpers.routing.grouped import _combine, _sorted_slots
+from bh_helpers.routing.grouped import _combine, _sorted_slots, is_default_silu_gate
 
 __all__ = [
     "GEMV_MAX_TOKENS",
@@ -176,21 +176,6 @@ if HAS_TRITON:
                      mask=rmask[:, None] & cmask[None, :])
 
 
-def _is_default_silu_gate(experts: nn.Module) -> bool:
-    """Whether the experts compute ``silu(gate) * up`` on a concatenated ``[gate; up]`` projection."""
-    try:
-        from transformers.integrations.moe import _default_apply_gate
-    except ImportError:  # pragma: no cover - depends on the transformers version
-        return False
-    apply_gate = getattr(type(experts), "_apply_gate", None)
-    act = getattr(experts, "act_fn", None)
-    return (
-        apply_gate is _default_apply_gate
-        and getattr(experts, "is_concatenated", True)
-        and "silu" in type(act).__name__.lower()
-    )
-
-
 def gemv_supported(experts: nn.Module, device: torch.device) -> bool:
     """Whether :func:`gemv_dispatch_experts` implements this experts bank on ``device``.
 
@@ -204,7 +189,7 @@ def gemv_supported(experts: nn.Module, device: torch.device) -> bool:
         and getattr(experts, "has_gate", True)
         and not getattr(experts, "has_bias", False)
         and not getattr(experts, "has_post_expert_norm", False)
-        and _is_default_silu_gate(experts)
+        and is_default_silu_gate(experts)
     )
 
 
