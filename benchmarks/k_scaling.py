@@ -383,30 +383,35 @@ def summarise(raw: dict) -> dict:
 
 
 def render(result: dict) -> str:
-    """Markdown tables of a result (one per path)."""
-    lines = [f"GPU: {result['meta']['gpu']}; torch {result['meta']['torch']}, transformers {result['meta']['transformers']}, "
-             f"triton {result['meta'].get('triton')}. T4 path = emulated (not a T4)."]
+    """Markdown tables of a result: times per variant, then the ratios and the ceiling (per path)."""
+    nan = float("nan")
+    meta = result["meta"]
+    lines = [f"On one {meta['gpu']} (torch {meta['torch']}, transformers {meta['transformers']}, triton "
+             f"{meta.get('triton')}); median ms of {meta.get('rounds')} interleaved rounds."]
     for path, res in result["paths"].items():
         if "error" in res:
-            lines += ["", f"### {path}: failed: {res['error']}"]
+            lines += ["", f"**{path} path: failed** ({res['error'].strip().splitlines()[-1][:160]})"]
             continue
-        lines += ["", f"### {path} path" + (" (emulated T4)" if path == "t4" else ""), "",
-                  "| workload | native ms | top-1 | top-2 | top-4 | top-6 | top-8 | BH-like | BH/top-8 x | fit b/k ms | "
-                  "k-share of top-8 | BH vs fit@4.5 | MoE share s | ceiling | MoE blocks BH/top-8 x |",
-                  "|---" * 15 + "|"]
+        title = "T4 path (emulated: float16, capability 7.5, 14 GiB cap; not a T4)" if path == "t4" else "bf16 path"
+        lines += ["", f"**{title}**", "",
+                  "| workload | native | top-1 | top-2 | top-4 | top-6 | top-8 | BH-like | previous top-8 | previous BH-like |",
+                  "|---|" + "---:|" * 9]
         for work, row in res["summary"].items():
             med = row["median_ms"]
-            cells = [work, f"{med.get('native top-8', float('nan')):.1f}"]
-            cells += [f"{med[f'top-{k}']:.1f}" if f"top-{k}" in med else "-" for k in STATIC_KS]
-            cells += [f"{med[BH_LIKE]:.1f}" if BH_LIKE in med else "-"]
-            cells += [f"{row['x_top8'].get(BH_LIKE) or float('nan'):.3f}",
-                      f"{row.get('fit_ms', {}).get('b_per_k', float('nan')):.3f}",
-                      f"{row.get('share_of_top8_following_k', float('nan')):.3f}",
-                      f"{row.get('bh_like_vs_fit_at_4.5', float('nan')):+.3f}",
-                      f"{row.get('moe_share_top8', float('nan')):.3f}",
-                      f"{row.get('ceiling_bh_like_vs_top8', float('nan')):.3f}",
-                      f"{row.get('moe_blocks_bh_like_vs_top8', float('nan')):.3f}"]
-            lines.append("| " + " | ".join(cells) + " |")
+            names = ["native top-8", *(f"top-{k}" for k in STATIC_KS), BH_LIKE, f"top-8 {BEFORE}", f"{BH_LIKE} {BEFORE}"]
+            lines.append(f"| {work} | " + " | ".join(f"{med[n]:.1f}" if n in med else "-" for n in names) + " |")
+        lines += ["", "| workload | top-8 x native | BH-like x top-8 | share of top-8 following k | BH-like vs fit at 4.5 | "
+                  "MoE blocks BH-like x top-8 (events / profiler) | GPU busy, top-8 | MoE share s | ceiling | share of ceiling |",
+                  "|---|" + "---:|" * 9]
+        for work, row in res["summary"].items():
+            prof = row.get("moe_blocks_gpu_bh_like_vs_top8")
+            cells = [f"{row['x_native'].get('top-8') or nan:.2f}x", f"{row['x_top8'].get(BH_LIKE) or nan:.2f}x",
+                     f"{row.get('share_of_top8_following_k', nan):.0%}", f"{row.get('bh_like_vs_fit_at_4.5', nan):+.1%}",
+                     f"{row.get('moe_blocks_bh_like_vs_top8', nan):.2f}x / " + (f"{prof:.2f}x" if prof else "-"),
+                     f"{row['gpu_busy_share_top8']:.0%}" if "gpu_busy_share_top8" in row else "-",
+                     f"{row.get('moe_share_top8', nan):.2f}", f"{row.get('ceiling_bh_like_vs_top8', nan):.2f}x",
+                     f"{row['end_to_end_share_of_ceiling']:.0%}" if row.get("end_to_end_share_of_ceiling") is not None else "-"]
+            lines.append(f"| {work} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -80,8 +80,16 @@ def gpu(files: list[Path]) -> str:
     ])
 
 
+def k_scaling(files: list[Path]) -> str:
+    """Time against k on the T4 and bf16 paths (``k_scaling.py``), one file per path run."""
+    from k_scaling import render
+
+    return "\n\n".join(render(_json(p)) for p in files)
+
+
 BLOCKS: dict[str, Callable[[list[Path]], str]] = {
     "statistics": statistics, "adaptive": adaptive, "reliability": reliability, "t4": t4, "gpu": gpu,
+    "k_scaling": k_scaling,
 }
 
 
