@@ -154,13 +154,21 @@ def _hist_stats(hist: torch.Tensor, floor: int | None, ceiling: int | None) -> d
 
 def aggregate(hist: torch.Tensor, experts: torch.Tensor, faults: torch.Tensor, counts: torch.Tensor,
               indices: torch.Tensor, weights: torch.Tensor, valid_long: torch.Tensor,
-              valid_col: torch.Tensor) -> torch.Tensor:
+              valid_col: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Exact aggregates of one layer, in place, without a host synchronisation (graph-capturable).
 
     Also the always-on screen of the selection: ``faults (1,)`` counts the valid tokens whose
-    selection is broken (an expert id outside ``[-1, E)``, a used slot with a NaN, infinite or
-    negative weight, or a count that disagrees with the used slots); :func:`route` raises on
-    them when it exits. Repeated experts are found only in validate mode (they need a sort).
+    router logits ``(T, E)`` are non-finite (NaN or +inf anywhere, or -inf for every expert: the
+    rule of ``validate=True``) or whose selection is broken (an expert id outside ``[-1, E)``, a
+    used slot with a NaN, infinite or negative weight, or a count that disagrees with the used
+    slots); :func:`route` raises on them when it exits. Repeated experts are found only in
+    validate mode (they need a sort).
+
+    The logits are screened themselves, not only through the weights: uniform weights, inverse-p
+    weights and top-k by logit give finite weights for a NaN row, so the weights alone would let
+    it through. The screen is one reduction: a row's maximum is NaN when the row holds a NaN, +inf
+    when it holds a +inf, and -inf only when every logit is -inf (a single -inf, an expert masked
+    out, is fine).
 
     Returns
     -------
@@ -172,7 +180,8 @@ def aggregate(hist: torch.Tensor, experts: torch.Tensor, faults: torch.Tensor, c
     used = indices >= 0  # (T, K)
     bad_id = (indices < -1) | (indices >= num_experts)  # (T, K)
     bad_weight = used & ~((weights >= 0) & (weights < float("inf")))  # (T, K): NaN fails both tests
-    broken = (bad_id | bad_weight).any(dim=-1) | (counts != used.sum(dim=-1))  # (T,)
+    bad_logits = ~torch.isfinite(logits.amax(dim=-1))  # (T,) one reduction; NaN propagates through amax
+    broken = (bad_id | bad_weight).any(dim=-1) | (counts != used.sum(dim=-1)) | bad_logits  # (T,)
     faults.add_((broken.long() * valid_long).sum())  # (1,) a device add: no synchronisation
     safe = indices.masked_fill(bad_id, -1)  # (T, K)
     hist.scatter_add_(0, counts.clamp(0, width), valid_long)  # (K+1,)
@@ -240,8 +249,9 @@ class RoutingRecorder:
         self._valid_cache = (inputs, device, *out)
         return out
 
-    def record(self, layer: int, selection: Selection) -> torch.Tensor:
-        """Add one layer's selection to the aggregates; returns its indices safe to dispatch (T, K)."""
+    def record(self, layer: int, selection: Selection, logits: torch.Tensor) -> torch.Tensor:
+        """Add one layer's selection of router ``logits (T, E)`` to the aggregates (and screen both,
+        see :func:`aggregate`); returns its indices safe to dispatch (T, K)."""
         # No host synchronisation here (once per layer per forward on the hot path): aggregates
         # are accumulated on the counts' device with scatter_add_ (CUDA bincount and boolean
         # indexing both synchronise), per-token counts stay on the device until read or until
@@ -256,7 +266,8 @@ class RoutingRecorder:
         valid_long, valid_col = self.valid_for(inputs, device)  # (T,), (T, 1)
         hist, experts, faults = self.buffers(layer, width, device)
         weights = selection.weights.reshape(rows, width)  # (T, K)
-        safe = aggregate(hist, experts, faults, counts, indices, weights, valid_long, valid_col)
+        safe = aggregate(hist, experts, faults, counts, indices, weights, valid_long, valid_col,
+                         logits.reshape(rows, -1))
         self.store_tokens(layer, inputs, counts.to(torch.int16))
         return safe
 
@@ -374,10 +385,11 @@ class RoutingRecorder:
         if bad:
             where = ", ".join(f"layer {layer}: {n}" for layer, n in bad.items())
             raise ValueError(
-                f"the selector returned broken selections for some tokens ({where}): expert ids outside "
-                "[-1, num_experts), NaN, infinite or negative weights (non-finite router logits give these), "
-                "or counts that disagree with the used slots. The outputs computed inside this `route` are "
-                "wrong. Build the selector with validate=True to stop at the first one, naming layer and token."
+                f"the selector returned broken selections for some tokens ({where}): non-finite router logits "
+                "(NaN or inf: check the model's hidden states, e.g. float16 overflow), expert ids outside "
+                "[-1, num_experts), NaN, infinite or negative weights, or counts that disagree with the used "
+                "slots. The outputs computed inside this `route` are wrong. Build the selector with "
+                "validate=True to stop at the first one, naming layer and token."
             )
 
     def summary(self) -> dict[str, Any]:
