@@ -213,23 +213,31 @@ def _make_forward(
     layer, adapter = block.layer, block.adapter
     validate = getattr(selector, "validate", False) is True  # slow, thorough checks only when asked
 
-    def body(module: nn.Module, hidden: torch.Tensor, logits: torch.Tensor, *, checked: bool,
-             record: Callable[[Selection, torch.Tensor], torch.Tensor],
+    # Selectors that draw over a call's tokens (the compute-matched controls) are told which rows
+    # are padding, so that padding takes no part in their draws; others get (logits, layer) only.
+    reads_valid = getattr(selector, "reads_valid_rows", False) is True
+
+    def select(logits: torch.Tensor, valid: torch.Tensor | None) -> Selection:
+        return selector(logits, layer, valid=valid) if reads_valid else selector(logits, layer)
+
+    def body(module: nn.Module, hidden: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor | None, *,
+             checked: bool, record: Callable[[Selection, torch.Tensor], torch.Tensor],
              dispatch: Callable[..., torch.Tensor]) -> tuple[torch.Tensor | None, Selection]:
         """The patched block on ``hidden (T, H)`` with router ``logits (T, E)``: ``(output (T, H), selection)``.
 
         The one body of the eager and the CUDA-graph forward, which differ only in ``record`` (the
         recorder, or its aggregates into the graph's buffers), ``dispatch`` and ``checked`` (the
-        validate-mode checks, which synchronise and so never run under capture). The output is
-        None in "analyze" mode (the caller runs the native forward).
+        validate-mode checks, which synchronise and so never run under capture). ``valid (T,)``
+        bool (False at padding rows, None when unknown) goes to selectors that read it. The output
+        is None in "analyze" mode (the caller runs the native forward).
         """
         if checked:
             try:
-                selection = selector(logits, layer)
+                selection = select(logits, valid)
             except ValueError as err:  # the selector's own checks: say which layer
                 raise ValueError(f"layer {layer}: {err}") from None
         else:
-            selection = selector(logits, layer)
+            selection = select(logits, valid)
         _check_selection(selection, hidden.shape[0], layer)  # shapes and dtypes: no host synchronisation
         if checked:
             _check_selection_values(selection, logits.shape[-1], layer)
@@ -258,7 +266,8 @@ def _make_forward(
                              selection.weights, valid, valid_col, logits)  # (T, K)
 
         logits = F.linear(hidden.float(), weight)  # (T, E) float32
-        out, selection = body(module, hidden, logits, checked=False, record=record, dispatch=sync_free_dispatch)
+        out, selection = body(module, hidden, logits, valid_col.reshape(-1), checked=False, record=record,
+                              dispatch=sync_free_dispatch)
         return out, selection.counts.reshape(-1).to(torch.int16)  # (T, H), (T,)
 
     def forward(module: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -271,7 +280,8 @@ def _make_forward(
                 return out.reshape(shape)  # (B, S, H)
         logits = gate_cache.logits(module, hidden)  # (T, E) float32
         # bh_helpers.routing.auto picks grouped GEMMs, the T4 path or the reference.
-        out, _ = body(module, hidden, logits, checked=validate,
+        valid = recorder.valid_rows(hidden.shape[0], hidden.device) if reads_valid else None  # (T,) or None
+        out, _ = body(module, hidden, logits, valid, checked=validate,
                       record=lambda selection, logits: recorder.record(layer, selection, logits),
                       dispatch=fast_dispatch_experts)
         if out is None:  # analyze: the native output

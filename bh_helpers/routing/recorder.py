@@ -249,6 +249,14 @@ class RoutingRecorder:
         self._valid_cache = (inputs, device, *out)
         return out
 
+    def valid_rows(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """The current call's ``valid`` ``(T,)`` bool (False at padding rows), or None when unknown
+        (a block called outside a model forward, or with other rows: every row counts)."""
+        inputs = self._current
+        if inputs is None or inputs.num_rows != rows:
+            return None
+        return self.valid_for(inputs, device)[1].reshape(-1)  # (T,)
+
     def record(self, layer: int, selection: Selection, logits: torch.Tensor) -> torch.Tensor:
         """Add one layer's selection of router ``logits (T, E)`` to the aggregates (and screen both,
         see :func:`aggregate`); returns its indices safe to dispatch (T, K)."""
