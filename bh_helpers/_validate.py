@@ -106,7 +106,7 @@ def check_finite_logits(name: str, logits: Any) -> None:
 
 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
-                 low_open: bool = False, high_open: bool = False, what: str = "a number") -> float:
+                 low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
     """``value`` as a finite ``float`` in the interval from ``low`` to ``high`` (either bound optional).
 
     The one numeric check of the selectors' and budgets' real-valued arguments: real numbers only,
@@ -118,8 +118,8 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
         The argument as the user typed it.
     low, high : float, optional
         Bounds; inclusive unless ``low_open`` / ``high_open``.
-    what : str, default "a number"
-        What the value is, for the message (e.g. "a probability mass").
+    hint : str, default ""
+        What the number counts, for the message (e.g. "experts per token").
 
     Raises
     ------
@@ -128,9 +128,15 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
     ValueError
         NaN, inf, or a value outside the bounds.
     """
-    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-    wanted = f"{what} {' and '.join(b for b in (lo, hi) if b)}".rstrip()
+    if low is not None and high is not None:
+        wanted = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        wanted = f"a number {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        wanted = f"a number {'<' if high_open else '<='} {high:g}"
+    else:
+        wanted = "a finite number"
+    wanted += f" ({hint})" if hint else ""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"`{name}` must be {wanted}; got {value!r} ({type(value).__name__}).")
     value = float(value)

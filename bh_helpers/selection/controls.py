@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from bh_helpers._validate import check_int
+from bh_helpers._validate import check_int, check_number
 from bh_helpers.selection.reference import Selection, select_top_counts
 from bh_helpers.selection.selectors import RoutedModel, Selector, _check_weights, check_null_bank, weight_pvalues
 
@@ -107,11 +107,9 @@ class MixedTopKSelector(Selector):
 
     def __post_init__(self) -> None:
         means = dict(self.mean_k) if isinstance(self.mean_k, Mapping) else {None: self.mean_k}
-        for layer, m in means.items():
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not (math.isfinite(m) and m >= 0):
-                where = "" if layer is None else f"[{layer}]"
-                raise ValueError(f"`mean_k{where}` must be a finite number >= 0 (experts per token); got {m!r}.")
-        self._means = {k: float(v) for k, v in means.items()}
+        self._means = {layer: check_number("mean_k" if layer is None else f"mean_k[{layer}]", m, 0.0,
+                                           hint="experts per token")
+                       for layer, m in means.items()}
         if self.max_k is None:
             self.max_k = max(1, math.ceil(max(self._means.values())))
         check_int("max_k", self.max_k, 1)
