@@ -157,18 +157,12 @@ def aggregate(hist: torch.Tensor, experts: torch.Tensor, faults: torch.Tensor, c
               valid_col: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Exact aggregates of one layer, in place, without a host synchronisation (graph-capturable).
 
-    Also the always-on screen of the selection: ``faults (1,)`` counts the valid tokens whose
-    router logits ``(T, E)`` are non-finite (NaN or +inf anywhere, or -inf for every expert: the
-    rule of ``validate=True``) or whose selection is broken (an expert id outside ``[-1, E)``, a
-    used slot with a NaN, infinite or negative weight, or a count that disagrees with the used
-    slots); :func:`route` raises on them when it exits. Repeated experts are found only in
-    validate mode (they need a sort).
-
-    The logits are screened themselves, not only through the weights: uniform weights, inverse-p
-    weights and top-k by logit give finite weights for a NaN row, so the weights alone would let
-    it through. The screen is one reduction: a row's maximum is NaN when the row holds a NaN, +inf
-    when it holds a +inf, and -inf only when every logit is -inf (a single -inf, an expert masked
-    out, is fine).
+    Also the always-on screen: ``faults (1,)`` counts the valid tokens whose router logits
+    ``(T, E)`` are non-finite (NaN or +inf, or -inf for every expert: ``validate=True``'s rule;
+    screened themselves, as uniform and inverse-p weights stay finite for a NaN row) or whose
+    selection is broken (an expert id outside ``[-1, E)``, a used slot with a NaN, infinite or
+    negative weight, a count that disagrees with the used slots); :func:`route` raises on them
+    when it exits. Repeated experts are found only in validate mode (they need a sort).
 
     Returns
     -------
@@ -180,7 +174,7 @@ def aggregate(hist: torch.Tensor, experts: torch.Tensor, faults: torch.Tensor, c
     used = indices >= 0  # (T, K)
     bad_id = (indices < -1) | (indices >= num_experts)  # (T, K)
     bad_weight = used & ~((weights >= 0) & (weights < float("inf")))  # (T, K): NaN fails both tests
-    bad_logits = ~torch.isfinite(logits.amax(dim=-1))  # (T,) one reduction; NaN propagates through amax
+    bad_logits = ~torch.isfinite(logits.amax(dim=-1))  # (T,) max: NaN/+inf if any, -inf only if all
     broken = (bad_id | bad_weight).any(dim=-1) | (counts != used.sum(dim=-1)) | bad_logits  # (T,)
     faults.add_((broken.long() * valid_long).sum())  # (1,) a device add: no synchronisation
     safe = indices.masked_fill(bad_id, -1)  # (T, K)
@@ -250,16 +244,12 @@ class RoutingRecorder:
         return out
 
     def valid_rows(self, rows: int, device: torch.device) -> torch.Tensor | None:
-        """The current call's ``valid`` ``(T,)`` bool (False at padding rows), or None when unknown
-        (a block called outside a model forward, or with other rows: every row counts)."""
+        """The current call's ``valid (T,)`` bool (False at padding), or None when unknown (every row counts)."""
         inputs = self._current
-        if inputs is None or inputs.num_rows != rows:
-            return None
-        return self.valid_for(inputs, device)[1].reshape(-1)  # (T,)
+        return None if inputs is None or inputs.num_rows != rows else self.valid_for(inputs, device)[1].reshape(-1)
 
     def record(self, layer: int, selection: Selection, logits: torch.Tensor) -> torch.Tensor:
-        """Add one layer's selection of router ``logits (T, E)`` to the aggregates (and screen both,
-        see :func:`aggregate`); returns its indices safe to dispatch (T, K)."""
+        """Add one layer's selection of ``logits (T, E)`` to the aggregates; returns indices safe to dispatch (T, K)."""
         # No host synchronisation here (once per layer per forward on the hot path): aggregates
         # are accumulated on the counts' device with scatter_add_ (CUDA bincount and boolean
         # indexing both synchronise), per-token counts stay on the device until read or until
@@ -394,10 +384,9 @@ class RoutingRecorder:
             where = ", ".join(f"layer {layer}: {n}" for layer, n in bad.items())
             raise ValueError(
                 f"the selector returned broken selections for some tokens ({where}): non-finite router logits "
-                "(NaN or inf: check the model's hidden states, e.g. float16 overflow), expert ids outside "
-                "[-1, num_experts), NaN, infinite or negative weights, or counts that disagree with the used "
-                "slots. The outputs computed inside this `route` are wrong. Build the selector with "
-                "validate=True to stop at the first one, naming layer and token."
+                "(NaN or inf: float16 overflow in the hidden states?), expert ids outside [-1, num_experts), NaN, "
+                "infinite or negative weights, or counts that disagree with the used slots. The outputs computed "
+                "inside this `route` are wrong. Build the selector with validate=True to stop at the first one."
             )
 
     def summary(self) -> dict[str, Any]:
