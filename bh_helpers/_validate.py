@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ArgumentTypeError", "as_flags", "check_choice", "check_int", "check_level", "is_int"]
+__all__ = ["ArgumentTypeError", "as_flags", "check_choice", "check_finite_logits", "check_int", "check_level",
+           "check_number", "is_int"]
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -67,6 +68,82 @@ def check_level(name: str, value: Any, *, example: str = "0.05") -> float:
     value = float(value)
     if not 0.0 < value <= 1.0:  # also rejects NaN
         raise ValueError(f"`{name}` must be in (0, 1]; got {value}.")
+    return value
+
+
+def check_finite_logits(name: str, logits: Any) -> None:
+    """Refuse captured router logits (a tensor or array, ``[N, E]`` or any shape) with NaN or inf.
+
+    The one finiteness check of every entry point that takes calibration or held-out logits
+    (fitting a null, choosing alpha by compute, saturation, goodness of fit, the explorer), run on
+    the logits as given: before any statistic, trim or subsample could hide a bad row.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``, how many values are non-finite and the first row that holds one, and the
+        fix (re-capture in float32, or drop the rows); also for values that are not numbers.
+    """
+    import torch
+
+    if isinstance(logits, torch.Tensor):
+        # one pass on the tensor's device (a synchronisation: offline entry points only)
+        bad = (~torch.isfinite(logits.detach())).cpu().numpy()
+    else:
+        try:
+            bad = ~np.isfinite(np.asarray(logits, dtype=np.float64))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"`{name}` must be a tensor or array of numbers: {err}") from None
+    n_bad = int(bad.sum())
+    if n_bad:
+        rows = bad.reshape(bad.shape[0], -1).any(axis=-1) if bad.ndim > 1 else bad.reshape(-1)  # (N,)
+        first = int(np.flatnonzero(rows)[0])
+        raise ValueError(
+            f"`{name}` has {n_bad} NaN/inf values (the first in row {first}); router logits must be finite: "
+            "re-capture them in float32 (float16 overflows), or drop the non-finite rows "
+            "(x[torch.isfinite(x).all(-1)])."
+        )
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
+    """``value`` as a finite ``float`` in the interval from ``low`` to ``high`` (either bound optional).
+
+    The one numeric check of the selectors' and budgets' real-valued arguments: real numbers only,
+    so ``True`` (== 1), ``"0.9"`` and ``None`` are refused, never coerced; NaN and inf too.
+
+    Parameters
+    ----------
+    name : str
+        The argument as the user typed it.
+    low, high : float, optional
+        Bounds; inclusive unless ``low_open`` / ``high_open``.
+    hint : str, default ""
+        What the number counts, for the message (e.g. "experts per token").
+
+    Raises
+    ------
+    ArgumentTypeError
+        A bool, a string, None or anything else that is not a real number.
+    ValueError
+        NaN, inf, or a value outside the bounds.
+    """
+    if low is not None and high is not None:
+        wanted = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        wanted = f"a number {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        wanted = f"a number {'<' if high_open else '<='} {high:g}"
+    else:
+        wanted = "a finite number"
+    wanted += f" ({hint})" if hint else ""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"`{name}` must be {wanted}; got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    if (value != value or value in (float("inf"), float("-inf"))
+            or (low is not None and (value < low or (low_open and value == low)))
+            or (high is not None and (value > high or (high_open and value == high)))):
+        raise ValueError(f"`{name}` must be {wanted}; got {value!r}.")
     return value
 
 

@@ -120,6 +120,139 @@ def test_shuffled_control_keeps_the_per_layer_histogram_exactly(tiny_model_and_t
 
 
 # ----------------------------------------------------------------------------------------------
+# The mixed control holds its mean however the tokens are split into calls (issue 25, class 8)
+# ----------------------------------------------------------------------------------------------
+
+
+def _realised(selector, sizes, layer=0, experts=16, seed=0):
+    """Counts of ``selector`` over calls of ``sizes`` tokens (random logits), concatenated ``(N,)``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([selector(torch.randn(n, experts, generator=g), layer).counts.reshape(-1) for n in sizes])
+
+
+@pytest.mark.fault("controls: realised compute", "recovered")
+def test_mixed_control_holds_its_mean_over_one_token_calls():
+    """200 one-token decode calls at 2.5 gave mean k 2.0 (each call rounded 0.5 x 1 token to 0)."""
+    counts = _realised(MixedTopKSelector(2.5), [1] * 200)
+    assert abs(float(counts.double().mean()) - 2.5) <= 0.01
+    assert set(counts.tolist()) == {2, 3}
+
+
+@pytest.mark.fault("controls: realised compute", "recovered")
+@pytest.mark.parametrize("mean_k", [2.5, 1.3, 3.9, 0.2])
+def test_mixed_control_holds_its_mean_over_calls_of_mixed_sizes(mean_k):
+    """After every call, the ceilings given so far are round(frac * tokens so far): the running mean
+    is within half a token of the target, whatever the call sizes."""
+    sizes = [1, 3, 1, 1, 17, 2, 1, 64, 5, 1, 1, 9, 1, 2, 33] * 4
+    selector = MixedTopKSelector(mean_k, max_k=5)
+    counts = _realised(selector, sizes)
+    low, frac = math.floor(mean_k), mean_k - math.floor(mean_k)
+    ends = np.cumsum(sizes)
+    running = np.cumsum((counts - low).numpy())[ends - 1]  # ceilings after each call
+    assert np.abs(running - frac * ends).max() <= 0.5 + 1e-9  # error diffusion from one half: rounding
+    assert abs(float(counts.double().mean()) - mean_k) <= 0.5 / ends[-1] + 1e-12
+    assert set(counts.tolist()) <= {low, math.ceil(mean_k)}
+
+
+@pytest.mark.fault("controls: realised compute", "recovered")
+def test_mixed_control_keeps_one_remainder_per_layer():
+    """Interleaved one-token calls of three layers with different targets: each layer's mean holds."""
+    target = {0: 2.5, 1: 1.25, 2: 3.9}
+    selector = MixedTopKSelector(target, max_k=4)
+    g = torch.Generator().manual_seed(1)
+    got: dict[int, list[int]] = {layer: [] for layer in target}
+    for _ in range(200):
+        for layer in target:
+            got[layer].append(int(selector(torch.randn(1, 16, generator=g), layer).counts))
+    for layer, m in target.items():
+        assert abs(np.mean(got[layer]) - m) <= 0.01, (layer, np.mean(got[layer]), m)
+
+
+@pytest.mark.fault("controls: realised compute", "recovered")
+def test_mixed_control_draws_over_real_tokens_only():
+    """Padding rows (``valid`` False) get the floor and take no ceiling from the real tokens."""
+    selector = MixedTopKSelector(2.5)
+    g = torch.Generator().manual_seed(2)
+    real = []
+    for n in (4, 1, 7, 1, 1, 3) * 10:
+        valid = torch.ones(n + 3, dtype=torch.bool)
+        valid[:3] = False  # three left-padding rows per call
+        counts = selector(torch.randn(n + 3, 16, generator=g), 0, valid=valid).counts
+        assert (counts[:3] == 2).all()
+        real.append(counts[3:])
+    real = torch.cat(real)
+    assert abs(float(real.double().mean()) - 2.5) <= 0.5 / real.numel()
+
+
+def test_mixed_control_is_reproducible_and_reset_starts_again():
+    sizes = [1, 5, 1, 2, 9, 1]
+    a, b = MixedTopKSelector(2.5, seed=4), MixedTopKSelector(2.5, seed=4)
+    first = _realised(a, sizes)
+    assert torch.equal(first, _realised(b, sizes))  # same seed, same calls: same choices
+    assert not torch.equal(first, _realised(a, sizes))  # the state moved on
+    a.reset()
+    assert torch.equal(first, _realised(a, sizes))
+    other = torch.stack([_realised(MixedTopKSelector(2.5, seed=s), [64]) for s in range(4)])
+    assert len({tuple(row.tolist()) for row in other}) > 1  # the seed chooses which tokens get the ceiling
+
+
+@pytest.mark.fault("controls: realised compute", "recovered")
+def test_mixed_control_realises_its_target_under_generate(tiny_model_and_tokenizer):
+    """Under ``generate`` (a padded prefill, then one-token decode steps per row) the realised mean
+    k of every layer, over real tokens, is within half a token of the target (it was 2.045 at 2.5)."""
+    model, tok = tiny_model_and_tokenizer
+    tok.padding_side = "left"
+    try:
+        batch = tok(["a short prompt", "a much longer prompt with quite a few more tokens in it"],
+                    return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = "right"
+    assert (batch["attention_mask"] == 0).any()  # the first row is padded
+    with torch.no_grad(), route(model, MixedTopKSelector(2.5, seed=0)) as rec:
+        model.generate(**batch, max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                       pad_token_id=tok.pad_token_id)
+    summary = rec.summary()
+    tokens = summary["tokens"]
+    assert tokens == int(batch["attention_mask"].sum()) + 2 * 39  # real tokens only (the last step is not run)
+    for layer, stats in summary["per_layer"].items():
+        assert abs(stats["mean_k"] - 2.5) <= 0.5 / tokens + 1e-12, (layer, stats["mean_k"])
+
+
+@pytest.mark.fault("controls: realised compute", "recovered")
+def test_shuffled_control_permutes_real_tokens_only():
+    """Padding rows keep their own counts; the real tokens' histogram is the inner selector's."""
+    inner = MixedTopKSelector(2.5, seed=9)
+    selector = ShuffledSelector(inner, seed=1)
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(3))
+    valid = torch.tensor([False, False, False] + [True] * 9)
+    inner.reset()
+    own = inner(x, 0, valid=valid).counts  # (12,) what the inner selector gives (padding at the floor)
+    inner.reset()
+    got = selector(x, 0, valid=valid).counts
+    assert torch.equal(got[:3], own[:3])
+    assert torch.equal(got[3:].sort().values, own[3:].sort().values)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_and_shuffled_controls_do_not_synchronise_on_gpu():
+    """The draws keep their state on the device: no host synchronisation per call."""
+    x = torch.randn(5, 64, device="cuda")
+    valid = torch.tensor([False, True, True, True, True], device="cuda")
+    mixed, shuffled = MixedTopKSelector(2.5), ShuffledSelector(MixedTopKSelector(2.5, seed=1))
+    mixed(x, 0, valid=valid), shuffled(x, 0, valid=valid)  # first calls make the generators and remainders
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            mixed(x, 0, valid=valid), shuffled(x, 0, valid=valid)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    counts = _realised(MixedTopKSelector(2.5), [1] * 200)
+    assert abs(float(counts.double().mean()) - 2.5) <= 0.01
+
+
+# ----------------------------------------------------------------------------------------------
 # alpha_for_mean_k
 # ----------------------------------------------------------------------------------------------
 

@@ -120,23 +120,128 @@ def _poison(model: torch.nn.Module, layer: int, value: float):
     return block.module.register_forward_pre_hook(hook)
 
 
+def _row_model(device: str, tiny):
+    """A copy of the tiny model whose layer-3 router reads hidden coordinate 0 with a positive weight
+    for every expert, so that a token whose hidden state is ``[v, 0, ..., 0]`` there gets the router
+    row ``v * w`` (w > 0): NaN, +inf or -inf for EVERY expert, as chosen (a NaN or inf written into
+    every coordinate would give NaN rows only: the +inf and -inf terms cancel)."""
+    key = ("row", device)
+    if key not in _ON_DEVICE:
+        import copy
+
+        from bh_helpers.models.families import find_moe_blocks
+
+        model, ids, _ = tiny
+        model = copy.deepcopy(model)
+        gate = next(b for b in find_moe_blocks(model) if b.layer == 3).module.gate
+        with torch.no_grad():
+            gate.weight[:, 0] = gate.weight[:, 0].abs() + 0.01  # (E,) positive
+        _ON_DEVICE[key] = (model.to(device), ids.to(device))
+    return _ON_DEVICE[key]
+
+
+def _poison_row(model: torch.nn.Module, layer: int, value: float):
+    """A forward pre-hook that makes token 1's hidden state ``[value, 0, ..., 0]`` before MoE ``layer``."""
+    from bh_helpers.models.families import find_moe_blocks
+
+    block = next(b for b in find_moe_blocks(model) if b.layer == layer)
+
+    def hook(module, args):
+        hidden = args[0].clone()  # (B, S, H)
+        hidden[..., 1, :] = 0.0
+        hidden[..., 1, 0] = value
+        return (hidden,)
+
+    return block.module.register_forward_pre_hook(hook)
+
+
+WEIGHTS = ("renorm", "softmax", "uniform", "inverse_p")
+
+
+def _selector(name: str, weights: str, model, bank):
+    """Every ready-made selector, with each weight option (native: the model's own)."""
+    from bh_helpers.selection.controls import MixedTopKSelector, ShuffledSelector
+    from bh_helpers.selection.selectors import TopPSelector
+    from bh_helpers.selection.static import StaticLayerSelector
+
+    if name == "native":
+        return NativeSelector.for_model(model)
+    return {
+        "bh": lambda: BHSelector(bank, alpha=0.5, max_k=8, weights=weights),
+        "topk": lambda: TopKSelector(8, weights=weights, null_bank=bank),
+        "top_p": lambda: TopPSelector(0.5, max_k=4, weights=weights, null_bank=bank),
+        "mixed": lambda: MixedTopKSelector(2.5, weights=weights, null_bank=bank),
+        "static": lambda: StaticLayerSelector((3, 2, 2, 2, 2, 1), weights=weights, null_bank=bank),
+        "shuffled": lambda: ShuffledSelector(BHSelector(bank, alpha=0.5, max_k=8), weights=weights),
+    }[name]()
+
+
+SELECTOR_WEIGHTS = [("native", "native")] + [(name, weights) for name in ("bh", "topk", "top_p", "mixed", "static",
+                                                                          "shuffled") for weights in WEIGHTS]
+
+
 @pytest.mark.fault("route: non-finite router logits", "clear error")
+@pytest.mark.filterwarnings("ignore::bh_helpers.routing.recorder.BoundWarning")  # alpha 0.5 sits at min_k here
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("selector", ["bh", "native", "topk"])
-def test_non_finite_router_logits_are_never_quietly_routed(tiny, olmoe_tiny_bank, device, value, selector):
-    """Non-finite hidden states (float16 overflow upstream) give non-finite router logits: the
-    default (validate off) no longer returns NaN outputs without a word."""
-    model, ids, _ = _on(device, tiny)
-    chosen = {"bh": lambda: BHSelector(olmoe_tiny_bank, alpha=0.5, max_k=8),
-              "native": lambda: NativeSelector.for_model(model), "topk": lambda: TopKSelector(2)}[selector]()
-    handle = _poison(model, 3, value)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("selector,weights", SELECTOR_WEIGHTS)
+def test_non_finite_router_logits_are_never_quietly_routed(tiny, olmoe_tiny_bank, device, value, selector, weights):
+    """A router row of NaN, +inf or -inf (float16 overflow upstream) is refused by the default
+    screen (validate off) for every selector and weight option: uniform, inverse-p and top-k
+    weights are finite for such a row, so the screen looks at the logits themselves."""
+    model, ids = _row_model(device, tiny)
+    chosen = _selector(selector, weights, model, olmoe_tiny_bank)
+    handle = _poison_row(model, 3, value)
     try:
-        with torch.no_grad(), pytest.raises(ValueError, match=r"some tokens \(layer 3: 1[,)]"):
-            with route(model, chosen) as rec:
+        with torch.no_grad(), pytest.raises(ValueError, match=r"some tokens \(layer 3: 1[,)].*non-finite router "):
+            with route(model, chosen):
                 model(ids)
     finally:
         handle.remove()
+    with torch.no_grad(), route(model, chosen) as rec:  # unpoisoned: the same model routes cleanly
+        model(ids)
+    assert rec.summary()["invalid_tokens"] == 0
+
+
+@pytest.mark.fault("route: non-finite router logits", "clear error")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_hidden_states_are_never_quietly_routed(tiny, device, value):
+    """NaN or inf in every coordinate of a hidden state (the old form of the case): uniform weights too."""
+    model, ids, _ = _on(device, tiny)
+    handle = _poison(model, 3, value)
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match=r"some tokens \(layer 3: 1[,)]"):
+            with route(model, TopKSelector(2, weights="uniform")):
+                model(ids)
+    finally:
+        handle.remove()
+
+
+def test_the_logit_screen_follows_the_validate_rule():
+    """The screen's one reduction refuses NaN or +inf anywhere and a row of -inf, as ``validate=True``
+    does, and accepts a single -inf (an expert masked out); padding rows are not counted."""
+    from bh_helpers.routing.recorder import aggregate
+    from bh_helpers.selection.reference import _check_logits
+
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([[0.5, 1.0, -1.0], [-inf, 1.0, 0.0], [nan, 1.0, 0.0], [0.0, inf, 1.0],
+                           [-inf, -inf, -inf], [nan, nan, nan]])  # (6, 3); the last row is padding
+    valid = torch.tensor([1, 1, 1, 1, 1, 0])
+    sel = TopKSelector(1, weights="uniform")(logits.nan_to_num(0.0, 0.0, 0.0), 0)  # a sound selection
+    faults = torch.zeros(1, dtype=torch.long)
+    aggregate(torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long), faults, sel.counts, sel.indices,
+              sel.weights, valid, valid.bool().unsqueeze(-1), logits)
+    assert int(faults) == 3
+    refused = []
+    for row in logits[:5]:
+        try:
+            _check_logits(row[None])
+        except ValueError:
+            refused.append(True)
+        else:
+            refused.append(False)
+    assert refused == [False, False, True, True, True]  # the same rule
 
 
 @pytest.fixture(scope="module")

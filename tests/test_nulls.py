@@ -527,6 +527,30 @@ def test_legacy_reader_refuses_code_execution(tmp_path, payload):
 
 
 @pytest.mark.fault("damaged files", "clear error")
+@pytest.mark.fault("damaged files", "clear error")
+def test_two_legacy_files_for_one_layer_are_refused_naming_both(tmp_path):
+    """``..._layer_1.pkl`` and ``..._layer_01.pkl`` both name layer 1: one was dropped silently."""
+    from bh_helpers.nulls.legacy import legacy_layer_files
+
+    write_legacy(tmp_path)
+    (tmp_path / "distribution_model_layer_01.pkl").write_bytes((tmp_path / "distribution_model_layer_0.pkl").read_bytes())
+    with pytest.raises(ValueError, match=r"two legacy null files for layer 1: 'distribution_model_layer_01\.pkl' and "
+                                         r"'distribution_model_layer_1\.pkl'; move or delete"):
+        legacy_layer_files(tmp_path)
+    (tmp_path / "distribution_model_layer_01.pkl").unlink()
+    assert {k: p.name for k, p in legacy_layer_files(tmp_path).items()} == {
+        0: "distribution_model_layer_0.pkl", 1: "distribution_model_layer_1.pkl"}
+
+
+@pytest.mark.xfail(strict=True, reason="bh_helpers/nulls/bank.py (another helper's file in issue 25) must read its "
+                   "files through legacy_layer_files; remove this mark when it does")
+def test_from_legacy_pickles_refuses_two_files_for_one_layer(tmp_path):
+    write_legacy(tmp_path)
+    (tmp_path / "distribution_model_layer_01.pkl").write_bytes((tmp_path / "distribution_model_layer_0.pkl").read_bytes())
+    with pytest.raises(ValueError, match="two legacy null files for layer 1"):
+        NullBank.from_legacy_pickles(tmp_path, trust=True)
+
+
 def test_legacy_reader_rejects_malformed_content(tmp_path):
     with open(tmp_path / "distribution_model_layer_0.pkl", "wb") as fh:
         pickle.dump({"x": np.array([0.0, 2.0, 1.0]), "cdf": np.array([0.1, 0.5, 0.9])}, fh)

@@ -222,6 +222,87 @@ def test_graph_body_equals_the_eager_forward(model, monkeypatch, selector):
         assert torch.equal(counts, rec_graph.per_token_counts().counts[layer])
 
 
+def _poison_first_token(model, layer: int):
+    """A forward pre-hook that writes NaN into the first row's hidden state before MoE ``layer``."""
+    block = next(b for b in find_moe_blocks(model) if b.layer == layer).module
+
+    def hook(module, args):
+        hidden = args[0].clone()  # (B, S, H)
+        hidden[0, 0, :] = float("nan")
+        return (hidden,)
+
+    return block.register_forward_pre_hook(hook)
+
+
+@pytest.mark.fault("route: non-finite router logits", "clear error")
+@pytest.mark.parametrize("weights", ["uniform", "softmax"])
+def test_graph_body_screens_non_finite_router_logits(model, monkeypatch, weights):
+    """The CUDA-graph forward's body (run eagerly on the CPU here) screens the router logits too:
+    a NaN row with uniform weights (finite) is refused when route exits."""
+    from bh_helpers.routing.dispatch import dispatch_experts
+
+    monkeypatch.setattr(patching, "BlockGraphs", _EagerGraphs)
+    monkeypatch.setattr(patching, "sync_free_dispatch", dispatch_experts)
+    _EagerGraphs.runs.clear()
+    last = find_moe_blocks(model)[-1].layer
+    handle = _poison_first_token(model, last)
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match=rf"some tokens \(layer {last}: 1\).*non-finite router"):
+            with route(model, TopKSelector(2, weights=weights)):
+                model(**batch(model, rows=1, length=3, seed=1, pad=False))
+    finally:
+        handle.remove()
+    assert last in _EagerGraphs.runs  # the graph body ran
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.fault("route: non-finite router logits", "clear error")
+@pytest.mark.parametrize("selector", ["topk-uniform", "topk-softmax", "bh-uniform", "static-uniform"])
+def test_graphed_block_screens_non_finite_router_logits_on_gpu(monkeypatch, selector):
+    """Under CUDA graphs (decode shapes, fused selectors) the logit screen runs inside the captured
+    graph, without a host synchronisation (one would make the capture fail and the graphs be
+    turned off: no replay), and a NaN router row is refused when route exits."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    from bh_helpers.nulls.fit import fit_null_bank
+    from bh_helpers.selection.static import StaticLayerSelector
+
+    cfg = OlmoeConfig(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    gpu_model = OlmoeForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    bank = fit_null_bank({layer: torch.randn(2000, 16, generator=g) for layer in range(2)})
+    chosen = {"topk-uniform": TopKSelector(4, weights="uniform"), "topk-softmax": TopKSelector(4, weights="softmax"),
+              "bh-uniform": BHSelector(bank, alpha=0.2, max_k=8, weights="uniform"),
+              "static-uniform": StaticLayerSelector((4, 3), weights="uniform")}[selector]
+    assert block_graphs.graph_safe_selector(chosen, torch.device("cuda"))
+    replays = []
+    real_call = block_graphs._BlockGraph.__call__
+
+    def counting(self, h):
+        replays.append(1)
+        return real_call(self, h)
+
+    monkeypatch.setattr(block_graphs._BlockGraph, "__call__", counting)
+    prompt = torch.randint(0, 128, (1, 1), device="cuda")
+    with torch.inference_mode(), route(gpu_model, chosen) as rec:  # clean decode steps: graphed, no fault
+        gpu_model(prompt)
+        gpu_model(prompt)
+    assert replays and rec.invalid_tokens() == {0: 0, 1: 0}
+    replays.clear()
+    handle = _poison_first_token(gpu_model, 1)
+    try:
+        with torch.inference_mode(), pytest.raises(ValueError, match=r"some tokens \(layer 1: 2\).*non-finite"):
+            with route(gpu_model, chosen):
+                gpu_model(prompt)
+                gpu_model(prompt)
+    finally:
+        handle.remove()
+    assert replays  # the poisoned steps ran in the graphs, and were screened there
+
+
 @needs_cuda
 @pytest.mark.parametrize("path", ["bf16", "t4"])
 def test_prefill_blocks_are_graphed_when_the_size_comes_back_on_gpu(monkeypatch, path):

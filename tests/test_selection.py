@@ -514,3 +514,84 @@ def test_kernel_cache_one_eviction_rule_weak_owners_and_unhashable_keys():
     assert cache.get_or_build(("k", [1]), lambda: build("unhashable")) == "unhashable"
     assert cache.get_or_build(("k", [1]), lambda: build("unhashable")) == "unhashable"
     assert builds[-2:] == ["unhashable", "unhashable"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Booleans are not numbers (issue 25, class 7): every numeric selector and budget argument
+# ----------------------------------------------------------------------------------------------
+
+
+def _numeric_argument_cases():
+    """``(label, call)`` for a boolean given to each numeric argument of the selectors and budgets."""
+    from bh_helpers.app.paths import default_null_bank_dir
+    from bh_helpers.experiments.configs import SweepConfig
+    from bh_helpers.nulls.bank import NullBank
+    from bh_helpers.selection.budget import ComputeBudget
+    from bh_helpers.selection.controls import MixedTopKSelector
+    from bh_helpers.selection.selectors import BHSelector, TopKSelector, TopPSelector
+    from bh_helpers.selection.static import StaticLayerSelector
+
+    bank = NullBank.load(default_null_bank_dir("tiny"))
+    x = torch.randn(20, 64, generator=torch.Generator().manual_seed(0))
+    budget = ComputeBudget(bank, {0: x})
+    return {
+        "TopPSelector p": ("p", lambda v: TopPSelector(p=v)),
+        "TopPSelector min_k": ("min_k", lambda v: TopPSelector(0.5, min_k=v)),
+        "TopPSelector max_k": ("max_k", lambda v: TopPSelector(0.5, max_k=v)),
+        "TopKSelector k": ("k", lambda v: TopKSelector(v)),
+        "BHSelector alpha": ("alpha", lambda v: BHSelector(bank, alpha=v)),
+        "BHSelector alpha per layer": (r"alpha\[0\]", lambda v: BHSelector(bank, alpha=(v, 0.1))),
+        "BHSelector min_k": ("min_k", lambda v: BHSelector(bank, min_k=v)),
+        "BHSelector max_k": ("max_k", lambda v: BHSelector(bank, max_k=v)),
+        "MixedTopKSelector mean_k": ("mean_k", lambda v: MixedTopKSelector(v)),
+        "MixedTopKSelector mean_k per layer": (r"mean_k\[0\]", lambda v: MixedTopKSelector({0: v})),
+        "MixedTopKSelector max_k": ("max_k", lambda v: MixedTopKSelector(0.5, max_k=v)),
+        "StaticLayerSelector ks": (r"ks\[0\]", lambda v: StaticLayerSelector((v, 2))),
+        "select_experts top_p": ("top_p", lambda v: select_experts(x, method="top_p", top_p=v)),
+        "select_experts temperature": ("temperature", lambda v: select_experts(x, method="topk", k=2, temperature=v)),
+        "select_experts k": ("k", lambda v: select_experts(x, method="topk", k=v)),
+        "ComputeBudget target_mean_k": ("target_mean_k", lambda v: budget.alpha(v)),
+        "ComputeBudget target_mean_k per layer": (r"target_mean_k\[0\]", lambda v: budget.alpha({0: v})),
+        "ComputeBudget max_tokens": ("max_tokens", lambda v: ComputeBudget(bank, {0: x}, max_tokens=v)),
+        "SweepConfig top_p": ("top_p", lambda v: SweepConfig("top_p", top_p=v, min_k=1, max_k=8)),
+        "SweepConfig alpha": ("alpha", lambda v: SweepConfig("bh", alpha=v, min_k=1, max_k=8, kernel="gaussian")),
+    }
+
+
+@pytest.mark.fault("bad arguments", "clear error")
+@pytest.mark.parametrize("value", [True, np.bool_(True)], ids=["True", "numpy True"])
+@pytest.mark.parametrize("case", ["TopPSelector p", "select_experts top_p", "select_experts temperature",
+                                  "SweepConfig top_p", "SweepConfig alpha"])
+def test_a_boolean_is_not_a_number(case, value):
+    """``TopPSelector(p=True)`` was p=1.0 (every expert up to max_k), and its siblings likewise."""
+    name, call = _numeric_argument_cases()[case]
+    with pytest.raises(TypeError, match=rf"`{name}` must be .*got (np\.)?True"):
+        call(value)
+
+
+@pytest.mark.parametrize("case", [
+    "TopPSelector min_k", "TopPSelector max_k", "TopKSelector k", "BHSelector alpha", "BHSelector alpha per layer",
+    "BHSelector min_k", "BHSelector max_k", "MixedTopKSelector mean_k", "MixedTopKSelector mean_k per layer",
+    "MixedTopKSelector max_k", "StaticLayerSelector ks", "select_experts k", "ComputeBudget target_mean_k",
+    "ComputeBudget target_mean_k per layer", "ComputeBudget max_tokens"])
+def test_a_boolean_is_refused_by_every_other_numeric_argument(case):
+    """The siblings that refused a boolean already (one check per kind: check_int, check_level, check_number)."""
+    name, call = _numeric_argument_cases()[case]
+    with pytest.raises(TypeError, match=rf"`{name}` must be .*got True"):
+        call(True)
+
+
+def test_check_number():
+    from bh_helpers._validate import ArgumentTypeError, check_number
+
+    assert check_number("t", 2) == 2.0 and check_number("t", np.float32(0.5), 0, 1) == 0.5
+    for bad in (True, np.bool_(False), "0.5", None):
+        with pytest.raises(ArgumentTypeError, match="`t` must be a (finite )?number"):
+            check_number("t", bad)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match=r"`t` must be a number >= 0 \(experts\); got"):
+            check_number("t", bad, 0, hint="experts")
+    with pytest.raises(ValueError, match=r"`t` must be a number in \(0, 1\]; got 0.0"):
+        check_number("t", 0.0, 0, 1, low_open=True)
+    with pytest.raises(ValueError, match=r"`t` must be a finite number; got nan"):
+        check_number("t", float("nan"))

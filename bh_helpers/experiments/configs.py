@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from bh_helpers._validate import check_choice
+from bh_helpers._validate import check_choice, check_level
 from bh_helpers.nulls.bank import bank_name
 from bh_helpers.selection.budget import layer_alphas
 from bh_helpers.selection.reference import FDR_METHODS
@@ -147,11 +147,8 @@ class SweepConfig:
         # Normalise numeric types so that 0.05 and numpy.float64(0.05) give the same key.
         for name in ("alpha", "top_p"):
             value = getattr(self, name)
-            if value is not None:
-                value = float(value)
-                if not 0.0 < value <= 1.0:
-                    raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
-                object.__setattr__(self, name, value)
+            if value is not None:  # a float in (0, 1]; True or "0.05" refused, not coerced
+                object.__setattr__(self, name, check_level(name, value))
         for name, low in (("max_k", 1), ("min_k", 0), ("k", 1), ("trim", 1), ("seed", 0)):
             value = getattr(self, name)
             if value is not None:

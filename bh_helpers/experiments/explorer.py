@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bh_helpers._validate import check_choice, check_int, check_level
+from bh_helpers._validate import check_choice, check_finite_logits, check_int, check_level
 from bh_helpers.models.families import moe_shape
 from bh_helpers.routing.recorder import bound_warning
 from bh_helpers.selection.budget import alpha_at, layer_alphas
@@ -226,6 +226,8 @@ class RoutingExplorer:
         self.kernels = list(null_banks_by_kernel)
         self.banks = dict(null_banks_by_kernel)
         self.logits = {layer: cached_logits[layer][:n].detach().to("cpu", torch.float32) for layer in self.layers}
+        for layer, x in self.logits.items():  # the rows it keeps: every p-value and alpha is computed on them
+            check_finite_logits(f"cached_logits[{layer}]", x)
         self.num_experts = int(next(iter(self.logits.values())).shape[-1])
         if native_k is None:
             native_k = moe_shape(model).top_k if model is not None else 8

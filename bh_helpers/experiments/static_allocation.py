@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bh_helpers._validate import check_choice, check_int
+from bh_helpers._validate import check_choice, check_int, check_number
 from bh_helpers.evaluation.scoring import PerplexityResult, perplexity
 from bh_helpers.models.families import find_moe_blocks
 from bh_helpers.models.texts import calibration_texts
@@ -83,8 +83,7 @@ class StaticAllocationPath:
 
     def total(self, mean_k: float, *, name: str = "target_mean_k") -> float:
         """``mean_k * L``, checked against the path's range (ValueError naming ``name``)."""
-        if isinstance(mean_k, bool) or not isinstance(mean_k, (int, float)) or not math.isfinite(mean_k):
-            raise ValueError(f"`{name}` must be a finite number of experts per token; got {mean_k!r}.")
+        mean_k = check_number(name, mean_k, hint="experts per token")
         lo, hi = min(self.allocations), max(self.allocations)
         total = mean_k * self.num_layers
         if not lo - _SUM_TOLERANCE <= total <= hi + _SUM_TOLERANCE:
@@ -320,9 +319,7 @@ def fit_static_allocation(model, tokenizer, target_mean_k: float, *, texts: Sequ
     """
     native_k = NativeSelector.for_model(model).k
     top = native_k if max_k is None else check_int("max_k", max_k, 1)
-    if isinstance(target_mean_k, bool) or not isinstance(target_mean_k, (int, float)) or not (
-            1 <= target_mean_k <= top):
-        raise ValueError(f"`target_mean_k` must be a number in [1, {top}] (max_k); got {target_mean_k!r}.")
+    target_mean_k = check_number("target_mean_k", target_mean_k, 1, top, hint="experts per token, up to max_k")
     n = len(find_moe_blocks(model))
     total = target_mean_k * n
     if abs(total - round(total)) > _SUM_TOLERANCE:  # refuse before any perplexity run

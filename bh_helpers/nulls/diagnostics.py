@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from bh_helpers._validate import check_int
+from bh_helpers._validate import check_finite_logits, check_int
 from bh_helpers.nulls.model import NullModel
 
 __all__ = ["GoodnessOfFit", "choose_kernel", "goodness_of_fit", "goodness_table"]
@@ -103,11 +103,10 @@ def goodness_of_fit(
         raise ValueError(f"`null` must be a NullModel, got {type(null).__name__}")
     check_int("bins", bins, 1)
     check_int("max_samples", max_samples, 1)
+    check_finite_logits("held_out_logits", held_out_logits)
     x = torch.as_tensor(held_out_logits).detach().to("cpu", torch.float64)
     if x.numel() == 0:
         raise ValueError("`held_out_logits` is empty")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("`held_out_logits` contains NaN/inf values; held-out logits must be finite")
 
     # Main Algorithm
     u = np.sort(null.cdf(x).numpy().reshape(-1))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bh_helpers._clock import utc_timestamp
-from bh_helpers._validate import check_choice, check_int, is_int
+from bh_helpers._validate import check_choice, check_finite_logits, check_int, is_int
 from bh_helpers.nulls.kernels import _GRID_MIN_PER_EXPERT, VALID_BANDWIDTHS, VALID_KERNELS
 from bh_helpers.nulls.columns import bandwidth_value, check_spread, default_grid_size, fit_column
 from bh_helpers.nulls.model import NullModel
@@ -77,12 +77,7 @@ def _as_float64(logits: Any, *, per_expert: bool) -> np.ndarray:
         raise ValueError(
             f"`logits` is empty (shape {arr.shape}); log router logits on calibration text first"
         )
-    n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-    if n_bad:
-        raise ValueError(
-            f"`logits` contains {n_bad} NaN/inf values; calibration logits must be finite "
-            "(drop the affected tokens, or check the capture dtype for overflow)"
-        )
+    # finite: checked on the logits as given (fit_null, before the statistic and the trim)
     return arr if per_expert else arr.reshape(-1)
 
 
@@ -177,6 +172,7 @@ def fit_null(
         check_trim(trim, shape[1])
     else:
         check_trim(trim)
+    check_finite_logits("logits", logits)  # before the trim: it would drop a +inf (and NaN sorts last)
     data = _as_float64(fit_values(logits, statistic, trim), per_expert=per_expert)
     recorded = {"statistic": statistic, "trim": trim}
 

@@ -18,9 +18,35 @@ import numpy as np
 from bh_helpers.nulls.kernels import _LEGACY_KERNEL
 from bh_helpers.nulls.model import NullModel
 
-__all__ = ["LEGACY_PATTERN"]
+__all__ = ["LEGACY_PATTERN", "legacy_layer_files"]
 
 LEGACY_PATTERN = re.compile(r"^distribution_model_layer_(\d+)\.pkl$")
+
+
+def legacy_layer_files(directory: Path) -> dict[int, Path]:
+    """``{layer: path}`` of the ``distribution_model_layer_<i>.pkl`` files in ``directory``.
+
+    Raises
+    ------
+    ValueError
+        When two files name one layer (``..._layer_1.pkl`` and ``..._layer_01.pkl``): which of them
+        holds the null is not for this reader to guess, and keeping one would drop the other
+        silently. The message names both files.
+    """
+    files: dict[int, Path] = {}
+    for path in sorted(Path(directory).glob("distribution_model_layer_*.pkl")):
+        match = LEGACY_PATTERN.match(path.name)
+        if not match:
+            continue
+        layer = int(match.group(1))
+        if layer in files:
+            raise ValueError(
+                f"`directory` {str(directory)!r} has two legacy null files for layer {layer}: "
+                f"{files[layer].name!r} and {path.name!r}; move or delete the one that is not this "
+                "layer's null, then load again."
+            )
+        files[layer] = path
+    return files
 
 
 # ---------------------------------------------------------------------------------------------

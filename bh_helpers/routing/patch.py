@@ -213,27 +213,35 @@ def _make_forward(
     layer, adapter = block.layer, block.adapter
     validate = getattr(selector, "validate", False) is True  # slow, thorough checks only when asked
 
-    def body(module: nn.Module, hidden: torch.Tensor, logits: torch.Tensor, *, checked: bool,
-             record: Callable[[Selection], torch.Tensor],
+    # Selectors that draw over a call's tokens (the compute-matched controls) are told which rows
+    # are padding, so that padding takes no part in their draws; others get (logits, layer) only.
+    reads_valid = getattr(selector, "reads_valid_rows", False) is True
+
+    def select(logits: torch.Tensor, valid: torch.Tensor | None) -> Selection:
+        return selector(logits, layer, valid=valid) if reads_valid else selector(logits, layer)
+
+    def body(module: nn.Module, hidden: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor | None, *,
+             checked: bool, record: Callable[[Selection, torch.Tensor], torch.Tensor],
              dispatch: Callable[..., torch.Tensor]) -> tuple[torch.Tensor | None, Selection]:
         """The patched block on ``hidden (T, H)`` with router ``logits (T, E)``: ``(output (T, H), selection)``.
 
         The one body of the eager and the CUDA-graph forward, which differ only in ``record`` (the
         recorder, or its aggregates into the graph's buffers), ``dispatch`` and ``checked`` (the
-        validate-mode checks, which synchronise and so never run under capture). The output is
-        None in "analyze" mode (the caller runs the native forward).
+        validate-mode checks, which synchronise and so never run under capture). ``valid (T,)``
+        bool (False at padding rows, None when unknown) goes to selectors that read it. The output
+        is None in "analyze" mode (the caller runs the native forward).
         """
         if checked:
             try:
-                selection = selector(logits, layer)
+                selection = select(logits, valid)
             except ValueError as err:  # the selector's own checks: say which layer
                 raise ValueError(f"layer {layer}: {err}") from None
         else:
-            selection = selector(logits, layer)
+            selection = select(logits, valid)
         _check_selection(selection, hidden.shape[0], layer)  # shapes and dtypes: no host synchronisation
         if checked:
             _check_selection_values(selection, logits.shape[-1], layer)
-        safe = record(selection)  # (T, K); broken rows counted on the device
+        safe = record(selection, logits)  # (T, K); broken rows and non-finite logits counted on the device
         if mode == "analyze":
             return None, selection
         if router_outputs_requested():
@@ -253,12 +261,13 @@ def _make_forward(
         """The device part of the patched forward (no host synchronisation): captured whole."""
         valid_col = (valid != 0).unsqueeze(-1)  # (T, 1)
 
-        def record(selection: Selection) -> torch.Tensor:
+        def record(selection: Selection, logits: torch.Tensor) -> torch.Tensor:
             return aggregate(hist, experts_count, faults, selection.counts.reshape(-1), selection.indices,
-                             selection.weights, valid, valid_col)  # (T, K)
+                             selection.weights, valid, valid_col, logits)  # (T, K)
 
         logits = F.linear(hidden.float(), weight)  # (T, E) float32
-        out, selection = body(module, hidden, logits, checked=False, record=record, dispatch=sync_free_dispatch)
+        out, selection = body(module, hidden, logits, valid_col.reshape(-1), checked=False, record=record,
+                              dispatch=sync_free_dispatch)
         return out, selection.counts.reshape(-1).to(torch.int16)  # (T, H), (T,)
 
     def forward(module: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -271,8 +280,10 @@ def _make_forward(
                 return out.reshape(shape)  # (B, S, H)
         logits = gate_cache.logits(module, hidden)  # (T, E) float32
         # bh_helpers.routing.auto picks grouped GEMMs, the T4 path or the reference.
-        out, _ = body(module, hidden, logits, checked=validate,
-                      record=lambda selection: recorder.record(layer, selection), dispatch=fast_dispatch_experts)
+        valid = recorder.valid_rows(hidden.shape[0], hidden.device) if reads_valid else None  # (T,) or None
+        out, _ = body(module, hidden, logits, valid, checked=validate,
+                      record=lambda selection, logits: recorder.record(layer, selection, logits),
+                      dispatch=fast_dispatch_experts)
         if out is None:  # analyze: the native output
             return original(hidden_states, *args, **kwargs)
         return out.reshape(shape)  # (B, S, H)
@@ -344,9 +355,10 @@ def route(
         expert) and selections with bad values (expert ids outside ``[-1, E)``, an expert twice,
         counts that disagree with the used slots, non-finite or negative weights), naming the
         layer and the first token. On a normal exit (after restoring the model), when any
-        token's selection was broken: expert ids outside ``[-1, E)``, NaN, infinite or negative
-        weights (non-finite router logits give these), or counts that disagree with the used
-        slots; naming the layers.
+        token had non-finite router logits (NaN or +inf, or -inf for every expert; whatever the
+        selector and its weights) or a broken selection: expert ids outside ``[-1, E)``, NaN,
+        infinite or negative weights, or counts that disagree with the used slots; naming the
+        layers.
     TypeError
         A selector that returns something other than a :class:`Selection` of integer indices and
         counts and floating-point weights.
@@ -356,8 +368,9 @@ def route(
     Notes
     -----
     Every selection is screened on the device at no synchronisation (shapes and dtypes on the
-    host; ids, weights and counts counted into a per-layer buffer that ``route`` reads once when
-    it exits), so a broken selector or non-finite logits never give quietly wrong results. Ids
+    host; the router logits, ids, weights and counts counted into a per-layer buffer that ``route``
+    reads once when it exits), so a broken selector or non-finite logits never give quietly wrong
+    results, also with weights that do not come from the logits (uniform, inverse-p). Ids
     out of range are dropped before the dispatch so that they cannot read past the expert bank.
     ``validate=True`` on the selector adds the thorough checks with host synchronisations (for
     developing selectors and for debugging): they stop at the first broken token, also catch an

@@ -154,13 +154,15 @@ def _hist_stats(hist: torch.Tensor, floor: int | None, ceiling: int | None) -> d
 
 def aggregate(hist: torch.Tensor, experts: torch.Tensor, faults: torch.Tensor, counts: torch.Tensor,
               indices: torch.Tensor, weights: torch.Tensor, valid_long: torch.Tensor,
-              valid_col: torch.Tensor) -> torch.Tensor:
+              valid_col: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Exact aggregates of one layer, in place, without a host synchronisation (graph-capturable).
 
-    Also the always-on screen of the selection: ``faults (1,)`` counts the valid tokens whose
+    Also the always-on screen: ``faults (1,)`` counts the valid tokens whose router logits
+    ``(T, E)`` are non-finite (NaN or +inf, or -inf for every expert: ``validate=True``'s rule;
+    screened themselves, as uniform and inverse-p weights stay finite for a NaN row) or whose
     selection is broken (an expert id outside ``[-1, E)``, a used slot with a NaN, infinite or
-    negative weight, or a count that disagrees with the used slots); :func:`route` raises on
-    them when it exits. Repeated experts are found only in validate mode (they need a sort).
+    negative weight, a count that disagrees with the used slots); :func:`route` raises on them
+    when it exits. Repeated experts are found only in validate mode (they need a sort).
 
     Returns
     -------
@@ -172,7 +174,8 @@ def aggregate(hist: torch.Tensor, experts: torch.Tensor, faults: torch.Tensor, c
     used = indices >= 0  # (T, K)
     bad_id = (indices < -1) | (indices >= num_experts)  # (T, K)
     bad_weight = used & ~((weights >= 0) & (weights < float("inf")))  # (T, K): NaN fails both tests
-    broken = (bad_id | bad_weight).any(dim=-1) | (counts != used.sum(dim=-1))  # (T,)
+    bad_logits = ~torch.isfinite(logits.amax(dim=-1))  # (T,) max: NaN/+inf if any, -inf only if all
+    broken = (bad_id | bad_weight).any(dim=-1) | (counts != used.sum(dim=-1)) | bad_logits  # (T,)
     faults.add_((broken.long() * valid_long).sum())  # (1,) a device add: no synchronisation
     safe = indices.masked_fill(bad_id, -1)  # (T, K)
     hist.scatter_add_(0, counts.clamp(0, width), valid_long)  # (K+1,)
@@ -240,8 +243,13 @@ class RoutingRecorder:
         self._valid_cache = (inputs, device, *out)
         return out
 
-    def record(self, layer: int, selection: Selection) -> torch.Tensor:
-        """Add one layer's selection to the aggregates; returns its indices safe to dispatch (T, K)."""
+    def valid_rows(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """The current call's ``valid (T,)`` bool (False at padding), or None when unknown (every row counts)."""
+        inputs = self._current
+        return None if inputs is None or inputs.num_rows != rows else self.valid_for(inputs, device)[1].reshape(-1)
+
+    def record(self, layer: int, selection: Selection, logits: torch.Tensor) -> torch.Tensor:
+        """Add one layer's selection of ``logits (T, E)`` to the aggregates; returns indices safe to dispatch (T, K)."""
         # No host synchronisation here (once per layer per forward on the hot path): aggregates
         # are accumulated on the counts' device with scatter_add_ (CUDA bincount and boolean
         # indexing both synchronise), per-token counts stay on the device until read or until
@@ -256,7 +264,8 @@ class RoutingRecorder:
         valid_long, valid_col = self.valid_for(inputs, device)  # (T,), (T, 1)
         hist, experts, faults = self.buffers(layer, width, device)
         weights = selection.weights.reshape(rows, width)  # (T, K)
-        safe = aggregate(hist, experts, faults, counts, indices, weights, valid_long, valid_col)
+        safe = aggregate(hist, experts, faults, counts, indices, weights, valid_long, valid_col,
+                         logits.reshape(rows, -1))
         self.store_tokens(layer, inputs, counts.to(torch.int16))
         return safe
 
@@ -374,10 +383,10 @@ class RoutingRecorder:
         if bad:
             where = ", ".join(f"layer {layer}: {n}" for layer, n in bad.items())
             raise ValueError(
-                f"the selector returned broken selections for some tokens ({where}): expert ids outside "
-                "[-1, num_experts), NaN, infinite or negative weights (non-finite router logits give these), "
-                "or counts that disagree with the used slots. The outputs computed inside this `route` are "
-                "wrong. Build the selector with validate=True to stop at the first one, naming layer and token."
+                f"the selector returned broken selections for some tokens ({where}): non-finite router logits "
+                "(NaN or inf: float16 overflow in the hidden states?), expert ids outside [-1, num_experts), NaN, "
+                "infinite or negative weights, or counts that disagree with the used slots. The outputs computed "
+                "inside this `route` are wrong. Build the selector with validate=True to stop at the first one."
             )
 
     def summary(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bh_helpers._validate import check_choice, check_int, check_level
+from bh_helpers._validate import check_choice, check_finite_logits, check_int, check_level, check_number
 from bh_helpers.selection.reference import FDR_METHODS, _counts_from_sorted
 
 __all__ = ["ComputeBudget", "alpha_at", "alpha_for_mean_k", "layer_alphas"]
@@ -122,6 +122,7 @@ class ComputeBudget:
             check_int("max_tokens", max_tokens, 1)
         self.sorted_p: dict[int, torch.Tensor] = {}
         for layer, x in sorted(logits_by_layer.items()):
+            check_finite_logits(f"logits_by_layer[{layer}]", x)  # every token, before the subsample
             x = torch.as_tensor(x)
             if max_tokens is not None and x.shape[0] > max_tokens:
                 x = x[torch.linspace(0, x.shape[0] - 1, max_tokens).round().long()]  # (max_tokens, E)
@@ -140,9 +141,8 @@ class ComputeBudget:
             raise ValueError(f"`target_mean_k` needs one target for each calibration layer {sorted(self.sorted_p)}; "
                              f"got layers {sorted(targets)}.")
         for layer, target in (targets or {None: target_mean_k}).items():
-            if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
-                where = "" if layer is None else f"[{layer}]"
-                raise ValueError(f"`target_mean_k{where}` must be a number of experts per token; got {target!r}.")
+            check_number("target_mean_k" if layer is None else f"target_mean_k[{layer}]", target,
+                         hint="experts per token")
         if targets is not None or per_layer:
             targets = targets or dict.fromkeys(self.sorted_p, target_mean_k)
             # a layer whose target is the floor itself gets the smallest level (every token at min_k
@@ -193,7 +193,7 @@ def alpha_for_mean_k(
     ------
     ValueError
         A target outside ``[mean k at alpha=1e-12, mean k at alpha=1]``, bad ``method``,
-        ``min_k``/``max_k``, or empty logits.
+        ``min_k``/``max_k``, or empty or non-finite logits.
 
     Notes
     -----

@@ -37,7 +37,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from bh_helpers._validate import check_choice, check_int, check_level
+from bh_helpers._validate import check_choice, check_int, check_level, check_number
 
 __all__ = [
     "FDR_METHODS",
@@ -270,9 +270,7 @@ def _check_selection_args(
     """
     _check_method(method, SELECTION_METHODS)
     check_choice("weights", weights, WEIGHT_MODES)
-    temperature = float(temperature)
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"`temperature` must be a positive finite number; got {temperature}.")
+    temperature = check_number("temperature", temperature, 0.0, low_open=True)
     if validate:
         _check_logits(logits)
     num_experts = logits.shape[-1]
@@ -445,9 +443,7 @@ def select_experts(
     else:  # top_p
         if top_p is None:
             raise ValueError("method='top_p' needs `top_p`, the probability mass to cover.")
-        top_p = float(top_p)
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"`top_p` must be in (0, 1]; got {top_p}.")
+        top_p = check_level("top_p", top_p, example="0.9")
         ranked, _ = _ranked_experts(x, None)
         sorted_probs = torch.softmax(x, dim=-1).gather(-1, ranked)  # (..., E), descending
         mass_before = sorted_probs.cumsum(-1) - sorted_probs  # (..., E)

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from bh_helpers._validate import check_choice, check_int
+from bh_helpers._validate import check_choice, check_int, check_level
 from bh_helpers.models.families import find_moe_blocks, fingerprints_differ
 from bh_helpers.nulls.bank import NullBank
 from bh_helpers.selection.budget import alpha_at, layer_alphas
@@ -297,8 +297,7 @@ class TopPSelector(Selector):
     null_bank: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if not 0.0 < float(self.p) <= 1.0:
-            raise ValueError(f"`p` must be in (0, 1]; got {self.p!r}.")
+        object.__setattr__(self, "p", check_level("p", self.p, example="0.9"))  # True, "0.9": refused
         check_int("max_k", self.max_k, 1)
         check_int("min_k", self.min_k, 0)
         if self.min_k > self.max_k:

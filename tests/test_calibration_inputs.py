@@ -1,0 +1,110 @@
+"""Non-finite captured router logits are refused at every entry point that takes them (issue 25, class 6).
+
+A float16 capture can overflow; a NaN or inf row in calibration logits used to pass quietly where
+the finiteness check came after something that hid it: ``fit`` with ``trim > 0`` dropped the +inf
+(and NaN, which sorts last) before checking, and ``alpha_for_mean_k``/``ComputeBudget``,
+``saturation_table`` and the explorer never checked (a NaN p-value counts as no rejection). Now
+one validator (:func:`bh_helpers._validate.check_finite_logits`) runs on the logits as given, at
+the root of each entry point, and names the argument, the first bad row and the fix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bh_helpers._validate import check_finite_logits
+
+BAD = [float("nan"), float("inf"), float("-inf")]
+IDS = ["nan", "+inf", "-inf"]
+FIX = r"re-capture them in float32.*drop the non-finite rows"
+
+
+@pytest.fixture(scope="module")
+def bank():
+    from bh_helpers.app.paths import default_null_bank_dir
+    from bh_helpers.nulls.bank import NullBank
+
+    return NullBank.load(default_null_bank_dir("tiny"))
+
+
+def _logits(value: float, *, rows: int = 600, experts: int = 64, bad_row: int = 7) -> torch.Tensor:
+    """Random calibration logits ``(rows, experts)`` with ``value`` at one entry of row ``bad_row``."""
+    x = torch.randn(rows, experts, generator=torch.Generator().manual_seed(0))
+    x[bad_row, 3] = value
+    return x
+
+
+@pytest.mark.fault("bad arguments", "clear error")
+@pytest.mark.parametrize("value", BAD, ids=IDS)
+@pytest.mark.parametrize("statistic", ["raw", "centred", "zscore"])
+def test_fit_with_trim_refuses_non_finite_logits(value, statistic):
+    """The trim drops each token's largest values: it used to drop a +inf (or a NaN) before the check."""
+    from bh_helpers.nulls.fit import fit_null, fit_null_bank
+
+    with pytest.raises(ValueError, match=rf"`logits` has 1 NaN/inf values \(the first in row 7\).*{FIX}"):
+        fit_null(_logits(value), statistic=statistic, trim=2)
+    with pytest.raises(ValueError, match=r"layer 2: `logits` has 1 NaN/inf"):
+        fit_null_bank({0: _logits(0.0), 2: _logits(value)}, statistic=statistic, trim=2)
+
+
+@pytest.mark.fault("bad arguments", "clear error")
+@pytest.mark.parametrize("value", BAD, ids=IDS)
+def test_fit_captured_with_trim_refuses_non_finite_logits(value):
+    from bh_helpers.capture import CapturedLogits
+    from bh_helpers.nulls.fit import fit_captured
+
+    n = 600
+    captured = CapturedLogits(logits={0: _logits(0.0), 1: _logits(value)}, token_ids=torch.zeros(n, dtype=torch.long),
+                              positions=torch.arange(n), sequence_index=torch.zeros(n, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"layer 1: `logits` has 1 NaN/inf"):
+        fit_captured(captured, statistic="zscore", trim=4)
+
+
+@pytest.mark.fault("bad arguments", "clear error")
+@pytest.mark.parametrize("value", BAD, ids=IDS)
+@pytest.mark.parametrize("entry", ["alpha_for_mean_k", "ComputeBudget", "ComputeBudget max_tokens", "saturation_table",
+                                   "RoutingExplorer"])
+def test_alpha_by_compute_saturation_and_explorer_refuse_non_finite_logits(bank, value, entry):
+    from bh_helpers.experiments.explorer import RoutingExplorer
+    from bh_helpers.experiments.saturation import saturation_table
+    from bh_helpers.selection.budget import ComputeBudget, alpha_for_mean_k
+
+    logits = {layer: _logits(0.0) for layer in range(6)}
+    logits[3] = _logits(value)
+    name = r"`cached_logits\[3\]`" if entry == "RoutingExplorer" else r"`logits_by_layer\[3\]`"
+    with pytest.raises(ValueError, match=rf"{name} has 1 NaN/inf values \(the first in row 7\).*{FIX}"):
+        if entry == "alpha_for_mean_k":
+            alpha_for_mean_k(bank, logits, 2.0)
+        elif entry == "ComputeBudget":
+            ComputeBudget(bank, logits).alpha(2.0, per_layer=True)
+        elif entry == "ComputeBudget max_tokens":  # the evenly spaced subsample would skip row 7
+            ComputeBudget(bank, logits, max_tokens=10).alpha(2.0)
+        elif entry == "saturation_table":
+            saturation_table(bank, logits, [0.05, 0.2])
+        else:
+            RoutingExplorer(logits, {"gaussian": bank}, list(range(600)))
+
+
+@pytest.mark.parametrize("value", BAD, ids=IDS)
+def test_goodness_of_fit_refuses_non_finite_held_out_logits(value):
+    from bh_helpers.nulls.diagnostics import goodness_of_fit
+    from bh_helpers.nulls.fit import fit_null
+
+    with pytest.raises(ValueError, match=rf"`held_out_logits` has 1 NaN/inf values \(the first in row 7\).*{FIX}"):
+        goodness_of_fit(fit_null(_logits(0.0)), _logits(value))
+
+
+@pytest.mark.parametrize("kind", ["tensor", "float16 tensor", "numpy", "list"])
+def test_the_one_finiteness_check(kind):
+    x = np.zeros((5, 4))
+    x[2, 1], x[4, 0] = np.nan, np.inf
+    given = {"tensor": torch.as_tensor(x), "float16 tensor": torch.as_tensor(x).half(), "numpy": x,
+             "list": x.tolist()}[kind]
+    with pytest.raises(ValueError, match=r"`calib` has 2 NaN/inf values \(the first in row 2\)"):
+        check_finite_logits("calib", given)
+    check_finite_logits("calib", np.nan_to_num(x, nan=0.0, posinf=1.0))  # finite: accepted
+    check_finite_logits("calib", torch.tensor([-1.0, 1.0]))  # 1-D
+    with pytest.raises(ValueError, match="`calib` must be a tensor or array of numbers"):
+        check_finite_logits("calib", [["a", "b"]])
