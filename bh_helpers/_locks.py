@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-__all__ = ["exclusive", "lock_path", "new_output", "refuse_existing"]
+__all__ = ["check_kind", "exclusive", "lock_path", "new_output", "refuse_existing"]
 
 _HELD = threading.local()  # lock files this thread holds: a writer called inside another (the demo's fit) re-enters
 
@@ -76,6 +76,15 @@ def exclusive(lock_path: str | os.PathLike, *, what: str, flag: str) -> Iterator
         lock.release()
 
 
+def check_kind(path: str | os.PathLike, name: str, *, folder: bool = False) -> None:
+    """Raise ValueError (naming ``name``) when an output ``path`` is a file where a folder is wanted, or the reverse."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a file; pass a folder.")
+    if not folder and path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a folder; pass a file name.")
+
+
 def refuse_existing(path: str | os.PathLike, name: str, *, folder: bool = False,
                     exists: Callable[[Path], bool] | None = None, holds: str = "exists") -> None:
     """Raise ValueError (naming ``name``, e.g. ```out_path```) when writing ``path`` would overwrite something.
@@ -86,10 +95,7 @@ def refuse_existing(path: str | os.PathLike, name: str, *, folder: bool = False,
     again under the lock (:func:`new_output`).
     """
     path = Path(path)
-    if folder and path.exists() and not path.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is a file; pass a folder.")
-    if not folder and path.is_dir():
-        raise ValueError(f"{name} {str(path)!r} is a folder; pass a file name.")
+    check_kind(path, name, folder=folder)
     if (exists or Path.exists)(path):
         raise ValueError(f"{name} {str(path)!r} {holds}; pass a new name (nothing is overwritten).")
 

@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from bh_helpers._locks import refuse_existing
+from bh_helpers._locks import check_kind, refuse_existing
 from bh_helpers._validate import as_flags
 from bh_helpers.app import paths, pipeline
 from bh_helpers.capture import CapturedLogits, capture_calibration, check_capture
@@ -393,6 +393,7 @@ def _cmd_sweep(args) -> int:
                 topk_max=args.topk_max)
     protocol = dict(datasets=args.datasets, max_tokens=args.max_tokens, window=args.window, stride=args.stride,
                     batch_size=args.batch_size, weights=args.weights)
+    check_kind(args.results, "--results")
     check_grid(**grid)
     check_protocol(**protocol)
     if args.mean_ks and not args.captured:

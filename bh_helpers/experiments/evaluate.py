@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from bh_helpers._locks import check_kind
 from bh_helpers._validate import check_choice, check_int
 from bh_helpers.evaluation.scoring import MIN_WINDOW, PerplexityResult, perplexity, resolve_window
 from bh_helpers.evaluation.speed import compute_summary
@@ -190,6 +191,7 @@ def perplexity_sweep(model, tokenizer, configs, *, null_bank, results_path: str 
     pandas.DataFrame
     """
     datasets = list(datasets)
+    check_kind(results_path, "`results_path`")
     check_protocol(datasets=datasets, max_tokens=max_tokens, window=window, stride=stride, batch_size=batch_size,
                    weights=weights, model=model)
     for config in configs:  # per-layer levels of another model would fail at their row, after the header is written

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bh_helpers._locks import exclusive, lock_path
+from bh_helpers._locks import check_kind, exclusive, lock_path
 from bh_helpers.capture import _model_device
 from bh_helpers.experiments.categories import analyze_categories, load_prompt_sets
 from bh_helpers.experiments.comparison import compare_with_controls
@@ -152,7 +152,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     Path
         ``report.md``.
     """
-
+    check_kind(out_dir, "`out_dir`", folder=True)  # before the work, not when the report is written
     if isinstance(results, (str, os.PathLike)):
         results = load_results(results)
     if not len(results):
