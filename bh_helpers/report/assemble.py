@@ -164,8 +164,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         counts = [len(w) for w in results["window_nll"] if isinstance(w, list)]
         if counts:
             comparison.attrs["windows"] = min(counts)  # the verdict refuses to speak below MIN_WINDOWS
-    if weights is None:
-        weights = _protocol_from_results(results).get("weights") or "softmax"
+    weights = weights or _protocol_from_results(results).get("weights") or "softmax"  # default: the sweep's
     figures = _sweep_figures(results, comparison)
     first_set = results["dataset"].iloc[0]
     featured = _featured(frontier, comparison) if len(frontier) else None
