@@ -148,8 +148,10 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
 
 
 #: API names whose flag is not simply ``--name`` or its plural (``alpha`` -> ``--alphas`` is found by itself).
-_IRREGULAR_FLAGS = {"mean_k": "--mean-ks", "target_mean_k": "--mean-ks", "out_dir": "--out", "results_path": "--results",
-                    "text_file": "--text-file", "num_threads": "--threads", "null_bank": "--nulls", "path": "--results"}
+#: ``max_tokens`` of a capture is ``--calibration-tokens`` (``--max-tokens``, where a command has it, comes first).
+_IRREGULAR_FLAGS = {"mean_k": "--mean-ks", "target_mean_k": "--mean-ks", "out_dir": "--out", "out_path": "--out",
+                    "results_path": "--results", "max_tokens": "--calibration-tokens", "text_file": "--text-file",
+                    "name": "--model", "num_threads": "--threads", "null_bank": "--nulls", "path": "--results"}
 
 
 def as_flags(message: str, options: set[str]) -> str:

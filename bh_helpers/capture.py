@@ -21,6 +21,7 @@ reader checking what a bank was fitted on reads them together.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -32,14 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from bh_helpers._locks import new_output, refuse_existing
 from bh_helpers._validate import check_int
 from bh_helpers.models.families import LayerSpec, find_moe_blocks, router_fingerprint, router_logits, select_layers
-from bh_helpers.models.texts import calibration_token_ids
+from bh_helpers.models.texts import calibration_token_ids, read_text_file
 
 __all__ = [
     "CAPTURE_FORMAT",
+    "MIN_CALIBRATION_TOKENS",
     "CapturedLogits",
     "capture_calibration",
+    "check_capture",
     "capture_router_logits",
     "header_value",
     "split_by_sequence",
@@ -47,6 +51,10 @@ __all__ = [
 
 #: ``format`` entry of the header of every capture file (:meth:`CapturedLogits.save`).
 CAPTURE_FORMAT = "bh_helpers.CapturedLogits"
+#: Fewest calibration tokens a capture takes (a null needs two values per expert column).
+MIN_CALIBRATION_TOKENS = 2
+#: Tensors besides ``layer.<i>`` that every capture file holds.
+_ROW_TENSORS = ("token_ids", "positions", "sequence_index")
 
 
 def header_value(value: Any) -> str:
@@ -191,7 +199,7 @@ class CapturedLogits(Mapping):
         with :func:`header_value` to compare). The file is written beside ``path`` and renamed, so
         a reader never sees half of it.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +210,14 @@ class CapturedLogits(Mapping):
         header = {"format": CAPTURE_FORMAT, "total_tokens": str(int(self.total_tokens))}
         header.update({k: header_value(v) for k, v in (metadata or {}).items()})
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=header)
+        try:  # written by Python, not safetensors' save_file: a full disk is an OSError (ENOSPC), not a SafetensorError
+            with open(tmp, "wb") as fh:
+                fh.write(save(tensors, metadata=header))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no half-written file left behind
+            raise
         tmp.replace(path)
         return path
 
@@ -228,10 +243,24 @@ class CapturedLogits(Mapping):
             raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err}); capture again.") from err
         if header.get("format") != CAPTURE_FORMAT:
             raise ValueError(f"{str(path)!r} was not written by bh_helpers (CapturedLogits.save); capture again.")
-        logits = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("layer.")}
+        # A file edited or damaged after save: say which entry is wrong, never a KeyError
+        layer_keys = [k for k in tensors if k.startswith("layer.")]
+        missing = [k for k in _ROW_TENSORS if k not in tensors] + ([] if layer_keys else ["layer.<i>"])
+        bad = [k for k in layer_keys if not k.split(".", 1)[1].isdigit()]
+        total = header.get("total_tokens", "0")
+        if missing or bad or not total.isdigit():
+            what = (f"lacks {', '.join(missing)}" if missing else f"has unreadable entries {bad}" if bad
+                    else f"has total_tokens {total!r}")
+            raise ValueError(f"{str(path)!r} {what}: it is damaged or was edited after `bh-routing capture`; "
+                             "capture again.")
+        logits = {int(k.split(".", 1)[1]): tensors[k] for k in layer_keys}
+        rows = {tensors[k].shape[0] for k in _ROW_TENSORS} | {v.shape[0] for v in logits.values()}
+        if len(rows) != 1:
+            raise ValueError(f"{str(path)!r} holds tensors of different lengths {sorted(rows)}: it is damaged or "
+                             "was edited after `bh-routing capture`; capture again.")
         captured = cls(
             logits=logits, token_ids=tensors["token_ids"], positions=tensors["positions"],
-            sequence_index=tensors["sequence_index"], total_tokens=int(header.get("total_tokens", 0)),
+            sequence_index=tensors["sequence_index"], total_tokens=int(total),
         )
         return captured, header
 
@@ -481,18 +510,40 @@ def capture_calibration(model: nn.Module, tokenizer: Any, *, max_tokens: int = 4
     -------
     CapturedLogits
     """
+    check_capture(max_tokens=max_tokens, window=window, batch_size=batch_size, out_path=out_path, text_file=text_file)
     ids = calibration_token_ids(tokenizer, max_tokens=max_tokens, text_file=text_file)
-    if len(ids) < 2:
-        raise ValueError("the calibration text has fewer than 2 tokens; give it more text.")
-    captured = capture_router_logits(model, window_batches(ids, window=window, batch_size=batch_size),
-                                     progress=progress)
-    if out_path is not None:
-        source = str(text_file) if text_file is not None else "embedded corpus, calibration slice (half prose, half code)"
-        captured.save(out_path, metadata={
-            "model_id": model_id, "calibration": f"{source}, {len(ids)} tokens, windows of {window}",
-            "max_tokens": max_tokens, "window": window,
-            "router_fingerprint": {str(k): v for k, v in router_fingerprint(model).items()}})
+    if len(ids) < MIN_CALIBRATION_TOKENS:
+        raise ValueError(f"the calibration text has fewer than {MIN_CALIBRATION_TOKENS} tokens; give it more text.")
+    with contextlib.ExitStack() as stack:
+        if out_path is not None:  # one writer: a second capture into the same file is refused at once
+            stack.enter_context(new_output(out_path, "`out_path`"))
+        captured = capture_router_logits(model, window_batches(ids, window=window, batch_size=batch_size),
+                                         progress=progress)
+        if out_path is not None:
+            source = str(text_file) if text_file is not None else "embedded corpus, calibration slice (half prose, half code)"
+            captured.save(out_path, metadata={
+                "model_id": model_id, "calibration": f"{source}, {len(ids)} tokens, windows of {window}",
+                "max_tokens": max_tokens, "window": window,
+                "router_fingerprint": {str(k): v for k, v in router_fingerprint(model).items()}})
     return captured
+
+
+def check_capture(*, max_tokens: int, window: int, batch_size: int, out_path: str | os.PathLike | None = None,
+                  text_file: str | os.PathLike | None = None) -> None:
+    """The options of :func:`capture_calibration`, checked before a model is needed.
+
+    The one check of the capture options: ``capture_calibration`` runs it first, and the command
+    line runs it before loading the model, so a bad value writes nothing. ``out_path`` must not
+    exist (captures are never overwritten; checked again under the lock); ``text_file`` must be
+    UTF-8 text.
+    """
+    check_int("max_tokens", max_tokens, MIN_CALIBRATION_TOKENS)
+    check_int("window", window, 1)
+    check_int("batch_size", batch_size, 1)
+    if out_path is not None:
+        refuse_existing(out_path, "`out_path`")
+    if text_file is not None:
+        read_text_file(text_file)
 
 
 def split_by_sequence(captured: CapturedLogits, *, held_out_fraction: float = 0.25,

@@ -105,3 +105,90 @@ def test_repeated_rows_are_read_once(tmp_path):
     with pytest.warns(UserWarning, match="1 repeated"):
         df = load_results(results)
     assert len(df) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Every command that writes takes the same lock (issue 25, class 4): two `fit` or two `capture`
+# into one output both exited 0 with one result overwritten.
+# ----------------------------------------------------------------------------------------------
+
+ENV = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A capture, a bank and a results file of the embedded model."""
+    from bh_helpers.app import cli
+
+    root = tmp_path_factory.mktemp("made")
+    cap, bank, results = root / "cap.safetensors", root / "bank", root / "s.jsonl"
+    assert cli.main(["capture", "--out", str(cap), "--calibration-tokens", "256", "--window", "64",
+                     "--no-progress"]) == 0
+    assert cli.main(["fit", "--captured", str(cap), "--out", str(bank), "--grid-size", "256"]) == 0
+    assert cli.main(["sweep", "--results", str(results), "--nulls", str(bank), "--methods", "bh", "--alphas", "0.5",
+                     "--mean-ks", "", "--topk-max", "2", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64",
+                     "--window", "64", "--stride", "64", "--no-progress", "--no-controls"]) == 0
+    return {"cap": cap, "bank": bank, "results": results}
+
+
+def _cli(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bh_helpers.app.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("command", ["fit", "capture"])
+@pytest.mark.fault("concurrency", "clear error")
+def test_two_writers_at_once_one_wins_and_the_other_is_refused(command, made, tmp_path):
+    out = tmp_path / ("bank" if command == "fit" else "c.safetensors")
+    argv = (["fit", "--captured", str(made["cap"]), "--out", str(out), "--grid-size", "256"] if command == "fit" else
+            ["capture", "--out", str(out), "--calibration-tokens", "128", "--window", "64", "--no-progress"])
+    procs = [_cli(*argv), _cli(*argv)]  # two real processes, started together
+    outcomes = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    assert [rc for rc, _ in outcomes] == [0, 2], outcomes
+    err = outcomes[1][1].strip().splitlines()[-1]
+    assert "is being written by another bh-routing process" in err or "pass a new name" in err, err
+    assert "Traceback" not in outcomes[1][1] and "--out" in err
+    if command == "fit":
+        from bh_helpers.nulls.bank import NullBank
+
+        assert len(NullBank.load(out)) == 6
+    else:
+        from bh_helpers.capture import CapturedLogits
+
+        assert CapturedLogits.load(out)[0].num_tokens == 128
+
+
+WRITERS = {  # command line, and the lock file it takes
+    "fit": (lambda m, t: ["fit", "--captured", str(m["cap"]), "--out", str(t / "out"), "--grid-size", "256"],
+            lambda t: t / "out" / ".lock"),
+    "capture": (lambda m, t: ["capture", "--out", str(t / "out"), "--calibration-tokens", "64", "--window", "64",
+                              "--no-progress"], lambda t: t / "out.lock"),
+    "report": (lambda m, t: ["report", "--results", str(m["results"]), "--out", str(t / "out"), "--no-categories",
+                             "--no-progress"], lambda t: t / "out" / ".lock"),
+    "optimize --save-config": (lambda m, t: ["optimize", "--results", str(m["results"]), "--budget", "2",
+                                             "--save-config", str(t / "out")], lambda t: t / "out.lock"),
+}
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+@pytest.mark.fault("concurrency", "clear error")
+def test_every_writer_takes_the_lock_and_writes_nothing_while_it_is_held(writer, made, tmp_path, capsys):
+    from bh_helpers.app import cli
+
+    argv, lock = WRITERS[writer][0](made, tmp_path), WRITERS[writer][1](tmp_path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    release = tmp_path / "release"
+    holder = _hold(lock, release)
+    try:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"is being written by another bh-routing process (pid {holder.pid})" in err
+        assert "--out" in err or "--save-config" in err, err
+        assert not (tmp_path / "out").exists() or {p.name for p in (tmp_path / "out").iterdir()} <= {".lock", ".lock.pid"}
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+    assert cli.main(argv) == 0, capsys.readouterr().err  # the lock released, the same command runs
+    if writer != "report":  # a report replaces its folder's report; the others never overwrite
+        capsys.readouterr()
+        assert cli.main(argv) == 2 and "nothing is overwritten" in capsys.readouterr().err

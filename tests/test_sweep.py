@@ -229,8 +229,9 @@ def test_sweep_config_keys_and_validation():
 
 
 def test_expand_grid():
-    grid = expand_grid(methods=["bh", "by"], alphas=[0.05, 0.1], max_ks=[4, 8], min_ks=[1, 6],
-                       kernels=["gaussian"], topk=True, top_ps=[0.5, 0.9])
+    with pytest.warns(UserWarning, match="`min_k` 6 > `max_k` 4"):  # named, not dropped silently
+        grid = expand_grid(methods=["bh", "by"], alphas=[0.05, 0.1], max_ks=[4, 8], min_ks=[1, 6],
+                           kernels=["gaussian"], topk=True, top_ps=[0.5, 0.9])
     methods = [c.method for c in grid]
     assert methods[0] == "native"
     assert [c.k for c in grid if c.method == "topk"] == list(range(1, 9))

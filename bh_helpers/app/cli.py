@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import os
 import sys
 import time
 import warnings
 from collections.abc import Sequence
 
-from bh_helpers._validate import as_flags, check_int
+from bh_helpers._locks import check_kind, refuse_existing
+from bh_helpers._validate import as_flags
 from bh_helpers.app import paths, pipeline
-from bh_helpers.capture import CapturedLogits, capture_calibration
+from bh_helpers.capture import CapturedLogits, capture_calibration, check_capture
 from bh_helpers.experiments.configs import bank_name
-from bh_helpers.experiments.grids import LAYER_TARGETS, sweep_grid
-from bh_helpers.experiments.evaluate import perplexity_sweep
+from bh_helpers.experiments.grids import LAYER_TARGETS, check_grid, check_grid_fits, sweep_grid
+from bh_helpers.experiments.evaluate import check_protocol, perplexity_sweep
 from bh_helpers.experiments.static_allocation import AUTO_GREEDY_LAYERS
 from bh_helpers.models import texts
 from bh_helpers.nulls.fit import fit_captured
@@ -362,18 +364,9 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _check_sizes(args, *names: str) -> None:
-    """Positive integers among ``names`` (``window``, ``batch_size``, ...), before anything loads."""
-    for name in names:
-        check_int(name, getattr(args, name), 1)
-    if "stride" in names and args.stride > args.window:
-        raise ValueError(f"`stride` ({args.stride}) must not exceed `window` ({args.window}).")
-
-
 def _cmd_capture(args) -> int:
-    if os.path.exists(args.out):
-        raise ValueError(f"--out {args.out!r} exists; pass a new file name (captures are never overwritten).")
-    _check_sizes(args, "calibration_tokens", "window", "batch_size")
+    check_capture(max_tokens=args.calibration_tokens, window=args.window, batch_size=args.batch_size,
+                  out_path=args.out, text_file=args.text_file)  # before the model loads
     model, tok = _load(args)
     captured = capture_calibration(model, tok, max_tokens=args.calibration_tokens, window=args.window,
                                    batch_size=pipeline.room_for(model, args.window, args.batch_size),
@@ -384,17 +377,8 @@ def _cmd_capture(args) -> int:
 
 
 def _cmd_fit(args) -> int:
-    from bh_helpers.nulls.bank import METADATA_NAME
-
-    if os.path.exists(os.path.join(args.out, METADATA_NAME)):
-        raise ValueError(f"--out {args.out!r} already holds a null bank; pass another folder.")
-    check_int("grid_size", args.grid_size, 16)
-    check_int("trim", args.trim, 0)
-    captured, meta = CapturedLogits.load(args.captured)
-    bank = fit_captured(captured, kernel=args.kernel, grid_size=args.grid_size,
-                             model_id=args.model_id or meta.get("model_id", "unknown"),
-                             calibration=meta.get("calibration"), out_dir=args.out, statistic=args.statistic,
-                             trim=args.trim)
+    bank = fit_captured(args.captured, kernel=args.kernel, grid_size=args.grid_size, model_id=args.model_id,
+                        out_dir=args.out, statistic=args.statistic, trim=args.trim)  # checks, then locks --out
     extra = f", {args.statistic}" if args.statistic != "raw" else ""
     extra += f", trim {args.trim}" if args.trim else ""
     print(f"fitted {len(bank)} layers ({args.kernel}{extra}) -> {args.out}")
@@ -404,33 +388,34 @@ def _cmd_fit(args) -> int:
 def _cmd_sweep(args) -> int:
     from bh_helpers.nulls.bank import NullBank
 
-    texts.check_datasets(args.datasets)  # unknown names fail before the model loads
-    _check_sizes(args, "max_tokens", "window", "stride", "batch_size")
-    config = _model_config(args.model)
-    if config is not None:  # the expert counts of the grid against the model's, before it loads
-        pipeline.DemoSettings.check_model(argparse.Namespace(max_ks=args.max_ks, min_ks=args.min_ks, trims=(),
-                                                             topk_max=args.topk_max, model=args.model), config)
-    nulls = args.nulls or paths.default_null_bank_dir(args.model)
-    bank = NullBank.load(nulls)
-    meta = bank.metadata
+    grid = dict(methods=args.methods, alphas=args.alphas, mean_ks=args.mean_ks, max_ks=args.max_ks, min_ks=args.min_ks,
+                top_ps=args.top_ps, layer_alphas=args.layer_alphas, layer_targets=args.layer_targets,
+                topk_max=args.topk_max)
+    protocol = dict(datasets=args.datasets, max_tokens=args.max_tokens, window=args.window, stride=args.stride,
+                    batch_size=args.batch_size, weights=args.weights)
+    check_kind(args.results, "--results")
+    check_grid(**grid)
+    check_protocol(**protocol)
     if args.mean_ks and not args.captured:
         raise ValueError("--mean-ks needs --captured (calibration logits from `bh-routing capture`) to choose alpha; "
                          "or pass --mean-ks '' and --alphas.")
-    if not (args.mean_ks or args.alphas or args.layer_alphas):
-        raise ValueError("give --mean-ks (with --captured), --alphas or --layer-alphas.")
+    config = _model_config(args.model)
+    if config is not None:  # the grid and the window against the model's shape, before it loads
+        check_grid_fits(config, max_ks=args.max_ks, min_ks=args.min_ks, topk_max=args.topk_max,
+                        layer_alphas=args.layer_alphas, model_name=args.model)
+        check_protocol(**protocol, model=config)
+    nulls = args.nulls or paths.default_null_bank_dir(args.model)
+    bank = NullBank.load(nulls)
+    meta = bank.metadata
     calibration = CapturedLogits.load(args.captured)[0] if args.captured else None
-    name = bank_name(meta.kernel, meta.statistic, meta.trim)
-    configs = sweep_grid(banks={name: bank}, calibration=calibration, methods=args.methods, alphas=args.alphas,
-                         mean_ks=args.mean_ks, max_ks=args.max_ks, min_ks=args.min_ks, topk_max=args.topk_max,
-                         top_ps=args.top_ps, controls=not args.no_controls, layer_alphas=args.layer_alphas,
-                         layer_targets=args.layer_targets)
+    configs = sweep_grid(banks={bank_name(meta.kernel, meta.statistic, meta.trim): bank}, calibration=calibration,
+                         controls=not args.no_controls, **grid)
     source = "--nulls" if args.nulls else f"the committed bank of --model {args.model} (pass --nulls to choose)"
     print(f"null bank: {nulls} ({source}; {meta.kernel} kernel, {meta.statistic} statistic, {len(list(bank))} layers)")
     model, tok = _load(args)
-    df = perplexity_sweep(model, tok, configs, null_bank=bank, results_path=args.results, datasets=args.datasets,
-                          max_tokens=args.max_tokens, window=args.window, stride=args.stride,
-                          batch_size=pipeline.room_for(model, args.window, args.batch_size), weights=args.weights,
-                          model_id=args.model, progress=not args.no_progress)
+    df = perplexity_sweep(model, tok, configs, null_bank=bank, results_path=args.results, model_id=args.model,
+                          **{**protocol, "batch_size": pipeline.room_for(model, args.window, args.batch_size)},
+                          progress=not args.no_progress)
     print(f"{len(df)} rows in {args.results}")
     return 0
 
@@ -461,8 +446,8 @@ def _cmd_optimize(args) -> int:
     weights = (args.quality_weight, args.speed_weight)
     if args.budget is None and None in weights and weights != (None, None):
         raise ValueError("--quality-weight and --speed-weight go together; give both (or --budget).")
-    if args.save_config and os.path.exists(args.save_config):
-        raise ValueError(f"--save-config {args.save_config!r} exists; pass a new file name (nothing is overwritten).")
+    if args.save_config:
+        refuse_existing(args.save_config, "--save-config")  # before reading anything; again under its lock
     results = load_results(args.results)
     picks = optimize(results, budget=args.budget, quality_weight=args.quality_weight,
                      speed_weight=args.speed_weight)
@@ -475,7 +460,8 @@ def _cmd_optimize(args) -> int:
             config = save_routing_config(results, pick["key"], args.save_config, nulls=args.nulls,
                                          weights=args.weights)
         except ValueError as err:
-            raise ValueError(str(err).replace("`nulls`", "--nulls").replace("`key`", "--budget")) from None
+            flags = {"`nulls`": "--nulls", "`key`": "--budget", "`path`": "--save-config"}
+            raise ValueError(functools.reduce(lambda m, kv: m.replace(*kv), flags.items(), str(err))) from None
         print(f"routing config of {config.label()!r} ({pick['dataset']}) -> {args.save_config}")
     return 0
 

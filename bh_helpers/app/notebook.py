@@ -223,6 +223,7 @@ def calibration_logits(
             return captured, model, tokenizer
     if model is None or tokenizer is None:
         model, tokenizer = load_notebook_model(model_name)
+    path.unlink(missing_ok=True)  # a cached capture of other settings is replaced (captures are never overwritten)
     captured = capture_calibration(model, tokenizer, max_tokens=max_tokens, window=window, batch_size=batch_size,
                                    out_path=path, model_id=model_key(model))
     return captured, model, tokenizer

@@ -35,13 +35,13 @@ from typing import Any
 
 from bh_helpers._clock import utc_timestamp
 from bh_helpers._locks import exclusive
-from bh_helpers._validate import check_choice, check_int, check_level
-from bh_helpers.capture import CapturedLogits, capture_calibration, window_batches
+from bh_helpers._validate import check_choice, check_int
+from bh_helpers.capture import MIN_CALIBRATION_TOKENS, CapturedLogits, capture_calibration, window_batches
 from bh_helpers.evaluation.scoring import fit_batch_size
 from bh_helpers.experiments.bootstrap import MIN_WINDOWS
 from bh_helpers.experiments.comparison import compare_with_controls
-from bh_helpers.experiments.grids import LAYER_TARGETS, sweep_grid
-from bh_helpers.experiments.evaluate import perplexity_sweep
+from bh_helpers.experiments.grids import check_grid, check_grid_fits, sweep_grid
+from bh_helpers.experiments.evaluate import check_protocol, perplexity_sweep
 from bh_helpers.experiments.frontier import compute_frontier
 from bh_helpers.experiments.k_matching import RoutedBudget
 from bh_helpers.experiments.tune_confirm import confirmation_configs, pick_on_tuning
@@ -52,12 +52,10 @@ from bh_helpers.experiments.static_allocation import (
 )
 from bh_helpers.models.families import moe_shape
 from bh_helpers.models.loading import load_model
-from bh_helpers.models.texts import calibration_token_ids, check_datasets, split_name
+from bh_helpers.models.texts import MIN_CALIBRATION_TEXT_TOKENS, calibration_token_ids, split_name
 from bh_helpers.nulls.bank import NullBank, bank_name, load_bank_folder
-from bh_helpers.nulls.fit import fit_captured
-from bh_helpers.nulls.statistics import check_statistic
+from bh_helpers.nulls.fit import check_fit_options, fit_captured
 from bh_helpers.report.assemble import report_step
-from bh_helpers.selection.reference import FDR_METHODS, WEIGHT_MODES
 
 __all__ = [
     "DEFAULT_OUTPUT_DIR",
@@ -83,9 +81,6 @@ SETTINGS_NAME = "run.json"
 K_MATCHING_TOKENS = 4096  # calibration tokens on which alpha is solved routed (--k-matching)
 STATIC_NAME = "static_allocation.json"  # the static per-layer allocations (the static chord control)
 STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last demo run
-
-
-MIN_GRID_SIZE = 16  # null grid points per layer (the nulls' own lower bound)
 
 
 def scoring_windows(tokens: int, window: int, stride: int) -> int:
@@ -161,29 +156,27 @@ class DemoSettings:
     k_matching: bool = True  # solve each compute target's alpha on the routed model's own logits
 
     def __post_init__(self) -> None:
+        """Every option, before a model loads or anything is written (one check per option, in its floor)."""
         for name in ("methods", "alphas", "mean_ks", "statistics", "trims", "max_ks", "min_ks", "top_ps", "datasets"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("calibration_tokens", "grid_size", "topk_max", "max_tokens", "window", "stride", "batch_size",
-                     "allocation_tokens"):
-            check_int(name, getattr(self, name), 1)
-        check_choice("--static-allocation", self.static_allocation, (*ALLOCATION_METHODS, "auto", "none"))
-        for flag, value in (("--statistics", self.statistics), ("--trims", self.trims), ("--min-ks", self.min_ks),
-                            ("--max-ks", self.max_ks), ("--methods", self.methods)):
+        object.__setattr__(self, "layer_alphas", tuple(tuple(row) for row in self.layer_alphas))
+        for name in ("categories", "split", "k_matching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
+        check_choice("static_allocation", self.static_allocation, (*ALLOCATION_METHODS, "auto", "none"))
+        check_int("calibration_tokens", self.calibration_tokens, MIN_CALIBRATION_TOKENS)
+        check_int("allocation_tokens", self.allocation_tokens, MIN_CALIBRATION_TEXT_TOKENS)
+        check_int("seed", self.seed, 0)
+        for flag, value in (("statistics", self.statistics), ("trims", self.trims)):
             if not value:
-                raise ValueError(f"{flag} is empty; give at least one value.")
-        for statistic in self.statistics:
-            check_statistic(statistic)
-        for trim in self.trims:
-            check_int("trim", trim, 0)
-        object.__setattr__(self, "layer_alphas", tuple(tuple(float(a) for a in row) for row in self.layer_alphas))
-        check_choice("--layer-targets", self.layer_targets, LAYER_TARGETS)
-        if not (self.alphas or self.mean_ks or self.layer_alphas):
-            raise ValueError("give --mean-ks (compute targets), --alphas or --layer-alphas (levels).")
-        if self.stride > self.window:
-            raise ValueError(f"`stride` ({self.stride}) must not exceed `window` ({self.window}).")
-        self._check_grid()
-        check_choice("weights", self.weights, WEIGHT_MODES)
-        check_datasets(self.datasets)  # unknown names raise here, before anything runs
+                raise ValueError(f"`{flag}` is empty; give at least one value.")
+        for statistic, trim in self.bank_settings():
+            check_fit_options(kernel=self.kernel, grid_size=self.grid_size, statistic=statistic, trim=trim)
+        check_grid(methods=self.methods, alphas=self.alphas, mean_ks=self.mean_ks, max_ks=self.max_ks,
+                   min_ks=self.min_ks, top_ps=self.top_ps, layer_alphas=self.layer_alphas,
+                   layer_targets=self.layer_targets, topk_max=self.topk_max)
+        check_protocol(datasets=self.datasets, max_tokens=self.max_tokens, window=self.window, stride=self.stride,
+                       batch_size=self.batch_size, weights=self.weights)
         windows = scoring_windows(self.max_tokens, self.window, self.stride)
         if windows < MIN_WINDOWS:
             need = self.window + (MIN_WINDOWS - 1) * self.stride
@@ -192,48 +185,18 @@ class DemoSettings:
                 f"tokens per data set; a paired-bootstrap interval needs at least {MIN_WINDOWS}: pass `max_tokens` "
                 f"{need} or more (or a smaller `window`).")
 
-    def _check_grid(self) -> None:
-        """Every level, floor, ceiling and compute target of the grid, before a model is loaded."""
-        for method in self.methods:
-            check_choice("method", method, FDR_METHODS)
-        for alpha in self.alphas:
-            check_level("alpha", alpha)
-        for row in self.layer_alphas:
-            for alpha in row:
-                check_level("layer_alphas", alpha)
-        for top_p in self.top_ps:
-            check_level("top_p", top_p, example="0.8")
-        for min_k in self.min_ks:
-            check_int("min_k", min_k, 0)
-        for max_k in self.max_ks:
-            check_int("max_k", max_k, 1)
-        check_int("grid_size", self.grid_size, MIN_GRID_SIZE)
-        check_int("seed", self.seed, 0)
-        if max(self.min_ks) > max(self.max_ks):  # pairs with floor > ceiling are skipped; none at all is an error
-            raise ValueError(f"`min_k` {max(self.min_ks)} exceeds every `max_k` ({','.join(map(str, self.max_ks))}): "
-                             f"pass floors of {max(self.max_ks)} or lower, or a larger `max_k`.")
-        for target in self.mean_ks:
-            if not any(lo + 0.5 <= target <= hi for lo in self.min_ks for hi in self.max_ks):
-                raise ValueError(
-                    f"`mean_k` {target:g} is not reachable: a compute target must lie between a floor plus half an "
-                    f"expert and a ceiling (`min_k` {','.join(map(str, self.min_ks))}, `max_k` "
-                    f"{','.join(map(str, self.max_ks))}); pass targets in [{min(self.min_ks) + 0.5:g}, "
-                    f"{max(self.max_ks)}].")
-
     def check_model(self, model) -> None:
-        """Raise ValueError (naming the CLI flag) when the grid asks for more experts than ``model`` has.
+        """Raise ValueError (naming the option) when the settings do not fit ``model``'s shape.
 
         ``model`` may also be its config (``transformers.AutoConfig``), so the check runs before loading.
         """
-        experts = moe_shape(model).num_experts
-        for flag, values in (("--max-ks", self.max_ks), ("--topk-max", (self.topk_max,)), ("--min-ks", self.min_ks),
-                             ("--trims", tuple(t + 2 for t in self.trims))):
-            too_many = [v for v in values if v > experts]
-            if too_many:
-                limit = experts - 2 if flag == "--trims" else experts
-                shown = [v - 2 for v in too_many] if flag == "--trims" else too_many
-                raise ValueError(f"{flag} {','.join(map(str, shown))} is too large for the {experts} experts per layer "
-                                 f"of {self.model!r}; pass {flag} {limit} or lower.")
+        check_grid_fits(model, max_ks=self.max_ks, min_ks=self.min_ks, topk_max=self.topk_max,
+                        layer_alphas=self.layer_alphas, model_name=self.model)
+        for statistic, trim in self.bank_settings():
+            check_fit_options(kernel=self.kernel, grid_size=self.grid_size, statistic=statistic, trim=trim,
+                              num_experts=moe_shape(model).num_experts)
+        check_protocol(datasets=self.datasets, max_tokens=self.max_tokens, window=self.window, stride=self.stride,
+                       batch_size=self.batch_size, weights=self.weights, model=model)
 
     def bank_settings(self) -> list[tuple[str, int]]:
         """(statistic, trim) of each null bank the demo fits."""
@@ -308,7 +271,8 @@ def _demo_step(name: str, *, timings: dict, peaks: dict, settings: "DemoSettings
 def _check_folder(out: Path, settings: DemoSettings) -> bool:
     """Raise when ``out`` holds another run; return True when it holds this one."""
     path = out / SETTINGS_NAME
-    if path.is_file():
+    made = [name for name in (CAPTURED_NAME, NULLS_DIR, RESULTS_NAME, STATIC_NAME) if (out / name).exists()]
+    if path.is_file() and made:  # a run that stopped before its first result holds nothing to protect
         try:
             old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
         except json.JSONDecodeError:
@@ -324,7 +288,7 @@ def _check_folder(out: Path, settings: DemoSettings) -> bool:
                 "Pass another --out folder, or rerun with the same options to resume."
             )
         return True
-    if (out / RESULTS_NAME).exists() or (out / NULLS_DIR).exists() or (out / CAPTURED_NAME).exists():
+    if made and not path.is_file():
         raise ValueError(
             f"output folder {str(out)!r} holds results without {SETTINGS_NAME}; nothing was changed. "
             "Pass another --out folder."

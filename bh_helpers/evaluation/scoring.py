@@ -42,14 +42,17 @@ from bh_helpers.models.families import moe_shape
 from bh_helpers.models.texts import encode, eos_id
 
 __all__ = [
+    "MIN_WINDOW",
     "PerplexityResult",
     "perplexity",
+    "resolve_window",
     "scored_token_nll",
     "fit_batch_size",
     "window_bytes",
 ]
 
 DEFAULT_WINDOW = 2048  # capped at the model's context length
+MIN_WINDOW = 2  # a window scores its tokens after the first: one token scores nothing
 DEFAULT_BATCH_SIZE = 8
 
 
@@ -110,7 +113,8 @@ def _device(model) -> torch.device:
 
 
 def _context_length(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
+    """The context length of a model, or of its config (so that a window is checked before loading)."""
+    return getattr(getattr(model, "config", model), "max_position_embeddings", None)
 
 
 def _pad_id(tokenizer) -> int:
@@ -333,12 +337,14 @@ def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
         begin += stride
 
 
-def _resolve_window(model, window: int | None, stride: int | None) -> tuple[int, int]:
+def resolve_window(model, window: int | None, stride: int | None) -> tuple[int, int]:
+    """``(window, stride)`` of :func:`perplexity` on ``model`` (or its config): defaults filled in,
+    checked against the model's context length; ValueError naming the argument otherwise."""
     limit = _context_length(model)
     if window is None:
         window = DEFAULT_WINDOW if limit is None else min(DEFAULT_WINDOW, int(limit))
-    if not isinstance(window, int) or window < 2:
-        raise ValueError(f"`window` must be an integer >= 2 tokens, got {window!r}.")
+    if not isinstance(window, int) or window < MIN_WINDOW:
+        raise ValueError(f"`window` must be an integer >= {MIN_WINDOW} tokens, got {window!r}.")
     if limit is not None and window > limit:
         raise ValueError(
             f"`window`={window} is larger than the model's context length "
@@ -358,7 +364,7 @@ def _windowed_scores(model, tokenizer, texts, *, window, stride, batch_size, pro
     """Run the windowed protocol; return (per-window NLL sums float64, per-window token counts, protocol)."""
     texts = _as_text_list(texts)
     check_int("batch_size", batch_size, 1)
-    window, stride = _resolve_window(model, window, stride)
+    window, stride = resolve_window(model, window, stride)
     stream, stream_docs = _token_stream(tokenizer, texts)
     if len(stream) < 2:
         raise ValueError(

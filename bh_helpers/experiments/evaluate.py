@@ -24,20 +24,22 @@ from typing import Any
 
 import numpy as np
 
-from bh_helpers._validate import check_choice
-from bh_helpers.evaluation.scoring import PerplexityResult, perplexity
+from bh_helpers._locks import check_kind
+from bh_helpers._validate import check_choice, check_int
+from bh_helpers.evaluation.scoring import MIN_WINDOW, PerplexityResult, perplexity, resolve_window
 from bh_helpers.evaluation.speed import compute_summary
 from bh_helpers.experiments.configs import bank_name
+from bh_helpers.experiments.grids import check_grid_fits
 from bh_helpers.experiments.static_allocation import mix_windows
 from bh_helpers.experiments.sweep import run_sweep
-from bh_helpers.models.texts import evaluation_texts
+from bh_helpers.models.texts import check_datasets, evaluation_texts
 from bh_helpers.nulls.bank import NullBank
 from bh_helpers.routing.patch import route
 from bh_helpers.selection.reference import WEIGHT_MODES
 from bh_helpers.selection.selectors import NativeSelector
 from bh_helpers.selection.static import StaticLayerSelector
 
-__all__ = ["make_evaluate_fn", "perplexity_sweep", "sweep_grid_id", "sweep_results_path"]
+__all__ = ["check_protocol", "make_evaluate_fn", "perplexity_sweep", "sweep_grid_id", "sweep_results_path"]
 
 
 def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank, window: int = 256,
@@ -131,6 +133,26 @@ def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank,
     return evaluate
 
 
+def check_protocol(*, datasets: Sequence[str], max_tokens: int, window: int, stride: int, batch_size: int,
+                   weights: str = "softmax", model: Any = None) -> None:
+    """The evaluation protocol's options, checked before anything loads or is written.
+
+    The one check of these options: the demo's settings, ``bh-routing sweep`` (before the model
+    loads) and :func:`perplexity_sweep` run it. With ``model`` (a model, or its config) the window
+    is checked against the model's context length too. Raises ValueError naming the argument.
+    """
+    check_choice("weights", weights, WEIGHT_MODES)
+    check_datasets(datasets)  # none, unknown names, empty .txt files
+    check_int("max_tokens", max_tokens, 1)
+    check_int("window", window, MIN_WINDOW)
+    check_int("stride", stride, 1)
+    check_int("batch_size", batch_size, 1)
+    if stride > window:
+        raise ValueError(f"`stride` ({stride}) must not exceed `window` ({window}).")
+    if model is not None:
+        resolve_window(model, window, stride)
+
+
 def perplexity_sweep(model, tokenizer, configs, *, null_bank, results_path: str | os.PathLike,
                      datasets: Sequence[str] = ("prose", "code"), max_tokens: int = 2048, window: int = 256,
                      stride: int = 256, batch_size: int = 8, weights: str = "softmax", model_id: str = "tiny",
@@ -168,10 +190,13 @@ def perplexity_sweep(model, tokenizer, configs, *, null_bank, results_path: str 
     -------
     pandas.DataFrame
     """
-    check_choice("weights", weights, WEIGHT_MODES)
     datasets = list(datasets)
-    if not datasets:
-        raise ValueError("`datasets` is empty; pass e.g. ['prose', 'code'].")
+    check_kind(results_path, "`results_path`")
+    check_protocol(datasets=datasets, max_tokens=max_tokens, window=window, stride=stride, batch_size=batch_size,
+                   weights=weights, model=model)
+    for config in configs:  # per-layer levels of another model would fail at their row, after the header is written
+        if config.layer_alphas is not None:
+            check_grid_fits(model, max_ks=(), min_ks=(), topk_max=1, layer_alphas=(config.layer_alphas,))
     for bank in ([null_bank] if isinstance(null_bank, NullBank) else list(null_bank.values())):
         bank.check_compatible(model)
     data = {name: evaluation_texts(name, tokenizer, max_tokens=max_tokens) for name in datasets}

@@ -1,18 +1,28 @@
 """The grids a sweep runs: :func:`expand_grid` (methods x levels x ceilings x floors x kernels) and
 :func:`sweep_grid` (the demo's and ``bh-routing sweep``'s grid: levels chosen for compute
 targets, baselines, static allocations, and each adaptive configuration's controls).
+
+:func:`check_grid` is the one check of a grid's options (the demo's settings, ``bh-routing sweep``
+and :func:`sweep_grid` run it), :func:`check_grid_fits` the one check against a model's shape (run
+on its config, before the weights load). Nothing requested is dropped silently: a value no
+configuration can use is refused, and a combination that one (floor, ceiling) pair cannot run while
+another can is named in a warning.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from bh_helpers._validate import check_choice
+from bh_helpers._validate import check_choice, check_int, check_level
 from bh_helpers.experiments.configs import CONTROLS, FDR_METHODS, SweepConfig, with_controls
+from bh_helpers.models.families import moe_shape
 from bh_helpers.selection.budget import ComputeBudget
 
-__all__ = ["LAYER_TARGETS", "expand_grid", "sweep_grid"]
+__all__ = ["LAYER_TARGETS", "check_grid", "check_grid_fits", "expand_grid", "sweep_grid"]
 
 
 def _as_tuple(values) -> tuple:
@@ -78,6 +88,7 @@ def expand_grid(
         ks = ()
     else:
         ks = _as_tuple(topk)
+    _warn_skipped([f"`min_k` {lo} > `max_k` {hi}" for hi in max_ks for lo in min_ks if lo > hi] if methods else [])
     configs: list[SweepConfig] = []
     if native:
         configs.append(SweepConfig("native"))
@@ -97,6 +108,83 @@ def expand_grid(
                             SweepConfig(method, alpha=alpha, max_k=max_k, min_k=min_k, kernel=kernel)
                         )
     return configs
+
+
+def _warn_skipped(skipped: Sequence[str]) -> None:
+    """Name the combinations of a grid that no configuration runs (a floor above a ceiling, a target out of reach)."""
+    if skipped:
+        warnings.warn(f"{len(skipped)} combination{'s' * (len(skipped) != 1)} of the grid cannot run and "
+                      f"{'are' if len(skipped) != 1 else 'is'} left out: {'; '.join(skipped)} (a floor must not "
+                      "exceed its ceiling; a compute target lies in [floor + 0.5, ceiling]).", UserWarning, stacklevel=3)
+
+
+def _reaches(target: float, min_k: int, max_k: int) -> bool:
+    """Whether BH with floor ``min_k`` and ceiling ``max_k`` can be tuned to ``target`` experts per token."""
+    return min_k + 0.5 <= target <= max_k
+
+
+def check_grid(*, methods: Sequence[str], alphas: Sequence[float], mean_ks: Sequence[float], max_ks: Sequence[int],
+               min_ks: Sequence[int], top_ps: Sequence[float] = (), layer_alphas: Sequence[Sequence[float]] = (),
+               layer_targets: str = "global", topk_max: int = 1) -> None:
+    """Every level, floor, ceiling and compute target of a grid, before a model loads or anything is written.
+
+    Raises ValueError (naming the argument, which the command line shows as its flag) for a bad
+    value, an empty axis, a floor above every ceiling, or a compute target that no (floor,
+    ceiling) pair reaches: such a request would give no configuration at all.
+    """
+    for name, values in (("methods", methods), ("max_ks", max_ks), ("min_ks", min_ks)):
+        if not len(values):
+            raise ValueError(f"`{name}` is empty; give at least one value.")
+    for method in methods:
+        check_choice("method", method, FDR_METHODS)
+    for alpha in alphas:
+        check_level("alpha", alpha)
+    for row in layer_alphas:
+        if not len(row):
+            raise ValueError("`layer_alphas` holds an empty row; give one level per layer number.")
+        for alpha in row:
+            check_level("layer_alphas", alpha)
+    for top_p in top_ps:
+        check_level("top_p", top_p, example="0.8")
+    for min_k in min_ks:
+        check_int("min_k", min_k, 0)
+    for max_k in max_ks:
+        check_int("max_k", max_k, 1)
+    check_int("topk_max", topk_max, 1)
+    check_choice("layer_targets", layer_targets, LAYER_TARGETS)
+    if not (len(alphas) or len(mean_ks) or len(layer_alphas)):
+        raise ValueError("give `mean_ks` (compute targets), `alphas` or `layer_alphas` (levels).")
+    if max(min_ks) > max(max_ks):  # pairs with floor > ceiling are left out (with a warning); none at all is an error
+        raise ValueError(f"`min_k` {max(min_ks)} exceeds every `max_k` ({','.join(map(str, max_ks))}): "
+                         f"pass floors of {max(max_ks)} or lower, or a larger `max_k`.")
+    for target in mean_ks:
+        if isinstance(target, bool) or not isinstance(target, numbers.Real) or not math.isfinite(target):
+            raise ValueError(f"`mean_k` must be a number of experts per token; got {target!r}.")
+        if not any(_reaches(target, lo, hi) for lo in min_ks for hi in max_ks):
+            raise ValueError(
+                f"`mean_k` {target:g} is not reachable: a compute target must lie between a floor plus half an "
+                f"expert and a ceiling (`min_k` {','.join(map(str, min_ks))}, `max_k` "
+                f"{','.join(map(str, max_ks))}); pass targets in [{min(min_ks) + 0.5:g}, {max(max_ks)}].")
+
+
+def check_grid_fits(model: Any, *, max_ks: Sequence[int], min_ks: Sequence[int], topk_max: int,
+                    layer_alphas: Sequence[Sequence[float]] = (), model_name: str | None = None) -> None:
+    """Raise ValueError when a grid asks for more experts, or other layers, than ``model`` has.
+
+    ``model`` may be its config (``transformers.AutoConfig``), so the check runs before the
+    weights load. Per-layer levels need one level per layer number (``num_hidden_layers``).
+    """
+    shape = moe_shape(model)
+    of = f" of {model_name!r}" if model_name else ""
+    for name, values in (("max_ks", max_ks), ("topk_max", (topk_max,)), ("min_ks", min_ks)):
+        too_many = [v for v in values if v > shape.num_experts]
+        if too_many:
+            raise ValueError(f"`{name}` {','.join(map(str, too_many))} is too large for the {shape.num_experts} "
+                             f"experts per layer{of}; pass `{name}` {shape.num_experts} or lower.")
+    for row in layer_alphas:
+        if len(row) != shape.num_layers:
+            raise ValueError(f"`layer_alphas` has {len(row)} levels for the {shape.num_layers} layers{of}; give one "
+                             f"level per layer number (0..{shape.num_layers - 1}).")
 
 
 #: Calibration tokens per layer on which a grid's alphas are chosen (evenly spaced).
@@ -126,8 +214,9 @@ def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | Non
     Native, static top-1..``topk_max``, top-p, then for every null bank (one per statistic and
     trim), method, ``max_k`` and floor ``min_k``: the explicit ``alphas``, the explicit per-layer
     levels ``layer_alphas`` (each a sequence, one level per layer number) and, for each compute
-    target in ``mean_ks`` above the floor (by at least half an expert; lower targets are skipped
-    for that floor), the alpha that reaches it on ``calibration`` over all layers
+    target in ``mean_ks`` above the floor by at least half an expert and not above the ceiling
+    (:func:`check_grid` refuses a target no pair reaches; a pair that cannot reach it is named in a
+    warning), the alpha that reaches it on ``calibration`` over all layers
     (``layer_targets="global"``), the per-layer alphas that reach it in every layer
     (``"per-layer"``), or both (:class:`bh_helpers.selection.budget.ComputeBudget` on at most
     :data:`_ALPHA_TOKENS` evenly spaced tokens per layer, rounded to 4 significant digits). With
@@ -146,9 +235,13 @@ def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | Non
     :class:`bh_helpers.experiments.k_matching.RoutedBudget`, which solves on the routed model's
     own logits so that the realised mean k matches the target once routed.
     """
-    check_choice("layer_targets", layer_targets, LAYER_TARGETS)
+    check_grid(methods=methods, alphas=alphas, mean_ks=mean_ks, max_ks=max_ks, min_ks=min_ks, top_ps=top_ps,
+               layer_alphas=layer_alphas, layer_targets=layer_targets, topk_max=topk_max)
     if mean_ks and calibration is None:
         raise ValueError("compute targets (--mean-ks) need calibration logits (--captured) to choose alpha.")
+    _warn_skipped([f"`min_k` {lo} > `max_k` {hi}" for hi in max_ks for lo in min_ks if lo > hi]
+                  + [f"`mean_k` {t:g} with `min_k` {lo}, `max_k` {hi}" for hi in max_ks for lo in min_ks
+                     for t in mean_ks if lo <= hi and not _reaches(t, lo, hi)])
     adaptive = []
     for bank in banks.values():
         meta = bank.metadata
@@ -164,7 +257,7 @@ def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | Non
                     if min_k > max_k:
                         continue
                     same = dict(max_k=max_k, min_k=min_k, kernel=meta.kernel, statistic=meta.statistic, trim=meta.trim)
-                    targets = [t for t in mean_ks if min_k + 0.5 <= t <= max_k]
+                    targets = [t for t in mean_ks if _reaches(t, min_k, max_k)]  # the others: warned above
                     levels = list(alphas)
                     per_layer = [tuple(row) for row in layer_alphas]
                     for t in targets:

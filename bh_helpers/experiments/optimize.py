@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+from bh_helpers._locks import new_output, refuse_existing
 from bh_helpers.experiments.configs import CONTROLS, controls_by_adaptive
 
 __all__ = ["OPTIMIZE_COLUMNS", "optimize", "save_routing_config"]
@@ -131,8 +132,7 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
 
     if not isinstance(key, str):
         raise ValueError("no configuration was picked (`key` is empty: nothing fits the budget); nothing to save.")
-    if Path(path).exists():
-        raise ValueError(f"{str(path)!r} exists; pass a new file name (nothing is overwritten).")
+    refuse_existing(path, "`path`")  # before the work; again under the lock
     config = config_of(results, key)
     bank = None
     if config.method in FDR_METHODS or weights == "inverse_p":
@@ -146,5 +146,7 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
                 raise ValueError(f"`nulls` {str(nulls)!r} has no bank {name!r} (it has {sorted(banks)}).")
             folder = folder / name.replace("/", "-")
         bank = str(folder.resolve())
-    config.routing_config(bank=bank, weights=weights).to_json(path)
+    routing = config.routing_config(bank=bank, weights=weights)
+    with new_output(path, "`path`"):  # one writer: a second optimize --save-config to this file is refused
+        routing.to_json(path)
     return config

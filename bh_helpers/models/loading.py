@@ -329,7 +329,13 @@ def load_model(
         # Load straight onto the GPU: Colab has less host RAM than a staged copy of OLMoE needs.
         kwargs["device_map"] = str(device)
         placed = True
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except SafetensorError as err:  # truncated or damaged weights: not an OSError, say which model and what to do
+        raise ValueError(f"`name` {name!r}: its weights cannot be read ({str(err).splitlines()[0]}); the "
+                         "safetensors file is incomplete or damaged: download or save the model again.") from None
     check_supported_moe(model)
     if not placed:
         model.to(device)

@@ -19,6 +19,7 @@ from bh_helpers.models.loading import load_corpus_slice
 
 __all__ = [
     "EVAL_DATASETS",
+    "MIN_CALIBRATION_TEXT_TOKENS",
     "SPLITS",
     "calibration_texts",
     "calibration_token_ids",
@@ -27,6 +28,7 @@ __all__ = [
     "dataset_description",
     "encode",
     "eos_id",
+    "read_text_file",
     "evaluation_texts",
     "split_name",
 ]
@@ -47,7 +49,9 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def _read_text_file(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """The text of a UTF-8 file; ValueError naming it when it is missing, not UTF-8 or empty."""
+    path = Path(path)
     if not path.is_file():
         raise ValueError(f"text file {str(path)!r} does not exist.")
     try:
@@ -75,7 +79,7 @@ def calibration_token_ids(tokenizer, *, max_tokens: int, text_file: str | os.Pat
     max_tokens = check_int("max_tokens", max_tokens, 1)
     eos = eos_id(tokenizer)
     if text_file is not None:
-        return encode(tokenizer, _read_text_file(Path(text_file)))[:max_tokens]
+        return encode(tokenizer, read_text_file(Path(text_file)))[:max_tokens]
     out: list[int] = []
     for domain, budget in (("prose", max_tokens // 2), ("code", max_tokens - max_tokens // 2)):
         stream: list[int] = []
@@ -134,7 +138,7 @@ def _dataset_documents(name: str) -> tuple[list[str], str]:
         return list(embedded_fixture("wikitext2")), _DESCRIPTIONS[name]
     path = Path(name)
     if path.suffix == ".txt" and path.exists():
-        return [_read_text_file(path)], dataset_description(name)
+        return [read_text_file(path)], dataset_description(name)
     raise ValueError(
         f"unknown data set {name!r}; use one of {list(EVAL_DATASETS)} or a path to an existing .txt file."
     )
@@ -197,13 +201,17 @@ def _first_tokens(docs, tokenizer, max_tokens: int) -> list[str]:
     return out
 
 
+#: Fewest tokens :func:`calibration_texts` takes: two per half, one scored token each.
+MIN_CALIBRATION_TEXT_TOKENS = 4
+
+
 def calibration_texts(tokenizer, *, max_tokens: int) -> list[str]:
     """Documents of the embedded calibration slice, about ``max_tokens`` tokens: half prose, half code.
 
     The text :func:`calibration_token_ids` tokenises, as documents (for perplexity on calibration
     text, e.g. when fitting a static per-layer allocation).
     """
-    max_tokens = check_int("max_tokens", max_tokens, 2)
+    max_tokens = check_int("max_tokens", max_tokens, MIN_CALIBRATION_TEXT_TOKENS)
     out: list[str] = []
     for domain, budget in (("prose", max_tokens // 2), ("code", max_tokens - max_tokens // 2)):
         out += _first_tokens([r["text"] for r in load_corpus_slice("calibration", domain=domain)], tokenizer, budget)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bh_helpers._clock import utc_timestamp
+from bh_helpers._locks import new_output, refuse_existing
 from bh_helpers._validate import check_choice, check_finite_logits, check_int, is_int
 from bh_helpers.nulls.kernels import _GRID_MIN_PER_EXPERT, VALID_BANDWIDTHS, VALID_KERNELS
 from bh_helpers.nulls.columns import bandwidth_value, check_spread, default_grid_size, fit_column
@@ -26,7 +27,10 @@ from bh_helpers.nulls.statistics import check_statistic, check_trim, fit_values
 from bh_helpers.nulls.bank import NullBank
 from bh_helpers.nulls.metadata import NullBankMetadata, library_version, parse_fingerprint, schema_version_for
 
-__all__ = ["fit_null", "fit_null_bank"]
+__all__ = ["MIN_GRID_SIZE", "check_fit_options", "fit_captured", "fit_null", "fit_null_bank"]
+
+#: Fewest grid points of a null (a coarser grid misplaces the CDF's interpolation).
+MIN_GRID_SIZE = 16
 
 # ---------------------------------------------------------------------------------------------
 # Input validation
@@ -159,8 +163,7 @@ def fit_null(
     bandwidth = _check_bandwidth(bandwidth, kernel)
     if not isinstance(per_expert, bool):
         raise ValueError(f"`per_expert` must be True or False, got {per_expert!r}")
-    if grid_size is not None:
-        check_int("grid_size", grid_size, 16)  # or None: the default
+    check_fit_options(kernel=kernel, grid_size=grid_size, statistic=statistic, trim=trim)
     statistic = check_statistic(statistic)
     if per_expert and trim:
         raise ValueError("`trim` needs a pooled null: with per_expert=True each expert's column would lose "
@@ -330,7 +333,7 @@ def fit_null_bank(
     return NullBank(nulls, metadata)
 
 
-def fit_captured(captured: Any, *, kernel: str = "gaussian", grid_size: int | None = 8192, model_id: str = "tiny",
+def fit_captured(captured: Any, *, kernel: str = "gaussian", grid_size: int | None = 8192, model_id: str | None = None,
                  calibration: str | None = None, out_dir: str | os.PathLike | None = None, statistic: str = "raw",
                  trim: int = 0) -> NullBank:
     """Fit one null per layer on a calibration capture, with its provenance, and optionally save it.
@@ -345,26 +348,61 @@ def fit_captured(captured: Any, *, kernel: str = "gaussian", grid_size: int | No
         Per-token statistic and trim (:func:`fit_null_bank`).
     grid_size : int or None, default 8192
         Grid points per layer (None: the library default, larger files).
-    model_id, calibration : str
-        Provenance for the bank's metadata (``calibration`` defaults to the capture file's).
+    model_id, calibration : str, optional
+        Provenance for the bank's metadata (default: the capture file's; ``"tiny"`` for logits).
     out_dir : path-like, optional
-        Save the bank there.
+        Save the bank there: a new folder, or one without a bank (a bank is never overwritten; the
+        folder is locked while the bank is fitted and written, so a second writer is refused).
 
     Returns
     -------
     NullBank
     """
-    from bh_helpers.capture import CapturedLogits
+    import contextlib
 
+    from bh_helpers.capture import CapturedLogits
+    from bh_helpers.nulls.bank import METADATA_NAME
+
+    check_fit_options(kernel=kernel, grid_size=grid_size, statistic=statistic, trim=trim)  # before reading anything
+    holds = {"folder": True, "exists": lambda d: (d / METADATA_NAME).exists(), "holds": "already holds a null bank"}
+    if out_dir is not None:
+        refuse_existing(out_dir, "`out_dir`", **holds)
     meta: dict = {}
     if isinstance(captured, (str, os.PathLike)):
         captured, meta = CapturedLogits.load(captured)
     if calibration is None:
         calibration = meta.get("calibration", f"{captured.num_tokens} captured tokens")
-    fingerprint = json.loads(meta["router_fingerprint"]) if "router_fingerprint" in meta else None
-    bank = fit_null_bank(captured, kernel=kernel, grid_size=grid_size, model_id=model_id, statistic=statistic, trim=trim,
-                         calibration=f"{calibration} ({captured.num_tokens} tokens used)",
-                         router_fingerprint=None if fingerprint is None else {int(k): v for k, v in fingerprint.items()})
-    if out_dir is not None:
-        bank.save(out_dir)
+    if model_id is None:
+        model_id = meta.get("model_id", "unknown" if meta else "tiny")
+    experts = {tuple(logits.shape)[-1] for logits in captured.logits.values()}
+    check_trim(trim, min(experts) if experts else None)  # against the capture's experts, before the folder is made
+    try:
+        fingerprint = json.loads(meta["router_fingerprint"]) if "router_fingerprint" in meta else None
+        fingerprint = None if fingerprint is None else {int(k): v for k, v in fingerprint.items()}
+    except (ValueError, AttributeError):
+        raise ValueError("the capture's router_fingerprint is unreadable: the file is damaged or was edited after "
+                         "`bh-routing capture`; capture again.") from None
+    with contextlib.ExitStack() as stack:
+        if out_dir is not None:  # one writer: a second fit into the same folder is refused at once
+            stack.enter_context(new_output(out_dir, "`out_dir`", **holds))
+        bank = fit_null_bank(captured, kernel=kernel, grid_size=grid_size, model_id=model_id, statistic=statistic,
+                             trim=trim, calibration=f"{calibration} ({captured.num_tokens} tokens used)",
+                             router_fingerprint=fingerprint)
+        if out_dir is not None:
+            bank.save(out_dir)
     return bank
+
+
+def check_fit_options(*, kernel: str, grid_size: int | None, statistic: str, trim: int,
+                      num_experts: int | None = None) -> None:
+    """The options of a fit, checked before any logit is read (the one check of :func:`fit_null`,
+    :func:`fit_captured`, ``bh-routing fit`` and the demo's settings).
+
+    ``grid_size`` may be None (the default resolution); with ``num_experts`` the trim is checked
+    against it (two values per token must remain).
+    """
+    _check_kernel(kernel)
+    if grid_size is not None:
+        check_int("grid_size", grid_size, MIN_GRID_SIZE)
+    check_statistic(statistic)
+    check_trim(trim, num_experts)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from bh_helpers._locks import check_kind, exclusive, lock_path
 from bh_helpers.capture import _model_device
 from bh_helpers.experiments.categories import analyze_categories, load_prompt_sets
 from bh_helpers.experiments.comparison import compare_with_controls
@@ -151,7 +152,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     Path
         ``report.md``.
     """
-
+    check_kind(out_dir, "`out_dir`", folder=True)  # before the work, not when the report is written
     if isinstance(results, (str, os.PathLike)):
         results = load_results(results)
     if not len(results):
@@ -163,8 +164,7 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         counts = [len(w) for w in results["window_nll"] if isinstance(w, list)]
         if counts:
             comparison.attrs["windows"] = min(counts)  # the verdict refuses to speak below MIN_WINDOWS
-    if weights is None:
-        weights = _protocol_from_results(results).get("weights") or "softmax"
+    weights = weights or _protocol_from_results(results).get("weights") or "softmax"  # default: the sweep's
     figures = _sweep_figures(results, comparison)
     first_set = results["dataset"].iloc[0]
     featured = _featured(frontier, comparison) if len(frontier) else None
@@ -220,16 +220,18 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         tokens = [tokenizer.decode([i]) for i in ids]
         figures[f"per-token experts, {config.label()}"] = plots.plot_token_view(
             tokens, k, vmin=1, vmax=config.max_k, title=f"experts per token (mean over layers), {config.label()}")
-    path = write_report(
-        out_dir, results=results, frontier=frontier, figures=figures, protocol=_protocol_from_results(results),
-        model_info=_model_info(model, model_id) if model is not None else {"model": model_id},
-        null_metadata=_bank_metadata(null_bank), tables=tables,
-        notes="\n\n".join(notes) if notes else None, comparison=comparison,
-    )
-    for fig in figures.values():
-        fig.clf()
-    write_summary(out_dir, results=results, comparison=comparison, protocol=_protocol_from_results(results),
-                  model_info=_model_info(model, model_id) if model is not None else {"model": model_id})
+    # one writer: another process writing this folder (a demo, a report) is refused, not interleaved
+    with exclusive(lock_path(out_dir, folder=True), what=f"report folder {str(out_dir)!r}", flag="`out_dir`"):
+        path = write_report(
+            out_dir, results=results, frontier=frontier, figures=figures, protocol=_protocol_from_results(results),
+            model_info=_model_info(model, model_id) if model is not None else {"model": model_id},
+            null_metadata=_bank_metadata(null_bank), tables=tables,
+            notes="\n\n".join(notes) if notes else None, comparison=comparison,
+        )
+        for fig in figures.values():
+            fig.clf()
+        write_summary(out_dir, results=results, comparison=comparison, protocol=_protocol_from_results(results),
+                      model_info=_model_info(model, model_id) if model is not None else {"model": model_id})
     return path
 
 
