@@ -354,7 +354,14 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(args.model, device="cpu", dtype=torch.float32)
     model_dir = Path(args.model) if Path(args.model).is_dir() else EMBEDDED_MODEL_DIR
     out = args.out or model_dir
-    counts, n_train = train_unigram_counts(args.corpus, model.config.vocab_size)
+    card = out / "card_metrics.json"
+    if not all((args.corpus / f"tokens_train_{d}.npy").is_file() for d in DOMAINS) and card.is_file():
+        # the train tokens are not rebuilt here: the card's own counts are the same training tokens'
+        counts = np.asarray(json.loads(card.read_text())["unigram"]["counts"], dtype=np.int64)
+        n_train = int(counts.sum())
+        print(f"unigram counts from {card} ({args.corpus}/tokens_train_*.npy absent)")
+    else:
+        counts, n_train = train_unigram_counts(args.corpus, model.config.vocab_size)
     records = load_corpus_slice("evaluation")
     metrics = evaluate(model, tokenizer, records, counts, args.max_windows)
     metrics["unigram"] = {"fitted_on": "corpus_build/tokens_train_{prose,code}.npy", "smoothing": "add-one",

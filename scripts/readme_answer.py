@@ -6,8 +6,9 @@ Usage::
     python scripts/readme_answer.py --from bh_routing_output   # copy report + figure to docs/, rewrite the section
     python scripts/readme_answer.py --check                     # the section == rendering of docs/demo_report.md
 
-The section holds the report's ``## Verdict`` and ``## Against compute-matched controls`` as the
-demo wrote them, the controls figure, and the run's settings and wall time (``steps.json``).
+The section holds the report's ``## Verdict``, ``## Against compute-matched controls`` and (when
+the report has it) ``## Task accuracy beside perplexity`` as the demo wrote them, the controls
+figure, and the run's settings and wall time (``steps.json``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ FIGURE = ROOT / "docs" / "demo_controls.png"
 RUN = ROOT / "docs" / "demo_run.json"
 START, END = "<!-- answer: python scripts/readme_answer.py -->", "<!-- end answer -->"
 SECTIONS = ("## Verdict", "## Against compute-matched controls")
+TASKS = "## Task accuracy beside perplexity"  # copied too when the report has it
 
 
 def _section(report: str, heading: str) -> str:
@@ -50,7 +52,8 @@ def render() -> str:
     return relative_links("\n".join([
         START, settings, "", _section(report, SECTIONS[0]), "",
         f"![adaptive rows against their compute-matched controls]({FIGURE.relative_to(ROOT).as_posix()})", "",
-        _section(report, SECTIONS[1]), END,
+        _section(report, SECTIONS[1]),
+        *(["", "**Task accuracy beside perplexity.** " + _section(report, TASKS)] if TASKS in report else []), END,
     ]), page_with(START))
 
 

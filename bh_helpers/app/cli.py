@@ -357,6 +357,7 @@ def _cmd_demo(args) -> int:
     print(f"{'resumed' if result.resumed else 'finished'} in {time.perf_counter() - t0:.0f} s: "
           f"{len(result.frontier)} adaptive rows, {n_bh} inside the static top-k range, each beside its "
           "compute-matched controls")
+    print("seconds per step: " + ", ".join(f"{name} {sec:.0f}" for name, sec in result.timings.items()))
     print(f"report:  {result.report_path}")
     print(f"results: {result.results_path}")
     if result.peak_gpu_gib:

@@ -44,6 +44,7 @@ from bh_helpers.experiments.grids import check_grid, check_grid_fits, sweep_grid
 from bh_helpers.experiments.evaluate import check_protocol, perplexity_sweep
 from bh_helpers.experiments.frontier import compute_frontier
 from bh_helpers.experiments.k_matching import RoutedBudget
+from bh_helpers.experiments.task_accuracy import task_accuracy_table
 from bh_helpers.experiments.tune_confirm import confirmation_configs, pick_on_tuning
 from bh_helpers.experiments.static_allocation import (
     ALLOCATION_METHODS,
@@ -320,7 +321,6 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
     """
     import torch
 
-
     settings = settings or DemoSettings()
     out = Path(out_dir)
     _check_folder(out, settings)  # fail fast, before loading the model; checked again under the lock
@@ -350,8 +350,7 @@ def _static_path(path: Path, model, tokenizer, settings: DemoSettings, progress:
 
 def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resumed: bool, step, timings: dict,
                      peaks: dict, progress: bool) -> DemoResult:
-    """:func:`run_demo` once it holds the output folder's lock: capture, fit, sweep, report."""
-
+    """:func:`run_demo` once it holds the output folder's lock: capture, fit, sweep, task accuracy, report."""
     if not resumed:
         tmp = out / (SETTINGS_NAME + ".tmp")
         tmp.write_text(json.dumps({"settings": settings.to_dict(),
@@ -404,9 +403,11 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
                             results_path=results_path,
                             datasets=[split_name(d, "confirm") for d in settings.datasets])
 
+    with step("task accuracy"):  # last-word and multiple-choice accuracy of each verdict row and its strongest control
+        tasks = task_accuracy_table(model, tokenizer, results, null_bank=banks, static_path=static_path, weights=settings.weights)
     with step("report"):
         report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=banks,
-                             model_id=settings.model, categories=settings.categories, seed=settings.seed,
+                             model_id=settings.model, categories=settings.categories, seed=settings.seed, tasks=tasks,
                              weights=settings.weights, calibration=calibration, tuning=tuning, progress=progress)
 
     (out / STEPS_NAME).write_text(json.dumps({

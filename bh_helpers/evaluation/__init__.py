@@ -2,7 +2,7 @@
 
 - :mod:`bh_helpers.evaluation.scoring`  perplexity (windowed), memory-bounded
   scoring of token losses, batch sizes that fit
-- :mod:`bh_helpers.evaluation.tasks`    multiple-choice (HellaSwag) accuracy, the check of the lm-eval model
+- :mod:`bh_helpers.evaluation.tasks`    last-word (LAMBADA) and multiple-choice (HellaSwag) accuracy
 - :mod:`bh_helpers.evaluation.speed`    prefill and decode throughput; relative expert compute
 - :mod:`bh_helpers.evaluation.lm_eval`  an lm-evaluation-harness model that routes (optional extra)
 """

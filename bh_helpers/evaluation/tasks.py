@@ -1,4 +1,4 @@
-"""Task accuracy by continuation scoring: multiple choice (HellaSwag).
+"""Task accuracy by continuation scoring: last word (LAMBADA) and multiple choice (HellaSwag).
 
 Context and continuation are tokenized separately (no special tokens) and concatenated; an
 empty context becomes a single EOS token; a request longer than the model's context is truncated
@@ -8,6 +8,8 @@ evaluation function, these take ``model, tokenizer`` and leave routing to the ca
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -27,7 +29,45 @@ from bh_helpers.evaluation.scoring import (
     _right_pad,
 )
 
-__all__ = ["MultipleChoiceResult", "multiple_choice_accuracy"]
+__all__ = ["LastWordResult", "MultipleChoiceResult", "last_word_accuracy", "multiple_choice_accuracy", "split_last_word"]
+
+
+def _scalars(result) -> dict:
+    """The scalar fields of a result dataclass (no per-example lists), for sweeps and tables."""
+    return {f.name: getattr(result, f.name) for f in fields(result) if not isinstance(getattr(result, f.name), list)}
+
+
+@dataclass(frozen=True)
+class LastWordResult:
+    """LAMBADA-style last-word accuracy.
+
+    Attributes
+    ----------
+    accuracy : float
+        Fraction of examples whose whole target word is reproduced by greedy decoding.
+    n_correct, n_examples : int
+    perplexity : float
+        ``exp`` of the mean per-example target NLL (lm-eval's LAMBADA ``perplexity``).
+    correct : list of bool
+        Per example.
+    target_nll : list of float
+        Per example, summed over the target's tokens (nats).
+    predictions : list of list of int
+        Per example, the argmax token at each target position. Up to and including the first
+        wrong position this is exactly what greedy decoding produces.
+    """
+
+    accuracy: float
+    n_correct: int
+    n_examples: int
+    perplexity: float
+    correct: list = field(default_factory=list)
+    target_nll: list = field(default_factory=list)
+    predictions: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Scalar metrics only (no per-example lists), for sweeps and tables."""
+        return _scalars(self)
 
 
 @dataclass(frozen=True)
@@ -45,6 +85,8 @@ class MultipleChoiceResult:
     acc_per_token : float
         Per-token normalised: mean log-likelihood over the ending's tokens.
     n_examples : int
+    correct : list of bool
+        Per example, whether ``acc`` counted it (the largest summed log-likelihood is the label's).
     loglik : list of list of float
         Per example and ending, summed log-likelihood (nats) of ``" " + ending``.
     n_chars, n_tokens : list of list of int
@@ -55,19 +97,22 @@ class MultipleChoiceResult:
     acc_norm: float
     acc_per_token: float
     n_examples: int
+    correct: list = field(default_factory=list)
     loglik: list = field(default_factory=list)
     n_chars: list = field(default_factory=list)
     n_tokens: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """Scalar metrics only (no per-example lists), for sweeps and tables."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not isinstance(getattr(self, f.name), list)}
+        return _scalars(self)
 
 
 @dataclass(frozen=True)
 class _ContinuationScore:
     logprob: float  # summed over the continuation tokens (nats)
     n_tokens: int
+    greedy: bool = False  # argmax equals the token at every continuation position
+    argmax: list = field(default_factory=list)  # argmax token per continuation position
 
 
 def _build_request(tokenizer, context: str, continuation: str, limit: int | None) -> tuple[list[int], list[int]]:
@@ -110,8 +155,109 @@ def _score_continuations(
                 lp = torch.log_softmax(to_logits(states[i, start : start + len(cont)]).float(), dim=-1)  # (L, V)
                 target = torch.as_tensor(cont, device=device)
                 token_lp = lp.gather(-1, target[:, None]).squeeze(-1)  # (L,)
-                results[j] = _ContinuationScore(logprob=float(token_lp.double().sum()), n_tokens=len(cont))
+                argmax = lp.argmax(-1)  # (L,)
+                results[j] = _ContinuationScore(logprob=float(token_lp.double().sum()), n_tokens=len(cont),
+                                                greedy=bool((argmax == target).all()), argmax=argmax.tolist())
     return results  # type: ignore[return-value]
+
+
+_LAST_WORD = re.compile(r"^(.*\S)(\s+\S+)\s*$", re.DOTALL)
+
+
+def split_last_word(text: str) -> tuple[str, str]:
+    """Split ``text`` into ``(context, target)`` at its last whitespace-separated word.
+
+    The whitespace before the last word belongs to the target (``"a b c" -> ("a b", " c")``),
+    as in lm-eval's LAMBADA task; trailing whitespace is dropped.
+
+    Raises
+    ------
+    ValueError
+        When ``text`` has fewer than two words.
+
+    Examples
+    --------
+    >>> split_last_word("the cat sat on the mat")
+    ('the cat sat on the', ' mat')
+    """
+    m = _LAST_WORD.match(text)
+    if m is None:
+        raise ValueError(f"example text must contain at least two words, got {text!r}.")
+    return m.group(1), m.group(2)
+
+
+def _last_word_pair(example) -> tuple[str, str]:
+    if isinstance(example, str):
+        return split_last_word(example)
+    if isinstance(example, Mapping):
+        if "context" in example and "target" in example:
+            return str(example["context"]), str(example["target"])
+        if "text" in example:
+            return split_last_word(str(example["text"]))
+    raise ValueError(
+        "each example must be a string, a {'text': ...} dict, or a {'context', 'target'} dict; "
+        f"got {example!r}."
+    )
+
+
+def last_word_accuracy(
+    model,
+    tokenizer,
+    examples: Iterable[str | Mapping[str, str]],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> LastWordResult:
+    """LAMBADA-style accuracy: does greedy decoding reproduce the final word exactly?
+
+    Parameters
+    ----------
+    examples : iterable of str or dict
+        ``"text"`` strings or ``{"text": ...}`` dicts (split with :func:`split_last_word`: the
+        target is the last whitespace-separated word with the whitespace before it), or explicit
+        ``{"context": ..., "target": ...}`` dicts.
+    batch_size : int
+        Examples per forward pass.
+    progress : bool
+        Show a tqdm bar.
+
+    Returns
+    -------
+    LastWordResult
+
+    Notes
+    -----
+    The target may span several tokens. It is checked teacher-forced in one forward pass over
+    ``context + target[:-1]``: an example is correct iff the argmax at every target position
+    equals the target token. This is equivalent to greedy-decoding ``len(target)`` tokens from
+    the context and comparing them: if the first ``j`` greedy tokens equal the target's, greedy
+    decoding's input at step ``j`` is exactly the teacher-forced input, so the two argmaxes
+    agree; by induction all match iff greedy decoding emits the target. (Argmax ties break to
+    the lowest index in both. Incremental decoding with a KV cache can differ from a full
+    forward pass in the last floating-point bits, which matters only at near-ties.)
+    """
+    check_int("batch_size", batch_size, 1)
+    pairs = [_last_word_pair(ex) for ex in examples]
+    if not pairs:
+        raise ValueError("`examples` is empty.")
+    limit = _context_length(model)
+    requests = [_build_request(tokenizer, c, t, limit) for c, t in pairs]
+    scores = _score_continuations(
+        model, requests, pad_id=_pad_id(tokenizer), batch_size=batch_size, progress=progress,
+        desc="last-word accuracy",
+    )
+    correct = [s.greedy for s in scores]
+    nll = [-s.logprob for s in scores]
+    n_correct = sum(correct)
+    return LastWordResult(
+        accuracy=n_correct / len(scores),
+        n_correct=n_correct,
+        n_examples=len(scores),
+        perplexity=math.exp(sum(nll) / len(nll)),
+        correct=correct,
+        target_nll=nll,
+        predictions=[s.argmax for s in scores],
+    )
 
 
 def _check_mc_example(i: int, ex) -> tuple[str, list[str], int]:
@@ -166,7 +312,7 @@ def multiple_choice_accuracy(
         model, requests, pad_id=_pad_id(tokenizer), batch_size=batch_size, progress=progress,
         desc="multiple choice",
     )
-    loglik, n_chars, n_tokens = [], [], []
+    loglik, n_chars, n_tokens, correct = [], [], [], []
     hits = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
     pos = 0
     for context, endings, label in parsed:
@@ -179,7 +325,10 @@ def multiple_choice_accuracy(
             ("acc_norm", [a / c for a, c in zip(ll, nc)]),
             ("acc_per_token", [a / t for a, t in zip(ll, nt)]),
         ):
-            hits[name] += int(max(range(len(values)), key=values.__getitem__) == label)
+            hit = max(range(len(values)), key=values.__getitem__) == label
+            hits[name] += int(hit)
+            if name == "acc":
+                correct.append(bool(hit))
         loglik.append(ll)
         n_chars.append(nc)
         n_tokens.append(nt)
@@ -189,6 +338,7 @@ def multiple_choice_accuracy(
         acc_norm=hits["acc_norm"] / n,
         acc_per_token=hits["acc_per_token"] / n,
         n_examples=n,
+        correct=correct,
         loglik=loglik,
         n_chars=n_chars,
         n_tokens=n_tokens,

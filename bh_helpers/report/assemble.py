@@ -30,14 +30,14 @@ from bh_helpers.experiments.sweep import load_balance_table, load_results
 from bh_helpers.models.families import moe_shape
 from bh_helpers.models.texts import dataset_description, encode
 from bh_helpers.report import plots
-from bh_helpers.report.verdict import comparison_markdown
+from bh_helpers.report.verdict import comparison_markdown, task_accuracy_markdown
 from bh_helpers.report.write import write_report
 from bh_helpers.routing.patch import route
 from bh_helpers.nulls.bank import NullBank
 from bh_helpers.selection.controls import MixedTopKSelector
 from bh_helpers.selection.selectors import NativeSelector
 
-__all__ = ["SUMMARY_NAME", "report_step", "write_summary"]
+__all__ = ["SUMMARY_NAME", "TASKS_HEADING", "report_step", "write_summary"]
 
 
 def _protocol_from_results(results) -> dict:
@@ -118,7 +118,7 @@ def _model_info(model, model_id: str) -> dict:
 def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=None, null_bank=None,
                 model_id: str = "tiny", categories: bool = True, prompt_sets=None, seed: int = 0,
                 weights: str | None = None, extra_notes: str | None = None, calibration=None,
-                tuning=None, progress: bool = True) -> Path:
+                tuning=None, tasks=None, progress: bool = True) -> Path:
     """Frontier, figures, optional category analysis and token view, then ``report.md``.
 
     Parameters
@@ -145,6 +145,9 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         The tuning sweep whose picks ``results`` confirms (``results`` then holds the
         confirmation split only, and the verdict is read there); its comparison goes into a
         "Tuning split" section.
+    tasks : pandas.DataFrame, optional
+        :func:`bh_helpers.experiments.task_accuracy.task_accuracy_table` of ``results``: a
+        "Task accuracy beside perplexity" section and ``summary.json``'s ``tasks``.
     progress : bool
 
     Returns
@@ -169,7 +172,8 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     first_set = results["dataset"].iloc[0]
     featured = _featured(frontier, comparison) if len(frontier) else None
     config = config_of(results, featured["key"]) if featured is not None else None
-    tables: dict[str, Any] = {"Budget optimiser": _optimiser_section(results)}
+    tables: dict[str, Any] = {**({TASKS_HEADING: task_accuracy_markdown(tasks)} if tasks is not None else {}),
+                              "Budget optimiser": _optimiser_section(results)}
     if any(str(c).startswith("per_layer_utilisation_cv.") for c in results.columns):
         tables["Load balance"] = load_balance_table(results).round(3).to_dict("records")
     if calibration is not None and null_bank is not None:
@@ -231,11 +235,13 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         for fig in figures.values():
             fig.clf()
         write_summary(out_dir, results=results, comparison=comparison, protocol=_protocol_from_results(results),
-                      model_info=_model_info(model, model_id) if model is not None else {"model": model_id})
+                      model_info=_model_info(model, model_id) if model is not None else {"model": model_id}, tasks=tasks)
     return path
 
 
 SUMMARY_NAME = "summary.json"
+#: The report section of :func:`bh_helpers.report.verdict.task_accuracy_markdown` (docs/results.md copies it).
+TASKS_HEADING = "Task accuracy beside perplexity"
 
 
 def _finite(value: Any) -> Any:
@@ -248,7 +254,7 @@ def _finite(value: Any) -> Any:
 
 
 def write_summary(out_dir: str | os.PathLike, *, results, comparison=None, protocol: Mapping[str, Any] | None = None,
-                  model_info: Mapping[str, Any] | None = None) -> Path:
+                  model_info: Mapping[str, Any] | None = None, tasks=None) -> Path:
     """``summary.json`` beside ``report.md``: the verdict, every row's numbers, versions and settings.
 
     The machine-readable twin of the report (as lm-eval's ``results.json``): ``verdict`` (the
@@ -256,7 +262,8 @@ def write_summary(out_dir: str | os.PathLike, *, results, comparison=None, proto
     at their compute, and the smallest number of scoring windows), ``comparison`` (each adaptive
     row beside its controls, with 95% intervals), ``rows`` (every configuration and data set:
     perplexity and mean experts per token), ``versions`` and ``settings`` (the protocol, the
-    model, and the demo's ``run.json`` settings when the folder has one).
+    model, and the demo's ``run.json`` settings when the folder has one), and ``tasks`` (last-word and
+    multiple-choice accuracy of each verdict row and its strongest control, when measured).
 
     Returns
     -------
@@ -290,7 +297,8 @@ def write_summary(out_dir: str | os.PathLike, *, results, comparison=None, proto
     run = out / "run.json"
     if run.is_file():
         settings["demo"] = json.loads(run.read_text(encoding="utf-8")).get("settings")
-    summary = {"verdict": verdict, "comparison": records, "rows": rows, "settings": settings,
+    task_rows = [{k: _finite(v) for k, v in r.items()} for r in tasks.to_dict("records")] if tasks is not None else []
+    summary = {"verdict": verdict, "comparison": records, "rows": rows, "tasks": task_rows, "settings": settings,
                "versions": {"bh-routing": __version__, "torch": torch.__version__,
                             "transformers": transformers.__version__, "python": platform.python_version()}}
     path = out / SUMMARY_NAME
