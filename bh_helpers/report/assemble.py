@@ -224,18 +224,16 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
         tokens = [tokenizer.decode([i]) for i in ids]
         figures[f"per-token experts, {config.label()}"] = plots.plot_token_view(
             tokens, k, vmin=1, vmax=config.max_k, title=f"experts per token (mean over layers), {config.label()}")
+    info = _model_info(model, model_id) if model is not None else {"model": model_id}
+    protocol = _protocol_from_results(results)
     # one writer: another process writing this folder (a demo, a report) is refused, not interleaved
     with exclusive(lock_path(out_dir, folder=True), what=f"report folder {str(out_dir)!r}", flag="`out_dir`"):
-        path = write_report(
-            out_dir, results=results, frontier=frontier, figures=figures, protocol=_protocol_from_results(results),
-            model_info=_model_info(model, model_id) if model is not None else {"model": model_id},
-            null_metadata=_bank_metadata(null_bank), tables=tables,
-            notes="\n\n".join(notes) if notes else None, comparison=comparison,
-        )
+        path = write_report(out_dir, results=results, frontier=frontier, figures=figures, protocol=protocol,
+                            model_info=info, null_metadata=_bank_metadata(null_bank), tables=tables,
+                            notes="\n\n".join(notes) if notes else None, comparison=comparison)
         for fig in figures.values():
             fig.clf()
-        write_summary(out_dir, results=results, comparison=comparison, protocol=_protocol_from_results(results),
-                      model_info=_model_info(model, model_id) if model is not None else {"model": model_id}, tasks=tasks)
+        write_summary(out_dir, results=results, comparison=comparison, protocol=protocol, model_info=info, tasks=tasks)
     return path
 
 
