@@ -72,7 +72,8 @@ def check_level(name: str, value: Any, *, example: str = "0.05") -> float:
 
 #: API names whose flag is not simply ``--name`` or its plural (``alpha`` -> ``--alphas`` is found by itself).
 _IRREGULAR_FLAGS = {"mean_k": "--mean-ks", "target_mean_k": "--mean-ks", "out_dir": "--out", "results_path": "--results",
-                    "text_file": "--text-file", "num_threads": "--threads", "null_bank": "--nulls", "path": "--results"}
+                    "text_file": "--text-file", "num_threads": "--threads", "null_bank": "--nulls", "path": "--results",
+                    "allow_unverified": "--allow-unverified-bank"}
 
 
 def as_flags(message: str, options: set[str]) -> str:

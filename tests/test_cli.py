@@ -497,3 +497,50 @@ def test_demo_tunes_on_one_half_and_states_the_verdict_on_the_other(tmp_path):
     verdict = report.split("## Verdict")[1].split("\n## ")[0]
     assert "prose:confirm" in verdict and "prose:tune" not in verdict.split("Tune, then confirm")[0]
     assert "## Tuning split" in report and (out / "static_allocation.json").is_file()
+
+
+def _results_with_a_bh_pick(path):
+    """A results file of a tiny grid (native, top-2, one BH row that is the best within budget 4)."""
+    from bh_helpers.experiments.sweep import SweepConfig, run_sweep
+
+    configs = [SweepConfig("native"), SweepConfig("topk", k=2),
+               SweepConfig("bh", alpha=0.5, max_k=8, min_k=1, kernel="gaussian")]
+    metrics = {"native": (8.0, 15.0), "topk": (2.0, 30.0), "bh": (3.0, 20.0)}
+
+    def evaluate(config, name):
+        k, ppl = metrics[config.method]
+        return {"mean_experts_per_token": k, "perplexity": ppl}
+
+    run_sweep(configs, ["prose"], evaluate, path, progress=False)
+    return path
+
+
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_commands_refuse_a_bank_without_checksum_and_name_the_opt_in_flag(tmp_path, capsys):
+    """`optimize --save-config`, `sweep` and `report` load --nulls: a bank without its metadata checksum is one
+    line naming --allow-unverified-bank; with the flag it loads (warning) and the saved config opts in too."""
+    from bh_helpers.app.paths import default_null_bank_dir
+    from bh_helpers.engines.config import RoutingConfig
+    from bh_helpers.nulls.metadata import BANK_DIGEST
+
+    bank = tmp_path / "old_bank"
+    shutil.copytree(default_null_bank_dir("tiny"), bank)
+    meta = json.loads((bank / "metadata.json").read_text())
+    (bank / "metadata.json").write_text(json.dumps({k: v for k, v in meta.items() if k != BANK_DIGEST}))
+    results = _results_with_a_bh_pick(tmp_path / "r.jsonl")
+    base = ["optimize", "--results", str(results), "--budget", "4", "--nulls", str(bank)]
+    assert cli.main([*base, "--save-config", str(tmp_path / "a.json")]) == 2
+    _one_line_error(capsys, "no checksum", "--allow-unverified-bank", str(bank / "metadata.json"))
+    assert not (tmp_path / "a.json").exists()
+    for argv in (["sweep", "--nulls", str(bank), "--results", str(tmp_path / "s.jsonl"), "--mean-ks", "",
+                  "--alphas", "0.5", "--datasets", "prose", "--no-progress"],
+                 ["report", "--results", str(results), "--out", str(tmp_path / "rep"), "--nulls", str(bank)]):
+        assert cli.main(argv) == 2
+        _one_line_error(capsys, "no checksum", "--allow-unverified-bank")
+    assert not (tmp_path / "s.jsonl").exists()
+    with pytest.warns(UserWarning, match="unverified"):
+        assert cli.main([*base, "--save-config", str(tmp_path / "b.json"), "--allow-unverified-bank"]) == 0
+    config = RoutingConfig.load(tmp_path / "b.json")
+    assert config.allow_unverified_bank and config.selector == "bh"
+    with pytest.warns(UserWarning, match="unverified"):
+        config.to_selector()

@@ -153,6 +153,11 @@ def _add_controls(p: argparse.ArgumentParser) -> None:
                         "even-numbered documents of each data set, state the verdict on the odd-numbered ones)")
 
 
+def _add_unverified(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-unverified-bank", action="store_true", help="load a null bank whose metadata.json has no "
+                   "checksum or fails it (older or edited; only one you trust), with a warning")
+
+
 def _add_report(sub) -> None:
     rep = sub.add_parser("report", help="sweep.jsonl -> report.md with figures",
                          description="Write report.md (frontier table, results, figures, protocol) into a folder.")
@@ -165,6 +170,7 @@ def _add_report(sub) -> None:
     rep.add_argument("--captured", default=None,
                      help="calibration logits (`bh-routing capture`): with --nulls, adds the max_k saturation table")
     rep.add_argument("--no-categories", action="store_true", help="skip the prompt-category analysis")
+    _add_unverified(rep)
 
 
 def _add_optimize(sub) -> None:
@@ -185,6 +191,7 @@ def _add_optimize(sub) -> None:
                           "named in the saved config")
     opt.add_argument("--weights", choices=WEIGHT_MODES, default="softmax",
                      help="weights of the chosen experts in the saved config (default: softmax, the sweep's)")
+    _add_unverified(opt)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-controls", action="store_true",
                     help="skip the compute-matched controls (mixed and shuffled top-k) of each adaptive row")
     _add_model(sw)
+    _add_unverified(sw)
     _add_grid(sw)
     _add_protocol(sw)
 
@@ -411,7 +419,7 @@ def _cmd_sweep(args) -> int:
         pipeline.DemoSettings.check_model(argparse.Namespace(max_ks=args.max_ks, min_ks=args.min_ks, trims=(),
                                                              topk_max=args.topk_max, model=args.model), config)
     nulls = args.nulls or paths.default_null_bank_dir(args.model)
-    bank = NullBank.load(nulls)
+    bank = NullBank.load(nulls, allow_unverified=args.allow_unverified_bank)
     meta = bank.metadata
     if args.mean_ks and not args.captured:
         raise ValueError("--mean-ks needs --captured (calibration logits from `bh-routing capture`) to choose alpha; "
@@ -441,7 +449,7 @@ def _cmd_report(args) -> int:
     results = load_results(args.results)
     model = tok = bank = None
     if args.nulls:
-        bank = pipeline.load_banks(args.nulls)
+        bank = pipeline.load_banks(args.nulls, args.allow_unverified_bank)
         model, tok = _load(args)
     if args.captured and not args.nulls:
         raise ValueError("--captured (for the max_k saturation table) needs --nulls, the bank to test with.")
@@ -473,7 +481,7 @@ def _cmd_optimize(args) -> int:
         pick = picks.iloc[0]
         try:
             config = save_routing_config(results, pick["key"], args.save_config, nulls=args.nulls,
-                                         weights=args.weights)
+                                         weights=args.weights, allow_unverified=args.allow_unverified_bank)
         except ValueError as err:
             raise ValueError(str(err).replace("`nulls`", "--nulls").replace("`key`", "--budget")) from None
         print(f"routing config of {config.label()!r} ({pick['dataset']}) -> {args.save_config}")

@@ -14,6 +14,7 @@ Ties go to the configuration listed first in the results.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from bh_helpers.experiments.configs import CONTROLS, controls_by_adaptive
@@ -106,12 +107,15 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
     return pd.DataFrame.from_records(records, columns=OPTIMIZE_COLUMNS)
 
 
-def save_routing_config(results, key: str | None, path, *, nulls=None, weights: str = "softmax"):
+def save_routing_config(results, key: str | None, path, *, nulls=None, weights: str = "softmax",
+                        allow_unverified: bool = False):
     """Write the configuration ``key`` of ``results`` as a routing config file (JSON).
 
     The file is what ``route()`` users (``RoutingConfig.load(path).to_selector()``) and the vLLM
     plugin (``BH_ROUTING_CONFIG``) read; a BH-family configuration names its bank: ``nulls`` is the
     bank folder, or a folder of banks (the demo's ``nulls/``) holding the configuration's bank.
+    ``allow_unverified`` loads a bank without (or failing) its metadata checksum, with a warning,
+    and writes ``"allow_unverified_bank": true`` into the config so that engines load it too.
 
     Returns
     -------
@@ -139,12 +143,15 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
         if nulls is None:
             raise ValueError(f"{config.label()!r} routes with a null bank: pass `nulls`, the bank folder it used.")
         folder = Path(nulls)
-        banks = load_bank_folder(folder)
+        banks = load_bank_folder(folder, allow_unverified=allow_unverified)
         if isinstance(banks, dict):  # a folder of banks: the demo's nulls/<bank name>
             name = config.bank_name()
             if name not in banks:
                 raise ValueError(f"`nulls` {str(nulls)!r} has no bank {name!r} (it has {sorted(banks)}).")
             folder = folder / name.replace("/", "-")
         bank = str(folder.resolve())
-    config.routing_config(bank=bank, weights=weights).to_json(path)
+    routing = config.routing_config(bank=bank, weights=weights)
+    if allow_unverified and bank is not None:
+        routing = dataclasses.replace(routing, allow_unverified_bank=True)
+    routing.to_json(path)
     return config
