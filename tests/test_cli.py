@@ -544,3 +544,55 @@ def test_commands_refuse_a_bank_without_checksum_and_name_the_opt_in_flag(tmp_pa
     assert config.allow_unverified_bank and config.selector == "bh"
     with pytest.warns(UserWarning, match="unverified"):
         config.to_selector()
+
+
+def _results_for_ranking(path, *, grid_id=None, perplexity=None, alpha=0.5):
+    """native, top-1, top-2 and one BH row on prose; ``perplexity`` overrides some rows' values by method/k."""
+    from bh_helpers.experiments.sweep import SweepConfig, run_sweep
+
+    configs = [SweepConfig("native"), SweepConfig("topk", k=1), SweepConfig("topk", k=2),
+               SweepConfig("bh", alpha=alpha, max_k=8, min_k=1, kernel="gaussian")]
+    values = {"native": (8.0, 15.0), "top-1": (1.0, 40.0), "top-2": (2.0, 30.0), "bh": (3.0, 20.0),
+              **(perplexity or {})}
+
+    def evaluate(config, name):
+        k, ppl = values["bh" if config.method == "bh" else config.label().split(" ")[0]]
+        return {"mean_experts_per_token": k, "perplexity": ppl, "nll": float(np.log(ppl))}
+
+    run_sweep(configs, ["prose"], evaluate, path, grid_id=grid_id, progress=False)
+    return path
+
+
+@pytest.mark.fault("command line", "recovered")
+def test_optimize_and_report_rank_inf_perplexity_last(tmp_path, capsys):
+    """An overflowed row (perplexity inf, written as "inf") crashed `optimize` (TypeError) and `report`; it now
+    ranks last and the report shows it as inf."""
+    results = _results_for_ranking(tmp_path / "r.jsonl", perplexity={"bh": (3.0, float("inf")),
+                                                                     "top-1": (1.0, float("nan"))})
+    assert cli.main(["optimize", "--results", str(results), "--budget", "4"]) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "| top-2 | topk |" in out.out
+    assert cli.main(["optimize", "--results", str(results), "--quality-weight", "1", "--speed-weight", "1"]) == 0
+    assert "| native |" in capsys.readouterr().out  # scaled over the finite rows: native and top-2 tie, first wins
+    assert cli.main(["report", "--results", str(results), "--out", str(tmp_path / "rep"), "--no-categories"]) == 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert any("bh a=0.5" in line and "| inf |" in line for line in report.splitlines()), report
+
+
+@pytest.mark.fault("command line", "clear error")
+def test_optimize_and_report_set_aside_rows_of_another_grid(tmp_path, capsys):
+    """Two results files concatenated: the other grid's (better) BH row was ranked and reported as if it belonged.
+    It is now set aside with one warning that counts it."""
+    ours = _results_for_ranking(tmp_path / "ours.jsonl", grid_id="model A")
+    theirs = _results_for_ranking(tmp_path / "theirs.jsonl", grid_id="model B", perplexity={"bh": (3.0, 5.0)},
+                                  alpha=0.3)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(ours.read_text() + theirs.read_text())
+    with pytest.warns(UserWarning, match="5 lines that do not belong to its grid"):
+        assert cli.main(["optimize", "--results", str(mixed), "--budget", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| bh a=0.5 k=1..8 gaussian | bh | 3.000 | 20.000 |" in out, out
+    with pytest.warns(UserWarning, match="set aside"):
+        assert cli.main(["report", "--results", str(mixed), "--out", str(tmp_path / "rep"), "--no-categories"]) == 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "bh a=0.5" in report and "a=0.3" not in report

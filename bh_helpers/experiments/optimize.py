@@ -9,7 +9,8 @@ native; the controls are not candidates but are shown beside an adaptive pick):
   [0, 1] over the candidates (``q = 1`` at the lowest perplexity, ``s = 1`` at the fewest
   experts per token).
 
-Ties go to the configuration listed first in the results.
+Ties go to the configuration listed first in the results; a row with a non-finite perplexity or cost
+(an overflowed run: ``inf``) ranks last and is never picked.
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
     records = []
     for name in dict.fromkeys(results["dataset"]):
         rows = results[(results["dataset"] == name) & ~results["method"].isin(CONTROLS)]
-        rows = rows[rows[metric].notna() & rows[cost].notna()]
+        # A non-finite perplexity or cost (an overflowed run reads back as inf/nan) ranks last: never a pick,
+        # and left out of the min-max scaling, which it would turn into NaN for every row.
+        finite = pd.to_numeric(rows[metric], errors="coerce").map(math.isfinite) & \
+            pd.to_numeric(rows[cost], errors="coerce").map(math.isfinite)
+        rows = rows[finite.astype(bool)]
         best, best_score = None, -math.inf
         if budget is not None:
             for _, r in rows.iterrows():
