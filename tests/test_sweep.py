@@ -445,6 +445,11 @@ def test_rows_of_another_grid_are_set_aside_with_one_warning(tmp_path):
     lone.write_text(a.read_text() + json.dumps(json.loads(a.read_text().splitlines()[1]) | {"dataset": "code"}) + "\n")
     with pytest.warns(UserWarning, match="1 line that does not belong to its grid \\(1 of a data set the header"):
         assert load_results(lone)["dataset"].tolist() == ["prose", "prose"]
+    # Another model's row of the same configuration and data set, pasted without its header.
+    pasted = tmp_path / "pasted.jsonl"
+    pasted.write_text(a.read_text() + b.read_text().splitlines()[1] + "\n")
+    with pytest.warns(UserWarning, match="1 line that does not belong to its grid \\(1 of another grid\\)"):
+        assert len(load_results(pasted)) == 2
 
 
 @pytest.mark.fault("interrupted and resumed runs", "clear error")

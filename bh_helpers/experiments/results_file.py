@@ -4,7 +4,7 @@ Format (JSON Lines, UTF-8; written by :func:`bh_helpers.experiments.sweep.run_sw
 
     {"type": "header", "format": 1, "grid_hash": "...", "grid_id": ..., "datasets": [...],
      "configs": [...], "created": "..."}
-    {"type": "row", "key": "<config key>", "dataset": "...", "config": {...},
+    {"type": "row", "grid_hash": "...", "key": "<config key>", "dataset": "...", "config": {...},
      "metrics": {...}, "elapsed_s": 1.23, "finished": "..."}
 
 Non-finite metric values (a perplexity that overflowed) are written as the strings ``"nan"``,
@@ -12,8 +12,8 @@ Non-finite metric values (a perplexity that overflowed) are written as the strin
 
 Every reader goes through :func:`read_results_file`: it keeps the rows of the header's grid and
 sets aside, counted by reason, lines that do not belong to it (lines after the header of another
-grid, as in two concatenated files; a data set or configuration the header does not list; a key
-that is not its configuration's). :func:`load_results` warns once with the counts and never ranks
+grid, as in two concatenated files; a row that names another grid; a data set or configuration the
+header does not list; a key that is not its configuration's). :func:`load_results` warns once with the counts and never ranks
 or reports them.
 """
 
@@ -109,8 +109,8 @@ def read_results_file(path: str | os.PathLike) -> ResultsFile:
 
     The one reader of results files (:func:`load_results`, :func:`run_sweep`'s resume). A row
     belongs to the grid of the first header when no header of another grid (``grid_hash``)
-    precedes it, its data set and configuration are in that header, and its key is its
-    configuration's. Non-finite metrics are read back as floats.
+    precedes it, its own ``grid_hash`` (rows written since it exists) is that header's, its data
+    set and configuration are in that header, and its key is its configuration's. Non-finite metrics are read back as floats.
 
     Raises
     ------
@@ -136,6 +136,8 @@ def read_results_file(path: str | os.PathLike) -> ResultsFile:
             why = "lines that are not result rows"
         elif not in_grid:
             why = "after the header of another grid"
+        elif record.get("grid_hash", header.get("grid_hash")) != header.get("grid_hash"):  # older rows have none
+            why = "of another grid"
         elif datasets is not None and record.get("dataset") not in datasets:
             why = "of a data set the header does not list"
         elif (keys is not None and record.get("key") not in keys) or \

@@ -261,6 +261,7 @@ def _run_sweep_locked(configs, keys, names, evaluate_fn, path: Path, identity: s
                 fh,
                 {
                     "type": "row",
+                    "grid_hash": identity,  # so that a row pasted into another grid's file is told apart
                     "key": key,
                     "dataset": name,
                     "config": config.to_dict(),
