@@ -13,8 +13,8 @@ Non-finite metric values (a perplexity that overflowed) are written as the strin
 Every reader goes through :func:`read_results_file`: it keeps the rows of the header's grid and
 sets aside, counted by reason, lines that do not belong to it (lines after the header of another
 grid, as in two concatenated files; a row that names another grid; a data set or configuration the
-header does not list; a key that is not its configuration's). :func:`load_results` warns once with the counts and never ranks
-or reports them.
+header does not list; a key that is not its configuration's). :func:`load_results` warns once with
+the counts and never ranks or reports them.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class ResultsFile:
     complete: int = 0
 
     def foreign_summary(self) -> str:
-        """``"3 rows (2 after the header of another grid, 1 of a data set the header does not list)"``."""
+        """``"3 lines that do not belong to its grid (2 after the header of another grid, 1 of a data set ...)"``."""
         n = sum(self.foreign.values())
         reasons = ", ".join(f"{count} {why}" for why, count in self.foreign.most_common())
         return f"{n} line{'s' if n != 1 else ''} that do{'es' if n == 1 else ''} not belong to its grid ({reasons})"
@@ -110,7 +110,8 @@ def read_results_file(path: str | os.PathLike) -> ResultsFile:
     The one reader of results files (:func:`load_results`, :func:`run_sweep`'s resume). A row
     belongs to the grid of the first header when no header of another grid (``grid_hash``)
     precedes it, its own ``grid_hash`` (rows written since it exists) is that header's, its data
-    set and configuration are in that header, and its key is its configuration's. Non-finite metrics are read back as floats.
+    set and configuration are in that header, and its key is its configuration's. Non-finite
+    metrics are read back as floats.
 
     Raises
     ------
