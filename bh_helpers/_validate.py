@@ -151,7 +151,8 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
 #: ``max_tokens`` of a capture is ``--calibration-tokens`` (``--max-tokens``, where a command has it, comes first).
 _IRREGULAR_FLAGS = {"mean_k": "--mean-ks", "target_mean_k": "--mean-ks", "out_dir": "--out", "out_path": "--out",
                     "results_path": "--results", "max_tokens": "--calibration-tokens", "text_file": "--text-file",
-                    "name": "--model", "num_threads": "--threads", "null_bank": "--nulls", "path": "--results"}
+                    "name": "--model", "num_threads": "--threads", "null_bank": "--nulls", "path": "--results",
+                    "allow_unverified": "--allow-unverified-bank"}
 
 
 def as_flags(message: str, options: set[str]) -> str:

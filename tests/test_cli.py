@@ -497,3 +497,102 @@ def test_demo_tunes_on_one_half_and_states_the_verdict_on_the_other(tmp_path):
     verdict = report.split("## Verdict")[1].split("\n## ")[0]
     assert "prose:confirm" in verdict and "prose:tune" not in verdict.split("Tune, then confirm")[0]
     assert "## Tuning split" in report and (out / "static_allocation.json").is_file()
+
+
+def _results_with_a_bh_pick(path):
+    """A results file of a tiny grid (native, top-2, one BH row that is the best within budget 4)."""
+    from bh_helpers.experiments.sweep import SweepConfig, run_sweep
+
+    configs = [SweepConfig("native"), SweepConfig("topk", k=2),
+               SweepConfig("bh", alpha=0.5, max_k=8, min_k=1, kernel="gaussian")]
+    metrics = {"native": (8.0, 15.0), "topk": (2.0, 30.0), "bh": (3.0, 20.0)}
+
+    def evaluate(config, name):
+        k, ppl = metrics[config.method]
+        return {"mean_experts_per_token": k, "perplexity": ppl}
+
+    run_sweep(configs, ["prose"], evaluate, path, progress=False)
+    return path
+
+
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_commands_refuse_a_bank_without_checksum_and_name_the_opt_in_flag(tmp_path, capsys):
+    """`optimize --save-config`, `sweep` and `report` load --nulls: a bank without its metadata checksum is one
+    line naming --allow-unverified-bank; with the flag it loads (warning) and the saved config opts in too."""
+    from bh_helpers.app.paths import default_null_bank_dir
+    from bh_helpers.engines.config import RoutingConfig
+    from bh_helpers.nulls.metadata import BANK_DIGEST
+
+    bank = tmp_path / "old_bank"
+    shutil.copytree(default_null_bank_dir("tiny"), bank)
+    meta = json.loads((bank / "metadata.json").read_text())
+    (bank / "metadata.json").write_text(json.dumps({k: v for k, v in meta.items() if k != BANK_DIGEST}))
+    results = _results_with_a_bh_pick(tmp_path / "r.jsonl")
+    base = ["optimize", "--results", str(results), "--budget", "4", "--nulls", str(bank)]
+    assert cli.main([*base, "--save-config", str(tmp_path / "a.json")]) == 2
+    _one_line_error(capsys, "no checksum", "--allow-unverified-bank", str(bank / "metadata.json"))
+    assert not (tmp_path / "a.json").exists()
+    for argv in (["sweep", "--nulls", str(bank), "--results", str(tmp_path / "s.jsonl"), "--mean-ks", "",
+                  "--alphas", "0.5", "--datasets", "prose", "--no-progress"],
+                 ["report", "--results", str(results), "--out", str(tmp_path / "rep"), "--nulls", str(bank)]):
+        assert cli.main(argv) == 2
+        _one_line_error(capsys, "no checksum", "--allow-unverified-bank")
+    assert not (tmp_path / "s.jsonl").exists()
+    with pytest.warns(UserWarning, match="unverified"):
+        assert cli.main([*base, "--save-config", str(tmp_path / "b.json"), "--allow-unverified-bank"]) == 0
+    config = RoutingConfig.load(tmp_path / "b.json")
+    assert config.allow_unverified_bank and config.selector == "bh"
+    with pytest.warns(UserWarning, match="unverified"):
+        config.to_selector()
+
+
+def _results_for_ranking(path, *, grid_id=None, perplexity=None, alpha=0.5):
+    """native, top-1, top-2 and one BH row on prose; ``perplexity`` overrides some rows' values by method/k."""
+    from bh_helpers.experiments.sweep import SweepConfig, run_sweep
+
+    configs = [SweepConfig("native"), SweepConfig("topk", k=1), SweepConfig("topk", k=2),
+               SweepConfig("bh", alpha=alpha, max_k=8, min_k=1, kernel="gaussian")]
+    values = {"native": (8.0, 15.0), "top-1": (1.0, 40.0), "top-2": (2.0, 30.0), "bh": (3.0, 20.0),
+              **(perplexity or {})}
+
+    def evaluate(config, name):
+        k, ppl = values["bh" if config.method == "bh" else config.label().split(" ")[0]]
+        return {"mean_experts_per_token": k, "perplexity": ppl, "nll": float(np.log(ppl))}
+
+    run_sweep(configs, ["prose"], evaluate, path, grid_id=grid_id, progress=False)
+    return path
+
+
+@pytest.mark.fault("command line", "recovered")
+def test_optimize_and_report_rank_inf_perplexity_last(tmp_path, capsys):
+    """An overflowed row (perplexity inf, written as "inf") crashed `optimize` (TypeError) and `report`; it now
+    ranks last and the report shows it as inf."""
+    results = _results_for_ranking(tmp_path / "r.jsonl", perplexity={"bh": (3.0, float("inf")),
+                                                                     "top-1": (1.0, float("nan"))})
+    assert cli.main(["optimize", "--results", str(results), "--budget", "4"]) == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "| top-2 | topk |" in out.out
+    assert cli.main(["optimize", "--results", str(results), "--quality-weight", "1", "--speed-weight", "1"]) == 0
+    assert "| native |" in capsys.readouterr().out  # scaled over the finite rows: native and top-2 tie, first wins
+    assert cli.main(["report", "--results", str(results), "--out", str(tmp_path / "rep"), "--no-categories"]) == 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert any("bh a=0.5" in line and "| inf |" in line for line in report.splitlines()), report
+
+
+@pytest.mark.fault("command line", "clear error")
+def test_optimize_and_report_set_aside_rows_of_another_grid(tmp_path, capsys):
+    """Two results files concatenated: the other grid's (better) BH row was ranked and reported as if it belonged.
+    It is now set aside with one warning that counts it."""
+    ours = _results_for_ranking(tmp_path / "ours.jsonl", grid_id="model A")
+    theirs = _results_for_ranking(tmp_path / "theirs.jsonl", grid_id="model B", perplexity={"bh": (3.0, 5.0)},
+                                  alpha=0.3)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(ours.read_text() + theirs.read_text())
+    with pytest.warns(UserWarning, match="5 lines that do not belong to its grid"):
+        assert cli.main(["optimize", "--results", str(mixed), "--budget", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| bh a=0.5 k=1..8 gaussian | bh | 3.000 | 20.000 |" in out, out
+    with pytest.warns(UserWarning, match="set aside"):
+        assert cli.main(["report", "--results", str(mixed), "--out", str(tmp_path / "rep"), "--no-categories"]) == 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "bh a=0.5" in report and "a=0.3" not in report

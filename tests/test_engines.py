@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -340,3 +341,22 @@ def test_static_routing_config_round_trip_and_selector(tmp_path, tiny_model_and_
                        ({"selector": "topk", "k": 2, "ks": [1]}, "`ks` is only used")):
         with pytest.raises(ValueError, match=match):
             RoutingConfig.from_dict({"format": "bh_helpers.RoutingConfig", "version": 1, **bad})
+
+
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_config_refuses_an_unverified_bank_unless_it_opts_in(tmp_path):
+    """A bank without its metadata checksum is refused by the routing config (the field to set named);
+    ``"allow_unverified_bank": true`` loads it with a warning."""
+    from bh_helpers.nulls.metadata import BANK_DIGEST
+
+    shutil.copytree(BANK_DIR, tmp_path / "bank")
+    meta = json.loads((tmp_path / "bank" / "metadata.json").read_text())
+    (tmp_path / "bank" / "metadata.json").write_text(json.dumps({k: v for k, v in meta.items() if k != BANK_DIGEST}))
+    with pytest.raises(ValueError, match='no checksum.*"allow_unverified_bank": true in the routing config'):
+        RoutingConfig(selector="bh", bank=str(tmp_path / "bank")).to_selector()
+    opted = RoutingConfig(selector="bh", bank=str(tmp_path / "bank"), allow_unverified_bank=True)
+    assert RoutingConfig.from_json(opted.to_json()) == opted
+    with pytest.warns(UserWarning, match="unverified"):
+        assert isinstance(opted.to_selector(), BHSelector)
+    with pytest.raises(ValueError, match="`allow_unverified_bank` must be true or false"):
+        RoutingConfig(selector="bh", bank="b", allow_unverified_bank="yes")

@@ -372,3 +372,113 @@ def test_to_selector_builds_patching_selectors():
         SweepConfig("topk", k=3).to_selector(null_bank={"gaussian": bank, "tophat": bank}, weights="inverse_p")
     with pytest.raises(ValueError, match="needs `null_bank`"):
         SweepConfig("topk", k=3).to_selector(weights="inverse_p")
+
+
+# ----------------------------------------------------------------------------------------------
+# Results files read back exactly: non-finite metrics, foreign rows, replaced data files (issue 25)
+# ----------------------------------------------------------------------------------------------
+
+_NON_FINITE_METRICS = {1: float("inf"), 2: float("nan"), 3: float("-inf")}
+
+
+def _overflowing(config, name):
+    """top-1 overflows (inf), top-2 is undefined (nan), top-3 a -inf log-likelihood; the rest finite."""
+    value = _NON_FINITE_METRICS.get(config.k, 10.0 + (config.k or 0))
+    return {"perplexity": value, "mean_experts_per_token": float(config.k or 8),
+            "window_nll": [1.0, value], "per_layer_mean_k": {"0": value}}
+
+
+@pytest.mark.fault("damaged files", "recovered")
+def test_non_finite_metrics_read_back_as_floats(tmp_path):
+    """Written as "inf"/"nan" strings (strict JSON has no such numbers), they were read back as strings and
+    crashed every consumer (TypeError); they now read back as the floats they were."""
+    import math
+
+    path = tmp_path / "r.jsonl"
+    configs = [SweepConfig("topk", k=k) for k in (1, 2, 3, 4)]
+    run_sweep(configs, ["a"], _overflowing, path, progress=False)
+    assert '"perplexity":"inf"' in path.read_text()  # the format on disk: strict JSON
+    for df in (load_results(path), run_sweep(configs, ["a"], _overflowing, path, progress=False)):
+        assert df["perplexity"].dtype == float
+        got = df["perplexity"].tolist()
+        assert got[0] == math.inf and math.isnan(got[1]) and got[2] == -math.inf and got[3] == 14.0
+        assert df["window_nll"].iloc[0] == [1.0, math.inf] and df["per_layer_mean_k.0"].iloc[0] == math.inf
+    assert load_results(path)["label"].tolist() == [c.label() for c in configs]
+
+
+def _two_grids(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    run_sweep([SweepConfig("topk", k=k) for k in (1, 2)], ["prose"], _metric, a, grid_id="model A", progress=False)
+    run_sweep([SweepConfig("topk", k=k) for k in (1, 3)], ["prose"], _metric, b, grid_id="model B", progress=False)
+    return a, b
+
+
+@pytest.mark.fault("damaged files", "clear error")
+def test_rows_of_another_grid_are_set_aside_with_one_warning(tmp_path):
+    """Two results files concatenated (another model's grid: same configuration keys), a row of a data set the
+    header does not list, and a row whose key is not its configuration: none is ranked or reported, one warning
+    counts them, and a resume into the file is refused without changing it."""
+    import warnings
+
+    a, b = _two_grids(tmp_path)
+    mixed = tmp_path / "mixed.jsonl"
+    row_a = json.loads(a.read_text().splitlines()[1])  # top-1 on prose
+    foreign_set = row_a | {"dataset": "code"}
+    forged = row_a | {"key": SweepConfig("topk", k=2).key()}  # top-1's configuration under top-2's key
+    mixed.write_text(a.read_text() + json.dumps(foreign_set) + "\n" + json.dumps(forged) + "\n" + b.read_text())
+    before = mixed.read_bytes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = load_results(mixed)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert "5 lines that do not belong to its grid" in message and "set aside" in message
+    for reason in ("1 header of another grid", "2 after the header of another grid",
+                   "1 of a data set the header does not list", "1 of a configuration the header does not list"):
+        assert reason in message, message
+    assert df["key"].tolist() == load_results(a)["key"].tolist() and df["dataset"].tolist() == ["prose", "prose"]
+    with pytest.raises(ValueError, match="5 lines that do not belong to its grid.*one sweep"):
+        run_sweep([SweepConfig("topk", k=k) for k in (1, 2)], ["prose"], _metric, mixed, grid_id="model A",
+                  progress=False)
+    assert mixed.read_bytes() == before
+    # A foreign data-set row after the file's own rows, no second header.
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text(a.read_text() + json.dumps(json.loads(a.read_text().splitlines()[1]) | {"dataset": "code"}) + "\n")
+    with pytest.warns(UserWarning, match="1 line that does not belong to its grid \\(1 of a data set the header"):
+        assert load_results(lone)["dataset"].tolist() == ["prose", "prose"]
+    # Another model's row of the same configuration and data set, pasted without its header.
+    pasted = tmp_path / "pasted.jsonl"
+    pasted.write_text(a.read_text() + b.read_text().splitlines()[1] + "\n")
+    with pytest.warns(UserWarning, match="1 line that does not belong to its grid \\(1 of another grid\\)"):
+        assert len(load_results(pasted)) == 2
+
+
+@pytest.mark.fault("interrupted and resumed runs", "clear error")
+def test_a_replaced_text_file_is_refused_on_resume(tmp_path, tiny_model_and_tokenizer):
+    """A ``.txt`` data set was identified by its path only: replaced between a run and its resume, its new text's
+    rows were appended to the old ones. Its sha256 is now part of the grid: the resume is refused, naming it."""
+    from bh_helpers.app.paths import default_null_bank_dir
+    from bh_helpers.experiments.evaluate import perplexity_sweep, sweep_grid_id
+    from bh_helpers.models.texts import data_file_sha256, dataset_description
+    from bh_helpers.nulls.bank import NullBank
+
+    model, tok = tiny_model_and_tokenizer
+    bank = NullBank.load(default_null_bank_dir("tiny"))
+    text = tmp_path / "notes.txt"
+    text.write_text("The river rose in the spring and the town moved to the hill above it. " * 4)
+    results = tmp_path / "r.jsonl"
+    kwargs = dict(null_bank=bank, results_path=results, datasets=[str(text)], max_tokens=48, window=16, stride=16,
+                  progress=False)
+    perplexity_sweep(model, tok, [SweepConfig("topk", k=1)], **kwargs)
+    grid = dict(model_id="tiny", null_bank=bank, datasets=[str(text)], max_tokens=48, window=16, stride=16,
+                weights="softmax")
+    first = sweep_grid_id(**grid)
+    assert json.loads(first)["data_files"] == {str(text): data_file_sha256(str(text))}
+    assert dataset_description(str(text)) == f"file {text} (sha256 {data_file_sha256(str(text))[:12]})"
+    assert "data_files" not in json.loads(sweep_grid_id(**{**grid, "datasets": ["prose"]}))  # named sets: as before
+    text.write_text("def parse(line):\n    return line.split(',')\n" * 6)  # same path, other text
+    assert sweep_grid_id(**grid) != first
+    before = results.read_bytes()
+    with pytest.raises(ValueError, match=f"data file '{text}' changed since these results were written"):
+        perplexity_sweep(model, tok, [SweepConfig("topk", k=1), SweepConfig("topk", k=2)], **kwargs)
+    assert results.read_bytes() == before

@@ -155,6 +155,11 @@ def _add_controls(p: argparse.ArgumentParser) -> None:
                         "even-numbered documents of each data set, state the verdict on the odd-numbered ones)")
 
 
+def _add_unverified(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-unverified-bank", action="store_true", help="load a null bank whose metadata.json has no "
+                   "checksum or fails it (older or edited; only one you trust), with a warning")
+
+
 def _add_report(sub) -> None:
     rep = sub.add_parser("report", help="sweep.jsonl -> report.md with figures",
                          description="Write report.md (frontier table, results, figures, protocol) into a folder.")
@@ -167,6 +172,7 @@ def _add_report(sub) -> None:
     rep.add_argument("--captured", default=None,
                      help="calibration logits (`bh-routing capture`): with --nulls, adds the max_k saturation table")
     rep.add_argument("--no-categories", action="store_true", help="skip the prompt-category analysis")
+    _add_unverified(rep)
 
 
 def _add_optimize(sub) -> None:
@@ -187,6 +193,7 @@ def _add_optimize(sub) -> None:
                           "named in the saved config")
     opt.add_argument("--weights", choices=WEIGHT_MODES, default="softmax",
                      help="weights of the chosen experts in the saved config (default: softmax, the sweep's)")
+    _add_unverified(opt)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-controls", action="store_true",
                     help="skip the compute-matched controls (mixed and shuffled top-k) of each adaptive row")
     _add_model(sw)
+    _add_unverified(sw)
     _add_grid(sw)
     _add_protocol(sw)
 
@@ -406,7 +414,7 @@ def _cmd_sweep(args) -> int:
                         layer_alphas=args.layer_alphas, model_name=args.model)
         check_protocol(**protocol, model=config)
     nulls = args.nulls or paths.default_null_bank_dir(args.model)
-    bank = NullBank.load(nulls)
+    bank = NullBank.load(nulls, allow_unverified=args.allow_unverified_bank)
     meta = bank.metadata
     calibration = CapturedLogits.load(args.captured)[0] if args.captured else None
     configs = sweep_grid(banks={bank_name(meta.kernel, meta.statistic, meta.trim): bank}, calibration=calibration,
@@ -427,7 +435,7 @@ def _cmd_report(args) -> int:
     results = load_results(args.results)
     model = tok = bank = None
     if args.nulls:
-        bank = pipeline.load_banks(args.nulls)
+        bank = pipeline.load_banks(args.nulls, args.allow_unverified_bank)
         model, tok = _load(args)
     if args.captured and not args.nulls:
         raise ValueError("--captured (for the max_k saturation table) needs --nulls, the bank to test with.")
@@ -459,7 +467,7 @@ def _cmd_optimize(args) -> int:
         pick = picks.iloc[0]
         try:
             config = save_routing_config(results, pick["key"], args.save_config, nulls=args.nulls,
-                                         weights=args.weights)
+                                         weights=args.weights, allow_unverified=args.allow_unverified_bank)
         except ValueError as err:
             flags = {"`nulls`": "--nulls", "`key`": "--budget", "`path`": "--save-config"}
             raise ValueError(functools.reduce(lambda m, kv: m.replace(*kv), flags.items(), str(err))) from None

@@ -58,20 +58,8 @@ from bh_helpers.nulls.bank import NullBank, bank_name, load_bank_folder
 from bh_helpers.nulls.fit import check_fit_options, fit_captured
 from bh_helpers.report.assemble import report_step
 
-__all__ = [
-    "DEFAULT_OUTPUT_DIR",
-    "CAPTURED_NAME",
-    "NULLS_DIR",
-    "RESULTS_NAME",
-    "SETTINGS_NAME",
-    "DemoSettings",
-    "DemoResult",
-    "GPUOutOfMemory",
-    "load_banks",
-    "room_for",
-    "run_demo",
-    "scoring_windows",
-]
+__all__ = ["DEFAULT_OUTPUT_DIR", "CAPTURED_NAME", "NULLS_DIR", "RESULTS_NAME", "SETTINGS_NAME", "DemoSettings",
+           "DemoResult", "GPUOutOfMemory", "load_banks", "room_for", "run_demo", "scoring_windows"]
 
 DEFAULT_OUTPUT_DIR = "bh_routing_output"
 CAPTURED_NAME = "captured_logits.safetensors"
@@ -107,10 +95,10 @@ def room_for(model, window: int, batch_size: int) -> int:
     return fitted
 
 
-def load_banks(folder: str):
+def load_banks(folder: str, allow_unverified: bool = False):
     """``--nulls``: one bank folder, or a folder of banks (the demo's ``nulls/``, one per statistic and trim)."""
     try:
-        return load_bank_folder(folder)
+        return load_bank_folder(folder, allow_unverified=allow_unverified)
     except ValueError as err:
         raise ValueError(str(err).replace("`path`", "--nulls", 1)) from None
 

@@ -76,6 +76,9 @@ class RoutingConfig:
     allow_other_model : bool, default False
         Use a bank whose router fingerprint differs from the served model's (as
         ``route(..., allow_other_model=True)``).
+    allow_unverified_bank : bool, default False
+        Use a bank whose ``metadata.json`` has no checksum or fails it (saved by an older
+        bh_helpers, or edited), with a warning (``NullBank.load(..., allow_unverified=True)``).
     unused_slots : {"pad", "skip"}, default "pad"
         Engines only (``route()`` runs only the chosen experts anyway): "pad" fills a token's unused
         slots with valid expert ids at weight 0 (exact, saves no compute); "skip" passes ``-1``
@@ -94,6 +97,7 @@ class RoutingConfig:
     weights: str = "renorm"
     bank: str | None = None
     allow_other_model: bool = False
+    allow_unverified_bank: bool = False
     unused_slots: str = "pad"
     base_dir: str | None = field(default=None, compare=False, repr=False)
 
@@ -135,8 +139,9 @@ class RoutingConfig:
             raise ValueError(f"`min_k`={self.min_k} exceeds `max_k`={self.max_k}; give min_k <= max_k.")
         if self.bank is not None and (not isinstance(self.bank, str) or not self.bank):
             raise ValueError(f"`bank` must be the path of a NullBank folder (a string); got {self.bank!r}.")
-        if not isinstance(self.allow_other_model, bool):
-            raise ValueError(f"`allow_other_model` must be true or false; got {self.allow_other_model!r}.")
+        for name in ("allow_other_model", "allow_unverified_bank"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be true or false; got {getattr(self, name)!r}.")
         if self.needs_bank and self.bank is None:
             why = f'selector "{self.selector}"' if self.selector in FDR_METHODS else 'weights "inverse_p"'
             raise ValueError(
@@ -240,8 +245,10 @@ class RoutingConfig:
         if path is None:
             raise ValueError('`bank` is not set in the routing config; add "bank": "<NullBank folder>".')
         try:
-            return NullBank.load(path, num_layers=num_layers, num_experts=num_experts)
+            return NullBank.load(path, num_layers=num_layers, num_experts=num_experts,
+                                 allow_unverified=self.allow_unverified_bank)
         except ValueError as err:
+            err = str(err).replace("`allow_unverified`", '"allow_unverified_bank": true in the routing config')
             raise ValueError(f"routing config `bank` ({str(path)!r}): {err}. Point `bank` at a bank fitted "
                              "for this model (`bh-routing capture` + `bh-routing fit`).") from None
 

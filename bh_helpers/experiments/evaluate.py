@@ -32,7 +32,7 @@ from bh_helpers.experiments.configs import bank_name
 from bh_helpers.experiments.grids import check_grid_fits
 from bh_helpers.experiments.static_allocation import mix_windows
 from bh_helpers.experiments.sweep import run_sweep
-from bh_helpers.models.texts import check_datasets, evaluation_texts
+from bh_helpers.models.texts import check_datasets, data_file_sha256, evaluation_texts
 from bh_helpers.nulls.bank import NullBank
 from bh_helpers.routing.patch import route
 from bh_helpers.selection.reference import WEIGHT_MODES
@@ -224,10 +224,16 @@ def sweep_grid_id(*, model_id: str, null_bank, datasets: Sequence[str], max_toke
                   stride: int, weights: str, static_path: Any = None) -> str:
     """The ``grid_id`` of a sweep: everything besides the configurations that changes its numbers.
 
-    A static allocation path (the static chord's allocations) enters by the digest of its JSON.
+    A static allocation path (the static chord's allocations) enters by the digest of its JSON; a
+    data set that is a ``.txt`` file by the sha256 of its bytes (``data_files``; absent when every
+    data set is a named one, so their grid ids are what they were), so a file replaced before a
+    resume is refused (:func:`~bh_helpers.experiments.sweep.run_sweep` names it).
     """
     ident = {"model": model_id, "nulls": _bank_identity(null_bank), "datasets": list(datasets),
              "max_tokens": int(max_tokens), "window": int(window), "stride": int(stride), "weights": weights}
+    files = {name: digest for name in datasets if (digest := data_file_sha256(name)) is not None}
+    if files:
+        ident["data_files"] = files
     if static_path is not None:
         text = json.dumps(static_path.to_dict(), sort_keys=True)
         ident["static_path"] = hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -9,11 +9,13 @@ native; the controls are not candidates but are shown beside an adaptive pick):
   [0, 1] over the candidates (``q = 1`` at the lowest perplexity, ``s = 1`` at the fewest
   experts per token).
 
-Ties go to the configuration listed first in the results.
+Ties go to the configuration listed first in the results; a row with a non-finite perplexity or cost
+(an overflowed run: ``inf``) ranks last and is never picked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from bh_helpers._locks import new_output, refuse_existing
@@ -73,7 +75,11 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
     records = []
     for name in dict.fromkeys(results["dataset"]):
         rows = results[(results["dataset"] == name) & ~results["method"].isin(CONTROLS)]
-        rows = rows[rows[metric].notna() & rows[cost].notna()]
+        # A non-finite perplexity or cost (an overflowed run reads back as inf/nan) ranks last: never a pick,
+        # and left out of the min-max scaling, which it would turn into NaN for every row.
+        finite = pd.to_numeric(rows[metric], errors="coerce").map(math.isfinite) & \
+            pd.to_numeric(rows[cost], errors="coerce").map(math.isfinite)
+        rows = rows[finite.astype(bool)]
         best, best_score = None, -math.inf
         if budget is not None:
             for _, r in rows.iterrows():
@@ -107,12 +113,15 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
     return pd.DataFrame.from_records(records, columns=OPTIMIZE_COLUMNS)
 
 
-def save_routing_config(results, key: str | None, path, *, nulls=None, weights: str = "softmax"):
+def save_routing_config(results, key: str | None, path, *, nulls=None, weights: str = "softmax",
+                        allow_unverified: bool = False):
     """Write the configuration ``key`` of ``results`` as a routing config file (JSON).
 
     The file is what ``route()`` users (``RoutingConfig.load(path).to_selector()``) and the vLLM
     plugin (``BH_ROUTING_CONFIG``) read; a BH-family configuration names its bank: ``nulls`` is the
     bank folder, or a folder of banks (the demo's ``nulls/``) holding the configuration's bank.
+    ``allow_unverified`` loads a bank without (or failing) its metadata checksum, with a warning,
+    and writes ``"allow_unverified_bank": true`` into the config so that engines load it too.
 
     Returns
     -------
@@ -139,7 +148,7 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
         if nulls is None:
             raise ValueError(f"{config.label()!r} routes with a null bank: pass `nulls`, the bank folder it used.")
         folder = Path(nulls)
-        banks = load_bank_folder(folder)
+        banks = load_bank_folder(folder, allow_unverified=allow_unverified)
         if isinstance(banks, dict):  # a folder of banks: the demo's nulls/<bank name>
             name = config.bank_name()
             if name not in banks:
@@ -147,6 +156,8 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
             folder = folder / name.replace("/", "-")
         bank = str(folder.resolve())
     routing = config.routing_config(bank=bank, weights=weights)
+    if allow_unverified and bank is not None:
+        routing = dataclasses.replace(routing, allow_unverified_bank=True)
     with new_output(path, "`path`"):  # one writer: a second optimize --save-config to this file is refused
         routing.to_json(path)
     return config

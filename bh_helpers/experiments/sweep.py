@@ -6,30 +6,24 @@ pair not yet in the results file and appends one line per finished pair the mome
 (write, flush, ``os.fsync``), so a sweep killed at any moment (Colab disconnects, SIGKILL, a
 power cut) resumes where it stopped and loses no finished result.
 
-Results file format (JSON Lines, UTF-8)::
-
-    {"type": "header", "format": 1, "grid_hash": "...", "grid_id": ..., "datasets": [...],
-     "configs": [...], "created": "..."}
-    {"type": "row", "key": "<config key>", "dataset": "...", "config": {...},
-     "metrics": {...}, "elapsed_s": 1.23, "finished": "..."}
-    ...
+The results file (JSON Lines: a header, then one row per finished pair) and its one reader are
+:mod:`bh_helpers.experiments.results_file`.
 
 On resume the header must describe the same grid (same configurations in the same order, same
-data sets, same ``grid_id``); otherwise :func:`run_sweep` raises ``ValueError`` and leaves the
-file untouched (or, with ``overwrite=True``, moves it aside to ``<name>.bak-<timestamp>``).
-A last line without its newline (the process was killed mid-write) is truncated away; complete
-lines are never dropped. One process at a time may write a results file.
+data sets, same ``grid_id``); otherwise :func:`run_sweep` raises ``ValueError`` naming what
+differs and leaves the file untouched (or, with ``overwrite=True``, moves it aside to
+``<name>.bak-<timestamp>``). A last line without its newline (the process was killed mid-write)
+is truncated away; complete lines are never dropped. One process at a time may write a results file.
+:func:`run_sweep` also refuses to resume into a file that holds lines of another grid.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +45,7 @@ from bh_helpers.experiments.configs import (
     with_controls,
 )
 from bh_helpers.experiments.grids import expand_grid
+from bh_helpers.experiments.results_file import encode_metrics, load_results, read_results_file
 
 __all__ = [
     "METHODS",
@@ -64,6 +59,7 @@ __all__ = [
     "run_sweep",
     "load_results",
     "load_balance_table",
+    "read_results_file",
 ]
 
 FORMAT_VERSION = 1
@@ -72,23 +68,6 @@ FORMAT_VERSION = 1
 # ----------------------------------------------------------------------------------------------
 # Results file
 # ----------------------------------------------------------------------------------------------
-
-
-def _to_jsonable(obj: Any) -> Any:
-    """Metrics to plain JSON types (dataclass results, numpy/torch scalars, tuples)."""
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        obj = obj.to_dict()
-    if isinstance(obj, Mapping):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
-    if isinstance(obj, (str, bool, int)) or obj is None:
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else str(obj)  # "nan", "inf": strict JSON has neither
-    if hasattr(obj, "item"):
-        return _to_jsonable(obj.item())
-    raise ValueError(f"metric value {obj!r} of type {type(obj).__name__} is not JSON-serialisable.")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,39 +81,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _read_existing(path: Path) -> tuple[dict | None, list[dict], int]:
-    """Parse a results file without changing it.
-
-    Returns ``(header, rows, complete_bytes)``; ``complete_bytes`` is the length of the prefix
-    made of complete lines. ``header`` is ``None`` when not even the header line is complete.
-    """
-    data = path.read_bytes()
-    complete = data.rfind(b"\n") + 1  # 0 when there is no newline at all
-    lines = data[:complete].split(b"\n")[:-1]
-    if not lines:
-        return None, [], 0
-    try:
-        header = json.loads(lines[0])
-    except json.JSONDecodeError:
-        header = None
-    if not isinstance(header, dict) or header.get("type") != "header":
-        raise ValueError(
-            f"{str(path)!r} is not a sweep results file (its first line is not a header); pass "
-            "another `results_path`, or `overwrite=True` to move it aside."
-        )
-    rows = []
-    for lineno, line in enumerate(lines[1:], 2):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{str(path)}:{lineno} is a complete but corrupt line ({err.msg}); fix or remove it "
-                "by hand (only a last line without newline is dropped automatically)."
-            ) from None
-        rows.append(row)
-    return header, rows, complete
 
 
 def _move_aside(path: Path) -> Path:
@@ -251,13 +197,19 @@ def _run_sweep_locked(configs, keys, names, evaluate_fn, path: Path, identity: s
     done: set[tuple[str, str]] = set()
     if path.exists():
         try:
-            header, rows, complete = _read_existing(path)
+            existing = read_results_file(path)
+            header, rows, complete = existing.header, existing.rows, existing.complete
             if header is not None and header.get("grid_hash") != identity:
                 raise ValueError(
                     f"{str(path)!r} holds results of a different grid (grid_hash "
                     f"{header.get('grid_hash')!r}, datasets {header.get('datasets')}; this grid is "
-                    f"{identity!r}, datasets {names}); pass another `results_path`, or "
-                    "`overwrite=True` to move the old file aside."
+                    f"{identity!r}, datasets {names}{_grid_difference(header, grid_id)}); pass another "
+                    "`results_path`, or `overwrite=True` to move the old file aside."
+                )
+            if existing.foreign:
+                raise ValueError(
+                    f"{str(path)!r} holds {existing.foreign_summary()}: a results file holds one sweep; remove "
+                    "those lines, pass another `results_path`, or `overwrite=True` to move the file aside."
                 )
         except ValueError:
             if not overwrite:
@@ -309,10 +261,11 @@ def _run_sweep_locked(configs, keys, names, evaluate_fn, path: Path, identity: s
                 fh,
                 {
                     "type": "row",
+                    "grid_hash": identity,  # so that a row pasted into another grid's file is told apart
                     "key": key,
                     "dataset": name,
                     "config": config.to_dict(),
-                    "metrics": _to_jsonable(metrics),
+                    "metrics": encode_metrics(metrics),
                     "elapsed_s": round(elapsed, 6),
                     "finished": utc_timestamp(),
                 },
@@ -321,60 +274,21 @@ def _run_sweep_locked(configs, keys, names, evaluate_fn, path: Path, identity: s
     return load_results(path)
 
 
-def _flatten(prefix: str, obj: Mapping[str, Any], out: dict) -> None:
-    for k, v in obj.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            _flatten(name + ".", v, out)
-        else:
-            out[name] = v
-
-
-def load_results(path: str | os.PathLike):
-    """Rows of a sweep results file as a :class:`pandas.DataFrame`, in file order.
-
-    Columns: ``key``, ``dataset``, ``label``, the :class:`SweepConfig` fields, the metrics
-    (nested dicts flattened with dots, e.g. ``protocol.window``), ``elapsed_s`` and
-    ``finished``. A last line without newline is ignored (the file is not modified). The
-    header is available as ``df.attrs["header"]``.
-    """
-    import pandas as pd
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"`path` {str(p)!r} does not exist; run a sweep first.")
-    header, rows, _ = _read_existing(p)
-    records = []
-    seen: set[tuple[str, str]] = set()
-    duplicates = 0
-    for row in rows:
-        if row.get("type") != "row":
-            continue
-        pair = (row.get("key"), row.get("dataset"))
-        if pair in seen:  # written twice (two writers before the lock existed): the first one counts
-            duplicates += 1
-            continue
-        seen.add(pair)
-        rec = {"key": row["key"], "dataset": row["dataset"]}
-        config = row.get("config", {})
-        try:
-            rec["label"] = SweepConfig.from_dict(config).label()
-        except (ValueError, TypeError):
-            rec["label"] = None
-        rec.update(config)
-        _flatten("", row.get("metrics", {}), rec)
-        rec["elapsed_s"] = row.get("elapsed_s")
-        rec["finished"] = row.get("finished")
-        records.append(rec)
-    columns = ["key", "dataset", "label"] + [f.name for f in fields(SweepConfig)]
-    df = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=columns)
-    df.attrs["header"] = header or {}
-    if duplicates:
-        import warnings
-
-        warnings.warn(f"{str(p)!r} holds {duplicates} repeated (configuration, dataset) rows; the first of each "
-                      "is used.", stacklevel=2)
-    return df
+def _grid_difference(header: Mapping[str, Any], grid_id: str | None) -> str:
+    """What differs between the ``grid_id`` of a file's header and this sweep's, when both are JSON objects
+    (as :func:`bh_helpers.experiments.evaluate.sweep_grid_id` writes): a replaced data file is named."""
+    try:
+        old, new = json.loads(header.get("grid_id") or ""), json.loads(grid_id or "")
+    except (TypeError, json.JSONDecodeError):
+        return ""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return ""
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    files = old.get("data_files") or {}, new.get("data_files") or {}
+    replaced = [name for name in files[1] if name in files[0] and files[0][name] != files[1][name]]
+    notes = [f"data file {name!r} changed since these results were written (sha256 {files[0][name][:12]}... now "
+             f"{files[1][name][:12]}...): its rows were measured on other text" for name in replaced]
+    return "; " + "; ".join(notes or [f"it differs in {', '.join(changed)}"]) if changed else ""
 
 
 def load_balance_table(results):

@@ -25,6 +25,7 @@ __all__ = [
     "calibration_token_ids",
     "check_datasets",
     "corpus_texts",
+    "data_file_sha256",
     "dataset_description",
     "encode",
     "eos_id",
@@ -144,16 +145,36 @@ def _dataset_documents(name: str) -> tuple[list[str], str]:
     )
 
 
+def data_file_sha256(name: str) -> str | None:
+    """sha256 of the bytes of a data set that is a ``.txt`` file (``"notes.txt"``, ``"notes.txt:tune"``), else None.
+
+    A file is named by its path only, so the hash is what tells its text apart: it enters a sweep's
+    identity (:func:`bh_helpers.experiments.evaluate.sweep_grid_id`), so that a file replaced between
+    a run and its resume is refused instead of mixing two texts in one results file.
+    """
+    import hashlib
+
+    base, sep, split = name.rpartition(":")
+    path = Path(base if sep and split in SPLITS else name)
+    if path.suffix != ".txt" or not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def dataset_description(name: str) -> str:
-    """What a data-set name stands for, as reports state it (no data is read; a ``.txt`` path is
-    "file <path>", anything else unknown its own name)."""
+    """What a data-set name stands for, as reports state it (a ``.txt`` path is "file <path> (sha256
+    <first 12 hex digits>)", anything else unknown its own name)."""
     base, sep, split = name.rpartition(":")
     if sep and split in SPLITS:
         return f"{dataset_description(base)}, {split} half ({'even' if split == 'tune' else 'odd'}-numbered documents)"
     if name in _DESCRIPTIONS:
         return _DESCRIPTIONS[name]
-    path = Path(name)
-    return f"file {name}" if path.suffix == ".txt" and path.exists() else name
+    digest = data_file_sha256(name)
+    return f"file {name} (sha256 {digest[:12]})" if digest else name
 
 
 def check_datasets(names: Sequence[str]) -> None:

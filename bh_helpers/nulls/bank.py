@@ -1,8 +1,9 @@
 """A bank of nulls, one per MoE layer: :class:`NullBank`, its metadata and its safe on-disk format.
 
 ``NullBank.save`` writes ``nulls.npz`` (arrays only) and ``metadata.json`` (kernel, model id and
-shape, router fingerprint, sha256 of every array); ``NullBank.load`` checks all of it before a
-bank can route a model (the metadata and the file checks: :mod:`bh_helpers.nulls.metadata`).
+shape, router fingerprint, sha256 of every array, and one sha256 of all of that); ``NullBank.load``
+checks all of it before a bank can route a model, and refuses a bank without those checksums
+unless ``allow_unverified=True`` (the metadata and the file checks: :mod:`bh_helpers.nulls.metadata`).
 :func:`load_bank_folder` reads one bank folder or a folder of them, named by :func:`bank_name`.
 """
 
@@ -19,7 +20,7 @@ import torch
 from bh_helpers._clock import utc_timestamp
 from bh_helpers.models.families import moe_shape
 from bh_helpers.nulls.kernels import _LEGACY_KERNEL
-from bh_helpers.nulls.legacy import LEGACY_PATTERN, _null_from_legacy, _read_legacy_pickle
+from bh_helpers.nulls.legacy import _null_from_legacy, _read_legacy_pickle, legacy_layer_files
 from bh_helpers.nulls.model import NullModel
 from bh_helpers.nulls.metadata import (
     METADATA_NAME,
@@ -199,8 +200,9 @@ class NullBank(Mapping[int, NullModel]):
         *,
         num_layers: int | None = None,
         num_experts: int | None = None,
+        allow_unverified: bool = False,
     ) -> NullBank:
-        """Read a bank written by :meth:`save`, checking schema version and model shape.
+        """Read a bank written by :meth:`save`, checking its checksums, schema version and model shape.
 
         Parameters
         ----------
@@ -209,12 +211,17 @@ class NullBank(Mapping[int, NullModel]):
         num_layers, num_experts : int, optional
             Layer and expert counts of the model the bank will be used with; a mismatch raises.
             (Or call :meth:`check_compatible` with the model.)
+        allow_unverified : bool, default False
+            Load a bank whose ``metadata.json`` has no checksum (saved by an older bh_helpers) or
+            was edited after it was saved, with a warning. Only for banks you trust; save it again
+            (``NullBank.load(d, allow_unverified=True).save(d)``) to add the checksum.
 
         Raises
         ------
         ValueError
-            Missing, corrupt or truncated files, a schema newer than this library's, or a layer /
-            expert count that does not match.
+            Missing, corrupt or truncated files, a ``metadata.json`` without its checksum or edited
+            after it was saved (unless ``allow_unverified``), arrays changed after they were saved,
+            a schema newer than this library's, or a layer / expert count that does not match.
         """
         directory = Path(directory)
         meta_path, npz_path = directory / METADATA_NAME, directory / NPZ_NAME
@@ -223,7 +230,7 @@ class NullBank(Mapping[int, NullModel]):
                 f"`directory` {str(directory)!r} must contain {METADATA_NAME} and {NPZ_NAME} "
                 "(written by NullBank.save)"
             )
-        metadata = read_metadata(meta_path)
+        metadata = read_metadata(meta_path, allow_unverified=allow_unverified)
         try:
             with np.load(npz_path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}  # read everything now: errors surface here
@@ -295,11 +302,7 @@ class NullBank(Mapping[int, NullModel]):
                 "come from a source you trust, pass `trust=True` (a restricted unpickler is used even then)"
             )
         directory = Path(directory)
-        files = {}
-        for path in directory.glob("distribution_model_layer_*.pkl"):
-            match = LEGACY_PATTERN.match(path.name)
-            if match:
-                files[int(match.group(1))] = path
+        files = legacy_layer_files(directory)  # two files for one layer: refused, naming both
         if not files:
             raise ValueError(
                 f"`directory` {str(directory)!r} has no distribution_model_layer_{{i}}.pkl files"
@@ -336,7 +339,7 @@ def bank_name(kernel: str, statistic: str = "raw", trim: int = 0) -> str:
     return kernel + ("" if statistic == "raw" else f"/{statistic}") + (f"/trim{trim}" if trim else "")
 
 
-def load_bank_folder(path: str | Path) -> NullBank | dict[str, NullBank]:
+def load_bank_folder(path: str | Path, *, allow_unverified: bool = False) -> NullBank | dict[str, NullBank]:
     """The bank in ``path``, or every bank in its sub-folders keyed by :func:`bank_name`.
 
     Parameters
@@ -344,6 +347,8 @@ def load_bank_folder(path: str | Path) -> NullBank | dict[str, NullBank]:
     path : str or Path
         A bank folder (holds ``metadata.json``, written by :meth:`NullBank.save`), or a folder of
         bank folders (the demo's ``nulls/``: one per statistic and trim).
+    allow_unverified : bool, default False
+        Load banks without (or failing) their metadata checksum, with a warning (:meth:`NullBank.load`).
 
     Returns
     -------
@@ -358,14 +363,14 @@ def load_bank_folder(path: str | Path) -> NullBank | dict[str, NullBank]:
     """
     root = Path(path)
     if (root / METADATA_NAME).is_file():
-        return NullBank.load(root)
+        return NullBank.load(root, allow_unverified=allow_unverified)
     subs = sorted(p for p in root.glob("*") if (p / METADATA_NAME).is_file()) if root.is_dir() else []
     if not subs:
         raise ValueError(f"`path` {str(path)!r} holds no null bank ({METADATA_NAME}) nor folders of banks; pass a "
                          "folder written by `bh-routing fit`, or the nulls/ folder of a demo.")
     banks = {}
     for sub in subs:
-        bank = NullBank.load(sub)
+        bank = NullBank.load(sub, allow_unverified=allow_unverified)
         meta = bank.metadata
         banks[bank_name(meta.kernel, meta.statistic, meta.trim)] = bank
     return banks

@@ -1,14 +1,28 @@
 """A null bank's metadata and the checks of its on-disk files (``metadata.json`` beside ``nulls.npz``).
 
 :class:`NullBankMetadata` is the provenance of a bank; :func:`metadata_to_json` and
-:func:`read_metadata` write and read it, with a sha256 of every stored array that
-:func:`check_digests` compares on load. :mod:`bh_helpers.nulls.bank` holds the bank itself.
+:func:`read_metadata` write and read it. Two checksums guard what decides a p-value:
+
+- ``array_sha256``: a sha256 of every stored array (grids, sf/cdf/pdf, tails, bandwidths, per
+  layer), which :func:`check_digests` compares with ``nulls.npz`` on load;
+- ``bank_sha256`` (:data:`BANK_DIGEST`): ONE sha256 of every other field of ``metadata.json``
+  (statistic, trim, kernel, bandwidth, per-expert flag, layers, counts, router fingerprint, the
+  format tags) and of ``array_sha256`` itself, so it covers the whole transform logit -> p-value.
+  Any edit to the file (a field changed or deleted, ``array_sha256`` removed) fails it, and
+  :func:`read_metadata` refuses the bank.
+
+A bank without ``bank_sha256`` (saved before it existed, or with it deleted) or whose fields no longer
+match it is refused unless the caller opts in with ``allow_unverified=True`` (then it loads with a
+warning, and the array checksums are still compared where present). The way forward for an older
+bank one trusts: ``NullBank.load(folder, allow_unverified=True).save(folder)`` writes both checksums.
+:mod:`bh_helpers.nulls.bank` holds the bank itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +34,13 @@ from bh_helpers._validate import is_int
 from bh_helpers.nulls.statistics import check_statistic, check_trim
 
 __all__ = [
+    "BANK_DIGEST",
     "METADATA_NAME",
     "NPZ_NAME",
     "SCHEMA_VERSION",
     "NullBankMetadata",
     "array_digest",
+    "bank_digest",
     "check_digests",
     "library_version",
     "metadata_to_json",
@@ -32,6 +48,7 @@ __all__ = [
     "read_digests",
     "read_metadata",
     "schema_version_for",
+    "seal",
 ]
 
 # Version of the on-disk layout written by NullBank.save; bump on any incompatible change.
@@ -39,6 +56,8 @@ SCHEMA_VERSION = 2  # 2: per-token statistic and trim (banks with the defaults a
 
 NPZ_NAME = "nulls.npz"
 METADATA_NAME = "metadata.json"
+#: The key of ``metadata.json`` that holds :func:`bank_digest` of the rest of the file.
+BANK_DIGEST = "bank_sha256"
 
 
 @dataclass(frozen=True)
@@ -126,7 +145,41 @@ def metadata_to_json(metadata: NullBankMetadata, arrays: Mapping[str, np.ndarray
     # A checksum per array: a shifted grid or two layers' arrays swapped still satisfy every
     # invariant and gave p-values off by 0.35-0.55 before; load() now refuses them.
     meta["array_sha256"] = {name: array_digest(value) for name, value in sorted(arrays.items())}
-    return meta
+    return seal(meta)
+
+
+def bank_digest(meta: Mapping[str, Any]) -> str:
+    """sha256 of a ``metadata.json`` object without its :data:`BANK_DIGEST` key (canonical JSON).
+
+    Every field enters, so no field that changes a p-value can be left out by mistake (nor one
+    added later); ``array_sha256`` enters too, so the arrays are covered through it.
+    """
+    body = {key: value for key, value in meta.items() if key != BANK_DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """``meta`` with :data:`BANK_DIGEST` set to :func:`bank_digest` of the rest (what ``save`` writes)."""
+    return {**meta, BANK_DIGEST: bank_digest(meta)}
+
+
+def _verify(raw: Mapping[str, Any], path: Path, allow_unverified: bool) -> None:
+    """Refuse ``metadata.json`` whose :data:`BANK_DIGEST` is missing or does not match, unless opted in."""
+    stored = raw.get(BANK_DIGEST)
+    if stored is None or not isinstance(stored, str):
+        problem = (f"has no checksum of its fields (`{BANK_DIGEST}`: saved by an older bh_helpers, or the field was "
+                   "deleted), so an edited statistic, trim, kernel, grid or layer could not be detected")
+    elif stored != bank_digest(raw):
+        problem = (f"was edited after it was saved (its fields no longer match its checksum `{BANK_DIGEST}`: a "
+                   "changed or deleted statistic, trim, kernel, bandwidth, layer or array checksum moves p-values)")
+    else:
+        return
+    if not allow_unverified:
+        raise ValueError(f"`{path}` {problem}; fit or save the bank again, or, if you trust it, pass "
+                         "`allow_unverified` to load it anyway and save it again to add the checksum")
+    warnings.warn(f"`{path}` {problem}; loading it unverified because allow_unverified=True (save it again to "
+                  "add the checksum).", UserWarning, stacklevel=4)
 
 
 def array_digest(value: np.ndarray) -> str:
@@ -172,7 +225,18 @@ def parse_fingerprint(raw: Any) -> dict[int, list[float]] | None:
     return {int(layer): [float(v) for v in values] for layer, values in raw.items()}
 
 
-def read_metadata(path: Path) -> NullBankMetadata:
+def read_metadata(path: Path, *, allow_unverified: bool = False) -> NullBankMetadata:
+    """The :class:`NullBankMetadata` of ``metadata.json`` at ``path``, its checksum verified.
+
+    Parameters
+    ----------
+    path : Path
+    allow_unverified : bool, default False
+        Load a file without :data:`BANK_DIGEST`, or whose fields do not match it, with a warning
+        instead of a ``ValueError``.
+    """
+    if not isinstance(allow_unverified, bool):
+        raise ValueError(f"`allow_unverified` must be True or False, got {allow_unverified!r}")
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -187,6 +251,7 @@ def read_metadata(path: Path) -> NullBankMetadata:
             f"`{path}` has `schema_version` {version}, newer than this bh_helpers "
             f"({library_version()}, schema {SCHEMA_VERSION}): upgrade bh_helpers to load it"
         )
+    _verify(raw, path, allow_unverified)
     try:
         meta = NullBankMetadata(
             model_id=raw["model_id"],

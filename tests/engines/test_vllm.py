@@ -22,6 +22,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM tests run in vLLM's own virtualenv: scripts/test_vllm.sh")
 
+from bh_helpers.nulls.metadata import seal  # noqa: E402  (after the skip: only vLLM's environment runs this file)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CONFIGS = HERE / "configs"
@@ -195,7 +197,7 @@ def test_bank_for_another_model_is_refused(tmp_path, cache_root):
     shutil.copytree(BANK, bank)
     meta = json.loads((bank / "metadata.json").read_text())
     meta["num_layers"] = 8  # fitted, it says, on an 8-layer model
-    (bank / "metadata.json").write_text(json.dumps(meta))
+    (bank / "metadata.json").write_text(json.dumps(seal(meta)))  # sealed: the count check speaks, not the checksum
     text = _refused(tmp_path, cache_root, {"selector": "bh", "bank": str(bank)})
     assert "routing config `bank`" in text and "8 layers" in text and "fit a bank" in text.lower()
 
@@ -205,7 +207,7 @@ def test_bank_with_another_router_fingerprint_is_refused(tmp_path, cache_root):
     shutil.copytree(BANK, bank)
     meta = json.loads((bank / "metadata.json").read_text())
     meta["router_fingerprint"] = {str(layer): [0.1, 0.1, *([0.5] * 8)] for layer in range(6)}
-    (bank / "metadata.json").write_text(json.dumps(meta))
+    (bank / "metadata.json").write_text(json.dumps(seal(meta)))
     text = _refused(tmp_path, cache_root, {"selector": "bh", "bank": str(bank)})
     assert "fitted on another model" in text and "allow_other_model" in text
 

@@ -1,0 +1,238 @@
+"""The results file of a sweep: how a row's metrics are written, and the one reader of the file.
+
+Format (JSON Lines, UTF-8; written by :func:`bh_helpers.experiments.sweep.run_sweep`)::
+
+    {"type": "header", "format": 1, "grid_hash": "...", "grid_id": ..., "datasets": [...],
+     "configs": [...], "created": "..."}
+    {"type": "row", "grid_hash": "...", "key": "<config key>", "dataset": "...", "config": {...},
+     "metrics": {...}, "elapsed_s": 1.23, "finished": "..."}
+
+Non-finite metric values (a perplexity that overflowed) are written as the strings ``"nan"``,
+``"inf"`` and ``"-inf"`` (strict JSON has no such numbers) and read back as the floats they were.
+
+Every reader goes through :func:`read_results_file`: it keeps the rows of the header's grid and
+sets aside, counted by reason, lines that do not belong to it (lines after the header of another
+grid, as in two concatenated files; a row that names another grid; a data set or configuration the
+header does not list; a key that is not its configuration's). :func:`load_results` warns once with
+the counts and never ranks or reports them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from bh_helpers.experiments.configs import SweepConfig, _canonical_json, _short_hash
+
+__all__ = ["ResultsFile", "decode_metrics", "encode_metrics", "load_results", "read_results_file"]
+
+
+def encode_metrics(obj: Any) -> Any:
+    """Metrics to plain JSON types (dataclass results, numpy/torch scalars, tuples)."""
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        obj = obj.to_dict()
+    if isinstance(obj, Mapping):
+        return {str(k): encode_metrics(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [encode_metrics(v) for v in obj]
+    if isinstance(obj, (str, bool, int)) or obj is None:
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)  # "nan", "inf", "-inf": strict JSON has none
+    if hasattr(obj, "item"):
+        return encode_metrics(obj.item())
+    raise ValueError(f"metric value {obj!r} of type {type(obj).__name__} is not JSON-serialisable.")
+
+
+#: How :func:`encode_metrics` writes the non-finite floats, and what they read back as.
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def decode_metrics(obj: Any) -> Any:
+    """Metrics as written by :func:`encode_metrics`, with ``"nan"``/``"inf"``/``"-inf"`` back as floats."""
+    if isinstance(obj, str):
+        return _NON_FINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: decode_metrics(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_metrics(v) for v in obj]
+    return obj
+
+
+def _config_key(config: Any) -> str | None:
+    """:meth:`SweepConfig.key` of a configuration as stored in a results file (None if it is not one)."""
+    if not isinstance(config, dict):
+        return None
+    try:
+        return _short_hash(_canonical_json({k: v for k, v in config.items() if v is not None}))
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class ResultsFile:
+    """A results file as read by :func:`read_results_file` (the file itself is never changed).
+
+    Attributes
+    ----------
+    header : dict or None
+        The first line; None when not even it is complete.
+    rows : list of dict
+        The rows of the header's grid, in file order, metrics decoded (``"inf"`` -> ``inf``).
+    foreign : Counter
+        Lines set aside, counted by why they do not belong to the header's grid.
+    complete : int
+        Length in bytes of the prefix made of complete lines.
+    """
+
+    header: dict | None
+    rows: list[dict] = field(default_factory=list)
+    foreign: Counter = field(default_factory=Counter)
+    complete: int = 0
+
+    def foreign_summary(self) -> str:
+        """``"3 lines that do not belong to its grid (2 after the header of another grid, 1 of a data set ...)"``."""
+        n = sum(self.foreign.values())
+        reasons = ", ".join(f"{count} {why}" for why, count in self.foreign.most_common())
+        return f"{n} line{'s' if n != 1 else ''} that do{'es' if n == 1 else ''} not belong to its grid ({reasons})"
+
+
+def read_results_file(path: str | os.PathLike) -> ResultsFile:
+    """Read a results file without changing it: its header, its grid's rows, the foreign lines counted.
+
+    The one reader of results files (:func:`load_results`, :func:`run_sweep`'s resume). A row
+    belongs to the grid of the first header when no header of another grid (``grid_hash``)
+    precedes it, its own ``grid_hash`` (rows written since it exists) is that header's, its data
+    set and configuration are in that header, and its key is its configuration's. Non-finite
+    metrics are read back as floats.
+
+    Raises
+    ------
+    ValueError
+        A first line that is not a header, or a complete line that is not JSON.
+    """
+    path = Path(path)
+    header, records, complete = _read_lines(path)
+    out = ResultsFile(header, complete=complete)
+    if header is None:
+        return out
+    datasets = set(header["datasets"]) if isinstance(header.get("datasets"), list) else None
+    keys = {_config_key(c) for c in header["configs"]} if isinstance(header.get("configs"), list) else None
+    in_grid = True  # False after the header of another grid (two files concatenated)
+    for record in records:
+        kind = record.get("type") if isinstance(record, dict) else None
+        if kind == "header":
+            in_grid = record.get("grid_hash") == header.get("grid_hash")
+            if not in_grid:
+                out.foreign["header of another grid"] += 1
+            continue
+        if kind != "row":
+            why = "lines that are not result rows"
+        elif not in_grid:
+            why = "after the header of another grid"
+        elif record.get("grid_hash", header.get("grid_hash")) != header.get("grid_hash"):  # older rows have none
+            why = "of another grid"
+        elif datasets is not None and record.get("dataset") not in datasets:
+            why = "of a data set the header does not list"
+        elif (keys is not None and record.get("key") not in keys) or \
+                _config_key(record.get("config")) != record.get("key"):
+            why = "of a configuration the header does not list"
+        else:
+            out.rows.append({**record, "metrics": decode_metrics(record.get("metrics", {}))})
+            continue
+        out.foreign[why] += 1
+    return out
+
+
+def _read_lines(path: Path) -> tuple[dict | None, list[Any], int]:
+    """Parse a results file's complete lines: ``(header, later records, complete_bytes)``."""
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1  # 0 when there is no newline at all
+    lines = data[:complete].split(b"\n")[:-1]
+    if not lines:
+        return None, [], 0
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("type") != "header":
+        raise ValueError(
+            f"{str(path)!r} is not a sweep results file (its first line is not a header); pass "
+            "another `results_path`, or `overwrite=True` to move it aside."
+        )
+    rows = []
+    for lineno, line in enumerate(lines[1:], 2):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{str(path)}:{lineno} is a complete but corrupt line ({err.msg}); fix or remove it "
+                "by hand (only a last line without newline is dropped automatically)."
+            ) from None
+        rows.append(row)
+    return header, rows, complete
+
+
+def _flatten(prefix: str, obj: Mapping[str, Any], out: dict) -> None:
+    for k, v in obj.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            _flatten(name + ".", v, out)
+        else:
+            out[name] = v
+
+
+def load_results(path: str | os.PathLike):
+    """Rows of a sweep results file as a :class:`pandas.DataFrame`, in file order.
+
+    Columns: ``key``, ``dataset``, ``label``, the :class:`SweepConfig` fields, the metrics
+    (nested dicts flattened with dots, e.g. ``protocol.window``), ``elapsed_s`` and
+    ``finished``. A last line without newline is ignored (the file is not modified). The
+    header is available as ``df.attrs["header"]``. Non-finite metrics are floats (``inf``,
+    ``nan``). Lines that do not belong to the header's grid (:func:`read_results_file`) are left
+    out with one warning that counts them.
+    """
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"`path` {str(p)!r} does not exist; run a sweep first.")
+    existing = read_results_file(p)
+    header, rows = existing.header, existing.rows
+    if existing.foreign:
+        warnings.warn(f"{str(p)!r} holds {existing.foreign_summary()}; they are set aside (not ranked, reported or "
+                      "resumed): keep one sweep per results file.", stacklevel=2)
+    records = []
+    seen: set[tuple[str, str]] = set()
+    duplicates = 0
+    for row in rows:
+        pair = (row.get("key"), row.get("dataset"))
+        if pair in seen:  # written twice (two writers before the lock existed): the first one counts
+            duplicates += 1
+            continue
+        seen.add(pair)
+        rec = {"key": row["key"], "dataset": row["dataset"]}
+        config = row.get("config", {})
+        try:
+            rec["label"] = SweepConfig.from_dict(config).label()
+        except (ValueError, TypeError):
+            rec["label"] = None
+        rec.update(config)
+        _flatten("", row.get("metrics", {}), rec)
+        rec["elapsed_s"] = row.get("elapsed_s")
+        rec["finished"] = row.get("finished")
+        records.append(rec)
+    columns = ["key", "dataset", "label"] + [f.name for f in fields(SweepConfig)]
+    df = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=columns)
+    df.attrs["header"] = header or {}
+    if duplicates:
+        warnings.warn(f"{str(p)!r} holds {duplicates} repeated (configuration, dataset) rows; the first of each "
+                      "is used.", stacklevel=2)
+    return df
