@@ -193,12 +193,13 @@ def test_non_finite_router_logits_are_never_quietly_routed(tiny, olmoe_tiny_bank
     chosen = _selector(selector, weights, model, olmoe_tiny_bank)
     handle = _poison_row(model, 3, value)
     try:
+        # allow_other_model: _row_model edits a router column, so the committed bank's fingerprint differs
         with torch.no_grad(), pytest.raises(ValueError, match=r"some tokens \(layer 3: 1[,)].*non-finite router "):
-            with route(model, chosen):
+            with route(model, chosen, allow_other_model=True):
                 model(ids)
     finally:
         handle.remove()
-    with torch.no_grad(), route(model, chosen) as rec:  # unpoisoned: the same model routes cleanly
+    with torch.no_grad(), route(model, chosen, allow_other_model=True) as rec:  # unpoisoned: routes cleanly
         model(ids)
     assert rec.summary()["invalid_tokens"] == 0
 
