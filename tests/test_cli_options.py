@@ -141,7 +141,7 @@ BAD = [row if hasattr(row, "values") else pytest.param(*row, id=f"{row[0]} {' '.
 
 #: Options that take no value (nothing to get wrong) or any text (a label).
 NO_BAD_VALUE = {"--help", "--no-progress", "--no-categories", "--no-split", "--no-k-matching", "--no-controls",
-                "--model-id"}
+                "--model-id", "--allow-unverified-bank"}  # switches take no value (the bank opt-in: tests/test_cli.py)
 
 
 @pytest.fixture(scope="module")
