@@ -81,6 +81,20 @@ def wall_median(fn, *, warmup: int = 1, reps: int = 3) -> float:
     return statistics.median(times)
 
 
+def versions() -> dict:
+    """The GPU and the versions every GPU benchmark records."""
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
+                triton=triton_version, python=platform.python_version())
+
+
 # ----------------------------------------------------------------------------------------------
 # Selectors
 # ----------------------------------------------------------------------------------------------
@@ -402,17 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.json = output(args.json, claim)
     args.profile = output(args.profile, "bench_gpu_profile", ext="txt")
 
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
-                triton=triton_version, python=platform.python_version(), layers=args.layers,
-                prefill=args.prefill, new_tokens=args.new_tokens,
+    meta = dict(**versions(), layers=args.layers, prefill=args.prefill, new_tokens=args.new_tokens,
                 protocol=f"variants interleaved, {args.rounds} rounds: per round each variant enters route, runs "
                          "1 warm-up + 1 timed call; tok/s = median of rounds, x native = median of per-round ratios. prefill: model(ids, use_cache=False, "
                          "logits_to_keep=1); decode: generate(greedy, prompt 32, max_new_tokens=min_new_tokens=N)")

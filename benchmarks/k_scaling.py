@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -440,20 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(raw), flush=True)
         return 0
 
-    import torch
-    import transformers
-
     from _results import output
+    from bench_gpu import versions
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
-                triton=triton_version, python=platform.python_version(), layers=args.layers,
-                rounds=args.rounds, new_tokens=args.new_tokens,
+    meta = dict(**versions(), layers=args.layers, rounds=args.rounds, new_tokens=args.new_tokens,
                 protocol="one process per path; per round each variant enters route, 2 warm-ups + 1 timed call "
                          "(wall clock, synchronised); medians of rounds; x = medians of per-round paired ratios "
                          "(reference time / variant time, > 1 is faster). MoE blocks: CUDA events around each "
