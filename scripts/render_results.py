@@ -87,9 +87,16 @@ def k_scaling(files: list[Path]) -> str:
     return "\n\n".join(render(_json(p)) for p in files)
 
 
+def t4_projection(files: list[Path]) -> str:
+    """The cost model checked on the measuring GPU, projected onto a T4 (``t4_projection.py``)."""
+    from t4_projection import render
+
+    return render(_json(files[0]))
+
+
 BLOCKS: dict[str, Callable[[list[Path]], str]] = {
     "statistics": statistics, "adaptive": adaptive, "reliability": reliability, "t4": t4, "gpu": gpu,
-    "k_scaling": k_scaling,
+    "k_scaling": k_scaling, "t4_projection": t4_projection,
 }
 
 
