@@ -53,7 +53,7 @@ from bh_helpers.experiments.static_allocation import (
 )
 from bh_helpers.models.families import moe_shape
 from bh_helpers.models.loading import load_model
-from bh_helpers.models.texts import MIN_CALIBRATION_TEXT_TOKENS, calibration_token_ids, split_name
+from bh_helpers.models.texts import MIN_CALIBRATION_TEXT_TOKENS, SPLITS, calibration_token_ids, split_name
 from bh_helpers.nulls.bank import NullBank, bank_name, load_bank_folder
 from bh_helpers.nulls.fit import check_fit_options, fit_captured
 from bh_helpers.report.assemble import report_step
@@ -164,8 +164,9 @@ class DemoSettings:
         check_grid(methods=self.methods, alphas=self.alphas, mean_ks=self.mean_ks, max_ks=self.max_ks,
                    min_ks=self.min_ks, top_ps=self.top_ps, layer_alphas=self.layer_alphas,
                    layer_targets=self.layer_targets, topk_max=self.topk_max)
-        check_protocol(datasets=self.datasets, max_tokens=self.max_tokens, window=self.window, stride=self.stride,
-                       batch_size=self.batch_size, weights=self.weights)
+        check_protocol(datasets=[split_name(d, s) for d in self.datasets for s in SPLITS] if self.split else self.datasets,
+                       max_tokens=self.max_tokens, window=self.window, stride=self.stride, batch_size=self.batch_size,
+                       weights=self.weights)  # split: both halves of every data set must hold a document
         windows = scoring_windows(self.max_tokens, self.window, self.stride)
         if windows < MIN_WINDOWS:
             need = self.window + (MIN_WINDOWS - 1) * self.stride

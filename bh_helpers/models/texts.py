@@ -89,6 +89,10 @@ def calibration_token_ids(tokenizer, *, max_tokens: int, text_file: str | os.Pat
                 break
             stream += encode(tokenizer, rec["text"]) + [eos]
         out += stream[:budget]
+    if not out or all(i == eos for i in out):  # a tokenizer that turns text into nothing: every window would be EOS
+        raise ValueError("the tokenizer turned the calibration text into no tokens (only end-of-text markers); the "
+                         "model folder's tokenizer files (tokenizer.json, tokenizer_config.json) are probably missing: "
+                         "copy them from the model's source, or pass the hub id as --model.")
     return out
 
 
@@ -119,8 +123,9 @@ def _dataset_documents(name: str) -> tuple[list[str], str]:
         docs, description = _dataset_documents(base)
         half = docs[SPLITS.index(split)::2]
         if not half:
-            raise ValueError(f"data set {base!r} has too few documents to split into tuning and confirmation halves; "
-                             f"use {base!r} itself.")
+            raise ValueError(f"data set {base!r} has too few documents to split into tuning and confirmation halves "
+                             "(a .txt file is one document): turn the split off (`split=False`; on the command line "
+                             "--no-split), or use a data set of two documents or more.")
         which = "even" if split == "tune" else "odd"
         return half, f"{description}, {split} half ({which}-numbered documents, {len(half)} of {len(docs)})"
     if name in ("prose", "code"):
