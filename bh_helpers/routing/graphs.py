@@ -10,7 +10,8 @@ selected pairs. :class:`BlockGraphs` holds one block's graphs per row count:
 - up to ``GRAPH_MAX_TOKENS`` rows (decode), captured on first use;
 - up to ``PREFILL_GRAPH_MAX_TOKENS`` rows (prefill of a fixed evaluation shape), captured the
   SECOND time a row count is seen in one ``route``, so a one-off prompt length never pays for a
-  capture; larger calls are GPU-bound and run eagerly.
+  capture; larger calls are GPU-bound and run eagerly. Prefill graphs run on compute capability
+  8.0+ only for now: on the T4 path (sm_75) they have not been checked on a GPU yet.
 
 ``route`` makes one per routed block; they share one memory pool, one static ``valid`` buffer and
 one static input and output per row count (the blocks run one after another, so one set serves
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bh_helpers._cuda import capture_stream
+from bh_helpers._cuda import capture_stream, device_capability
 from bh_helpers.models.families import router_outputs_requested
 from bh_helpers.routing.auto import sync_free_supported
 from bh_helpers.routing.recorder import RoutingRecorder
@@ -162,6 +163,8 @@ class BlockGraphs:
         if weight is None:
             return None
         rows = hidden.shape[0]
+        if rows > GRAPH_MAX_TOKENS and device_capability(device)[0] < 8:
+            return None  # prefill graphs of the T4 path (sm_75, Triton tiled dispatch): not yet checked on a GPU
         key = (rows, hidden.dtype, device, torch.is_inference_mode_enabled())
         graph = self.graphs.get(key)
         if graph is None and rows > GRAPH_MAX_TOKENS and key not in self.seen:
