@@ -134,6 +134,19 @@ def test_grouped_dispatch_graphs_do_not_outlive_route(model):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _count_replays(monkeypatch) -> list:
+    """A list that gets one entry per CUDA-graph replay of a patched block (the replay still runs)."""
+    replays: list = []
+    real_call = block_graphs._BlockGraph.__call__
+
+    def counting(self, h):
+        replays.append(1)
+        return real_call(self, h)
+
+    monkeypatch.setattr(block_graphs._BlockGraph, "__call__", counting)
+    return replays
+
+
 @needs_cuda
 @pytest.mark.parametrize("inference", [False, True])
 def test_graphed_block_matches_eager_on_gpu(monkeypatch, inference):
@@ -148,14 +161,7 @@ def test_graphed_block_matches_eager_on_gpu(monkeypatch, inference):
     g = torch.Generator().manual_seed(0)
     bank = fit_null_bank({0: torch.randn(4000, 16, generator=g), 1: torch.randn(4000, 16, generator=g)})
     selectors = [TopKSelector(4, weights="softmax"), BHSelector(bank, alpha=0.2, max_k=8)]
-    replays = []
-    real_call = block_graphs._BlockGraph.__call__
-
-    def counting(self, h):
-        replays.append(1)
-        return real_call(self, h)
-
-    monkeypatch.setattr(block_graphs._BlockGraph, "__call__", counting)
+    replays = _count_replays(monkeypatch)
     prompt = torch.randint(0, 128, (3, 6), device="cuda")
     ctx = torch.inference_mode if inference else torch.no_grad
     for selector in selectors:
@@ -278,14 +284,7 @@ def test_graphed_block_screens_non_finite_router_logits_on_gpu(monkeypatch, sele
               "bh-uniform": BHSelector(bank, alpha=0.2, max_k=8, weights="uniform"),
               "static-uniform": StaticLayerSelector((4, 3), weights="uniform")}[selector]
     assert block_graphs.graph_safe_selector(chosen, torch.device("cuda"))
-    replays = []
-    real_call = block_graphs._BlockGraph.__call__
-
-    def counting(self, h):
-        replays.append(1)
-        return real_call(self, h)
-
-    monkeypatch.setattr(block_graphs._BlockGraph, "__call__", counting)
+    replays = _count_replays(monkeypatch)
     prompt = torch.randint(0, 128, (1, 1), device="cuda")
     with torch.inference_mode(), route(gpu_model, chosen) as rec:  # clean decode steps: graphed, no fault
         gpu_model(prompt)
@@ -324,14 +323,7 @@ def test_prefill_blocks_are_graphed_when_the_size_comes_back_on_gpu(monkeypatch,
     bank = fit_null_bank({0: torch.randn(4000, 16, generator=g), 1: torch.randn(4000, 16, generator=g)})
     ids = torch.randint(0, 128, (3, 40), device="cuda")  # 120 rows per block call
     assert block_graphs.GRAPH_MAX_TOKENS < 120 <= block_graphs.PREFILL_GRAPH_MAX_TOKENS
-    replays = []
-    real_call = block_graphs._BlockGraph.__call__
-
-    def counting(self, h):
-        replays.append(1)
-        return real_call(self, h)
-
-    monkeypatch.setattr(block_graphs._BlockGraph, "__call__", counting)
+    replays = _count_replays(monkeypatch)
     for selector in (TopKSelector(4, weights="softmax"), BHSelector(bank, alpha=0.2, max_k=8)):
         results = {}
         for graphs in (False, True):
