@@ -12,7 +12,9 @@ in ONE process per path, variants interleaved round by round:
   decode sizes on first use, a prefill size when it comes back) and one timed call (wall clock
   around a synchronised call); x ratios = medians of per-round paired ratios;
 - the previous prefill path side by side (``(previous prefill path)``: blocks above decode sizes
-  eager, bf16 prefill through the compact dispatch with its host synchronisation).
+  eager, bf16 prefill through the compact dispatch with its host synchronisation). On the T4 path
+  the other variants run the candidate: prefill graphs with ``PREFILL_GRAPH_MIN_CAPABILITY``
+  lowered to 7; ``(previous prefill path)`` is what ships there today.
 
 Beside the end-to-end times: the MoE blocks' own time (CUDA events around each block's forward,
 summed over the layers, median of ``--block-reps`` calls), its share ``s`` of the forward, and the
@@ -173,6 +175,9 @@ def run_path(path: str, args) -> dict:
         model.to(torch.float16)
         torch.cuda.empty_cache()
         apply_t4_emulation()  # capability 7.5, 14 GiB cap, transformers' sm75 MoE path
+        import bh_helpers.routing.graphs as graphs
+
+        graphs.PREFILL_GRAPH_MIN_CAPABILITY = 7  # the candidate; "(previous prefill path)" is the shipped one
     blocks = [layer.mlp for layer in model.model.layers]
     variants = _variants()
 
@@ -457,12 +462,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile_workloads:
             cmd += ["--profile-workloads", *args.profile_workloads]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
-        sys.stdout.write("".join(l + "\n" for l in proc.stdout.splitlines() if not l.startswith("RESULT ")))
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        # the child's lines are echoed as they come, so a run cut short still shows what it measured
+        with subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            lines = []
+            for line in proc.stdout:
+                if line.startswith("RESULT "):
+                    lines.append(line.rstrip("\n"))
+                else:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+            stderr = proc.stderr.read()
         if proc.returncode or not lines:
-            result["paths"][path] = {"error": proc.stderr[-2000:]}
-            print(proc.stderr[-4000:], flush=True)
+            result["paths"][path] = {"error": stderr[-2000:]}
+            print(stderr[-4000:], flush=True)
             continue
         raw = json.loads(lines[-1][len("RESULT "):])
         result["paths"][path] = {"summary": summarise(raw), "raw": raw}

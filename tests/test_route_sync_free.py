@@ -303,18 +303,22 @@ def test_graphed_block_screens_non_finite_router_logits_on_gpu(monkeypatch, sele
 
 
 @needs_cuda
-@pytest.mark.parametrize("path", ["bf16", "t4"])
+@pytest.mark.parametrize("path", ["bf16", "t4", "t4 graphed"])
 def test_prefill_blocks_are_graphed_when_the_size_comes_back_on_gpu(monkeypatch, path):
     """An evaluation-sized prefill (above GRAPH_MAX_TOKENS) runs eagerly the first time, is captured
     the second time and replayed after (bf16 path); outputs, aggregates and per-token counts equal
-    the eager route's. On the T4 path (float16, capability switch 7.5) prefill stays eager for now."""
+    the eager route's. On the T4 path (float16, capability switch 7.5) prefill stays eager as
+    shipped; "t4 graphed" lowers PREFILL_GRAPH_MIN_CAPABILITY to 7 and checks the T4 path's graphs."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     from bh_helpers.nulls.fit import fit_null_bank
 
-    if path == "t4":
+    if path.startswith("t4"):
         monkeypatch.setenv("BH_ROUTING_CUDA_CAPABILITY", "7.5")
-    dtype = torch.float16 if path == "t4" else torch.bfloat16
+    if path == "t4 graphed":
+        monkeypatch.setattr(block_graphs, "PREFILL_GRAPH_MIN_CAPABILITY", 7)
+    graphed_path = path != "t4"
+    dtype = torch.float16 if path.startswith("t4") else torch.bfloat16
     cfg = OlmoeConfig(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4)
     torch.manual_seed(0)
@@ -333,9 +337,9 @@ def test_prefill_blocks_are_graphed_when_the_size_comes_back_on_gpu(monkeypatch,
                 outs = []
                 for _ in range(3):
                     outs.append(gpu_model(ids).logits.float())
-                    if graphs and path == "bf16":
+                    if graphs and graphed_path:
                         assert len(replays) == 2 * (len(outs) - 1)  # call 1 eager, then both layers replayed
-            assert bool(replays) == (graphs and path == "bf16")
+            assert bool(replays) == (graphs and graphed_path)
             results[graphs] = (outs, rec.summary(), rec.per_token_counts())
         (o0, sum0, pt0), (o1, sum1, pt1) = results[False], results[True]
         for a, b in zip(o0, o1):

@@ -11,7 +11,8 @@ selected pairs. :class:`BlockGraphs` holds one block's graphs per row count:
 - up to ``PREFILL_GRAPH_MAX_TOKENS`` rows (prefill of a fixed evaluation shape), captured the
   SECOND time a row count is seen in one ``route``, so a one-off prompt length never pays for a
   capture; larger calls are GPU-bound and run eagerly. Prefill graphs run on compute capability
-  8.0+ only for now: on the T4 path (sm_75) they have not been checked on a GPU yet.
+  ``PREFILL_GRAPH_MIN_CAPABILITY`` and up (8.0 for now: on the T4 path, sm_75, they are checked on
+  the GPU by lowering it to 7 in the tests and the k-scaling benchmark, not yet shipped on).
 
 ``route`` makes one per routed block; they share one memory pool, one static ``valid`` buffer and
 one static input and output per row count (the blocks run one after another, so one set serves
@@ -32,12 +33,15 @@ from bh_helpers.models.families import router_outputs_requested
 from bh_helpers.routing.auto import sync_free_supported
 from bh_helpers.routing.recorder import RoutingRecorder
 
-__all__ = ["GRAPH_MAX_TOKENS", "PREFILL_GRAPH_MAX_TOKENS", "BlockGraphs", "graph_safe_selector"]
+__all__ = ["GRAPH_MAX_TOKENS", "PREFILL_GRAPH_MAX_TOKENS", "PREFILL_GRAPH_MIN_CAPABILITY", "BlockGraphs",
+           "graph_safe_selector"]
 
 #: Up to this many rows a block is captured on first use (decode steps).
 GRAPH_MAX_TOKENS = 64
 #: Up to this many rows a block is captured when the row count comes back (evaluation windows).
 PREFILL_GRAPH_MAX_TOKENS = 4096
+#: Prefill-sized graphs run from this compute capability major up (decode graphs run everywhere).
+PREFILL_GRAPH_MIN_CAPABILITY = 8
 
 
 def graph_safe_selector(selector: Any, device: torch.device) -> bool:
@@ -163,8 +167,8 @@ class BlockGraphs:
         if weight is None:
             return None
         rows = hidden.shape[0]
-        if rows > GRAPH_MAX_TOKENS and device_capability(device)[0] < 8:
-            return None  # prefill graphs of the T4 path (sm_75, Triton tiled dispatch): not yet checked on a GPU
+        if rows > GRAPH_MAX_TOKENS and device_capability(device)[0] < PREFILL_GRAPH_MIN_CAPABILITY:
+            return None  # prefill graphs of the T4 path (sm_75, Triton tiled dispatch): not shipped on yet
         key = (rows, hidden.dtype, device, torch.is_inference_mode_enabled())
         graph = self.graphs.get(key)
         if graph is None and rows > GRAPH_MAX_TOKENS and key not in self.seen:
