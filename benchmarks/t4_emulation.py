@@ -314,13 +314,18 @@ def demo(work: Path, model_dir: Path, timeout: int) -> dict:
     return res
 
 
-def notebooks(work: Path, model_dir: Path, timeout: int, save=lambda partial: None) -> dict:
+def notebooks(work: Path, model_dir: Path, timeout: int, save=lambda partial: None, only=None,
+              eval_datasets: str = "") -> dict:
     before = _digest(REPO / "bh_helpers" / "data" / "kde_models")
     rows: dict = {}
     for nb in sorted((REPO / "notebooks").glob("0*.ipynb")):
+        if only and not any(nb.stem.startswith(prefix) for prefix in only):
+            continue
         step = f"notebook {nb.stem}"
         env = _emulated_env(work, step)
         env.update(BH_MODEL=str(model_dir), BH_NOTEBOOK_SMALL="0")
+        if eval_datasets:  # offline: an embedded slice in WikiText-2's place, same number of tokens
+            env["BH_EVAL_DATASETS"] = eval_datasets
         res = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbmake",
                     f"--nbmake-timeout={timeout}", str(nb)], env, REPO, timeout + 60)
         res.update(_peaks(work, step))
@@ -385,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per subprocess step")
+    parser.add_argument("--notebooks", nargs="+", default=None, metavar="PREFIX",
+                        help="only these notebooks in the notebooks step, e.g. 03 (default all)")
+    parser.add_argument("--eval-datasets", default="",
+                        help="BH_EVAL_DATASETS for the notebooks, e.g. prose (offline: no WikiText-2 download)")
     parser.add_argument("--json", nargs="?", const="scheme", default=None,
                         help="results file, merged into when it exists; without a value: "
                              "benchmarks/results/t4_emulation_<device>_<commit>.json")
@@ -431,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                 res = demo(args.work, model_dir, args.timeout)
                 res.update(_peaks(args.work, "demo"))
             else:
-                res = notebooks(args.work, model_dir, args.timeout, save=lambda partial: save("notebooks", partial))
+                res = notebooks(args.work, model_dir, args.timeout, save=lambda partial: save("notebooks", partial),
+                                only=args.notebooks, eval_datasets=args.eval_datasets)
+                res["eval_datasets"] = args.eval_datasets or "notebook default"
         except Exception as err:  # noqa: BLE001 - one failed step is a result; the others still run
             import traceback
 

@@ -78,8 +78,9 @@ METHOD, ALPHA, MIN_K, MAX_K = "bh", 0.5, 1, 8  # the BH setting shown first
 WEIGHTS = "softmax"
 PROMPTS = ["The history of the", "def read_config(path):"]
 MAX_NEW_TOKENS = 24 if SMALL else 48
-# held-out evaluation slice of the embedded corpus; on OLMoE in full mode WikiText-2 (test split, through `datasets`)
-EVAL_DATASETS = ["prose", "code"] if SMALL or MODEL_NAME == "tiny" else ["wikitext2"]
+# held-out evaluation slice of the embedded corpus; on OLMoE in full mode WikiText-2 (test split, through `datasets`);
+# BH_EVAL_DATASETS=prose,code overrides (e.g. offline)
+EVAL_DATASETS = nbu.eval_datasets(["prose", "code"] if SMALL or MODEL_NAME == "tiny" else ["wikitext2"])
 EVAL_TOKENS = 1024 if SMALL else 8192  # tokens per data set
 WINDOW = 128 if SMALL else 256  # perplexity windows, stride = window (no overlap): 8 windows per data set when small
 SWEEP_TOPK = (1, 2, 3, 4, 6, 8) if SMALL else tuple(range(1, 9))

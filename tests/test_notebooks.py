@@ -278,6 +278,11 @@ def test_small_mode_and_model_choice_from_environment():
         nbu.small_mode({"BH_NOTEBOOK_SMALL": "maybe"})
     assert nbu.model_choice({}) == "auto"
     assert nbu.model_choice({"BH_MODEL": "tiny"}) == "tiny"
+    assert nbu.eval_datasets(["wikitext2"], {}) == ["wikitext2"]
+    assert nbu.eval_datasets(["wikitext2"], {"BH_EVAL_DATASETS": " prose, code "}) == ["prose", "code"]
+    for bad in ("wikitext", ",", "prose,bogus"):  # an unknown name is refused, not dropped
+        with pytest.raises(ValueError, match="BH_EVAL_DATASETS must name data sets from prose"):
+            nbu.eval_datasets(["prose"], {"BH_EVAL_DATASETS": bad})
 
     from bh_helpers.app import paths
 

@@ -21,7 +21,7 @@ import io
 import os
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch
 from bh_helpers.app.paths import default_null_bank_dir, model_key, resolve_model_key
 from bh_helpers.capture import CapturedLogits, capture_calibration
 from bh_helpers.models.loading import OLMOE_HUB_ID, load_model
+from bh_helpers.models.texts import EVAL_DATASETS
 
 __all__ = [
     "LOGITS_NAME",
@@ -93,6 +94,24 @@ def model_choice(environ: Mapping[str, str] | None = None) -> str:
     """Model name from ``BH_MODEL`` (default ``"auto"``: OLMoE on a GPU with the hub, else tiny)."""
     env = os.environ if environ is None else environ
     return env.get("BH_MODEL", "").strip() or "auto"
+
+
+def eval_datasets(default: Sequence[str], environ: Mapping[str, str] | None = None) -> list[str]:
+    """Evaluation data sets from ``BH_EVAL_DATASETS`` (comma-separated names), else ``default``.
+
+    E.g. ``BH_EVAL_DATASETS=prose`` runs notebook 03's full protocol offline at WikiText-2's size
+    (the T4 emulation does); names are those of ``bh_helpers.models.texts.EVAL_DATASETS``.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get("BH_EVAL_DATASETS", "").strip()
+    if not value:
+        return list(default)
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in EVAL_DATASETS]
+    if unknown or not names:
+        raise ValueError(f"BH_EVAL_DATASETS must name data sets from {', '.join(EVAL_DATASETS)} (comma-separated); "
+                         f"got {value!r}.")
+    return names
 
 
 def cpu_threads(environ: Mapping[str, str] | None = None) -> int:
