@@ -27,8 +27,11 @@ and the BH-like load onto a T4 with the T4's figures and the T4 path's kernel co
 GPU time only: where the host issues kernels more slowly than a T4 runs them (decode), the wall time
 is the host's, which no GPU figure predicts.
 
+``--notebooks`` adds the notebooks' full-mode wall time from a ``t4_emulation.py`` result, projected
+onto a T4 by the T4 path's prefill ratio (an upper bound; see ``notebook_projection``).
+
     python benchmarks/t4_projection.py benchmarks/results/k_scaling_t4_h100_<commit>.json \\
-        benchmarks/results/k_scaling_bf16_h100_<commit>.json --json
+        benchmarks/results/k_scaling_bf16_h100_<commit>.json --notebooks <t4_emulation json> --json
 """
 
 from __future__ import annotations
@@ -155,6 +158,28 @@ def ratios(rows: dict) -> dict:
     return out
 
 
+def notebook_projection(emulation: dict, rows: dict, work: str = "prefill 8x256") -> dict:
+    """Project the emulated notebooks' wall time onto a T4 (an upper bound, stated).
+
+    The notebooks' GPU work is evaluation-window prefill (batches of 256-token windows), so every
+    emulated second is scaled by the largest ratio, over native, patched top-8 and the BH-like load, of
+    the projected T4 GPU time of ``work`` to its wall time measured here. Host-side work (fitting,
+    plotting) does not slow down on a T4 yet is scaled too: the projection errs long.
+    """
+    factors = {key.split("|")[1].strip(): row["t4_projected_ms"] / row["measured_wall_ms"]
+               for key, row in rows.items() if key.split("|")[0].strip() == work}
+    if not factors:
+        return {"error": f"no profiled '{work}' call on the T4 path to scale by"}
+    factor = max(1.0, *factors.values())
+    out = {"work_scaled_by": work, "factors": {v: round(f, 3) for v, f in factors.items()},
+           "factor_used": round(factor, 3), "eval_datasets": emulation["steps"]["notebooks"].get("eval_datasets"),
+           "gpu": emulation["meta"]["gpu"], "notebooks": {}}
+    for name, nb in emulation["steps"]["notebooks"]["notebooks"].items():
+        out["notebooks"][name] = {"returncode": nb["returncode"], "emulated_wall_s": nb["wall_s"],
+                                  "projected_t4_wall_s": round(nb["wall_s"] * factor, 1)}
+    return out
+
+
 def render(projection: dict) -> str:
     lines = [f"Model constants: eta_flops {ETA_FLOPS}, eta_bytes {ETA_BYTES}, tau {TAU_S * 1e6:.1f} us; peaks: "
              + "; ".join(f"{g} {v['flops'] / 1e12:.0f} TFLOP/s, {v['bytes'] / 1e9:.0f} GB/s" for g, v in GPUS.items()) + "."]
@@ -172,6 +197,16 @@ def render(projection: dict) -> str:
             for work, r in block["ratios"].items():
                 fmt = lambda x: f"{x:.2f}x" if x else "-"  # noqa: E731
                 lines.append(f"| {work} | {fmt(r['top8_x_native'])} | {fmt(r['bh_like_x_top8'])} |")
+    nbs = projection.get("notebooks")
+    if nbs and "error" not in nbs:
+        lines += ["", f"**Notebooks in full mode on an OLMoE-1B-7B-shaped model** (emulated T4 on the {nbs['gpu']}, "
+                  f"evaluation data {nbs['eval_datasets']}; projected: every emulated second x "
+                  f"{nbs['factor_used']:.1f}, the largest projected-T4 / measured ratio of {nbs['work_scaled_by']} "
+                  "on the T4 path, an upper bound)", "",
+                  "| notebook | exit | emulated wall (min) | projected T4 wall (min) |", "|---|---:|---:|---:|"]
+        for name, row in nbs["notebooks"].items():
+            lines.append(f"| {name} | {row['returncode']} | {row['emulated_wall_s'] / 60:.1f} | "
+                         f"{row['projected_t4_wall_s'] / 60:.1f} |")
     return "\n".join(lines)
 
 
@@ -180,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", type=Path, help="k_scaling JSON files with --profile tables")
     parser.add_argument("--json", nargs="?", const="scheme", default=None,
                         help="write the projection; without a value benchmarks/results/t4_projection_cpu_<commit>.json")
+    parser.add_argument("--notebooks", type=Path, default=None, metavar="T4_EMULATION_JSON",
+                        help="a t4_emulation.py result with a notebooks step: project its wall times onto a T4")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE.parent / "scripts"))
     from _results import output
@@ -196,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows = project(result, path, gpu)
             projection["paths"][path] = {"measured_gpu": gpu, "rows": rows, "ratios": ratios(rows)}
+    if args.notebooks:
+        if "t4" not in projection["paths"]:
+            parser.error("--notebooks needs a k_scaling result of the T4 path with --profile tables")
+        emulation = json.loads(args.notebooks.read_text(encoding="utf-8"))
+        projection["sources"].append(args.notebooks.name)
+        projection["notebooks"] = notebook_projection(emulation, projection["paths"]["t4"]["rows"])
     print(render(projection))
     path = output(args.json, "t4_projection", device="cpu")
     if path:
