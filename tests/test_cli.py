@@ -76,6 +76,8 @@ def test_demo_end_to_end(demo_dir, capsys):
     assert (demo_dir / "load_balance_per_layer_prose.png").is_file()
     assert report.index("## Verdict") < report.index("## Compute-matched frontier")
     assert df.loc[df["label"] == "top-2", "mean_experts_per_token"].item() == 2.0
+    # the static control against uniform top-k on its calibration text (allocations up to max_k 8)
+    assert "## The static control against uniform top-k" in report and "values of k strictly between 1 and 8" in report
 
 
 def test_demo_writes_a_machine_readable_summary(demo_dir):

@@ -86,6 +86,12 @@ def test_greedy_path_against_brute_force(tiny_model_and_tokenizer, short_path):
     # never worse than uniform top-k on its own calibration text
     for k in (2, 3):
         assert path.nll[6 * k] <= _nll(model, tok, (k,) * 6) + 1e-12
+    # the path states it: both NLLs at each k strictly between the floor and the ceiling, measured
+    assert list(path.versus_uniform) == [2]
+    static, uniform = path.versus_uniform[2]
+    assert static == pytest.approx(_nll(model, tok, path.allocations[12]), rel=1e-9)
+    assert uniform == pytest.approx(_nll(model, tok, (2,) * 6), rel=1e-9)
+    assert static <= uniform
 
 
 def test_chord_and_allocation(short_path):
@@ -133,6 +139,25 @@ def test_separable_proxy_path(tiny_model_and_tokenizer):
     full = _nll(model, tok, (2,) * 6)
     rise = [_nll(model, tok, tuple(1 if i == j else 2 for i in range(6))) - full for j in range(6)]
     assert path.allocations[7] == tuple(2 if i == int(np.argmax(rise)) else 1 for i in range(6))
+    # against uniform top-k the proxy path reports measured NLLs, not its proxy cost
+    wide = static_allocation_path(model, tok, texts=TEXTS, max_k=3, method="separable", window=32, batch_size=4)
+    static, uniform = wide.versus_uniform[2]
+    assert static == pytest.approx(_nll(model, tok, wide.allocations[12]), rel=1e-9)
+    assert uniform == pytest.approx(_nll(model, tok, (2,) * 6), rel=1e-9)
+
+
+def test_static_versus_uniform_section(short_path):
+    from bh_helpers.report.verdict import static_versus_uniform_markdown
+
+    static, uniform = short_path.versus_uniform[2]
+    text = static_versus_uniform_markdown(short_path)
+    beats = int(static < uniform)
+    assert f"lower perplexity at {beats} of 1 values of k strictly between 1 and 3" in text
+    row = [line for line in text.splitlines() if line.startswith("| 2 |")]
+    assert row == [f"| 2 | {' '.join(map(str, short_path.allocations[12]))} | {math.exp(static):.3f} | "
+                   f"{math.exp(uniform):.3f} | {math.exp(static - uniform) - 1:+.2%} |"]
+    old = StaticAllocationPath.from_dict({k: v for k, v in short_path.to_dict().items() if k != "versus_uniform"})
+    assert "predates the comparison" in static_versus_uniform_markdown(old)  # an older file still loads
 
 
 def test_mix_windows_is_the_probability_weighted_window_nll():

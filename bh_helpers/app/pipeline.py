@@ -397,6 +397,7 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
     with step("report"):
         report = report_step(out, results=results, model=model, tokenizer=tokenizer, null_bank=banks,
                              model_id=settings.model, categories=settings.categories, seed=settings.seed, tasks=tasks,
+                             static_path=static_path,
                              weights=settings.weights, calibration=calibration, tuning=tuning, progress=progress)
 
     (out / STEPS_NAME).write_text(json.dumps({

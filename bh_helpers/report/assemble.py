@@ -30,7 +30,7 @@ from bh_helpers.experiments.sweep import load_balance_table, load_results
 from bh_helpers.models.families import moe_shape
 from bh_helpers.models.texts import dataset_description, encode
 from bh_helpers.report import plots
-from bh_helpers.report.verdict import comparison_markdown, task_accuracy_markdown
+from bh_helpers.report.verdict import comparison_markdown, static_versus_uniform_markdown, task_accuracy_markdown
 from bh_helpers.report.write import write_report
 from bh_helpers.routing.patch import route
 from bh_helpers.nulls.bank import NullBank
@@ -118,7 +118,7 @@ def _model_info(model, model_id: str) -> dict:
 def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=None, null_bank=None,
                 model_id: str = "tiny", categories: bool = True, prompt_sets=None, seed: int = 0,
                 weights: str | None = None, extra_notes: str | None = None, calibration=None,
-                tuning=None, tasks=None, progress: bool = True) -> Path:
+                tuning=None, tasks=None, static_path=None, progress: bool = True) -> Path:
     """Frontier, figures, optional category analysis and token view, then ``report.md``.
 
     Parameters
@@ -148,6 +148,9 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     tasks : pandas.DataFrame, optional
         :func:`bh_helpers.experiments.task_accuracy.task_accuracy_table` of ``results``: a
         "Task accuracy beside perplexity" section and ``summary.json``'s ``tasks``.
+    static_path : StaticAllocationPath, optional
+        The static control's allocations: a section comparing them with uniform top-k on their
+        calibration text.
     progress : bool
 
     Returns
@@ -173,7 +176,8 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     featured = _featured(frontier, comparison) if len(frontier) else None
     config = config_of(results, featured["key"]) if featured is not None else None
     tables: dict[str, Any] = {**({TASKS_HEADING: task_accuracy_markdown(tasks)} if tasks is not None else {}),
-                              "Budget optimiser": _optimiser_section(results)}
+                              "Budget optimiser": _optimiser_section(results),
+                              **({STATIC_HEADING: static_versus_uniform_markdown(static_path)} if static_path else {})}
     if any(str(c).startswith("per_layer_utilisation_cv.") for c in results.columns):
         tables["Load balance"] = load_balance_table(results).round(3).to_dict("records")
     if calibration is not None and null_bank is not None:
@@ -240,6 +244,8 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
 SUMMARY_NAME = "summary.json"
 #: The report section of :func:`bh_helpers.report.verdict.task_accuracy_markdown` (docs/results.md copies it).
 TASKS_HEADING = "Task accuracy beside perplexity"
+#: The report section of :func:`bh_helpers.report.verdict.static_versus_uniform_markdown`.
+STATIC_HEADING = "The static control against uniform top-k"
 
 
 def _finite(value: Any) -> Any:

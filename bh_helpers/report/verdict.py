@@ -15,7 +15,7 @@ from scipy.stats import binom
 
 from bh_helpers.experiments.bootstrap import MIN_WINDOWS
 
-__all__ = ["comparison_markdown", "task_accuracy_markdown", "verdict_markdown"]
+__all__ = ["comparison_markdown", "static_versus_uniform_markdown", "task_accuracy_markdown", "verdict_markdown"]
 
 
 def _fmt_delta(delta: float, low: float, high: float) -> str:
@@ -235,4 +235,38 @@ def task_accuracy_markdown(tasks) -> str:
             f"| {r['dataset']} | {r['label']} | {_CONTROL_NAMES[r['strongest']]} | {r['task']} | {r['mean_k']:.2f} "
             f"(control {r['control_mean_k']:.2f}) | {100 * r['accuracy']:.1f}% | {100 * r['control_accuracy']:.1f}% | "
             f"{100 * r['delta']:+.1f} [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] | {reading} |")
+    return "\n".join(lines)
+
+
+def static_versus_uniform_markdown(path) -> str:
+    """The static control against uniform top-k on its own calibration text, one row per k.
+
+    Parameters
+    ----------
+    path : bh_helpers.experiments.static_allocation.StaticAllocationPath
+
+    Returns
+    -------
+    str
+        A sentence counting the k (strictly between the path's floor and ceiling) where the
+        allocation's calibration perplexity is strictly below uniform top-k's, then a table with both
+        perplexities, the allocation and the difference in percent.
+    """
+    rows = sorted(path.versus_uniform.items())
+    if not rows:
+        return "(this static allocation file predates the comparison with uniform top-k; refit it to see it)"
+    beats = sum(static < uniform for _, (static, uniform) in rows)
+    lines = [
+        f"The static per-layer allocation ({path.method}, fitted on {path.protocol.get('calibration', 'calibration text')}) "
+        f"against uniform top-k at the same number of experts, on that calibration text: lower perplexity at "
+        f"{beats} of {len(rows)} values of k strictly between {path.protocol.get('min_k', 1)} and "
+        f"{path.protocol.get('max_k', '?')}.",
+        "",
+        "| k | allocation (per layer) | calibration perplexity, allocation | uniform top-k | difference |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    n = path.num_layers
+    for k, (static, uniform) in rows:
+        lines.append(f"| {k} | {' '.join(map(str, path.allocations[k * n]))} | {math.exp(static):.3f} | "
+                     f"{math.exp(uniform):.3f} | {math.expm1(static - uniform):+.2%} |")
     return "\n".join(lines)
