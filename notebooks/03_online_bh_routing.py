@@ -351,7 +351,8 @@ pd.concat([optimize(results, budget=BUDGET), optimize(results, quality_weight=0.
 # %%
 report_path = report_step(
     OUT / "report", results=results, model=model, tokenizer=tokenizer, null_bank=banks, model_id=MODEL_KEY,
-    categories=not SMALL, weights=WEIGHTS, calibration=calibration, tuning=tuning, progress=False,
+    categories=not SMALL, weights=WEIGHTS, calibration=calibration, tuning=tuning, static_path=static_path,
+    progress=False,
 )
 print(f"report written to {report_path}")
 report_head = report_path.read_text().split("\n## All results")[0]  # whole sections: never cut mid-table
