@@ -212,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="capture, fit, sweep and report in one folder (the main job)",
         description="Capture router logits on calibration text, fit per-layer nulls, sweep BH/BY against "
-                    "static top-k, top-p and native routing, and write report.md. Rerunning with the same "
-                    "options resumes; other options on the same folder stop with an error and change nothing.",
+                    "static top-k, top-p and native routing, and write report.md. Rerunning resumes: the "
+                    "outputs already there are reused; an option that would change one of them stops with an "
+                    "error and changes nothing.",
     )
     demo.add_argument("--out", default=pipeline.DEFAULT_OUTPUT_DIR,
                       help=f"output folder (default: ./{pipeline.DEFAULT_OUTPUT_DIR})")

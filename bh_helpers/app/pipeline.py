@@ -268,7 +268,7 @@ def _check_folder(out: Path, settings: DemoSettings) -> bool:
 
 def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
              device: str | None = "cpu", progress: bool = True, allow_unverified: bool = False) -> DemoResult:
-    """Capture, fit, sweep and report in one folder, resuming a previous run with the same settings.
+    """Capture, fit, sweep and report in one folder, resuming a previous run (its outputs' settings unchanged).
 
     Parameters
     ----------
