@@ -149,10 +149,36 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
 
 #: API names whose flag is not simply ``--name`` or its plural (``alpha`` -> ``--alphas`` is found by itself).
 #: ``max_tokens`` of a capture is ``--calibration-tokens`` (``--max-tokens``, where a command has it, comes first).
+#: A key ``name=value`` is a setting that a switch makes (``split=False`` is ``--no-split``).
 _IRREGULAR_FLAGS = {"mean_k": "--mean-ks", "target_mean_k": "--mean-ks", "out_dir": "--out", "out_path": "--out",
                     "results_path": "--results", "max_tokens": "--calibration-tokens", "text_file": "--text-file",
                     "name": "--model", "num_threads": "--threads", "null_bank": "--nulls", "path": "--results",
-                    "allow_unverified": "--allow-unverified-bank"}
+                    "allow_unverified": "--allow-unverified-bank", "allow_unverified=True": "--allow-unverified-bank",
+                    "split=False": "--no-split", "k_matching=False": "--no-k-matching",
+                    "categories=False": "--no-categories", "controls=False": "--no-controls"}
+
+
+def _flag(name: str, options: set[str]) -> str | None:
+    """The option among ``options`` that sets the API parameter (or ``name=value`` setting) ``name``, if any."""
+    dashed = "--" + name.replace("_", "-")
+    for candidate in (dashed, dashed + "s", _IRREGULAR_FLAGS.get(name)):
+        if candidate in options:
+            return candidate
+    return None
+
+
+def _setting_flag(name: str, value: str, options: set[str]) -> str | None:
+    """``--flag`` (a switch) or ``--flag value`` for a backticked setting `name=value`; None when no option sets it."""
+    switch = _flag(f"{name}={value}", options)
+    if switch:
+        return switch
+    flag = _flag(name, options)
+    if flag is None or value == "False":  # a switch that turns something off is a key of _IRREGULAR_FLAGS
+        return None
+    return flag if value == "True" else f"{flag} {value}"
+
+
+_SETTING = r"`([a-z][a-z0-9_]*)=([^`\s]+)`"
 
 
 def as_flags(message: str, options: set[str]) -> str:
@@ -160,17 +186,21 @@ def as_flags(message: str, options: set[str]) -> str:
 
     The checks here name Python parameters; a command line reports the option among ``options`` that
     sets it: ``--name``, its plural ``--names`` (``alpha`` -> ``--alphas``), or :data:`_IRREGULAR_FLAGS`.
-    Names with no option stay as they are. The one mapping from API names to ``bh-routing`` flags.
+    A backticked setting (`allow_unverified=True`, `split=False`, `max_k=4`) becomes the option that
+    makes it (``--allow-unverified-bank``, ``--no-split``, ``--max-ks 4``); a remedy in parentheses
+    that only the Python API has (``(`overwrite=True`)`` where the command has no such option) is
+    left out. Names with no option stay as they are. The one mapping from API names to ``bh-routing`` flags.
     """
 
-    def flag(match: "re.Match[str]") -> str:
-        name = match.group(1)
-        dashed = "--" + name.replace("_", "-")
-        for candidate in (dashed, dashed + "s", _IRREGULAR_FLAGS.get(name)):
-            if candidate in options:
-                return candidate
-        return match.group(0)
+    def api_only(match: "re.Match[str]") -> str:
+        settings = re.findall(_SETTING, match.group(0))
+        return "" if any(_setting_flag(n, v, options) is None for n, v in settings) else match.group(0)
 
-    flagged = re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
+    def setting(match: "re.Match[str]") -> str:
+        return _setting_flag(match.group(1), match.group(2), options) or match.group(0)
+
+    flagged = re.sub(r" ?\([^()]*`[a-z][a-z0-9_]*=[^()]*\)", api_only, message)
+    flagged = re.sub(_SETTING, setting, flagged)
+    flagged = re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: _flag(m.group(1), options) or m.group(0), flagged)
     # a setting checked layer by layer applies to every layer: "layer 0: --grid-size ..." names no layer
     return re.sub(r"^layer \d+: (?=--)", "", flagged)

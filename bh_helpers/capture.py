@@ -222,13 +222,25 @@ class CapturedLogits(Mapping):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> tuple[CapturedLogits, dict[str, str]]:
+    def load(cls, path: str | os.PathLike, *, num_experts: int | None = None,
+             of: str = "the model") -> tuple[CapturedLogits, dict[str, str]]:
         """Read a file written by :meth:`save`; returns ``(captured, header)`` (header values are strings).
+
+        Parameters
+        ----------
+        path : path-like
+        num_experts : int, optional
+            Experts per layer of the model (or bank) the logits are for: a capture of another model
+            is refused here, naming the file, rather than deep inside a fit or a budget.
+        of : str
+            What has ``num_experts``, for the message (e.g. ``"--model 'tiny'"``).
 
         Raises
         ------
         ValueError
-            A missing or unreadable file, or one that :meth:`save` did not write.
+            A missing or unreadable file, one that :meth:`save` did not write, one whose layers are
+            not ``[tokens, experts]`` with one number of experts (2 or more), or one of another
+            number of experts than ``num_experts``.
         """
         from safetensors import safe_open
 
@@ -258,6 +270,19 @@ class CapturedLogits(Mapping):
         if len(rows) != 1:
             raise ValueError(f"{str(path)!r} holds tensors of different lengths {sorted(rows)}: it is damaged or "
                              "was edited after `bh-routing capture`; capture again.")
+        shapes: dict[tuple[int, ...], list[int]] = {}  # shape -> layers; one [N, E] for all is a capture
+        for layer in sorted(logits):
+            shapes.setdefault(tuple(logits[layer].shape), []).append(layer)
+        if len(shapes) != 1 or any(len(shape) != 2 or shape[1] < 2 for shape in shapes):
+            found = "; ".join(f"layer{'s' * (len(ls) > 1)} {', '.join(map(str, ls))}: {list(shape)}"
+                              for shape, ls in shapes.items())
+            raise ValueError(f"{str(path)!r} holds router logits of shapes {found}; a capture holds [tokens, "
+                             "experts] with one number of experts (2 or more) in every layer: it is damaged or was "
+                             "edited after `bh-routing capture`; capture again.")
+        experts = next(iter(shapes))[1]
+        if num_experts is not None and experts != num_experts:
+            raise ValueError(f"{str(path)!r} holds router logits of {experts} experts per layer, but {of} has "
+                             f"{num_experts}: capture the calibration logits with that model (`bh-routing capture`).")
         captured = cls(
             logits=logits, token_ids=tensors["token_ids"], positions=tensors["positions"],
             sequence_index=tensors["sequence_index"], total_tokens=int(total),

@@ -276,7 +276,7 @@ def test_alpha_for_mean_k_hits_its_target(bank, method, target, min_k):
 @pytest.mark.fault("bad arguments", "clear error")
 def test_alpha_for_mean_k_refuses_unreachable_targets(bank):
     logits = {layer: torch.randn(200, 64) for layer in bank}
-    with pytest.raises(ValueError, match="out of reach.*min_k=2"):
+    with pytest.raises(ValueError, match="out of reach.*`min_k` 2"):
         alpha_for_mean_k(bank, logits, 1.5, min_k=2)
     with pytest.raises(ValueError, match="out of reach"):
         alpha_for_mean_k(bank, logits, 9.0)

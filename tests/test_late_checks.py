@@ -3,6 +3,9 @@ and inputs that were accepted quietly. Each is refused before anything is writte
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import shutil
 from pathlib import Path
 
@@ -60,3 +63,266 @@ def test_capture_refuses_a_model_folder_without_its_tokenizer(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "tokenizer" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 25, second re-run: a demo that fails after its capture and banks are written leaves them
+# for the corrected command (only the settings of the outputs kept are compared on resume)
+# ----------------------------------------------------------------------------------------------
+
+#: A short demo (tests/test_cli_options.py's DEMO): 8 windows of 16 tokens, one bank, no split.
+DEMO = ["--calibration-tokens", "256", "--grid-size", "256", "--alphas", "", "--statistics", "raw", "--trims", "0",
+        "--topk-max", "1", "--top-ps", "", "--datasets", "prose", "--max-tokens", "128", "--window", "16",
+        "--stride", "16", "--no-categories", "--no-progress", "--static-allocation", "none", "--no-split"]
+
+#: (settings only known to be out of reach once the nulls are fitted, the corrected settings). Bonferroni,
+#: BY and Holm select at most ~1.4 experts per token on the tiny model, so 7.5 (or, per layer, 0.9) is out
+#: of their reach; the corrected command changes only settings of steps that never completed.
+WEDGED = [
+    (["--methods", "bonferroni", "--mean-ks", "7.5", "--no-k-matching"], ["--methods", "bh", "--mean-ks", "2",
+                                                                          "--no-k-matching"]),
+    (["--methods", "by", "--mean-ks", "7.5", "--no-k-matching"], ["--methods", "by", "--mean-ks", "",
+                                                                  "--alphas", "0.5", "--no-k-matching"]),
+    (["--methods", "holm", "--mean-ks", "7.5"], ["--methods", "holm", "--mean-ks", "", "--alphas", "0.5"]),
+    (["--methods", "bonferroni", "--min-ks", "0", "--layer-targets", "per-layer", "--mean-ks", "0.9",
+      "--no-k-matching"], ["--methods", "bonferroni", "--min-ks", "0", "--mean-ks", "", "--alphas", "0.5",
+                           "--no-k-matching"]),
+]
+
+
+@pytest.mark.parametrize("bad,good", WEDGED, ids=[" ".join(b) for b, _ in WEDGED])
+@pytest.mark.fault("command line", "recovered")
+def test_a_target_out_of_reach_does_not_wedge_the_folder(bad, good, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(["demo", "--out", str(out), *DEMO, *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "--mean-ks" in err and "out of reach" in err
+    assert "min_k" not in err and "target_mean_k" not in err, err  # the flags, not the Python names
+    captured = (out / "captured_logits.safetensors").read_bytes()  # written before the target was found out of reach
+    assert _run(["demo", "--out", str(out), *DEMO, *good]) == 0, capsys.readouterr().err
+    assert "resumed" in capsys.readouterr().out
+    assert (out / "captured_logits.safetensors").read_bytes() == captured, "the capture was reused, not redone"
+    recorded = json.loads((out / "run.json").read_text(encoding="utf-8"))["settings"]
+    targets = good[good.index("--mean-ks") + 1]
+    assert recorded["methods"] == [good[1]] and recorded["mean_ks"] == [float(x) for x in targets.split(",") if x]
+
+
+def test_a_kept_output_still_refuses_the_settings_it_was_made_with(tmp_path):
+    """The other side: what the capture, the banks, the static allocation or the sweep depend on is still
+    compared once they exist (no model: the folder check alone, on hand-made folders)."""
+    from bh_helpers.app.pipeline import DemoSettings, _check_folder
+    from bh_helpers.experiments.run_folder import record_settings
+
+    base = DemoSettings(methods=("bonferroni",), mean_ks=(7.5,))
+    record_settings(tmp_path, base.to_dict())
+    assert _check_folder(tmp_path, DemoSettings(mean_ks=(3.0,), calibration_tokens=99)) is False  # nothing kept yet
+    (tmp_path / "captured_logits.safetensors").write_bytes(b"x")
+    assert _check_folder(tmp_path, DemoSettings(methods=("bh",), mean_ks=(2.0,), kernel="epanechnikov")) is True
+    for change, needle in (({"calibration_tokens": 4096}, "`calibration_tokens`: 16384 there, 4096 now"),
+                           ({"window": 128, "stride": 128}, "`window`: 256 there, 128 now (used by captured_logits.safetensors)")):
+        with pytest.raises(ValueError, match="different settings") as err:
+            _check_folder(tmp_path, DemoSettings(**change))
+        assert needle in str(err.value)
+    (tmp_path / "nulls").mkdir()
+    with pytest.raises(ValueError, match="`kernel`: 'gaussian' there, 'epanechnikov' now .used by nulls"):
+        _check_folder(tmp_path, DemoSettings(kernel="epanechnikov"))
+    (tmp_path / "sweep.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"`mean_ks`: \[7.5\] there, \[2.0\] now .used by sweep.jsonl"):
+        _check_folder(tmp_path, DemoSettings(methods=("bonferroni",), mean_ks=(2.0,)))
+    with pytest.raises(ValueError, match="split: on there, off now"):
+        _check_folder(tmp_path, DemoSettings(methods=("bonferroni",), mean_ks=(7.5,), split=False))
+    assert _check_folder(tmp_path, base) is True
+
+
+# ----------------------------------------------------------------------------------------------
+# Files of the wrong shape, results with nothing to rank, and Python names in command-line errors
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A capture and a bank of the embedded model, a results file, and edited copies of each."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("files")
+    cap, bank, results = root / "cap.safetensors", root / "bank", root / "s.jsonl"
+    assert cli.main(["capture", "--out", str(cap), "--calibration-tokens", "256", "--window", "64",
+                     "--no-progress"]) == 0
+    assert cli.main(["fit", "--captured", str(cap), "--out", str(bank), "--grid-size", "256"]) == 0
+    assert cli.main(["sweep", "--results", str(results), "--nulls", str(bank), "--alphas", "0.5", "--mean-ks", "",
+                     "--topk-max", "2", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64", "--window", "64",
+                     "--stride", "64", "--no-controls", "--no-progress"]) == 0
+    with safe_open(str(cap), framework="pt") as f:
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    edits = {"mixed": lambda k, v: v[:, :32] if k == "layer.2" else v,  # one layer of 32 experts
+             "e32": lambda k, v: v[:, :32] if k.startswith("layer.") else v,  # a model of 32 experts
+             "e1": lambda k, v: v[:, :1] if k.startswith("layer.") else v,
+             "3d": lambda k, v: v[:, :, None] if k == "layer.3" else v}
+    out = {"root": root, "cap": cap, "bank": bank, "results": results}
+    for name, edit in edits.items():
+        out[name] = root / f"{name}.safetensors"
+        save_file({k: edit(k, v).contiguous() for k, v in tensors.items()}, str(out[name]), metadata=header)
+    out["bank32"] = root / "bank32"
+    assert cli.main(["fit", "--captured", str(out["e32"]), "--out", str(out["bank32"]), "--grid-size", "256"]) == 0
+    lines = results.read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines[1:]]
+    for row in rows:  # every run overflowed
+        row["metrics"].update(perplexity="inf", nll="nan")
+    out["overflowed"] = root / "overflowed.jsonl"
+    out["overflowed"].write_text("\n".join([lines[0], *map(json.dumps, rows)]) + "\n", encoding="utf-8")
+    return out
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("bh-routing: error: ") and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("name", ["mixed", "e1", "3d"])
+@pytest.mark.fault("damaged files", "clear error")
+def test_fit_names_a_capture_whose_layers_are_not_one_expert_count(name, files, tmp_path, capsys):
+    """Layers of different widths, one expert, or a 3-D layer: the file named with the shapes found,
+    instead of another option's message (`--trim must be ... <= -1`) or an API name."""
+    out = tmp_path / "bank"
+    assert _run(["fit", "--captured", str(files[name]), "--out", str(out), "--grid-size", "256"]) == 2
+    err = _one_line(capsys)
+    assert f"{str(files[name])!r} holds router logits of shapes" in err and "capture again" in err, err
+    assert "one number of experts (2 or more) in every layer" in err and "--trim" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_sweep_and_report_name_a_capture_or_bank_of_another_expert_count(files, tmp_path, capsys):
+    sweep = ["sweep", "--results", str(tmp_path / "s.jsonl"), "--mean-ks", "2", "--topk-max", "1", "--top-ps", "",
+             "--datasets", "prose", "--max-tokens", "64", "--window", "64", "--stride", "64", "--no-progress"]
+    assert _run([*sweep, "--nulls", str(files["bank"]), "--captured", str(files["e32"])]) == 2
+    err = _one_line(capsys)
+    assert f"{str(files['e32'])!r} holds router logits of 32 experts per layer, but --model 'tiny' has 64" in err
+    assert _run([*sweep, "--nulls", str(files["bank32"]), "--captured", str(files["cap"])]) == 2
+    err = _one_line(capsys)
+    assert "the null bank (--nulls) was fitted for 32 experts per layer, but --model 'tiny' has 64" in err, err
+    assert _run(["report", "--results", str(files["results"]), "--out", str(tmp_path / "rep"), "--nulls",
+                 str(files["bank"]), "--captured", str(files["e32"]), "--no-categories", "--no-progress"]) == 2
+    assert f"{str(files['e32'])!r} holds router logits of 32 experts" in _one_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["optimize", "--budget", "4"],
+                                  ["optimize", "--quality-weight", "1", "--speed-weight", "1"],
+                                  ["report", "--out", "{tmp}/rep", "--no-categories", "--no-progress"]],
+                         ids=["optimize --budget", "optimize --quality-weight", "report"])
+@pytest.mark.fault("damaged files", "clear error")
+def test_results_whose_every_row_overflowed_are_refused_naming_the_file(argv, files, tmp_path, capsys):
+    """Every perplexity inf or nan: optimize printed an empty pick and exited 0; report blamed a missing
+    top-k. Now: no row has a finite metric, the file named."""
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert _run([argv[0], "--results", str(files["overflowed"]), *argv[1:]]) == 2
+    err = _one_line(capsys)
+    assert f"{str(files['overflowed'])!r}: no " in err and "of data set 'prose' has a finite 'perplexity'" in err
+    assert "rerun the sweep" in err and not (tmp_path / "rep").exists()
+
+
+@pytest.mark.fault("damaged files", "clear error")
+def test_optimize_refuses_a_data_set_with_no_finite_row():
+    from bh_helpers.experiments.optimize import optimize
+    from bh_helpers.experiments.sweep import load_results
+
+    import pandas as pd
+
+    rows = [{"key": f"k{k}", "dataset": d, "label": f"top-{k}", "method": "topk", "k": k,
+             "mean_experts_per_token": float(k), "perplexity": 20.0 / k if d == "prose" else math.inf}
+            for d in ("prose", "code") for k in (1, 2)]
+    df = pd.DataFrame.from_records(rows)
+    with pytest.raises(ValueError, match="no row of data set 'code' has a finite 'perplexity'"):
+        optimize(df, budget=4)
+    picks = optimize(df[df["dataset"] == "prose"], budget=4)
+    assert picks["label"].tolist() == ["top-2"]
+    assert load_results  # the reader that records attrs["path"] for the message
+
+
+#: Python names the command line must not show (it shows the flag, or leaves out an API-only remedy).
+_API_WORDS = re.compile(r"`[a-z][a-z0-9_]*(=[^`]*)?`|\b\w+=(True|False)\b|\b(results_path|allow_unverified|"
+                        r"allow_other_model|trust_remote_code|model_or_config|null_bank|target_mean_k|min_k|max_k|"
+                        r"batch_size|overwrite)\b")
+
+
+def _other_grid(files, tmp_path):
+    return files["results"]  # a sweep of another grid than the row's command
+
+
+def _not_results(files, tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"hello": 1}\n', encoding="utf-8")
+    return path
+
+
+def _custom_code_model(files, tmp_path):
+    folder = tmp_path / "custom"
+    shutil.copytree(embedded_model_dir(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom_moe", auto_map={"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _text_file(files, tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_text("One paragraph of the user's own text. " * 200, encoding="utf-8")
+    return path
+
+
+_SWEEP = ["--alphas", "0.5", "--mean-ks", "", "--topk-max", "1", "--top-ps", "", "--datasets", "prose",
+          "--max-tokens", "64", "--window", "64", "--stride", "64", "--no-progress"]
+
+#: (command line with {made} for what the maker wrote, maker, text the message must hold)
+LEAKS = [
+    (["sweep", "--nulls", "{bank}", "--results", "{made}", *_SWEEP], _other_grid,
+     "pass another --results, or move the old file aside."),
+    (["sweep", "--nulls", "{bank}", "--results", "{made}", *_SWEEP], _not_results,
+     "pass another --results, or move it aside."),
+    (["sweep", "--nulls", "{bank32}", "--results", "{tmp}/s.jsonl", *_SWEEP], None, "the null bank (--nulls)"),
+    (["capture", "--model", "{made}", "--out", "{tmp}/c.safetensors", "--calibration-tokens", "256", "--no-progress"],
+     _custom_code_model,
+     "needs its own Python code"),
+    (["demo", "--out", "{tmp}/run", "--datasets", "{made}", "--no-progress"], _text_file, "(--no-split)"),
+    (["demo", "--out", "{tmp}/run", *DEMO, "--methods", "bonferroni", "--mean-ks", "7.5", "--no-k-matching"], None,
+     "bonferroni with --min-ks 1, --max-ks 8"),
+]
+
+
+@pytest.mark.parametrize("argv,maker,needle", LEAKS, ids=[f"{a[0]} {n}" for a, _, n in LEAKS])
+@pytest.mark.fault("command line", "clear error")
+def test_command_line_errors_name_flags_not_python_arguments(argv, maker, needle, files, tmp_path, capsys):
+    """Each error path reaches the user as one line in the command's own terms: the flag that fixes it
+    (`results_path` -> --results, `split=False` -> --no-split, `min_k` -> --min-ks), never a Python
+    argument, and no Python-only remedy (`overwrite=True`, `trust_remote_code=True`) the command lacks."""
+    places = {k: str(v) for k, v in files.items()}
+    places.update(tmp=str(tmp_path), made=str(maker(files, tmp_path)) if maker else "")
+    assert _run([a.format(**places) if "{" in a else a for a in argv]) == 2
+    err = _one_line(capsys)
+    assert needle in err, err
+    shown = err.replace(str(tmp_path), "TMP").replace(str(files["root"]), "ROOT")
+    assert not _API_WORDS.search(shown), f"{_API_WORDS.search(shown).group(0)!r} in: {err}"
+
+
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_demo_resume_with_a_bank_without_checksum_names_the_flag_that_opts_in(tmp_path, capsys):
+    """The demo said `allow_unverified` (a Python argument it had no flag for); it now names and has
+    --allow-unverified-bank, which resumes with the bank as it is."""
+    from bh_helpers.nulls.metadata import BANK_DIGEST
+
+    out = tmp_path / "run"
+    bad = ["--methods", "bonferroni", "--mean-ks", "7.5", "--no-k-matching"]
+    assert _run(["demo", "--out", str(out), *DEMO, *bad]) == 2  # leaves the capture and the bank
+    capsys.readouterr()
+    meta_path = out / "nulls" / "gaussian" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != BANK_DIGEST}))  # an older bank
+    good = ["demo", "--out", str(out), *DEMO, "--methods", "bh", "--mean-ks", "2", "--no-k-matching"]
+    assert _run(good) == 2
+    err = _one_line(capsys)
+    assert "no checksum" in err and "--allow-unverified-bank" in err and "allow_unverified" not in err, err
+    with pytest.warns(UserWarning, match="unverified"):
+        assert _run([*good, "--allow-unverified-bank"]) == 0, capsys.readouterr().err

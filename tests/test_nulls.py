@@ -762,7 +762,7 @@ def test_an_edited_metadata_field_is_refused(tmp_path, case):
     if case in ("statistic", "trim", "kernel", "bandwidth", "model_id", "router_fingerprint", "n_samples",
                 "router_fingerprint deleted", "statistic deleted", "bank checksum edited", "bank checksum deleted",
                 "array_sha256 deleted", "schema_version", "layers reordered"):  # edits that still make a bank
-        with pytest.warns(UserWarning, match="loading it unverified because allow_unverified=True"):
+        with pytest.warns(UserWarning, match=r"loading it unverified as asked \(`allow_unverified=True`"):
             NullBank.load(folder, allow_unverified=True)
 
 

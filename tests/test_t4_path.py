@@ -248,7 +248,7 @@ def test_demo_step_turns_a_cuda_oom_into_a_clear_error():
     from bh_helpers.app.pipeline import DemoSettings, GPUOutOfMemory, _demo_step
 
     timings, peaks = {}, {}
-    with pytest.raises(GPUOutOfMemory, match=r"sweep step with batch_size=8 windows of 256 tokens; lower --batch-size"):
+    with pytest.raises(GPUOutOfMemory, match=r"sweep step with 8 windows of 256 tokens per forward pass; lower `batch_size`"):
         with _demo_step("sweep", timings=timings, peaks=peaks, settings=DemoSettings()):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 392.00 MiB.")
     assert "sweep" not in timings  # a failed step records nothing
@@ -300,5 +300,5 @@ def test_sweep_lowers_batch_size_with_a_warning_when_memory_is_short(monkeypatch
 
     model, _ = tiny_model_and_tokenizer
     monkeypatch.setattr(pipeline, "fit_batch_size", lambda model, window, requested: 3)
-    with pytest.warns(UserWarning, match=r"batch_size=8 windows of 256 tokens does not fit.*--batch-size 3"):
+    with pytest.warns(UserWarning, match=r"8 windows of 256 tokens per forward pass do not fit.*--batch-size 3"):
         assert pipeline.room_for(model, 256, 8) == 3

@@ -37,6 +37,7 @@ from bh_helpers.experiments.grids import LAYER_TARGETS, check_grid, check_grid_f
 from bh_helpers.experiments.evaluate import check_protocol, perplexity_sweep
 from bh_helpers.experiments.static_allocation import AUTO_GREEDY_LAYERS
 from bh_helpers.models import texts
+from bh_helpers.models.families import moe_shape
 from bh_helpers.nulls.fit import fit_captured
 from bh_helpers.nulls.kernels import VALID_KERNELS
 from bh_helpers.nulls.statistics import STATISTICS
@@ -211,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="capture, fit, sweep and report in one folder (the main job)",
         description="Capture router logits on calibration text, fit per-layer nulls, sweep BH/BY against "
-                    "static top-k, top-p and native routing, and write report.md. Rerunning with the same "
-                    "options resumes; other options on the same folder stop with an error and change nothing.",
+                    "static top-k, top-p and native routing, and write report.md. Rerunning resumes: the "
+                    "outputs already there are reused; an option that would change one of them stops with an "
+                    "error and changes nothing.",
     )
     demo.add_argument("--out", default=pipeline.DEFAULT_OUTPUT_DIR,
                       help=f"output folder (default: ./{pipeline.DEFAULT_OUTPUT_DIR})")
@@ -234,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_controls(demo)
     demo.add_argument("--no-categories", action="store_true", help="skip the prompt-category analysis")
     demo.add_argument("--seed", type=int, default=_D.seed, help=f"bootstrap seed (default: {_D.seed})")
+    _add_unverified(demo)  # a folder whose banks an older bh_helpers wrote
 
     cap = sub.add_parser("capture", help="router logits on calibration text -> .safetensors",
                          description="Run the model over calibration text and save float32 router logits of "
@@ -341,6 +344,14 @@ def _load(args):
     return load_model(args.model, device=device, dtype=torch.float32 if device == "cpu" else None)
 
 
+def _calibration(path: str | None, config, model: str):
+    """``--captured``: the calibration logits, refused (naming the file) when --model has other experts."""
+    if path is None:
+        return None
+    experts = moe_shape(config).num_experts if config is not None else None
+    return CapturedLogits.load(path, num_experts=experts, of=f"--model {model!r}")[0]
+
+
 def _cmd_demo(args) -> int:
     settings = pipeline.DemoSettings(
         model=args.model, calibration_tokens=args.calibration_tokens, kernel=args.kernel, grid_size=args.grid_size,
@@ -360,7 +371,8 @@ def _cmd_demo(args) -> int:
     if config is not None:
         settings.check_model(config)  # before the weights load and before anything is written
     t0 = time.perf_counter()
-    result = pipeline.run_demo(settings, out_dir=args.out, device=device, progress=not args.no_progress)
+    result = pipeline.run_demo(settings, out_dir=args.out, device=device, progress=not args.no_progress,
+                               allow_unverified=args.allow_unverified_bank)
     n_bh = int((result.frontier["status"] == "ok").sum())
     print(f"{'resumed' if result.resumed else 'finished'} in {time.perf_counter() - t0:.0f} s: "
           f"{len(result.frontier)} adaptive rows, {n_bh} inside the static top-k range, each beside its "
@@ -415,8 +427,10 @@ def _cmd_sweep(args) -> int:
         check_protocol(**protocol, model=config)
     nulls = args.nulls or paths.default_null_bank_dir(args.model)
     bank = NullBank.load(nulls, allow_unverified=args.allow_unverified_bank)
+    if config is not None:  # before its p-values meet the calibration logits
+        bank.check_compatible(config, what=f"--model {args.model!r}")
     meta = bank.metadata
-    calibration = CapturedLogits.load(args.captured)[0] if args.captured else None
+    calibration = _calibration(args.captured, config, args.model)
     configs = sweep_grid(banks={bank_name(meta.kernel, meta.statistic, meta.trim): bank}, calibration=calibration,
                          controls=not args.no_controls, **grid)
     source = "--nulls" if args.nulls else f"the committed bank of --model {args.model} (pass --nulls to choose)"
@@ -439,7 +453,7 @@ def _cmd_report(args) -> int:
         model, tok = _load(args)
     if args.captured and not args.nulls:
         raise ValueError("--captured (for the max_k saturation table) needs --nulls, the bank to test with.")
-    calibration = CapturedLogits.load(args.captured)[0] if args.captured else None
+    calibration = _calibration(args.captured, _model_config(args.model) if args.captured else None, args.model)
     path = report_step(args.out, results=results, model=model, tokenizer=tok, null_bank=bank,
                        calibration=calibration, model_id=args.model, categories=not args.no_categories,
                        progress=not args.no_progress)

@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bh_helpers._clock import utc_timestamp
 from bh_helpers._locks import exclusive
 from bh_helpers._validate import check_choice, check_int
 from bh_helpers.capture import MIN_CALIBRATION_TOKENS, CapturedLogits, capture_calibration, window_batches
@@ -44,6 +43,17 @@ from bh_helpers.experiments.grids import check_grid, check_grid_fits, sweep_grid
 from bh_helpers.experiments.evaluate import check_protocol, perplexity_sweep
 from bh_helpers.experiments.frontier import compute_frontier
 from bh_helpers.experiments.k_matching import RoutedBudget
+from bh_helpers.experiments.run_folder import (
+    CAPTURED_NAME,
+    CONFIRM_NAME,
+    NULLS_DIR,
+    RESULTS_NAME,
+    SETTINGS_NAME,
+    STATIC_NAME,
+    STEPS_NAME,
+    check_run_folder,
+    record_settings,
+)
 from bh_helpers.experiments.task_accuracy import task_accuracy_table
 from bh_helpers.experiments.tune_confirm import confirmation_configs, pick_on_tuning
 from bh_helpers.experiments.static_allocation import (
@@ -62,14 +72,7 @@ __all__ = ["DEFAULT_OUTPUT_DIR", "CAPTURED_NAME", "NULLS_DIR", "RESULTS_NAME", "
            "DemoResult", "GPUOutOfMemory", "load_banks", "room_for", "run_demo", "scoring_windows"]
 
 DEFAULT_OUTPUT_DIR = "bh_routing_output"
-CAPTURED_NAME = "captured_logits.safetensors"
-NULLS_DIR = "nulls"
-RESULTS_NAME = "sweep.jsonl"  # the whole grid (on the tuning halves when the data sets are split)
-CONFIRM_NAME = "confirm.jsonl"  # the configurations chosen on the tuning halves, on the confirmation halves
-SETTINGS_NAME = "run.json"
 K_MATCHING_TOKENS = 4096  # calibration tokens on which alpha is solved routed (--k-matching)
-STATIC_NAME = "static_allocation.json"  # the static per-layer allocations (the static chord control)
-STEPS_NAME = "steps.json"  # seconds and peak GPU memory per step of the last demo run
 
 
 def scoring_windows(tokens: int, window: int, stride: int) -> int:
@@ -89,7 +92,7 @@ def room_for(model, window: int, batch_size: int) -> int:
     fitted = fit_batch_size(model, window, batch_size)
     if fitted < batch_size:
         warnings.warn(
-            f"batch_size={batch_size} windows of {window} tokens does not fit in the GPU memory left beside the "
+            f"{batch_size} windows of {window} tokens per forward pass do not fit in the GPU memory left beside the "
             f"model; running {fitted} windows per forward pass (results do not depend on it; pass --batch-size "
             f"{fitted} or lower to choose yourself).", stacklevel=3)
     return fitted
@@ -112,8 +115,9 @@ def load_banks(folder: str, allow_unverified: bool = False):
 class DemoSettings:
     """Everything that decides the numbers of ``bh-routing demo`` (stored as ``run.json``).
 
-    A folder is resumed only with identical settings; any difference raises before anything
-    is written.
+    A folder is resumed with the same settings for the outputs it holds (a late failure, e.g. a
+    compute target out of reach, leaves the capture and banks for a corrected run); any difference
+    in those raises before anything is written (:mod:`bh_helpers.experiments.run_folder`).
     """
 
     model: str = "tiny"  # "tiny", a hub id or a local path
@@ -218,7 +222,7 @@ class DemoResult:
     timings : dict of str to float
         Seconds per step.
     resumed : bool
-        True when the folder held a run with the same settings.
+        True when the folder held outputs of an earlier run with the same settings for them (reused).
     peak_gpu_gib : dict of str to float
         Peak CUDA memory allocated by torch during each step (GiB); empty on CPU.
     """
@@ -249,9 +253,8 @@ def _demo_step(name: str, *, timings: dict, peaks: dict, settings: "DemoSettings
         yield
     except torch.cuda.OutOfMemoryError as err:
         raise GPUOutOfMemory(
-            f"out of GPU memory in the {name} step with batch_size={settings.batch_size} windows of "
-            f"{settings.window} tokens; lower --batch-size (DemoSettings.batch_size) or --window, or free the "
-            f"GPU (torch: {str(err).splitlines()[0]})"
+            f"out of GPU memory in the {name} step with {settings.batch_size} windows of {settings.window} "
+            f"tokens per forward pass; lower `batch_size` or `window`, or free the GPU (torch: {str(err).splitlines()[0]})"
         ) from None
     timings[name] = time.perf_counter() - t0
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -259,36 +262,13 @@ def _demo_step(name: str, *, timings: dict, peaks: dict, settings: "DemoSettings
 
 
 def _check_folder(out: Path, settings: DemoSettings) -> bool:
-    """Raise when ``out`` holds another run; return True when it holds this one."""
-    path = out / SETTINGS_NAME
-    made = [name for name in (CAPTURED_NAME, NULLS_DIR, RESULTS_NAME, STATIC_NAME) if (out / name).exists()]
-    if path.is_file() and made:  # a run that stopped before its first result holds nothing to protect
-        try:
-            old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
-        except json.JSONDecodeError:
-            raise ValueError(f"{str(path)!r} is corrupt; pass another --out folder or delete it.") from None
-        new = settings.to_dict()
-        # a setting added after the folder was written reads as its default there
-        defaults = DemoSettings().to_dict()
-        diff = {k: (old.get(k, defaults[k]), new[k]) for k in new if old.get(k, defaults[k]) != new[k]}
-        if diff:
-            text = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in ((k, *v) for k, v in diff.items()))
-            raise ValueError(
-                f"output folder {str(out)!r} holds a run with different settings ({text}); nothing was changed. "
-                "Pass another --out folder, or rerun with the same options to resume."
-            )
-        return True
-    if made and not path.is_file():
-        raise ValueError(
-            f"output folder {str(out)!r} holds results without {SETTINGS_NAME}; nothing was changed. "
-            "Pass another --out folder."
-        )
-    return False
+    """Raise when ``out`` holds outputs of other settings; return True when it holds outputs to reuse."""
+    return check_run_folder(out, settings.to_dict(), DemoSettings().to_dict())
 
 
 def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
-             device: str | None = "cpu", progress: bool = True) -> DemoResult:
-    """Capture, fit, sweep and report in one folder, resuming a previous run with the same settings.
+             device: str | None = "cpu", progress: bool = True, allow_unverified: bool = False) -> DemoResult:
+    """Capture, fit, sweep and report in one folder, resuming a previous run (its outputs' settings unchanged).
 
     Parameters
     ----------
@@ -298,6 +278,9 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
     device : str, optional
         Torch device (default CPU; None picks CUDA when available).
     progress : bool
+    allow_unverified : bool, default False
+        Resume with null banks in ``out_dir`` whose ``metadata.json`` has no checksum or fails it
+        (older or edited; only banks you trust), with a warning.
 
     Returns
     -------
@@ -322,7 +305,8 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out / ".lock", what=f"output folder {str(out)!r}", flag="--out folder"):
         resumed = _check_folder(out, settings)  # again, now that no other process can write here
-        return _run_demo_locked(settings, out, model, tokenizer, resumed, step, timings, peaks, progress)
+        return _run_demo_locked(settings, out, model, tokenizer, resumed, step, timings, peaks, progress,
+                                allow_unverified)
 
 
 def _static_path(path: Path, model, tokenizer, settings: DemoSettings, progress: bool) -> StaticAllocationPath:
@@ -338,14 +322,10 @@ def _static_path(path: Path, model, tokenizer, settings: DemoSettings, progress:
 
 
 def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resumed: bool, step, timings: dict,
-                     peaks: dict, progress: bool) -> DemoResult:
+                     peaks: dict, progress: bool, allow_unverified: bool) -> DemoResult:
     """:func:`run_demo` once it holds the output folder's lock: capture, fit, sweep, task accuracy, report."""
-    if not resumed:
-        tmp = out / (SETTINGS_NAME + ".tmp")
-        tmp.write_text(json.dumps({"settings": settings.to_dict(),
-                                   "created": utc_timestamp()},
-                                  indent=2) + "\n", encoding="utf-8")
-        tmp.replace(out / SETTINGS_NAME)
+    # the settings of the outputs kept are unchanged (checked); those of the steps still to run are these
+    record_settings(out, settings.to_dict())
 
     captured_path = out / CAPTURED_NAME
     if not captured_path.is_file():  # a resumed run reuses it; fit_captured reads (and checks) it
@@ -361,7 +341,7 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
             if not (folder / "metadata.json").is_file():
                 fit_captured(captured_path, kernel=settings.kernel, grid_size=settings.grid_size, model_id=settings.model,
                          out_dir=folder, statistic=statistic, trim=trim)
-            banks[name] = NullBank.load(folder)
+            banks[name] = NullBank.load(folder, allow_unverified=allow_unverified)
     static_path = None
     if settings.static_allocation != "none":
         with step("static allocation"):

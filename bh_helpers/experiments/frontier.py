@@ -44,6 +44,7 @@ import numpy as np
 
 from bh_helpers._validate import check_choice
 from bh_helpers.experiments.configs import FDR_METHODS
+from bh_helpers.experiments.results_file import finite_rows
 
 __all__ = [
     "INTERPOLATIONS",
@@ -130,11 +131,11 @@ def topk_curve(results, *, dataset: str | None = None, metric: str = "perplexity
     rows = results[(results["dataset"] == dataset) & (results["method"] == "topk")]
     x = rows[cost].to_numpy(dtype=float)
     y = rows[metric].to_numpy(dtype=float)
-    finite = np.isfinite(x) & np.isfinite(y)
+    finite = finite_rows(results, rows, (metric, cost), dataset=dataset, what="static top-k row")
     if not finite.any():
         raise ValueError(
-            f"no static top-k rows with a finite {metric!r} for data set {dataset!r}; include static "
-            "top-k in the sweep (expand_grid(topk=True))."
+            f"no static top-k rows for data set {dataset!r}; include static top-k in the sweep (`topk_max` "
+            "of 1 or more; expand_grid with `topk=True`)."
         )
     labels = rows["label"].tolist() if "label" in rows.columns else [f"top-{k}" for k in rows.get("k", x)]
     order = np.argsort(x[finite], kind="stable")

@@ -10,7 +10,7 @@ native; the controls are not candidates but are shown beside an adaptive pick):
   experts per token).
 
 Ties go to the configuration listed first in the results; a row with a non-finite perplexity or cost
-(an overflowed run: ``inf``) ranks last and is never picked.
+(an overflowed run: ``inf``) ranks last and is never picked; a data set with no finite row is an error.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import math
 
 from bh_helpers._locks import new_output, refuse_existing
 from bh_helpers.experiments.configs import CONTROLS, controls_by_adaptive
+from bh_helpers.experiments.results_file import finite_rows
 
 __all__ = ["OPTIMIZE_COLUMNS", "optimize", "save_routing_config"]
 
@@ -60,7 +61,13 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
     -------
     pandas.DataFrame
         One row per data set (:data:`OPTIMIZE_COLUMNS`); ``label`` is None where no configuration
-        fits the budget. ``mixed_perplexity``/``shuffled_perplexity``: the pick's controls (NaN
+        fits the budget.
+
+    Raises
+    ------
+    ValueError
+        A data set none of whose rows has a finite metric and cost (nothing to rank; the message
+        names the file of ``results.attrs["path"]``). ``mixed_perplexity``/``shuffled_perplexity``: the pick's controls (NaN
         for a static configuration).
     """
     import pandas as pd
@@ -76,10 +83,8 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
     for name in dict.fromkeys(results["dataset"]):
         rows = results[(results["dataset"] == name) & ~results["method"].isin(CONTROLS)]
         # A non-finite perplexity or cost (an overflowed run reads back as inf/nan) ranks last: never a pick,
-        # and left out of the min-max scaling, which it would turn into NaN for every row.
-        finite = pd.to_numeric(rows[metric], errors="coerce").map(math.isfinite) & \
-            pd.to_numeric(rows[cost], errors="coerce").map(math.isfinite)
-        rows = rows[finite.astype(bool)]
+        # and left out of the min-max scaling, which it would turn into NaN for every row; none finite is an error.
+        rows = rows[finite_rows(results, rows, (metric, cost), dataset=name, what="row")]
         best, best_score = None, -math.inf
         if budget is not None:
             for _, r in rows.iterrows():

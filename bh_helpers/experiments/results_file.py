@@ -24,14 +24,14 @@ import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from bh_helpers.experiments.configs import SweepConfig, _canonical_json, _short_hash
 
-__all__ = ["ResultsFile", "decode_metrics", "encode_metrics", "load_results", "read_results_file"]
+__all__ = ["ResultsFile", "decode_metrics", "encode_metrics", "finite_rows", "load_results", "read_results_file"]
 
 
 def encode_metrics(obj: Any) -> Any:
@@ -165,7 +165,7 @@ def _read_lines(path: Path) -> tuple[dict | None, list[Any], int]:
     if not isinstance(header, dict) or header.get("type") != "header":
         raise ValueError(
             f"{str(path)!r} is not a sweep results file (its first line is not a header); pass "
-            "another `results_path`, or `overwrite=True` to move it aside."
+            "another `results_path`, or move it aside (`overwrite=True`)."
         )
     rows = []
     for lineno, line in enumerate(lines[1:], 2):
@@ -195,7 +195,7 @@ def load_results(path: str | os.PathLike):
     Columns: ``key``, ``dataset``, ``label``, the :class:`SweepConfig` fields, the metrics
     (nested dicts flattened with dots, e.g. ``protocol.window``), ``elapsed_s`` and
     ``finished``. A last line without newline is ignored (the file is not modified). The
-    header is available as ``df.attrs["header"]``. Non-finite metrics are floats (``inf``,
+    header is available as ``df.attrs["header"]``, the file's path as ``df.attrs["path"]``. Non-finite metrics are floats (``inf``,
     ``nan``). Lines that do not belong to the header's grid (:func:`read_results_file`) are left
     out with one warning that counts them.
     """
@@ -232,7 +232,54 @@ def load_results(path: str | os.PathLike):
     columns = ["key", "dataset", "label"] + [f.name for f in fields(SweepConfig)]
     df = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=columns)
     df.attrs["header"] = header or {}
+    df.attrs["path"] = str(p)  # named by the checks that rank the rows (finite_rows)
     if duplicates:
         warnings.warn(f"{str(p)!r} holds {duplicates} repeated (configuration, dataset) rows; the first of each "
                       "is used.", stacklevel=2)
     return df
+
+
+def finite_rows(results, rows, columns: Sequence[str], *, dataset: str, what: str):
+    """Which of ``rows`` (one data set's rows of ``results``) have finite values in every one of ``columns``.
+
+    A row whose perplexity overflowed reads back as ``inf`` or ``nan``: a ranking leaves it out.
+    When every one of ``rows`` is such a row there is nothing to rank; a table of empty picks
+    would look like an answer, so that is an error.
+
+    Parameters
+    ----------
+    results : pandas.DataFrame
+        The results (:func:`load_results`; its ``attrs["path"]`` names the file in the error).
+    rows : pandas.DataFrame
+        The candidate rows of ``results`` for ``dataset``.
+    columns : sequence of str
+        The metric and cost columns the ranking reads.
+    dataset, what : str
+        For the message: the data set, and what the rows are (e.g. ``"static top-k row"``).
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        ``(len(rows),)``: True for a row with finite values in every column.
+
+    Raises
+    ------
+    ValueError
+        ``rows`` is not empty and no row is finite, naming the file, the data set and the fix.
+    """
+    import numpy as np
+    import pandas as pd
+
+    finite = np.ones(len(rows), dtype=bool)  # (rows,)
+    for column in columns:
+        values = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
+        finite &= np.isfinite(values)
+    if len(rows) and not finite.any():
+        source = results.attrs.get("path")
+        raise ValueError(
+            f"{f'{source!r}: ' if source else ''}no {what} of data set {dataset!r} has a finite "
+            f"{' and '.join(map(repr, columns))} (all {len(rows)} are inf or nan: the runs overflowed, or the file "
+            "was edited), so nothing can be ranked; rerun the sweep into a new results file (on CPU the model runs "
+            "in float32)."
+        )
+    return finite

@@ -204,12 +204,12 @@ def _run_sweep_locked(configs, keys, names, evaluate_fn, path: Path, identity: s
                     f"{str(path)!r} holds results of a different grid (grid_hash "
                     f"{header.get('grid_hash')!r}, datasets {header.get('datasets')}; this grid is "
                     f"{identity!r}, datasets {names}{_grid_difference(header, grid_id)}); pass another "
-                    "`results_path`, or `overwrite=True` to move the old file aside."
+                    "`results_path`, or move the old file aside (`overwrite=True`)."
                 )
             if existing.foreign:
                 raise ValueError(
                     f"{str(path)!r} holds {existing.foreign_summary()}: a results file holds one sweep; remove "
-                    "those lines, pass another `results_path`, or `overwrite=True` to move the file aside."
+                    "those lines, pass another `results_path`, or move the file aside (`overwrite=True`)."
                 )
         except ValueError:
             if not overwrite:

@@ -314,8 +314,8 @@ def load_model(
             if "trust_remote_code" not in str(err):
                 raise
             raise _unsupported(
-                f"{source!r} needs its own Python code (an `auto_map` in its config), which is never run "
-                "unless you pass trust_remote_code=True"
+                f"{source!r} needs its own Python code (an \"auto_map\" entry in its config.json), which is not run "
+                "(only with `trust_remote_code=True`, for code you trust)"
             ) from None
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise _unsupported(f"{source!r} has model_type {model_type!r}")

@@ -124,8 +124,8 @@ def _dataset_documents(name: str) -> tuple[list[str], str]:
         half = docs[SPLITS.index(split)::2]
         if not half:
             raise ValueError(f"data set {base!r} has too few documents to split into tuning and confirmation halves "
-                             "(a .txt file is one document): turn the split off (`split=False`; on the command line "
-                             "--no-split), or use a data set of two documents or more.")
+                             "(a .txt file is one document): turn the split off (`split=False`), or use a data set of two "
+                             "documents or more.")
         which = "even" if split == "tune" else "odd"
         return half, f"{description}, {split} half ({which}-numbered documents, {len(half)} of {len(docs)})"
     if name in ("prose", "code"):

@@ -142,7 +142,7 @@ class NullBank(Mapping[int, NullModel]):
         values = apply_statistic(torch.as_tensor(logits), self.statistic)  # (..., E)
         return null.sf(values, dtype=torch.float32)
 
-    def check_compatible(self, model_or_config: Any, *, what: str = "`model_or_config`") -> NullBank:
+    def check_compatible(self, model_or_config: Any, *, what: str = "the model") -> NullBank:
         """Raise ValueError unless layer and expert counts match the model; return self.
 
         Parameters
@@ -161,12 +161,12 @@ class NullBank(Mapping[int, NullModel]):
         (None skips that count); ``what`` names the model in the message."""
         if num_layers is not None and (self.num_layers != num_layers or max(self) >= num_layers):
             raise ValueError(
-                f"null bank was fitted for a model with {self.num_layers} layers (layers "
+                f"the null bank (`null_bank`) was fitted for a model with {self.num_layers} layers (layers "
                 f"{list(self)}), but {what} has {num_layers}: fit a bank for this model"
             )
         if num_experts is not None and self.num_experts is not None and self.num_experts != num_experts:
             raise ValueError(
-                f"null bank was fitted for {self.num_experts} experts per layer, but {what} has "
+                f"the null bank (`null_bank`) was fitted for {self.num_experts} experts per layer, but {what} has "
                 f"{num_experts}: fit a bank for this model"
             )
 

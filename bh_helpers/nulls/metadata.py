@@ -178,7 +178,7 @@ def _verify(raw: Mapping[str, Any], path: Path, allow_unverified: bool) -> None:
     if not allow_unverified:
         raise ValueError(f"`{path}` {problem}; fit or save the bank again, or, if you trust it, pass "
                          "`allow_unverified` to load it anyway and save it again to add the checksum")
-    warnings.warn(f"`{path}` {problem}; loading it unverified because allow_unverified=True (save it again to "
+    warnings.warn(f"`{path}` {problem}; loading it unverified as asked (`allow_unverified=True`; save it again to "
                   "add the checksum).", UserWarning, stacklevel=4)
 
 

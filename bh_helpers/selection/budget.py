@@ -87,9 +87,9 @@ def _bisect(sorted_p: list[torch.Tensor], target: float, method: str, min_k: int
     low, high = _mean_k(sorted_p, _ALPHA_MIN, method, min_k, max_k), _mean_k(sorted_p, 1.0, method, min_k, max_k)
     if not low <= target <= high:
         raise ValueError(
-            f"`target_mean_k`={target:g} is out of reach{where}: {method} with min_k={min_k}, max_k={max_k} "
+            f"`target_mean_k` {target:g} is out of reach{where}: {method} with `min_k` {min_k}, `max_k` {max_k} "
             f"gives mean k {low:.3f} at alpha=1e-12 and {high:.3f} at alpha=1; pick a target in that range "
-            "(or change min_k/max_k)."
+            "(or change `min_k` or `max_k`)."
         )
     lo, hi = math.log(_ALPHA_MIN), 0.0  # mean k(exp(lo)) <= target <= mean k(exp(hi))
     for _ in range(_STEPS):

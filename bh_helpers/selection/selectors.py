@@ -119,7 +119,7 @@ def check_null_bank(null_bank: Any, target: RoutedModel) -> None:
             raise ValueError(
                 f"the selector's null bank was fitted on another model ({null_bank.metadata.model_id!r}): its router "
                 f"weights differ at layers {differ}. Fit a bank for this model (`bh-routing capture` + "
-                "`bh-routing fit`), or pass route(..., allow_other_model=True) to use it anyway."
+                "`bh-routing fit`) (or, to use it anyway, route() with `allow_other_model=True`)."
             )
     missing = [layer for layer in target.layers if layer not in set(null_bank)]
     if missing:
