@@ -18,8 +18,9 @@ README = ROOT / "README.md"
 
 
 def pages() -> list[Path]:
-    """The documents that may hold generated blocks: README.md, then docs/*.md (the demo report excluded)."""
-    return [README, *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "demo_report.md")]
+    """The documents that may hold generated blocks: README.md, then docs/*.md (the copied reports excluded)."""
+    return [README, *sorted(p for p in (ROOT / "docs").glob("*.md")
+                            if p.name not in ("demo_report.md", "full_protocol_report.md"))]
 
 
 def page_with(start: str) -> Path:
