@@ -10,8 +10,9 @@ runs BH at ``alpha_{t,l} = alpha_l * w_{t,l}`` with
 
 where ``c_{t,l-1}`` is the number of experts the same token got in the layer before (in the same
 forward pass), so a token that needed many experts in layer ``l-1`` gets a looser level in ``l``
-(``gamma > 0``): "hard" tokens stay hard. The weights have mean 1 over the calibration tokens, and
-the per-layer ``alpha_l`` are solved on the ROUTED model (a fixed point like
+(``gamma > 0``: "hard" tokens stay hard), or a tighter one (``gamma < 0``: experts move to the
+tokens that got few before); the default grid tries both directions, ``gamma`` in -1, -0.5, 0.5, 1.
+The weights have mean 1 over the calibration tokens, and the per-layer ``alpha_l`` are solved on the ROUTED model (a fixed point like
 :class:`bh_helpers.experiments.k_matching.RoutedBudget`) so that each layer's mean k equals the
 static allocation's ``k_l``: the same compute as "per-layer budgets + BH" (the unweighted rule), so
 the only difference is which tokens get the experts. A level above 1 is used as is (BH's count is
@@ -41,6 +42,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -204,7 +206,8 @@ def match_weighted(model, bank, batches, targets: dict[int, float], gamma: float
     Fixed point: route with the current levels on the calibration ``batches``, take each layer's
     p-values and previous-layer counts from that run, set the norm to the calibration mean of
     ``c ** gamma`` and bisect ``alpha_l`` to the target on them; stop when every layer's realised
-    mean k is within ``tolerance`` (experts per token, the per-layer tolerance of RoutedBudget).
+    mean k is within ``tolerance`` (experts per token, the per-layer tolerance of RoutedBudget),
+    after at least one re-solve (so the norms are calibration means, not the first guess).
 
     Returns
     -------
@@ -217,15 +220,15 @@ def match_weighted(model, bank, batches, targets: dict[int, float], gamma: float
     # the first layer's previous counts are ones (weight 1); elsewhere a first guess: c ~ its layer's target
     norm = {l: 1.0 if l == layers[0] else float(targets[l - 1]) ** gamma for l in layers}
     history, best = [], None
-    for _ in range(steps + 1):
+    for step in range(steps + 1):
         selector = WeightedBHSelector(bank, alpha=dict(alpha), gamma=gamma, norm=dict(norm), min_k=min_k, max_k=max_k)
         trace = _routed_trace(model, selector, batches)
         realised = {layer: float(_counts_from_sorted(p, alpha[layer] * count_weights(c, gamma, norm[layer]))
                                  .clamp(min_k, max_k).double().mean()) for layer, (p, c) in trace.items()}
         history.append(max(abs(realised[l] - targets[l]) for l in layers))
-        if best is None or history[-1] < best["gap"]:
+        if step and (best is None or history[-1] < best["gap"]):
             best = {"alpha": dict(alpha), "norm": dict(norm), "realised": realised, "gap": history[-1]}
-        if history[-1] <= tolerance:
+        if step and history[-1] <= tolerance:  # step 0 only starts: the norms are guesses there
             break
         for layer, (sorted_p, prev) in trace.items():  # re-solve every layer on this run's p-values and counts
             if layer != layers[0]:
@@ -376,9 +379,12 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from _results import commit, output
 
+    from bh_helpers.routing.recorder import BoundWarning
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", type=float, nargs="+", default=[4.0, 2.0], help="mean k targets")
-    parser.add_argument("--gammas", type=float, nargs="+", default=[0.5, 1.0], help="exponents of the count")
+    parser.add_argument("--gammas", type=float, nargs="+", default=[-1.0, -0.5, 0.5, 1.0],
+                        help="exponents of the count (< 0: a token that used many experts before gets a tighter level)")
     parser.add_argument("--datasets", nargs="+", default=["prose", "code"])
     parser.add_argument("--tokens", type=int, default=4096, help="evaluation tokens per data set and half")
     parser.add_argument("--calibration-tokens", type=int, default=16384)
@@ -391,6 +397,8 @@ def main() -> None:
     args = parser.parse_args()
     args.json = output(args.json, "weighted_bh", device="cpu")
     torch.set_num_threads(args.threads)
+    # layers whose static k_l is the floor run at alpha 1e-12, in (b) and (a) alike: expected, not news
+    warnings.filterwarnings("ignore", category=BoundWarning)
     t0 = time.perf_counter()
     model, tok, bank, path, batches = _setup(args)
     scorer = Scorer(model, tok, path, tokens=args.tokens)
