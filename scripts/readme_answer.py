@@ -101,9 +101,9 @@ def render_full() -> str:
     report = FULL.report.read_text(encoding="utf-8")
     run = json.loads(FULL.run.read_text(encoding="utf-8"))
     seconds = sum(run["seconds"].values())
-    settings = (f"The full protocol (embedded model, {run['dtype']} on {run['device']}, {seconds / 60:.0f} min wall on "
-                f"the 2-core machine, shared with other jobs): {_settings(run, report)}; every document of each half. The "
-                f"whole report is [docs/full_protocol_report.md](docs/full_protocol_report.md).")
+    settings = (f"The full protocol (embedded model, {run['dtype']} on {run['device']}; its last invocation "
+                f"{seconds / 60:.0f} min wall): {_settings(run, report)}; every document of each half. The whole report "
+                f"is [docs/full_protocol_report.md](docs/full_protocol_report.md).")
     parts = [FULL.start, settings, "", _section(report, SECTIONS[0], FULL)]
     if STATIC in report:
         parts += ["", "**The static control against uniform top-k.** " + _section(report, STATIC, FULL)]
