@@ -279,6 +279,11 @@ class CapturedLogits(Mapping):
             raise ValueError(f"{str(path)!r} holds router logits of shapes {found}; a capture holds [tokens, "
                              "experts] with one number of experts (2 or more) in every layer: it is damaged or was "
                              "edited after `bh-routing capture`; capture again.")
+        not_float = sorted(layer for layer, x in logits.items() if not x.is_floating_point())
+        if not_float:  # save() writes float32; integer logits are an edit that would fit a wrong null quietly
+            raise ValueError(f"{str(path)!r} holds router logits of type {logits[not_float[0]].dtype} in layers "
+                             f"{not_float}; a capture holds floating-point logits: it is damaged or was edited after "
+                             "`bh-routing capture`; capture again.")
         experts = next(iter(shapes))[1]
         if num_experts is not None and experts != num_experts:
             raise ValueError(f"{str(path)!r} holds router logits of {experts} experts per layer, but {of} has "

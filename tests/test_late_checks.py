@@ -142,6 +142,7 @@ def test_a_kept_output_still_refuses_the_settings_it_was_made_with(tmp_path):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A capture and a bank of the embedded model, a results file, and edited copies of each."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -155,7 +156,8 @@ def files(tmp_path_factory):
                      "--stride", "64", "--no-controls", "--no-progress"]) == 0
     with safe_open(str(cap), framework="pt") as f:
         tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    edits = {"mixed": lambda k, v: v[:, :32] if k == "layer.2" else v,  # one layer of 32 experts
+    edits = {"int": lambda k, v: v.round().to(torch.int64) if k.startswith("layer.") else v,  # edited to integers
+             "mixed": lambda k, v: v[:, :32] if k == "layer.2" else v,  # one layer of 32 experts
              "e32": lambda k, v: v[:, :32] if k.startswith("layer.") else v,  # a model of 32 experts
              "e1": lambda k, v: v[:, :1] if k.startswith("layer.") else v,
              "3d": lambda k, v: v[:, :, None] if k == "layer.3" else v}
@@ -171,6 +173,23 @@ def files(tmp_path_factory):
         row["metrics"].update(perplexity="inf", nll="nan")
     out["overflowed"] = root / "overflowed.jsonl"
     out["overflowed"].write_text("\n".join([lines[0], *map(json.dumps, rows)]) + "\n", encoding="utf-8")
+    for name, value in (("negative", -5.0), ("text", "abc"), ("missing", None)):  # one row edited
+        rows = [json.loads(line) for line in lines[1:]]
+        if value is None:
+            del rows[0]["metrics"]["perplexity"]
+        else:
+            rows[0]["metrics"]["perplexity"] = value
+        out[name] = root / f"{name}.jsonl"
+        out[name].write_text("\n".join([lines[0], *map(json.dumps, rows)]) + "\n", encoding="utf-8")
+    rows = [json.loads(line) for line in lines[1:]]
+    for row in rows:  # the BH row ranks best (a possible perplexity): --save-config then needs its bank
+        if row["config"]["method"] == "bh":
+            row["metrics"]["perplexity"] = 1.5
+    out["bhwins"] = root / "bhwins.jsonl"
+    out["bhwins"].write_text("\n".join([lines[0], *map(json.dumps, rows)]) + "\n", encoding="utf-8")
+    out["zscore"] = root / "bank_zscore"  # the same capture, another statistic: another bank
+    assert cli.main(["fit", "--captured", str(cap), "--out", str(out["zscore"]), "--grid-size", "256",
+                     "--statistic", "zscore"]) == 0
     return out
 
 
@@ -180,16 +199,19 @@ def _one_line(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("name", ["mixed", "e1", "3d"])
+@pytest.mark.parametrize("name", ["mixed", "e1", "3d", "int"])
 @pytest.mark.fault("damaged files", "clear error")
 def test_fit_names_a_capture_whose_layers_are_not_one_expert_count(name, files, tmp_path, capsys):
-    """Layers of different widths, one expert, or a 3-D layer: the file named with the shapes found,
-    instead of another option's message (`--trim must be ... <= -1`) or an API name."""
+    """Layers of different widths, one expert, a 3-D layer or integer logits: the file named with the
+    shapes (or type) found, instead of another option's message (`--trim must be ... <= -1`), an API
+    name, or (integers) a fit that went ahead."""
     out = tmp_path / "bank"
     assert _run(["fit", "--captured", str(files[name]), "--out", str(out), "--grid-size", "256"]) == 2
     err = _one_line(capsys)
-    assert f"{str(files[name])!r} holds router logits of shapes" in err and "capture again" in err, err
-    assert "one number of experts (2 or more) in every layer" in err and "--trim" not in err, err
+    what = "of type torch.int64" if name == "int" else "of shapes"  # integer logits: an edit, not a capture
+    assert f"{str(files[name])!r} holds router logits {what}" in err and "capture again" in err, err
+    rule = "floating-point logits" if name == "int" else "one number of experts (2 or more) in every layer"
+    assert rule in err and "--trim" not in err, err
     assert not out.exists()
 
 
@@ -326,3 +348,57 @@ def test_demo_resume_with_a_bank_without_checksum_names_the_flag_that_opts_in(tm
     assert "no checksum" in err and "--allow-unverified-bank" in err and "allow_unverified" not in err, err
     with pytest.warns(UserWarning, match="unverified"):
         assert _run([*good, "--allow-unverified-bank"]) == 0, capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 25, third re-run: edited results rows, a bank that is not the sweep's, options past what
+# the machine can do (each refused before anything is written)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["negative", "text"])
+@pytest.mark.fault("damaged files", "clear error")
+def test_a_results_row_with_an_impossible_perplexity_is_set_aside(name, files, tmp_path, capsys):
+    """A row edited to perplexity -5 (or "abc") was ranked best by optimize and reported: a perplexity
+    is exp of a mean NLL >= 0, so such a row is set aside with the warning that counts them."""
+    with pytest.warns(UserWarning, match=r"1 line that does not belong to its grid \(1 with a missing, non-numeric "
+                                         r"or impossible perplexity"):
+        assert _run(["optimize", "--results", str(files[name]), "--budget", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "-5.000" not in out and "abc" not in out, out
+
+
+@pytest.mark.fault("damaged files", "clear error")
+def test_a_results_row_without_a_perplexity_is_left_out_with_a_warning(files, capsys):
+    """A row without a perplexity was dropped from the ranking without a word."""
+    with pytest.warns(UserWarning, match=r"missing.jsonl'?: 1 of the \d+ rows of data set 'prose' have no finite "
+                                         r"'perplexity'"):
+        assert _run(["optimize", "--results", str(files["missing"]), "--budget", "3"]) == 0
+
+
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_save_config_refuses_a_bank_that_is_not_the_sweeps(files, tmp_path, capsys):
+    """optimize --save-config wrote a config naming a zscore bank for a row the sweep measured with the
+    raw one (routing with it gave mean k 1.6 instead of 2.0): refused, naming --nulls and the difference."""
+    cfg = tmp_path / "cfg.json"
+    argv = ["optimize", "--results", str(files["bhwins"]), "--budget", "8", "--save-config", str(cfg)]
+    assert _run([*argv, "--nulls", str(files["zscore"])]) == 2
+    err = _one_line(capsys)
+    assert "--nulls" in err and "not the bank the sweep used" in err and "statistic" in err, err
+    assert not cfg.exists()
+    assert _run([*argv, "--nulls", str(files["bank"])]) == 0 and cfg.is_file()
+    assert "routing config of 'bh a=0.5" in capsys.readouterr().out  # the BH row, with its own bank
+
+
+@pytest.mark.parametrize("argv,flag", [(["--grid-size", "100000000000"], "--grid-size"),
+                                       (["--seed", str(2**70)], "--seed"),
+                                       (["--threads", "100000"], "--threads")])
+@pytest.mark.fault("bad arguments", "clear error")
+def test_options_past_what_the_machine_can_do_are_refused_before_writing(argv, flag, tmp_path, capsys):
+    """--grid-size 1e11 failed allocating 745 GiB after the capture was written (and wedged the folder),
+    --seed 2**70 overflowed after the sweep was written, --threads 100000 crashed torch: all refused first."""
+    out = tmp_path / "run"
+    rc = _run(["demo", "--out", str(out), *DEMO, "--alphas", "0.5", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and flag in err.splitlines()[-1] and "Traceback" not in err, err  # argparse: usage, then the error
+    assert not out.exists() or _files(out) == [], _files(out)

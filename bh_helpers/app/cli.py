@@ -497,9 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bh-routing`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    threads = getattr(args, "threads", 0)
-    if threads < 0:
-        parser.error(f"--threads must be >= 0, got {threads}")
+    threads, cores = getattr(args, "threads", 0), os.cpu_count() or 1
+    if not 0 <= threads <= cores:  # more threads than cores only slows torch down (and far more crashes it)
+        parser.error(f"--threads must be between 0 (torch's default) and {cores} (this machine's cores), got {threads}")
     if threads:
         import torch
 

@@ -159,7 +159,7 @@ class DemoSettings:
         check_choice("static_allocation", self.static_allocation, (*ALLOCATION_METHODS, "auto", "none"))
         check_int("calibration_tokens", self.calibration_tokens, MIN_CALIBRATION_TOKENS)
         check_int("allocation_tokens", self.allocation_tokens, MIN_CALIBRATION_TEXT_TOKENS)
-        check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0, 2**63 - 1)  # torch and numpy seed generators take 64-bit seeds
         for flag, value in (("statistics", self.statistics), ("trims", self.trims)):
             if not value:
                 raise ValueError(f"`{flag}` is empty; give at least one value.")

@@ -208,10 +208,10 @@ def perplexity_sweep(model, tokenizer, configs, *, null_bank, results_path: str 
     return run_sweep(configs, datasets, evaluate, results_path, grid_id=grid_id, protocol=protocol, progress=progress)
 
 
-def _bank_identity(bank) -> dict | list:
+def bank_identity(bank) -> dict | list:
     """What identifies a null bank (or, for a mapping of named banks, each of them) in a grid id."""
     if not isinstance(bank, NullBank):  # a mapping {bank name: NullBank}
-        return [[name, _bank_identity(b)] for name, b in sorted(bank.items())]
+        return [[name, bank_identity(b)] for name, b in sorted(bank.items())]
     meta = bank.metadata
     out = {"model_id": meta.model_id, "kernel": meta.kernel, "created": meta.created,
            "n_samples": {str(k): v for k, v in meta.n_samples.items()}}
@@ -229,7 +229,7 @@ def sweep_grid_id(*, model_id: str, null_bank, datasets: Sequence[str], max_toke
     data set is a named one, so their grid ids are what they were), so a file replaced before a
     resume is refused (:func:`~bh_helpers.experiments.sweep.run_sweep` names it).
     """
-    ident = {"model": model_id, "nulls": _bank_identity(null_bank), "datasets": list(datasets),
+    ident = {"model": model_id, "nulls": bank_identity(null_bank), "datasets": list(datasets),
              "max_tokens": int(max_tokens), "window": int(window), "stride": int(stride), "weights": weights}
     files = {name: digest for name in datasets if (digest := data_file_sha256(name)) is not None}
     if files:

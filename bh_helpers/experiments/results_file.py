@@ -87,7 +87,7 @@ class ResultsFile:
     rows : list of dict
         The rows of the header's grid, in file order, metrics decoded (``"inf"`` -> ``inf``).
     foreign : Counter
-        Lines set aside, counted by why they do not belong to the header's grid.
+        Lines set aside, counted by why: not of the header's grid, or a row whose perplexity no run writes.
     complete : int
         Length in bytes of the prefix made of complete lines.
     """
@@ -144,11 +144,24 @@ def read_results_file(path: str | os.PathLike) -> ResultsFile:
         elif (keys is not None and record.get("key") not in keys) or \
                 _config_key(record.get("config")) != record.get("key"):
             why = "of a configuration the header does not list"
+        elif not _possible_perplexity(metrics := decode_metrics(record.get("metrics", {}))):
+            why = "with a missing, non-numeric or impossible perplexity (below 1)"
         else:
-            out.rows.append({**record, "metrics": decode_metrics(record.get("metrics", {}))})
+            out.rows.append({**record, "metrics": metrics})
             continue
         out.foreign[why] += 1
     return out
+
+
+def _possible_perplexity(metrics: Any) -> bool:
+    """No perplexity (another metric's runner), or one a run can write: a number >= 1 (``exp`` of a
+    mean NLL >= 0), or inf/nan (an overflow)."""
+    if not isinstance(metrics, Mapping) or "perplexity" not in metrics:
+        return True
+    value = metrics["perplexity"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return not math.isfinite(value) or value >= 1.0
 
 
 def _read_lines(path: Path) -> tuple[dict | None, list[Any], int]:
@@ -274,8 +287,12 @@ def finite_rows(results, rows, columns: Sequence[str], *, dataset: str, what: st
     for column in columns:
         values = pd.to_numeric(rows[column], errors="coerce").to_numpy(dtype=float)
         finite &= np.isfinite(values)
+    source = results.attrs.get("path")
+    if finite.any() and not finite.all():  # left out of the ranking: said, not silent
+        warnings.warn(f"{f'{source!r}: ' if source else ''}{int((~finite).sum())} of the {len(rows)} {what}s of data set "
+                      f"{dataset!r} have no finite {' and '.join(map(repr, columns))} (overflowed, missing or edited) and "
+                      "are left out of the ranking.", stacklevel=3)
     if len(rows) and not finite.any():
-        source = results.attrs.get("path")
         raise ValueError(
             f"{f'{source!r}: ' if source else ''}no {what} of data set {dataset!r} has a finite "
             f"{' and '.join(map(repr, columns))} (all {len(rows)} are inf or nan: the runs overflowed, or the file "

@@ -31,6 +31,9 @@ __all__ = ["MIN_GRID_SIZE", "check_fit_options", "fit_captured", "fit_null", "fi
 
 #: Fewest grid points of a null (a coarser grid misplaces the CDF's interpolation).
 MIN_GRID_SIZE = 16
+#: The finest grid a fit accepts: 16x the default's largest (65,536), far past any gain in precision,
+#: and small enough that a fit's arrays fit in memory (a larger one failed after the demo had written).
+MAX_GRID_SIZE = 1 << 20
 
 # ---------------------------------------------------------------------------------------------
 # Input validation
@@ -403,6 +406,6 @@ def check_fit_options(*, kernel: str, grid_size: int | None, statistic: str, tri
     """
     _check_kernel(kernel)
     if grid_size is not None:
-        check_int("grid_size", grid_size, MIN_GRID_SIZE)
+        check_int("grid_size", grid_size, MIN_GRID_SIZE, MAX_GRID_SIZE)
     check_statistic(statistic)
     check_trim(trim, num_experts)
