@@ -155,7 +155,8 @@ _IRREGULAR_FLAGS = {"mean_k": "--mean-ks", "target_mean_k": "--mean-ks", "out_di
                     "name": "--model", "num_threads": "--threads", "null_bank": "--nulls", "path": "--results",
                     "allow_unverified": "--allow-unverified-bank", "allow_unverified=True": "--allow-unverified-bank",
                     "split=False": "--no-split", "k_matching=False": "--no-k-matching",
-                    "categories=False": "--no-categories", "controls=False": "--no-controls"}
+                    "categories=False": "--no-categories", "controls=False": "--no-controls",
+                    "directory": "--nulls"}
 
 
 def _flag(name: str, options: set[str]) -> str | None:

@@ -311,6 +311,10 @@ LEAKS = [
     (["demo", "--out", "{tmp}/run", "--datasets", "{made}", "--no-progress"], _text_file, "(--no-split)"),
     (["demo", "--out", "{tmp}/run", *DEMO, "--methods", "bonferroni", "--mean-ks", "7.5", "--no-k-matching"], None,
      "bonferroni with --min-ks 1, --max-ks 8"),
+    # the third re-run: a bank folder that is not one (`directory`), and --save-config's bank named as --nulls
+    (["sweep", "--nulls", "{tmp}/nope", "--results", "{tmp}/s.jsonl", *_SWEEP], None, "--nulls '"),
+    (["optimize", "--results", "{bhwins}", "--budget", "8", "--save-config", "{tmp}/c.json", "--nulls", "{tmp}"], None,
+     "--nulls '"),
 ]
 
 

@@ -521,7 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except OSError as err:
         where = f" ({err.filename})" if err.filename else ""
-        fix = _OS_FIXES.get(err.errno, "")
+        output = next((flag for flag in ("--out", "--save-config", "--results") if flag in options), "output")
+        fix = _OS_FIXES.get(err.errno, "").replace("--out", output)  # the option that names this command's output
         return _fail(f"{err.strerror or err}{where}{fix}")
     except ImportError as err:  # pandas / matplotlib are optional dependencies of the package
         return _fail(f"{err}; install the extras with `pip install 'bh-routing[notebooks]'`.")

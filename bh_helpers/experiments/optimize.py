@@ -179,7 +179,10 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
         if nulls is None:
             raise ValueError(f"{config.label()!r} routes with a null bank: pass `nulls`, the bank folder it used.")
         folder = Path(nulls)
-        banks = load_bank_folder(folder, allow_unverified=allow_unverified)
+        try:
+            banks = load_bank_folder(folder, allow_unverified=allow_unverified)
+        except ValueError as err:  # its `path` is this function's `nulls` (`path` here is the config file)
+            raise ValueError(str(err).replace("`path`", "`nulls`", 1)) from None
         if isinstance(banks, dict):  # a folder of banks: the demo's nulls/<bank name>
             name = config.bank_name()
             if name not in banks:

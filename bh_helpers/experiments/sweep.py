@@ -179,7 +179,8 @@ def run_sweep(
     keys = [c.key() for c in configs]
     if len(set(keys)) != len(keys):
         dup = sorted({c.label() for c, k in zip(configs, keys) if keys.count(k) > 1})
-        raise ValueError(f"`configs` has duplicates: {dup}.")
+        raise ValueError(f"`configs` has duplicates: {dup} (a value given twice in one list of the grid, e.g. "
+                         "top_ps 0.8 and 0.8); give each value once.")
     if len(set(names)) != len(names):
         raise ValueError(f"`datasets` has duplicate names: {names}.")
     identity = grid_hash(configs, names, grid_id)
