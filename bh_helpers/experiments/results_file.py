@@ -161,7 +161,7 @@ def _possible_perplexity(metrics: Any) -> bool:
     value = metrics["perplexity"]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return not math.isfinite(value) or value >= 1.0
+    return not math.isfinite(value) or value >= 1.0 - 1e-9  # a perfect fit's exp(-0.0) may round just below 1
 
 
 def _read_lines(path: Path) -> tuple[dict | None, list[Any], int]:
