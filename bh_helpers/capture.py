@@ -284,6 +284,12 @@ class CapturedLogits(Mapping):
             raise ValueError(f"{str(path)!r} holds router logits of type {logits[not_float[0]].dtype} in layers "
                              f"{not_float}; a capture holds floating-point logits: it is damaged or was edited after "
                              "`bh-routing capture`; capture again.")
+        bad_rows = {layer: int((~torch.isfinite(x).all(dim=-1)).sum()) for layer, x in logits.items()}  # (N, E) -> count
+        if any(bad_rows.values()):  # nothing can be calibrated on them: say which file, not a fit's argument name
+            found = ", ".join(f"layer {layer}: {n}" for layer, n in sorted(bad_rows.items()) if n)
+            raise ValueError(f"{str(path)!r} holds tokens with NaN/inf router logits ({found}): the model's router "
+                             "overflowed on them or the file was edited; capture again (the demo captures again once "
+                             "the file is removed), in float32 if the model ran in float16.")
         experts = next(iter(shapes))[1]
         if num_experts is not None and experts != num_experts:
             raise ValueError(f"{str(path)!r} holds router logits of {experts} experts per layer, but {of} has "

@@ -86,10 +86,13 @@ def _bisect(sorted_p: list[torch.Tensor], target: float, method: str, min_k: int
     """Smallest alpha (to bisection precision) whose mean k reaches ``target``."""
     low, high = _mean_k(sorted_p, _ALPHA_MIN, method, min_k, max_k), _mean_k(sorted_p, 1.0, method, min_k, max_k)
     if not low <= target <= high:
+        # a sweep's grid takes targets from min_k + 0.5 up: below that this method has no target to offer it
+        fix = ("pick a target in that range (or change `min_k` or `max_k`)" if high >= min_k + 0.5 else
+               "that is below `min_k` + 0.5, where a sweep's targets start: give `alphas` instead, use another "
+               "method (bh reaches further), or lower `min_k`")
         raise ValueError(
             f"`target_mean_k` {target:g} is out of reach{where}: {method} with `min_k` {min_k}, `max_k` {max_k} "
-            f"gives mean k {low:.3f} at alpha=1e-12 and {high:.3f} at alpha=1; pick a target in that range "
-            "(or change `min_k` or `max_k`)."
+            f"gives mean k {low:.3f} at alpha=1e-12 and {high:.3f} at alpha=1; {fix}."
         )
     lo, hi = math.log(_ALPHA_MIN), 0.0  # mean k(exp(lo)) <= target <= mean k(exp(hi))
     for _ in range(_STEPS):
