@@ -27,6 +27,23 @@ def tiny_model_and_tokenizer():
     return model.eval(), tokenizer
 
 
+@pytest.fixture(scope="session")
+def embedded_outputs(tmp_path_factory):
+    """A capture, a null bank and a sweep results file of the embedded model, made once through the
+    command line (tests read them, never modify them): ``{"cap", "bank", "results"}``."""
+    from bh_helpers.app import cli
+
+    root = tmp_path_factory.mktemp("embedded_outputs")
+    cap, bank, results = root / "cap.safetensors", root / "bank", root / "s.jsonl"
+    assert cli.main(["capture", "--out", str(cap), "--calibration-tokens", "256", "--window", "64",
+                     "--no-progress"]) == 0
+    assert cli.main(["fit", "--captured", str(cap), "--out", str(bank), "--grid-size", "256"]) == 0
+    assert cli.main(["sweep", "--results", str(results), "--nulls", str(bank), "--methods", "bh", "--alphas", "0.5",
+                     "--mean-ks", "", "--topk-max", "2", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64",
+                     "--window", "64", "--stride", "64", "--no-progress", "--no-controls"]) == 0
+    return {"cap": cap, "bank": bank, "results": results}
+
+
 # ----------------------------------------------------------------------------------------------
 # The fault battery: tests marked @pytest.mark.fault(group, outcome) are bad inputs and faults.
 # `pytest -m fault --fault-report FILE` writes one JSON record per test (scripts/reliability.py

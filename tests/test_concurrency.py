@@ -115,22 +115,6 @@ def test_repeated_rows_are_read_once(tmp_path):
 ENV = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    """A capture, a bank and a results file of the embedded model."""
-    from bh_helpers.app import cli
-
-    root = tmp_path_factory.mktemp("made")
-    cap, bank, results = root / "cap.safetensors", root / "bank", root / "s.jsonl"
-    assert cli.main(["capture", "--out", str(cap), "--calibration-tokens", "256", "--window", "64",
-                     "--no-progress"]) == 0
-    assert cli.main(["fit", "--captured", str(cap), "--out", str(bank), "--grid-size", "256"]) == 0
-    assert cli.main(["sweep", "--results", str(results), "--nulls", str(bank), "--methods", "bh", "--alphas", "0.5",
-                     "--mean-ks", "", "--topk-max", "2", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64",
-                     "--window", "64", "--stride", "64", "--no-progress", "--no-controls"]) == 0
-    return {"cap": cap, "bank": bank, "results": results}
-
-
 def _cli(*argv: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "bh_helpers.app.cli", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=Path(__file__).resolve().parents[1])
@@ -138,9 +122,10 @@ def _cli(*argv: str) -> subprocess.Popen:
 
 @pytest.mark.parametrize("command", ["fit", "capture"])
 @pytest.mark.fault("concurrency", "clear error")
-def test_two_writers_at_once_one_wins_and_the_other_is_refused(command, made, tmp_path):
+def test_two_writers_at_once_one_wins_and_the_other_is_refused(command, embedded_outputs, tmp_path):
     out = tmp_path / ("bank" if command == "fit" else "c.safetensors")
-    argv = (["fit", "--captured", str(made["cap"]), "--out", str(out), "--grid-size", "256"] if command == "fit" else
+    cap = embedded_outputs["cap"]
+    argv = (["fit", "--captured", str(cap), "--out", str(out), "--grid-size", "256"] if command == "fit" else
             ["capture", "--out", str(out), "--calibration-tokens", "128", "--window", "64", "--no-progress"])
     procs = [_cli(*argv), _cli(*argv)]  # two real processes, started together
     outcomes = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
@@ -172,10 +157,10 @@ WRITERS = {  # command line, and the lock file it takes
 
 @pytest.mark.parametrize("writer", list(WRITERS))
 @pytest.mark.fault("concurrency", "clear error")
-def test_every_writer_takes_the_lock_and_writes_nothing_while_it_is_held(writer, made, tmp_path, capsys):
+def test_every_writer_takes_the_lock_and_writes_nothing_while_it_is_held(writer, embedded_outputs, tmp_path, capsys):
     from bh_helpers.app import cli
 
-    argv, lock = WRITERS[writer][0](made, tmp_path), WRITERS[writer][1](tmp_path)
+    argv, lock = WRITERS[writer][0](embedded_outputs, tmp_path), WRITERS[writer][1](tmp_path)
     lock.parent.mkdir(parents=True, exist_ok=True)
     release = tmp_path / "release"
     holder = _hold(lock, release)

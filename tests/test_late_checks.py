@@ -142,20 +142,14 @@ def test_a_kept_output_still_refuses_the_settings_it_was_made_with(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A capture and a bank of the embedded model, a results file, and edited copies of each."""
+def files(tmp_path_factory, embedded_outputs):
+    """A capture and a bank of the embedded model, a results file (tests/conftest.py), and edited copies of each."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    root = tmp_path_factory.mktemp("files")
-    cap, bank, results = root / "cap.safetensors", root / "bank", root / "s.jsonl"
-    assert cli.main(["capture", "--out", str(cap), "--calibration-tokens", "256", "--window", "64",
-                     "--no-progress"]) == 0
-    assert cli.main(["fit", "--captured", str(cap), "--out", str(bank), "--grid-size", "256"]) == 0
-    assert cli.main(["sweep", "--results", str(results), "--nulls", str(bank), "--alphas", "0.5", "--mean-ks", "",
-                     "--topk-max", "2", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64", "--window", "64",
-                     "--stride", "64", "--no-controls", "--no-progress"]) == 0
+    root = tmp_path_factory.mktemp("files")  # the edited copies
+    cap, bank, results = embedded_outputs["cap"], embedded_outputs["bank"], embedded_outputs["results"]
     with safe_open(str(cap), framework="pt") as f:
         tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     def nan_row(v):
@@ -339,7 +333,8 @@ def test_command_line_errors_name_flags_not_python_arguments(argv, maker, needle
     assert _run([a.format(**places) if "{" in a else a for a in argv]) == 2
     err = _one_line(capsys)
     assert needle in err, err
-    shown = err.replace(str(tmp_path), "TMP").replace(str(files["root"]), "ROOT")
+    shown = err.replace(str(tmp_path), "TMP").replace(str(files["root"]), "ROOT").replace(
+        str(files["cap"].parent), "MADE")
     assert not _API_WORDS.search(shown), f"{_API_WORDS.search(shown).group(0)!r} in: {err}"
 
 
