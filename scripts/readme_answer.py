@@ -82,10 +82,14 @@ def _settings(run: dict, report: str) -> str:
             f"{s['window']} tokens")
 
 
+def _read(answer: Answer) -> tuple[str, dict, float]:
+    """The copied report, its run's settings and steps, and the run's wall seconds."""
+    run = json.loads(answer.run.read_text(encoding="utf-8"))
+    return answer.report.read_text(encoding="utf-8"), run, sum(run["seconds"].values())
+
+
 def render() -> str:
-    report = DEMO.report.read_text(encoding="utf-8")
-    run = json.loads(DEMO.run.read_text(encoding="utf-8"))
-    seconds = sum(run["seconds"].values())
+    report, run, seconds = _read(DEMO)
     settings = (f"`bh-routing demo` with its defaults (embedded model, {run['dtype']} on {run['device']}, "
                 f"{seconds / 60:.1f} min wall on the shared 2-core machine): {_settings(run, report)}. The full report is "
                 f"[docs/demo_report.md](docs/demo_report.md).")
@@ -98,9 +102,7 @@ def render() -> str:
 
 
 def render_full() -> str:
-    report = FULL.report.read_text(encoding="utf-8")
-    run = json.loads(FULL.run.read_text(encoding="utf-8"))
-    seconds = sum(run["seconds"].values())
+    report, run, seconds = _read(FULL)
     settings = (f"The full protocol (embedded model, {run['dtype']} on {run['device']}; its last invocation "
                 f"{seconds / 60:.0f} min wall): {_settings(run, report)}; every document of each half. The whole report "
                 f"is [docs/full_protocol_report.md](docs/full_protocol_report.md).")

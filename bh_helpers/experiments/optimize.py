@@ -118,8 +118,8 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
     return pd.DataFrame.from_records(records, columns=OPTIMIZE_COLUMNS)
 
 
-def _check_bank_is_the_sweeps(results, config, folder, allow_unverified: bool) -> None:
-    """The bank in ``folder`` is the one the sweep recorded for ``config`` (results header's grid id).
+def _check_bank_is_the_sweeps(results, config, bank, folder) -> None:
+    """``bank`` (loaded from ``folder``) is the one the sweep recorded for ``config`` (results header's grid id).
 
     Another bank (another statistic, trim, kernel or fit) gives the same configuration other
     counts, so a config naming it would not route what was measured. Files without a grid id
@@ -128,7 +128,6 @@ def _check_bank_is_the_sweeps(results, config, folder, allow_unverified: bool) -
     import json
 
     from bh_helpers.experiments.evaluate import bank_identity
-    from bh_helpers.nulls.bank import NullBank
 
     grid_id = results.attrs.get("header", {}).get("grid_id")
     recorded = json.loads(grid_id).get("nulls") if isinstance(grid_id, str) else None
@@ -136,7 +135,7 @@ def _check_bank_is_the_sweeps(results, config, folder, allow_unverified: bool) -
         recorded = dict((name, ident) for name, ident in recorded).get(config.bank_name())
     if not isinstance(recorded, dict):
         return
-    found = bank_identity(NullBank.load(folder, allow_unverified=allow_unverified))
+    found = bank_identity(bank)
     if found != recorded:
         differ = sorted(k for k in set(found) | set(recorded) if found.get(k) != recorded.get(k))
         raise ValueError(f"`nulls` {str(folder)!r} is not the bank the sweep used for {config.label()!r} (it differs in "
@@ -187,8 +186,8 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
             name = config.bank_name()
             if name not in banks:
                 raise ValueError(f"`nulls` {str(nulls)!r} has no bank {name!r} (it has {sorted(banks)}).")
-            folder = folder / name.replace("/", "-")
-        _check_bank_is_the_sweeps(results, config, folder, allow_unverified)
+            folder, banks = folder / name.replace("/", "-"), banks[name]
+        _check_bank_is_the_sweeps(results, config, banks, folder)
         bank = str(folder.resolve())
     routing = config.routing_config(bank=bank, weights=weights)
     if allow_unverified and bank is not None:
