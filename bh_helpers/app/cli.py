@@ -512,6 +512,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # one per routed configuration: the report lists the rows at a bound
             warnings.filterwarnings("ignore", category=BoundWarning)
+            # a warning reads like an error: one line in the user's flags, not a source line and a Python name
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"bh-routing: warning: {as_flags(str(message), options)}", file=sys.stderr)
             return _COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, MemoryError) as err:
         return _fail(as_flags(str(err), options))
