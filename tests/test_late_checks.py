@@ -412,3 +412,22 @@ def test_options_past_what_the_machine_can_do_are_refused_before_writing(argv, f
     err = capsys.readouterr().err.strip()
     assert rc == 2 and flag in err.splitlines()[-1] and "Traceback" not in err, err  # argparse: usage, then the error
     assert not out.exists() or _files(out) == [], _files(out)
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"", "holds no sweep results"),  # an empty table read as "no configuration fits the budget"
+    (b"\xa9\xff\x00binary\n\x01\x02\n", "is not a sweep results file"),  # a raw UnicodeDecodeError
+    (b'{"type": "header"}\n\xa9\xff\n', ":2 is a complete but corrupt line (not UTF-8 text)"),
+])
+@pytest.mark.parametrize("command", ["optimize", "report"])
+@pytest.mark.fault("damaged files", "clear error")
+def test_an_empty_or_binary_results_file_is_named_as_such(command, content, expected, tmp_path, capsys):
+    """optimize on an empty file said "lacks column 'perplexity'; pass bh_helpers...load_results output",
+    and a binary one printed the codec's error without naming the file."""
+    results = tmp_path / "r.jsonl"
+    results.write_bytes(content)
+    extra = ["--budget", "3"] if command == "optimize" else ["--out", str(tmp_path / "rep")]
+    assert _run([command, "--results", str(results), *extra]) == 2
+    err = _one_line(capsys)
+    assert expected in err and "r.jsonl" in err and "bh_helpers" not in err, err
+    assert results.read_bytes() == content and not (tmp_path / "rep").exists()

@@ -173,7 +173,7 @@ def _read_lines(path: Path) -> tuple[dict | None, list[Any], int]:
         return None, [], 0
     try:
         header = json.loads(lines[0])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):  # a binary file is not text at all
         header = None
     if not isinstance(header, dict) or header.get("type") != "header":
         raise ValueError(
@@ -184,9 +184,10 @@ def _read_lines(path: Path) -> tuple[dict | None, list[Any], int]:
     for lineno, line in enumerate(lines[1:], 2):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(
-                f"{str(path)}:{lineno} is a complete but corrupt line ({err.msg}); fix or remove it "
+                f"{str(path)}:{lineno} is a complete but corrupt line ({getattr(err, 'msg', 'not UTF-8 text')}); "
+                "fix or remove it "
                 "by hand (only a last line without newline is dropped automatically)."
             ) from None
         rows.append(row)
@@ -219,6 +220,9 @@ def load_results(path: str | os.PathLike):
         raise ValueError(f"`path` {str(p)!r} does not exist; run a sweep first.")
     existing = read_results_file(p)
     header, rows = existing.header, existing.rows
+    if header is None:  # empty, or no complete line yet: an empty table would read as "nothing fits"
+        raise ValueError(f"`path` {str(p)!r} holds no sweep results (it is empty or has no complete line); "
+                         "run a sweep into it first, or pass the results file the sweep wrote.")
     if existing.foreign:
         warnings.warn(f"{str(p)!r} holds {existing.foreign_summary()}; they are set aside (not ranked, reported or "
                       "resumed): keep one sweep per results file.", stacklevel=2)
