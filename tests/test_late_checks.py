@@ -431,3 +431,20 @@ def test_an_empty_or_binary_results_file_is_named_as_such(command, content, expe
     err = _one_line(capsys)
     assert expected in err and "r.jsonl" in err and "bh_helpers" not in err, err
     assert results.read_bytes() == content and not (tmp_path / "rep").exists()
+
+
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_a_folder_of_banks_given_as_a_bank_names_the_banks_inside(tmp_path, capsys):
+    """`sweep --nulls run/nulls` (a demo's folder of one bank per kernel) said the folder must contain
+    metadata.json and nulls.npz, without saying that the banks are one level down."""
+    from bh_helpers.nulls.bank import NullBank
+
+    bank = NullBank.load(Path(__file__).parents[1] / "bh_helpers" / "data" / "kde_models" / "tiny-olmoe")
+    for kernel in ("tophat", "gaussian"):
+        bank.save(tmp_path / "nulls" / kernel)
+    results = tmp_path / "s.jsonl"
+    assert _run(["sweep", "--nulls", str(tmp_path / "nulls"), "--results", str(results), "--alphas", "0.5",
+                 "--mean-ks", "", "--datasets", "prose", "--no-progress"]) == 2
+    err = _one_line(capsys)
+    assert "--nulls" in err and "holds the banks gaussian, tophat" in err, err
+    assert str(tmp_path / "nulls" / "gaussian") in err and not results.exists()

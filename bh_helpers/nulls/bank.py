@@ -226,10 +226,13 @@ class NullBank(Mapping[int, NullModel]):
         directory = Path(directory)
         meta_path, npz_path = directory / METADATA_NAME, directory / NPZ_NAME
         if not meta_path.is_file() or not npz_path.is_file():
-            raise ValueError(
-                f"`directory` {str(directory)!r} must contain {METADATA_NAME} and {NPZ_NAME} "
-                "(written by NullBank.save)"
-            )
+            # a demo's nulls/ folder holds one bank per kernel: name them rather than the missing files
+            banks = sorted(p.parent.name for p in directory.glob(f"*/{METADATA_NAME}") if (p.parent / NPZ_NAME).is_file()) \
+                if directory.is_dir() else []
+            hint = (f"; it holds the banks {', '.join(banks)}: pass one of them, e.g. "
+                    f"{str(directory / banks[0])!r}" if banks else " (written by `bh-routing fit` or NullBank.save)")
+            raise ValueError(f"`directory` {str(directory)!r} is not a null bank: it lacks {METADATA_NAME} and "
+                             f"{NPZ_NAME}{hint}.")
         metadata = read_metadata(meta_path, allow_unverified=allow_unverified)
         try:
             with np.load(npz_path, allow_pickle=False) as npz:
