@@ -528,6 +528,17 @@ def test_legacy_reader_refuses_code_execution(tmp_path, payload):
 
 
 @pytest.mark.fault("damaged files", "clear error")
+def test_a_legacy_file_beyond_num_layers_is_named(tmp_path):
+    """Files for layers 0 and 7 with ``num_layers=6`` said the bank "was fitted for a model with 6 layers ...
+    but `num_layers` has 6": it now names the file of the layer the model does not have."""
+    write_legacy(tmp_path, layers=1)
+    (tmp_path / "distribution_model_layer_7.pkl").write_bytes((tmp_path / "distribution_model_layer_0.pkl").read_bytes())
+    with pytest.raises(ValueError, match=r"`num_layers` is 6 \(layers 0\.\.5\), but .* has a null file for layer 7 "
+                                         r"\(distribution_model_layer_7\.pkl\): pass the model's own layer count"):
+        NullBank.from_legacy_pickles(tmp_path, trust=True, num_layers=6)
+    assert list(NullBank.from_legacy_pickles(tmp_path, trust=True, num_layers=8)) == [0, 7]
+
+
 @pytest.mark.fault("damaged files", "clear error")
 def test_two_legacy_files_for_one_layer_are_refused_naming_both(tmp_path):
     """``..._layer_1.pkl`` and ``..._layer_01.pkl`` both name layer 1: one was dropped silently."""

@@ -310,6 +310,12 @@ class NullBank(Mapping[int, NullModel]):
             raise ValueError(
                 f"`directory` {str(directory)!r} has no distribution_model_layer_{{i}}.pkl files"
             )
+        beyond = {layer: path for layer, path in files.items() if num_layers is not None and layer >= num_layers}
+        if beyond:  # a file of a deeper model: say which, before a generic layer-count mismatch hides it
+            layer, path = min(beyond.items())
+            raise ValueError(f"`num_layers` is {num_layers} (layers 0..{num_layers - 1}), but {str(directory)!r} has a "
+                             f"null file for layer {layer} ({path.name}): pass the model's own layer count, or move "
+                             "that file aside if it belongs to another model.")
         nulls = {
             layer: _null_from_legacy(*_read_legacy_pickle(path), path)
             for layer, path in sorted(files.items())
