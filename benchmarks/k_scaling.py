@@ -14,7 +14,8 @@ in ONE process per path, variants interleaved round by round:
 - the previous prefill path side by side (``(previous prefill path)``: blocks above decode sizes
   eager, bf16 prefill through the compact dispatch with its host synchronisation). On the T4 path
   the other variants run the candidate: prefill graphs with ``PREFILL_GRAPH_MIN_CAPABILITY``
-  lowered to 7; ``(previous prefill path)`` is what ships there today.
+  lowered to 7; ``(previous prefill path)`` is what ships there today;
+- top-8 without the non-finite router-logit screen (``(no logit screen)``), for the screen's cost.
 
 Beside the end-to-end times: the MoE blocks' own time (CUDA events around each block's forward,
 summed over the layers, median of ``--block-reps`` calls), its share ``s`` of the forward, and the
@@ -51,6 +52,7 @@ STATIC_KS = (1, 2, 4, 6, 8)
 BH_LIKE = "BH-like (mean 4.5)"
 BH_LIKE_MEAN_K = 4.5
 BEFORE = "(previous prefill path)"
+NO_SCREEN = "top-8 (no logit screen)"
 
 # Kernel families of the per-kernel tables (first match wins; lower-case kernel names).
 KERNEL_FAMILIES = (
@@ -102,7 +104,23 @@ def _variants():
     # the previous prefill path, side by side: eager blocks above decode sizes, compact bf16 dispatch
     out[f"top-8 {BEFORE}"] = lambda: TopKSelector(8, weights="softmax")
     out[f"{BH_LIKE} {BEFORE}"] = lambda: ForcedKSelector(8)
+    out[NO_SCREEN] = lambda: TopKSelector(8, weights="softmax")  # what the non-finite screen costs
     return out
+
+
+@contextlib.contextmanager
+def no_logit_screen():
+    """The non-finite router-logit screen left out (a constant False): top-8 against it gives its cost."""
+    import torch
+
+    import bh_helpers.routing.recorder as recorder
+
+    saved, false = recorder.non_finite_rows, torch.zeros((), dtype=torch.bool, device="cuda")
+    recorder.non_finite_rows = lambda logits: false  # the OR it feeds stays: only the screen's kernels go
+    try:
+        yield
+    finally:
+        recorder.non_finite_rows = saved
 
 
 @contextlib.contextmanager
@@ -188,6 +206,8 @@ def run_path(path: str, args) -> dict:
         stack = contextlib.ExitStack()
         if name.endswith(BEFORE):
             stack.enter_context(previous_prefill_path())
+        if name == NO_SCREEN:
+            stack.enter_context(no_logit_screen())
         stack.enter_context(patching.route(model, make()))
         return stack
 
@@ -354,6 +374,9 @@ def summarise(raw: dict) -> dict:
         # speed-up = time(reference) / time(variant): > 1 is faster
         row["x_native"] = {n: paired("native top-8", n) for n in med}
         row["x_top8"] = {n: paired("top-8", n) for n in med}
+        screen = paired("top-8", NO_SCREEN)  # time with the screen / time without it
+        if screen is not None:
+            row["logit_screen_cost"] = round(screen - 1, 4)  # the share it adds to patched top-8
         ks = [k for k in STATIC_KS if f"top-{k}" in med]
         if len(ks) >= 2:
             a, b = fit_line(ks, [1e3 * med[f"top-{k}"] for k in ks])
@@ -405,8 +428,9 @@ def render(result: dict) -> str:
             names = ["native top-8", *(f"top-{k}" for k in STATIC_KS), BH_LIKE, f"top-8 {BEFORE}", f"{BH_LIKE} {BEFORE}"]
             lines.append(f"| {work} | " + " | ".join(f"{med[n]:.1f}" if n in med else "-" for n in names) + " |")
         lines += ["", "| workload | top-8 x native | BH-like x top-8 | share of top-8 following k | BH-like vs fit at 4.5 | "
-                  "MoE blocks BH-like x top-8 (events / profiler) | GPU busy, top-8 | MoE share s | ceiling | share of ceiling |",
-                  "|---|" + "---:|" * 9]
+                  "MoE blocks BH-like x top-8 (events / profiler) | GPU busy, top-8 | MoE share s | ceiling | share of ceiling | "
+                  "logit screen cost |",
+                  "|---|" + "---:|" * 10]
         for work, row in res["summary"].items():
             prof = row.get("moe_blocks_gpu_bh_like_vs_top8")
             cells = [f"{row['x_native'].get('top-8') or nan:.2f}x", f"{row['x_top8'].get(BH_LIKE) or nan:.2f}x",
@@ -414,7 +438,8 @@ def render(result: dict) -> str:
                      f"{row.get('moe_blocks_bh_like_vs_top8', nan):.2f}x / " + (f"{prof:.2f}x" if prof else "-"),
                      f"{row['gpu_busy_share_top8']:.0%}" if "gpu_busy_share_top8" in row else "-",
                      f"{row.get('moe_share_top8', nan):.2f}", f"{row.get('ceiling_bh_like_vs_top8', nan):.2f}x",
-                     f"{row['end_to_end_share_of_ceiling']:.0%}" if row.get("end_to_end_share_of_ceiling") is not None else "-"]
+                     f"{row['end_to_end_share_of_ceiling']:.0%}" if row.get("end_to_end_share_of_ceiling") is not None else "-",
+                     f"{row['logit_screen_cost']:+.1%}" if "logit_screen_cost" in row else "-"]
             lines.append(f"| {work} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -31,8 +31,8 @@ for part in $parts; do
       timeout 320 python3 benchmarks/k_scaling.py --paths t4 --rounds 3 --new-tokens 16 --profile \
         --profile-workloads "prefill 8x256" "prefill 32x1024" "decode b1" --json "$out/k_scaling_t4.json" \
         > "$out/k_scaling_t4_log.txt" 2>&1 ;;
-    bf16)  # bf16 path at the notebooks' size and decode, with the MoE block profile
-      timeout 200 python3 benchmarks/k_scaling.py --paths bf16 --prefill 8x256 --decode-batches 1 --rounds 3 \
+    bf16)  # bf16 path at the notebooks' size and decode, with the MoE block profile, and the logit screen's cost
+      timeout 250 python3 benchmarks/k_scaling.py --paths bf16 --prefill 8x256 --decode-batches 1 --rounds 3 \
         --new-tokens 16 --profile --json "$out/k_scaling_bf16.json" > "$out/k_scaling_bf16_log.txt" 2>&1 ;;
     emulation)  # the demo and notebook 03 (full mode, offline: prose in WikiText-2's place) on the emulated T4
       timeout 560 python3 benchmarks/t4_emulation.py --work /tmp/t4 --steps build demo notebooks --notebooks 03 \

@@ -38,3 +38,14 @@ def test_notebook_projection_scales_by_the_largest_prefill_ratio():
     fast = {"prefill 8x256 | top-8": {"t4_projected_ms": 10.0, "measured_wall_ms": 40.0}}
     assert t4_projection.notebook_projection(emulation, fast)["factor_used"] == 1.0
     assert "error" in t4_projection.notebook_projection(emulation, {})
+
+
+def test_summarise_reports_the_logit_screen_cost_from_paired_rounds():
+    """The screen's cost is the median of per-round ratios top-8 / top-8 without the screen, minus 1."""
+    times = {"top-8": [0.0102, 0.0101, 0.0110], k_scaling.NO_SCREEN: [0.0100, 0.0100, 0.0100],
+             "native top-8": [0.0200, 0.0200, 0.0200]}
+    raw = {"times_s": {"prefill 8x256": times}, "blocks_ms": {}, "errors": {}}
+    row = k_scaling.summarise(raw)["prefill 8x256"]
+    ratios = sorted(a / b for a, b in zip(times["top-8"], times[k_scaling.NO_SCREEN]))
+    assert row["logit_screen_cost"] == pytest.approx(ratios[1] - 1, abs=1e-4)  # 2 %, the middle round
+    assert row["x_native"]["top-8"] == pytest.approx(0.0200 / 0.0102, abs=1e-4)

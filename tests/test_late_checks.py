@@ -448,3 +448,26 @@ def test_a_folder_of_banks_given_as_a_bank_names_the_banks_inside(tmp_path, caps
     err = _one_line(capsys)
     assert "--nulls" in err and "holds the banks gaussian, tophat" in err, err
     assert str(tmp_path / "nulls" / "gaussian") in err and not results.exists()
+
+
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_a_bank_without_a_layer_is_refused_before_the_sweep_writes(files, tmp_path, capsys):
+    """A bank without layer 3 was refused only at the first BH row, after the native and top-k rows were
+    written: the corrected --nulls was then refused ("different grid"). Now nothing is written."""
+    from dataclasses import replace
+
+    from bh_helpers.nulls.bank import NullBank
+
+    bank = NullBank.load(files["bank"])
+    kept = [layer for layer in bank if layer != 3]
+    meta = replace(bank.metadata, layers=kept, n_samples={k: v for k, v in bank.metadata.n_samples.items() if k != 3})
+    NullBank({layer: bank[layer] for layer in kept}, meta).save(tmp_path / "no3")
+    results = tmp_path / "s.jsonl"
+    argv = ["sweep", "--results", str(results), "--methods", "bh", "--alphas", "0.5", "--mean-ks", "", "--topk-max",
+            "1", "--top-ps", "", "--datasets", "prose", "--max-tokens", "64", "--window", "64", "--stride", "64",
+            "--no-progress", "--no-controls"]
+    assert _run([*argv, "--nulls", str(tmp_path / "no3")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "no null for MoE layers [3]" in err and "`layers" not in err and "bh-routing fit" in err, err
+    assert not results.exists()
+    assert _run([*argv, "--nulls", str(files["bank"])]) == 0  # the corrected command runs

@@ -34,9 +34,9 @@ from bh_helpers.experiments.static_allocation import mix_windows
 from bh_helpers.experiments.sweep import run_sweep
 from bh_helpers.models.texts import check_datasets, data_file_sha256, evaluation_texts
 from bh_helpers.nulls.bank import NullBank
-from bh_helpers.routing.patch import route
+from bh_helpers.routing.patch import route, routed_model
 from bh_helpers.selection.reference import WEIGHT_MODES
-from bh_helpers.selection.selectors import NativeSelector
+from bh_helpers.selection.selectors import NativeSelector, check_null_bank
 from bh_helpers.selection.static import StaticLayerSelector
 
 __all__ = ["check_protocol", "make_evaluate_fn", "perplexity_sweep", "sweep_grid_id", "sweep_results_path"]
@@ -197,8 +197,9 @@ def perplexity_sweep(model, tokenizer, configs, *, null_bank, results_path: str 
     for config in configs:  # per-layer levels of another model would fail at their row, after the header is written
         if config.layer_alphas is not None:
             check_grid_fits(model, max_ks=(), min_ks=(), topk_max=1, layer_alphas=(config.layer_alphas,))
+    target = routed_model(model)  # every check route() makes of a bank, before the header is written
     for bank in ([null_bank] if isinstance(null_bank, NullBank) else list(null_bank.values())):
-        bank.check_compatible(model)
+        check_null_bank(bank, target)
     data = {name: evaluation_texts(name, tokenizer, max_tokens=max_tokens) for name in datasets}
     grid_id = sweep_grid_id(model_id=model_id, null_bank=null_bank, datasets=datasets, max_tokens=max_tokens,
                             window=window, stride=stride, weights=weights, static_path=static_path)

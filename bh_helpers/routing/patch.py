@@ -291,8 +291,14 @@ def _make_forward(
     return forward
 
 
-def _routed_model(model: nn.Module, blocks: list[MoEBlock], allow_other_model: bool) -> RoutedModel:
-    """What :meth:`Selector.check` sees of ``model`` routed at ``blocks``."""
+def routed_model(model: nn.Module, blocks: list[MoEBlock] | None = None, *,
+                 allow_other_model: bool = False) -> RoutedModel:
+    """What :meth:`Selector.check` sees of ``model`` routed at ``blocks`` (default: every MoE block).
+
+    Lets a caller that will route later (a sweep, before it writes its header) run the same checks
+    as :func:`route` up front.
+    """
+    blocks = find_moe_blocks(model) if blocks is None else blocks
     return RoutedModel(
         layers=tuple(b.layer for b in blocks),
         num_experts=blocks[0].num_experts,
@@ -384,7 +390,7 @@ def route(
     blocks = select_layers(find_moe_blocks(model), layers)
     check = getattr(selector, "check", None)
     if callable(check):  # the selector's own checks (its null bank, its levels): see Selector.check
-        check(_routed_model(model, blocks, allow_other_model))
+        check(routed_model(model, blocks, allow_other_model=allow_other_model))
     busy = [b.layer for b in blocks if b.module in _ACTIVE]
     if busy:
         raise RuntimeError(

@@ -152,6 +152,15 @@ def _hist_stats(hist: torch.Tensor, floor: int | None, ceiling: int | None) -> d
     }
 
 
+def non_finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``(T,)`` True where a token's router logits ``(T, E)`` hold a NaN or +inf, or are -inf for every expert.
+
+    The always-on screen of :func:`aggregate`: one reduction, no host synchronisation. Its own
+    function so that ``benchmarks/k_scaling.py`` can time a forward without it.
+    """
+    return ~torch.isfinite(logits.amax(dim=-1))  # (T,) max: NaN/+inf if any, -inf only if all
+
+
 def aggregate(hist: torch.Tensor, experts: torch.Tensor, faults: torch.Tensor, counts: torch.Tensor,
               indices: torch.Tensor, weights: torch.Tensor, valid_long: torch.Tensor,
               valid_col: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -174,7 +183,7 @@ def aggregate(hist: torch.Tensor, experts: torch.Tensor, faults: torch.Tensor, c
     used = indices >= 0  # (T, K)
     bad_id = (indices < -1) | (indices >= num_experts)  # (T, K)
     bad_weight = used & ~((weights >= 0) & (weights < float("inf")))  # (T, K): NaN fails both tests
-    bad_logits = ~torch.isfinite(logits.amax(dim=-1))  # (T,) max: NaN/+inf if any, -inf only if all
+    bad_logits = non_finite_rows(logits)  # (T,)
     broken = (bad_id | bad_weight).any(dim=-1) | (counts != used.sum(dim=-1)) | bad_logits  # (T,)
     faults.add_((broken.long() * valid_long).sum())  # (1,) a device add: no synchronisation
     safe = indices.masked_fill(bad_id, -1)  # (T, K)

@@ -124,9 +124,9 @@ def check_null_bank(null_bank: Any, target: RoutedModel) -> None:
     missing = [layer for layer in target.layers if layer not in set(null_bank)]
     if missing:
         raise ValueError(
-            f"the selector's null bank has no null for MoE layers {missing} (it has layers {list(null_bank)}); "
-            "pass `layers` to route only those it has, or fit a bank on every layer "
-            "(`bh-routing capture` + `bh-routing fit`)."
+            f"the selector's null bank has no null for MoE layers {missing} (it has layers {list(null_bank)}): "
+            "fit a bank on every layer (`bh-routing capture` + `bh-routing fit`) (or route only the layers it has: "
+            f"`layers={','.join(map(str, null_bank))}`)."
         )
 
 
