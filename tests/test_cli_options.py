@@ -325,3 +325,17 @@ def test_a_capture_without_token_ids_names_the_file(tmp_path, env, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err and "KeyError" not in err, err
     assert f"{str(edited)!r} lacks token_ids" in err and "capture again" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,values,repeated", [("--top-ps", "0.8,0.8", "0.8"), ("--max-ks", "8,8", "8"),
+                                                  ("--alphas", "0.5,0.50", "0.5"), ("--datasets", "prose,prose", "prose"),
+                                                  ("--mean-ks", "2 2.0", "2"), ("--methods", "bh,bh", "bh")])
+@pytest.mark.fault("bad arguments", "clear error")
+def test_a_value_given_twice_in_any_list_option_is_refused_naming_it(flag, values, repeated, tmp_path, capsys):
+    """--top-ps 0.8,0.8 was refused as "`configs` has duplicates" while --alphas 0.5,0.5 was merged quietly:
+    every list option now refuses a repeat alike, naming the option, before anything is written."""
+    results = tmp_path / "s.jsonl"
+    assert _run(["sweep", "--results", str(results), flag, values]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"argument {flag}: {repeated} is given twice; give each value once"), err
+    assert not results.exists()

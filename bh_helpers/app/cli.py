@@ -50,18 +50,29 @@ __all__ = ["as_flags", "build_parser", "main"]
 _D = pipeline.DemoSettings()  # defaults shown in --help
 
 
+def _once(values: tuple) -> tuple:
+    """``values`` unless one is given twice: every list option refuses repeats alike (none is merged quietly)."""
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{repeated[0]:g} is given twice; give each value once" if isinstance(
+            repeated[0], float) else f"{repeated[0]} is given twice; give each value once")
+    return values
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.replace(",", " ").split())
+        values = tuple(float(x) for x in text.replace(",", " ").split())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    return _once(values)
 
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in text.replace(",", " ").split())
+        values = tuple(int(x) for x in text.replace(",", " ").split())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    return _once(values)
 
 
 def _layer_alphas_file(path: str) -> tuple[tuple[float, ...], ...]:
@@ -86,7 +97,7 @@ def _layer_alphas_file(path: str) -> tuple[tuple[float, ...], ...]:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(x for x in text.replace(",", " ").split() if x)
+    return _once(tuple(x for x in text.replace(",", " ").split() if x))
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
