@@ -404,6 +404,7 @@ def test_wikitext2_is_the_real_one_and_the_fixture_says_what_it_is(tmp_path, cap
     assert cli.main(["demo", "--out", str(tmp_path / "run"), *TINY, "--datasets", "wikitext2"]) == 2
     err = capsys.readouterr().err
     assert "--datasets wikitext2 is the real WikiText-2 test split" in err and "wikitext2-fixture" in err
+    assert "`path=`" not in err and "embedded_fixture" not in err and "with --datasets from" not in err, err
     assert not (tmp_path / "run").exists()
     from bh_helpers.models.texts import dataset_description, evaluation_texts
 

@@ -134,11 +134,12 @@ def _dataset_documents(name: str) -> tuple[list[str], str]:
         try:
             return load_wikitext2("test"), _DESCRIPTIONS[name]
         except (ImportError, RuntimeError) as err:
-            reason = str(err).splitlines()[0]
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            reason = (lines[1] if len(lines) > 1 else lines[0])[:200]  # the first source's own error
             raise ValueError(
-                f"--datasets wikitext2 is the real WikiText-2 test split, loaded with `datasets` from the Hugging "
-                f"Face hub, which failed here ({reason}); offline, use --datasets wikitext2-fixture (the embedded "
-                "WikiText-style sample, not WikiText-2)."
+                f"--datasets wikitext2 is the real WikiText-2 test split, loaded from the Hugging Face hub by the "
+                f"datasets package, which failed here ({reason}); offline, use --datasets wikitext2-fixture (the "
+                "embedded WikiText-style sample, not WikiText-2)."
             ) from None
     if name == "wikitext2-fixture":
         return list(embedded_fixture("wikitext2")), _DESCRIPTIONS[name]
