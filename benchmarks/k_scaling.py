@@ -113,14 +113,14 @@ def no_logit_screen():
     """The non-finite router-logit screen left out (a constant False): top-8 against it gives its cost."""
     import torch
 
-    import bh_helpers.routing.recorder as recorder
+    import bh_helpers.routing.aggregates as aggregates
 
-    saved, false = recorder.non_finite_rows, torch.zeros((), dtype=torch.bool, device="cuda")
-    recorder.non_finite_rows = lambda logits: false  # the OR it feeds stays: only the screen's kernels go
+    saved, false = aggregates.non_finite_rows, torch.zeros((), dtype=torch.bool, device="cuda")
+    aggregates.non_finite_rows = lambda logits: false  # the OR it feeds stays: only the screen's kernels go
     try:
         yield
     finally:
-        recorder.non_finite_rows = saved
+        aggregates.non_finite_rows = saved
 
 
 @contextlib.contextmanager

@@ -222,7 +222,7 @@ def test_non_finite_hidden_states_are_never_quietly_routed(tiny, device, value):
 def test_the_logit_screen_follows_the_validate_rule():
     """The screen's one reduction refuses NaN or +inf anywhere and a row of -inf, as ``validate=True``
     does, and accepts a single -inf (an expert masked out); padding rows are not counted."""
-    from bh_helpers.routing.recorder import aggregate
+    from bh_helpers.routing.aggregates import aggregate
     from bh_helpers.selection.reference import _check_logits
 
     inf, nan = float("inf"), float("nan")

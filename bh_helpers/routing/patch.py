@@ -64,7 +64,8 @@ from bh_helpers.models.families import (
 from bh_helpers.routing.auto import fast_dispatch_experts, sync_free_dispatch
 from bh_helpers.routing.graphs import BlockGraphs
 from bh_helpers.routing.grouped import clear_graphs
-from bh_helpers.routing.recorder import DEFAULT_MAX_TOKENS, RoutingRecorder, aggregate
+from bh_helpers.routing.aggregates import aggregate
+from bh_helpers.routing.recorder import DEFAULT_MAX_TOKENS, RoutingRecorder
 from bh_helpers.selection.reference import Selection
 from bh_helpers.selection.selectors import RoutedModel, Selector
 
@@ -116,7 +117,7 @@ def _check_selection(selection: Any, rows: int, layer: int) -> None:
     """A selector's answer must be a Selection of ``[T, K]`` integer indices, float weights, ``T`` counts.
 
     Host-side checks of shapes and dtypes only (no synchronisation); the values are screened on
-    the device by :func:`~bh_helpers.routing.recorder.aggregate`.
+    the device by :func:`~bh_helpers.routing.aggregates.aggregate`.
     """
     if not isinstance(selection, Selection):
         raise TypeError(
