@@ -149,9 +149,10 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
 
 #: API names whose flag is not simply ``--name`` or its plural (``alpha`` -> ``--alphas`` is found by itself).
 #: ``max_tokens`` of a capture is ``--calibration-tokens`` (``--max-tokens``, where a command has it, comes first).
-#: A key ``name=value`` is a setting that a switch makes (``split=False`` is ``--no-split``).
+#: A key ``name=value`` is a setting that a switch makes (``split=False`` is ``--no-split``). A tuple
+#: value names the flag by command, the first one the command has (a demo's results file is in its ``--out``).
 _IRREGULAR_FLAGS = {"mean_k": "--mean-ks", "target_mean_k": "--mean-ks", "out_dir": "--out", "out_path": "--out",
-                    "results_path": "--results", "max_tokens": "--calibration-tokens", "text_file": "--text-file",
+                    "results_path": ("--results", "--out"), "max_tokens": "--calibration-tokens", "text_file": "--text-file",
                     "name": "--model", "num_threads": "--threads", "null_bank": "--nulls", "path": "--results",
                     "allow_unverified": "--allow-unverified-bank", "allow_unverified=True": "--allow-unverified-bank",
                     "split=False": "--no-split", "k_matching=False": "--no-k-matching",
@@ -162,7 +163,8 @@ _IRREGULAR_FLAGS = {"mean_k": "--mean-ks", "target_mean_k": "--mean-ks", "out_di
 def _flag(name: str, options: set[str]) -> str | None:
     """The option among ``options`` that sets the API parameter (or ``name=value`` setting) ``name``, if any."""
     dashed = "--" + name.replace("_", "-")
-    for candidate in (dashed, dashed + "s", _IRREGULAR_FLAGS.get(name)):
+    irregular = _IRREGULAR_FLAGS.get(name, ())  # a flag, or flags by command (the first the command has)
+    for candidate in (dashed, dashed + "s", *((irregular,) if isinstance(irregular, str) else irregular)):
         if candidate in options:
             return candidate
     return None

@@ -319,6 +319,10 @@ def test_library_names_become_the_flags_typed():
     assert cli.as_flags("`statistic` and `kernel` and `bandwidth`", fit) == "--statistic and --kernel and `bandwidth`"
     assert cli.as_flags("layer 0: `kernel` must be one of", fit) == "--kernel must be one of"
     assert cli.as_flags("layer 0: `bandwidth` is too small", fit) == "layer 0: `bandwidth` is too small"
+    sweep = cli._options_of(cli.build_parser(), "sweep")  # a demo's results file lives in its --out
+    other_grid = "'x/sweep.jsonl' holds results of a different grid; pass another `results_path`"
+    assert cli.as_flags(other_grid, sweep).endswith("pass another --results")
+    assert cli.as_flags(other_grid, demo).endswith("pass another --out")
 
 
 def test_version(capsys):
