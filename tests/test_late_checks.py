@@ -471,3 +471,20 @@ def test_a_bank_without_a_layer_is_refused_before_the_sweep_writes(files, tmp_pa
     assert "no null for MoE layers [3]" in err and "`layers" not in err and "bh-routing fit" in err, err
     assert not results.exists()
     assert _run([*argv, "--nulls", str(files["bank"])]) == 0  # the corrected command runs
+
+
+@pytest.mark.parametrize("method,value", [("bh", -1.0), ("bh", 99.0), ("topk", 0.5), ("native", 0.0)])
+@pytest.mark.fault("damaged files", "clear error")
+def test_a_results_row_with_a_mean_k_its_configuration_cannot_give_is_set_aside(method, value, files, tmp_path,
+                                                                                 capsys):
+    """A row edited to mean k -1 or 0 was ranked first by optimize (the cheapest), and 99 changed a weighted pick;
+    report showed them without a word. Such a row is now set aside with the warning that counts them."""
+    lines = files["results"].read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines[1:]]
+    edited = next(r for r in rows if r["config"]["method"] == method)
+    edited["metrics"]["mean_experts_per_token"] = value
+    path = tmp_path / "edited.jsonl"
+    path.write_text("\n".join([lines[0], *(json.dumps(r) for r in rows)]) + "\n", encoding="utf-8")
+    assert _run(["optimize", "--results", str(path), "--budget", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 with a mean k its configuration cannot give" in err and f"| {value:.3f} |" not in out, (out, err)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from bh_helpers.experiments.configs import SweepConfig, _canonical_json, _short_hash
+from bh_helpers.experiments.configs import FDR_METHODS, SweepConfig, _canonical_json, _short_hash
 
 __all__ = ["ResultsFile", "decode_metrics", "encode_metrics", "finite_rows", "load_results", "read_results_file"]
 
@@ -146,6 +146,8 @@ def read_results_file(path: str | os.PathLike) -> ResultsFile:
             why = "of a configuration the header does not list"
         elif not _possible_perplexity(metrics := decode_metrics(record.get("metrics", {}))):
             why = "with a missing, non-numeric or impossible perplexity (below 1)"
+        elif not _possible_mean_k(metrics, record.get("config")):
+            why = "with a mean k its configuration cannot give (negative, or outside its k, min_k..max_k)"
         else:
             out.rows.append({**record, "metrics": metrics})
             continue
@@ -162,6 +164,33 @@ def _possible_perplexity(metrics: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return not math.isfinite(value) or value >= 1.0 - 1e-9  # a perfect fit's exp(-0.0) may round just below 1
+
+
+def _possible_mean_k(metrics: Any, config: Any) -> bool:
+    """No mean k, an overflow (inf/nan: :func:`finite_rows` leaves it out), or a number the row's own
+    configuration can realise: >= 0; exactly ``k`` (or the mean of ``ks``) for static top-k; >= 1 for
+    native; within ``[min_k, max_k]`` for a BH-family or top-p row (controls are drawn from their row's
+    counts, so only >= 0 holds for them)."""
+    if not isinstance(metrics, Mapping) or "mean_experts_per_token" not in metrics:
+        return True
+    value = metrics["mean_experts_per_token"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if not math.isfinite(value):
+        return True
+    config = config if isinstance(config, Mapping) else {}
+    low, high = 0.0, math.inf
+    ks = config.get("ks")
+    if config.get("method") == "topk" and isinstance(config.get("k"), int):
+        low = high = config["k"]
+    elif config.get("method") == "static" and isinstance(ks, list) and ks and all(isinstance(k, int) for k in ks):
+        low = high = sum(ks) / len(ks)
+    elif config.get("method") == "native":
+        low = 1.0  # every MoE model routes at least one expert per token
+    elif config.get("method") in FDR_METHODS + ("top_p",):
+        low = config.get("min_k") if isinstance(config.get("min_k"), int) else 0
+        high = config.get("max_k") if isinstance(config.get("max_k"), int) else math.inf
+    return low - 1e-6 <= value <= high + 1e-6
 
 
 def _read_lines(path: Path) -> tuple[dict | None, list[Any], int]:
