@@ -488,3 +488,22 @@ def test_a_results_row_with_a_mean_k_its_configuration_cannot_give_is_set_aside(
     assert _run(["optimize", "--results", str(path), "--budget", "8"]) == 0
     out, err = capsys.readouterr()
     assert "1 with a mean k its configuration cannot give" in err and f"| {value:.3f} |" not in out, (out, err)
+
+
+@pytest.mark.fault("command line", "clear error")
+def test_save_config_writes_the_weights_the_sweep_measured(files, tmp_path, capsys):
+    """A sweep run with --weights renorm, then optimize --save-config, wrote "weights": "softmax" (the help said
+    the default was the sweep's). The default is now the sweep's own, and another weighting is refused."""
+    from bh_helpers.engines.config import RoutingConfig
+
+    results = tmp_path / "renorm.jsonl"
+    assert _run(["sweep", "--results", str(results), "--nulls", str(files["bank"]), "--methods", "bh", "--alphas",
+                 "0.5", "--mean-ks", "", "--topk-max", "1", "--top-ps", "", "--datasets", "prose", "--max-tokens",
+                 "64", "--window", "64", "--stride", "64", "--no-progress", "--no-controls", "--weights", "renorm"]) == 0
+    argv = ["optimize", "--results", str(results), "--budget", "3", "--nulls", str(files["bank"])]
+    assert _run([*argv, "--save-config", str(tmp_path / "a.json"), "--weights", "softmax"]) == 2
+    err = _one_line(capsys)
+    assert "--weights 'softmax' is not the weighting the sweep measured ('renorm')" in err, err
+    assert not (tmp_path / "a.json").exists()
+    assert _run([*argv, "--save-config", str(tmp_path / "b.json")]) == 0
+    assert RoutingConfig.load(tmp_path / "b.json").weights == "renorm"

@@ -203,8 +203,8 @@ def _add_optimize(sub) -> None:
     opt.add_argument("--nulls", default=None,
                      help="the null bank folder (or the demo's nulls/ folder of banks) the sweep routed with, "
                           "named in the saved config")
-    opt.add_argument("--weights", choices=WEIGHT_MODES, default="softmax",
-                     help="weights of the chosen experts in the saved config (default: softmax, the sweep's)")
+    opt.add_argument("--weights", choices=WEIGHT_MODES, default=None,
+                     help="weights of the chosen experts in the saved config (default: the sweep's; another is refused)")
     _add_unverified(opt)
 
 

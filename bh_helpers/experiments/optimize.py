@@ -143,7 +143,7 @@ def _check_bank_is_the_sweeps(results, config, bank, folder) -> None:
                          "pass the bank folder the sweep ran with (the demo's nulls/ folder, or the sweep's --nulls).")
 
 
-def save_routing_config(results, key: str | None, path, *, nulls=None, weights: str = "softmax",
+def save_routing_config(results, key: str | None, path, *, nulls=None, weights: str | None = None,
                         allow_unverified: bool = False):
     """Write the configuration ``key`` of ``results`` as a routing config file (JSON).
 
@@ -152,6 +152,8 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
     bank folder, or a folder of banks (the demo's ``nulls/``) holding the configuration's bank.
     ``allow_unverified`` loads a bank without (or failing) its metadata checksum, with a warning,
     and writes ``"allow_unverified_bank": true`` into the config so that engines load it too.
+    ``weights`` (None: the sweep's, from the results header) must be the sweep's: other weights
+    would route something that was not measured.
 
     Returns
     -------
@@ -173,6 +175,12 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
         raise ValueError("no configuration was picked (`key` is empty: nothing fits the budget); nothing to save.")
     refuse_existing(path, "`path`")  # before the work; again under the lock
     config = config_of(results, key)
+    measured = (results.attrs.get("header", {}).get("protocol") or {}).get("weights", "softmax")  # older: softmax
+    if weights is None:
+        weights = measured
+    elif weights != measured:
+        raise ValueError(f"`weights` {weights!r} is not the weighting the sweep measured ({measured!r}): the config "
+                         f"would route something that was not measured; leave it out (the sweep's) or pass {measured!r}.")
     bank = None
     if config.method in FDR_METHODS or weights == "inverse_p":
         if nulls is None:
