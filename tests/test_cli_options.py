@@ -339,3 +339,19 @@ def test_a_value_given_twice_in_any_list_option_is_refused_naming_it(flag, value
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith(f"argument {flag}: {repeated} is given twice; give each value once"), err
     assert not results.exists()
+
+
+@pytest.mark.parametrize("argv,flag", [(["demo", "--out", ""], "--out"), (["report", "--results", "r.jsonl", "--out", ""],
+                                                                           "--out"),
+                                       (["fit", "--captured", "c.safetensors", "--out", ""], "--out"),
+                                       (["fit", "--captured", "c.safetensors", "--out", "b", "--model-id", ""],
+                                        "--model-id")])
+@pytest.mark.fault("bad arguments", "clear error")
+def test_an_empty_path_or_name_is_refused(argv, flag, tmp_path, monkeypatch, capsys):
+    """`demo --out ''` and `fit --out ''` wrote into the current folder (report replaced a report.md there);
+    `fit --model-id ''` stored an empty id. Refused by name before anything is read or written."""
+    monkeypatch.chdir(tmp_path)
+    assert _run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"{flag} is empty; pass a name (for a path, '.' is the current folder)"), err
+    assert list(tmp_path.iterdir()) == []

@@ -507,3 +507,15 @@ def test_save_config_writes_the_weights_the_sweep_measured(files, tmp_path, caps
     assert not (tmp_path / "a.json").exists()
     assert _run([*argv, "--save-config", str(tmp_path / "b.json")]) == 0
     assert RoutingConfig.load(tmp_path / "b.json").weights == "renorm"
+
+
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_report_refuses_a_bank_that_is_not_the_sweeps(files, tmp_path, capsys):
+    """report --nulls with a bank the sweep never used (another statistic) wrote its tables with it, without
+    a word (optimize --save-config already refused it). Refused before anything is written; the sweep's runs."""
+    argv = ["report", "--results", str(files["results"]), "--no-categories", "--no-progress"]
+    assert _run([*argv, "--out", str(tmp_path / "a"), "--nulls", str(files["zscore"])]) == 2
+    err = _one_line(capsys)
+    assert "--nulls" in err and "is not the bank the sweep of these results used" in err, err
+    assert not (tmp_path / "a").exists()
+    assert _run([*argv, "--out", str(tmp_path / "b"), "--nulls", str(files["bank"])]) == 0

@@ -460,7 +460,10 @@ def _cmd_report(args) -> int:
     results = load_results(args.results)
     model = tok = bank = None
     if args.nulls:
+        from bh_helpers.experiments.optimize import check_banks_are_the_sweeps
+
         bank = pipeline.load_banks(args.nulls, args.allow_unverified_bank)
+        check_banks_are_the_sweeps(results, bank, args.nulls)  # before the report is written
         model, tok = _load(args)
     if args.captured and not args.nulls:
         raise ValueError("--captured (for the max_k saturation table) needs --nulls, the bank to test with.")
@@ -508,6 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bh-routing`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    empty = [dest for dest, value in vars(args).items() if value == ""]  # lists parse to tuples: '' is a path or name
+    if empty:  # `--out ''` wrote into the current folder, `--model-id ''` stored no id
+        parser.error(f"--{empty[0].replace('_', '-')} is empty; pass a name (for a path, '.' is the current folder)")
     threads, cores = getattr(args, "threads", 0), os.cpu_count() or 1
     if not 0 <= threads <= cores:  # more threads than cores only slows torch down (and far more crashes it)
         parser.error(f"--threads must be between 0 (torch's default) and {cores} (this machine's cores), got {threads}")

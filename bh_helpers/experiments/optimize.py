@@ -118,6 +118,27 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
     return pd.DataFrame.from_records(records, columns=OPTIMIZE_COLUMNS)
 
 
+def check_banks_are_the_sweeps(results, banks, folder) -> None:
+    """``banks`` (a bank, or a mapping of named banks, loaded from ``folder``) are the ones the sweep of
+    ``results`` recorded in its grid id; files without a grid id (older sweeps) are not checked.
+
+    A report's tables routed with another bank would describe a run that was not measured.
+    """
+    import json
+
+    from bh_helpers.experiments.evaluate import bank_identity
+
+    grid_id = results.attrs.get("header", {}).get("grid_id")
+    recorded = json.loads(grid_id).get("nulls") if isinstance(grid_id, str) else None
+    found = bank_identity(banks)
+    if isinstance(recorded, list) and len(recorded) == 1 and isinstance(found, dict):
+        recorded = recorded[0][1]  # a folder of one bank loads as that bank
+    if recorded is not None and found != recorded:
+        raise ValueError(f"`nulls` {str(folder)!r} is not the bank the sweep of these results used (another "
+                         "statistic, trim, kernel or fit); pass the bank folder the sweep ran with (the demo's "
+                         "nulls/ folder, or the sweep's --nulls).")
+
+
 def _check_bank_is_the_sweeps(results, config, bank, folder) -> None:
     """``bank`` (loaded from ``folder``) is the one the sweep recorded for ``config`` (results header's grid id).
 
