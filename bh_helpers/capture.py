@@ -55,6 +55,23 @@ CAPTURE_FORMAT = "bh_helpers.CapturedLogits"
 MIN_CALIBRATION_TOKENS = 2
 #: Tensors besides ``layer.<i>`` that every capture file holds.
 _ROW_TENSORS = ("token_ids", "positions", "sequence_index")
+#: Header field holding the SHA-256 of every tensor and every other header field (an edited layer, a
+#: swapped pair of layers, a deleted fingerprint would otherwise load and calibrate quietly).
+CAPTURE_DIGEST = "capture_sha256"
+
+
+def _capture_digest(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str]) -> str:
+    """SHA-256 over the tensors (name, dtype, shape, bytes) and the header fields but the digest itself."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    for key in sorted(k for k in header if k != CAPTURE_DIGEST):
+        digest.update(f"{key}={header[key]}\n".encode())
+    return digest.hexdigest()
 
 
 def header_value(value: Any) -> str:
@@ -209,6 +226,7 @@ class CapturedLogits(Mapping):
         tensors["sequence_index"] = self.sequence_index.long().contiguous()
         header = {"format": CAPTURE_FORMAT, "total_tokens": str(int(self.total_tokens))}
         header.update({k: header_value(v) for k, v in (metadata or {}).items()})
+        header[CAPTURE_DIGEST] = _capture_digest(tensors, header)
         tmp = path.with_name(path.name + ".tmp")
         try:  # written by Python, not safetensors' save_file: a full disk is an OSError (ENOSPC), not a SafetensorError
             with open(tmp, "wb") as fh:
@@ -290,6 +308,11 @@ class CapturedLogits(Mapping):
             raise ValueError(f"{str(path)!r} holds tokens with NaN/inf router logits ({found}): the model's router "
                              "overflowed on them or the file was edited; capture again (the demo captures again once "
                              "the file is removed), in float32 if the model ran in float16.")
+        if header.get(CAPTURE_DIGEST) != _capture_digest(tensors, header):  # after the checks that name the damage
+            problem = "has no checksum (written by an older bh_helpers, or the field was deleted)" \
+                if CAPTURE_DIGEST not in header else "does not match its checksum (a layer, token or header field " \
+                "was edited, swapped or removed after `bh-routing capture`)"
+            raise ValueError(f"{str(path)!r} {problem}; calibrating on it could be quietly wrong: capture again.")
         experts = next(iter(shapes))[1]
         if num_experts is not None and experts != num_experts:
             raise ValueError(f"{str(path)!r} holds router logits of {experts} experts per layer, but {of} has "

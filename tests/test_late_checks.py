@@ -167,6 +167,12 @@ def files(tmp_path_factory, embedded_outputs):
     for name, edit in edits.items():
         out[name] = root / f"{name}.safetensors"
         save_file({k: edit(k, v).contiguous() for k, v in tensors.items()}, str(out[name]), metadata=header)
+    from bh_helpers.capture import CAPTURE_DIGEST, CapturedLogits
+
+    captured, _ = CapturedLogits.load(cap)  # a capture of a 32-expert model: saved as capture writes one
+    kept = {k: v for k, v in header.items() if k not in ("format", "total_tokens", CAPTURE_DIGEST)}
+    CapturedLogits({layer: x[:, :32] for layer, x in captured.logits.items()}, captured.token_ids, captured.positions,
+                   captured.sequence_index, captured.total_tokens).save(out["e32"], metadata=kept)
     out["bank32"] = root / "bank32"
     assert cli.main(["fit", "--captured", str(out["e32"]), "--out", str(out["bank32"]), "--grid-size", "256"]) == 0
     lines = results.read_text(encoding="utf-8").splitlines()
@@ -519,3 +525,34 @@ def test_report_refuses_a_bank_that_is_not_the_sweeps(files, tmp_path, capsys):
     assert "--nulls" in err and "is not the bank the sweep of these results used" in err, err
     assert not (tmp_path / "a").exists()
     assert _run([*argv, "--out", str(tmp_path / "b"), "--nulls", str(files["bank"])]) == 0
+
+
+@pytest.mark.parametrize("edit", ["swap layers", "one huge logit", "drop fingerprint", "drop checksum"])
+@pytest.mark.fault("damaged files", "clear error")
+def test_an_edited_capture_is_refused_by_its_checksum(edit, files, tmp_path, capsys):
+    """Layers 0 and 5 swapped in a capture, one logit edited to 3e38, or the router fingerprint deleted from its
+    header were fitted and swept without a word (mean k 3.01 for 2.53; a bandwidth of 2e35; a bank that routes
+    any model). A capture's checksum covers every tensor and header field; fit refuses before writing."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from bh_helpers.capture import CAPTURE_DIGEST
+
+    with safe_open(str(files["cap"]), framework="pt") as f:
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    if edit == "swap layers":
+        tensors["layer.0"], tensors["layer.5"] = tensors["layer.5"], tensors["layer.0"]
+    elif edit == "one huge logit":
+        tensors["layer.1"] = tensors["layer.1"].clone()
+        tensors["layer.1"][3, 7] = 3e38
+    elif edit == "drop fingerprint":
+        header.pop("router_fingerprint")
+    else:
+        header.pop(CAPTURE_DIGEST)
+    edited = tmp_path / "edited.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(edited), metadata=header)
+    assert _run(["fit", "--captured", str(edited), "--out", str(tmp_path / "bank"), "--grid-size", "256"]) == 2
+    err = _one_line(capsys)
+    expected = "has no checksum" if edit == "drop checksum" else "does not match its checksum"
+    assert expected in err and "capture again" in err and "edited.safetensors" in err, err
+    assert not (tmp_path / "bank").exists()
