@@ -79,6 +79,24 @@ def header_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def check_capture_model(header: Mapping[str, str], model: nn.Module, path: str | os.PathLike) -> None:
+    """Raise ValueError when a capture's router fingerprint (``header``, from :meth:`CapturedLogits.load`)
+    is not ``model``'s: alphas solved on another model's logits miss their compute target quietly.
+
+    A capture without a fingerprint (written through the API without one) is not checked.
+    """
+    from bh_helpers.models.families import fingerprints_differ
+
+    try:
+        fitted = {int(k): v for k, v in json.loads(header.get("router_fingerprint") or "{}").items()}
+    except (ValueError, TypeError, AttributeError):
+        fitted = {}
+    differ = fingerprints_differ(fitted, router_fingerprint(model, layers=list(fitted))) if fitted else []
+    if differ:
+        raise ValueError(f"{str(path)!r} holds router logits of another model (its router weights differ at layers "
+                         f"{differ}): capture the calibration logits with this model (`bh-routing capture`).")
+
+
 # ----------------------------------------------------------------------------------------------
 # What went into the model: shared with bh_helpers.routing.patch
 # ----------------------------------------------------------------------------------------------

@@ -329,7 +329,7 @@ def test_a_capture_without_token_ids_names_the_file(tmp_path, env, capsys):
 
 @pytest.mark.parametrize("flag,values,repeated", [("--top-ps", "0.8,0.8", "0.8"), ("--max-ks", "8,8", "8"),
                                                   ("--alphas", "0.5,0.50", "0.5"), ("--datasets", "prose,prose", "prose"),
-                                                  ("--mean-ks", "2 2.0", "2"), ("--methods", "bh,bh", "bh")])
+                                                  ("--mean-ks", "2 2.0", "2.0"), ("--methods", "bh,bh", "bh")])
 @pytest.mark.fault("bad arguments", "clear error")
 def test_a_value_given_twice_in_any_list_option_is_refused_naming_it(flag, values, repeated, tmp_path, capsys):
     """--top-ps 0.8,0.8 was refused as "`configs` has duplicates" while --alphas 0.5,0.5 was merged quietly:
@@ -355,3 +355,23 @@ def test_an_empty_path_or_name_is_refused(argv, flag, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith(f"{flag} is empty; pass a name (for a path, '.' is the current folder)"), err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.fault("command line", "clear error")
+def test_ctrl_c_while_the_cli_is_still_importing_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in the first seconds of any command (torch and transformers importing) printed a
+    KeyboardInterrupt traceback; the console script now answers it like an interrupt mid-command."""
+    import sys
+
+    from bh_helpers.app import console
+
+    class Interrupted:  # the import of the CLI module is where the user's Ctrl-C lands
+        def find_spec(self, name, path=None, target=None):
+            if name == "bh_helpers.app.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "bh_helpers.app.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    assert console.main() == 130
+    assert capsys.readouterr().err == "bh-routing: interrupted; rerun the same command to resume.\n"

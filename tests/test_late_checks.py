@@ -556,3 +556,26 @@ def test_an_edited_capture_is_refused_by_its_checksum(edit, files, tmp_path, cap
     expected = "has no checksum" if edit == "drop checksum" else "does not match its checksum"
     assert expected in err and "capture again" in err and "edited.safetensors" in err, err
     assert not (tmp_path / "bank").exists()
+
+
+@pytest.mark.parametrize("command", ["sweep", "report"])
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_a_capture_of_another_model_is_refused_before_writing(command, files, tmp_path, capsys):
+    """`sweep --captured` of a model with other router weights solved alpha on them: mean k 1.0 for a target
+    of 2.0, without a word. The capture's router fingerprint is compared with --model's before writing."""
+    from bh_helpers.capture import CAPTURE_DIGEST, CapturedLogits
+
+    captured, header = CapturedLogits.load(files["cap"])
+    other = {k: [2 * x + 1 for x in v] for k, v in json.loads(header["router_fingerprint"]).items()}
+    kept = {k: v for k, v in header.items() if k not in ("format", "total_tokens", CAPTURE_DIGEST)}
+    captured.save(tmp_path / "other.safetensors", metadata={**kept, "router_fingerprint": other})
+    out = tmp_path / ("s.jsonl" if command == "sweep" else "rep")
+    argv = (["sweep", "--results", str(out), "--methods", "bh", "--mean-ks", "2", "--topk-max", "1", "--top-ps", "",
+             "--datasets", "prose", "--max-tokens", "64", "--window", "64", "--stride", "64", "--no-controls"]
+            if command == "sweep" else ["report", "--results", str(files["results"]), "--out", str(out),
+                                        "--no-categories"])
+    assert _run([*argv, "--nulls", str(files["bank"]), "--captured", str(tmp_path / "other.safetensors"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "other.safetensors' holds router logits of another model" in err and "bh-routing capture" in err, err
+    assert not out.exists()

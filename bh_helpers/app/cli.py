@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from bh_helpers._locks import check_kind, refuse_existing
 from bh_helpers._validate import as_flags
 from bh_helpers.app import paths, pipeline
-from bh_helpers.capture import CapturedLogits, capture_calibration, check_capture
+from bh_helpers.capture import CapturedLogits, capture_calibration, check_capture, check_capture_model
 from bh_helpers.experiments.configs import bank_name
 from bh_helpers.experiments.grids import LAYER_TARGETS, check_grid, check_grid_fits, sweep_grid
 from bh_helpers.experiments.evaluate import check_protocol, perplexity_sweep
@@ -54,8 +54,7 @@ def _once(values: tuple) -> tuple:
     """``values`` unless one is given twice: every list option refuses repeats alike (none is merged quietly)."""
     repeated = [v for i, v in enumerate(values) if v in values[:i]]
     if repeated:
-        raise argparse.ArgumentTypeError(f"{repeated[0]:g} is given twice; give each value once" if isinstance(
-            repeated[0], float) else f"{repeated[0]} is given twice; give each value once")
+        raise argparse.ArgumentTypeError(f"{repeated[0]} is given twice; give each value once")
     return values
 
 
@@ -356,11 +355,9 @@ def _load(args):
 
 
 def _calibration(path: str | None, config, model: str):
-    """``--captured``: the calibration logits, refused (naming the file) when --model has other experts."""
-    if path is None:
-        return None
+    """``--captured``: ``(calibration logits, header)``, refused (naming the file) when --model has other experts."""
     experts = moe_shape(config).num_experts if config is not None else None
-    return CapturedLogits.load(path, num_experts=experts, of=f"--model {model!r}")[0]
+    return CapturedLogits.load(path, num_experts=experts, of=f"--model {model!r}")
 
 
 def _cmd_demo(args) -> int:
@@ -441,12 +438,14 @@ def _cmd_sweep(args) -> int:
     if config is not None:  # before its p-values meet the calibration logits
         bank.check_compatible(config, what=f"--model {args.model!r}")
     meta = bank.metadata
-    calibration = _calibration(args.captured, config, args.model)
+    calibration, header = _calibration(args.captured, config, args.model) if args.captured else (None, None)
     configs = sweep_grid(banks={bank_name(meta.kernel, meta.statistic, meta.trim): bank}, calibration=calibration,
                          controls=not args.no_controls, **grid)
     source = "--nulls" if args.nulls else f"the committed bank of --model {args.model} (pass --nulls to choose)"
     print(f"null bank: {nulls} ({source}; {meta.kernel} kernel, {meta.statistic} statistic, {len(list(bank))} layers)")
     model, tok = _load(args)
+    if header is not None:  # before anything is written
+        check_capture_model(header, model, args.captured)
     df = perplexity_sweep(model, tok, configs, null_bank=bank, results_path=args.results, model_id=args.model,
                           **{**protocol, "batch_size": pipeline.room_for(model, args.window, args.batch_size)},
                           progress=not args.no_progress)
@@ -467,7 +466,10 @@ def _cmd_report(args) -> int:
         model, tok = _load(args)
     if args.captured and not args.nulls:
         raise ValueError("--captured (for the max_k saturation table) needs --nulls, the bank to test with.")
-    calibration = _calibration(args.captured, _model_config(args.model) if args.captured else None, args.model)
+    calibration, header = _calibration(args.captured, _model_config(args.model), args.model) if args.captured \
+        else (None, None)
+    if header is not None and model is not None:
+        check_capture_model(header, model, args.captured)
     path = report_step(args.out, results=results, model=model, tokenizer=tok, null_bank=bank,
                        calibration=calibration, model_id=args.model, categories=not args.no_categories,
                        progress=not args.no_progress)
