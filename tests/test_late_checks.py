@@ -471,3 +471,81 @@ def test_a_bank_without_a_layer_is_refused_before_the_sweep_writes(files, tmp_pa
     assert "no null for MoE layers [3]" in err and "`layers" not in err and "bh-routing fit" in err, err
     assert not results.exists()
     assert _run([*argv, "--nulls", str(files["bank"])]) == 0  # the corrected command runs
+
+
+_TINY_BANK = Path(__file__).parents[1] / "bh_helpers" / "data" / "kde_models" / "tiny-olmoe"
+
+
+@pytest.mark.fault("bad arguments", "clear error")
+@pytest.mark.parametrize("fields, named", [
+    ({"selector": "topk", "k": 4, "max_k": 2}, "`max_k`=2 contradicts `k`=4"),  # routed 4 experts
+    ({"selector": "topk", "k": 4, "min_k": 6}, "`min_k`=6 contradicts `k`=4"),
+    ({"selector": "topk", "k": 4, "alpha": 0.5}, "`alpha` is only used by the testing selectors"),
+    ({"selector": "top_p", "p": 0.9, "alpha": [0.5] * 6}, "`alpha` is only used by the testing selectors"),
+    ({"selector": "static", "ks": [3, 2, 2, 2, 2, 1], "max_k": 8}, "`max_k`=8 contradicts `ks`"),
+    ({"selector": "static", "ks": [3, 2, 2, 2, 2, 1], "min_k": 2}, "`min_k`=2 contradicts `ks`"),
+    ({"selector": "topk", "k": 4, "weights": "softmax", "bank": str(_TINY_BANK)}, "remove `bank`"),
+    ({"selector": "top_p", "p": 0.9, "allow_other_model": True}, "remove `allow_other_model`"),
+    ({"selector": "static", "ks": [2] * 6, "allow_unverified_bank": True}, "remove `allow_unverified_bank`"),
+])
+def test_routing_config_refuses_a_field_its_selector_ignores_or_contradicts(tmp_path, fields, named):
+    """A routing config whose field is not read by its selector, or contradicts it, was accepted:
+    {"selector": "topk", "k": 4, "max_k": 2} quietly routed 4 experts, an `alpha` of a top-k rule or
+    a `bank` of a softmax-weighted one was ignored. Refused when the file is read, naming the field."""
+    from bh_helpers.engines.config import RoutingConfig
+
+    path = tmp_path / "routing.json"
+    path.write_text(json.dumps({"format": "bh_helpers.RoutingConfig", "version": 1, **fields}), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(named)) as err:
+        RoutingConfig.load(path)
+    assert "remove" in str(err.value) and str(path) in str(err.value), err.value
+
+
+def test_routing_config_round_trips_the_bounds_it_writes(tmp_path):
+    """The consistency checks accept what to_json writes (a top-k file has min_k = max_k = k)."""
+    from bh_helpers.engines.config import RoutingConfig
+
+    for config in (RoutingConfig(selector="topk", k=4), RoutingConfig(selector="static", ks=[3, 2, 2, 2, 2, 1]),
+                   RoutingConfig(selector="top_p", p=0.9, min_k=2, max_k=4),
+                   RoutingConfig(selector="bh", alpha=[0.5] * 6, bank=str(_TINY_BANK))):
+        assert RoutingConfig.from_json(config.to_json()) == config
+    assert RoutingConfig(selector="topk", k=4, min_k=4, max_k=4).max_k == 4
+    assert (RoutingConfig(selector="static", ks=[3, 2, 1]).min_k, RoutingConfig(selector="static", ks=[3, 2, 1]).max_k) \
+        == (1, 3)
+
+
+@pytest.mark.fault("bad arguments", "clear error")
+@pytest.mark.parametrize("fields, name, named", [
+    ({"selector": "bh", "bank": str(_TINY_BANK)}, "alpha", "`alpha` has a level for layers [6]"),
+    ({"selector": "static"}, "ks", "`ks` has a k for layers [6]"),
+])
+def test_a_per_layer_routing_config_of_another_model_is_refused_when_routed(tiny_model_and_tokenizer, tmp_path,
+                                                                            fields, name, named):
+    """An `alpha` list or `ks` of 7 entries on the 6-layer tiny model routed without a word (the 7th
+    ignored; the CLI refuses 7 --layer-alphas). Refused by route() before anything is installed;
+    the same config with 6 entries routes."""
+    from bh_helpers.engines.config import RoutingConfig
+    from bh_helpers.routing.patch import route
+
+    model, _ = tiny_model_and_tokenizer
+    path = tmp_path / "routing.json"
+    path.write_text(json.dumps({**fields, name: [0.5 if name == "alpha" else 2] * 7}), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(named)) as err:
+        with route(model, RoutingConfig.load(path).to_selector()):
+            pass
+    assert "0..5" in str(err.value), err.value
+    with route(model, RoutingConfig(**fields, **{name: [0.5 if name == "alpha" else 2] * 6}).to_selector()):
+        pass
+
+
+@pytest.mark.fault("controls: realised compute", "clear error")
+def test_mixed_control_with_a_mean_k_for_a_layer_the_model_lacks_is_refused(tiny_model_and_tokenizer):
+    """The mixed top-k control's per-layer mean k, like `alpha` and `ks`: an entry for a layer the
+    routed model lacks is another model's setting (it was ignored)."""
+    from bh_helpers.routing.patch import route
+    from bh_helpers.selection.controls import MixedTopKSelector
+
+    model, _ = tiny_model_and_tokenizer
+    with pytest.raises(ValueError, match=re.escape("`mean_k` has a mean k for layers [6]")):
+        with route(model, MixedTopKSelector({layer: 2.0 for layer in range(7)})):
+            pass
