@@ -549,3 +549,60 @@ def test_mixed_control_with_a_mean_k_for_a_layer_the_model_lacks_is_refused(tiny
     with pytest.raises(ValueError, match=re.escape("`mean_k` has a mean k for layers [6]")):
         with route(model, MixedTopKSelector({layer: 2.0 for layer in range(7)})):
             pass
+
+
+def _report(results: Path, out: Path) -> list[str]:
+    return ["report", "--results", str(results), "--out", str(out), "--no-categories", "--no-progress"]
+
+
+@pytest.mark.fault("command line", "clear error")
+@pytest.mark.parametrize("name, text", [("summary.json", '{"mine": 1}\n'), ("report.md", "MY NOTES\n")])
+def test_report_never_replaces_a_file_it_did_not_write(embedded_outputs, tmp_path, capsys, name, text):
+    """`report --out FOLDER` replaced the user's own summary.json (or report.md) there without a word
+    (the help says only the report's files are replaced). Refused before anything is written,
+    naming --out and the fix; the user's file is unchanged."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text(text, encoding="utf-8")
+    assert _run(_report(embedded_outputs["results"], out)) == 2
+    err = _one_line(capsys)
+    assert "--out" in err and name in err and "did not write" in err and "move it aside" in err, err
+    assert (out / name).read_text(encoding="utf-8") == text and _files(out) == [name], _files(out)
+
+
+@pytest.mark.fault("command line", "clear error")
+def test_report_never_replaces_a_png_it_did_not_write(embedded_outputs, tmp_path, capsys):
+    """The same for a figure: a PNG of the user's under a figure's file name is kept, and the report
+    refuses before writing report.md or summary.json. Its own PNGs, also those saved before they
+    carried the report's mark (linked from its report.md), are replaced on a rerun."""
+    import matplotlib.pyplot as plt
+
+    ours = tmp_path / "ours"
+    assert _run(_report(embedded_outputs["results"], ours)) == 0
+    pngs = sorted(p.name for p in ours.glob("*.png"))
+    assert pngs and all(b"bh-routing report" in (ours / p).read_bytes()[:65536] for p in pngs), pngs
+    fig = plt.figure()
+    for folder in (ours, tmp_path / "mine"):  # a report's folder of an older bh-routing (unmarked PNG), a user's
+        folder.mkdir(exist_ok=True)
+        fig.savefig(folder / pngs[0])
+    plt.close(fig)
+    user_png = (tmp_path / "mine" / pngs[0]).read_bytes()
+    assert _run(_report(embedded_outputs["results"], tmp_path / "mine")) == 2
+    err = _one_line(capsys)
+    assert "--out" in err and pngs[0] in err, err
+    kept = [n for n in _files(tmp_path / "mine") if not n.startswith(".lock")]  # the folder's lock stays
+    assert (tmp_path / "mine" / pngs[0]).read_bytes() == user_png and kept == [pngs[0]], kept
+    assert _run(_report(embedded_outputs["results"], ours)) == 0  # its own files: replaced
+    assert b"bh-routing report" in (ours / pngs[0]).read_bytes()[:65536]
+
+
+@pytest.mark.fault("damaged files", "clear error")
+def test_write_summary_never_replaces_a_summary_it_did_not_write(embedded_outputs, tmp_path):
+    """The API form: write_summary into a folder holding the user's summary.json."""
+    from bh_helpers.experiments.sweep import load_results
+    from bh_helpers.report.assemble import write_summary
+
+    (tmp_path / "summary.json").write_text('{"mine": 1}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"`out_dir` .* holds summary\.json, which a bh-routing report did not"):
+        write_summary(tmp_path, results=load_results(embedded_outputs["results"]))
+    assert (tmp_path / "summary.json").read_text(encoding="utf-8") == '{"mine": 1}\n'
