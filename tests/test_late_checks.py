@@ -579,3 +579,138 @@ def test_a_capture_of_another_model_is_refused_before_writing(command, files, tm
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "other.safetensors' holds router logits of another model" in err and "bh-routing capture" in err, err
     assert not out.exists()
+
+
+_TINY_BANK = Path(__file__).parents[1] / "bh_helpers" / "data" / "kde_models" / "tiny-olmoe"
+
+
+@pytest.mark.fault("bad arguments", "clear error")
+@pytest.mark.parametrize("fields, named", [
+    ({"selector": "topk", "k": 4, "max_k": 2}, "`max_k`=2 contradicts `k`=4"),  # routed 4 experts
+    ({"selector": "topk", "k": 4, "min_k": 6}, "`min_k`=6 contradicts `k`=4"),
+    ({"selector": "topk", "k": 4, "alpha": 0.5}, "`alpha` is only used by the testing selectors"),
+    ({"selector": "top_p", "p": 0.9, "alpha": [0.5] * 6}, "`alpha` is only used by the testing selectors"),
+    ({"selector": "static", "ks": [3, 2, 2, 2, 2, 1], "max_k": 8}, "`max_k`=8 contradicts `ks`"),
+    ({"selector": "static", "ks": [3, 2, 2, 2, 2, 1], "min_k": 2}, "`min_k`=2 contradicts `ks`"),
+    ({"selector": "topk", "k": 4, "weights": "softmax", "bank": str(_TINY_BANK)}, "remove `bank`"),
+    ({"selector": "top_p", "p": 0.9, "allow_other_model": True}, "remove `allow_other_model`"),
+    ({"selector": "static", "ks": [2] * 6, "allow_unverified_bank": True}, "remove `allow_unverified_bank`"),
+])
+def test_routing_config_refuses_a_field_its_selector_ignores_or_contradicts(tmp_path, fields, named):
+    """A routing config whose field is not read by its selector, or contradicts it, was accepted:
+    {"selector": "topk", "k": 4, "max_k": 2} quietly routed 4 experts, an `alpha` of a top-k rule or
+    a `bank` of a softmax-weighted one was ignored. Refused when the file is read, naming the field."""
+    from bh_helpers.engines.config import RoutingConfig
+
+    path = tmp_path / "routing.json"
+    path.write_text(json.dumps({"format": "bh_helpers.RoutingConfig", "version": 1, **fields}), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(named)) as err:
+        RoutingConfig.load(path)
+    assert "remove" in str(err.value) and str(path) in str(err.value), err.value
+
+
+def test_routing_config_round_trips_the_bounds_it_writes(tmp_path):
+    """The consistency checks accept what to_json writes (a top-k file has min_k = max_k = k)."""
+    from bh_helpers.engines.config import RoutingConfig
+
+    for config in (RoutingConfig(selector="topk", k=4), RoutingConfig(selector="static", ks=[3, 2, 2, 2, 2, 1]),
+                   RoutingConfig(selector="top_p", p=0.9, min_k=2, max_k=4),
+                   RoutingConfig(selector="bh", alpha=[0.5] * 6, bank=str(_TINY_BANK))):
+        assert RoutingConfig.from_json(config.to_json()) == config
+    assert RoutingConfig(selector="topk", k=4, min_k=4, max_k=4).max_k == 4
+    assert (RoutingConfig(selector="static", ks=[3, 2, 1]).min_k, RoutingConfig(selector="static", ks=[3, 2, 1]).max_k) \
+        == (1, 3)
+
+
+@pytest.mark.fault("bad arguments", "clear error")
+@pytest.mark.parametrize("fields, name, named", [
+    ({"selector": "bh", "bank": str(_TINY_BANK)}, "alpha", "`alpha` has a level for layers [6]"),
+    ({"selector": "static"}, "ks", "`ks` has a k for layers [6]"),
+])
+def test_a_per_layer_routing_config_of_another_model_is_refused_when_routed(tiny_model_and_tokenizer, tmp_path,
+                                                                            fields, name, named):
+    """An `alpha` list or `ks` of 7 entries on the 6-layer tiny model routed without a word (the 7th
+    ignored; the CLI refuses 7 --layer-alphas). Refused by route() before anything is installed;
+    the same config with 6 entries routes."""
+    from bh_helpers.engines.config import RoutingConfig
+    from bh_helpers.routing.patch import route
+
+    model, _ = tiny_model_and_tokenizer
+    path = tmp_path / "routing.json"
+    path.write_text(json.dumps({**fields, name: [0.5 if name == "alpha" else 2] * 7}), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(named)) as err:
+        with route(model, RoutingConfig.load(path).to_selector()):
+            pass
+    assert "0..5" in str(err.value), err.value
+    with route(model, RoutingConfig(**fields, **{name: [0.5 if name == "alpha" else 2] * 6}).to_selector()):
+        pass
+
+
+@pytest.mark.fault("controls: realised compute", "clear error")
+def test_mixed_control_with_a_mean_k_for_a_layer_the_model_lacks_is_refused(tiny_model_and_tokenizer):
+    """The mixed top-k control's per-layer mean k, like `alpha` and `ks`: an entry for a layer the
+    routed model lacks is another model's setting (it was ignored)."""
+    from bh_helpers.routing.patch import route
+    from bh_helpers.selection.controls import MixedTopKSelector
+
+    model, _ = tiny_model_and_tokenizer
+    with pytest.raises(ValueError, match=re.escape("`mean_k` has a mean k for layers [6]")):
+        with route(model, MixedTopKSelector({layer: 2.0 for layer in range(7)})):
+            pass
+
+
+def _report(results: Path, out: Path) -> list[str]:
+    return ["report", "--results", str(results), "--out", str(out), "--no-categories", "--no-progress"]
+
+
+@pytest.mark.fault("command line", "clear error")
+@pytest.mark.parametrize("name, text", [("summary.json", '{"mine": 1}\n'), ("report.md", "MY NOTES\n")])
+def test_report_never_replaces_a_file_it_did_not_write(embedded_outputs, tmp_path, capsys, name, text):
+    """`report --out FOLDER` replaced the user's own summary.json (or report.md) there without a word
+    (the help says only the report's files are replaced). Refused before anything is written,
+    naming --out and the fix; the user's file is unchanged."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text(text, encoding="utf-8")
+    assert _run(_report(embedded_outputs["results"], out)) == 2
+    err = _one_line(capsys)
+    assert "--out" in err and name in err and "did not write" in err and "move it aside" in err, err
+    assert (out / name).read_text(encoding="utf-8") == text and _files(out) == [name], _files(out)
+
+
+@pytest.mark.fault("command line", "clear error")
+def test_report_never_replaces_a_png_it_did_not_write(embedded_outputs, tmp_path, capsys):
+    """The same for a figure: a PNG of the user's under a figure's file name is kept, and the report
+    refuses before writing report.md or summary.json. Its own PNGs, also those saved before they
+    carried the report's mark (linked from its report.md), are replaced on a rerun."""
+    import matplotlib.pyplot as plt
+
+    ours = tmp_path / "ours"
+    assert _run(_report(embedded_outputs["results"], ours)) == 0
+    pngs = sorted(p.name for p in ours.glob("*.png"))
+    assert pngs and all(b"bh-routing report" in (ours / p).read_bytes()[:65536] for p in pngs), pngs
+    fig = plt.figure()
+    for folder in (ours, tmp_path / "mine"):  # a report's folder of an older bh-routing (unmarked PNG), a user's
+        folder.mkdir(exist_ok=True)
+        fig.savefig(folder / pngs[0])
+    plt.close(fig)
+    user_png = (tmp_path / "mine" / pngs[0]).read_bytes()
+    assert _run(_report(embedded_outputs["results"], tmp_path / "mine")) == 2
+    err = _one_line(capsys)
+    assert "--out" in err and pngs[0] in err, err
+    kept = [n for n in _files(tmp_path / "mine") if not n.startswith(".lock")]  # the folder's lock stays
+    assert (tmp_path / "mine" / pngs[0]).read_bytes() == user_png and kept == [pngs[0]], kept
+    assert _run(_report(embedded_outputs["results"], ours)) == 0  # its own files: replaced
+    assert b"bh-routing report" in (ours / pngs[0]).read_bytes()[:65536]
+
+
+@pytest.mark.fault("damaged files", "clear error")
+def test_write_summary_never_replaces_a_summary_it_did_not_write(embedded_outputs, tmp_path):
+    """The API form: write_summary into a folder holding the user's summary.json."""
+    from bh_helpers.experiments.sweep import load_results
+    from bh_helpers.report.assemble import write_summary
+
+    (tmp_path / "summary.json").write_text('{"mine": 1}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"`out_dir` .* holds summary\.json, which a bh-routing report did not"):
+        write_summary(tmp_path, results=load_results(embedded_outputs["results"]))
+    assert (tmp_path / "summary.json").read_text(encoding="utf-8") == '{"mine": 1}\n'

@@ -17,7 +17,9 @@ The file holds one JSON object (every key optional except where a selector needs
 ``alpha`` may also be a list (one level per layer, indexed by layer) or an object
 ``{"layer": level}``. A relative ``bank`` path is resolved against the folder of the config file
 (or the working directory for a config read from a string). Unknown keys are refused, so a typo
-never silently falls back to a default.
+never silently falls back to a default, and so is a field the selector does not read (``alpha`` for
+"topk") or one that contradicts it (``max_k`` 2 with ``k`` 4): :meth:`RoutingConfig.__post_init__`
+checks the fields together, the selector's ``check`` checks per-layer settings against the model.
 
 No transformers here, and no engine: this module imports only the selection and nulls floors.
 """
@@ -56,23 +58,28 @@ class RoutingConfig:
         The multiple-testing methods build a :class:`~bh_helpers.selection.selectors.BHSelector`;
         "topk" a ``TopKSelector``; "top_p" a ``TopPSelector``; "static" a
         :class:`~bh_helpers.selection.static.StaticLayerSelector` (``ks``: one k per MoE layer).
-    alpha : float, list of float or dict of int to float, default 0.05
-        Level of the testing procedure (one, or one per layer); used by the testing methods only.
-    min_k, max_k : int, default 1 and 8
-        Floor and ceiling on experts per token (testing methods and top-p). ``max_k`` is also the
-        width an engine must give its routing callback.
+    alpha : float, list of float or dict of int to float, optional
+        Level of the testing procedure (one, or one per layer number); used by the testing methods
+        only (default there 0.05; refused for the other selectors). A per-layer ``alpha`` needs a
+        level for every routed layer and none for a layer the model lacks (checked when the
+        selector meets the model: ``route`` or the vLLM plugin).
+    min_k, max_k : int, optional
+        Floor and ceiling on experts per token (testing methods and top-p; default 1 and 8).
+        "topk" and "static" set them from ``k`` / ``ks``: there a given bound must agree.
+        ``max_k`` is also the width an engine must give its routing callback.
     k : int, optional
         Experts per token for "topk" (required there).
     p : float, optional
         Probability mass for "top_p" (required there).
     ks : list of int, optional
         Experts per MoE layer, in layer order, for "static" (required there; e.g. the demo's
-        ``static_allocation.json`` at one total).
+        ``static_allocation.json`` at one total); one per layer of the model it routes.
     weights : {"renorm", "softmax", "uniform", "inverse_p"}, default "renorm"
         How the chosen experts are mixed; "softmax" is OLMoE's own ``norm_topk_prob=False``.
     bank : str, optional
         Folder of a saved :class:`~bh_helpers.nulls.NullBank` (``NullBank.save``); required by the
-        testing methods and by ``weights="inverse_p"``.
+        testing methods and by ``weights="inverse_p"``, refused elsewhere (with
+        ``allow_other_model`` and ``allow_unverified_bank``: nothing would read them).
     allow_other_model : bool, default False
         Use a bank whose router fingerprint differs from the served model's (as
         ``route(..., allow_other_model=True)``).
@@ -88,9 +95,9 @@ class RoutingConfig:
     """
 
     selector: str = "bh"
-    alpha: float | list[float] | dict[int, float] = 0.05
-    min_k: int = 1
-    max_k: int = 8
+    alpha: float | list[float] | dict[int, float] | None = None
+    min_k: int | None = None
+    max_k: int | None = None
     k: int | None = None
     p: float | None = None
     ks: list[int] | None = None
@@ -107,17 +114,42 @@ class RoutingConfig:
         check_choice("selector", self.selector, SELECTORS)
         check_choice("weights", self.weights, WEIGHT_MODES)
         check_choice("unused_slots", self.unused_slots, UNUSED_SLOTS)
-        alphas = layer_alphas(self.alpha)
-        object.__setattr__(self, "alpha", alphas)  # float, or {layer: level}
-        check_int("min_k", self.min_k, 0)
-        check_int("max_k", self.max_k, 1)
+        # Every field is read by some selectors only; given to another it is refused, never ignored
+        # (a {"selector": "topk", "k": 4, "max_k": 2} routed 4 experts without a word).
+        self._check_rule()
+        self._check_bounds()
+        if self.bank is not None and (not isinstance(self.bank, str) or not self.bank):
+            raise ValueError(f"`bank` must be the path of a NullBank folder (a string); got {self.bank!r}.")
+        for name in ("allow_other_model", "allow_unverified_bank"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be true or false; got {getattr(self, name)!r}.")
+        reads = f'selector "{self.selector}" with weights "{self.weights}"'
+        if not self.needs_bank:
+            if self.bank is not None:
+                raise ValueError(f"`bank` is read only by the testing selectors ({', '.join(FDR_METHODS)}) and by "
+                                 f'weights "inverse_p"; {reads} reads no p-values: remove `bank` from the config.')
+            for name in ("allow_other_model", "allow_unverified_bank"):
+                if getattr(self, name):
+                    raise ValueError(f"`{name}` is about the null bank, and {reads} reads none: remove `{name}` "
+                                     "from the config.")
+        if self.needs_bank and self.bank is None:
+            why = f'selector "{self.selector}"' if self.selector in FDR_METHODS else 'weights "inverse_p"'
+            raise ValueError(
+                f"`bank` is missing: {why} needs a null bank. Add \"bank\": \"<folder with metadata.json and "
+                "nulls.npz>\" to the routing config (fit one with `bh-routing capture` + `bh-routing fit`)."
+            )
+
+    def _check_rule(self) -> None:
+        """The fields of the rule itself: ``alpha`` (testing methods), ``k`` (topk), ``ks`` (static), ``p`` (top_p)."""
+        if self.selector in FDR_METHODS:
+            object.__setattr__(self, "alpha", layer_alphas(0.05 if self.alpha is None else self.alpha))
+        elif self.alpha is not None:
+            raise ValueError(f"`alpha` is only used by the testing selectors ({', '.join(FDR_METHODS)}), not "
+                             f"{self.selector!r}; remove it from the config.")
         if self.selector == "topk":
             if self.k is None:
                 raise ValueError('`k` is required for selector "topk": add "k": 8 (experts per token) to the config.')
             check_int("k", self.k, 1)
-            # A top-k rule has exactly k experts: its bounds are k, whatever the file said.
-            object.__setattr__(self, "min_k", self.k)
-            object.__setattr__(self, "max_k", self.k)
         elif self.k is not None:
             raise ValueError(f'`k` is only used by selector "topk", not {self.selector!r}; remove it from the config.')
         if self.selector == "static":
@@ -125,8 +157,6 @@ class RoutingConfig:
                 raise ValueError('`ks` is required for selector "static": add e.g. "ks": [3, 2, 2, 2, 2, 1] (experts '
                                  "per MoE layer, in layer order) to the config.")
             object.__setattr__(self, "ks", [check_int(f"ks[{i}]", k, 1) for i, k in enumerate(self.ks)])
-            object.__setattr__(self, "min_k", min(self.ks))
-            object.__setattr__(self, "max_k", max(self.ks))  # the engine's routing width
         elif self.ks is not None:
             raise ValueError(f'`ks` is only used by selector "static", not {self.selector!r}; remove it from the config.')
         if self.selector == "top_p":
@@ -135,19 +165,33 @@ class RoutingConfig:
             object.__setattr__(self, "p", check_level("p", self.p, example="0.9"))
         elif self.p is not None:
             raise ValueError(f'`p` is only used by selector "top_p", not {self.selector!r}; remove it from the config.')
+
+    def _check_bounds(self) -> None:
+        """``min_k`` and ``max_k``: free for the testing methods and top-p; fixed by ``k`` (topk) or
+        ``ks`` (static), where a given bound must agree (a file this class wrote has them)."""
+        if self.min_k is not None:
+            check_int("min_k", self.min_k, 0)
+        if self.max_k is not None:
+            check_int("max_k", self.max_k, 1)
+        if self.selector == "topk":
+            fixed, why = (self.k, self.k), f"`k`={self.k} (a top-k rule routes exactly k experts)"
+        elif self.selector == "static":
+            fixed = (min(self.ks), max(self.ks))
+            why = f"`ks` (a static rule routes min(ks)={fixed[0]} to max(ks)={fixed[1]} experts)"
+        else:
+            fixed = None
+        if fixed is None:
+            bounds = (1 if self.min_k is None else self.min_k, 8 if self.max_k is None else self.max_k)
+        else:
+            bounds = fixed
+            for name, given, right in (("min_k", self.min_k, fixed[0]), ("max_k", self.max_k, fixed[1])):
+                if given is not None and given != right:
+                    raise ValueError(f"`{name}`={given} contradicts {why}; remove `{name}` from the config (or "
+                                     f"set it to {right}).")
+        object.__setattr__(self, "min_k", bounds[0])
+        object.__setattr__(self, "max_k", bounds[1])  # for static: the engine's routing width
         if self.min_k > self.max_k:
             raise ValueError(f"`min_k`={self.min_k} exceeds `max_k`={self.max_k}; give min_k <= max_k.")
-        if self.bank is not None and (not isinstance(self.bank, str) or not self.bank):
-            raise ValueError(f"`bank` must be the path of a NullBank folder (a string); got {self.bank!r}.")
-        for name in ("allow_other_model", "allow_unverified_bank"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be true or false; got {getattr(self, name)!r}.")
-        if self.needs_bank and self.bank is None:
-            why = f'selector "{self.selector}"' if self.selector in FDR_METHODS else 'weights "inverse_p"'
-            raise ValueError(
-                f"`bank` is missing: {why} needs a null bank. Add \"bank\": \"<folder with metadata.json and "
-                "nulls.npz>\" to the routing config (fit one with `bh-routing capture` + `bh-routing fit`)."
-            )
 
     @property
     def needs_bank(self) -> bool:
@@ -171,7 +215,7 @@ class RoutingConfig:
         raw = {k: v for k, v in asdict(self).items() if k != "base_dir"}
         if isinstance(raw["alpha"], dict):
             raw["alpha"] = {str(layer): level for layer, level in sorted(raw["alpha"].items())}
-        for name in ("k", "p", "ks", "bank"):
+        for name in ("alpha", "k", "p", "ks", "bank"):
             if raw[name] is None:
                 del raw[name]
         return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, **raw}

@@ -44,6 +44,7 @@ import torch
 from bh_helpers.engines.config import RoutingConfig
 from bh_helpers.engines.routing import LayerRouting
 from bh_helpers.models.families import fingerprints_differ  # torch only: no transformers
+from bh_helpers.selection.selectors import RoutedModel
 
 __all__ = [
     "ENV_VAR",
@@ -307,7 +308,7 @@ def _route_layer(arguments: dict[str, Any]) -> None:
     assert state is not None, "the factory wrapper runs only after install()"
     vllm_config = get_current_vllm_config()
     hf_config = vllm_config.model_config.hf_text_config
-    family, _, num_experts = check_model_config(hf_config)
+    family, num_layers, num_experts = check_model_config(hf_config)
     if not state.checked_model:
         if state.bank is not None:
             try:
@@ -321,6 +322,10 @@ def _route_layer(arguments: dict[str, Any]) -> None:
     if state.bank is not None and layer not in state.bank:
         raise ValueError(f"routing config `bank` ({state.config.bank_path}) has no null for MoE layer {layer} "
                          f"(it has layers {list(state.bank)}): fit the bank on every MoE layer of the model.")
+    try:  # the selector's own checks against the model, as route() runs them (per-layer alpha / ks)
+        state.selector.check(RoutedModel(layers=(layer,), num_experts=num_experts, num_hidden_layers=num_layers))
+    except ValueError as err:
+        raise ValueError(f"routing config {state.source!r}: {err}") from None
     if arguments.get("custom_routing_function") is not None or arguments.get("use_grouped_topk"):
         raise ValueError(f"the {family} layer {prefix!r} already has its own routing (a custom or grouped "
                          f"top-k router); bh_helpers cannot replace it. Unset {ENV_VAR}.")

@@ -31,7 +31,7 @@ from bh_helpers.models.families import moe_shape
 from bh_helpers.models.texts import dataset_description, encode
 from bh_helpers.report import plots
 from bh_helpers.report.verdict import comparison_markdown, static_versus_uniform_markdown, task_accuracy_markdown
-from bh_helpers.report.write import write_report
+from bh_helpers.report.write import REPORT_NAME, SUMMARY_NAME, check_replaceable, figure_files, write_report
 from bh_helpers.routing.patch import route
 from bh_helpers.nulls.bank import NullBank
 from bh_helpers.selection.controls import MixedTopKSelector
@@ -157,8 +157,15 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
     -------
     Path
         ``report.md``.
+
+    Raises
+    ------
+    ValueError
+        Among others: ``out_dir`` holds a ``report.md``, ``summary.json`` or figure PNG that a report
+        did not write (:func:`bh_helpers.report.write.check_replaceable`; nothing is written).
     """
     check_kind(out_dir, "`out_dir`", folder=True)  # before the work, not when the report is written
+    check_replaceable(out_dir, [REPORT_NAME, SUMMARY_NAME])  # a user's own files there: refused before the work
     if isinstance(results, (str, os.PathLike)):
         results = load_results(results)
     if not len(results):
@@ -230,18 +237,28 @@ def report_step(out_dir: str | os.PathLike, *, results, model=None, tokenizer=No
             tokens, k, vmin=1, vmax=config.max_k, title=f"experts per token (mean over layers), {config.label()}")
     info = _model_info(model, model_id) if model is not None else {"model": model_id}
     protocol = _protocol_from_results(results)
+    return _write_folder(out_dir, figures,
+                         report=dict(results=results, frontier=frontier, protocol=protocol, model_info=info,
+                                     null_metadata=_bank_metadata(null_bank), tables=tables,
+                                     notes="\n\n".join(notes) if notes else None, comparison=comparison),
+                         summary=dict(results=results, comparison=comparison, protocol=protocol, model_info=info,
+                                      tasks=tasks))
+
+
+def _write_folder(out_dir: str | os.PathLike, figures: Mapping[str, Any], *, report: Mapping[str, Any],
+                  summary: Mapping[str, Any]) -> Path:
+    """``report.md`` with its PNGs (:func:`write_report`) and ``summary.json`` (:func:`write_summary`)."""
     # one writer: another process writing this folder (a demo, a report) is refused, not interleaved
     with exclusive(lock_path(out_dir, folder=True), what=f"report folder {str(out_dir)!r}", flag="`out_dir`"):
-        path = write_report(out_dir, results=results, frontier=frontier, figures=figures, protocol=protocol,
-                            model_info=info, null_metadata=_bank_metadata(null_bank), tables=tables,
-                            notes="\n\n".join(notes) if notes else None, comparison=comparison)
+        # every file before the first is written (the figures' PNGs too): none half-replaced
+        check_replaceable(out_dir, [REPORT_NAME, SUMMARY_NAME, *figure_files(figures).values()])
+        path = write_report(out_dir, figures=figures, **report)
         for fig in figures.values():
             fig.clf()
-        write_summary(out_dir, results=results, comparison=comparison, protocol=protocol, model_info=info, tasks=tasks)
+        write_summary(out_dir, **summary)
     return path
 
 
-SUMMARY_NAME = "summary.json"
 #: The report section of :func:`bh_helpers.report.verdict.task_accuracy_markdown` (docs/results.md copies it).
 TASKS_HEADING = "Task accuracy beside perplexity"
 #: The report section of :func:`bh_helpers.report.verdict.static_versus_uniform_markdown`.
@@ -272,6 +289,11 @@ def write_summary(out_dir: str | os.PathLike, *, results, comparison=None, proto
     Returns
     -------
     Path
+
+    Raises
+    ------
+    ValueError
+        ``out_dir`` holds a ``summary.json`` that a report did not write (it is never replaced).
     """
     import platform
 
@@ -282,6 +304,7 @@ def write_summary(out_dir: str | os.PathLike, *, results, comparison=None, proto
     from bh_helpers.report.verdict import verdict_markdown
 
     out = Path(out_dir)
+    check_replaceable(out, [SUMMARY_NAME])  # a summary.json a report did not write is never replaced
     verdict: dict[str, Any] = {"answer": None, "better": 0, "worse": 0, "undecided": 0, "pairs": 0,
                                "windows": None, "text": None}
     records: list[dict] = []

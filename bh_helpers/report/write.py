@@ -5,6 +5,10 @@ and links it from the markdown, so the folder is self-contained (view it on GitH
 or with any markdown viewer). Tables are plain GitHub markdown written by
 :func:`markdown_table` (no ``tabulate`` dependency; it lives in :mod:`bh_helpers._markdown`, below every
 floor, and is re-exported here).
+
+The report's folder may be the user's: a file there that a report did not write (their own
+``report.md``, ``summary.json`` or a PNG of the same name) is never replaced;
+:func:`check_replaceable` is the one check, run by every writer before it writes anything.
 """
 
 from __future__ import annotations
@@ -21,10 +25,17 @@ from bh_helpers._markdown import markdown_table
 from bh_helpers.experiments.frontier import STATUS_OK
 from bh_helpers.report.verdict import comparison_markdown, verdict_markdown
 
-__all__ = ["frontier_markdown", "markdown_table", "results_table", "write_report", "REPORT_NAME"]
+__all__ = ["check_replaceable", "figure_files", "frontier_markdown", "markdown_table", "results_table",
+           "write_report", "REPORT_NAME", "SUMMARY_NAME"]
 
 REPORT_NAME = "report.md"
+#: The machine-readable twin of ``report.md`` (:func:`bh_helpers.report.assemble.write_summary`).
+SUMMARY_NAME = "summary.json"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+#: How every report.md this module writes begins (its title, then the time it was written).
+_REPORT_HEAD = re.compile(r"# [^\n]*\n\nWritten \d{4}-\d\d-\d\dT")
+#: The PNG text chunk that marks a figure a report saved (matplotlib's ``metadata``).
+_PNG_MARK = {"Source": "bh-routing report"}
 
 
 def frontier_markdown(frontier, *, digits: int = 3, caption: bool = True) -> str:
@@ -91,7 +102,80 @@ def _json_block(obj: Any) -> str:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata=_PNG_MARK)  # marked: see check_replaceable
+
+
+def figure_files(figures: Mapping[str, Any]) -> dict[str, str]:
+    """``{figure name: PNG file name}`` as :func:`write_report` saves them (names sanitised, made unique)."""
+    files: dict[str, str] = {}
+    for name in figures:
+        stem = _SAFE_NAME.sub("_", str(name)).strip("_") or "figure"
+        while f"{stem}.png" in files.values():
+            stem += "_"
+        files[name] = f"{stem}.png"
+    return files
+
+
+def _head(path: Path, size: int = 4096) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(size)
+
+
+def _written_by_report(path: Path, linked: set[str]) -> bool:
+    """Whether ``path`` is a file a report wrote: recognised by its contents, which survive a copy.
+
+    ``report.md`` begins with its title and "Written <time>"; ``summary.json`` holds the verdict and
+    the bh-routing version; a PNG carries the report's text chunk, or (saved before the chunk) is
+    linked from a report.md the report wrote.
+    """
+    if not path.is_file():
+        return False
+    try:
+        if path.name == REPORT_NAME:
+            return bool(_REPORT_HEAD.match(_head(path).decode("utf-8", errors="replace")))
+        if path.name == SUMMARY_NAME:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            return (isinstance(summary, dict) and "verdict" in summary
+                    and "bh-routing" in (summary.get("versions") or {}))
+        if path.suffix == ".png":
+            mark = b"".join(k.encode() + b"\0" + v.encode() for k, v in _PNG_MARK.items())
+            return mark in _head(path, 1 << 16) or path.name in linked
+    except (OSError, ValueError):  # unreadable, or not the JSON a report writes
+        return False
+    return False
+
+
+def check_replaceable(out_dir: str | os.PathLike, names: Sequence[str], name: str = "`out_dir`") -> None:
+    """Raise ValueError when writing ``names`` into ``out_dir`` would replace a file a report did not write.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        The report folder.
+    names : sequence of str
+        The files about to be written there (``report.md``, ``summary.json``, figures' PNGs).
+    name : str, default "`out_dir`"
+        The argument that chose the folder, as the user typed it (the command line shows ``--out``).
+
+    Raises
+    ------
+    ValueError
+        Naming the files, the folder and the fix; nothing has been written.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        return
+    report = out / REPORT_NAME
+    # PNGs of a report saved before they were marked: the ones its own report.md links to
+    linked = (set(re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report.read_text(encoding="utf-8", errors="replace")))
+              if _written_by_report(report, set()) else set())
+    foreign = [n for n in names if (out / n).exists() and not _written_by_report(out / n, linked)]
+    if foreign:
+        raise ValueError(
+            f"{name} {str(out_dir)!r} holds {', '.join(foreign)}, which a bh-routing report did not write; nothing "
+            f"was changed (a report replaces only its own files). Pass another {name} (a new folder), or move "
+            f"{'it' if len(foreign) == 1 else 'them'} aside."
+        )
 
 
 def _table_or_text(value: Any) -> str:
@@ -124,7 +208,8 @@ def write_report(
     Parameters
     ----------
     out_dir : path-like
-        Folder (created when missing); ``report.md`` and the PNGs in it are replaced.
+        Folder (created when missing); a ``report.md`` and PNGs a report wrote there are replaced,
+        anything else of those names is refused (:func:`check_replaceable`).
     results : pandas.DataFrame
         Sweep results (:func:`bh_helpers.experiments.sweep.load_results`).
     frontier : pandas.DataFrame, optional
@@ -158,7 +243,8 @@ def write_report(
     Raises
     ------
     ValueError
-        ``results`` is not a DataFrame, or a figure has no ``savefig``.
+        ``results`` is not a DataFrame, a figure has no ``savefig``, or ``out_dir`` holds a
+        ``report.md`` or PNG of the same name that a report did not write.
     """
     from dataclasses import asdict, is_dataclass
 
@@ -169,9 +255,11 @@ def write_report(
         if not hasattr(fig, "savefig"):
             raise ValueError(f"`figures[{name!r}]` must be a matplotlib Figure, got {type(fig).__name__}.")
     out = Path(out_dir)
+    files = figure_files(figures)
+    check_replaceable(out, [REPORT_NAME, *files.values()])  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
 
-    parts = [f"# {title}", "", f"Written {utc_timestamp()}."]
+    parts = [f"# {title}", "", f"Written {utc_timestamp()}."]  # how check_replaceable knows it (_REPORT_HEAD)
     if comparison is not None:
         parts += ["", "## Verdict", "", verdict_markdown(comparison).rstrip()]
     if notes:
@@ -197,14 +285,9 @@ def write_report(
         parts += ["", f"## {heading}", "", _table_or_text(table).rstrip()]
     if figures:
         parts += ["", "## Figures"]
-        used: set[str] = set()
         for name, fig in figures.items():
-            stem = _SAFE_NAME.sub("_", str(name)).strip("_") or "figure"
-            while stem in used:
-                stem += "_"
-            used.add(stem)
-            _save_figure(fig, out / f"{stem}.png")
-            parts += ["", f"### {name}", "", f"![{name}]({stem}.png)"]
+            _save_figure(fig, out / files[name])
+            parts += ["", f"### {name}", "", f"![{name}]({files[name]})"]
     parts += ["", "## Evaluation protocol", ""]
     if protocol is None:
         parts.append("(not stated)")

@@ -34,7 +34,14 @@ import torch
 
 from bh_helpers._validate import check_int, check_number
 from bh_helpers.selection.reference import Selection, select_top_counts
-from bh_helpers.selection.selectors import RoutedModel, Selector, _check_weights, check_null_bank, weight_pvalues
+from bh_helpers.selection.selectors import (
+    RoutedModel,
+    Selector,
+    _check_weights,
+    check_layer_entries,
+    check_null_bank,
+    weight_pvalues,
+)
 
 __all__ = ["MixedTopKSelector", "ShuffledSelector"]
 
@@ -128,7 +135,10 @@ class MixedTopKSelector(Selector):
         return self._means[layer]
 
     def check(self, target: RoutedModel) -> None:
-        """A ``null_bank`` (for inverse-p weights) fits the routed model (:func:`check_null_bank`)."""
+        """A per-layer ``mean_k`` fits the routed layers (:func:`check_layer_entries`); a ``null_bank``
+        (for inverse-p weights) fits the routed model (:func:`check_null_bank`)."""
+        if None not in self._means:
+            check_layer_entries(self._means, target, "mean_k", "mean k")
         check_null_bank(self.null_bank, target)
 
     def reset(self) -> None:

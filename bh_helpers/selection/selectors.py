@@ -36,6 +36,7 @@ __all__ = [
     "Selector",
     "TopKSelector",
     "TopPSelector",
+    "check_layer_entries",
     "check_null_bank",
     "weight_pvalues",
 ]
@@ -130,6 +131,42 @@ def check_null_bank(null_bank: Any, target: RoutedModel) -> None:
         )
 
 
+def check_layer_entries(entries: Mapping[int, Any], target: RoutedModel, name: str, what: str) -> None:
+    """Refuse per-layer settings (``alpha`` levels, ``ks``) that do not fit the routed model's layers.
+
+    Every routed layer needs an entry, and no entry may name a layer the model does not have
+    (``layer >= target.num_hidden_layers``): a list of 7 levels on a 6-layer model is a setting of
+    another model, whose last entry would be ignored without a word. The one check of both, for
+    every selector with per-layer settings (``route`` and the vLLM plugin call it through
+    :meth:`Selector.check`).
+
+    Parameters
+    ----------
+    entries : mapping of int to Any
+        ``{layer: setting}``.
+    target : RoutedModel
+    name : str
+        The setting's name, as the user typed it (``"alpha"``, ``"ks"``).
+    what : str
+        One entry, in words (``"level"``, ``"k"``).
+
+    Raises
+    ------
+    ValueError
+        Naming the missing or extra layers and the layers the model has.
+    """
+    missing = [layer for layer in target.layers if layer not in entries]
+    if missing:
+        raise ValueError(f"`{name}` has no {what} for MoE layers {missing} (it has layers {sorted(entries)}); give "
+                         f"one {what} per routed layer, or pass `layers` to route.")
+    total = target.num_hidden_layers
+    extra = sorted(layer for layer in entries if total is not None and layer >= total)
+    if extra:
+        raise ValueError(f"`{name}` has a {what} for layers {extra}, which the routed model does not have (it has "
+                         f"{total} layers, 0..{total - 1}): is it a setting of another model? Give one {what} per "
+                         f"layer number (0..{total - 1}).")
+
+
 def _fused_capturable(selector: Any, device: torch.device, call: Callable) -> bool:
     """The ready-made fused ``call`` (not overridden by a subclass), validation off, the kernel on ``device``."""
     return type(selector).__call__ is call and not selector.validate and fused_available(device)
@@ -207,13 +244,10 @@ class BHSelector(Selector):
 
     def check(self, target: RoutedModel) -> None:
         """The null bank fits the routed model (:func:`check_null_bank`); a per-layer ``alpha`` has
-        a level for every routed layer."""
+        a level for every routed layer and none for a layer the model lacks (:func:`check_layer_entries`)."""
         check_null_bank(self.null_bank, target)
         if isinstance(self.alpha, Mapping):
-            missing = [layer for layer in target.layers if layer not in self.alpha]
-            if missing:
-                raise ValueError(f"the selector's `alpha` has no level for MoE layers {missing} (it has layers "
-                                 f"{sorted(self.alpha)}); give one level per routed layer, or pass `layers`.")
+            check_layer_entries(self.alpha, target, "alpha", "level")
 
     def capturable(self, device: torch.device) -> bool:
         """The fused kernel runs on ``device``, validation is off and the bank is a NullBank."""

@@ -23,6 +23,7 @@ from bh_helpers.selection.selectors import (
     Selector,
     _check_weights,
     _fused_capturable,
+    check_layer_entries,
     check_null_bank,
     weight_pvalues,
 )
@@ -89,11 +90,9 @@ class StaticLayerSelector(Selector):
         return self.ks[layer]
 
     def check(self, target: RoutedModel) -> None:
-        """A k for every routed layer, none above the model's experts; a ``null_bank`` fits the model."""
-        missing = [layer for layer in target.layers if layer not in self.ks]
-        if missing:
-            raise ValueError(f"`ks` has no k for MoE layers {missing} (it has layers {sorted(self.ks)}); give one k "
-                             "per routed layer, or pass `layers` to route.")
+        """A k for every routed layer and none for a layer the model lacks (:func:`check_layer_entries`),
+        none above the model's experts; a ``null_bank`` fits the model."""
+        check_layer_entries(self.ks, target, "ks", "k")
         too_many = {layer: k for layer, k in self.ks.items() if k > target.num_experts}
         if too_many:
             raise ValueError(f"`ks` asks for more experts than the {target.num_experts} per layer: {too_many}; "
