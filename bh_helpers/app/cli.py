@@ -175,7 +175,7 @@ def _add_report(sub) -> None:
     rep = sub.add_parser("report", help="sweep.jsonl -> report.md with figures",
                          description="Write report.md (frontier table, results, figures, protocol) into a folder.")
     rep.add_argument("--results", required=True, help="results file (.jsonl) of `bh-routing sweep` or `demo`")
-    rep.add_argument("--out", required=True, help="report folder (the report.md, summary.json and PNGs a report wrote there are replaced; other files of those names are refused)")
+    rep.add_argument("--out", required=True, help="report folder (its own report.md, summary.json, PNGs are replaced)")
     rep.add_argument("--nulls", default=None,
                      help="null bank folder, or a demo's nulls/ folder of banks; with it the model is loaded for "
                           "the category analysis and token view")
