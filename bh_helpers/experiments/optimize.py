@@ -118,18 +118,24 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
     return pd.DataFrame.from_records(records, columns=OPTIMIZE_COLUMNS)
 
 
+def _recorded_nulls(results):
+    """The bank identity (or ``[[name, identity], ...]``) the sweep of ``results`` recorded in its grid id; None
+    for files without one (older sweeps)."""
+    import json
+
+    grid_id = results.attrs.get("header", {}).get("grid_id")
+    return json.loads(grid_id).get("nulls") if isinstance(grid_id, str) else None
+
+
 def check_banks_are_the_sweeps(results, banks, folder) -> None:
     """``banks`` (a bank, or a mapping of named banks, loaded from ``folder``) are the ones the sweep of
     ``results`` recorded in its grid id; files without a grid id (older sweeps) are not checked.
 
     A report's tables routed with another bank would describe a run that was not measured.
     """
-    import json
-
     from bh_helpers.experiments.evaluate import bank_identity
 
-    grid_id = results.attrs.get("header", {}).get("grid_id")
-    recorded = json.loads(grid_id).get("nulls") if isinstance(grid_id, str) else None
+    recorded = _recorded_nulls(results)
     found = bank_identity(banks)
     if isinstance(recorded, list) and len(recorded) == 1 and isinstance(found, dict):
         recorded = recorded[0][1]  # a folder of one bank loads as that bank
@@ -146,12 +152,9 @@ def _check_bank_is_the_sweeps(results, config, bank, folder) -> None:
     counts, so a config naming it would not route what was measured. Files without a grid id
     (older sweeps) record no bank and are not checked.
     """
-    import json
-
     from bh_helpers.experiments.evaluate import bank_identity
 
-    grid_id = results.attrs.get("header", {}).get("grid_id")
-    recorded = json.loads(grid_id).get("nulls") if isinstance(grid_id, str) else None
+    recorded = _recorded_nulls(results)
     if isinstance(recorded, list):  # several named banks: the configuration's
         recorded = dict((name, ident) for name, ident in recorded).get(config.bank_name())
     if not isinstance(recorded, dict):
