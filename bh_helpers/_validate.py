@@ -10,8 +10,10 @@ either keep working; a value of the right type out of range raises ``ValueError`
 from __future__ import annotations
 
 import numbers
+import os
 import re
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,8 +73,13 @@ def check_level(name: str, value: Any, *, example: str = "0.05") -> float:
     return value
 
 
+#: The largest router logit accepted (float16's largest finite value): a null is applied to
+#: float16 logits on the T4 path, and real routers stay within a few tens of zero.
+LARGEST_LOGIT = 65504.0
+
+
 def check_finite_logits(name: str, logits: Any) -> None:
-    """Refuse captured router logits (a tensor or array, ``[N, E]`` or any shape) with NaN or inf.
+    """Refuse captured router logits (a tensor or array, ``[N, E]`` or any shape) with NaN, inf or a damaged value.
 
     The one finiteness check of every entry point that takes calibration or held-out logits
     (fitting a null, choosing alpha by compute, saturation, goodness of fit, the explorer), run on
@@ -82,18 +89,21 @@ def check_finite_logits(name: str, logits: Any) -> None:
     ------
     ValueError
         Naming ``name``, how many values are non-finite and the first row that holds one, and the
-        fix (re-capture in float32, or drop the rows); also for values that are not numbers.
+        fix (re-capture in float32, or drop the rows); also for values that are not numbers, and for
+        finite values beyond float16's range (:data:`LARGEST_LOGIT`).
     """
     import torch
 
     if isinstance(logits, torch.Tensor):
-        # one pass on the tensor's device (a synchronisation: offline entry points only)
-        bad = (~torch.isfinite(logits.detach())).cpu().numpy()
+        # on the tensor's device, in its dtype (a synchronisation: offline entry points only)
+        magnitude = logits.detach().abs()
+        bad, huge = (~torch.isfinite(magnitude)).cpu().numpy(), (magnitude > LARGEST_LOGIT).cpu().numpy()
     else:
         try:
-            bad = ~np.isfinite(np.asarray(logits, dtype=np.float64))
+            magnitude = np.abs(np.asarray(logits, dtype=np.float64))
         except (TypeError, ValueError) as err:
             raise ValueError(f"`{name}` must be a tensor or array of numbers: {err}") from None
+        bad, huge = ~np.isfinite(magnitude), magnitude > LARGEST_LOGIT
     n_bad = int(bad.sum())
     if n_bad:
         rows = bad.reshape(bad.shape[0], -1).any(axis=-1) if bad.ndim > 1 else bad.reshape(-1)  # (N,)
@@ -103,6 +113,28 @@ def check_finite_logits(name: str, logits: Any) -> None:
             "re-capture them in float32 (float16 overflows), or drop the non-finite rows "
             "(x[torch.isfinite(x).all(-1)])."
         )
+    n_huge = int(huge.sum())
+    if n_huge:
+        rows = huge.reshape(huge.shape[0], -1).any(axis=-1) if huge.ndim > 1 else huge.reshape(-1)  # (N,)
+        first = int(np.flatnonzero(rows)[0])
+        raise ValueError(
+            f"`{name}` has {n_huge} value{'s' if n_huge > 1 else ''} beyond +-{LARGEST_LOGIT:g} (the largest "
+            f"{float(magnitude.max()):.3g}, the first in row {first}): no router gives such a logit, and a null "
+            "fitted on it could not be applied in float16; it is a damaged value: drop the row or capture again."
+        )
+
+
+def existing_file(name: str, path: str | os.PathLike, *, missing: str) -> Path:
+    """``path`` as a Path; ValueError naming ``name`` when it is a folder or missing (``missing`` says what to do).
+
+    A folder is reported as a folder, never as "does not exist": the user can see that it exists.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a folder; pass a file in it instead.")
+    if not path.is_file():
+        raise ValueError(f"{name} {str(path)!r} does not exist; {missing}")
+    return path
 
 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from bh_helpers._locks import new_output, refuse_existing
-from bh_helpers._validate import check_int
+from bh_helpers._validate import check_int, existing_file
 from bh_helpers.models.families import LayerSpec, find_moe_blocks, router_fingerprint, router_logits, select_layers
 from bh_helpers.models.texts import calibration_token_ids, read_text_file
 
@@ -79,6 +79,17 @@ def header_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _header_fingerprint(header: Mapping[str, str], path: str | os.PathLike) -> dict[int, list[float]] | None:
+    """The router fingerprint a capture's header records (None when it has none), read exactly once."""
+    if "router_fingerprint" not in header:
+        return None
+    try:
+        return {int(k): [float(x) for x in v] for k, v in json.loads(header["router_fingerprint"]).items()}
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"{str(path)!r}: the capture's router_fingerprint is unreadable: the file is damaged or was "
+                         "edited after `bh-routing capture`; capture again.") from None
+
+
 def check_capture_model(header: Mapping[str, str], model: nn.Module, path: str | os.PathLike) -> None:
     """Raise ValueError when a capture's router fingerprint (``header``, from :meth:`CapturedLogits.load`)
     is not ``model``'s: alphas solved on another model's logits miss their compute target quietly.
@@ -87,10 +98,7 @@ def check_capture_model(header: Mapping[str, str], model: nn.Module, path: str |
     """
     from bh_helpers.models.families import fingerprints_differ
 
-    try:
-        fitted = {int(k): v for k, v in json.loads(header.get("router_fingerprint") or "{}").items()}
-    except (ValueError, TypeError, AttributeError):
-        fitted = {}
+    fitted = _header_fingerprint(header, path) or {}
     differ = fingerprints_differ(fitted, router_fingerprint(model, layers=list(fitted))) if fitted else []
     if differ:
         raise ValueError(f"{str(path)!r} holds router logits of another model (its router weights differ at layers "
@@ -200,6 +208,10 @@ class CapturedLogits(Mapping):
         Index of the sequence over all batches (batch rows counted in order).
     total_tokens : int
         Non-padding tokens seen before subsampling.
+    router_fingerprint : dict of int to list of float or None
+        :func:`~bh_helpers.models.families.router_fingerprint` of the model that gave the logits
+        (set by :func:`capture_router_logits` and :meth:`load`); a bank fitted on the capture
+        records it, so that ``route`` can refuse the bank on another model.
     """
 
     logits: dict[int, torch.Tensor]
@@ -207,6 +219,7 @@ class CapturedLogits(Mapping):
     positions: torch.Tensor
     sequence_index: torch.Tensor
     total_tokens: int = 0
+    router_fingerprint: dict[int, list[float]] | None = field(default=None, repr=False)
     layers: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -243,6 +256,8 @@ class CapturedLogits(Mapping):
         tensors["positions"] = self.positions.long().contiguous()
         tensors["sequence_index"] = self.sequence_index.long().contiguous()
         header = {"format": CAPTURE_FORMAT, "total_tokens": str(int(self.total_tokens))}
+        if self.router_fingerprint is not None:
+            header["router_fingerprint"] = header_value({str(k): v for k, v in self.router_fingerprint.items()})
         header.update({k: header_value(v) for k, v in (metadata or {}).items()})
         header[CAPTURE_DIGEST] = _capture_digest(tensors, header)
         tmp = path.with_name(path.name + ".tmp")
@@ -280,9 +295,7 @@ class CapturedLogits(Mapping):
         """
         from safetensors import safe_open
 
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"captured logits file {str(path)!r} does not exist; run `bh-routing capture` first.")
+        path = existing_file("captured logits file", path, missing="run `bh-routing capture` first.")
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = dict(f.metadata() or {})
@@ -338,6 +351,7 @@ class CapturedLogits(Mapping):
         captured = cls(
             logits=logits, token_ids=tensors["token_ids"], positions=tensors["positions"],
             sequence_index=tensors["sequence_index"], total_tokens=int(total),
+            router_fingerprint=_header_fingerprint(header, path),
         )
         return captured, header
 
@@ -519,7 +533,9 @@ def capture_router_logits(
     finally:
         for handle in handles:
             handle.remove()
-    return reservoir.result()
+    captured = reservoir.result()
+    captured.router_fingerprint = router_fingerprint(model, layers=captured.layers) or None  # {} when offloaded
+    return captured
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,8 +620,7 @@ def capture_calibration(model: nn.Module, tokenizer: Any, *, max_tokens: int = 4
             source = str(text_file) if text_file is not None else "embedded corpus, calibration slice (half prose, half code)"
             captured.save(out_path, metadata={
                 "model_id": model_id, "calibration": f"{source}, {len(ids)} tokens, windows of {window}",
-                "max_tokens": max_tokens, "window": window,
-                "router_fingerprint": {str(k): v for k, v in router_fingerprint(model).items()}})
+                "max_tokens": max_tokens, "window": window})
     return captured
 
 

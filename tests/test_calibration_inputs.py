@@ -19,6 +19,9 @@ from bh_helpers._validate import check_finite_logits
 BAD = [float("nan"), float("inf"), float("-inf")]
 IDS = ["nan", "+inf", "-inf"]
 FIX = r"re-capture them in float32.*drop the non-finite rows"
+#: finite but no router logit: an edited or overflowed entry (one 3e38 moved a whole null before)
+DAMAGED = [3e38, -1e5]
+DAMAGED_FIX = r"has 1 value beyond \+-65504 .*the first in row 7\).*damaged value: drop the row or capture again"
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +88,38 @@ def test_alpha_by_compute_saturation_and_explorer_refuse_non_finite_logits(bank,
             saturation_table(bank, logits, [0.05, 0.2])
         else:
             RoutingExplorer(logits, {"gaussian": bank}, list(range(600)))
+
+
+@pytest.mark.fault("bad arguments", "clear error")
+@pytest.mark.parametrize("value", DAMAGED)
+@pytest.mark.parametrize("entry", ["fit_null", "fit_null trim", "fit_null_bank", "alpha_for_mean_k", "ComputeBudget",
+                                   "saturation_table", "RoutingExplorer", "goodness_of_fit"])
+def test_every_entry_refuses_a_finite_logit_beyond_float16(bank, value, entry):
+    from bh_helpers.experiments.explorer import RoutingExplorer
+    from bh_helpers.experiments.saturation import saturation_table
+    from bh_helpers.nulls.diagnostics import goodness_of_fit
+    from bh_helpers.nulls.fit import fit_null, fit_null_bank
+    from bh_helpers.selection.budget import ComputeBudget, alpha_for_mean_k
+
+    logits = {layer: _logits(0.0) for layer in range(6)}
+    logits[3] = _logits(value)
+    with pytest.raises(ValueError, match=DAMAGED_FIX):
+        if entry.startswith("fit_null "):
+            fit_null(logits[3], statistic="zscore", trim=2)
+        elif entry == "fit_null":
+            fit_null(logits[3])
+        elif entry == "fit_null_bank":
+            fit_null_bank(logits)
+        elif entry == "alpha_for_mean_k":
+            alpha_for_mean_k(bank, logits, 2.0)
+        elif entry == "ComputeBudget":
+            ComputeBudget(bank, logits, max_tokens=10).alpha(2.0)
+        elif entry == "saturation_table":
+            saturation_table(bank, logits, [0.05, 0.2])
+        elif entry == "RoutingExplorer":
+            RoutingExplorer(logits, {"gaussian": bank}, list(range(600)))
+        else:
+            goodness_of_fit(fit_null(_logits(0.0)), logits[3])
 
 
 @pytest.mark.parametrize("value", BAD, ids=IDS)

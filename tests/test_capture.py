@@ -200,3 +200,19 @@ def test_capture_feeds_fit_null_bank(model):
     for layer in captured:
         p = bank.pvalues(captured[layer], layer)
         assert p.shape == captured[layer].shape and bool(((p >= 0) & (p <= 1)).all())
+
+
+def test_the_router_fingerprint_travels_capture_save_load_fit(model, tmp_path):
+    """The model's fingerprint rides on the capture into every bank fitted from it, in memory or
+    through a file, so that ``route`` can check the bank (a bank without one routed any model)."""
+    from bh_helpers.models.families import router_fingerprint
+    from bh_helpers.nulls.fit import fit_captured, fit_null_bank
+
+    captured = capture_router_logits(model, make_batches(model), progress=False)
+    assert captured.router_fingerprint == router_fingerprint(model) != {}
+    captured.save(tmp_path / "c.safetensors")
+    loaded, header = CapturedLogits.load(tmp_path / "c.safetensors")
+    assert loaded.router_fingerprint == captured.router_fingerprint and "router_fingerprint" in header
+    assert fit_null_bank(loaded).metadata.router_fingerprint == captured.router_fingerprint
+    assert fit_captured(tmp_path / "c.safetensors").metadata.router_fingerprint == captured.router_fingerprint
+    assert fit_null_bank(dict(captured.logits)).metadata.router_fingerprint is None  # a plain dict has none

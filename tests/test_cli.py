@@ -338,7 +338,27 @@ def test_device_defaults_to_auto():
 
     args = cli.build_parser().parse_args(["demo"])
     assert args.device == "auto"
-    assert cli._device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    from bh_helpers.models.loading import resolve_device
+
+    assert str(resolve_device("auto")) == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.fault("command line", "clear error")
+@pytest.mark.parametrize("device", ["mps", "xpu", "cuda:7"])
+def test_a_device_this_machine_lacks_is_named_with_the_fix(device, tmp_path, capsys):
+    """It parses (torch.device('mps') does on any machine) but cannot hold a tensor here: the catch-all said
+    'RuntimeError: PyTorch is not linked with support for mps devices ... report it' (issue 25 re-run)."""
+    import torch
+
+    if device == "cuda:7" and torch.cuda.device_count() > 7 or device == "mps" and torch.backends.mps.is_available():
+        pytest.skip(f"this machine has {device}")
+    assert cli.main(["capture", "--out", str(tmp_path / "c.safetensors"), "--device", device, "--no-progress"]) == 2
+    _one_line_error(capsys, f"--device '{device}' is not usable here (", "use cpu (or auto)")
+    assert not any(tmp_path.iterdir())
+    from bh_helpers.models.loading import load_model
+
+    with pytest.raises(ValueError, match=f"`device` '{device}' is not usable here"):  # the API says it alike
+        load_model("tiny", device=device)
 
 
 @pytest.mark.fault("command line", "clear error")

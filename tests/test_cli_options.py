@@ -87,10 +87,13 @@ BAD = [
     ("capture", ["--threads", "-1"], "--threads must be between 0"),
     _fixed("capture", ["--calibration-tokens", "1"], "--calibration-tokens must be an integer >= 2"),
     ("capture", ["--text-file", "{missing}"], "does not exist"),
+    _fixed("capture", ["--text-file", "{dir}"], "text file '{dir}' is a folder; pass a file in it"),
+    _fixed("capture", ["--device", "{no_device}"], "--device '{no_device}' is not usable here"),
     ("capture", ["--window", "0"], "--window must be a positive integer"),
     ("capture", ["--batch-size", "0"], "--batch-size must be a positive integer"),
     ("fit", ["--captured", "{missing}"], "does not exist"),
     ("fit", ["--captured", "{file}"], "not a readable safetensors file"),
+    _fixed("fit", ["--captured", "{dir}"], "captured logits file '{dir}' is a folder; pass a file in it"),
     _fixed("fit", ["--out", "{file}"], "--out '{file}' is a file"),
     ("fit", ["--out", "{bank}"], "already holds a null bank"),
     ("fit", ["--kernel", "bogus"], "argument --kernel: invalid choice"),
@@ -122,6 +125,8 @@ BAD = [
     ("sweep", ["--batch-size", "0"], "--batch-size must be"),
     ("sweep", ["--weights", "bogus"], "argument --weights: invalid choice"),
     ("optimize", ["--results", "{missing}"], "does not exist"),
+    _fixed("optimize", ["--results", "{dir}"], "--results '{dir}' is a folder; pass a file in it"),
+    _fixed("optimize", ["--results", "{header_only}"], "--results '{header_only}' has no rows (the sweep stopped"),
     ("optimize", ["--budget", "x"], "argument --budget: invalid float value"),
     ("optimize", ["--quality-weight", "1"], "give either --budget"),
     ("optimize", ["--speed-weight", "-1"], "give either --budget"),
@@ -130,6 +135,7 @@ BAD = [
     ("optimize", ["--weights", "bogus"], "argument --weights: invalid choice"),
     ("report", ["--results", "{missing}"], "does not exist"),
     _fixed("report", ["--out", "{file}"], "--out '{file}' is a file"),
+    _fixed("report", ["--results", "{dir}"], "--results '{dir}' is a folder; pass a file in it"),
     ("report", ["--nulls", "{missing}"], "{missing}"),
     ("report", ["--nulls", "{bank}", "--model", "nope/nope"], "--model 'nope/nope' cannot be found"),
     ("report", ["--nulls", "{bank}", "--device", "nonsense"], "--device"),
@@ -176,8 +182,14 @@ def _places(tmp_path: Path, env: dict) -> dict:
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "la2.json").write_text("[0.1, 0.2]")
     (tmp_path / "la8.json").write_text(json.dumps([0.1] * 8))
+    # a sweep stopped before its first row: the header line alone
+    (tmp_path / "header_only.jsonl").write_text(env["results"].read_text().splitlines()[0] + "\n")
+    import torch
+
+    no_device = "xpu" if not (hasattr(torch, "xpu") and torch.xpu.is_available()) else "cuda:99"
     return {"tmp": tmp_path, "file": tmp_path / "a_file", "dir": tmp_path / "a_dir", "missing": tmp_path / "none",
-            "la2": tmp_path / "la2.json", "la8": tmp_path / "la8.json", **env}
+            "la2": tmp_path / "la2.json", "la8": tmp_path / "la8.json", "header_only": tmp_path / "header_only.jsonl",
+            "no_device": no_device, **env}
 
 
 @pytest.mark.parametrize("command,argv,needle", BAD)
@@ -375,3 +387,44 @@ def test_ctrl_c_while_the_cli_is_still_importing_is_one_line(monkeypatch, capsys
     monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
     assert console.main() == 130
     assert capsys.readouterr().err == "bh-routing: interrupted; rerun the same command to resume.\n"
+
+
+@pytest.mark.fault("command line", "clear error")
+def test_a_budget_below_every_row_is_said_in_words(env, tmp_path, capsys):
+    """``--budget 0.5`` printed a row of empty cells and exited 0 without a word (issue 25 re-run)."""
+    assert cli.main(["optimize", "--results", str(env["results"]), "--budget", "0.5"]) == 0
+    out, err = capsys.readouterr()
+    assert err.strip() == ("bh-routing: warning: no configuration of 'prose' has mean k <= 0.5: the cheapest measured "
+                           "is top-1 at mean k 1; raise --budget."), err
+    assert cli.main(["optimize", "--results", str(env["results"]), "--budget", "0.5",
+                     "--save-config", str(tmp_path / "cfg.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "bh-routing: error: --save-config: nothing fits --budget 0.5; nothing was saved.", err
+    assert err[0].startswith("bh-routing: warning: no configuration of 'prose'") and len(err) == 2, err
+    assert not (tmp_path / "cfg.json").exists()
+
+
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_a_demo_resumed_after_the_model_folders_weights_changed_says_to_use_a_new_out(tmp_path, capsys):
+    """Same settings, same --model path, other router weights: the folder's bank was refused with
+    'Fit a bank for this model (`bh-routing capture` + `bh-routing fit`)', advice for another command."""
+    import torch
+
+    from bh_helpers.models.loading import load_model
+
+    model, tok = load_model("tiny", device="cpu", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    argv = ["demo", "--out", str(tmp_path / "run"), *DEMO, "--model", str(tmp_path / "m")]
+    assert cli.main(argv) == 0
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(1.5)
+    model.save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    before = _tree(tmp_path / "run")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"bh-routing: error: --out '{tmp_path / 'run'}' holds a run of other weights than --model "
+                   f"'{tmp_path / 'm'}' has now (the router weights differ): pass a new --out."), err
+    assert _tree(tmp_path / "run") == before

@@ -609,14 +609,17 @@ def test_goodness_of_fit_reports_numbers():
     ("kwargs", "match"),
     [
         ({"logits": torch.empty(0, 64)}, "logits.*empty"),
-        ({"logits": torch.full((100, 4), 1.5)}, "logits.*zero variance"),
+        ({"logits": torch.full((100, 4), 1.5)}, "logits have zero variance"),
         ({"logits": torch.tensor([[0.0, float("nan")], [1.0, 2.0]])}, "logits.*NaN/inf"),
         ({"logits": torch.tensor([[0.0, float("inf")], [1.0, 2.0]])}, "logits.*NaN/inf"),
+        # a finite but damaged value (an edited or overflowed entry): issue 25's huge-logit case
+        ({"logits": torch.tensor([[0.0, 3e38], [1.0, 2.0]])}, r"1 value beyond \+-65504 .*first in row 0"),
+        ({"logits": torch.tensor([[0.0, 1.0], [-7e4, 2.0]], dtype=torch.bfloat16)}, r"beyond \+-65504 .*row 1"),
         ({"logits": torch.randn(10, 2, 2)}, "logits.*shape"),
         ({"logits": torch.randn(10), "per_expert": True}, "logits.*shape"),
         (
             {"logits": torch.cat([torch.randn(50, 1), torch.ones(50, 1)], 1), "per_expert": True},
-            "zero variance in expert column 1",
+            "logits in expert column 1 have zero variance \\(all values equal 1.0\\)",
         ),
         ({"kernel": "cosine"}, "kernel"),
         ({"kernel": None}, "kernel"),

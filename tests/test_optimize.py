@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from bh_helpers.experiments.configs import SweepConfig, with_controls
+from bh_helpers.experiments.configs import CONTROLS, SweepConfig, with_controls
 from bh_helpers.experiments.optimize import optimize
 
 
@@ -42,7 +43,16 @@ def _brute(df, name, budget=None, weights=None):
 def test_optimiser_equals_exhaustive_search(seed):
     df = _frame(seed)
     for budget, weights in itertools.product((1.5, 3.0, 6.0, 9.0), [None]):
-        got = optimize(df, budget=budget).set_index("dataset")["label"]
+        nothing_fits = [name for name in ("prose", "code") if _brute(df, name, budget=budget) is None]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = optimize(df, budget=budget).set_index("dataset")["label"]
+        said = [str(w.message) for w in caught if "has mean k <=" in str(w.message)]
+        assert len(said) == len(nothing_fits), said  # a budget below every row is said in words, per data set
+        for name, message in zip(nothing_fits, said):
+            cheapest = df[(df["dataset"] == name) & ~df["method"].isin(CONTROLS)]
+            cheapest = cheapest.loc[cheapest["mean_experts_per_token"].idxmin()]
+            assert f"{name!r} has mean k <= {budget:g}: the cheapest measured is {cheapest['label']}" in message
         for name in ("prose", "code"):
             want = _brute(df, name, budget=budget)
             assert (got[name] if isinstance(got[name], str) else None) == want

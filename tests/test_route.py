@@ -123,7 +123,7 @@ def null_bank(captured):
         from bh_helpers.nulls.fit import fit_null_bank
     except ImportError:
         return EmpiricalBank(captured.logits)
-    return fit_null_bank(captured.logits)
+    return fit_null_bank(captured)  # the capture carries the model's router fingerprint into the bank
 
 
 @pytest.fixture(scope="module")
@@ -602,6 +602,7 @@ def test_route_refuses_a_bank_of_another_model():
 @pytest.mark.fault("mismatched null banks", "clear error")
 def test_route_refuses_a_bank_missing_routed_layers():
     """A bank without layer 5 failed mid-forward with a KeyError (a traceback from the CLI)."""
+    from bh_helpers.models.families import router_fingerprint
     from bh_helpers.models.loading import load_model
     from bh_helpers.nulls.fit import fit_null_bank
 
@@ -609,7 +610,7 @@ def test_route_refuses_a_bank_missing_routed_layers():
     n_layers = model.config.num_hidden_layers
     g = torch.Generator().manual_seed(0)
     bank = fit_null_bank({layer: torch.randn(300, 64, generator=g) for layer in range(n_layers - 1)},
-                         num_layers=n_layers)
+                         num_layers=n_layers, router_fingerprint=router_fingerprint(model))
     with pytest.raises(ValueError, match=rf"no null for MoE layers \[{n_layers - 1}\].*bh-routing fit"):
         with route(model, BHSelector(bank, alpha=0.5)):
             pass
@@ -717,6 +718,34 @@ def test_bank_of_another_checkpoint_is_refused_by_its_router_fingerprint(tmp_pat
         other(ids)
     with torch.no_grad(), route(model, BHSelector(bank, alpha=0.5)):
         model(ids)
+
+
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_a_bank_without_a_fingerprint_is_routed_with_a_warning(tiny_model_and_tokenizer):
+    """A bank fitted from a plain dict of logits cannot be checked against the model: it routed any
+    model without a word (issue 25 re-run). A capture carries its model's fingerprint into the bank."""
+    import warnings
+
+    from bh_helpers.capture import capture_router_logits
+    from bh_helpers.models.families import router_fingerprint
+    from bh_helpers.nulls.fit import fit_null_bank
+
+    model, tok = tiny_model_and_tokenizer
+    ids = tok("a bank of unknown origin routes this text", return_tensors="pt").input_ids
+    captured = capture_router_logits(model, [{"input_ids": ids}], progress=False)
+    assert captured.router_fingerprint == router_fingerprint(model)
+    plain = fit_null_bank(dict(captured.logits), grid_size=256)
+    assert plain.metadata.router_fingerprint is None
+    with pytest.warns(UserWarning, match="records no router fingerprint, so it cannot be checked against the "
+                                         "routed model.*allow_other_model=True"):
+        with torch.no_grad(), route(model, BHSelector(plain, alpha=0.5)):
+            model(ids)
+    with warnings.catch_warnings():  # a bank from the capture, or an explicit opt-out: no warning
+        warnings.simplefilter("error")
+        with torch.no_grad(), route(model, BHSelector(fit_null_bank(captured, grid_size=256), alpha=0.5)):
+            model(ids)
+        with torch.no_grad(), route(model, BHSelector(plain, alpha=0.5), allow_other_model=True):
+            model(ids)
 
 
 def test_load_balance_statistics_equal_a_bincount_of_what_was_chosen(tiny_model_and_tokenizer):

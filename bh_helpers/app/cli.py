@@ -295,22 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(text: str) -> str:
-    """``--device``: ``auto`` (CUDA when available, else CPU), or a torch device that exists here."""
-    import torch
-
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise ValueError(f"--device {text!r} is not a torch device; use cpu, cuda, cuda:1 or auto.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {text}: no CUDA device is available here; use --device cpu (or auto).")
-    return text
-
-
 def _check_model_name(name: str) -> None:
     """``--model``: 'tiny', 'auto', an existing folder, or an org/name hub id (checked before loading)."""
     import re
@@ -347,10 +331,10 @@ def _model_config(name: str):
 def _load(args):
     import torch
 
-    from bh_helpers.models.loading import load_model
+    from bh_helpers.models.loading import load_model, resolve_device
 
     _model_config(args.model)
-    device = _device(args.device)
+    device = str(resolve_device(args.device))
     return load_model(args.model, device=device, dtype=torch.float32 if device == "cpu" else None)
 
 
@@ -374,7 +358,9 @@ def _cmd_demo(args) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out!r} is a file; pass a folder (a new one, or the folder of an earlier run "
                          "to resume it).")
-    device = _device(args.device)
+    from bh_helpers.models.loading import resolve_device
+
+    device = str(resolve_device(args.device))
     config = _model_config(args.model)
     if config is not None:
         settings.check_model(config)  # before the weights load and before anything is written
@@ -495,6 +481,8 @@ def _cmd_optimize(args) -> int:
         from bh_helpers.experiments.optimize import save_routing_config
 
         pick = picks.iloc[0]
+        if not isinstance(pick["key"], str):  # optimize warned which configuration is the cheapest
+            raise ValueError(f"--save-config: nothing fits --budget {args.budget:g}; nothing was saved.")
         try:
             config = save_routing_config(results, pick["key"], args.save_config, nulls=args.nulls,
                                          weights=args.weights, allow_unverified=args.allow_unverified_bank)

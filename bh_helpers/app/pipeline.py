@@ -35,7 +35,8 @@ from typing import Any
 
 from bh_helpers._locks import exclusive
 from bh_helpers._validate import check_choice, check_int
-from bh_helpers.capture import MIN_CALIBRATION_TOKENS, CapturedLogits, capture_calibration, window_batches
+from bh_helpers.capture import (MIN_CALIBRATION_TOKENS, CapturedLogits, capture_calibration, check_capture_model,
+                                window_batches)
 from bh_helpers.evaluation.scoring import fit_batch_size
 from bh_helpers.experiments.bootstrap import MIN_WINDOWS
 from bh_helpers.experiments.comparison import compare_with_controls
@@ -324,10 +325,17 @@ def _static_path(path: Path, model, tokenizer, settings: DemoSettings, progress:
 def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resumed: bool, step, timings: dict,
                      peaks: dict, progress: bool, allow_unverified: bool) -> DemoResult:
     """:func:`run_demo` once it holds the output folder's lock: capture, fit, sweep, task accuracy, report."""
+    captured_path = out / CAPTURED_NAME
+    if captured_path.is_file():  # resumed: same settings are not enough if the model folder's weights changed
+        header = CapturedLogits.load(captured_path)[1]  # a damaged capture says so itself
+        try:
+            check_capture_model(header, model, captured_path)
+        except ValueError:
+            raise ValueError(f"`out_dir` {str(out)!r} holds a run of other weights than `model` {settings.model!r} "
+                             "has now (the router weights differ): pass a new `out_dir`.") from None
     # the settings of the outputs kept are unchanged (checked); those of the steps still to run are these
     record_settings(out, settings.to_dict())
 
-    captured_path = out / CAPTURED_NAME
     if not captured_path.is_file():  # a resumed run reuses it; fit_captured reads (and checks) it
         with step("capture"):
             capture_calibration(model, tokenizer, max_tokens=settings.calibration_tokens, window=settings.window,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 from bh_helpers._locks import new_output, refuse_existing
 from bh_helpers.experiments.configs import CONTROLS, controls_by_adaptive
@@ -73,6 +74,10 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
     import pandas as pd
 
     _check(budget, quality_weight, speed_weight)
+    if len(results) == 0:  # a header alone (a sweep stopped before its first row): no columns to name
+        where = f" {str(results.attrs['path'])!r}" if "path" in results.attrs else ""
+        raise ValueError(f"`results`{where} has no rows (the sweep stopped before its first row, or its rows were set "
+                         "aside); run the sweep into it first.")
     for column in ("dataset", "method", "label", metric, cost):
         if column not in results.columns:
             raise ValueError(f"`results` lacks column {column!r}; pass bh_helpers.experiments.sweep.load_results output.")
@@ -91,6 +96,11 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
                 if r[cost] <= budget + 1e-12 and -r[metric] > best_score:
                     best, best_score = r, -float(r[metric])
             score = -best_score if best is not None else math.nan
+            if best is None and len(rows):  # said in words: a row of empty cells read as a failed run
+                cheapest = rows.loc[rows[cost].idxmin()]
+                warnings.warn(f"no configuration of {name!r} has mean k <= {budget:g}: the cheapest measured is "
+                              f"{cheapest['label']} at mean k {float(cheapest[cost]):.3g}; raise `budget`.",
+                              stacklevel=2)
         else:
             q_lo, q_hi = rows[metric].min(), rows[metric].max()
             c_lo, c_hi = rows[cost].min(), rows[cost].max()
@@ -196,7 +206,7 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
     from bh_helpers.nulls.bank import load_bank_folder
 
     if not isinstance(key, str):
-        raise ValueError("no configuration was picked (`key` is empty: nothing fits the budget); nothing to save.")
+        raise ValueError(f"`key` is {key!r}, not a configuration of `results` (nothing fits the budget?); nothing to save.")
     refuse_existing(path, "`path`")  # before the work; again under the lock
     config = config_of(results, key)
     measured = (results.attrs.get("header", {}).get("protocol") or {}).get("weights", "softmax")  # older: softmax

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from bh_helpers._validate import existing_file
 from bh_helpers.experiments.configs import FDR_METHODS, SweepConfig, _canonical_json, _short_hash
 
 __all__ = ["ResultsFile", "decode_metrics", "encode_metrics", "finite_rows", "load_results", "read_results_file"]
@@ -244,9 +245,7 @@ def load_results(path: str | os.PathLike):
     """
     import pandas as pd
 
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"`path` {str(p)!r} does not exist; run a sweep first.")
+    p = existing_file("`path`", path, missing="run a sweep first, or pass the results file it wrote.")
     existing = read_results_file(p)
     header, rows = existing.header, existing.rows
     if header is None:  # empty, or no complete line yet: an empty table would read as "nothing fits"

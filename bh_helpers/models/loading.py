@@ -42,6 +42,7 @@ __all__ = [
     "load_corpus_slice",
     "load_model",
     "model_key",
+    "resolve_device",
 ]
 
 OLMOE_HUB_ID = "allenai/OLMoE-1B-7B-0924"
@@ -232,6 +233,35 @@ def _prefer_expandable_segments() -> None:
         setter("expandable_segments:True")
 
 
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The torch device ``device`` names, checked to work on this machine.
+
+    Parameters
+    ----------
+    device : str or torch.device, optional
+        ``None`` or ``"auto"``: CUDA when available, else CPU. Otherwise a torch device
+        (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``) that must accept a tensor here.
+
+    Raises
+    ------
+    ValueError
+        When ``device`` is not a torch device, or this machine cannot use it (mps or xpu on a
+        machine without one, cuda on a CPU-only torch, a GPU index past the last GPU).
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"`device` {device!r} is not a torch device; use cpu, cuda, cuda:1 or auto.") from None
+    try:  # parsing is not enough: torch.device("mps") parses on every machine
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError) as err:
+        why = str(err).split(". ")[0].splitlines()[0].rstrip(".") if str(err) else type(err).__name__
+        raise ValueError(f"`device` {str(device)!r} is not usable here ({why}); use cpu (or auto).") from None
+    return resolved
+
+
 def load_model(
     name: str = "auto",
     *,
@@ -250,7 +280,7 @@ def load_model(
         ``"tiny"`` with a warning), a hub model id, or a local directory written by
         ``save_pretrained``.
     device : str or torch.device, optional
-        Defaults to ``"cuda"`` when available, else ``"cpu"``.
+        Defaults to ``"cuda"`` when available, else ``"cpu"`` (see :func:`resolve_device`).
     dtype : torch.dtype, optional
         Defaults to :func:`default_dtype` of the device (float16 before Ampere, bfloat16 on
         Ampere and newer, float32 on CPU).
@@ -284,7 +314,7 @@ def load_model(
     if not isinstance(name, (str, os.PathLike)):
         raise ValueError(f"`name` must be 'tiny', 'auto', a hub id or a local path, got {type(name).__name__}.")
     name = os.fspath(name)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if dtype is None:
         dtype = default_dtype(device)
     name = _resolve_name(name, device)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from bh_helpers._validate import check_choice, check_int
+from bh_helpers._validate import check_choice, check_int, existing_file
 from bh_helpers.models.datasets import embedded_fixture, load_wikitext2
 from bh_helpers.models.loading import load_corpus_slice
 
@@ -52,9 +52,7 @@ def encode(tokenizer, text: str) -> list[int]:
 
 def read_text_file(path: Path) -> str:
     """The text of a UTF-8 file; ValueError naming it when it is missing, not UTF-8 or empty."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"text file {str(path)!r} does not exist.")
+    path = existing_file("text file", path, missing="check the path (a UTF-8 .txt file).")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

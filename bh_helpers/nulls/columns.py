@@ -58,8 +58,8 @@ def check_spread(a: np.ndarray, what: str) -> float:
     sigma = math.sqrt(sum_sq / (a.size - 1))
     if not sigma > 0.0:
         raise ValueError(
-            f"`logits` has zero variance {what} (all values equal {a.flat[0]!r}); a null cannot be "
-            "fitted to a constant: log more or different calibration text"
+            f"the logits{' ' + what if what else ''} have zero variance (all values equal {float(a.flat[0])!r}); a "
+            "null cannot be fitted to a constant: capture more or different calibration text"
         )
     return sigma
 

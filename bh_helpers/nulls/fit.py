@@ -8,7 +8,6 @@ fits one per layer into a :class:`~bh_helpers.nulls.bank.NullBank`. The numerics
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -275,7 +274,9 @@ def fit_null_bank(
         Number of MoE layers of the model; default: highest layer index + 1.
     router_fingerprint : mapping of int to list of float, optional
         :func:`bh_helpers.models.families.router_fingerprint` of that model, so that ``route``
-        can refuse the bank on another model.
+        can refuse the bank on another model. Default: the fingerprint that a
+        :class:`~bh_helpers.capture.CapturedLogits` carries (a plain dict of logits has none,
+        and ``route`` then warns that it cannot check the bank).
 
     Returns
     -------
@@ -283,6 +284,8 @@ def fit_null_bank(
     """
     if not isinstance(logits_by_layer, Mapping) or not logits_by_layer:
         raise ValueError("`logits_by_layer` must be a non-empty dict {layer index: logits [N, E]}")
+    if router_fingerprint is None:  # a CapturedLogits knows its model; a plain dict does not
+        router_fingerprint = getattr(logits_by_layer, "router_fingerprint", None)
     statistic = check_statistic(statistic)
     for layer in logits_by_layer:
         if not is_int(layer) or layer < 0:
@@ -379,18 +382,11 @@ def fit_captured(captured: Any, *, kernel: str = "gaussian", grid_size: int | No
         model_id = meta.get("model_id", "unknown" if meta else "tiny")
     experts = {tuple(logits.shape)[-1] for logits in captured.logits.values()}
     check_trim(trim, min(experts) if experts else None)  # against the capture's experts, before the folder is made
-    try:
-        fingerprint = json.loads(meta["router_fingerprint"]) if "router_fingerprint" in meta else None
-        fingerprint = None if fingerprint is None else {int(k): v for k, v in fingerprint.items()}
-    except (ValueError, AttributeError):
-        raise ValueError("the capture's router_fingerprint is unreadable: the file is damaged or was edited after "
-                         "`bh-routing capture`; capture again.") from None
     with contextlib.ExitStack() as stack:
         if out_dir is not None:  # one writer: a second fit into the same folder is refused at once
             stack.enter_context(new_output(out_dir, "`out_dir`", **holds))
         bank = fit_null_bank(captured, kernel=kernel, grid_size=grid_size, model_id=model_id, statistic=statistic,
-                             trim=trim, calibration=f"{calibration} ({captured.num_tokens} tokens used)",
-                             router_fingerprint=fingerprint)
+                             trim=trim, calibration=f"{calibration} ({captured.num_tokens} tokens used)")
         if out_dir is not None:
             bank.save(out_dir)
     return bank

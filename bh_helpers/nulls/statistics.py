@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bh_helpers._validate import check_choice, check_int
+from bh_helpers._validate import check_choice, check_int, is_int
 
 __all__ = ["STATISTICS", "apply_statistic", "check_statistic", "check_trim", "fit_values", "token_affine"]
 
@@ -47,7 +47,13 @@ def check_statistic(statistic: Any) -> str:
 def check_trim(trim: Any, num_experts: int | None = None) -> int:
     """``trim`` as an int in ``[0, num_experts - 2]`` (two values per token must remain)."""
     high = None if num_experts is None else num_experts - 2
-    return check_int("trim", trim, 0, high)
+    try:
+        return check_int("trim", trim, 0, high)
+    except ValueError as err:  # say where the bound comes from: the experts, not the option
+        if high is None or not is_int(trim) or trim < 0:
+            raise
+        raise ValueError(f"{err} (with {num_experts} experts a trim of at most {high} leaves the 2 values per "
+                         "token that a null needs)") from None
 
 
 def token_affine(logits: torch.Tensor, statistic: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -15,6 +15,7 @@ knowing what a null bank is. An engine's routing callback gets the same descript
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -120,8 +121,16 @@ def check_null_bank(null_bank: Any, target: RoutedModel) -> None:
             raise ValueError(
                 f"the selector's null bank was fitted on another model ({null_bank.metadata.model_id!r}): its router "
                 f"weights differ at layers {differ}. Fit a bank for this model (`bh-routing capture` + "
-                "`bh-routing fit`) (or, to use it anyway, route() with `allow_other_model=True`)."
+                "`bh-routing fit`) (or, to use it anyway, `allow_other_model=True`)."
             )
+    if fitted is None and not target.allow_other_model and target.router_fingerprint is not None:
+        warnings.warn(
+            f"the selector's null bank{f' ({null_bank.metadata.model_id!r})' if null_bank.metadata.model_id else ''} "
+            "records no router fingerprint, so it cannot "
+            "be checked against the routed model (another model's bank would route quietly wrong): fit it from a "
+            "capture of this model (`bh-routing capture` + `bh-routing fit`, or fit_null_bank on the CapturedLogits "
+            "that capture_calibration returns) (or, to route without the check, `allow_other_model=True`).",
+            UserWarning, stacklevel=4)
     missing = [layer for layer in target.layers if layer not in set(null_bank)]
     if missing:
         raise ValueError(
