@@ -26,9 +26,13 @@ _HELD = threading.local()  # lock files this thread holds: a writer called insid
 
 
 def lock_path(target: str | os.PathLike, *, folder: bool = False) -> Path:
-    """The lock file of ``target``: ``<folder>/.lock`` for a folder, ``<file>.lock`` beside a file."""
+    """The lock file of ``target``: ``<folder>/.lock`` for a folder, a hidden ``.<file>.lock`` beside a file.
+
+    Hidden, because it stays (an OS lock file is not removed on release: removing it would let two
+    processes lock two different files of one name) and the user's folder should show their outputs.
+    """
     target = Path(target)
-    return target / ".lock" if folder else target.with_name(target.name + ".lock")
+    return target / ".lock" if folder else target.with_name(f".{target.name}.lock")
 
 
 @contextlib.contextmanager
@@ -105,7 +109,7 @@ def new_output(path: str | os.PathLike, name: str, *, folder: bool = False,
                exists: Callable[[Path], bool] | None = None, holds: str = "exists") -> Iterator[Path]:
     """Hold the lock of a new output ``path`` and refuse, under it, when it already holds a result.
 
-    For a file the lock is ``<file>.lock`` beside it (its folder is created); for a folder
+    For a file the lock is ``.<file>.lock`` beside it (its folder is created); for a folder
     (``folder=True``) ``<folder>/.lock`` (the folder is created). ``name`` is the argument that
     chooses the output (```out_path```; the command line shows its flag). See :func:`refuse_existing`.
     """

@@ -71,6 +71,9 @@ BAD = [
     ("demo", ["--top-ps", "0"], "--top-ps must be in (0, 1]"),
     ("demo", ["--datasets", "nonsense"], "unknown data set 'nonsense'"),
     ("demo", ["--max-tokens", "10"], "--max-tokens 10 gives 1 scoring window"),
+    # the same for a text too short for an interval: it ran to the end before, and only report.md said "no verdict"
+    _fixed("demo", ["--datasets", "{short}"], "--datasets '{short}' holds 7 tokens: 1 scoring window of 16; a "
+           "paired-bootstrap interval needs at least 8: give it at least 128 tokens of text (or a smaller --window)"),
     _fixed("demo", ["--window", "1", "--stride", "1"], "--window must be an integer >= 2"),
     _fixed("demo", ["--window", "100000", "--stride", "100000", "--max-tokens", "800000"], "context length"),
     ("demo", ["--stride", "0"], "--stride must be"),
@@ -78,7 +81,11 @@ BAD = [
     ("demo", ["--weights", "bogus"], "argument --weights: invalid choice"),
     ("demo", ["--static-allocation", "bogus"], "argument --static-allocation: invalid choice"),
     _fixed("demo", ["--static-allocation", "separable", "--allocation-tokens", "3"],
-     "--allocation-tokens must be an integer >= 4"),
+     "--allocation-tokens must be an integer >= 32; got 3. (a static allocation is chosen by perplexity on windows "
+     "of 16 tokens"),
+    # 4 tokens chose an allocation without a word: less than one window of each half
+    _fixed("demo", ["--static-allocation", "separable", "--allocation-tokens", "31"],
+           "--allocation-tokens must be an integer >= 32; got 31."),
     ("demo", ["--seed", "-1"], "--seed must be an integer >= 0"),
     ("capture", ["--out", "{file}"], "--out '{file}' exists"),
     _fixed("capture", ["--out", "{dir}"], "--out '{dir}' is a folder"),
@@ -182,6 +189,7 @@ def _places(tmp_path: Path, env: dict) -> dict:
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "la2.json").write_text("[0.1, 0.2]")
     (tmp_path / "la8.json").write_text(json.dumps([0.1] * 8))
+    (tmp_path / "short.txt").write_text("a text of seven tokens")
     # a sweep stopped before its first row: the header line alone
     (tmp_path / "header_only.jsonl").write_text(env["results"].read_text().splitlines()[0] + "\n")
     import torch
@@ -189,6 +197,7 @@ def _places(tmp_path: Path, env: dict) -> dict:
     no_device = "xpu" if not (hasattr(torch, "xpu") and torch.xpu.is_available()) else "cuda:99"
     return {"tmp": tmp_path, "file": tmp_path / "a_file", "dir": tmp_path / "a_dir", "missing": tmp_path / "none",
             "la2": tmp_path / "la2.json", "la8": tmp_path / "la8.json", "header_only": tmp_path / "header_only.jsonl",
+            "short": tmp_path / "short.txt",
             "no_device": no_device, **env}
 
 

@@ -49,7 +49,7 @@ def test_second_sweep_on_one_results_file_is_refused_then_runs(tmp_path):
     results = tmp_path / "sweep.jsonl"
     configs = expand_grid(methods=["bh"], alphas=[0.1, 0.2], max_ks=[8], topk=False, native=False)
     release = tmp_path / "release"
-    holder = _hold(tmp_path / "sweep.jsonl.lock", release)
+    holder = _hold(tmp_path / ".sweep.jsonl.lock", release)
     try:
         with pytest.raises(ValueError, match=rf"results file '{results}' is being written by another bh-routing "
                                              rf"process \(pid {holder.pid}\)"):
@@ -66,7 +66,7 @@ def test_second_sweep_on_one_results_file_is_refused_then_runs(tmp_path):
 def test_a_killed_holder_does_not_wedge_the_next_run(tmp_path):
     results = tmp_path / "sweep.jsonl"
     configs = expand_grid(methods=["bh"], alphas=[0.1], max_ks=[8], topk=False, native=False)
-    holder = _hold(tmp_path / "sweep.jsonl.lock", tmp_path / "never")
+    holder = _hold(tmp_path / ".sweep.jsonl.lock", tmp_path / "never")
     holder.kill()
     holder.wait(timeout=30)
     assert len(run_sweep(configs, ["a"], _evaluate, results, progress=False)) == 1
@@ -141,17 +141,19 @@ def test_two_writers_at_once_one_wins_and_the_other_is_refused(command, embedded
         from bh_helpers.capture import CapturedLogits
 
         assert CapturedLogits.load(out)[0].num_tokens == 128
+    # the lock files stay (see bh_helpers._locks.lock_path) but hidden: the folder shows the outputs only
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [out.name]
 
 
 WRITERS = {  # command line, and the lock file it takes
     "fit": (lambda m, t: ["fit", "--captured", str(m["cap"]), "--out", str(t / "out"), "--grid-size", "256"],
             lambda t: t / "out" / ".lock"),
     "capture": (lambda m, t: ["capture", "--out", str(t / "out"), "--calibration-tokens", "64", "--window", "64",
-                              "--no-progress"], lambda t: t / "out.lock"),
+                              "--no-progress"], lambda t: t / ".out.lock"),
     "report": (lambda m, t: ["report", "--results", str(m["results"]), "--out", str(t / "out"), "--no-categories",
                              "--no-progress"], lambda t: t / "out" / ".lock"),
     "optimize --save-config": (lambda m, t: ["optimize", "--results", str(m["results"]), "--budget", "2",
-                                             "--save-config", str(t / "out")], lambda t: t / "out.lock"),
+                                             "--save-config", str(t / "out")], lambda t: t / ".out.lock"),
 }
 
 

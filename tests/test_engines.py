@@ -113,6 +113,10 @@ def test_config_builds_the_same_selectors_route_takes(bank):
     ({"selector": "bh", "bank": "b", "unused_slots": "drop"}, "`unused_slots` must be one of"),
     ({"format": "other", "selector": "bh", "bank": "b"}, "`format` must be"),
     ({"version": 2, "selector": "bh", "bank": "b"}, "`version` 2"),
+    # text "1" read as a contradiction: "`version` '1' is not understood ... (reads 1)"
+    ({"version": "1", "selector": "bh", "bank": "b"}, '`version` "1" is not understood by this bh_helpers: it reads '
+                                                     '"version": 1 .a JSON number'),
+    ({"version": True, "selector": "bh", "bank": "b"}, "`version` true"),
     ({"selector": "topk", "k": 2, "weights": "inverse_p"}, 'weights "inverse_p" needs a null bank'),
 ])
 def test_bad_configs_name_the_field(raw, message):
@@ -122,8 +126,12 @@ def test_bad_configs_name_the_field(raw, message):
 
 def test_unreadable_or_mismatched_bank_names_the_field(tmp_path):
     config = RoutingConfig(selector="bh", bank=str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match="routing config `bank`"):
+    with pytest.raises(ValueError) as info:
         config.to_selector()
+    # in the config's words: no `directory` (NullBank.load's argument), no doubled period
+    assert str(info.value) == (f"routing config `bank` ({str(tmp_path / 'nowhere')!r}): it is not a null bank: it "
+                               "lacks metadata.json and nulls.npz (written by `bh-routing fit` or NullBank.save). "
+                               "Point `bank` at a bank fitted for this model (`bh-routing capture` + `bh-routing fit`).")
     with pytest.raises(ValueError, match=r"routing config `bank`.*has 8: fit a bank"):
         RoutingConfig(selector="bh", bank=str(BANK_DIR)).load_bank(num_layers=8)
     with pytest.raises(ValueError, match="not valid JSON"):

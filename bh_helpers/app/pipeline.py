@@ -33,15 +33,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bh_helpers._locks import exclusive
+from bh_helpers._locks import exclusive, lock_path
 from bh_helpers._validate import check_choice, check_int
 from bh_helpers.capture import (MIN_CALIBRATION_TOKENS, CapturedLogits, capture_calibration, check_capture_model,
                                 window_batches)
-from bh_helpers.evaluation.scoring import fit_batch_size
+from bh_helpers.evaluation.scoring import fit_batch_size, window_count
 from bh_helpers.experiments.bootstrap import MIN_WINDOWS
 from bh_helpers.experiments.comparison import compare_with_controls
 from bh_helpers.experiments.grids import check_grid, check_grid_fits, sweep_grid
-from bh_helpers.experiments.evaluate import check_protocol, perplexity_sweep
+from bh_helpers.experiments.evaluate import check_enough_text, check_protocol, perplexity_sweep
 from bh_helpers.experiments.frontier import compute_frontier
 from bh_helpers.experiments.k_matching import RoutedBudget
 from bh_helpers.experiments.run_folder import (
@@ -57,11 +57,8 @@ from bh_helpers.experiments.run_folder import (
 )
 from bh_helpers.experiments.task_accuracy import task_accuracy_table
 from bh_helpers.experiments.tune_confirm import confirmation_configs, pick_on_tuning
-from bh_helpers.experiments.static_allocation import (
-    ALLOCATION_METHODS,
-    StaticAllocationPath,
-    static_allocation_path,
-)
+from bh_helpers.experiments.static_allocation import (ALLOCATION_METHODS, StaticAllocationPath,
+                                                      check_allocation_tokens, static_allocation_path)
 from bh_helpers.models.families import moe_shape
 from bh_helpers.models.loading import load_model
 from bh_helpers.models.texts import MIN_CALIBRATION_TEXT_TOKENS, SPLITS, calibration_token_ids, split_name
@@ -70,15 +67,10 @@ from bh_helpers.nulls.fit import check_fit_options, fit_captured
 from bh_helpers.report.assemble import report_step
 
 __all__ = ["DEFAULT_OUTPUT_DIR", "CAPTURED_NAME", "NULLS_DIR", "RESULTS_NAME", "SETTINGS_NAME", "DemoSettings",
-           "DemoResult", "GPUOutOfMemory", "load_banks", "room_for", "run_demo", "scoring_windows"]
+           "DemoResult", "GPUOutOfMemory", "load_banks", "room_for", "run_demo"]
 
 DEFAULT_OUTPUT_DIR = "bh_routing_output"
 K_MATCHING_TOKENS = 4096  # calibration tokens on which alpha is solved routed (--k-matching)
-
-
-def scoring_windows(tokens: int, window: int, stride: int) -> int:
-    """Number of perplexity windows over ``tokens`` tokens (the protocol of :mod:`bh_helpers.evaluation.scoring`)."""
-    return 1 + max(0, -(-(tokens - window) // stride))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +151,8 @@ class DemoSettings:
                 raise ValueError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
         check_choice("static_allocation", self.static_allocation, (*ALLOCATION_METHODS, "auto", "none"))
         check_int("calibration_tokens", self.calibration_tokens, MIN_CALIBRATION_TOKENS)
+        if self.static_allocation != "none":  # at least a window of each half of the calibration text
+            check_allocation_tokens(self.allocation_tokens, self.window, name="allocation_tokens")
         check_int("allocation_tokens", self.allocation_tokens, MIN_CALIBRATION_TEXT_TOKENS)
         check_int("seed", self.seed, 0, 2**63 - 1)  # torch and numpy seed generators take 64-bit seeds
         for flag, value in (("statistics", self.statistics), ("trims", self.trims)):
@@ -169,16 +163,19 @@ class DemoSettings:
         check_grid(methods=self.methods, alphas=self.alphas, mean_ks=self.mean_ks, max_ks=self.max_ks,
                    min_ks=self.min_ks, top_ps=self.top_ps, layer_alphas=self.layer_alphas,
                    layer_targets=self.layer_targets, topk_max=self.topk_max)
-        check_protocol(datasets=[split_name(d, s) for d in self.datasets for s in SPLITS] if self.split else self.datasets,
-                       max_tokens=self.max_tokens, window=self.window, stride=self.stride, batch_size=self.batch_size,
-                       weights=self.weights)  # split: both halves of every data set must hold a document
-        windows = scoring_windows(self.max_tokens, self.window, self.stride)
+        check_protocol(datasets=self.evaluated_datasets(), max_tokens=self.max_tokens, window=self.window,  # split:
+                       stride=self.stride, batch_size=self.batch_size, weights=self.weights)  # both halves hold text
+        windows = window_count(self.max_tokens, self.window, self.stride)
         if windows < MIN_WINDOWS:
             need = self.window + (MIN_WINDOWS - 1) * self.stride
             raise ValueError(
                 f"`max_tokens` {self.max_tokens} gives {windows} scoring window{'s' * (windows != 1)} of {self.window} "
                 f"tokens per data set; a paired-bootstrap interval needs at least {MIN_WINDOWS}: pass `max_tokens` "
                 f"{need} or more (or a smaller `window`).")
+
+    def evaluated_datasets(self) -> list[str]:
+        """The data sets scored: each one's tuning and confirmation halves when split."""
+        return [split_name(d, s) for d in self.datasets for s in SPLITS] if self.split else list(self.datasets)
 
     def check_model(self, model) -> None:
         """Raise ValueError (naming the option) when the settings do not fit ``model``'s shape.
@@ -303,8 +300,10 @@ def run_demo(settings: DemoSettings | None = None, *, out_dir: str | os.PathLike
     with step("load model"):
         model, tokenizer = load_model(settings.model, device=device, dtype=torch.float32 if device == "cpu" else None)
     settings.check_model(model)  # before anything is written: a bad grid leaves no folder behind
+    check_enough_text(settings.evaluated_datasets(), tokenizer, max_tokens=settings.max_tokens,
+                      window=settings.window, stride=settings.stride)  # a short .txt file: no interval
     out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out / ".lock", what=f"output folder {str(out)!r}", flag="--out folder"):
+    with exclusive(lock_path(out, folder=True), what=f"output folder {str(out)!r}", flag="--out folder"):
         resumed = _check_folder(out, settings)  # again, now that no other process can write here
         return _run_demo_locked(settings, out, model, tokenizer, resumed, step, timings, peaks, progress,
                                 allow_unverified)

@@ -236,8 +236,9 @@ class RoutingConfig:
         fmt, version = raw.pop("format", CONFIG_FORMAT), raw.pop("version", CONFIG_VERSION)
         if fmt != CONFIG_FORMAT:
             raise ValueError(f"`format` must be {CONFIG_FORMAT!r}; got {fmt!r}: is this a routing config?")
-        if version != CONFIG_VERSION:
-            raise ValueError(f"`version` {version!r} is not understood by this bh_helpers (reads {CONFIG_VERSION}).")
+        if version != CONFIG_VERSION or isinstance(version, bool):  # "1" is text, not the version number 1
+            raise ValueError(f"`version` {json.dumps(version)} is not understood by this bh_helpers: it reads "
+                             f'"version": {CONFIG_VERSION} (a JSON number).')
         known = {f.name for f in fields(cls)} - {"base_dir"}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -292,7 +293,9 @@ class RoutingConfig:
             return NullBank.load(path, num_layers=num_layers, num_experts=num_experts,
                                  allow_unverified=self.allow_unverified_bank)
         except ValueError as err:
+            # the config's words, not NullBank.load's argument names (`directory` is the config's `bank`)
             err = str(err).replace("`allow_unverified`", '"allow_unverified_bank": true in the routing config')
+            err = err.replace(f"`directory` {str(path)!r} ", "it ").rstrip(".")
             raise ValueError(f"routing config `bank` ({str(path)!r}): {err}. Point `bank` at a bank fitted "
                              "for this model (`bh-routing capture` + `bh-routing fit`).") from None
 

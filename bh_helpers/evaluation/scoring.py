@@ -47,6 +47,8 @@ __all__ = [
     "perplexity",
     "resolve_window",
     "scored_token_nll",
+    "scoring_window_count",
+    "window_count",
     "fit_batch_size",
     "window_bytes",
 ]
@@ -335,6 +337,17 @@ def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
         if end >= n:
             return out
         begin += stride
+
+
+def window_count(tokens: int, window: int, stride: int) -> int:
+    """Number of scoring windows :func:`perplexity` cuts from a stream of ``tokens`` tokens (0 for none)."""
+    return len(_windows(tokens, window, stride)) if tokens > 0 else 0
+
+
+def scoring_window_count(tokenizer, texts, *, window: int, stride: int) -> tuple[int, int]:
+    """``(tokens, windows)``: the token stream :func:`perplexity` would score on ``texts`` and its windows."""
+    stream, _ = _token_stream(tokenizer, _as_text_list(texts))
+    return len(stream), window_count(len(stream), window, stride)
 
 
 def resolve_window(model, window: int | None, stride: int | None) -> tuple[int, int]:

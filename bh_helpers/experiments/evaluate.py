@@ -26,8 +26,9 @@ import numpy as np
 
 from bh_helpers._locks import check_kind
 from bh_helpers._validate import check_choice, check_int
-from bh_helpers.evaluation.scoring import MIN_WINDOW, PerplexityResult, perplexity, resolve_window
+from bh_helpers.evaluation.scoring import MIN_WINDOW, PerplexityResult, perplexity, resolve_window, scoring_window_count
 from bh_helpers.evaluation.speed import compute_summary
+from bh_helpers.experiments.bootstrap import MIN_WINDOWS
 from bh_helpers.experiments.configs import bank_name
 from bh_helpers.experiments.grids import check_grid_fits
 from bh_helpers.experiments.static_allocation import mix_windows
@@ -39,7 +40,7 @@ from bh_helpers.selection.reference import WEIGHT_MODES
 from bh_helpers.selection.selectors import NativeSelector, check_null_bank
 from bh_helpers.selection.static import StaticLayerSelector
 
-__all__ = ["check_protocol", "make_evaluate_fn", "perplexity_sweep", "sweep_grid_id", "sweep_results_path"]
+__all__ = ["check_enough_text", "check_protocol", "make_evaluate_fn", "perplexity_sweep", "sweep_grid_id", "sweep_results_path"]
 
 
 def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank, window: int = 256,
@@ -151,6 +152,23 @@ def check_protocol(*, datasets: Sequence[str], max_tokens: int, window: int, str
         raise ValueError(f"`stride` ({stride}) must not exceed `window` ({window}).")
     if model is not None:
         resolve_window(model, window, stride)
+
+
+def check_enough_text(datasets: Sequence[str], tokenizer, *, max_tokens: int, window: int, stride: int) -> None:
+    """Refuse a data set whose text gives fewer scoring windows than an interval needs (:data:`MIN_WINDOWS`).
+
+    ``max_tokens`` is checked against the windows it would give before a model loads; the text
+    itself (a short ``.txt`` file) only once the tokenizer is here: the demo runs this before it
+    writes anything, so a run that could state no interval is refused, not reported as "no verdict".
+    """
+    for name in datasets:
+        tokens, windows = scoring_window_count(tokenizer, evaluation_texts(name, tokenizer, max_tokens=max_tokens),
+                                               window=window, stride=stride)
+        if windows < MIN_WINDOWS:
+            raise ValueError(
+                f"`datasets` {name!r} holds {tokens} tokens: {windows} scoring window{'s' * (windows != 1)} of "
+                f"{window}; a paired-bootstrap interval needs at least {MIN_WINDOWS}: give it at least "
+                f"{window + (MIN_WINDOWS - 1) * stride} tokens of text (or a smaller `window`).")
 
 
 def perplexity_sweep(model, tokenizer, configs, *, null_bank, results_path: str | os.PathLike,

@@ -41,6 +41,7 @@ from bh_helpers.selection.static import StaticLayerSelector
 __all__ = [
     "ALLOCATION_METHODS",
     "StaticAllocationPath",
+    "check_allocation_tokens",
     "fit_static_allocation",
     "mix_windows",
     "static_allocation_path",
@@ -227,6 +228,22 @@ def _greedy_path(cost: Callable[[tuple[int, ...]], float], n_layers: int, min_k:
     return allocations, nll
 
 
+def check_allocation_tokens(max_tokens: Any, window: int, *, name: str = "max_tokens") -> int:
+    """``max_tokens`` of an allocation's calibration text: at least one ``window`` of each half (prose, code).
+
+    Fewer tokens would choose the allocation by perplexity on less than one window per half: the
+    greedy steps would follow noise. ``name`` is the argument's name where it is another one.
+    """
+    low = 2 * int(window)
+    try:
+        return check_int(name, max_tokens, low)
+    except ValueError as err:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            raise
+        raise ValueError(f"{err} (a static allocation is chosen by perplexity on windows of {window} tokens of "
+                         "calibration text, half prose, half code: at least one window of each)") from None
+
+
 def static_allocation_path(model, tokenizer, *, texts: Sequence[str] | None = None, max_k: int | None = None,
                            min_k: int = 1, method: str = "greedy", max_tokens: int = 2048, window: int = 256,
                            batch_size: int = 8, weights: str | None = None, max_mean_k: float | None = None,
@@ -268,7 +285,7 @@ def static_allocation_path(model, tokenizer, *, texts: Sequence[str] | None = No
     weights = native.weights if weights is None else weights
     layers = tuple(b.layer for b in find_moe_blocks(model))
     if texts is None:
-        texts = calibration_texts(tokenizer, max_tokens=max_tokens)
+        texts = calibration_texts(tokenizer, max_tokens=check_allocation_tokens(max_tokens, window))
         calibration = f"embedded calibration slice, {max_tokens} tokens (half prose, half code)"
     else:
         calibration = f"{len(texts)} given documents"

@@ -30,7 +30,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from bh_helpers._clock import utc_timestamp
-from bh_helpers._locks import exclusive
+from bh_helpers._locks import exclusive, lock_path
 # The configurations and grids live in experiments.configs and experiments.grids; they are
 # re-exported here because a sweep is where users meet them
 # (``from bh_helpers.experiments.sweep import SweepConfig``).
@@ -186,7 +186,7 @@ def run_sweep(
     identity = grid_hash(configs, names, grid_id)
     path = Path(results_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(path.with_name(path.name + ".lock"), what=f"results file {str(path)!r}",
+    with exclusive(lock_path(path), what=f"results file {str(path)!r}",
                    flag="results file (--results)"):
         return _run_sweep_locked(configs, keys, names, evaluate_fn, path, identity, grid_id, protocol, overwrite,
                                  progress)
