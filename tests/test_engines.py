@@ -260,6 +260,8 @@ def test_loaded_model_with_another_router_fingerprint_is_refused(monkeypatch, ba
         model.layers[1].mlp.gate.weight.mul_(3.0)
     with pytest.raises(ValueError, match=r"fitted on another model .* differ at layers \[1\]"):
         vllm_plugin._check_fingerprint(model, state, fitted)
+    with pytest.warns(UserWarning, match=r"records no router fingerprint, so it cannot be checked.*allow_other_model"):
+        vllm_plugin._check_fingerprint(model, state, None)  # a bank fitted from a plain dict: said, as route() does
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -372,14 +373,20 @@ def _check_loaded_model(model: torch.nn.Module) -> None:
         check_model_config(hf_config)  # an unsupported family says so
         raise ValueError(f"{ENV_VAR} is set, but vLLM built no FusedMoE layer for this {hf_config.model_type} "
                          f"model ({type(model).__name__}); bh_helpers cannot route it. Unset {ENV_VAR}.")
-    fitted = None if state.bank is None else state.bank.metadata.router_fingerprint
-    if fitted and not state.config.allow_other_model:
-        _check_fingerprint(model, state, fitted)
+    if state.bank is not None and not state.config.allow_other_model:
+        _check_fingerprint(model, state, state.bank.metadata.router_fingerprint)
     layers = sorted(set(state.prefixes.values()))
     logger.info("bh_helpers routes %d MoE layers (%s) with %s", len(layers), layers, state.selector)
 
 
-def _check_fingerprint(model: torch.nn.Module, state: _PluginState, fitted: dict[int, list[float]]) -> None:
+def _check_fingerprint(model: torch.nn.Module, state: _PluginState, fitted: dict[int, list[float]] | None) -> None:
+    """Refuse a bank fitted on other routers; say so when the bank records none (it cannot be checked)."""
+    if not fitted:  # fitted from a plain dict of logits: as route() does, in words
+        warnings.warn(f"routing config `bank` ({state.config.bank_path}) records no router fingerprint, so it cannot "
+                      "be checked against this model (another model's bank would route quietly wrong): fit it from "
+                      "a capture of this model (`bh-routing capture` + `bh-routing fit`), or set "
+                      "\"allow_other_model\": true to route without the check.", UserWarning, stacklevel=2)
+        return
     modules = dict(model.named_modules())
     current = {}
     for prefix, layer in state.prefixes.items():
