@@ -104,23 +104,22 @@ def check_finite_logits(name: str, logits: Any) -> None:
         except (TypeError, ValueError) as err:
             raise ValueError(f"`{name}` must be a tensor or array of numbers: {err}") from None
         bad, huge = ~np.isfinite(magnitude), magnitude > LARGEST_LOGIT
-    n_bad = int(bad.sum())
+    def first_row(mask: np.ndarray) -> int:  # the first row (token) holding a flagged value
+        rows = mask.reshape(mask.shape[0], -1).any(axis=-1) if mask.ndim > 1 else mask.reshape(-1)  # (N,)
+        return int(np.flatnonzero(rows)[0])
+
+    n_bad, n_huge = int(bad.sum()), int(huge.sum())
     if n_bad:
-        rows = bad.reshape(bad.shape[0], -1).any(axis=-1) if bad.ndim > 1 else bad.reshape(-1)  # (N,)
-        first = int(np.flatnonzero(rows)[0])
         raise ValueError(
-            f"`{name}` has {n_bad} NaN/inf values (the first in row {first}); router logits must be finite: "
+            f"`{name}` has {n_bad} NaN/inf values (the first in row {first_row(bad)}); router logits must be finite: "
             "re-capture them in float32 (float16 overflows), or drop the non-finite rows "
             "(x[torch.isfinite(x).all(-1)])."
         )
-    n_huge = int(huge.sum())
     if n_huge:
-        rows = huge.reshape(huge.shape[0], -1).any(axis=-1) if huge.ndim > 1 else huge.reshape(-1)  # (N,)
-        first = int(np.flatnonzero(rows)[0])
         raise ValueError(
             f"`{name}` has {n_huge} value{'s' if n_huge > 1 else ''} beyond +-{LARGEST_LOGIT:g} (the largest "
-            f"{float(magnitude.max()):.3g}, the first in row {first}): no router gives such a logit, and a null "
-            "fitted on it could not be applied in float16; it is a damaged value: drop the row or capture again."
+            f"{float(magnitude.max()):.3g}, the first in row {first_row(huge)}): no router gives such a logit, and a "
+            "null fitted on it could not be applied in float16; it is a damaged value: drop the row or capture again."
         )
 
 
