@@ -13,6 +13,7 @@ import pytest
 
 from bh_helpers.app import cli
 from bh_helpers.models.loading import embedded_model_dir
+from bh_helpers.experiments.results_file import seal_row
 
 
 def _run(argv: list[str]) -> int:
@@ -180,7 +181,9 @@ def files(tmp_path_factory, embedded_outputs):
     for row in rows:  # every run overflowed
         row["metrics"].update(perplexity="inf", nll="nan")
     out["overflowed"] = root / "overflowed.jsonl"
-    out["overflowed"].write_text("\n".join([lines[0], *map(json.dumps, rows)]) + "\n", encoding="utf-8")
+    # sealed: rows a run could have written (an overflow), or written by an older version without checksums
+    out["overflowed"].write_text("\n".join([lines[0], *(json.dumps(seal_row(r)) for r in rows)]) + "\n",
+                                 encoding="utf-8")
     for name, value in (("negative", -5.0), ("text", "abc"), ("missing", None)):  # one row edited
         rows = [json.loads(line) for line in lines[1:]]
         if value is None:
@@ -188,13 +191,15 @@ def files(tmp_path_factory, embedded_outputs):
         else:
             rows[0]["metrics"]["perplexity"] = value
         out[name] = root / f"{name}.jsonl"
-        out[name].write_text("\n".join([lines[0], *map(json.dumps, rows)]) + "\n", encoding="utf-8")
+        out[name].write_text("\n".join([lines[0], *(json.dumps(seal_row(r)) for r in rows)]) + "\n",
+                             encoding="utf-8")
     rows = [json.loads(line) for line in lines[1:]]
     for row in rows:  # the BH row ranks best (a possible perplexity): --save-config then needs its bank
         if row["config"]["method"] == "bh":
             row["metrics"]["perplexity"] = 1.5
     out["bhwins"] = root / "bhwins.jsonl"
-    out["bhwins"].write_text("\n".join([lines[0], *map(json.dumps, rows)]) + "\n", encoding="utf-8")
+    out["bhwins"].write_text("\n".join([lines[0], *(json.dumps(seal_row(r)) for r in rows)]) + "\n",
+                             encoding="utf-8")
     out["zscore"] = root / "bank_zscore"  # the same capture, another statistic: another bank
     assert cli.main(["fit", "--captured", str(cap), "--out", str(out["zscore"]), "--grid-size", "256",
                      "--statistic", "zscore"]) == 0
@@ -479,21 +484,34 @@ def test_a_bank_without_a_layer_is_refused_before_the_sweep_writes(files, tmp_pa
     assert _run([*argv, "--nulls", str(files["bank"])]) == 0  # the corrected command runs
 
 
-@pytest.mark.parametrize("method,value", [("bh", -1.0), ("bh", 99.0), ("topk", 0.5), ("native", 0.0)])
+@pytest.mark.parametrize("method,value,sealed", [
+    *[(m, v, sealed) for m, v in (("bh", -1.0), ("bh", 99.0), ("topk", 0.5), ("native", 0.0)) for sealed in (0, 1)],
+    ("native", 2.5, 0),  # plausible: only the checksum can tell (with a valid one it is a result, not damage)
+])
 @pytest.mark.fault("damaged files", "clear error")
-def test_a_results_row_with_a_mean_k_its_configuration_cannot_give_is_set_aside(method, value, files, tmp_path,
-                                                                                 capsys):
+def test_a_results_row_with_a_mean_k_its_configuration_cannot_give_is_set_aside(method, value, sealed, files,
+                                                                                 tmp_path, capsys):
     """A row edited to mean k -1 or 0 was ranked first by optimize (the cheapest), and 99 changed a weighted pick;
-    report showed them without a word. Such a row is now set aside with the warning that counts them."""
+    report showed them without a word; a native row edited to a plausible 2.5 could not be told at all. An edit
+    is now caught by the row's checksum; a row with a valid checksum (an older file's, or a faulty writer's) whose
+    mean k its configuration cannot give is still set aside. Both with the warning that counts them."""
     lines = files["results"].read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines[1:]]
     edited = next(r for r in rows if r["config"]["method"] == method)
     edited["metrics"]["mean_experts_per_token"] = value
+    rows = [seal_row(r) for r in rows] if sealed else rows
     path = tmp_path / "edited.jsonl"
     path.write_text("\n".join([lines[0], *(json.dumps(r) for r in rows)]) + "\n", encoding="utf-8")
     assert _run(["optimize", "--results", str(path), "--budget", "8"]) == 0
     out, err = capsys.readouterr()
-    assert "1 with a mean k its configuration cannot give" in err and f"| {value:.3f} |" not in out, (out, err)
+    why = "1 with a mean k its configuration cannot give" if sealed else \
+        "1 edited after the sweep wrote them (their checksum differs or is missing)"
+    assert why in err and f"| {value:.3f} |" not in out, (out, err)
+    if not sealed:  # deleting the checksum does not pass either
+        del rows[rows.index(edited)]["row_sha256"]
+        path.write_text("\n".join([lines[0], *(json.dumps(r) for r in rows)]) + "\n", encoding="utf-8")
+        assert _run(["optimize", "--results", str(path), "--budget", "8"]) == 0
+        assert why in capsys.readouterr().err
 
 
 @pytest.mark.fault("command line", "clear error")

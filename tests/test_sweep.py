@@ -15,6 +15,7 @@ import pytest
 from bh_helpers.models import datasets as bds
 from bh_helpers.experiments.sweep import SweepConfig, expand_grid, grid_hash, load_results, run_sweep
 from bh_helpers.experiments.configs import with_controls
+from bh_helpers.experiments.results_file import seal_row as sealed
 
 pd = pytest.importorskip("pandas")
 
@@ -423,8 +424,9 @@ def test_rows_of_another_grid_are_set_aside_with_one_warning(tmp_path):
     a, b = _two_grids(tmp_path)
     mixed = tmp_path / "mixed.jsonl"
     row_a = json.loads(a.read_text().splitlines()[1])  # top-1 on prose
-    foreign_set = row_a | {"dataset": "code"}
-    forged = row_a | {"key": SweepConfig("topk", k=2).key()}  # top-1's configuration under top-2's key
+    # rows a sweep could have written (sealed with their checksum): the grid checks must catch them, not the checksum
+    foreign_set = sealed(row_a | {"dataset": "code"})
+    forged = sealed(row_a | {"key": SweepConfig("topk", k=2).key()})  # top-1's configuration under top-2's key
     mixed.write_text(a.read_text() + json.dumps(foreign_set) + "\n" + json.dumps(forged) + "\n" + b.read_text())
     before = mixed.read_bytes()
     with warnings.catch_warnings(record=True) as caught:
@@ -443,7 +445,8 @@ def test_rows_of_another_grid_are_set_aside_with_one_warning(tmp_path):
     assert mixed.read_bytes() == before
     # A foreign data-set row after the file's own rows, no second header.
     lone = tmp_path / "lone.jsonl"
-    lone.write_text(a.read_text() + json.dumps(json.loads(a.read_text().splitlines()[1]) | {"dataset": "code"}) + "\n")
+    lone.write_text(a.read_text() + json.dumps(sealed(json.loads(a.read_text().splitlines()[1]) | {"dataset": "code"}))
+                    + "\n")
     with pytest.warns(UserWarning, match="1 line that does not belong to its grid \\(1 of a data set the header"):
         assert load_results(lone)["dataset"].tolist() == ["prose", "prose"]
     # Another model's row of the same configuration and data set, pasted without its header.

@@ -32,7 +32,28 @@ from typing import Any
 from bh_helpers._validate import existing_file
 from bh_helpers.experiments.configs import FDR_METHODS, SweepConfig, _canonical_json, _short_hash
 
-__all__ = ["ResultsFile", "decode_metrics", "encode_metrics", "finite_rows", "load_results", "read_results_file"]
+__all__ = ["FORMAT_VERSION", "ROW_DIGEST", "ResultsFile", "decode_metrics", "encode_metrics", "finite_rows",
+           "load_results", "read_results_file", "row_digest", "seal_row"]
+
+#: Format of the results files written now: 2 = every row carries :data:`ROW_DIGEST` (format 1, older
+#: files, has none: their rows are read as they are).
+FORMAT_VERSION = 2
+#: The field of a row that holds the SHA-256 of the rest of the row: a value edited by hand after the
+#: sweep wrote it (a perplexity or mean k changed to a plausible number) is told apart and set aside.
+ROW_DIGEST = "row_sha256"
+
+
+def row_digest(record: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a results row's canonical JSON, without its own :data:`ROW_DIGEST` field."""
+    import hashlib
+
+    body = {k: v for k, v in record.items() if k != ROW_DIGEST}
+    return hashlib.sha256(_canonical_json(body).encode("utf-8")).hexdigest()
+
+
+def seal_row(record: Mapping[str, Any]) -> dict:
+    """``record`` with its :data:`ROW_DIGEST` (re)computed: how the sweep writes every row."""
+    return {**{k: v for k, v in record.items() if k != ROW_DIGEST}, ROW_DIGEST: row_digest(record)}
 
 
 def encode_metrics(obj: Any) -> Any:
@@ -110,7 +131,8 @@ def read_results_file(path: str | os.PathLike) -> ResultsFile:
 
     The one reader of results files (:func:`load_results`, :func:`run_sweep`'s resume). A row
     belongs to the grid of the first header when no header of another grid (``grid_hash``)
-    precedes it, its own ``grid_hash`` (rows written since it exists) is that header's, its data
+    precedes it, its checksum (:data:`ROW_DIGEST`, format 2) holds, its own ``grid_hash`` (rows
+    written since it exists) is that header's, its data
     set and configuration are in that header, and its key is its configuration's. Non-finite
     metrics are read back as floats.
 
@@ -127,6 +149,7 @@ def read_results_file(path: str | os.PathLike) -> ResultsFile:
     datasets = set(header["datasets"]) if isinstance(header.get("datasets"), list) else None
     keys = {_config_key(c) for c in header["configs"]} if isinstance(header.get("configs"), list) else None
     in_grid = True  # False after the header of another grid (two files concatenated)
+    checksummed = isinstance(header.get("format"), int) and header["format"] >= 2  # every row carries ROW_DIGEST
     for record in records:
         kind = record.get("type") if isinstance(record, dict) else None
         if kind == "header":
@@ -138,6 +161,8 @@ def read_results_file(path: str | os.PathLike) -> ResultsFile:
             why = "lines that are not result rows"
         elif not in_grid:
             why = "after the header of another grid"
+        elif (checksummed or ROW_DIGEST in record) and record.get(ROW_DIGEST) != row_digest(record):
+            why = "edited after the sweep wrote them (their checksum differs or is missing)"
         elif record.get("grid_hash", header.get("grid_hash")) != header.get("grid_hash"):  # older rows have none
             why = "of another grid"
         elif datasets is not None and record.get("dataset") not in datasets:

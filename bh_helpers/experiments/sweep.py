@@ -45,7 +45,8 @@ from bh_helpers.experiments.configs import (
     with_controls,
 )
 from bh_helpers.experiments.grids import expand_grid
-from bh_helpers.experiments.results_file import encode_metrics, load_results, read_results_file
+from bh_helpers.experiments.results_file import (FORMAT_VERSION, encode_metrics, load_results, read_results_file,
+                                                 seal_row)
 
 __all__ = [
     "METHODS",
@@ -62,7 +63,6 @@ __all__ = [
     "read_results_file",
 ]
 
-FORMAT_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,19 +258,17 @@ def _run_sweep_locked(configs, keys, names, evaluate_fn, path: Path, identity: s
             t0 = time.perf_counter()
             metrics = evaluate_fn(config, name)
             elapsed = time.perf_counter() - t0
-            _append_line(
-                fh,
-                {
-                    "type": "row",
-                    "grid_hash": identity,  # so that a row pasted into another grid's file is told apart
-                    "key": key,
-                    "dataset": name,
-                    "config": config.to_dict(),
-                    "metrics": encode_metrics(metrics),
-                    "elapsed_s": round(elapsed, 6),
-                    "finished": utc_timestamp(),
-                },
-            )
+            row = {
+                "type": "row",
+                "grid_hash": identity,  # so that a row pasted into another grid's file is told apart
+                "key": key,
+                "dataset": name,
+                "config": config.to_dict(),
+                "metrics": encode_metrics(metrics),
+                "elapsed_s": round(elapsed, 6),
+                "finished": utc_timestamp(),
+            }
+            _append_line(fh, seal_row(row))  # a value edited later is told apart on reading
             bar.update(1)
     return load_results(path)
 
