@@ -117,6 +117,24 @@ def new_output(path: str | os.PathLike, name: str, *, folder: bool = False,
     check = {"folder": folder, "exists": exists, "holds": holds}
     refuse_existing(path, name, **check)  # before creating anything
     kind = "output folder" if folder else "output file"
-    with exclusive(lock_path(path, folder=folder), what=f"{kind} {str(path)!r}", flag=name):
-        refuse_existing(path, name, **check)  # again: another process may have written it meanwhile
-        yield path
+    created = folder and not path.exists()
+    try:
+        with exclusive(lock_path(path, folder=folder), what=f"{kind} {str(path)!r}", flag=name):
+            refuse_existing(path, name, **check)  # again: another process may have written it meanwhile
+            yield path
+    except BaseException:
+        if created:  # a failed fit leaves no empty folder behind (only one it made, holding only its lock)
+            _remove_if_only_the_lock(path)
+        raise
+
+
+def _remove_if_only_the_lock(folder: Path) -> None:
+    lock = lock_path(folder, folder=True)
+    leftovers = {lock.name, lock.name + ".pid"}
+    try:
+        if {p.name for p in folder.iterdir()} <= leftovers:
+            for name in leftovers:
+                (folder / name).unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:  # another process got in meanwhile, or the folder is read-only: leave it as it is
+        pass

@@ -101,6 +101,9 @@ BAD = [
     ("fit", ["--captured", "{missing}"], "does not exist"),
     ("fit", ["--captured", "{file}"], "not a readable safetensors file"),
     _fixed("fit", ["--captured", "{dir}"], "captured logits file '{dir}' is a folder; pass a file in it"),
+    # found only while fitting (under the --out lock): it left an empty --out folder behind
+    _fixed("fit", ["--captured", "{const2}"], "layer 2: the logits have zero variance (all values equal 0.0); a null "
+           "cannot be fitted to a constant: capture more or different calibration text"),
     _fixed("fit", ["--out", "{file}"], "--out '{file}' is a file"),
     ("fit", ["--out", "{bank}"], "already holds a null bank"),
     ("fit", ["--kernel", "bogus"], "argument --kernel: invalid choice"),
@@ -166,7 +169,15 @@ def env(tmp_path_factory):
                      "--no-progress"]) == 0
     assert cli.main(["fit", "--captured", str(cap), "--out", str(bank), "--grid-size", "256"]) == 0
     assert cli.main(["sweep", "--results", str(results), *[_fill(a, {"bank": bank, "cap": cap}) for a in SWEEP]]) == 0
-    return {"cap": cap, "bank": bank, "results": results, "root": root}
+    import torch
+
+    from bh_helpers.capture import CAPTURE_DIGEST, CapturedLogits
+
+    captured, header = CapturedLogits.load(cap)  # one layer's logits all equal: no null can be fitted to it
+    captured.logits[2] = torch.zeros_like(captured.logits[2])
+    captured.save(root / "const2.safetensors",
+                  metadata={k: v for k, v in header.items() if k not in ("format", "total_tokens", CAPTURE_DIGEST)})
+    return {"cap": cap, "bank": bank, "results": results, "root": root, "const2": root / "const2.safetensors"}
 
 
 def _fill(arg: str, places: dict) -> str:
