@@ -212,6 +212,15 @@ def test_bank_with_another_router_fingerprint_is_refused(tmp_path, cache_root):
     assert "fitted on another model" in text and "allow_other_model" in text
 
 
+def test_per_layer_settings_for_a_layer_the_model_lacks_are_refused(tmp_path, cache_root):
+    """A 7th per-layer level on the 6-layer model was ignored quietly (issue 25 re-run, class H): the plugin now
+    runs the selector's own layer check (`check_layer_entries`) on each layer vLLM builds."""
+    alphas = {str(layer): 0.1 for layer in range(7)}
+    text = _refused(tmp_path, cache_root, {"selector": "bh", "bank": str(BANK), "alpha": alphas})
+    assert "`alpha` has a level for layers [6], which the routed model does not have (it has 6 layers" in text, \
+        text[-3000:]
+
+
 def test_skipped_slots_are_refused_on_cpu(tmp_path, cache_root):
     text = _refused(tmp_path, cache_root, {"selector": "topk", "k": 4, "unused_slots": "skip"})
     assert "crashes on -1 expert ids" in text and '"unused_slots": "pad"' in text
