@@ -3,6 +3,7 @@ the document-level bootstrap and the tune/confirm split, against brute force on 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -115,9 +116,34 @@ def test_path_saves_and_loads(short_path, tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         StaticAllocationPath.load(tmp_path / "bad.json")
-    (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="not a static allocation path"):
-        StaticAllocationPath.load(tmp_path / "other.json")
+        StaticAllocationPath.from_dict({})
+
+
+@pytest.mark.fault("damaged files", "clear error")
+def test_an_edited_or_inconsistent_allocation_is_refused(short_path, tmp_path):
+    """A demo folder's static_allocation.json edited by hand ran the static controls at another compute than
+    their label, without a word: the file carries a checksum now, and no allocation whose k's do not add up
+    to its total (or that routes a layer to 0 experts) can be built at all."""
+    path = short_path.save(tmp_path / "static.json")
+    data = json.loads(path.read_text())
+    total = max(short_path.allocations)
+    data["allocations"][str(total)][0] -= 1  # one expert fewer in layer 0, under the same label
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"does not match its checksum \(an allocation or a field was edited.*"
+                                         r"delete it to refit"):
+        StaticAllocationPath.load(path)
+    del data["allocation_sha256"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="has no checksum.*delete it to refit"):
+        StaticAllocationPath.load(path)
+    with pytest.raises(ValueError, match=f"the allocation of {total} experts is .*add up to {total}"):
+        StaticAllocationPath.from_dict(data)
+    zero = {**short_path.to_dict(), "allocations": {"6": [0, 1, 1, 1, 1, 2]}, "nll": {"6": 1.0}}
+    with pytest.raises(ValueError, match="at least 1 expert"):
+        StaticAllocationPath.from_dict(zero)
+    with pytest.raises(ValueError, match="`layers` must be distinct"):
+        StaticAllocationPath.from_dict({**short_path.to_dict(), "layers": [0, 0, 1, 2, 3, 4]})
 
 
 def test_fit_static_allocation_refuses_targets_before_any_run(tiny_model_and_tokenizer):

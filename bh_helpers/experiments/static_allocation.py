@@ -22,6 +22,7 @@ per-window NLL). Everything is deterministic for a given model and text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -82,6 +83,19 @@ class StaticAllocationPath:
     method: str
     protocol: dict = field(default_factory=dict)
     versus_uniform: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # an allocation whose k's do not add up to its total would run another compute than it is labelled
+        layers = list(self.layers)
+        if not layers or layers != sorted(set(layers)) or any(not isinstance(x, int) or x < 0 for x in layers):
+            raise ValueError(f"static allocation: `layers` must be distinct layer numbers >= 0 in increasing order; "
+                             f"got {layers}.")
+        for total, ks in self.allocations.items():
+            if len(ks) != len(layers) or sum(ks) != total or min(ks) < 1:
+                raise ValueError(f"static allocation: the allocation of {total} experts is {list(ks)}: it must give "
+                                 f"each of the {len(layers)} layers at least 1 expert and add up to {total}.")
+        if set(self.nll) != set(self.allocations):
+            raise ValueError("static allocation: `nll` must have one value per allocation.")
 
     @property
     def num_layers(self) -> int:
@@ -145,20 +159,38 @@ class StaticAllocationPath:
             raise ValueError(f"not a static allocation path (missing or bad field: {err}).") from None
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON (through a temporary file, so a reader never sees half of it)."""
+        """Write JSON with its checksum (through a temporary file, so a reader never sees half of it)."""
         path = Path(path)
+        data = self.to_dict()
+        data[ALLOCATION_DIGEST] = _allocation_digest(data)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> StaticAllocationPath:
+        """Read a file :meth:`save` wrote; ValueError (saying to delete it and refit) when it was edited since."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{str(path)!r} is not valid JSON ({err}); delete it to refit.") from None
-        return cls.from_dict(data)
+        if not isinstance(data, dict) or data.get(ALLOCATION_DIGEST) != _allocation_digest(data):
+            problem = "has no checksum (written by an older bh_helpers, or the field was deleted)" \
+                if not isinstance(data, dict) or ALLOCATION_DIGEST not in data else \
+                "does not match its checksum (an allocation or a field was edited after it was fitted)"
+            raise ValueError(f"static allocation {str(path)!r} {problem}; delete it to refit.")
+        return cls.from_dict({k: v for k, v in data.items() if k != ALLOCATION_DIGEST})
+
+
+#: The field of a saved static allocation that holds the SHA-256 of the rest: an allocation edited by
+#: hand would change the static controls' compute, and so every verdict read against them, without a word.
+ALLOCATION_DIGEST = "allocation_sha256"
+
+
+def _allocation_digest(data: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in data.items() if k != ALLOCATION_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
 def mix_windows(results: Sequence[tuple[PerplexityResult, float]]) -> PerplexityResult:
