@@ -151,8 +151,6 @@ class DemoSettings:
                 raise ValueError(f"`{name}` must be True or False; got {getattr(self, name)!r}.")
         check_choice("static_allocation", self.static_allocation, (*ALLOCATION_METHODS, "auto", "none"))
         check_int("calibration_tokens", self.calibration_tokens, MIN_CALIBRATION_TOKENS)
-        if self.static_allocation != "none":  # at least a window of each half of the calibration text
-            check_allocation_tokens(self.allocation_tokens, self.window, name="allocation_tokens")
         check_int("allocation_tokens", self.allocation_tokens, MIN_CALIBRATION_TEXT_TOKENS)
         check_int("seed", self.seed, 0, 2**63 - 1)  # torch and numpy seed generators take 64-bit seeds
         for flag, value in (("statistics", self.statistics), ("trims", self.trims)):
@@ -172,6 +170,8 @@ class DemoSettings:
                 f"`max_tokens` {self.max_tokens} gives {windows} scoring window{'s' * (windows != 1)} of {self.window} "
                 f"tokens per data set; a paired-bootstrap interval needs at least {MIN_WINDOWS}: pass `max_tokens` "
                 f"{need} or more (or a smaller `window`).")
+        if self.static_allocation != "none":  # at least a window of each half of the calibration text
+            check_allocation_tokens(self.allocation_tokens, self.window, name="allocation_tokens")
 
     def evaluated_datasets(self) -> list[str]:
         """The data sets scored: each one's tuning and confirmation halves when split."""
