@@ -81,11 +81,11 @@ BAD = [
     ("demo", ["--weights", "bogus"], "argument --weights: invalid choice"),
     ("demo", ["--static-allocation", "bogus"], "argument --static-allocation: invalid choice"),
     _fixed("demo", ["--static-allocation", "separable", "--allocation-tokens", "3"],
-     "--allocation-tokens must be an integer >= 32; got 3. (a static allocation is chosen by perplexity on windows "
-     "of 16 tokens"),
+     "--allocation-tokens must be an integer >= 4"),
     # 4 tokens chose an allocation without a word: less than one window of each half
     _fixed("demo", ["--static-allocation", "separable", "--allocation-tokens", "31"],
-           "--allocation-tokens must be an integer >= 32; got 31."),
+           "--allocation-tokens must be an integer >= 32; got 31. (a static allocation is chosen by perplexity on "
+           "windows of 16 tokens"),
     ("demo", ["--seed", "-1"], "--seed must be an integer >= 0"),
     ("capture", ["--out", "{file}"], "--out '{file}' exists"),
     _fixed("capture", ["--out", "{dir}"], "--out '{dir}' is a folder"),

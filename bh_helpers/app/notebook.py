@@ -237,8 +237,12 @@ def calibration_logits(
     wanted = {"model_id": resolve_model_key(model_name) if model is None else model_key(model),
               "max_tokens": str(max_tokens), "window": str(window)}
     if path.is_file():
-        captured, header = CapturedLogits.load(path)
-        if all(header.get(k) == v for k, v in wanted.items()):
+        try:
+            captured, header = CapturedLogits.load(path)
+        except ValueError as err:  # an older or damaged cache of this notebook's own: captured again, said so
+            print(f"capturing again: {err}")
+            header = {}
+        if header and all(header.get(k) == v for k, v in wanted.items()):
             return captured, model, tokenizer
     if model is None or tokenizer is None:
         model, tokenizer = load_notebook_model(model_name)
