@@ -40,7 +40,8 @@ from bh_helpers.selection.reference import WEIGHT_MODES
 from bh_helpers.selection.selectors import NativeSelector, check_null_bank
 from bh_helpers.selection.static import StaticLayerSelector
 
-__all__ = ["check_enough_text", "check_protocol", "make_evaluate_fn", "perplexity_sweep", "sweep_grid_id", "sweep_results_path"]
+__all__ = ["check_enough_text", "check_protocol", "make_evaluate_fn", "perplexity_sweep", "sweep_grid_id",
+           "sweep_results_path"]
 
 
 def make_evaluate_fn(model, tokenizer, data: dict[str, list[str]], *, null_bank, window: int = 256,

@@ -206,7 +206,8 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
     from bh_helpers.nulls.bank import load_bank_folder
 
     if not isinstance(key, str):
-        raise ValueError(f"`key` is {key!r}, not a configuration of `results` (nothing fits the budget?); nothing to save.")
+        raise ValueError(f"`key` is {key!r}, not a configuration of `results` (nothing fits the budget?); "
+                         "nothing to save.")
     refuse_existing(path, "`path`")  # before the work; again under the lock
     config = config_of(results, key)
     measured = (results.attrs.get("header", {}).get("protocol") or {}).get("weights", "softmax")  # older: softmax

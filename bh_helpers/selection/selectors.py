@@ -100,9 +100,10 @@ class Selector(Protocol):
 def check_null_bank(null_bank: Any, target: RoutedModel) -> None:
     """Refuse a :class:`~bh_helpers.nulls.bank.NullBank` that does not fit the routed model.
 
-    Layer and expert counts, the router fingerprint (unless ``target.allow_other_model``) and a
-    null for every routed layer. Anything else (None, a duck-typed bank with ``.pvalues`` only)
-    is not checked. Used by the :meth:`Selector.check` of every selector that holds a bank.
+    Layer and expert counts, the router fingerprint (unless ``target.allow_other_model``; a bank
+    that records none is routed with a warning that it cannot be checked) and a null for every
+    routed layer. Anything else (None, a duck-typed bank with ``.pvalues`` only) is not checked.
+    Used by the :meth:`Selector.check` of every selector that holds a bank.
 
     Raises
     ------
@@ -126,8 +127,8 @@ def check_null_bank(null_bank: Any, target: RoutedModel) -> None:
     if fitted is None and not target.allow_other_model and target.router_fingerprint is not None:
         warnings.warn(
             f"the selector's null bank{f' ({null_bank.metadata.model_id!r})' if null_bank.metadata.model_id else ''} "
-            "records no router fingerprint, so it cannot "
-            "be checked against the routed model (another model's bank would route quietly wrong): fit it from a "
+            "records no router fingerprint, so it cannot be checked against the routed model (another model's bank "
+            "would route quietly wrong): fit it from a "
             "capture of this model (`bh-routing capture` + `bh-routing fit`, or fit_null_bank on the CapturedLogits "
             "that capture_calibration returns) (or, to route without the check, `allow_other_model=True`).",
             UserWarning, stacklevel=4)
