@@ -1,7 +1,8 @@
 """The report's verdict, written from the numbers of :func:`bh_helpers.experiments.comparison.compare_with_controls`.
 
 Nothing here is typed by hand: each sentence counts rows of the comparison table, and a claim
-that a configuration is better needs a 95% paired-bootstrap interval that excludes zero against
+that a configuration is better needs a 95% paired interval (the table's: the delete-one-document
+jackknife by default, :func:`~bh_helpers.experiments.comparison.compare_with_controls`) that excludes zero against
 the strongest control that ran at its compute (the lowest perplexity of mixed top-k, its own
 shuffled counts and the static chord), at no more experts than that control.
 """
