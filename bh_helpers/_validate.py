@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ArgumentTypeError", "as_flags", "check_choice", "check_finite_logits", "check_int", "check_level",
-           "check_number", "is_int"]
+__all__ = ["LARGEST_LOGIT", "ArgumentTypeError", "as_flags", "check_choice", "check_finite_logits", "check_int",
+           "check_level", "check_number", "existing_file", "is_int"]
 
 
 class ArgumentTypeError(TypeError, ValueError):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from bh_helpers._locks import new_output, refuse_existing
-from bh_helpers._validate import check_int, existing_file
+from bh_helpers._validate import LARGEST_LOGIT, check_int, existing_file
 from bh_helpers.models.families import LayerSpec, find_moe_blocks, router_fingerprint, router_logits, select_layers
 from bh_helpers.models.texts import calibration_token_ids, read_text_file
 
@@ -339,6 +339,11 @@ class CapturedLogits(Mapping):
             raise ValueError(f"{str(path)!r} holds tokens with NaN/inf router logits ({found}): the model's router "
                              "overflowed on them or the file was edited; capture again (the demo captures again once "
                              "the file is removed), in float32 if the model ran in float16.")
+        huge = {layer: int((x.abs() > LARGEST_LOGIT).sum()) for layer, x in logits.items()}  # (N, E) -> count
+        if any(huge.values()):  # no router gives them (the fit's own check names a Python argument)
+            found = ", ".join(f"layer {layer}: {n}" for layer, n in sorted(huge.items()) if n)
+            raise ValueError(f"{str(path)!r} holds router logits beyond +-{LARGEST_LOGIT:g} ({found}): no router "
+                             "gives such a value, so the file is damaged or was edited; capture again.")
         if header.get(CAPTURE_DIGEST) != _capture_digest(tensors, header):  # after the checks that name the damage
             problem = "has no checksum (written by an older bh_helpers, or the field was deleted)" \
                 if CAPTURE_DIGEST not in header else "does not match its checksum (a layer, token or header field " \

@@ -48,7 +48,7 @@ def test_fit_with_trim_refuses_non_finite_logits(value, statistic):
 
     with pytest.raises(ValueError, match=rf"`logits` has 1 NaN/inf values \(the first in row 7\).*{FIX}"):
         fit_null(_logits(value), statistic=statistic, trim=2)
-    with pytest.raises(ValueError, match=r"layer 2: `logits` has 1 NaN/inf"):
+    with pytest.raises(ValueError, match=r"`logits_by_layer\[2\]` has 1 NaN/inf"):
         fit_null_bank({0: _logits(0.0), 2: _logits(value)}, statistic=statistic, trim=2)
 
 
@@ -61,7 +61,7 @@ def test_fit_captured_with_trim_refuses_non_finite_logits(value):
     n = 600
     captured = CapturedLogits(logits={0: _logits(0.0), 1: _logits(value)}, token_ids=torch.zeros(n, dtype=torch.long),
                               positions=torch.arange(n), sequence_index=torch.zeros(n, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"layer 1: `logits` has 1 NaN/inf"):
+    with pytest.raises(ValueError, match=r"`logits_by_layer\[1\]` has 1 NaN/inf"):
         fit_captured(captured, statistic="zscore", trim=4)
 
 

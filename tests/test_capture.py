@@ -216,3 +216,14 @@ def test_the_router_fingerprint_travels_capture_save_load_fit(model, tmp_path):
     assert fit_null_bank(loaded).metadata.router_fingerprint == captured.router_fingerprint
     assert fit_captured(tmp_path / "c.safetensors").metadata.router_fingerprint == captured.router_fingerprint
     assert fit_null_bank(dict(captured.logits)).metadata.router_fingerprint is None  # a plain dict has none
+
+
+@pytest.mark.fault("damaged files", "clear error")
+def test_a_capture_holding_a_logit_beyond_float16_is_refused_naming_the_file(model, tmp_path):
+    """Saved with a valid checksum (through the API), a capture with one 3e38 logit reached the fit, whose
+    message named a Python argument (`logits`) on the command line: the file itself is refused, by name."""
+    captured = capture_router_logits(model, make_batches(model), progress=False)
+    captured.logits[1][3, 5] = 3e38
+    path = captured.save(tmp_path / "huge.safetensors")
+    with pytest.raises(ValueError, match=r"huge.safetensors' holds router logits beyond \+-65504 \(layer 1: 1\)"):
+        CapturedLogits.load(path)

@@ -647,7 +647,7 @@ def test_fit_null_bank_rejects_bad_input():
         fit_null_bank({0: torch.randn(10, 4), 1: torch.randn(10, 5)})
     with pytest.raises(ValueError, match="logits_by_layer.*shape"):
         fit_null_bank({0: torch.randn(10)})
-    with pytest.raises(ValueError, match="layer 1.*NaN"):
+    with pytest.raises(ValueError, match=r"`logits_by_layer\[1\]` has 40 NaN"):
         fit_null_bank({0: torch.randn(10, 4), 1: torch.full((10, 4), float("nan"))})
     with pytest.raises(ValueError, match="num_layers"):
         fit_null_bank({3: torch.randn(10, 4)}, num_layers=2)

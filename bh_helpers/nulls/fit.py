@@ -307,6 +307,7 @@ def fit_null_bank(
         )
     nulls = {}
     for layer in sorted(logits_by_layer):
+        check_finite_logits(f"logits_by_layer[{layer}]", logits_by_layer[layer])  # the argument as the caller named it
         try:
             nulls[int(layer)] = fit_null(
                 logits_by_layer[layer],
