@@ -410,6 +410,29 @@ def test_ctrl_c_while_the_cli_is_still_importing_is_one_line(monkeypatch, capsys
 
 
 @pytest.mark.fault("command line", "clear error")
+def test_ctrl_c_while_importing_is_one_line_under_python_m_too(tmp_path):
+    """`python -m bh_helpers.app.cli` ran cli.py's own imports before any handler: a traceback (issue 25 re-run).
+    The interrupt is injected at the import of scipy (deep in the CLI's imports) by a sitecustomize."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Interrupted:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'scipy':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupted())\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)]), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bh_helpers.app.cli", "fit", "--help"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr == "bh-routing: interrupted; rerun the same command to resume.\n", \
+        proc.stderr[-2000:]
+
+
+@pytest.mark.fault("command line", "clear error")
 def test_a_budget_below_every_row_is_said_in_words(env, tmp_path, capsys):
     """``--budget 0.5`` printed a row of empty cells and exited 0 without a word (issue 25 re-run)."""
     assert cli.main(["optimize", "--results", str(env["results"]), "--budget", "0.5"]) == 0
