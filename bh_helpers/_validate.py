@@ -188,7 +188,7 @@ _IRREGULAR_FLAGS = {"mean_k": "--mean-ks", "target_mean_k": "--mean-ks", "out_di
                     "allow_unverified": "--allow-unverified-bank", "allow_unverified=True": "--allow-unverified-bank",
                     "split=False": "--no-split", "k_matching=False": "--no-k-matching",
                     "categories=False": "--no-categories", "controls=False": "--no-controls",
-                    "directory": "--nulls"}
+                    "directory": "--nulls", "logits_by_layer": "--captured"}
 
 
 def _flag(name: str, options: set[str]) -> str | None:

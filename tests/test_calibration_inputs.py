@@ -143,3 +143,42 @@ def test_the_one_finiteness_check(kind):
     check_finite_logits("calib", torch.tensor([-1.0, 1.0]))  # 1-D
     with pytest.raises(ValueError, match="`calib` must be a tensor or array of numbers"):
         check_finite_logits("calib", [["a", "b"]])
+
+
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_calibration_logits_of_other_layers_or_another_model_are_refused(bank, tiny_model_and_tokenizer, tmp_path,
+                                                                         capsys):
+    """alpha_for_mean_k / ComputeBudget took a capture of another model (alpha 1.2e-10) and a capture of layers
+    the bank lacks (a KeyError) without a word; a sweep or report applied an alpha solved on 3 layers to all 6
+    (issue 25 re-run). A subset through the API stays an alpha for those layers (route them with `layers=`)."""
+    import copy
+
+    from bh_helpers.app import cli
+    from bh_helpers.capture import capture_router_logits
+    from bh_helpers.selection.budget import ComputeBudget, alpha_for_mean_k
+
+    model, tok = tiny_model_and_tokenizer
+    batches = [tok(["calibration text for the layers check, " * 8], return_tensors="pt")]
+    own = capture_router_logits(model, batches, progress=False)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in other.model.layers:
+            layer.mlp.gate.weight.mul_(1.5)
+    with pytest.raises(ValueError, match=r"`logits_by_layer` comes from another model than the bank \('tiny'\): "
+                                         r"their router weights differ at layers \[0, 1, 2, 3, 4, 5\]"):
+        alpha_for_mean_k(bank, capture_router_logits(other, batches, progress=False), 2.0)
+    shifted = {layer + 1: x for layer, x in own.items()}
+    with pytest.raises(ValueError, match=r"holds layers \[1, 2, 3, 4, 5, 6\], but the bank has nulls for layers "
+                                         r"\[0, 1, 2, 3, 4, 5\]"):
+        ComputeBudget(bank, shifted)
+    assert 0 < alpha_for_mean_k(bank, {layer: own[layer] for layer in (0, 1, 2)}, 2.0) <= 1  # the API's subset
+    three = type(own)({layer: own[layer] for layer in (0, 1, 2)}, own.token_ids, own.positions, own.sequence_index,
+                      own.total_tokens, router_fingerprint=own.router_fingerprint)
+    three.save(tmp_path / "only3.safetensors")
+    argv = ["sweep", "--results", str(tmp_path / "s.jsonl"), "--captured", str(tmp_path / "only3.safetensors"),
+            "--mean-ks", "2.0", "--alphas", "", "--topk-max", "1", "--top-ps", "", "--datasets", "prose",
+            "--no-controls", "--max-tokens", "64", "--window", "64", "--stride", "64", "--no-progress"]
+    assert cli.main(argv) == 2 and not (tmp_path / "s.jsonl").exists()
+    assert capsys.readouterr().err.startswith("bh-routing: error: --captured holds layers [0, 1, 2], but the bank has "
+                                              "nulls for layers [0, 1, 2, 3, 4, 5]: an alpha is solved on the layers "
+                                              "it routes (all of them)")

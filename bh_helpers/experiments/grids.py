@@ -20,7 +20,7 @@ from typing import Any
 from bh_helpers._validate import check_choice, check_int, check_level
 from bh_helpers.experiments.configs import CONTROLS, FDR_METHODS, SweepConfig, with_controls
 from bh_helpers.models.families import moe_shape
-from bh_helpers.selection.budget import ComputeBudget
+from bh_helpers.selection.budget import ComputeBudget, check_calibration_fits_bank
 
 __all__ = ["LAYER_TARGETS", "check_grid", "check_grid_fits", "expand_grid", "sweep_grid"]
 
@@ -249,7 +249,8 @@ def sweep_grid(*, banks: Mapping[str, Any], calibration: Mapping[int, Any] | Non
             budget = None
         elif budget_for is not None:
             budget = budget_for(bank)
-        else:
+        else:  # the sweep routes every layer of the bank: its alpha is solved on all of them
+            check_calibration_fits_bank(bank, calibration, every_layer=True)
             budget = ComputeBudget(bank, calibration, max_tokens=_ALPHA_TOKENS)
         for method in methods:
             for max_k in max_ks:

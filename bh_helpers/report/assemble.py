@@ -36,6 +36,7 @@ from bh_helpers.routing.patch import route
 from bh_helpers.nulls.bank import NullBank
 from bh_helpers.selection.controls import MixedTopKSelector
 from bh_helpers.selection.selectors import NativeSelector
+from bh_helpers.selection.budget import check_calibration_fits_bank
 
 __all__ = ["SUMMARY_NAME", "TASKS_HEADING", "report_step", "write_summary"]
 
@@ -436,6 +437,7 @@ def _saturation(results, null_bank, calibration, config):
                          if config_of(results, r["key"]).bank_name() == name})
     if len(alphas) > 6:
         alphas = [alphas[i] for i in np.linspace(0, len(alphas) - 1, 6).round().astype(int)]
+    check_calibration_fits_bank(banks[name], calibration, every_layer=True)  # a table "over all layers"
     table = saturation_table(banks[name], calibration, alphas or [0.01, 0.05, 0.2, 0.5], method=method, min_k=min_k)
     table.attrs["setting"] = f"{method}, min_k={min_k}, null bank {name}"
     return table, saturation_points(table)

@@ -20,7 +20,7 @@ import torch
 from bh_helpers._validate import check_choice, check_finite_logits, check_int, check_level, check_number
 from bh_helpers.selection.reference import FDR_METHODS, _counts_from_sorted
 
-__all__ = ["ComputeBudget", "alpha_at", "alpha_for_mean_k", "layer_alphas"]
+__all__ = ["ComputeBudget", "alpha_at", "alpha_for_mean_k", "check_calibration_fits_bank", "layer_alphas"]
 
 #: Bisection steps on log(alpha): the bracket [1e-12, 1] (27.6 in log) shrinks to 2.6e-8 in log.
 _STEPS = 30
@@ -104,6 +104,40 @@ def _bisect(sorted_p: list[torch.Tensor], target: float, method: str, min_k: int
     return math.exp(hi)
 
 
+def check_calibration_fits_bank(bank: Any, logits_by_layer: Mapping[int, Any], *, every_layer: bool = False) -> None:
+    """Refuse calibration logits that do not belong with ``bank``: other layers, or another model's routers.
+
+    An alpha solved on another model's logits missed its compute target without a word. Checked when
+    ``bank`` is a :class:`~bh_helpers.nulls.bank.NullBank` (its layers and router fingerprint) and the
+    logits carry a fingerprint (a :class:`~bh_helpers.capture.CapturedLogits` does); anything else is
+    taken as it is. A subset of the bank's layers is an alpha for those layers (route them with
+    ``layers=``); with ``every_layer`` (a sweep routes every layer of the bank) it is refused too:
+    an alpha solved on 3 of 6 layers was applied to all 6.
+
+    Raises
+    ------
+    ValueError
+        Naming ``logits_by_layer``, the layers on each side or the layers whose routers differ.
+    """
+    from bh_helpers.models.families import fingerprints_differ
+    from bh_helpers.nulls.bank import NullBank
+
+    if not isinstance(bank, NullBank):
+        return
+    given, fitted = sorted(int(layer) for layer in logits_by_layer), sorted(bank)
+    if not set(given) <= set(fitted) or (every_layer and given != fitted):
+        raise ValueError(f"`logits_by_layer` holds layers {given}, but the bank has nulls for layers {fitted}: an "
+                         f"alpha is solved on the layers it routes{' (all of them)' if every_layer else ''}; capture "
+                         "the calibration logits of every layer (`bh-routing capture`) of the model the bank was "
+                         "fitted on.")
+    ours, theirs = getattr(logits_by_layer, "router_fingerprint", None), bank.metadata.router_fingerprint
+    differ = fingerprints_differ(theirs, ours) if ours and theirs else []
+    if differ:
+        raise ValueError(f"`logits_by_layer` comes from another model than the bank ({bank.metadata.model_id!r}): "
+                         f"their router weights differ at layers {differ}; capture the calibration logits with the "
+                         "model the bank was fitted on.")
+
+
 class ComputeBudget:
     """Calibration p-values under one null bank, sorted once; the alpha of any compute target.
 
@@ -123,6 +157,7 @@ class ComputeBudget:
             raise ValueError("`logits_by_layer` must be a non-empty dict {layer: logits [N, E]}.")
         if max_tokens is not None:
             check_int("max_tokens", max_tokens, 1)
+        check_calibration_fits_bank(bank, logits_by_layer)
         self.sorted_p: dict[int, torch.Tensor] = {}
         for layer, x in sorted(logits_by_layer.items()):
             check_finite_logits(f"logits_by_layer[{layer}]", x)  # every token, before the subsample
