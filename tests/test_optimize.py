@@ -74,13 +74,33 @@ def test_adaptive_pick_shows_its_controls():
 
 
 @pytest.mark.fault("bad arguments", "clear error")
-@pytest.mark.parametrize("kwargs,match", [({}, "--budget"), (dict(budget=-1), "--budget"),
-                                          (dict(budget=2, quality_weight=1, speed_weight=0), "either"),
-                                          (dict(quality_weight=0, speed_weight=0), "both be 0"),
-                                          (dict(quality_weight=-1, speed_weight=1), "--quality-weight")])
+@pytest.mark.parametrize("kwargs,match", [
+    ({}, "`budget`"), (dict(budget=-1), "`budget`"), (dict(budget="3"), "`budget` must be a positive number"),
+    (dict(budget=True), "`budget`"),  # the API's own names, not the command line's flags (issue 25 re-run)
+    (dict(budget=2, quality_weight=1, speed_weight=0), "either"),
+    (dict(quality_weight=0, speed_weight=0), "both be 0"),
+    (dict(quality_weight=-1, speed_weight=1), "`quality_weight`"),
+    (dict(budget=2, metric="ppl"), r"`metric` 'ppl' is not a column of `results`; the numeric columns are"),
+    (dict(budget=2, cost="mean_k"), r"`cost` 'mean_k' is not a column"),
+])
 def test_optimiser_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         optimize(_frame(0), **kwargs)
+
+
+@pytest.mark.fault("damaged files", "clear error")
+def test_optimiser_refuses_what_is_not_one_sweeps_results():
+    """A list of dicts gave an AttributeError; two sweeps concatenated (a softmax and a renorm sweep share keys
+    and labels) were ranked as one (issue 25 re-run)."""
+    with pytest.raises(ValueError, match="`results` must be the DataFrame of .*load_results; got list"):
+        optimize(_frame(0).to_dict("records"), budget=2)
+    edited = _frame(0)
+    edited.loc[3, "mean_experts_per_token"] = -1.0  # ranked first (the cheapest) before
+    with pytest.raises(ValueError, match="`results` has rows with a negative 'mean_experts_per_token'"):
+        optimize(edited, budget=4)
+    twice = pd.concat([_frame(0), _frame(1)], ignore_index=True)
+    with pytest.raises(ValueError, match=r"holds configuration \w+ on data set 'prose' twice: rows of two sweeps"):
+        optimize(twice, budget=4)
 
 
 @pytest.mark.fault("command line", "clear error")

@@ -29,18 +29,37 @@ OPTIMIZE_COLUMNS = ["dataset", "criterion", "label", "method", "mean_k", "perple
                     "mixed_perplexity", "shuffled_perplexity", "candidates", "key"]
 
 
-def _check(budget: float | None, quality_weight: float | None, speed_weight: float | None) -> None:
+def _check(results, budget: float | None, quality_weight: float | None, speed_weight: float | None,
+           metric: str, cost: str) -> None:
+    """The arguments of :func:`optimize`, named as the caller typed them (the command line shows its flags)."""
+    import pandas as pd
+
+    if not isinstance(results, pd.DataFrame):
+        raise ValueError(f"`results` must be the DataFrame of bh_helpers.experiments.sweep.load_results; got "
+                         f"{type(results).__name__}.")
     if (budget is None) == (quality_weight is None and speed_weight is None):
-        raise ValueError("give either --budget (mean experts per token) or --quality-weight and --speed-weight.")
+        raise ValueError("give either `budget` (mean experts per token) or `quality_weight` and `speed_weight`.")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                or not math.isfinite(budget) or budget <= 0):
-        raise ValueError(f"--budget must be a positive number of experts per token; got {budget!r}.")
+        raise ValueError(f"`budget` must be a positive number of experts per token; got {budget!r}.")
     if budget is None:
-        for flag, w in (("--quality-weight", quality_weight), ("--speed-weight", speed_weight)):
+        for name, w in (("quality_weight", quality_weight), ("speed_weight", speed_weight)):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
-                raise ValueError(f"{flag} must be a number >= 0; got {w!r}.")
+                raise ValueError(f"`{name}` must be a number >= 0; got {w!r}.")
         if quality_weight + speed_weight <= 0:
-            raise ValueError("--quality-weight and --speed-weight must not both be 0.")
+            raise ValueError("`quality_weight` and `speed_weight` must not both be 0.")
+    numeric = [c for c in results.columns if pd.api.types.is_numeric_dtype(results[c])]
+    for name, column in (("metric", metric), ("cost", cost)):
+        if len(results) and column not in results.columns:
+            raise ValueError(f"`{name}` {column!r} is not a column of `results`; the numeric columns are "
+                             f"{sorted(numeric)[:12]}{' ...' if len(numeric) > 12 else ''}.")
+    if len(results) and pd.api.types.is_numeric_dtype(results[cost]) and (results[cost] < 0).any():
+        raise ValueError(f"`results` has rows with a negative {cost!r} (no run gives one: edited?); pass "
+                         "load_results of the sweep's file, which sets such rows aside.")
+    if {"key", "dataset"} <= set(results.columns) and results.duplicated(["key", "dataset"]).any():
+        pair = results.loc[results.duplicated(["key", "dataset"]), ["key", "dataset"]].iloc[0].tolist()
+        raise ValueError(f"`results` holds configuration {pair[0]} on data set {pair[1]!r} twice: rows of two sweeps "
+                         "(concatenated?) cannot be ranked as one; pass one sweep's load_results.")
 
 
 def optimize(results, *, budget: float | None = None, quality_weight: float | None = None,
@@ -73,7 +92,7 @@ def optimize(results, *, budget: float | None = None, quality_weight: float | No
     """
     import pandas as pd
 
-    _check(budget, quality_weight, speed_weight)
+    _check(results, budget, quality_weight, speed_weight, metric, cost)
     if len(results) == 0:  # a header alone (a sweep stopped before its first row): no columns to name
         where = f" {str(results.attrs['path'])!r}" if "path" in results.attrs else ""
         raise ValueError(f"`results`{where} has no rows (the sweep stopped before its first row, or its rows were set "
