@@ -101,6 +101,10 @@ def test_optimiser_refuses_what_is_not_one_sweeps_results():
     twice = pd.concat([_frame(0), _frame(1)], ignore_index=True)
     with pytest.raises(ValueError, match=r"holds configuration \w+ on data set 'prose' twice: rows of two sweeps"):
         optimize(twice, budget=4)
+    from bh_helpers.experiments.optimize import save_routing_config
+
+    with pytest.raises(ValueError, match=r"twice: rows of two sweeps"):  # its weights: whose protocol?
+        save_routing_config(twice, twice["key"].iloc[1], "never-written.json")
 
 
 @pytest.mark.fault("command line", "clear error")

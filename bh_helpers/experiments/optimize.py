@@ -56,6 +56,11 @@ def _check(results, budget: float | None, quality_weight: float | None, speed_we
     if len(results) and pd.api.types.is_numeric_dtype(results[cost]) and (results[cost] < 0).any():
         raise ValueError(f"`results` has rows with a negative {cost!r} (no run gives one: edited?); pass "
                          "load_results of the sweep's file, which sets such rows aside.")
+    _check_one_sweep(results)
+
+
+def _check_one_sweep(results) -> None:
+    """Refuse rows of two sweeps in one table: their configurations share keys (the protocol is not in the key)."""
     if {"key", "dataset"} <= set(results.columns) and results.duplicated(["key", "dataset"]).any():
         pair = results.loc[results.duplicated(["key", "dataset"]), ["key", "dataset"]].iloc[0].tolist()
         raise ValueError(f"`results` holds configuration {pair[0]} on data set {pair[1]!r} twice: rows of two sweeps "
@@ -228,6 +233,7 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
         raise ValueError(f"`key` is {key!r}, not a configuration of `results` (nothing fits the budget?); "
                          "nothing to save.")
     refuse_existing(path, "`path`")  # before the work; again under the lock
+    _check_one_sweep(results)  # whose protocol (weights) would the config carry?
     config = config_of(results, key)
     measured = (results.attrs.get("header", {}).get("protocol") or {}).get("weights", "softmax")  # older: softmax
     if weights is None:
