@@ -117,6 +117,9 @@ def test_config_builds_the_same_selectors_route_takes(bank):
     ({"version": "1", "selector": "bh", "bank": "b"}, '`version` "1" is not understood by this bh_helpers: it reads '
                                                      '"version": 1 .a JSON number'),
     ({"version": True, "selector": "bh", "bank": "b"}, "`version` true"),
+    # issue 25 re-run: the last of two keys for one layer won quietly; an object for `ks` read as "missing"
+    ({"selector": "bh", "bank": "b", "alpha": {"0": 0.1, "00": 0.2}}, "`alpha` names a layer twice"),
+    ({"selector": "static", "ks": {"0": 2, "1": 3}}, "`ks` must be a list with one k per MoE layer"),
     ({"selector": "topk", "k": 2, "weights": "inverse_p"}, 'weights "inverse_p" needs a null bank'),
 ])
 def test_bad_configs_name_the_field(raw, message):

@@ -746,6 +746,9 @@ def test_a_bank_without_a_fingerprint_is_routed_with_a_warning(tiny_model_and_to
             model(ids)
         with torch.no_grad(), route(model, BHSelector(plain, alpha=0.5), allow_other_model=True):
             model(ids)
+    with pytest.raises(ValueError, match="`allow_other_model` must be True or False; got 'no'"):
+        with route(model, BHSelector(plain, alpha=0.5), allow_other_model="no"):  # 'no' is truthy
+            pass
 
 
 def test_load_balance_statistics_equal_a_bincount_of_what_was_chosen(tiny_model_and_tokenizer):

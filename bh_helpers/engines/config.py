@@ -153,6 +153,9 @@ class RoutingConfig:
         elif self.k is not None:
             raise ValueError(f'`k` is only used by selector "topk", not {self.selector!r}; remove it from the config.')
         if self.selector == "static":
+            if self.ks is not None and not isinstance(self.ks, (list, tuple)):
+                raise ValueError(f'`ks` must be a list with one k per MoE layer, in layer order (e.g. "ks": '
+                                 f'[3, 2, 2, 2, 2, 1]); got {type(self.ks).__name__} {self.ks!r}.')
             if not isinstance(self.ks, (list, tuple)) or not self.ks:
                 raise ValueError('`ks` is required for selector "static": add e.g. "ks": [3, 2, 2, 2, 2, 1] (experts '
                                  "per MoE layer, in layer order) to the config.")
@@ -249,6 +252,8 @@ class RoutingConfig:
                 raw["alpha"] = {int(layer): level for layer, level in alpha.items()}
             except ValueError:
                 raise ValueError(f"`alpha` keys must be layer numbers; got {sorted(alpha)}.") from None
+            if len(raw["alpha"]) != len(alpha):  # "0" and "00": one layer, the last level would win quietly
+                raise ValueError(f"`alpha` names a layer twice ({sorted(alpha)}); give each layer one level.")
         return cls(**raw, base_dir=None if base_dir is None else str(base_dir))
 
     @classmethod

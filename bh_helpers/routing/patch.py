@@ -388,6 +388,8 @@ def route(
     if not callable(selector):
         raise ValueError(f"`selector` must be callable as selector(logits, layer); got {selector!r}.")
     check_int("max_tokens_per_layer", max_tokens_per_layer, 0)
+    if not isinstance(allow_other_model, bool):  # the string "no" is true: it would route another model's bank
+        raise ValueError(f"`allow_other_model` must be True or False; got {allow_other_model!r}.")
     blocks = select_layers(find_moe_blocks(model), layers)
     check = getattr(selector, "check", None)
     if callable(check):  # the selector's own checks (its null bank, its levels): see Selector.check
