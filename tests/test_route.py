@@ -507,8 +507,12 @@ def test_top_p_selector_and_recorder_truncation(olmoe):
 
 
 @pytest.mark.fault("bad arguments", "clear error")
-def test_selector_reprs_and_validation(olmoe_bank):
+def test_selector_reprs_and_validation(olmoe, olmoe_bank):
     assert repr(TopKSelector(4)) == "TopKSelector(k=4, weights='renorm')"
+    experts = olmoe.config.num_experts
+    with pytest.raises(ValueError, match=f"`k` {experts + 1} exceeds the routed model's {experts} experts"):
+        with route(olmoe, TopKSelector(experts + 1)):  # it said "`max_k` must be in [1, E]" at the first forward
+            pass
     assert repr(BHSelector(olmoe_bank, alpha=0.1, max_k=16)) == (
         "BHSelector(method='bh', alpha=0.1, min_k=1, max_k=16, weights='renorm')"
     )

@@ -360,8 +360,8 @@ def resolve_window(model, window: int | None, stride: int | None) -> tuple[int, 
         raise ValueError(f"`window` must be an integer >= {MIN_WINDOW} tokens, got {window!r}.")
     if limit is not None and window > limit:
         raise ValueError(
-            f"`window`={window} is larger than the model's context length "
-            f"(config.max_position_embeddings={limit}); pass window <= {limit}."
+            f"`window` {window} is longer than the model's context of {limit} tokens (its "
+            f"max_position_embeddings); pass a `window` of {limit} or less."
         )
     if stride is None:
         stride = max(1, window // 2)

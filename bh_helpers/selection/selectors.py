@@ -128,9 +128,8 @@ def check_null_bank(null_bank: Any, target: RoutedModel) -> None:
         warnings.warn(
             f"the selector's null bank{f' ({null_bank.metadata.model_id!r})' if null_bank.metadata.model_id else ''} "
             "records no router fingerprint, so it cannot be checked against the routed model (another model's bank "
-            "would route quietly wrong): fit it from a "
-            "capture of this model (`bh-routing capture` + `bh-routing fit`, or fit_null_bank on the CapturedLogits "
-            "that capture_calibration returns) (or, to route without the check, `allow_other_model=True`).",
+            "would route quietly wrong): fit it from a capture of this model, which records it (`bh-routing "
+            "capture` + `bh-routing fit`) (or, to route without the check, `allow_other_model=True`).",
             UserWarning, stacklevel=4)
     missing = [layer for layer in target.layers if layer not in set(null_bank)]
     if missing:
@@ -296,7 +295,10 @@ class TopKSelector(Selector):
         )
 
     def check(self, target: RoutedModel) -> None:
-        """A ``null_bank`` (for inverse-p weights) fits the routed model (:func:`check_null_bank`)."""
+        """``k`` fits the model's experts, and a ``null_bank`` (inverse-p weights) the model (:func:`check_null_bank`)."""
+        if self.k > target.num_experts:  # before a forward, and by the name the user gave (not `max_k`)
+            raise ValueError(f"`k` {self.k} exceeds the routed model's {target.num_experts} experts per layer; pass "
+                             f"k <= {target.num_experts}.")
         check_null_bank(self.null_bank, target)
 
     def capturable(self, device: torch.device) -> bool:
