@@ -35,7 +35,8 @@ from torch import nn
 
 from bh_helpers._locks import new_output, refuse_existing
 from bh_helpers._validate import LARGEST_LOGIT, check_int, existing_file
-from bh_helpers.models.families import LayerSpec, find_moe_blocks, router_fingerprint, router_logits, select_layers
+from bh_helpers.models.families import (LayerSpec, check_window_fits, find_moe_blocks, router_fingerprint, router_logits,
+                                        select_layers)
 from bh_helpers.models.texts import calibration_token_ids, read_text_file
 
 __all__ = [
@@ -609,10 +610,7 @@ def capture_calibration(model: nn.Module, tokenizer: Any, *, max_tokens: int = 4
     CapturedLogits
     """
     check_capture(max_tokens=max_tokens, window=window, batch_size=batch_size, out_path=out_path, text_file=text_file)
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and window > limit:  # positions past the context: logits of no real use
-        raise ValueError(f"`window`={window} is larger than the model's context length "
-                         f"(config.max_position_embeddings={limit}); pass window <= {limit}.")
+    check_window_fits(model, window)
     ids = calibration_token_ids(tokenizer, max_tokens=max_tokens, text_file=text_file)
     if len(ids) < MIN_CALIBRATION_TOKENS:
         raise ValueError(f"the calibration text has fewer than {MIN_CALIBRATION_TOKENS} tokens; give it more text.")

@@ -75,7 +75,7 @@ BAD = [
     _fixed("demo", ["--datasets", "{short}"], "--datasets '{short}' holds 7 tokens: 1 scoring window of 16; a "
            "paired-bootstrap interval needs at least 8: give it at least 128 tokens of text (or a smaller --window)"),
     _fixed("demo", ["--window", "1", "--stride", "1"], "--window must be an integer >= 2"),
-    _fixed("demo", ["--window", "100000", "--stride", "100000", "--max-tokens", "800000"], "context length"),
+    _fixed("demo", ["--window", "100000", "--stride", "100000", "--max-tokens", "800000"], "is longer than the model's context of 512 tokens"),
     ("demo", ["--stride", "0"], "--stride must be"),
     ("demo", ["--batch-size", "0"], "--batch-size must be"),
     ("demo", ["--weights", "bogus"], "argument --weights: invalid choice"),
@@ -130,7 +130,7 @@ BAD = [
     ("sweep", ["--datasets", "nonsense"], "unknown data set 'nonsense'"),
     ("sweep", ["--max-tokens", "0"], "--max-tokens must be"),
     _fixed("sweep", ["--window", "1", "--stride", "1"], "--window must be an integer >= 2"),
-    _fixed("sweep", ["--window", "100000", "--stride", "100000"], "context length"),
+    _fixed("sweep", ["--window", "100000", "--stride", "100000"], "is longer than the model's context of 512 tokens"),
     ("sweep", ["--stride", "0"], "--stride must be"),
     ("sweep", ["--batch-size", "0"], "--batch-size must be"),
     ("sweep", ["--weights", "bogus"], "argument --weights: invalid choice"),
@@ -411,8 +411,9 @@ def test_ctrl_c_while_the_cli_is_still_importing_is_one_line(monkeypatch, capsys
 
 @pytest.mark.fault("command line", "clear error")
 def test_ctrl_c_while_importing_is_one_line_under_python_m_too(tmp_path):
-    """`python -m bh_helpers.app.cli` ran cli.py's own imports before any handler: a traceback (issue 25 re-run).
-    The interrupt is injected at the import of scipy (deep in the CLI's imports) by a sitecustomize."""
+    """`python -m bh_helpers.app.cli` runs cli.py's own imports before any handler (a traceback, issue 25 re-run):
+    the module form is `python -m bh_helpers`, which answers like the console script. The interrupt is injected
+    at the import of scipy (deep in the CLI's imports) by a sitecustomize."""
     import os
     import subprocess
     import sys
@@ -426,7 +427,7 @@ def test_ctrl_c_while_importing_is_one_line_under_python_m_too(tmp_path):
         "sys.meta_path.insert(0, Interrupted())\n")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)]), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "bh_helpers.app.cli", "fit", "--help"], env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "bh_helpers", "fit", "--help"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130 and proc.stderr == "bh-routing: interrupted; rerun the same command to resume.\n", \
         proc.stderr[-2000:]

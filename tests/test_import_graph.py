@@ -86,7 +86,7 @@ FLOORS = (
 
 def floor_of(module: str) -> int:
     """The floor number of a module of the package (the package's ``__init__`` sits on top)."""
-    if module == "bh_helpers":
+    if module in ("bh_helpers", "bh_helpers.__main__"):  # the package and `python -m bh_helpers` sit on top
         return len(FLOORS)
     for number, prefixes in enumerate(FLOORS):
         if any(module == p or module.startswith(p + ".") for p in prefixes):

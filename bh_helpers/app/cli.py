@@ -19,10 +19,6 @@ Why one module: every flag, its help and the check that names it in an error are
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # `python -m bh_helpers.app.cli`: run as the console script, which answers a Ctrl-C
-    from bh_helpers.app.console import main as _console  # during the seconds of imports below in one line
-    raise SystemExit(_console())
-
 import argparse
 import errno
 import functools
@@ -560,3 +556,6 @@ def _options_of(parser: argparse.ArgumentParser, command: str) -> set[str]:
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
     return set(sub._option_string_actions)
 
+
+if __name__ == "__main__":  # pragma: no cover - `python -m bh_helpers` is the module form with Ctrl-C answered early
+    sys.exit(main())

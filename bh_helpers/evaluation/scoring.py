@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bh_helpers._validate import check_int
-from bh_helpers.models.families import moe_shape
+from bh_helpers.models.families import check_window_fits, context_length, moe_shape
 from bh_helpers.models.texts import encode, eos_id
 
 __all__ = [
@@ -112,11 +112,6 @@ class PerplexityResult:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _context_length(model) -> int | None:
-    """The context length of a model, or of its config (so that a window is checked before loading)."""
-    return getattr(getattr(model, "config", model), "max_position_embeddings", None)
 
 
 def _pad_id(tokenizer) -> int:
@@ -353,16 +348,12 @@ def scoring_window_count(tokenizer, texts, *, window: int, stride: int) -> tuple
 def resolve_window(model, window: int | None, stride: int | None) -> tuple[int, int]:
     """``(window, stride)`` of :func:`perplexity` on ``model`` (or its config): defaults filled in,
     checked against the model's context length; ValueError naming the argument otherwise."""
-    limit = _context_length(model)
+    limit = context_length(model)
     if window is None:
         window = DEFAULT_WINDOW if limit is None else min(DEFAULT_WINDOW, int(limit))
     if not isinstance(window, int) or window < MIN_WINDOW:
         raise ValueError(f"`window` must be an integer >= {MIN_WINDOW} tokens, got {window!r}.")
-    if limit is not None and window > limit:
-        raise ValueError(
-            f"`window` {window} is longer than the model's context of {limit} tokens (its "
-            f"max_position_embeddings); pass a `window` of {limit} or less."
-        )
+    check_window_fits(model, window)
     if stride is None:
         stride = max(1, window // 2)
     if not isinstance(stride, int) or stride <= 0 or stride > window:

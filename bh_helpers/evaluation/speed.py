@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from bh_helpers._validate import check_int
 from bh_helpers.models.texts import encode
-from bh_helpers.evaluation.scoring import _as_text_list, _batched, _context_length, _device, _pad_id
+from bh_helpers.evaluation.scoring import _as_text_list, _batched, _device, _pad_id
+from bh_helpers.models.families import context_length
 
 __all__ = ["SpeedResult", "compute_summary", "measure_speed"]
 
@@ -112,7 +113,7 @@ def measure_speed(
     prompts = [ids[:prompt_tokens] for ids in (encode(tokenizer, t) for t in texts if t) if ids]
     if not prompts:
         raise ValueError("`texts` is empty: no prompt has any tokens.")
-    limit = _context_length(model)
+    limit = context_length(model)
     if limit is not None and prompt_tokens + max_new_tokens > limit:
         raise ValueError(
             f"`prompt_tokens` + `max_new_tokens` = {prompt_tokens + max_new_tokens} exceeds the "

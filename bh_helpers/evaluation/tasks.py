@@ -18,11 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from bh_helpers._validate import check_int
+from bh_helpers.models.families import context_length
 from bh_helpers.models.texts import encode, eos_id
 from bh_helpers.evaluation.scoring import (
     DEFAULT_BATCH_SIZE,
     _batched,
-    _context_length,
     _device,
     _forward_hidden,
     _pad_id,
@@ -240,7 +240,7 @@ def last_word_accuracy(
     pairs = [_last_word_pair(ex) for ex in examples]
     if not pairs:
         raise ValueError("`examples` is empty.")
-    limit = _context_length(model)
+    limit = context_length(model)
     requests = [_build_request(tokenizer, c, t, limit) for c, t in pairs]
     scores = _score_continuations(
         model, requests, pad_id=_pad_id(tokenizer), batch_size=batch_size, progress=progress,
@@ -304,7 +304,7 @@ def multiple_choice_accuracy(
     parsed = [_check_mc_example(i, ex) for i, ex in enumerate(examples)]
     if not parsed:
         raise ValueError("`examples` is empty.")
-    limit = _context_length(model)
+    limit = context_length(model)
     requests = []
     for context, endings, _ in parsed:
         requests.extend(_build_request(tokenizer, context, " " + e, limit) for e in endings)

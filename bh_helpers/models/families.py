@@ -35,6 +35,8 @@ from torch.nn import functional as F
 from bh_helpers._validate import is_int
 
 __all__ = [
+    "check_window_fits",
+    "context_length",
     "fingerprints_differ",
     "router_fingerprint",
     "ADAPTERS",
@@ -452,3 +454,20 @@ def fingerprints_differ(fitted: Mapping[int, Sequence[float]], model: Mapping[in
         if a.shape != b.shape or ((a - b).abs() > rtol * scale).any():
             differ.append(layer)
     return differ
+
+
+def context_length(model: Any) -> int | None:
+    """The context length of a model, or of its config (so that a window is checked before loading)."""
+    return getattr(getattr(model, "config", model), "max_position_embeddings", None)
+
+
+def check_window_fits(model: Any, window: int) -> None:
+    """Refuse a ``window`` longer than the model's context (positions past it give logits of no real use).
+
+    The one check of it: scoring's :func:`~bh_helpers.evaluation.scoring.resolve_window` and the capture
+    run it. ValueError naming `window`.
+    """
+    limit = context_length(model)
+    if isinstance(limit, int) and window > limit:
+        raise ValueError(f"`window` {window} is longer than the model's context of {limit} tokens (its "
+                         f"max_position_embeddings); pass a `window` of {limit} or less.")
