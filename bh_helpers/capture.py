@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -614,6 +615,9 @@ def capture_calibration(model: nn.Module, tokenizer: Any, *, max_tokens: int = 4
     ids = calibration_token_ids(tokenizer, max_tokens=max_tokens, text_file=text_file)
     if len(ids) < MIN_CALIBRATION_TOKENS:
         raise ValueError(f"the calibration text has fewer than {MIN_CALIBRATION_TOKENS} tokens; give it more text.")
+    if len(ids) < max_tokens:  # not a quiet cap: the null and every alpha are calibrated on what was captured
+        warnings.warn(f"the calibration text holds {len(ids):,} tokens, fewer than the {max_tokens:,} of `max_tokens`: "
+                      f"all {len(ids):,} are captured (pass a longer `text_file` for more).", stacklevel=2)
     with contextlib.ExitStack() as stack:
         if out_path is not None:  # one writer: a second capture into the same file is refused at once
             stack.enter_context(new_output(out_path, "`out_path`"))

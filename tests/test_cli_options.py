@@ -472,3 +472,20 @@ def test_a_demo_resumed_after_the_model_folders_weights_changed_says_to_use_a_ne
     assert err == (f"bh-routing: error: --out '{tmp_path / 'run'}' holds a run of other weights than --model "
                    f"'{tmp_path / 'm'}' has now (the router weights differ): pass a new --out."), err
     assert _tree(tmp_path / "run") == before
+
+
+@pytest.mark.fault("bad arguments", "clear error")
+def test_a_calibration_text_shorter_than_asked_is_said(tmp_path, capsys):
+    """`--calibration-tokens 64` on a 9-token text (or 100000 on the embedded slice's 39k) captured what there was
+    and printed only the count: the null and every alpha were calibrated on less than asked, without a word."""
+    text = tmp_path / "short.txt"
+    text.write_text("a calibration text of a dozen tokens or so, not more")
+    out = tmp_path / "c.safetensors"
+    assert cli.main(["capture", "--out", str(out), "--text-file", str(text), "--calibration-tokens", "64",
+                     "--window", "16", "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip()
+    from bh_helpers.capture import CapturedLogits
+
+    n = CapturedLogits.load(out)[0].num_tokens
+    assert n < 64 and err == (f"bh-routing: warning: the calibration text holds {n} tokens, fewer than the 64 of "
+                              f"--calibration-tokens: all {n} are captured (pass a longer --text-file for more).")
