@@ -331,6 +331,39 @@ def test_optimize_saves_its_pick_as_a_routing_config_route_reads(tmp_path, tiny_
                      "--nulls", str(BANK_DIR)]) == 2  # an existing file is never overwritten
 
 
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_a_saved_config_refuses_another_bank_at_its_path(tmp_path):
+    """A routing config named its bank by path only: a bank refitted at that path (another statistic) routed
+    mean k 1.885 instead of 2.381 without a word (issue 25 re-run). The saved config pins the bank's digest."""
+    from bh_helpers.app import cli
+    from bh_helpers.engines.config import RoutingConfig, bank_sha256_of
+    from bh_helpers.experiments.configs import SweepConfig
+    from bh_helpers.experiments.sweep import run_sweep
+    from bh_helpers.nulls.bank import NullBank
+    from bh_helpers.nulls.fit import fit_null_bank
+
+    bank_dir = tmp_path / "bank"
+    shutil.copytree(BANK_DIR, bank_dir)
+    configs = [SweepConfig("topk", k=4), SweepConfig("bh", alpha=0.5, max_k=8, min_k=1, kernel="gaussian")]
+    metrics = {"topk": {"mean_experts_per_token": 4.0, "perplexity": 20.0},
+               "bh": {"mean_experts_per_token": 2.5, "perplexity": 18.0}}
+    run_sweep(configs, ["prose"], lambda config, name: metrics[config.method], tmp_path / "s.jsonl", progress=False)
+    out = tmp_path / "pick.json"
+    assert cli.main(["optimize", "--results", str(tmp_path / "s.jsonl"), "--budget", "3", "--save-config", str(out),
+                     "--nulls", str(bank_dir)]) == 0
+    config = RoutingConfig.load(out)
+    assert config.bank_sha256 == bank_sha256_of(bank_dir) and isinstance(config.to_selector(), BHSelector)
+    shutil.rmtree(bank_dir)  # refitted in place: same path, same layers, another statistic
+    original = NullBank.load(BANK_DIR)
+    other = {layer: torch.randn(400, 64, generator=torch.Generator().manual_seed(layer)) for layer in original}
+    fit_null_bank(other, statistic="zscore", router_fingerprint=original.metadata.router_fingerprint).save(bank_dir)
+    with pytest.raises(ValueError, match=r"routing config `bank` .*holds another bank than the one this config was "
+                                         r"saved with .*bank_sha256"):
+        config.to_selector()
+    with pytest.raises(ValueError, match="`bank_sha256` pins the bank"):
+        RoutingConfig(selector="bh", bank=str(bank_dir), bank_sha256="abc")
+
+
 def test_static_routing_config_round_trip_and_selector(tmp_path, tiny_model_and_tokenizer):
     from bh_helpers.engines.config import RoutingConfig
     from bh_helpers.experiments.configs import SweepConfig

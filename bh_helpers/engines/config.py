@@ -103,6 +103,7 @@ class RoutingConfig:
     ks: list[int] | None = None
     weights: str = "renorm"
     bank: str | None = None
+    bank_sha256: str | None = None
     allow_other_model: bool = False
     allow_unverified_bank: bool = False
     unused_slots: str = "pad"
@@ -120,6 +121,10 @@ class RoutingConfig:
         self._check_bounds()
         if self.bank is not None and (not isinstance(self.bank, str) or not self.bank):
             raise ValueError(f"`bank` must be the path of a NullBank folder (a string); got {self.bank!r}.")
+        if self.bank_sha256 is not None and (self.bank is None or not isinstance(self.bank_sha256, str)
+                                             or len(self.bank_sha256) != 64):
+            raise ValueError("`bank_sha256` pins the bank at `bank` (its metadata.json's bank_sha256, 64 hex digits); "
+                             f"got {self.bank_sha256!r}{' without a bank' if self.bank is None else ''}.")
         for name in ("allow_other_model", "allow_unverified_bank"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be true or false; got {getattr(self, name)!r}.")
@@ -218,7 +223,7 @@ class RoutingConfig:
         raw = {k: v for k, v in asdict(self).items() if k != "base_dir"}
         if isinstance(raw["alpha"], dict):
             raw["alpha"] = {str(layer): level for layer, level in sorted(raw["alpha"].items())}
-        for name in ("alpha", "k", "p", "ks", "bank"):
+        for name in ("alpha", "k", "p", "ks", "bank", "bank_sha256"):
             if raw[name] is None:
                 del raw[name]
         return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, **raw}
@@ -295,12 +300,18 @@ class RoutingConfig:
         if path is None:
             raise ValueError('`bank` is not set in the routing config; add "bank": "<NullBank folder>".')
         try:
-            return NullBank.load(path, num_layers=num_layers, num_experts=num_experts,
+            bank = NullBank.load(path, num_layers=num_layers, num_experts=num_experts,
                                  allow_unverified=self.allow_unverified_bank)
+            pinned = self.bank_sha256 is not None and bank_sha256_of(path) != self.bank_sha256
+            if pinned:  # same path, another bank (refitted or replaced since the config was saved)
+                raise ValueError("`directory` holds another bank than the one this config was saved with (its "
+                                 "bank_sha256 differs from `bank_sha256`): save the config again from the sweep that "
+                                 "used this bank, or point `bank` at the bank it was saved with.")
+            return bank
         except ValueError as err:
             # the config's words, not NullBank.load's argument names (`directory` is the config's `bank`)
             err = str(err).replace("`allow_unverified`", '"allow_unverified_bank": true in the routing config')
-            err = err.replace(f"`directory` {str(path)!r} ", "it ").rstrip(".")
+            err = err.replace(f"`directory` {str(path)!r} ", "it ").replace("`directory` ", "it ").rstrip(".")
             raise ValueError(f"routing config `bank` ({str(path)!r}): {err}. Point `bank` at a bank fitted "
                              "for this model (`bh-routing capture` + `bh-routing fit`).") from None
 
@@ -327,3 +338,11 @@ class RoutingConfig:
 
             return StaticLayerSelector(list(self.ks), weights=self.weights, null_bank=bank)
         return TopPSelector(self.p, min_k=self.min_k, max_k=self.max_k, weights=self.weights, null_bank=bank)
+
+
+def bank_sha256_of(folder: str | Path) -> str:
+    """The ``bank_sha256`` of the bank in ``folder`` (of its ``metadata.json``, computed, not read): what a
+    routing config's ``bank_sha256`` pins."""
+    from bh_helpers.nulls.metadata import METADATA_NAME, bank_digest
+
+    return bank_digest(json.loads((Path(folder) / METADATA_NAME).read_text(encoding="utf-8")))

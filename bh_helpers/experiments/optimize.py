@@ -20,6 +20,7 @@ import math
 import warnings
 
 from bh_helpers._locks import new_output, refuse_existing
+from bh_helpers.engines.config import bank_sha256_of
 from bh_helpers.experiments.configs import CONTROLS, controls_by_adaptive
 from bh_helpers.experiments.results_file import finite_rows
 
@@ -258,8 +259,9 @@ def save_routing_config(results, key: str | None, path, *, nulls=None, weights: 
         _check_bank_is_the_sweeps(results, config, banks, folder)
         bank = str(folder.resolve())
     routing = config.routing_config(bank=bank, weights=weights)
-    if allow_unverified and bank is not None:
-        routing = dataclasses.replace(routing, allow_unverified_bank=True)
+    if bank is not None:  # pinned: a bank refitted or replaced at that path later is refused, not routed
+        routing = dataclasses.replace(routing, bank_sha256=bank_sha256_of(bank),
+                                      allow_unverified_bank=bool(allow_unverified))
     with new_output(path, "`path`"):  # one writer: a second optimize --save-config to this file is refused
         routing.to_json(path)
     return config
