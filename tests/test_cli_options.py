@@ -489,3 +489,21 @@ def test_a_calibration_text_shorter_than_asked_is_said(tmp_path, capsys):
     n = CapturedLogits.load(out)[0].num_tokens
     assert n < 64 and err == (f"bh-routing: warning: the calibration text holds {n} tokens, fewer than the 64 of "
                               f"--calibration-tokens: all {n} are captured (pass a longer --text-file for more).")
+
+
+@pytest.mark.fault("damaged files", "clear error")
+def test_a_demo_resumed_after_its_capture_was_replaced_is_refused(tmp_path, capsys):
+    """A capture file swapped in a run folder after its banks were fitted: the resumed demo solved alphas and the
+    saturation table on logits the banks never saw (issue 25 re-run). A bank fitted from a file records its
+    checksum."""
+    argv = ["demo", "--out", str(tmp_path / "run"), *DEMO]
+    assert cli.main(argv) == 0
+    assert cli.main(["capture", "--out", str(tmp_path / "other.safetensors"), "--calibration-tokens", "300",
+                     "--window", "16", "--no-progress"]) == 0
+    (tmp_path / "run" / "captured_logits.safetensors").write_bytes((tmp_path / "other.safetensors").read_bytes())
+    capsys.readouterr()
+    before = _tree(tmp_path / "run")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "captured_logits.safetensors' is not the capture the bank in" in err and "pass a new --out" in err, err
+    assert _tree(tmp_path / "run") == before

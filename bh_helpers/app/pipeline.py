@@ -63,7 +63,7 @@ from bh_helpers.models.families import moe_shape
 from bh_helpers.models.loading import load_model
 from bh_helpers.models.texts import MIN_CALIBRATION_TEXT_TOKENS, SPLITS, calibration_token_ids, split_name
 from bh_helpers.nulls.bank import NullBank, bank_name, load_bank_folder
-from bh_helpers.nulls.fit import check_fit_options, fit_captured
+from bh_helpers.nulls.fit import check_fit_options, check_fitted_on, fit_captured
 from bh_helpers.report.assemble import report_step
 
 __all__ = ["DEFAULT_OUTPUT_DIR", "CAPTURED_NAME", "NULLS_DIR", "RESULTS_NAME", "SETTINGS_NAME", "DemoSettings",
@@ -349,6 +349,7 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
                 fit_captured(captured_path, kernel=settings.kernel, grid_size=settings.grid_size, model_id=settings.model,
                          out_dir=folder, statistic=statistic, trim=trim)
             banks[name] = NullBank.load(folder, allow_unverified=allow_unverified)
+            check_fitted_on(banks[name], captured_path, folder)  # a capture replaced after the fit is not its own
     static_path = None
     if settings.static_allocation != "none":
         with step("static allocation"):

@@ -8,6 +8,7 @@ fits one per layer into a :class:`~bh_helpers.nulls.bank.NullBank`. The numerics
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ from bh_helpers.nulls.statistics import check_statistic, check_trim, fit_values
 from bh_helpers.nulls.bank import NullBank
 from bh_helpers.nulls.metadata import NullBankMetadata, library_version, parse_fingerprint, schema_version_for
 
-__all__ = ["MIN_GRID_SIZE", "check_fit_options", "fit_captured", "fit_null", "fit_null_bank"]
+__all__ = ["MIN_GRID_SIZE", "check_fit_options", "check_fitted_on", "fit_captured", "fit_null", "fit_null_bank"]
 
 #: Fewest grid points of a null (a coarser grid misplaces the CDF's interpolation).
 MIN_GRID_SIZE = 16
@@ -367,7 +368,7 @@ def fit_captured(captured: Any, *, kernel: str = "gaussian", grid_size: int | No
     """
     import contextlib
 
-    from bh_helpers.capture import CapturedLogits
+    from bh_helpers.capture import CAPTURE_DIGEST, CapturedLogits
     from bh_helpers.nulls.bank import METADATA_NAME
 
     check_fit_options(kernel=kernel, grid_size=grid_size, statistic=statistic, trim=trim)  # before reading anything
@@ -388,6 +389,8 @@ def fit_captured(captured: Any, *, kernel: str = "gaussian", grid_size: int | No
             stack.enter_context(new_output(out_dir, "`out_dir`", **holds))
         bank = fit_null_bank(captured, kernel=kernel, grid_size=grid_size, model_id=model_id, statistic=statistic,
                              trim=trim, calibration=f"{calibration} ({captured.num_tokens} tokens used)")
+        if meta.get(CAPTURE_DIGEST):  # the file fitted on: a folder whose capture is replaced later is told apart
+            bank.metadata = dataclasses.replace(bank.metadata, capture_sha256=meta[CAPTURE_DIGEST])
         if out_dir is not None:
             bank.save(out_dir)
     return bank
@@ -406,3 +409,18 @@ def check_fit_options(*, kernel: str, grid_size: int | None, statistic: str, tri
         check_int("grid_size", grid_size, MIN_GRID_SIZE, MAX_GRID_SIZE)
     check_statistic(statistic)
     check_trim(trim, num_experts)
+
+
+def check_fitted_on(bank: Any, captured_path: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Refuse a bank (in ``folder``) fitted on another capture file than ``captured_path`` holds now.
+
+    A run folder's capture replaced after its banks were fitted (a resumed demo) solved alphas and
+    saturation on logits the banks never saw, without a word. Banks that record no capture checksum
+    (fitted in memory, or older) are not checked.
+    """
+    from bh_helpers.capture import CAPTURE_DIGEST, CapturedLogits
+
+    fitted = getattr(bank.metadata, "capture_sha256", None)
+    if fitted is not None and CapturedLogits.load(captured_path)[1].get(CAPTURE_DIGEST) != fitted:
+        raise ValueError(f"{str(captured_path)!r} is not the capture the bank in {str(folder)!r} was fitted on (it "
+                         "was replaced after the fit): pass a new `out_dir`, or put the original capture back.")

@@ -98,6 +98,9 @@ class NullBankMetadata:
         :meth:`NullBank.pvalues` and every selector compute it from the logits.
     trim : int
         Largest values per token left out of the fit.
+    capture_sha256 : str, optional
+        The checksum of the capture file the bank was fitted on (:func:`~bh_helpers.nulls.fit.fit_captured`
+        of a file), so that a folder whose capture was replaced after the fit is told apart.
     """
 
     model_id: str | None
@@ -115,6 +118,7 @@ class NullBankMetadata:
     router_fingerprint: dict[int, list[float]] | None = None
     statistic: str = "raw"
     trim: int = 0
+    capture_sha256: str | None = None
 
 
 def schema_version_for(statistic: str, trim: int) -> int:
@@ -141,6 +145,8 @@ def metadata_to_json(metadata: NullBankMetadata, arrays: Mapping[str, np.ndarray
     meta["n_samples"] = {str(k): v for k, v in meta["n_samples"].items()}
     if meta["router_fingerprint"] is not None:
         meta["router_fingerprint"] = {str(k): v for k, v in meta["router_fingerprint"].items()}
+    if meta["capture_sha256"] is None:  # a bank fitted in memory: written as before (byte for byte)
+        del meta["capture_sha256"]
     meta["format"] = "bh_helpers.NullBank"
     # A checksum per array: a shifted grid or two layers' arrays swapped still satisfy every
     # invariant and gave p-values off by 0.35-0.55 before; load() now refuses them.
@@ -269,6 +275,7 @@ def read_metadata(path: Path, *, allow_unverified: bool = False) -> NullBankMeta
             schema_version=version,
             statistic=check_statistic(raw.get("statistic", "raw")),
             trim=check_trim(raw.get("trim", 0)),
+            capture_sha256=None if raw.get("capture_sha256") is None else str(raw["capture_sha256"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(
