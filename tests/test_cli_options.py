@@ -489,6 +489,10 @@ def test_a_calibration_text_shorter_than_asked_is_said(tmp_path, capsys):
     n = CapturedLogits.load(out)[0].num_tokens
     assert n < 64 and err == (f"bh-routing: warning: the calibration text holds {n} tokens, fewer than the 64 of "
                               f"--calibration-tokens: all {n} are captured (pass a longer --text-file for more).")
+    assert cli.main(["fit", "--captured", str(out), "--out", str(tmp_path / "bank"), "--grid-size", "256"]) == 0
+    assert capsys.readouterr().err.strip() == (f"bh-routing: warning: {str(out)!r} holds {n} calibration tokens, fewer "
+                                               "than the 64 its capture asked for (its text was shorter): the null is "
+                                               "fitted on those.")
 
 
 @pytest.mark.fault("damaged files", "clear error")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -377,7 +378,12 @@ def fit_captured(captured: Any, *, kernel: str = "gaussian", grid_size: int | No
         refuse_existing(out_dir, "`out_dir`", **holds)
     meta: dict = {}
     if isinstance(captured, (str, os.PathLike)):
+        source = str(captured)
         captured, meta = CapturedLogits.load(captured)
+        asked = meta.get("max_tokens", "")
+        if asked.isdigit() and captured.num_tokens < int(asked):  # said at capture; said again where it is used
+            warnings.warn(f"{source!r} holds {captured.num_tokens:,} calibration tokens, fewer than the {int(asked):,} "
+                          "its capture asked for (its text was shorter): the null is fitted on those.", stacklevel=2)
     if calibration is None:
         calibration = meta.get("calibration", f"{captured.num_tokens} captured tokens")
     if model_id is None:
