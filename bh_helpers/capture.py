@@ -103,7 +103,7 @@ def check_capture_model(header: Mapping[str, str], model: nn.Module, path: str |
     fitted = _header_fingerprint(header, path) or {}
     differ = fingerprints_differ(fitted, router_fingerprint(model, layers=list(fitted))) if fitted else []
     if differ:
-        raise ValueError(f"{str(path)!r} holds router logits of another model (its router weights differ at layers "
+        raise ValueError(f"{str(path)!r} holds router logits of another model (its routers, weights or routing settings, differ at layers "
                          f"{differ}): capture the calibration logits with this model (`bh-routing capture`).")
 
 

@@ -165,7 +165,8 @@ def test_calibration_logits_of_other_layers_or_another_model_are_refused(bank, t
         for layer in other.model.layers:
             layer.mlp.gate.weight.mul_(1.5)
     with pytest.raises(ValueError, match=r"`logits_by_layer` comes from another model than the bank \('tiny'\): "
-                                         r"their router weights differ at layers \[0, 1, 2, 3, 4, 5\]"):
+                                         r"their routers \(weights or routing settings\) differ at layers "
+                                         r"\[0, 1, 2, 3, 4, 5\]"):
         alpha_for_mean_k(bank, capture_router_logits(other, batches, progress=False), 2.0)
     shifted = {layer + 1: x for layer, x in own.items()}
     with pytest.raises(ValueError, match=r"holds layers \[1, 2, 3, 4, 5, 6\], but the bank has nulls for layers "

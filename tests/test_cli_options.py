@@ -470,7 +470,7 @@ def test_a_demo_resumed_after_the_model_folders_weights_changed_says_to_use_a_ne
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"bh-routing: error: --out '{tmp_path / 'run'}' holds a run of other weights than --model "
-                   f"'{tmp_path / 'm'}' has now (the router weights differ): pass a new --out."), err
+                   f"'{tmp_path / 'm'}' has now (its routers differ: weights or routing settings): pass a new --out."), err
     assert _tree(tmp_path / "run") == before
 
 

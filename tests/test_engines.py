@@ -245,7 +245,8 @@ def test_fingerprint_of_a_gate_weight_is_the_banks(tiny_model_and_tokenizer):
     model, _ = tiny_model_and_tokenizer
     expected = router_fingerprint(model)
     for block in find_moe_blocks(model):
-        assert vllm_plugin.router_fingerprint_of_weight(block.module.gate.weight) == expected[block.layer]
+        # the engines read the weights only; the routing settings after them are compared where both have them
+        assert vllm_plugin.router_fingerprint_of_weight(block.module.gate.weight) == expected[block.layer][:10]
 
 
 def test_loaded_model_with_another_router_fingerprint_is_refused(monkeypatch, bank):

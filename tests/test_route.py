@@ -755,6 +755,37 @@ def test_a_bank_without_a_fingerprint_is_routed_with_a_warning(tiny_model_and_to
             pass
 
 
+@pytest.mark.fault("mismatched null banks", "clear error")
+def test_a_bank_of_the_model_before_its_config_was_edited_is_refused(tmp_path, tiny_model_and_tokenizer):
+    """config.json edited from 8 to 4 experts per token after the bank and capture were made: same router weights,
+    other router inputs in every later layer (captured logits moved by up to 5.7); both were used without a word
+    (issue 25 re-run). The fingerprint records the routing settings; older fingerprints (weights only) still
+    compare on the weights."""
+    import copy
+
+    from bh_helpers.capture import capture_router_logits, check_capture_model
+    from bh_helpers.models.families import fingerprints_differ, router_fingerprint
+    from bh_helpers.nulls.fit import fit_null_bank
+
+    model, tok = tiny_model_and_tokenizer
+    ids = tok("the bank of the model as it was", return_tensors="pt").input_ids
+    captured = capture_router_logits(model, [{"input_ids": ids}], progress=False)
+    bank = fit_null_bank(captured, grid_size=256)
+    edited = copy.deepcopy(model)
+    edited.config.num_experts_per_tok = 4
+    assert fingerprints_differ(router_fingerprint(model), router_fingerprint(edited)) == list(range(6))
+    with pytest.raises(ValueError, match=r"fitted on another model .*routers \(weights or routing settings\) differ"):
+        with route(edited, BHSelector(bank, alpha=0.5)):
+            pass
+    path = captured.save(tmp_path / "c.safetensors")
+    from bh_helpers.capture import CapturedLogits
+
+    with pytest.raises(ValueError, match="holds router logits of another model"):
+        check_capture_model(CapturedLogits.load(path)[1], edited, path)
+    weights_only = {layer: fp[:10] for layer, fp in router_fingerprint(model).items()}  # an older bank's
+    assert fingerprints_differ(weights_only, router_fingerprint(edited)) == []
+
+
 def test_load_balance_statistics_equal_a_bincount_of_what_was_chosen(tiny_model_and_tokenizer):
     """utilisation_cv and unused_share (the report's load balance) against numpy on the selections
     the selector itself returned (issue 16, item 6)."""

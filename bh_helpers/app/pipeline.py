@@ -331,7 +331,7 @@ def _run_demo_locked(settings: DemoSettings, out: Path, model, tokenizer, resume
             check_capture_model(header, model, captured_path)
         except ValueError:
             raise ValueError(f"`out_dir` {str(out)!r} holds a run of other weights than `model` {settings.model!r} "
-                             "has now (the router weights differ): pass a new `out_dir`.") from None
+                             "has now (its routers differ: weights or routing settings): pass a new `out_dir`.") from None
     # the settings of the outputs kept are unchanged (checked); those of the steps still to run are these
     record_settings(out, settings.to_dict())
 

@@ -402,6 +402,6 @@ def _check_fingerprint(model: torch.nn.Module, state: _PluginState, fitted: dict
     if differ:
         raise ValueError(
             f"routing config `bank` ({state.config.bank_path}) was fitted on another model "
-            f"({state.bank.metadata.model_id!r}): its router weights differ at layers {differ}. Fit a bank for "
+            f"({state.bank.metadata.model_id!r}): its routers (weights or routing settings) differ at layers {differ}. Fit a bank for "
             "this model (`bh-routing capture` + `bh-routing fit`), or set \"allow_other_model\": true."
         )

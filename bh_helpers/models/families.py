@@ -415,9 +415,10 @@ def router_fingerprint(model: nn.Module, layers: Sequence[int] | None = None) ->
 
     Per layer: the router weight's standard deviation and mean absolute value, and the first
     :data:`_FINGERPRINT_EXPERTS` experts' projections on a fixed pseudo-random direction (float64
-    on the CPU). A float32 checkpoint cast to float16 or bf16 keeps them within 1%; another model,
-    or the same weights with experts in another order, does not. Layers whose weight is not
-    materialised (``meta``, offloaded) are left out.
+    on the CPU), then the model's routing settings (experts per token, renormalised top-k
+    weights). A float32 checkpoint cast to float16 or bf16 keeps them within 1%; another model,
+    the same weights with experts in another order, or another ``num_experts_per_tok``, does not.
+    Layers whose weight is not materialised (``meta``, offloaded) are left out.
 
     Parameters
     ----------
@@ -439,8 +440,20 @@ def router_fingerprint(model: nn.Module, layers: Sequence[int] | None = None) ->
         w = weight.detach().to("cpu", torch.float64)  # (E, H)
         direction = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         proj = (w[:_FINGERPRINT_EXPERTS] @ direction).tolist()  # (8,)
-        out[block.layer] = [float(w.std()), float(w.abs().mean()), *proj]
+        out[block.layer] = [float(w.std()), float(w.abs().mean()), *proj, *_routing_settings(model)]
     return out
+
+
+#: Numbers of a fingerprint that describe the router weights; those after them are routing settings.
+_ROUTER_NUMBERS = 2 + _FINGERPRINT_EXPERTS
+
+
+def _routing_settings(model: nn.Module) -> list[float]:
+    """Experts per token and whether the top-k weights are renormalised: a config.json edited from 8 to 4
+    experts changes every later layer's router inputs (captured logits moved by up to 5.7), not its weights."""
+    config = getattr(model, "config", None)
+    k = getattr(config, "num_experts_per_tok", None)
+    return [] if not isinstance(k, int) else [float(k), float(bool(getattr(config, "norm_topk_prob", False)))]
 
 
 def fingerprints_differ(fitted: Mapping[int, Sequence[float]], model: Mapping[int, Sequence[float]],
@@ -450,8 +463,12 @@ def fingerprints_differ(fitted: Mapping[int, Sequence[float]], model: Mapping[in
     for layer in sorted(set(fitted) & set(model)):
         a = torch.tensor(fitted[layer], dtype=torch.float64)
         b = torch.tensor(model[layer], dtype=torch.float64)
-        scale = torch.maximum(a.abs().max(), b.abs().max())
-        if a.shape != b.shape or ((a - b).abs() > rtol * scale).any():
+        # the router weights within rtol; the routing settings exactly where both record them (older
+        # fingerprints, and the engines' weight-only ones, have none)
+        ra, rb, sa, sb = a[:_ROUTER_NUMBERS], b[:_ROUTER_NUMBERS], a[_ROUTER_NUMBERS:], b[_ROUTER_NUMBERS:]
+        scale = torch.maximum(ra.abs().max(), rb.abs().max())
+        if ra.shape != rb.shape or ((ra - rb).abs() > rtol * scale).any() or \
+                (sa.numel() and sb.numel() and not torch.equal(sa, sb)):
             differ.append(layer)
     return differ
 

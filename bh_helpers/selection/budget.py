@@ -134,7 +134,7 @@ def check_calibration_fits_bank(bank: Any, logits_by_layer: Mapping[int, Any], *
     differ = fingerprints_differ(theirs, ours) if ours and theirs else []
     if differ:
         raise ValueError(f"`logits_by_layer` comes from another model than the bank ({bank.metadata.model_id!r}): "
-                         f"their router weights differ at layers {differ}; capture the calibration logits with the "
+                         f"their routers (weights or routing settings) differ at layers {differ}; capture the calibration logits with the "
                          "model the bank was fitted on.")
 
 

@@ -120,9 +120,9 @@ def check_null_bank(null_bank: Any, target: RoutedModel) -> None:
         differ = fingerprints_differ(fitted, target.router_fingerprint(list(fitted)))
         if differ:
             raise ValueError(
-                f"the selector's null bank was fitted on another model ({null_bank.metadata.model_id!r}): its router "
-                f"weights differ at layers {differ}. Fit a bank for this model (`bh-routing capture` + "
-                "`bh-routing fit`) (or, to use it anyway, `allow_other_model=True`)."
+                f"the selector's null bank was fitted on another model ({null_bank.metadata.model_id!r}): its routers "
+                f"(weights or routing settings) differ at layers {differ}. Fit a bank for this model (`bh-routing "
+                "capture` + `bh-routing fit`) (or, to use it anyway, `allow_other_model=True`)."
             )
     if fitted is None and not target.allow_other_model and target.router_fingerprint is not None:
         warnings.warn(
