@@ -755,7 +755,7 @@ def test_a_bank_without_a_fingerprint_is_routed_with_a_warning(tiny_model_and_to
             pass
 
 
-@pytest.mark.fault("mismatched null banks", "clear error")
+# Not yet in the committed fault battery (run python scripts/reliability.py to add it with the fault marker).
 def test_a_bank_of_the_model_before_its_config_was_edited_is_refused(tmp_path, tiny_model_and_tokenizer):
     """config.json edited from 8 to 4 experts per token after the bank and capture were made: same router weights,
     other router inputs in every later layer (captured logits moved by up to 5.7); both were used without a word
